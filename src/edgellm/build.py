@@ -1,0 +1,262 @@
+"""The compile pipeline: stages, work units, the manifest, --resume and -j.
+
+    devkit    runtime files: tokenizer, chat template, generation settings, model_config.json
+    onnx      one float segment per unit            -> onnx/<variant>/<unit>.onnx
+    quantize  the precision plan applied per unit   -> quant/<variant>/<unit>.onnx
+    compile   segments linked per variant, target   -> compiled/cpu/{group,single}.onnx + weights.bin
+
+Every unit's output is written atomically and recorded in manifest.json with the hash of
+everything it was made from; --resume skips units whose recorded hash and files still match, so an
+interrupted build resumed gives the same files as an uninterrupted one. The manifest says
+"complete": true only after the last stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .config import ModelConfig, build_model_config
+from .errors import EdgeLLMError
+from .graph.units import Unit, plan_units
+
+STAGES = ("devkit", "onnx", "quantize", "compile")
+log = logging.getLogger("edgellm.build")
+
+
+@dataclass
+class BuildOptions:
+    max_num_tokens: int = 1024
+    language_group_size: int = 128
+    future_token_mask_size: int = 128
+    jobs: int = 1
+    resume: bool = False
+    stages: tuple[str, ...] = STAGES
+    configuration_file: str | None = None
+    target: str = "cpu"
+
+    def validate(self) -> None:
+        for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
+            if getattr(self, name) < 1:
+                raise EdgeLLMError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_num_tokens % self.future_token_mask_size:
+            raise EdgeLLMError(
+                f"--max_num_tokens {self.max_num_tokens} is not a multiple of --future_token_mask_size {self.future_token_mask_size}"
+            )
+        if self.language_group_size > self.max_num_tokens:
+            raise EdgeLLMError(f"--language_group_size {self.language_group_size} exceeds --max_num_tokens {self.max_num_tokens}")
+        if self.target != "cpu":
+            raise EdgeLLMError(f"unknown target '{self.target}' (supported: cpu)")
+
+    @property
+    def buckets(self) -> list[int]:
+        m = self.future_token_mask_size
+        return list(range(m, self.max_num_tokens + 1, m))
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, fresh: bool) -> "Manifest":
+        if path.is_file() and not fresh:
+            try:
+                return cls(path, json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                log.warning("%s: unreadable manifest, starting over", path)
+        return cls(path, {})
+
+    def save(self) -> None:
+        _atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+
+    def unit_done(self, key: str, in_hash: str, out_dir: Path) -> bool:
+        entry = self.data.get("units", {}).get(key)
+        if not entry or entry["hash"] != in_hash:
+            return False
+        return all((out_dir / f).is_file() and _file_sha(out_dir / f) == sha for f, sha in entry["files"].items())
+
+    def record(self, key: str, in_hash: str, files: dict[str, str]) -> None:
+        self.data.setdefault("units", {})[key] = {"hash": in_hash, "files": files}
+        self.save()
+
+
+def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions, progress=None) -> Path:
+    """Run the requested stages; returns the output directory. progress(stage, done, total)."""
+    from .sources import open_source
+
+    options.validate()
+    out = Path(out)
+    _check_writable(out)
+    source = open_source(model_path)
+    cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
+    _check_tensors(source, cfg)
+    manifest = Manifest.open(out / "manifest.json", fresh=not options.resume)
+    manifest.data.update(
+        edgellm=__version__,
+        model=str(Path(model_path).resolve()),
+        source_fingerprint=source.fingerprint(),
+        options={k: v for k, v in asdict(options).items() if k not in ("jobs", "resume", "stages")},
+        complete=False,
+    )
+    manifest.save()
+    _atomic_write(out / "model_config.json", cfg.to_json())
+    context = _Context(str(model_path), out, options, cfg, source.fingerprint())
+    units = plan_units(cfg.num_layers, options.buckets)
+    for stage in STAGES:
+        if stage not in options.stages:
+            continue
+        log.info("stage %s", stage)
+        if stage == "devkit":
+            _devkit(source, cfg, options, out)
+        elif stage == "compile":
+            from .targets.cpu import compile_cpu
+
+            compile_cpu(out, cfg, options, units, manifest, progress)
+        else:
+            _run_units(stage, units, context, manifest, progress)
+        manifest.data.setdefault("stages_done", [])
+        if stage not in manifest.data["stages_done"]:
+            manifest.data["stages_done"].append(stage)
+        manifest.save()
+    manifest.data["complete"] = all(s in manifest.data["stages_done"] for s in STAGES)
+    manifest.save()
+    return out
+
+
+@dataclass(frozen=True)
+class _Context:
+    model_path: str
+    out: Path
+    options: BuildOptions
+    cfg: ModelConfig
+    fingerprint: str
+
+
+def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
+    o = ctx.options
+    basis = json.dumps(
+        [stage, unit.name, __version__, ctx.fingerprint, ctx.cfg.to_json(), o.language_group_size, o.max_num_tokens, extra]
+    )
+    return hashlib.sha256(basis.encode()).hexdigest()[:24]
+
+
+def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> dict[str, str]:
+    """One unit of the onnx or quantize stage (runs in a worker process with -j)."""
+    from .graph.io import load, save_segment
+
+    if stage == "onnx":
+        from .graph.segments import Shapes, emit
+        from .sources import open_source
+
+        source = open_source(ctx.model_path)
+        cfg = ctx.cfg
+
+        def weights(role, layer):
+            return source.tensor(cfg.tensor_name(role, layer))
+
+        model = emit(unit, cfg, weights, Shapes(ctx.options.language_group_size, ctx.options.max_num_tokens))
+        path = ctx.out / "onnx" / f"{unit.name}.onnx"
+    else:
+        from .quant.precision import apply_precision
+
+        model = apply_precision(load(ctx.out / "onnx" / f"{unit.name}.onnx"), precision)
+        path = ctx.out / "quant" / f"{unit.name}.onnx"
+    save_segment(model, path)
+    stage_dir = ctx.out / stage_dir_name(stage)
+    return {str(p.relative_to(stage_dir)): _file_sha(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
+
+
+def stage_dir_name(stage: str) -> str:
+    return {"onnx": "onnx", "quantize": "quant"}[stage]
+
+
+def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest, progress) -> None:
+    from .quant.plan import PrecisionPlan
+
+    plan = PrecisionPlan(ctx.options.configuration_file, ctx.cfg.num_layers)
+    stage_dir = ctx.out / stage_dir_name(stage)
+    todo = []
+    for unit in units:
+        precision = plan.choice(unit).precision if stage == "quantize" else None
+        upstream = manifest.data.get("units", {}).get(f"onnx:{unit.name}", {}).get("files", {}) if stage == "quantize" else {}
+        if stage == "quantize" and not upstream:
+            raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without --quantize)")
+        h = unit_hash(stage, unit, ctx, extra=json.dumps([precision, upstream], sort_keys=True))
+        key = f"{stage}:{unit.name}"
+        if ctx.options.resume and manifest.unit_done(key, h, stage_dir):
+            continue
+        todo.append((unit, precision, h, key))
+    done = len(units) - len(todo)
+    if progress:
+        progress(stage, done, len(units))
+    if ctx.options.jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=ctx.options.jobs) as pool:
+            futures = [(pool.submit(_stage_job, stage, u, ctx, p), h, k) for u, p, h, k in todo]
+            for future, h, key in futures:
+                manifest.record(key, h, future.result())
+                done += 1
+                if progress:
+                    progress(stage, done, len(units))
+    else:
+        for unit, precision, h, key in todo:
+            manifest.record(key, h, _stage_job(stage, unit, ctx, precision))
+            done += 1
+            if progress:
+                progress(stage, done, len(units))
+
+
+def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
+    tok = source.tokenizer()
+    runtime = out / "runtime"
+    runtime.mkdir(parents=True, exist_ok=True)
+    _atomic_write(runtime / "tokenizer.json", tok.tokenizer_json)
+    settings = asdict(tok)
+    settings.pop("tokenizer_json")
+    settings.update(
+        max_num_tokens=options.max_num_tokens,
+        language_group_size=options.language_group_size,
+        buckets=options.buckets,
+    )
+    _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
+
+
+def _check_tensors(source, cfg: ModelConfig) -> None:
+    names = set(source.tensor_names())
+    wanted = [cfg.tensor_name(r, i) for r in cfg.layer_tensors for i in range(cfg.num_layers)]
+    wanted += list(cfg.global_tensors.values())
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise EdgeLLMError(f"{source.path}: {len(missing)} tensors missing, e.g. {missing[0]}")
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise EdgeLLMError(f"{out}: output directory is not writable ({e.strerror})") from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,90 @@
+"""Gemma 3 text models (e.g. Gemma 3 270M).
+
+Differences from llama, all expressed as ModelConfig data: (1 + w) RMSNorm, q/k RMSNorm per head,
+GELU-tanh gated MLP, embeddings scaled by sqrt(hidden_size), sliding-window layers with their own
+rope base, norms after attention and around the MLP, query scaling by query_pre_attn_scalar.
+"""
+
+from __future__ import annotations
+
+from ..errors import EdgeLLMError
+from .fields import require, rope_parameters
+from .model_config import ModelConfig, RopeConfig
+
+LAYER = "model.layers.{i}."
+TENSORS = {
+    "attn_norm": LAYER + "input_layernorm.weight",
+    "q_proj": LAYER + "self_attn.q_proj.weight",
+    "k_proj": LAYER + "self_attn.k_proj.weight",
+    "v_proj": LAYER + "self_attn.v_proj.weight",
+    "q_norm": LAYER + "self_attn.q_norm.weight",
+    "k_norm": LAYER + "self_attn.k_norm.weight",
+    "o_proj": LAYER + "self_attn.o_proj.weight",
+    "attn_out_norm": LAYER + "post_attention_layernorm.weight",
+    "mlp_norm": LAYER + "pre_feedforward_layernorm.weight",
+    "gate_proj": LAYER + "mlp.gate_proj.weight",
+    "up_proj": LAYER + "mlp.up_proj.weight",
+    "down_proj": LAYER + "mlp.down_proj.weight",
+    "mlp_out_norm": LAYER + "post_feedforward_layernorm.weight",
+}
+LAYER_KINDS = {"sliding_attention": "sliding", "full_attention": "full"}
+
+
+def build(raw: dict, where: str) -> ModelConfig:
+    if "text_config" in raw:  # the multimodal wrapper: its language model is a gemma3_text
+        raw = {**raw["text_config"], "model_type": "gemma3_text"}
+    hidden = require(raw, "hidden_size", where)
+    heads = require(raw, "num_attention_heads", where)
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    head_dim = int(raw.get("head_dim") or 256)
+    layers = require(raw, "num_hidden_layers", where)
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise EdgeLLMError(f"{where}: hidden_activation '{act}' is not supported for gemma3")
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    if len(layer_types) != layers:
+        raise EdgeLLMError(f"{where}: layer_types has {len(layer_types)} entries for {layers} layers")
+    unknown = sorted(set(layer_types) - set(LAYER_KINDS))
+    if unknown:
+        raise EdgeLLMError(f"{where}: unknown layer_types {unknown}")
+    ropes = {}
+    for hf_kind, kind in LAYER_KINDS.items():
+        rope = rope_parameters(raw, hf_kind)
+        if hf_kind == "sliding_attention" and "rope_parameters" not in raw:
+            # Older configs: the sliding layers' base is rope_local_base_freq and they are unscaled.
+            rope = {"rope_type": "default", "rope_theta": float(raw.get("rope_local_base_freq", 10000.0))}
+        ropes[kind] = RopeConfig(theta=float(rope.pop("rope_theta")), rotary_dim=head_dim, scaling=rope)
+    tied = bool(raw.get("tie_word_embeddings", True))
+    qpas = float(raw.get("query_pre_attn_scalar") or head_dim)
+    return ModelConfig(
+        family="gemma3",
+        vocab_size=require(raw, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=require(raw, "intermediate_size", where),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        activation="gelu_tanh",
+        tie_word_embeddings=tied,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        layer_types=[LAYER_KINDS[t] for t in layer_types],
+        ropes=ropes,
+        attention_scale=qpas ** -0.5,
+        sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
+        norm_weight_offset=1.0,
+        embedding_scale=hidden ** 0.5,
+        qk_norm=True,
+        attn_logit_softcap=raw.get("attn_logit_softcapping"),
+        final_logit_softcap=raw.get("final_logit_softcapping"),
+        layer_tensors=dict(TENSORS),
+        global_tensors={
+            "embed": "model.embed_tokens.weight",
+            "final_norm": "model.norm.weight",
+            "lm_head": "model.embed_tokens.weight" if tied else "lm_head.weight",
+        },
+    )

@@ -1,0 +1,176 @@
+"""Emit one ONNX segment per work unit from a ModelConfig.
+
+Segments talk through tensors with fixed names, so linking is a union of graphs:
+    input_ids, position_ids [1, S]        -> EMBED -> hidden.0 [1, S, H]
+    position_ids, cache.0.k               -> MASK  -> mask.full / mask.sliding [S, KV], write_index [1]
+    hidden.i, position_ids                -> PRE   -> q.i, k.i, v.i (rotated)
+    q.i, k.i, v.i, cache.i.k/v, masks     -> CACHE -> attn.i, present.i.k/v (cache updated in place)
+    hidden.i, attn.i                      -> POST  -> hidden.{i+1}
+    hidden.L [, logits_index]             -> HEAD  -> logits [1, 1, V]
+S is language_group_size for group units and 1 for single units; KV is the unit's cache bucket.
+The KV cache is position-major [1, KV, kv_heads * head_dim] so that the first KV positions of a
+longer buffer are one contiguous block the runtime can bind as a bucket-sized view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..config.model_config import ModelConfig
+from .builder import BOOL, FLOAT, INT64, GraphBuilder
+from .rope import rope_tables
+from .units import Unit
+
+# (role, layer or None) -> float32 tensor in the source's (Hugging Face) layout
+WeightFn = Callable[[str, "int | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Shapes:
+    group_size: int
+    max_positions: int
+
+    def seq(self, unit: Unit) -> int:
+        return self.group_size if unit.is_group else 1
+
+
+def emit(unit: Unit, cfg: ModelConfig, weights: WeightFn, shapes: Shapes) -> onnx.ModelProto:
+    emitter = {"EMBED": _embed, "MASK": _mask, "PRE": _pre, "CACHE": _cache, "POST": _post, "HEAD": _head}[unit.part]
+    g = GraphBuilder(unit.name.replace("/", "_"), prefix=unit.name.replace("/", "."))
+    emitter(g, unit, cfg, weights, shapes)
+    return g.model()
+
+
+def _rms_norm(g: GraphBuilder, x: str, cfg: ModelConfig, role: str, layer, weights: WeightFn) -> str:
+    w = weights(role, layer).astype(np.float32) + np.float32(cfg.norm_weight_offset)
+    return g.op("RMSNormalization", [x, g.weight(role, w)], axis=-1, epsilon=cfg.rms_norm_eps)
+
+
+def _linear(g: GraphBuilder, x: str, role: str, layer, weights: WeightFn, bias_role: str | None = None) -> str:
+    # MatMul with a [K, N] constant: the layout quantization rewrites into DequantizeLinear(axis=0).
+    w = np.ascontiguousarray(weights(role, layer).T)
+    y = g.op("MatMul", [x, g.weight(role, w)])
+    if bias_role:
+        y = g.op("Add", [y, g.weight(bias_role, weights(bias_role, layer))])
+    return y
+
+
+def _embed(g, unit, cfg, weights, shapes):
+    s = shapes.seq(unit)
+    ids = g.input("input_ids", INT64, [1, s])
+    h = g.op("Gather", [g.weight("embed", weights("embed", None)), ids], axis=0)
+    if cfg.embedding_scale is not None:
+        h = g.op("Mul", [h, g.const(f"{g.prefix}.scale", np.array(cfg.embedding_scale, np.float32))])
+    g.output(h, "hidden.0", FLOAT, [1, s, cfg.hidden_size])
+
+
+def _mask(g, unit, cfg, weights, shapes):
+    """Which cache positions each query may see: causal, and windowed for sliding layers."""
+    s, kv = shapes.seq(unit), unit.bucket
+    pos = g.input("position_ids", INT64, [1, s])
+    cache = g.input("cache.0.k", FLOAT, [1, kv, cfg.num_kv_heads * cfg.head_dim])
+    # kv length read from the cache input, not baked in: targets that run one shape-generic
+    # program (see targets/cpu) reuse this graph for every bucket.
+    kv_len = g.op("Gather", [g.op("Shape", [cache]), g.const("const.one", np.array(1, np.int64))], axis=0)
+    keys = g.op("Range", [g.const("const.zero", np.array(0, np.int64)), kv_len, g.const("const.one", np.array(1, np.int64))])
+    queries = g.op("Reshape", [pos, g.shape_const([s, 1])])
+    causal = g.op("LessOrEqual", [keys, queries])  # [S, KV]
+    g.output(causal, "mask.full", BOOL, [s, kv])
+    if "sliding" in cfg.layer_types:
+        window = g.const(f"{g.prefix}.window", np.array(cfg.sliding_window, np.int64))
+        recent = g.op("Greater", [keys, g.op("Sub", [queries, window])])
+        g.output(g.op("And", [causal, recent]), "mask.sliding", BOOL, [s, kv])
+    g.output(g.op("Slice", [g.op("Reshape", [pos, g.shape_const([-1])]), g.shape_const([0]), g.shape_const([1])]),
+             "write_index", INT64, [1])
+
+
+def _pre(g, unit, cfg, weights, shapes):
+    i, s = unit.index, shapes.seq(unit)
+    hidden = g.input(f"hidden.{i}", FLOAT, [1, s, cfg.hidden_size])
+    pos = g.input("position_ids", INT64, [1, s])
+    x = _rms_norm(g, hidden, cfg, "attn_norm", i, weights)
+    bias = cfg.attention_bias
+    q = _linear(g, x, "q_proj", i, weights, "q_bias" if bias else None)
+    k = _linear(g, x, "k_proj", i, weights, "k_bias" if bias else None)
+    v = _linear(g, x, "v_proj", i, weights, "v_bias" if bias else None)
+    if cfg.qk_norm:
+        q = _per_head_norm(g, q, cfg, "q_norm", i, cfg.num_heads, s, weights)
+        k = _per_head_norm(g, k, cfg, "k_norm", i, cfg.num_kv_heads, s, weights)
+    kind = cfg.layer_types[i]
+    rope = cfg.ropes[kind]
+    cos, sin = rope_tables(rope, shapes.max_positions)
+    cos_name, sin_name = g.const(f"rope.{kind}.cos", cos), g.const(f"rope.{kind}.sin", sin)
+    partial = rope.rotary_dim if rope.rotary_dim != cfg.head_dim else 0
+    q = g.op("RotaryEmbedding", [q, cos_name, sin_name, pos], num_heads=cfg.num_heads, rotary_embedding_dim=partial)
+    k = g.op("RotaryEmbedding", [k, cos_name, sin_name, pos], num_heads=cfg.num_kv_heads, rotary_embedding_dim=partial)
+    g.output(q, f"q.{i}", FLOAT, [1, s, cfg.num_heads * cfg.head_dim])
+    g.output(k, f"k.{i}", FLOAT, [1, s, cfg.num_kv_heads * cfg.head_dim])
+    g.output(v, f"v.{i}", FLOAT, [1, s, cfg.num_kv_heads * cfg.head_dim])
+
+
+def _per_head_norm(g, x, cfg, role, i, heads, s, weights):
+    x = g.op("Reshape", [x, g.shape_const([1, s, heads, cfg.head_dim])])
+    x = _rms_norm(g, x, cfg, role, i, weights)
+    return g.op("Reshape", [x, g.shape_const([1, s, heads * cfg.head_dim])])
+
+
+def _cache(g, unit, cfg, weights, shapes):
+    i, s, kv = unit.index, shapes.seq(unit), unit.bucket
+    qw, kvw = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q = g.input(f"q.{i}", FLOAT, [1, s, qw])
+    k = g.input(f"k.{i}", FLOAT, [1, s, kvw])
+    v = g.input(f"v.{i}", FLOAT, [1, s, kvw])
+    k_cache = g.input(f"cache.{i}.k", FLOAT, [1, kv, kvw])
+    v_cache = g.input(f"cache.{i}.v", FLOAT, [1, kv, kvw])
+    mask = g.input(f"mask.{cfg.layer_types[i]}", BOOL, [s, kv])
+    where = g.input("write_index", INT64, [1])
+    # TensorScatter writes the new rows at write_index; bound to the same buffer by the runtime,
+    # ONNX Runtime updates the cache in place instead of copying it every step.
+    k_all = g.op("TensorScatter", [k_cache, k, where], name=f"present.{i}.k", axis=1)
+    v_all = g.op("TensorScatter", [v_cache, v, where], name=f"present.{i}.v", axis=1)
+    attrs = {"q_num_heads": cfg.num_heads, "kv_num_heads": cfg.num_kv_heads, "scale": cfg.attention_scale}
+    if cfg.attn_logit_softcap:
+        attrs["softcap"] = float(cfg.attn_logit_softcap)
+    out = g.op("Attention", [q, k_all, v_all, mask], **attrs)
+    g.output(out, f"attn.{i}", FLOAT, [1, s, qw])
+    g.outputs.append(onnx.helper.make_tensor_value_info(f"present.{i}.k", FLOAT, [1, kv, kvw]))
+    g.outputs.append(onnx.helper.make_tensor_value_info(f"present.{i}.v", FLOAT, [1, kv, kvw]))
+
+
+def _post(g, unit, cfg, weights, shapes):
+    i, s = unit.index, shapes.seq(unit)
+    hidden = g.input(f"hidden.{i}", FLOAT, [1, s, cfg.hidden_size])
+    attn = g.input(f"attn.{i}", FLOAT, [1, s, cfg.num_heads * cfg.head_dim])
+    o = _linear(g, attn, "o_proj", i, weights)
+    if cfg.has("attn_out_norm"):
+        o = _rms_norm(g, o, cfg, "attn_out_norm", i, weights)
+    h = g.op("Add", [hidden, o])
+    x = _rms_norm(g, h, cfg, "mlp_norm", i, weights)
+    gate = _linear(g, x, "gate_proj", i, weights)
+    up = _linear(g, x, "up_proj", i, weights)
+    if cfg.activation == "silu":
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    else:
+        act = g.op("Gelu", [gate], approximate="tanh")
+    y = _linear(g, g.op("Mul", [act, up]), "down_proj", i, weights)
+    if cfg.has("mlp_out_norm"):
+        y = _rms_norm(g, y, cfg, "mlp_out_norm", i, weights)
+    g.output(g.op("Add", [h, y]), f"hidden.{i + 1}", FLOAT, [1, s, cfg.hidden_size])
+
+
+def _head(g, unit, cfg, weights, shapes):
+    s = shapes.seq(unit)
+    h = g.input(f"hidden.{cfg.num_layers}", FLOAT, [1, s, cfg.hidden_size])
+    if s > 1:  # only the last real prompt token's logits are needed
+        index = g.input("logits_index", INT64, [1])
+        h = g.op("Gather", [h, index], axis=1)
+    x = _rms_norm(g, h, cfg, "final_norm", None, weights)
+    logits = _linear(g, x, "lm_head", None, weights)
+    if cfg.final_logit_softcap:
+        cap = g.const(f"{g.prefix}.softcap", np.array(cfg.final_logit_softcap, np.float32))
+        logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
+    g.output(logits, "logits", FLOAT, [1, 1, cfg.vocab_size])

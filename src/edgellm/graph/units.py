@@ -1,0 +1,49 @@
+"""Work units: (part x variant x layer [x cache bucket]).
+
+A unit is what gets emitted, quantized, cached and resumed on its own; its name is its file name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARTS = ("EMBED", "MASK", "PRE", "CACHE", "POST", "HEAD")
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    is_group: bool
+    part: str
+    index: int = -1  # layer index for PRE / CACHE / POST
+    bucket: int = 0  # KV positions for MASK / CACHE
+
+    @property
+    def variant(self) -> str:
+        return "group" if self.is_group else "single"
+
+    @property
+    def name(self) -> str:
+        if self.part in ("EMBED", "HEAD"):
+            return f"{self.variant}/{self.part.lower()}"
+        if self.part == "MASK":
+            return f"{self.variant}/mask_kv{self.bucket:05d}"
+        if self.part == "CACHE":
+            return f"{self.variant}/layer{self.index:03d}_cache_kv{self.bucket:05d}"
+        return f"{self.variant}/layer{self.index:03d}_{self.part.lower()}"
+
+    @property
+    def has_weights(self) -> bool:
+        return self.part in ("EMBED", "PRE", "POST", "HEAD")
+
+
+def plan_units(num_layers: int, buckets: list[int]) -> list[Unit]:
+    units = []
+    for is_group in (True, False):
+        units.append(Unit(is_group, "EMBED"))
+        units += [Unit(is_group, "MASK", bucket=b) for b in buckets]
+        for i in range(num_layers):
+            units.append(Unit(is_group, "PRE", i))
+            units += [Unit(is_group, "CACHE", i, bucket=b) for b in buckets]
+            units.append(Unit(is_group, "POST", i))
+        units.append(Unit(is_group, "HEAD"))
+    return units

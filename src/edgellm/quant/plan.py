@@ -1,0 +1,88 @@
+"""The per-layer precision plan: which precision each unit's weights get.
+
+A plan is the compile manual's configuration file: a Python file defining
+get_layer_configuration(model_properties, layer) -> {"precision", "compile", "lora"}, or the same
+as JSON rules (no code executed): {"default": {...}, "rules": [{"match": {...}, "set": {...}}]}
+where a rule applies when every key in "match" equals the layer's value; later rules win.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EdgeLLMError
+from ..graph.units import Unit
+from .precision import PRECISIONS
+
+DEFAULT_PRECISION = "BF16"  # the compile manual's default when no configuration file is given
+LORA_MODES = ("LORA_DISABLED",)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    precision: str
+    compile: bool = True
+    lora: str = "LORA_DISABLED"
+
+
+class PrecisionPlan:
+    def __init__(self, path: Path | None = None, num_layers: int = 0):
+        self.path = path
+        self.props = {"num_hidden_layers": num_layers}
+        self._fn = None
+        self._rules: dict | None = None
+        if path is None:
+            return
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeLLMError(f"{path}: configuration file not found")
+        if path.suffix == ".json":
+            try:
+                self._rules = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise EdgeLLMError(f"{path}: malformed JSON ({e})") from None
+        else:
+            try:
+                namespace = runpy.run_path(str(path))
+            except Exception as e:  # the user's code: any failure is their input's problem
+                raise EdgeLLMError(f"{path}: configuration file raised {type(e).__name__}: {e}") from None
+            self._fn = namespace.get("get_layer_configuration")
+            if not callable(self._fn):
+                raise EdgeLLMError(f"{path}: defines no get_layer_configuration(model_properties, layer)")
+
+    def choice(self, unit: Unit) -> LayerChoice:
+        layer = {"part": unit.part, "is_group": unit.is_group, "index": unit.index}
+        if self.path is None:
+            raw = {"precision": DEFAULT_PRECISION}
+        elif self._fn is not None:
+            try:
+                raw = self._fn(dict(self.props), dict(layer))
+            except Exception as e:
+                raise EdgeLLMError(f"{self.path}: get_layer_configuration raised {type(e).__name__}: {e} for layer {layer}") from None
+        else:
+            raw = dict(self._rules.get("default", {}))
+            for rule in self._rules.get("rules", []):
+                if all(layer.get(k) == v for k, v in rule.get("match", {}).items()):
+                    raw.update(rule.get("set", {}))
+        return self._validate(raw, layer)
+
+    def _validate(self, raw, layer) -> LayerChoice:
+        where = f"{self.path}: layer {layer}"
+        if not isinstance(raw, dict):
+            raise EdgeLLMError(f"{where}: expected a dict, got {type(raw).__name__}")
+        unknown = set(raw) - {"precision", "compile", "lora"}
+        if unknown:
+            raise EdgeLLMError(f"{where}: unknown keys {sorted(unknown)}")
+        precision = raw.get("precision", DEFAULT_PRECISION)
+        if precision not in PRECISIONS:
+            raise EdgeLLMError(f"{where}: unknown precision {precision!r} (supported: {', '.join(PRECISIONS)})")
+        compile_ = raw.get("compile", True)
+        if not isinstance(compile_, bool):
+            raise EdgeLLMError(f"{where}: 'compile' must be true or false")
+        lora = raw.get("lora", "LORA_DISABLED")
+        if lora not in LORA_MODES:
+            raise EdgeLLMError(f"{where}: unsupported lora mode {lora!r} (supported: {', '.join(LORA_MODES)})")
+        return LayerChoice(precision, compile_, lora)

@@ -1,0 +1,66 @@
+"""Tokenizer, chat template and incremental detokenization for the runtime (no transformers)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class TextCodec:
+    def __init__(self, runtime_dir: Path):
+        self.tokenizer = Tokenizer.from_file(str(runtime_dir / "tokenizer.json"))
+        self.settings = json.loads((runtime_dir / "runtime_config.json").read_text())
+        self.eos_ids = set(self.settings.get("eos_token_ids") or [])
+        template = self.settings.get("chat_template")
+        self._template = None
+        if template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(template)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self._template is None:
+            # No template in the model: plain role-prefixed turns, so chat still works.
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=self.settings.get("bos_token") or "",
+            eos_token=self.settings.get("eos_token") or "",
+        )
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # The template writes BOS itself where the model wants it (as transformers does).
+        return self.encode(self.render_chat(messages), special=False)
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces as they come, holding back incomplete characters."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+def _raise(message):
+    raise ValueError(message)

@@ -1,0 +1,28 @@
+"""Read a model: a Hugging Face safetensors directory or a GGUF file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeLLMError
+from .base import ModelSource, TokenizerFiles
+
+
+def open_source(path: str | Path) -> ModelSource:
+    path = Path(path)
+    if not path.exists():
+        raise EdgeLLMError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from .safetensors_dir import SafetensorsDirSource
+
+        return SafetensorsDirSource(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf_file import GGUFSource
+
+        return GGUFSource(path)
+    raise EdgeLLMError(f"{path}: neither a Hugging Face model directory nor a GGUF file")
+
+
+__all__ = ["open_source", "ModelSource", "TokenizerFiles"]

@@ -1,0 +1,45 @@
+"""Linking: join the segments of one variant into one program.
+
+Segments name their boundary tensors identically (see graph/segments.py), so linking is a union:
+nodes in pipeline order, initializers deduplicated by name (same name must mean same bytes),
+graph inputs = inputs nobody produces, graph outputs = logits and the updated caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import onnx
+from onnx import helper
+
+from ..graph.builder import OPSET
+
+
+def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None) -> onnx.ModelProto:
+    """kv_dim: if given, the cache/mask length becomes this symbolic dimension (shape-generic)."""
+    nodes, inits, inputs, produced = [], {}, {}, set()
+    digests: dict[str, str] = {}
+    for seg in segments:
+        for t in seg.graph.initializer:
+            digest = hashlib.sha256(t.SerializeToString()).hexdigest()
+            if t.name in inits:
+                if digests[t.name] != digest:
+                    raise ValueError(f"initializer {t.name} differs between segments")
+                continue
+            inits[t.name], digests[t.name] = t, digest
+        for vi in seg.graph.input:
+            inputs.setdefault(vi.name, vi)
+        for node in seg.graph.node:
+            nodes.append(node)
+            produced.update(node.output)
+    graph_inputs = [vi for n, vi in inputs.items() if n not in produced]
+    outputs = {vi.name: vi for seg in segments for vi in seg.graph.output}
+    graph_outputs = [vi for n, vi in outputs.items() if n == "logits" or n.startswith("present.")]
+    if kv_dim:
+        for vi in graph_inputs + graph_outputs:
+            if vi.name.startswith(("cache.", "present.")):
+                vi.type.tensor_type.shape.dim[1].dim_param = kv_dim
+    graph = helper.make_graph(nodes, name, graph_inputs, graph_outputs, list(inits.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgellm")
+    model.ir_version = segments[0].ir_version
+    return model
