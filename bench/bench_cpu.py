@@ -199,6 +199,7 @@ class LlamaCppEngine(Engine):
             logits_all=False,
             verbose=False,
         )
+        self._n_vocab = self.llm.n_vocab()
         self.info = {
             "version": f"llama-cpp-python {llama_cpp.__version__}",
             "threads": f"n_threads={spec['threads']}, n_threads_batch={spec['threads']}",
@@ -209,7 +210,11 @@ class LlamaCppEngine(Engine):
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def _argmax(self) -> int:
-        return int(self._np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # Llama.eval() no longer copies logits into .scores unless logits_all=True (0.3.x), so
+        # read the last token's logits straight from the context (no copy).
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        logits = self._np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        return int(logits.argmax())
 
     def run(self, prompt_ids, n):
         llm = self.llm
@@ -407,7 +412,7 @@ def worker_main(engine_name: str) -> int:
 
 
 class Worker:
-    def __init__(self, name: str, spec: dict, log_dir: Path, threads: int, timeout: float):
+    def __init__(self, name: str, spec: dict, log_dir: Path, threads: int):
         self.name = name
         self.log_path = log_dir / f"worker-{name.replace('.', '_')}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115
@@ -425,7 +430,6 @@ class Worker:
             text=True,
             env=env,
         )
-        self.timeout = timeout
         self.proc.stdin.write(json.dumps(spec) + "\n")
         self.proc.stdin.flush()
         self.hello = self._recv()
@@ -665,8 +669,14 @@ def main(argv=None) -> int:
     artifact = args.artifact
     if "edgellm" in engines and artifact is None:
         artifact = work / "artifact"
-        compile_s = _edgellm_compile(gguf, artifact, args.ctx, args.threads)
-        _log(f"compiled in {compile_s:.1f}s")
+        try:
+            compile_s = _edgellm_compile(gguf, artifact, args.ctx, args.threads)
+            _log(f"compiled in {compile_s:.1f}s")
+        except Exception as e:  # noqa: BLE001
+            if args.engines != "auto":
+                raise
+            _log(f"SKIPPING edgellm: {e}")
+            engines.remove("edgellm")
 
     prompts, texts, text_ids = build_prompts(hf_dir, args)
     gens = {"short": args.short_gen, "long": args.long_gen}
@@ -686,13 +696,22 @@ def main(argv=None) -> int:
     hello = {}
     bye = {}
     try:
-        for e in engines:
+        for e in list(engines):
             _log(f"starting {e} worker ...")
-            w = Worker(e, spec, work, args.threads, timeout=600)
-            if not w.hello.get("ready"):
-                raise RuntimeError(
-                    f"{e} failed to load: {w.hello.get('error')}\n{_tail(w.log_path)}"
-                )
+            try:
+                w = Worker(e, spec, work, args.threads)
+                if not w.hello.get("ready"):
+                    w.close()
+                    raise RuntimeError(
+                        f"{e} failed to load: {w.hello.get('error')}\n{_tail(w.log_path)}"
+                    )
+            except Exception as err:  # noqa: BLE001
+                if e != "edgellm" or args.engines != "auto":
+                    raise
+                _log(f"SKIPPING edgellm: {err}")
+                engines.remove(e)
+                results.pop(e, None)
+                continue
             workers[e] = w
             hello[e] = w.hello
             agree = w.hello["tokenizer_agrees"]

@@ -96,7 +96,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     options.validate()
     out = Path(out)
     _check_writable(out)
-    source = open_source(model_path)
+    source = _SOURCES[str(model_path)] = open_source(model_path)
     cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
     _check_tensors(source, cfg)
     manifest = Manifest.open(out / "manifest.json", fresh=not options.resume)
@@ -155,13 +155,11 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
 
     if stage == "onnx":
         from .graph.segments import Shapes, emit
-        from .sources import open_source
 
-        source = open_source(ctx.model_path)
         cfg = ctx.cfg
 
         def weights(role, layer):
-            return source.tensor(cfg.tensor_name(role, layer))
+            return _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
 
         model = emit(unit, cfg, weights, Shapes(ctx.options.language_group_size, ctx.options.max_num_tokens))
         path = ctx.out / "onnx" / f"{unit.name}.onnx"
@@ -173,6 +171,18 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
     save_segment(model, path)
     stage_dir = ctx.out / stage_dir_name(stage)
     return {str(p.relative_to(stage_dir)): _file_sha(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
+
+
+_SOURCES: dict = {}
+
+
+def _open_source_cached(path: str):
+    """One open source per process: parsing a GGUF header costs seconds (its token list)."""
+    from .sources import open_source
+
+    if path not in _SOURCES:
+        _SOURCES[path] = open_source(path)
+    return _SOURCES[path]
 
 
 def stage_dir_name(stage: str) -> str:

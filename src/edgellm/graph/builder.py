@@ -13,8 +13,9 @@ BOOL = TensorProto.BOOL
 
 
 class GraphBuilder:
-    def __init__(self, name: str, prefix: str):
+    def __init__(self, name: str, prefix: str, weight_scope: str):
         self.name = name
+        self.weight_scope = weight_scope
         self.prefix = prefix  # makes every internal tensor name unique across linked segments
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
@@ -39,7 +40,7 @@ class GraphBuilder:
         return name
 
     def weight(self, role: str, value: np.ndarray) -> str:
-        return self.const(f"{self.prefix}.{role}", value)
+        return self.const(f"{self.weight_scope}.{role}", value)
 
     def op(self, op_type: str, inputs: list[str], name: str | None = None, n_out: int = 1, **attrs):
         self._count += 1

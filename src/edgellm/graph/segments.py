@@ -40,7 +40,7 @@ class Shapes:
 
 def emit(unit: Unit, cfg: ModelConfig, weights: WeightFn, shapes: Shapes) -> onnx.ModelProto:
     emitter = {"EMBED": _embed, "MASK": _mask, "PRE": _pre, "CACHE": _cache, "POST": _post, "HEAD": _head}[unit.part]
-    g = GraphBuilder(unit.name.replace("/", "_"), prefix=unit.name.replace("/", "."))
+    g = GraphBuilder(unit.name.replace("/", "_"), prefix=unit.name.replace("/", "."), weight_scope=unit.weight_scope)
     emitter(g, unit, cfg, weights, shapes)
     return g.model()
 

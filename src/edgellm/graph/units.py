@@ -32,6 +32,12 @@ class Unit:
         return f"{self.variant}/layer{self.index:03d}_{self.part.lower()}"
 
     @property
+    def weight_scope(self) -> str:
+        """Weights are named by scope, not variant: the group and single units of a layer at the
+        same precision then hold identical initializers, which linking stores once."""
+        return f"layer{self.index:03d}" if self.index >= 0 else self.part.lower()
+
+    @property
     def has_weights(self) -> bool:
         return self.part in ("EMBED", "PRE", "POST", "HEAD")
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from .base import TokenizerFiles
+from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
 
 # GGUF architecture -> HF model_type
@@ -49,7 +50,7 @@ class GGUFSource:
         self.path = path
         try:
             self.reader = gguf.GGUFReader(path)
-            self.fields = {k: f.contents() for k, f in self.reader.fields.items()}
+            self.fields = gguf_fields(self.reader)
         except (ValueError, OSError, IndexError, KeyError) as e:
             raise EdgeLLMError(f"{path}: not a readable GGUF file ({e})") from None
         arch = self.fields.get("general.architecture")

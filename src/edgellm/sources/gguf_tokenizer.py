@@ -28,7 +28,8 @@ from .base import TokenizerFiles
 log = logging.getLogger(__name__)
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+# (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 _SPIECE_SPACE = "\u2581"  # "▁"
 
@@ -69,8 +70,16 @@ _PRE_SPLITS = {
     "qwen35": _QWEN35_SPLIT,
     **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
 }
-# Pre types whose split is GPT-2's own regex, which ByteLevel(use_regex=True) applies by itself.
-_GPT2_DEFAULT_PRES = {None, "", "default", "gpt2", "gpt-2"}
+# Pre types split with GPT-2's own regex, which ByteLevel(use_regex=True) applies by itself.
+# "smollm" (like "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva") is here because
+# transformers treats it so. llama.cpp, and SmolLM2's own tokenizer.json, first split every digit off
+# (pre_tokenizers.Digits(individual_digits=True) before ByteLevel). The vocabulary has no token with a
+# digit in it, so the two differ only where two or more whitespace characters precede a digit:
+# "  1" is "ĠĠ" "1" in llama.cpp and "Ġ" "Ġ" "1" in transformers. We follow transformers.
+_GPT2_DEFAULT_PRES = {
+    None, "", "default", "gpt2", "gpt-2", "smollm", "starcoder", "refact", "command-r", "codeshell",
+    "exaone", "minerva", "mpt", "olmo", "jais", "trillion", "granite-docling",
+}
 
 # Texts llama.cpp treats as end-of-generation when the file does not name them (llama-vocab.cpp).
 _EOG_TEXTS = {
@@ -230,7 +239,7 @@ def _token_id(fields: dict, key: str, n: int) -> int | None:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -241,7 +250,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _byte_level(tokens: list[str], merges: list[str] | None, pre: str | None) -> tuple[Tokenizer, dict[str, int]]:
+def _byte_level(
+    tokens: list[str], merges: list[str] | None, pre: str | None
+) -> tuple[Tokenizer, dict[str, int]]:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens are stored in the byte alphabet already; respell any that are not (as transformers does).
@@ -263,12 +274,7 @@ def _byte_level(tokens: list[str], merges: list[str] | None, pre: str | None) ->
             fuse_unk=False,
         )
     )
-    if pre == "smollm":
-        # SmolLM's own tokenizer.json and llama.cpp split every digit off before GPT-2's regex.
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-    elif pre in _PRE_SPLITS:
+    if pre in _PRE_SPLITS:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
@@ -286,11 +292,15 @@ def _byte_level(tokens: list[str], merges: list[str] | None, pre: str | None) ->
 def _split_merge(merge: str) -> tuple[str, str]:
     parts = merge.split(" ")
     if len(parts) != 2:
-        raise EdgeLLMError(f"GGUF tokenizer.ggml.merges entry {merge!r} is not two tokens separated by a space")
+        raise EdgeLLMError(
+            f"GGUF tokenizer.ggml.merges entry {merge!r} is not two tokens separated by a space"
+        )
     return parts[0], parts[1]
 
 
-def _gemma_sentencepiece(tokens: list[str], merges: list[str] | None, unk: str) -> tuple[Tokenizer, dict[str, int]]:
+def _gemma_sentencepiece(
+    tokens: list[str], merges: list[str] | None, unk: str
+) -> tuple[Tokenizer, dict[str, int]]:
     """Gemma 1-3 files: tokens of only spaces are stored with real spaces, and the merge order
     follows the token order rather than the scores (transformers' `gemma_tokenizer`)."""
     respelled = [_SPIECE_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
@@ -365,7 +375,12 @@ def _derive_merges(vocab: dict[str, int], scores: dict[str, float] | None) -> li
 
 
 def _add_special_tokens(
-    tok: Tokenizer, vocab: dict[str, int], tokens: list[str], token_types: list[int] | None, *, byte_level: bool
+    tok: Tokenizer,
+    vocab: dict[str, int],
+    tokens: list[str],
+    token_types: list[int] | None,
+    *,
+    byte_level: bool,
 ) -> None:
     """Control tokens become special added tokens, user-defined ones plain added tokens, so that
     both are matched whole in the input text (transformers' `add_gguf_special_tokens`)."""

@@ -1,0 +1,171 @@
+"""The `edgellm` command: thin over edgellm.build and edgellm.runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import EdgeLLMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compile small language models for the edge, and run them.")
+err = Console(stderr=True)
+
+
+@app.command()
+def compile(
+    model: Path = typer.Argument(..., help="Hugging Face model directory or GGUF file"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output directory (default: the model's name)"),
+    configuration_file: Optional[Path] = typer.Option(None, "-c", "--configuration_file", help="per-layer precision plan (.py or .json)"),
+    max_num_tokens: int = typer.Option(1024, "--max_num_tokens", help="context length"),
+    language_group_size: int = typer.Option(128, "--language_group_size", help="prefill group size"),
+    future_token_mask_size: int = typer.Option(128, "--future_token_mask_size", help="KV cache bucket size"),
+    jobs: int = typer.Option(1, "-j", "--jobs", help="parallel worker processes"),
+    resume: bool = typer.Option(False, "--resume", help="skip units already built with the same inputs"),
+    onnx: bool = typer.Option(False, "--onnx", help="run only the onnx stage (with other stage flags: those stages)"),
+    quantize: bool = typer.Option(False, "--quantize", help="run only the quantize stage"),
+    compile_: bool = typer.Option(False, "--compile", help="run only the compile stage"),
+    devkit: bool = typer.Option(False, "--devkit", help="run only the devkit (runtime files) stage"),
+    target: str = typer.Option("cpu", "--target", help="compile target"),
+    log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
+):
+    """Compile MODEL into an output directory that `edgellm chat` runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .build import STAGES, BuildOptions, compile_model
+
+    _logging(log_level)
+    chosen = tuple(s for s, flag in zip(STAGES, (devkit, onnx, quantize, compile_)) if flag) or STAGES
+    out = output or Path(model.stem if model.is_file() else model.name)
+    options = BuildOptions(
+        max_num_tokens=max_num_tokens, language_group_size=language_group_size,
+        future_token_mask_size=future_token_mask_size, jobs=jobs, resume=resume, stages=chosen,
+        configuration_file=str(configuration_file) if configuration_file else None, target=target,
+    )
+    with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as bar:
+        tasks = {}
+
+        def progress(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        compile_model(model, out, options, progress)
+    err.print(f"[green]compiled[/green] {model} -> {out}")
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="compiled output directory"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="generate exactly --max-new-tokens tokens"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON line with text and metrics, nothing else"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)"),
+):
+    """Complete PROMPT (or answer it with --chat), streaming, then print TTFT and tokens/s."""
+    import edgellm
+    from .runtime.sampling import SamplingParams
+
+    model = edgellm.load(model_dir, threads=threads)
+    on_text = None if as_json else _stream
+    result = model.generate(prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                            sampling=SamplingParams(temperature, top_k, top_p, seed), stop=tuple(stop or ()),
+                            on_text=on_text)
+    if as_json:
+        print(json.dumps({k: result.metrics()[k] for k in ("text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb")}))
+    else:
+        sys.stdout.write("\n")
+        _report(result)
+
+
+@app.command()
+def chat(
+    model_dir: Path = typer.Argument(..., help="compiled output directory"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Talk to a compiled model; history is kept (and its KV cache reused) across turns.
+    /reset clears the history, /quit or Ctrl-D leaves."""
+    import edgellm
+    from .runtime.sampling import SamplingParams
+
+    model = edgellm.load(model_dir, threads=threads)
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens. /reset, /quit[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            return
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip() == "/reset":
+            model.reset()
+            continue
+        if not line.strip():
+            continue
+        try:
+            result = model.chat(line, max_new_tokens=max_new_tokens, sampling=sampling, on_text=_stream)
+        except EdgeLLMError as e:
+            err.print(f"[red]error:[/red] {e}")
+            model.reset()
+            continue
+        sys.stdout.write("\n")
+        _report(result)
+
+
+def _stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _report(result) -> None:
+    err.print(f"[dim]TTFT {result.ttft_s * 1000:.0f} ms ({result.prompt_tokens} prompt tokens) | "
+              f"{result.decode_tps:.1f} tokens/s ({result.gen_tokens} tokens) | peak RSS {result.peak_rss_mb:.0f} MB[/dim]")
+
+
+def _logging(level: str) -> None:
+    name = level.upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise EdgeLLMError(f"--log_level {level}: use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=name, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EdgeLLMError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; `edgellm compile ... --resume` continues a build")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
