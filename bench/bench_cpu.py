@@ -557,6 +557,77 @@ def _machine() -> dict:
     return info
 
 
+NOISY_PCT = 10.0  # other processes used more than this share of the machine during a run
+
+
+def _cpu_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine (all cores), steal included."""
+    try:
+        import psutil  # noqa: PLC0415
+    except ImportError:
+        return None
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(
+        t, "guest_nice", 0.0
+    )
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    try:
+        import psutil  # noqa: PLC0415
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class _LoadMonitor:
+    """How much of the machine something other than the running worker used during a run."""
+
+    def __init__(self, workers: dict, running: str):
+        self.workers = workers
+        self.running = running
+        self.busy0 = _cpu_busy_s()
+        self.cpu0 = {e: _proc_cpu_s(w.proc.pid) for e, w in workers.items()}
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        busy1 = _cpu_busy_s()
+        cpu1 = {e: _proc_cpu_s(w.proc.pid) for e, w in self.workers.items()}
+        if self.busy0 is None or busy1 is None or wall <= 0:
+            return {}
+        d = {e: (cpu1[e] - self.cpu0[e]) if cpu1[e] is not None and self.cpu0[e] is not None
+             else 0.0 for e in cpu1}
+        cap = wall * (os.cpu_count() or 1)
+        own = d.get(self.running, 0.0)
+        idle_workers = sum(v for e, v in d.items() if e != self.running)
+        foreign = max(0.0, (busy1 - self.busy0) - own)
+        return {
+            "run_wall_s": wall,
+            "engine_cpu_pct": 100 * own / cap,
+            "foreign_cpu_pct": 100 * foreign / cap,  # includes the idle workers
+            "idle_workers_cpu_pct": 100 * idle_workers / cap,
+        }
+
+
+def _wait_idle(max_wait: float) -> float:
+    """Wait (up to max_wait s) until the machine looks idle; returns the seconds waited."""
+    if max_wait <= 0:
+        return 0.0
+    try:
+        import psutil  # noqa: PLC0415
+    except ImportError:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        busy = psutil.cpu_percent(interval=0.3)
+        waited = time.perf_counter() - t0
+        if busy < NOISY_PCT or waited >= max_wait:
+            return waited
+
+
 def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -616,6 +687,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-gen", type=int, default=64)
     ap.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--wait-idle", type=float, default=15.0, help="before each timed run, wait "
+                    "up to this many seconds for the machine to be idle (0 = don't)")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown section for "
                     "docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="write all raw results here")
@@ -735,7 +808,11 @@ def main(argv=None) -> int:
         for rep in range(1, args.reps + 1):
             for case in ("short", "long"):
                 for e in engines:
+                    waited = _wait_idle(args.wait_idle)
+                    mon = _LoadMonitor(workers, e)
                     r = workers[e].run(prompts[case], gens[case])
+                    r.update(mon.stop())
+                    r["waited_s"] = waited
                     if not r.get("ok"):
                         raise RuntimeError(f"{e} {case} rep {rep} failed: {r.get('error')}\n"
                                            f"{_tail(workers[e].log_path)}")
@@ -751,8 +828,11 @@ def main(argv=None) -> int:
                             _log(f"  NOTE: {e} reported ttft+decode = {est:.3f}s but the call "
                                  f"took {r['wall']:.3f}s")
                     results[e][case].append(r)
+                    bg = r.get("foreign_cpu_pct")
                     _log(f"  rep {rep} {case:5s} {e:12s} TTFT {r['ttft_ms']:8.1f} ms  "
-                         f"decode {_fmt(r['decode_tps'])} tok/s")
+                         f"decode {_fmt(r['decode_tps']):>6s} tok/s"
+                         + (f"  (other load {bg:.0f}% of the machine)" if bg is not None else "")
+                         + ("  NOISY" if bg is not None and bg > NOISY_PCT else ""))
     finally:
         for e, w in workers.items():
             bye[e] = w.close()
@@ -771,6 +851,11 @@ def main(argv=None) -> int:
             tps = [r["decode_tps"] for r in rs if r["decode_tps"]]
             s[f"{case}_tps"] = _median(tps)
             s[f"{case}_tps_range"] = (min(tps), max(tps)) if tps else (None, None)
+        bg = [r["foreign_cpu_pct"] for c in ("short", "long") for r in results[e][c]
+              if r.get("foreign_cpu_pct") is not None]
+        s["bg_load_pct_median"] = _median(bg) if bg else None
+        s["bg_load_pct_max"] = max(bg) if bg else None
+        s["noisy_runs"] = sum(1 for x in bg if x > NOISY_PCT)
         s["peak_rss_mb"] = bye[e].get("peak_rss_mb")
         s["rss_end_mb"] = bye[e].get("rss_mb")
         s["rss_load_mb"] = hello[e]["rss_load_mb"]
@@ -883,12 +968,34 @@ def _text_report(engines, summary, meta, args) -> str:
             + ", ".join(f"{e} {n}/{args.short_gen}" for e, n in
                         meta["greedy_common_prefix"].items())
         )
+    bgl = _bg_line(engines, summary)
+    if bgl:
+        lines.append(bgl)
     if meta["compile_s"] is not None:
         lines.append(f"edgellm compile: {meta['compile_s']:.1f}s")
     m = meta["machine"]
     lines.append(f"machine: {m['cpu']}, {m.get('logical_cores')} logical cores, "
                  f"{m.get('ram_gb', '?')} GB RAM, {m['os']}; total bench time {meta['elapsed_s']:.0f}s")
     return "\n".join(lines)
+
+
+def _bg_line(engines, summary) -> str:
+    parts = []
+    noisy = 0
+    for e in engines:
+        s = summary[e]
+        if s.get("bg_load_pct_median") is None:
+            continue
+        noisy += s["noisy_runs"]
+        parts.append(f"{e} median {s['bg_load_pct_median']:.0f}% / max {s['bg_load_pct_max']:.0f}%")
+    if not parts:
+        return ""
+    line = ("CPU used by other processes during the timed runs (share of the machine): "
+            + "; ".join(parts))
+    if noisy:
+        line += (f". WARNING: {noisy} run(s) had more than {NOISY_PCT:.0f}% background load; "
+                 "the numbers are not clean, rerun on an idle machine")
+    return line
 
 
 def _markdown(engines, summary, meta, args) -> str:
@@ -913,6 +1020,19 @@ def _markdown(engines, summary, meta, args) -> str:
             + ")"
             for e in engines
         ),
+    ]
+    bgl = _bg_line(engines, summary)
+    if bgl:
+        out.append("- " + bgl)
+    if meta["compile_s"] is not None:
+        out.append(f"- edgellm compile time: {meta['compile_s']:.1f}s")
+    if meta["greedy_common_prefix"]:
+        out.append(
+            "- Greedy tokens identical to " + meta["greedy_common_prefix_vs"] + " for the first: "
+            + ", ".join(f"{e} {n}/{args.short_gen}" for e, n in
+                        meta["greedy_common_prefix"].items())
+        )
+    out += [
         "",
         "| engine | " + " | ".join(hs) + " |",
         "|---|" + "---:|" * len(hs),
