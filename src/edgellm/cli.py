@@ -169,3 +169,7 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Build round trips (determinism, --resume after a kill) and bad input through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import build
+from tiny_models import save_tiny
+
+OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
+CLI = [sys.executable, "-m", "edgellm.cli"]
+
+
+def artifact_hashes(out: Path) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {k: v["files"] for k, v in manifest["units"].items()}
+
+
+def compiled_bytes(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in (out / "compiled" / "cpu").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny("gemma3", tmp_path_factory.mktemp("tiny") / "hf")
+
+
+def test_compile_twice_gives_identical_artifacts(tiny, tmp_path):
+    a = build(tiny, tmp_path / "a", **OPTIONS)
+    b = build(tiny, tmp_path / "b", **OPTIONS, jobs=2)
+    assert artifact_hashes(a) == artifact_hashes(b)
+    assert compiled_bytes(a) == compiled_bytes(b)
+
+
+def test_killed_compile_resumes_to_identical_artifacts(tiny, tmp_path):
+    reference = build(tiny, tmp_path / "ref", **OPTIONS)
+    out = tmp_path / "killed"
+    args = CLI + ["compile", str(tiny), "-o", str(out), "--max_num_tokens", "128",
+                  "--language_group_size", "16", "--future_token_mask_size", "32"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "manifest.json"
+    deadline = time.time() + 120
+    # kill once some, but not all, units are recorded
+    while time.time() < deadline:
+        if manifest.is_file() and len(json.loads(manifest.read_text() or "{}").get("units", {})) > 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(manifest.read_text())
+    assert not state["complete"]
+    done_before = set(state["units"])
+    result = subprocess.run(args + ["--resume", "--log_level", "INFO"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(manifest.read_text())["complete"]
+    assert artifact_hashes(out) == artifact_hashes(reference)
+    assert compiled_bytes(out) == compiled_bytes(reference)
+    assert done_before  # some units were kept from the killed run
+
+
+def run_cli(*args):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True)
+
+
+def assert_clean_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_missing_config_json(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_clean_error(run_cli("compile", tmp_path / "m", "-o", tmp_path / "o"), "config.json", "missing")
+
+
+def test_malformed_config_json(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text("{not json")
+    assert_clean_error(run_cli("compile", bad, "-o", tmp_path / "o"), "config.json", "malformed")
+
+
+def test_unknown_architecture(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tiny / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    assert_clean_error(run_cli("compile", bad, "-o", tmp_path / "o"), "mamba", "supported: ")
+
+
+def test_truncated_safetensors(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    assert_clean_error(run_cli("compile", bad, "-o", tmp_path / "o"), "model.safetensors", "truncated")
+
+
+def test_truncated_gguf(smollm2_gguf, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        bad.write_bytes(f.read(5_000_000))
+    assert_clean_error(run_cli("compile", bad, "-o", tmp_path / "o"), "bad.gguf")
+
+
+def test_bad_bucket_multiple(tiny, tmp_path):
+    result = run_cli("compile", tiny, "-o", tmp_path / "o", "--max_num_tokens", "100", "--future_token_mask_size", "64")
+    assert_clean_error(result, "--max_num_tokens 100", "multiple")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the permission check cannot fail")
+def test_unwritable_output(tiny, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert_clean_error(run_cli("compile", tiny, "-o", ro / "out"), "not writable")
+
+
+def test_output_under_a_file_is_an_error(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_error(run_cli("compile", tiny, "-o", blocker / "out"), "not writable")
+
+
+def test_prompt_longer_than_context(tiny, tmp_path):
+    out = build(tiny, tmp_path / "o", **OPTIONS)
+    result = run_cli("generate", out, "--prompt", " ".join(["w5"] * 200))
+    assert_clean_error(result, "200 tokens", "128")
+
+
+def test_incomplete_build_is_not_loadable(tiny, tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("compile", tiny, "-o", out, "--onnx", "--max_num_tokens", "128", "--language_group_size", "16",
+                     "--future_token_mask_size", "32")
+    assert result.returncode == 0, result.stderr
+    assert_clean_error(run_cli("generate", out, "--prompt", "w1"), "incomplete")
+
+
+def test_json_output_is_one_line(tiny, tmp_path):
+    out = build(tiny, tmp_path / "o", **OPTIONS)
+    result = run_cli("generate", out, "--prompt", "w1 w2 w3", "-n", "5", "--ignore-eos", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    assert set(data) == {"text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb"}
+    assert data["gen_tokens"] == 5 and data["prompt_tokens"] == 3
