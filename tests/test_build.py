@@ -159,3 +159,14 @@ def test_json_output_is_one_line(tiny, tmp_path):
     data = json.loads(lines[0])
     assert set(data) == {"text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb"}
     assert data["gen_tokens"] == 5 and data["prompt_tokens"] == 3
+
+
+def test_every_segment_and_program_passes_the_onnx_checker(tiny, tmp_path):
+    import onnx
+
+    out = build(tiny, tmp_path / "o", **OPTIONS)
+    files = sorted((out / "onnx").rglob("*.onnx")) + sorted((out / "quant").rglob("*.onnx"))
+    files += sorted((out / "compiled" / "cpu").glob("*.onnx"))
+    assert len(files) > 2 * 2 * 3 * 4
+    for f in files:
+        onnx.checker.check_model(str(f), full_check=True)
