@@ -37,10 +37,6 @@ class Unit:
         same precision then hold identical initializers, which linking stores once."""
         return f"layer{self.index:03d}" if self.index >= 0 else self.part.lower()
 
-    @property
-    def has_weights(self) -> bool:
-        return self.part in ("EMBED", "PRE", "POST", "HEAD")
-
 
 def plan_units(num_layers: int, buckets: list[int]) -> list[Unit]:
     units = []

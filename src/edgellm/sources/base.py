@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +44,3 @@ class ModelSource(Protocol):
     def fingerprint(self) -> str:
         """A cheap identity of the input files (names, sizes, mtimes) for the build manifest."""
 
-
-def iter_files(path: Path) -> Iterator[Path]:
-    yield from sorted(p for p in path.rglob("*") if p.is_file())
