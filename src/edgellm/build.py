@@ -41,6 +41,12 @@ class BuildOptions:
     stages: tuple[str, ...] = STAGES
     configuration_file: str | None = None
     target: str = "cpu"
+    block_size: int = 32  # weights per quantization block (integer precisions)
+    asymmetric: bool = False  # integer blocks with a zero point instead of symmetric ones
+    quantize_embeddings: bool = False  # int8 embedding table and LM head
+    # Let ONNX Runtime quantize activations to int8 inside its integer matmuls (accuracy level 4)
+    # instead of computing in float (level 1).
+    int8_activations: bool = False
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
@@ -52,6 +58,8 @@ class BuildOptions:
             )
         if self.language_group_size > self.max_num_tokens:
             raise EdgeLLMError(f"--language_group_size {self.language_group_size} exceeds --max_num_tokens {self.max_num_tokens}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise EdgeLLMError(f"--block_size must be a power of two of at least 16, got {self.block_size}")
         if self.target != "cpu":
             raise EdgeLLMError(f"unknown target '{self.target}' (supported: cpu)")
 
@@ -84,9 +92,21 @@ class Manifest:
             return False
         return all((out_dir / f).is_file() and _file_sha(out_dir / f) == sha for f, sha in entry["files"].items())
 
-    def record(self, key: str, in_hash: str, files: dict[str, str]) -> None:
-        self.data.setdefault("units", {})[key] = {"hash": in_hash, "files": files}
+    def record(self, key: str, in_hash: str, result: dict) -> None:
+        """result: {"files": {name: sha256}, and for the quantize stage "weights": {weight: how stored}}"""
+        self.data.setdefault("units", {})[key] = {"hash": in_hash, **result}
         self.save()
+
+    def weight_report(self) -> dict[str, int]:
+        """How the weights were stored, counted over distinct weights: e.g. {"GGUF Q4_1 mapped exactly": 210}."""
+        seen: dict[str, str] = {}
+        for key, entry in self.data.get("units", {}).items():
+            if key.startswith("quantize:"):
+                seen.update(entry.get("weights", {}))
+        counts: dict[str, int] = {}
+        for how in seen.values():
+            counts[how] = counts.get(how, 0) + 1
+        return counts
 
 
 def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions, progress=None) -> Path:
@@ -149,10 +169,11 @@ def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
     return hashlib.sha256(basis.encode()).hexdigest()[:24]
 
 
-def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> dict[str, str]:
+def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> dict:
     """One unit of the onnx or quantize stage (runs in a worker process with -j)."""
     from .graph.io import load, save_segment
 
+    report = {}
     if stage == "onnx":
         from .graph.segments import Shapes, emit
 
@@ -164,13 +185,31 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
         model = emit(unit, cfg, weights, Shapes(ctx.options.language_group_size, ctx.options.max_num_tokens))
         path = ctx.out / "onnx" / f"{unit.name}.onnx"
     else:
-        from .quant.precision import apply_precision
+        from .quant.precision import QuantOptions, apply_precision
 
-        model = apply_precision(load(ctx.out / "onnx" / f"{unit.name}.onnx"), precision)
+        o = ctx.options
+        model, report = apply_precision(load(ctx.out / "onnx" / f"{unit.name}.onnx"), precision,
+                                        QuantOptions(o.block_size, not o.asymmetric), _source_blocks(ctx))
+        for weight, how in sorted(report.items()):
+            log.info("%s: %s", weight, how)
         path = ctx.out / "quant" / f"{unit.name}.onnx"
     save_segment(model, path)
     stage_dir = ctx.out / stage_dir_name(stage)
-    return {str(p.relative_to(stage_dir)): _file_sha(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
+    files = {str(p.relative_to(stage_dir)): _file_sha(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
+    return {"files": files, "weights": report} if stage == "quantize" else {"files": files}
+
+
+def _source_blocks(ctx: _Context):
+    """initializer name (scope.role, see graph/units.py) -> the source's own integer blocks, if any."""
+    source = _open_source_cached(ctx.model_path)
+
+    def packed(initializer: str):
+        scope, role = initializer.split(".", 1)
+        layer = int(scope.removeprefix("layer")) if scope.startswith("layer") else None
+        name = ctx.cfg.tensor_name(role, layer)
+        return source.packed(name) if name else None
+
+    return packed
 
 
 _SOURCES: dict = {}
@@ -192,7 +231,8 @@ def stage_dir_name(stage: str) -> str:
 def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest, progress) -> None:
     from .quant.plan import PrecisionPlan
 
-    plan = PrecisionPlan(ctx.options.configuration_file, ctx.cfg.num_layers)
+    o = ctx.options
+    plan = PrecisionPlan(o.configuration_file, ctx.cfg.num_layers, o.quantize_embeddings)
     stage_dir = ctx.out / stage_dir_name(stage)
     todo = []
     for unit in units:
@@ -200,7 +240,8 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
         upstream = manifest.data.get("units", {}).get(f"onnx:{unit.name}", {}).get("files", {}) if stage == "quantize" else {}
         if stage == "quantize" and not upstream:
             raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without --quantize)")
-        h = unit_hash(stage, unit, ctx, extra=json.dumps([precision, upstream], sort_keys=True))
+        quant = [precision, o.block_size, o.asymmetric] if stage == "quantize" else []
+        h = unit_hash(stage, unit, ctx, extra=json.dumps([quant, upstream], sort_keys=True))
         key = f"{stage}:{unit.name}"
         if ctx.options.resume and manifest.unit_done(key, h, stage_dir):
             continue
@@ -235,6 +276,7 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
         max_num_tokens=options.max_num_tokens,
         language_group_size=options.language_group_size,
         buckets=options.buckets,
+        int8_activations=options.int8_activations,
     )
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 

@@ -32,6 +32,11 @@ def compile(
     compile_: bool = typer.Option(False, "--compile", help="run only the compile stage"),
     devkit: bool = typer.Option(False, "--devkit", help="run only the devkit (runtime files) stage"),
     target: str = typer.Option("cpu", "--target", help="compile target"),
+    block_size: int = typer.Option(32, "--block_size", help="weights per block of the integer precisions"),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="integer blocks with zero points (default symmetric)"),
+    quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings", help="int8 embedding table and LM head"),
+    int8_activations: bool = typer.Option(False, "--int8_activations",
+                                          help="quantize activations to int8 inside integer matmuls (faster, less exact)"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
 ):
     """Compile MODEL into an output directory that `edgellm chat` runs."""
@@ -46,6 +51,8 @@ def compile(
         max_num_tokens=max_num_tokens, language_group_size=language_group_size,
         future_token_mask_size=future_token_mask_size, jobs=jobs, resume=resume, stages=chosen,
         configuration_file=str(configuration_file) if configuration_file else None, target=target,
+        block_size=block_size, asymmetric=asymmetric, quantize_embeddings=quantize_embeddings,
+        int8_activations=int8_activations,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:
@@ -57,6 +64,11 @@ def compile(
             bar.update(tasks[stage], completed=done, total=total)
 
         compile_model(model, out, options, progress)
+    from .build import Manifest
+
+    stored = Manifest.open(out / "manifest.json", fresh=False).weight_report()
+    if stored:
+        err.print("weights: " + ", ".join(f"{n} {how}" for how, n in sorted(stored.items())))
     err.print(f"[green]compiled[/green] {model} -> {out}")
 
 

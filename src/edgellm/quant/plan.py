@@ -4,6 +4,10 @@ A plan is the compile manual's configuration file: a Python file defining
 get_layer_configuration(model_properties, layer) -> {"precision", "compile", "lora"}, or the same
 as JSON rules (no code executed): {"default": {...}, "rules": [{"match": {...}, "set": {...}}]}
 where a rule applies when every key in "match" equals the layer's value; later rules win.
+
+The plan speaks for the transformer layers (parts PRE, CACHE, POST), as in the manual. The
+embedding table and the LM head are not layers: they stay float (FP32 when every layer is FP32,
+otherwise BF16) unless --quantize_embeddings makes them int8.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..graph.units import Unit
 from .precision import PRECISIONS
 
 DEFAULT_PRECISION = "BF16"  # the compile manual's default when no configuration file is given
+EMBEDDING_PRECISION = "A_BF16_W_INT8"  # --quantize_embeddings
 LORA_MODES = ("LORA_DISABLED",)
 
 
@@ -29,9 +34,10 @@ class LayerChoice:
 
 
 class PrecisionPlan:
-    def __init__(self, path: Path | None = None, num_layers: int = 0):
+    def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: bool = False):
         self.path = path
         self.props = {"num_hidden_layers": num_layers}
+        self.quantize_embeddings = quantize_embeddings
         self._fn = None
         self._rules: dict | None = None
         if path is None:
@@ -54,6 +60,8 @@ class PrecisionPlan:
                 raise EdgeLLMError(f"{path}: defines no get_layer_configuration(model_properties, layer)")
 
     def choice(self, unit: Unit) -> LayerChoice:
+        if unit.part not in ("PRE", "CACHE", "POST"):
+            return LayerChoice(self._embedding_precision())
         layer = {"part": unit.part, "is_group": unit.is_group, "index": unit.index}
         if self.path is None:
             raw = {"precision": DEFAULT_PRECISION}
@@ -68,6 +76,12 @@ class PrecisionPlan:
                 if all(layer.get(k) == v for k, v in rule.get("match", {}).items()):
                     raw.update(rule.get("set", {}))
         return self._validate(raw, layer)
+
+    def _embedding_precision(self) -> str:
+        if self.quantize_embeddings:
+            return EMBEDDING_PRECISION
+        layers = [Unit(g, part, i) for g in (True, False) for part in ("PRE", "POST") for i in range(self.props["num_hidden_layers"])]
+        return "FP32" if layers and all(self.choice(u).precision == "FP32" for u in layers) else "BF16"
 
     def _validate(self, raw, layer) -> LayerChoice:
         where = f"{self.path}: layer {layer}"

@@ -1,21 +1,45 @@
 """Apply a weight precision to a float segment.
 
-Every MatMul / Gather weight of a segment is a float32 [K, N] (or [V, H]) initializer. A precision
-rewrites how that initializer is stored; the arithmetic stays float32 on the CPU target.
-  FP32  as emitted (edgellm's exact reference precision)
-  BF16  stored as bfloat16 + Cast to float: half the artifact size. ONNX Runtime's CPU kernels
-        have no bf16 MatMul, so the Cast is constant-folded at load: same speed and memory as FP32.
-Integer precisions (A_BF16_W_INT8, A_BF16_W_INT4) arrive with the quantization work.
+The onnx stage emits every MatMul weight as a float32 [K, N] initializer and the embedding table
+as a float32 [V, H] Gather input. A precision rewrites how such a weight is stored:
+  FP32           as emitted (edgellm's exact reference precision)
+  BF16           bfloat16 + Cast to float: half the size; ONNX Runtime's CPU kernels have no bf16
+                 MatMul, so the Cast is constant-folded at load (FP32 speed and memory)
+  A_BF16_W_INT8  int8 blocks along K: DequantizeLinear(axis=0, block_size) -> MatMul
+  A_BF16_W_INT4  int4 blocks along K, the same pattern
+ONNX Runtime fuses DequantizeLinear + MatMul into its MatMulNBits kernel, which reads the integer
+blocks directly; no float copy of the weight exists at run time. Activations stay float32 on CPU
+("A_BF16" is the manual's name; the target decides the float type).
+
+GGUF Q4_1 blocks carry a float minimum per block: value = d * q + m. An integer zero point cannot
+express m, so such weights are emitted exactly as
+    y = x @ DequantizeLinear(q, d) + blocksum(x) @ m,    blocksum(x)[b] = sum of x over block b
+which is the same sum, regrouped.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-PRECISIONS = ("FP32", "BF16")
+from .blocks import BlockQuantized, pack_int4, quantize
+
+PRECISIONS = ("FP32", "BF16", "A_BF16_W_INT8", "A_BF16_W_INT4")
+INTEGER_BITS = {"A_BF16_W_INT8": 8, "A_BF16_W_INT4": 4}
 WEIGHT_CONSUMERS = {"MatMul": 1, "Gather": 0}  # op -> input slot holding the weight
+
+# initializer name -> the source's own integer blocks for that weight (HF layout), if it has them
+PackedFn = Callable[[str], "BlockQuantized | None"]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    block_size: int = 32
+    symmetric: bool = True
 
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -35,22 +59,157 @@ def weight_initializers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, in
     return found
 
 
-def apply_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
-    if precision == "FP32":
-        return model
-    if precision != "BF16":
+def apply_precision(
+    model: onnx.ModelProto, precision: str, options: QuantOptions = QuantOptions(), packed: PackedFn | None = None
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Returns the rewritten model and, per weight, how it was stored (for the compile log)."""
+    if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision}")
+    if precision == "FP32":
+        return model, {}
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    new_nodes = []
+    rewriter = _Rewriter(model)
+    report = {}
     for node, slot, init in weight_initializers(model):
         w = numpy_helper.to_array(init)
-        bf16 = helper.make_tensor(init.name + ".bf16", TensorProto.BFLOAT16, w.shape, to_bfloat16_bits(w).tobytes(), raw=True)
-        model.graph.initializer.remove(init)
-        model.graph.initializer.append(bf16)
-        cast_out = init.name + ".f32"
-        new_nodes.append((node, helper.make_node("Cast", [bf16.name], [cast_out], name=init.name + "/Cast", to=TensorProto.FLOAT)))
-        node.input[slot] = cast_out
-    for consumer, cast in new_nodes:
-        index = list(model.graph.node).index(consumer)
-        model.graph.node.insert(index, cast)
-    return model
+        if precision == "BF16":
+            report[init.name] = _to_bf16(rewriter, node, slot, init, w)
+            continue
+        bits = INTEGER_BITS[precision]
+        hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
+        source_blocks = packed(init.name) if packed else None
+        if source_blocks is not None and source_blocks.bits == bits:
+            blocks, report[init.name] = source_blocks, f"{source_blocks.origin} mapped exactly"
+        else:
+            blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, options.symmetric)
+            origin = source_blocks.origin if source_blocks is not None else "float"
+            report[init.name] = f"{origin} quantized to int{bits}"
+        rewriter.drop(init)
+        if node.op_type == "MatMul":
+            _integer_matmul(rewriter, node, init.name, blocks)
+        else:
+            _integer_gather(rewriter, node, init.name, blocks)
+    return rewriter.finish(), report
+
+
+class _Rewriter:
+    """Collects new initializers and nodes placed before / after existing nodes (by node name:
+    protobuf hands out a new Python object per access, so object identity is no key), keeping
+    the graph in topological order."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.before: dict[str, list[onnx.NodeProto]] = {}
+        self.after: dict[str, list[onnx.NodeProto]] = {}
+
+    def drop(self, init: onnx.TensorProto) -> None:
+        self.model.graph.initializer.remove(init)
+
+    def add(self, tensor: onnx.TensorProto) -> str:
+        self.model.graph.initializer.append(tensor)
+        return tensor.name
+
+    def array(self, name: str, value: np.ndarray) -> str:
+        return self.add(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+    def integers(self, name: str, values: np.ndarray, bits: int) -> str:
+        signed = values.dtype == np.int8
+        if bits == 4:
+            dtype = TensorProto.INT4 if signed else TensorProto.UINT4
+            return self.add(helper.make_tensor(name, dtype, values.shape, pack_int4(values), raw=True))
+        return self.array(name, values)
+
+    def insert_before(self, node: onnx.NodeProto, new: onnx.NodeProto) -> None:
+        self.before.setdefault(node.name, []).append(new)
+
+    def insert_after(self, node: onnx.NodeProto, new: onnx.NodeProto) -> None:
+        self.after.setdefault(node.name, []).append(new)
+
+    def finish(self) -> onnx.ModelProto:
+        ordered = []
+        for node in self.model.graph.node:
+            ordered += self.before.get(node.name, []) + [node] + self.after.get(node.name, [])
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(ordered)
+        return self.model
+
+
+def _to_bf16(rw: _Rewriter, node, slot, init, w) -> str:
+    name = rw.add(helper.make_tensor(init.name + ".bf16", TensorProto.BFLOAT16, w.shape, to_bfloat16_bits(w).tobytes(), raw=True))
+    rw.drop(init)
+    rw.insert_before(node, helper.make_node("Cast", [name], [init.name + ".f32"], name=init.name + "/Cast", to=TensorProto.FLOAT))
+    node.input[slot] = init.name + ".f32"
+    return "bfloat16"
+
+
+def _tag(blocks: BlockQuantized) -> str:
+    """Names say how a weight is stored, so a group and a single unit share a weight exactly when
+    they store it the same way."""
+    kind = "s" if blocks.signed else ("m" if blocks.minimum is not None else "a")
+    return f"w{blocks.bits}{kind}{blocks.block}"
+
+
+def _quantized_inputs(rw: _Rewriter, base: str, blocks: BlockQuantized, transpose: bool) -> list[str]:
+    t = (lambda a: a.T) if transpose else (lambda a: a)  # noqa: E731
+    inputs = [rw.integers(f"{base}.q", t(blocks.q), blocks.bits), rw.array(f"{base}.scale", t(blocks.scale))]
+    if blocks.zero_point is not None:
+        inputs.append(rw.integers(f"{base}.zero_point", t(blocks.zero_point), blocks.bits))
+    return inputs
+
+
+def _integer_matmul(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: BlockQuantized) -> None:
+    base = f"{name}.{_tag(blocks)}"
+    inputs = _quantized_inputs(rw, base, blocks, transpose=True)  # MatMul layout [K, N]: blocks on axis 0
+    rw.insert_before(node, helper.make_node("DequantizeLinear", inputs, [base + ".f32"], name=base + "/Dequantize",
+                                            axis=0, block_size=blocks.block))
+    node.input[1] = base + ".f32"
+    if blocks.minimum is None:
+        return
+    k = blocks.q.shape[1]
+    if k % blocks.block:
+        raise ValueError(f"{name}: blocks with a minimum must tile K exactly")
+    y = node.output[0]
+    node.output[0] = y + ".unshifted"
+    shape = rw.array(f"{base}.blockshape", np.array([0, 0, k // blocks.block, blocks.block], np.int64))
+    last = rw.array(f"{base}.lastaxis", np.array([-1], np.int64))
+    minimum = rw.array(f"{base}.minimum", blocks.minimum.T)
+    x = node.input[0]
+    steps = [
+        helper.make_node("Reshape", [x, shape], [base + ".xblocks"], name=base + "/Reshape"),
+        helper.make_node("ReduceSum", [base + ".xblocks", last], [base + ".xsum"], name=base + "/BlockSum", keepdims=0),
+        helper.make_node("MatMul", [base + ".xsum", minimum], [base + ".shift"], name=base + "/MinimumMatMul"),
+        helper.make_node("Add", [y + ".unshifted", base + ".shift"], [y], name=base + "/Shift"),
+    ]
+    for step in steps:
+        rw.insert_after(node, step)
+
+
+def _integer_gather(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: BlockQuantized) -> None:
+    """Embedding lookup on integer rows: gather the rows' blocks, then dequantize only those."""
+    base = f"{name}.{_tag(blocks)}"
+    ids, out = node.input[1], node.output[0]
+    inputs = _quantized_inputs(rw, base, blocks, transpose=False)
+    gathered = []
+    for tensor in inputs:
+        gathered.append(tensor + ".rows")
+        rw.insert_before(node, helper.make_node("Gather", [tensor, ids], [tensor + ".rows"], name=tensor + "/Gather", axis=0))
+    dq_out = out if blocks.minimum is None else base + ".unshifted"
+    # The float Gather is replaced in place (keeping its name) by the last step of the lookup.
+    last_name = node.name
+    dequantize = helper.make_node("DequantizeLinear", gathered, [dq_out], axis=-1, block_size=blocks.block,
+                                  name=last_name if blocks.minimum is None else base + "/Dequantize")
+    if blocks.minimum is None:
+        node.CopyFrom(dequantize)
+        return
+    rw.insert_before(node, dequantize)
+    h = blocks.q.shape[1]
+    nb = h // blocks.block
+    minimum = rw.array(f"{base}.minimum", blocks.minimum)
+    split = rw.array(f"{base}.blockshape", np.array([0, 0, nb, 1], np.int64))
+    flat = rw.array(f"{base}.rowshape", np.array([0, 0, h], np.int64))
+    whole = rw.array(f"{base}.blockview", np.array([0, 0, nb, blocks.block], np.int64))
+    rw.insert_before(node, helper.make_node("Gather", [minimum, ids], [base + ".minrows"], name=base + "/GatherMinimum", axis=0))
+    rw.insert_before(node, helper.make_node("Reshape", [base + ".minrows", split], [base + ".mincol"], name=base + "/MinimumShape"))
+    rw.insert_before(node, helper.make_node("Reshape", [dq_out, whole], [base + ".blocks"], name=base + "/BlockView"))
+    rw.insert_before(node, helper.make_node("Add", [base + ".blocks", base + ".mincol"], [base + ".shifted"], name=base + "/Shift"))
+    node.CopyFrom(helper.make_node("Reshape", [base + ".shifted", flat], [out], name=last_name))

@@ -25,6 +25,7 @@ class EngineSpec:
     group_size: int
     max_num_tokens: int
     buckets: list[int]
+    int8_activations: bool = False
 
 
 class Engine:
@@ -34,6 +35,9 @@ class Engine:
         opts.intra_op_num_threads = threads or _physical_cores()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Integer weights run in MatMulNBits; its accuracy level picks float activations (1) or
+        # activations quantized to int8 per block inside the kernel (4, ONNX Runtime's default).
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4" if spec.int8_activations else "1")
         self.sessions = {
             v: ort.InferenceSession(str(program_dir / f"{v}.onnx"), opts, providers=["CPUExecutionProvider"])
             for v in ("group", "single")

@@ -65,6 +65,7 @@ class Model:
             group_size=s["language_group_size"],
             max_num_tokens=s["max_num_tokens"],
             buckets=s["buckets"],
+            int8_activations=s.get("int8_activations", False),
         )
         return cls(path, Engine(path / "compiled" / "cpu", spec, threads), codec, cfg)
 

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ..quant.blocks import BlockQuantized
+
 
 @dataclass
 class TokenizerFiles:
@@ -38,6 +40,10 @@ class ModelSource(Protocol):
 
     def tensor(self, name: str) -> np.ndarray:
         """One tensor as float32 in the Hugging Face layout, read on demand."""
+
+    def packed(self, name: str) -> "BlockQuantized | None":
+        """The tensor's own integer blocks when the source stores it in a block format edgellm
+        runs without re-quantizing (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
 
     def tokenizer(self) -> TokenizerFiles: ...
 

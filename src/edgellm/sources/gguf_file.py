@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
+from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
 from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
@@ -40,6 +41,9 @@ LAYER_NAMES = {
         "post_ffw_norm": "post_feedforward_layernorm",
     },
 }
+# GGUF block types taken as they are: type -> (bits, has a per-block minimum). Each block holds 32
+# weights and an fp16 scale (and fp16 minimum), see ggml-common.h.
+_BLOCK_LAYOUTS = {"Q4_0": (4, False), "Q4_1": (4, True), "Q8_0": (8, False)}
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -130,12 +134,49 @@ class GGUFSource:
         except (NotImplementedError, ValueError) as e:
             raise EdgeLLMError(f"{self.path}: tensor {t.name} of type {t.tensor_type.name} cannot be read ({e})") from None
         w = w.reshape([int(d) for d in reversed(t.shape)])
-        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = self.raw_config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
-            w = _unpermute_rows(w, heads)
+        permutation = self._row_permutation(name, w.shape[0])
+        if permutation is not None:
+            w = w[permutation]
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norm weights; undo it
         return w
+
+    def packed(self, name: str) -> BlockQuantized | None:
+        """The tensor's own integer blocks when its GGUF type is one edgellm runs as it is
+        (Q4_0, Q4_1, Q8_0); None for every other type, which is then read as float."""
+        t = self._tensors.get(name)
+        layout = _BLOCK_LAYOUTS.get(t.tensor_type.name) if t is not None else None
+        if layout is None:
+            return None
+        rows = int(t.shape[1]) if len(t.shape) == 2 else 1
+        bits, has_min = layout
+        raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1)
+        nblocks = raw.shape[1] // (2 + 2 * has_min + 32 * bits // 8)
+        blocks = raw.reshape(rows, nblocks, -1)
+        scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        minimum = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else None
+        payload = blocks[:, :, 2 + 2 * has_min :]
+        if bits == 8:
+            q = payload.view(np.int8)
+        else:  # byte j holds element j (low nibble) and element j + 16 (high nibble)
+            q = np.concatenate([payload & 0x0F, payload >> 4], axis=2)
+            q = q.astype(np.int8) - 8 if not has_min else q  # Q4_0 is (q - 8) * d: signed int4
+        blocks_q = BlockQuantized(
+            np.ascontiguousarray(q.reshape(rows, nblocks * 32)), scale, bits, 32, minimum=minimum,
+            origin=f"GGUF {t.tensor_type.name}",
+        )
+        permutation = self._row_permutation(name, rows)
+        return blocks_q if permutation is None else blocks_q.rows(permutation)
+
+    def tensor_type(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def _row_permutation(self, name: str, rows: int) -> np.ndarray | None:
+        """llama.cpp interleaves the rotary halves of q/k rows for its rope kernel; this undoes it."""
+        if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+            return None
+        heads = self.raw_config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+        return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
     def tokenizer(self) -> TokenizerFiles:
         from .gguf_tokenizer import tokenizer_from_gguf
@@ -145,8 +186,3 @@ class GGUFSource:
     def fingerprint(self) -> str:
         return _fingerprint([self.path])
 
-
-def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (it interleaves rotary halves for its rope kernel)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
+from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
 
 # safetensors dtype -> (numpy dtype of the stored bits, converter to float32)
@@ -96,6 +97,9 @@ class SafetensorsDirSource:
         if name not in self._where:
             raise EdgeLLMError(f"{self.path}: tensor '{name}' not found in the safetensors files")
         return self._where[name].tensor(name)
+
+    def packed(self, name: str) -> BlockQuantized | None:
+        return None  # float checkpoints; pre-quantized ones (GPTQ/AWQ) arrive with their own reader
 
     def tokenizer(self) -> TokenizerFiles:
         tok_path = self.path / "tokenizer.json"

@@ -20,8 +20,9 @@ from ..graph.units import Unit
 def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=None) -> Path:
     from ..quant.plan import PrecisionPlan
     from .link import link
+    from .ort_lowering import lower_integer_matmuls
 
-    plan = PrecisionPlan(options.configuration_file, cfg.num_layers)
+    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings)
     template_bucket = options.buckets[0]
     programs = {}
     for variant, is_group in (("group", True), ("single", False)):
@@ -33,7 +34,8 @@ def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=N
             if f"quantize:{u.name}" not in manifest.data.get("units", {}):
                 raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
         segments = [load(out / "quant" / f"{u.name}.onnx") for u in chosen]
-        programs[f"{variant}.onnx"] = link(segments, f"edgellm_{variant}", kv_dim="kv_len")
+        program = link(segments, f"edgellm_{variant}", kv_dim="kv_len")
+        programs[f"{variant}.onnx"] = lower_integer_matmuls(program, options.int8_activations)
         if progress:
             progress("compile", len(programs), 2)
     target_dir = out / "compiled" / "cpu"

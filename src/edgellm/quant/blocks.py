@@ -1,0 +1,98 @@
+"""Block-quantized weights: the one integer weight format every source and precision maps to.
+
+A weight is kept in the source (Hugging Face) layout [rows, cols] with blocks of `block` along
+cols, the input dimension of a linear layer and the hidden dimension of an embedding row:
+    value[r, c] = scale[r, c // block] * (q[r, c] - zero_point[r, c // block]) + minimum[r, c // block]
+zero_point is absent for symmetric blocks (signed q); minimum is only present for GGUF Q4_1, whose
+per-block float minimum no integer zero point can express exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class BlockQuantized:
+    q: np.ndarray  # int8 (signed) or uint8 (unsigned) values, [rows, cols]
+    scale: np.ndarray  # float32 [rows, ceil(cols / block)]
+    bits: int
+    block: int
+    zero_point: np.ndarray | None = None  # uint8 [rows, nblocks], unsigned q only
+    minimum: np.ndarray | None = None  # float32 [rows, nblocks]
+    origin: str = "quantized"  # where the blocks came from, for the compile log (e.g. "GGUF Q4_1")
+
+    @property
+    def signed(self) -> bool:
+        return self.q.dtype == np.int8
+
+    def expand(self, per_block: np.ndarray) -> np.ndarray:
+        """[rows, nblocks] -> [rows, cols], each block value repeated over its columns."""
+        return np.repeat(per_block, self.block, axis=1)[:, : self.q.shape[1]]
+
+    def dequantize(self) -> np.ndarray:
+        q = self.q.astype(np.float32)
+        if self.zero_point is not None:
+            q = q - self.expand(self.zero_point).astype(np.float32)
+        w = q * self.expand(self.scale)
+        if self.minimum is not None:
+            w = w + self.expand(self.minimum)
+        return w.astype(np.float32)
+
+    def rows(self, index: np.ndarray) -> "BlockQuantized":
+        """The same weight with its rows reordered (GGUF's q/k row permutation)."""
+        pick = lambda a: None if a is None else np.ascontiguousarray(a[index])  # noqa: E731
+        return BlockQuantized(pick(self.q), pick(self.scale), self.bits, self.block, pick(self.zero_point),
+                              pick(self.minimum), self.origin)
+
+
+def quantize(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> BlockQuantized:
+    """Round-to-nearest block quantization of a float [rows, cols] weight.
+
+    Symmetric int4 uses all 16 levels the way GGUF Q4_0 does: the value of largest magnitude maps
+    to -8, so one sign gets the extra level. Asymmetric blocks span [min(w, 0), max(w, 0)].
+    """
+    rows, cols = w.shape
+    nblocks = -(-cols // block)
+    padded = np.zeros((rows, nblocks * block), np.float32)
+    padded[:, :cols] = w
+    blocks = padded.reshape(rows, nblocks, block)
+    levels = (1 << bits) - 1
+    if symmetric:
+        if bits == 4:
+            extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
+            scale = extreme / -8.0
+        else:
+            scale = np.abs(blocks).max(axis=2) / (levels // 2)
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        q = np.clip(np.rint(blocks * inv[..., None]), lo, hi).astype(np.int8)
+        zero_point = None
+    else:
+        lo_v = np.minimum(blocks.min(axis=2), 0.0)
+        hi_v = np.maximum(blocks.max(axis=2), 0.0)
+        scale = (hi_v - lo_v) / levels
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+        zero_point = np.clip(np.rint(-lo_v * inv), 0, levels).astype(np.uint8)
+        q = np.clip(np.rint(blocks * inv[..., None]) + zero_point[..., None], 0, levels).astype(np.uint8)
+    q = q.reshape(rows, nblocks * block)[:, :cols]
+    return BlockQuantized(np.ascontiguousarray(q), scale.astype(np.float32), bits, block, zero_point)
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """ONNX INT4/UINT4 raw data: two values per byte, the first in the low nibble."""
+    flat = values.astype(np.uint8).reshape(-1) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(raw: bytes, count: int, signed: bool) -> np.ndarray:
+    """Inverse of pack_int4: int8 values in [-8, 7] when signed, uint8 in [0, 15] otherwise."""
+    packed = np.frombuffer(raw, np.uint8)
+    values = np.empty(packed.size * 2, np.uint8)
+    values[0::2], values[1::2] = packed & 0x0F, packed >> 4
+    values = values[:count]
+    return ((values.astype(np.int8) ^ 8) - 8).astype(np.int8) if signed else values

@@ -1,0 +1,194 @@
+"""Integer precisions: the block quantizer, GGUF blocks taken as they are, and compiled programs
+against transformers running the same dequantized weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+
+import edgellm
+from conftest import build
+from edgellm.errors import EdgeLLMError
+from edgellm.quant.blocks import pack_int4, quantize, unpack_int4
+from edgellm.quant.precision import to_bfloat16_bits
+from tiny_models import VOCAB, save_tiny
+
+OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_rounds_to_nearest_level(bits, symmetric):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(0, 0.05, size=(24, 100)).astype(np.float32)  # 100 = three blocks of 32 and a partial one
+    blocks = quantize(w, bits, 32, symmetric)
+    assert blocks.scale.shape == (24, 4) and blocks.q.shape == w.shape
+    step = np.abs(blocks.expand(blocks.scale))
+    err = np.abs(blocks.dequantize() - w)
+    # symmetric int4 maps the extreme to -8 (GGUF Q4_0's choice); a value of the other sign and
+    # nearly the same size would need +8 and is clipped to 7, up to one step off
+    clipped = (blocks.q == 7) if (symmetric and bits == 4) else np.zeros(w.shape, bool)
+    assert np.all(err[~clipped] <= step[~clipped] / 2 + 1e-7)
+    assert np.all(err[clipped] <= step[clipped] + 1e-7)
+    if symmetric:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        assert blocks.q.dtype == np.int8 and blocks.zero_point is None
+    else:
+        lo, hi = 0, (1 << bits) - 1
+        assert blocks.q.dtype == np.uint8 and blocks.zero_point.shape == (24, 4)
+    assert blocks.q.min() >= lo and blocks.q.max() <= hi
+    # the range is used: in every row some value reaches an end of it (symmetric int8 uses +-127)
+    ends = (lo, hi) if not (symmetric and bits == 8) else (-127, 127)
+    assert np.all(np.isin(blocks.q, ends).any(axis=1))
+
+
+def test_int4_packing_round_trips():
+    signed = np.random.default_rng(0).integers(-8, 8, size=77).astype(np.int8)
+    unsigned = np.random.default_rng(1).integers(0, 16, size=78).astype(np.uint8)
+    assert np.array_equal(unpack_int4(pack_int4(signed), 77, signed=True), signed)
+    assert np.array_equal(unpack_int4(pack_int4(unsigned), 78, signed=False), unsigned)
+
+
+def _tiny_gguf(path: Path, kind: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """A GGUF with llama metadata and two layer-0 weights stored in `kind` blocks."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    rng = np.random.default_rng(5)
+    weights = {"blk.0.attn_q.weight": rng.normal(0, 0.1, (64, 64)), "blk.0.ffn_down.weight": rng.normal(0, 0.1, (64, 96))}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 96),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2)):
+        writer.add_uint32(f"llama.{key}", value)
+    for name, w in weights.items():
+        data = gguf.quants.quantize(w.astype(np.float32), qtype)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, weights
+
+
+@pytest.mark.parametrize("kind,bits", [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8)])
+def test_gguf_blocks_are_taken_bit_exactly(tmp_path, kind, bits):
+    import gguf
+
+    from edgellm.sources.gguf_file import GGUFSource
+
+    path, _ = _tiny_gguf(tmp_path / "tiny.gguf", kind)
+    source = GGUFSource(path)
+    reader = gguf.GGUFReader(path)
+    for hf_name, gguf_name in (("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+                               ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight")):
+        blocks = source.packed(hf_name)
+        assert blocks.bits == bits and blocks.block == 32 and blocks.origin == f"GGUF {kind}"
+        assert (blocks.minimum is not None) == (kind == "Q4_1")
+        # source.tensor() applies the q/k row permutation; packed() must apply the same one
+        assert np.array_equal(blocks.dequantize(), source.tensor(hf_name))
+        t = next(t for t in reader.tensors if t.name == gguf_name)
+        assert np.array_equal(np.sort(blocks.dequantize().ravel()), np.sort(gguf.quants.dequantize(t.data, t.tensor_type).ravel()))
+
+
+def _plan(tmp_path: Path, default: str, **rules) -> Path:
+    path = tmp_path / "plan.json"
+    body = {"default": {"precision": default}, "rules": [{"match": {"is_group": g == "group"}, "set": {"precision": p}}
+                                                          for g, p in rules.items()]}
+    path.write_text(json.dumps(body))
+    return path
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    bits = to_bfloat16_bits(t.numpy()).astype(np.uint32) << 16
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+def _reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool):
+    """transformers running the weights as edgellm stores them: integer linear layers dequantized,
+    the embedding table and LM head rounded to bfloat16."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.split(".")[-2] in LINEAR:
+                p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, symmetric).dequantize()))
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(_bf16(p))
+    return ref
+
+
+# Tolerances (max abs logit error against the reference; tiny models' logits are O(1)):
+# int4 weights run with float activations, so only summation order differs;
+# int8 weights run with activations quantized to int8 per block inside ONNX Runtime's kernel.
+CASES = [
+    ("A_BF16_W_INT4", 4, True, 1e-4),
+    ("A_BF16_W_INT4", 4, False, 1e-4),
+    ("A_BF16_W_INT8", 8, True, 0.05),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("precision,bits,symmetric,tolerance", CASES)
+def test_integer_weights_match_transformers_on_the_same_weights(tmp_path, family, precision, bits, symmetric, tolerance):
+    model_dir = save_tiny(family, tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", _plan(tmp_path, precision), asymmetric=not symmetric, **OPTIONS)
+    model = edgellm.load(out)
+    prompt = [int(t) for t in np.random.default_rng(11).integers(1, VOCAB, 40)]
+    result = model.generate_ids(prompt, max_new_tokens=32, ignore_eos=True, return_logits=True)
+    ref = _reference_with_stored_weights(model_dir, bits, symmetric)
+    with torch.no_grad():
+        expected = ref(torch.tensor([prompt + result.token_ids])).logits[0].numpy()
+    theirs = expected[len(prompt) - 1 : len(prompt) - 1 + 32]
+    err = np.abs(np.stack(result.logits) - theirs).max()
+    assert err < tolerance, f"max abs logit error {err}"
+    if tolerance <= 1e-4:
+        assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+
+
+def test_compiled_program_holds_no_float_copy_of_integer_weights(tmp_path):
+    """After ONNX Runtime's own optimizations, every linear layer and the LM head run in
+    MatMulNBits, and no float tensor of weight size exists."""
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", _plan(tmp_path, "A_BF16_W_INT4"), quantize_embeddings=True, **OPTIONS)
+    cfg = json.loads((out / "model_config.json").read_text())
+    smallest_weight = cfg["hidden_size"] * cfg["num_kv_heads"] * cfg["head_dim"]
+    for variant in ("group", "single"):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"{variant}.optimized.onnx")
+        ort.InferenceSession(str(out / "compiled" / "cpu" / f"{variant}.onnx"), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(tmp_path / f"{variant}.optimized.onnx"), load_external_data=False)
+        ops = [n.op_type for n in optimized.graph.node]
+        assert ops.count("MatMulNBits") == len(LINEAR) * cfg["num_layers"] + 1
+        floats = [t for t in optimized.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        assert floats and all(int(np.prod(t.dims)) < smallest_weight for t in floats), [
+            (t.name, list(t.dims)) for t in floats if int(np.prod(t.dims)) >= smallest_weight]
+
+
+def test_group_and_single_precisions_differ_and_same_ones_are_stored_once(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    mixed = build(model_dir, tmp_path / "mixed", _plan(tmp_path, "A_BF16_W_INT4", group="A_BF16_W_INT8"), **OPTIONS)
+    same = build(model_dir, tmp_path / "same", _plan(tmp_path, "A_BF16_W_INT4"), **OPTIONS)
+    size = lambda d: (d / "compiled" / "cpu" / "weights.bin").stat().st_size  # noqa: E731
+    cfg = json.loads((same / "model_config.json").read_text())
+    h, f, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_kv_heads"] * cfg["head_dim"]
+    linear_params = cfg["num_layers"] * (2 * h * h + 2 * h * kv + 3 * h * f)
+    # mixed holds an extra int8 copy (1 byte per weight and its scales); had the group and single
+    # int4 copies not been shared in `same`, the difference would be under half a byte per weight
+    assert size(mixed) - size(same) >= linear_params
+    prompt = [int(t) for t in np.random.default_rng(2).integers(1, VOCAB, 20)]
+    a = edgellm.load(mixed).generate_ids(prompt, max_new_tokens=8, ignore_eos=True)
+    b = edgellm.load(same).generate_ids(prompt, max_new_tokens=8, ignore_eos=True)
+    assert a.gen_tokens == b.gen_tokens == 8
+
+
+def test_bad_block_size_is_a_user_error(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    with pytest.raises(EdgeLLMError, match="--block_size must be a power of two"):
+        build(model_dir, tmp_path / "out", block_size=24, **OPTIONS)
