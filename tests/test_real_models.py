@@ -3,6 +3,8 @@ running the same GGUF dequantized to fp32."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -44,3 +46,31 @@ def test_gemma3_greedy_equals_transformers(gemma3_gguf, fp32_plan, tmp_path):
     ids = model.codec.encode(PROMPT)
     result = model.generate_ids(ids, max_new_tokens=32, ignore_eos=True)
     assert result.token_ids == transformers_greedy(gemma3_gguf, ids, 32)
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(smollm2_gguf, tmp_path_factory):
+    plan = tmp_path_factory.mktemp("plan") / "int4.json"
+    plan.write_text('{"default": {"precision": "A_BF16_W_INT4"}}')
+    out = tmp_path_factory.mktemp("smollm2_int4") / "out"
+    return build(smollm2_gguf, out, plan, max_num_tokens=256, language_group_size=32, future_token_mask_size=64, jobs=2)
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_blocks_run_as_they_are(smollm2_gguf, smollm2_int4, smollm2_fp32):
+    """Every Q4_1 layer weight is taken without re-quantization, so the int4 build computes what
+    the float build of the same GGUF computes: same greedy tokens as transformers, logits within
+    bfloat16 rounding of the (float) embedding table."""
+    manifest = json.loads((smollm2_int4 / "manifest.json").read_text())
+    stored = {}
+    for key, entry in manifest["units"].items():
+        if key.startswith("quantize:"):
+            stored.update(entry.get("weights", {}))
+    layer_weights = {w: how for w, how in stored.items() if w.startswith("layer")}
+    assert len(layer_weights) == 30 * 7 and set(layer_weights.values()) == {"GGUF Q4_1 mapped exactly"}
+    ids = edgellm.load(smollm2_int4).codec.encode(PROMPT)
+    int4 = edgellm.load(smollm2_int4).generate_ids(ids, max_new_tokens=32, ignore_eos=True, return_logits=True)
+    fp32 = edgellm.load(smollm2_fp32).generate_ids(ids, max_new_tokens=32, ignore_eos=True, return_logits=True)
+    assert int4.token_ids == transformers_greedy(smollm2_gguf, ids, 32)
+    err = np.abs(np.stack(int4.logits) - np.stack(fp32.logits)).max()
+    assert err < 0.1, err
