@@ -47,6 +47,8 @@ class BuildOptions:
     # Let ONNX Runtime quantize activations to int8 inside its integer matmuls (accuracy level 4)
     # instead of computing in float (level 1).
     int8_activations: bool = False
+    return_logits: bool = False  # prefill returns every position's logits (edgellm eval)
+    enable_filter_sharing: bool = False  # one in-memory copy of weights for prefill and decode (targets/cpu)
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
@@ -164,7 +166,8 @@ class _Context:
 def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
     o = ctx.options
     basis = json.dumps(
-        [stage, unit.name, __version__, ctx.fingerprint, ctx.cfg.to_json(), o.language_group_size, o.max_num_tokens, extra]
+        [stage, unit.name, __version__, ctx.fingerprint, ctx.cfg.to_json(), o.language_group_size, o.max_num_tokens,
+         o.return_logits, extra]
     )
     return hashlib.sha256(basis.encode()).hexdigest()[:24]
 
@@ -182,7 +185,8 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
         def weights(role, layer):
             return _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
 
-        model = emit(unit, cfg, weights, Shapes(ctx.options.language_group_size, ctx.options.max_num_tokens))
+        o = ctx.options
+        model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, o.return_logits))
         path = ctx.out / "onnx" / f"{unit.name}.onnx"
     else:
         from .quant.precision import QuantOptions, apply_precision
@@ -277,6 +281,7 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
         language_group_size=options.language_group_size,
         buckets=options.buckets,
         int8_activations=options.int8_activations,
+        return_logits=options.return_logits,
     )
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 

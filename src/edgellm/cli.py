@@ -37,6 +37,9 @@ def compile(
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings", help="int8 embedding table and LM head"),
     int8_activations: bool = typer.Option(False, "--int8_activations",
                                           help="quantize activations to int8 inside integer matmuls (faster, less exact)"),
+    return_logits: bool = typer.Option(False, "--return_logits", help="prefill returns every position's logits (fast eval)"),
+    enable_filter_sharing: bool = typer.Option(False, "--enable_filter_sharing",
+                                               help="prefill and decode share one copy of the weights in memory"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
 ):
     """Compile MODEL into an output directory that `edgellm chat` runs."""
@@ -52,7 +55,7 @@ def compile(
         future_token_mask_size=future_token_mask_size, jobs=jobs, resume=resume, stages=chosen,
         configuration_file=str(configuration_file) if configuration_file else None, target=target,
         block_size=block_size, asymmetric=asymmetric, quantize_embeddings=quantize_embeddings,
-        int8_activations=int8_activations,
+        int8_activations=int8_activations, return_logits=return_logits, enable_filter_sharing=enable_filter_sharing,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:
@@ -144,6 +147,79 @@ def chat(
         _report(result)
 
 
+@app.command("eval")
+def eval_(
+    model_dirs: List[Path] = typer.Argument(..., help="compiled output directories (one table row each)"),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file (default: Python's pydoc topics)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="compiled float build to compare with (e.g. an FP32 plan)"),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="evaluate the first N tokens of the text"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON line per model on stdout"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Perplexity on a text; with --reference, top-1 agreement and KL divergence against it."""
+    import edgellm
+    from .measure.accuracy import default_text, evaluate, precision_summary
+
+    if text is not None:
+        try:
+            body, source = text.read_text(encoding="utf-8"), str(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeLLMError(f"{text}: cannot read the text ({e})") from None
+    else:
+        body, source = default_text()
+    ref = edgellm.load(reference, threads=threads) if reference else None
+    scores = []
+    for model_dir in model_dirs:
+        model = edgellm.load(model_dir, threads=threads)
+        ids = model.codec.encode(body)[:max_tokens]
+        if len(ids) < 2:
+            raise EdgeLLMError(f"{source}: the text has fewer than 2 tokens")
+        score = evaluate(model, ids, ref, name=str(model_dir), precision=precision_summary(model_dir))
+        scores.append(score)
+        if as_json:
+            print(json.dumps(score.as_dict()))
+    if not as_json:
+        from rich.table import Table
+
+        table = Table(title=f"{source}, {scores[0].tokens} tokens" + (f", reference {reference}" if ref else ""))
+        for col in ("model", "precision", "perplexity") + (("top-1 agreement", "KL (nats/token)") if ref else ()):
+            table.add_column(col)
+        for s in scores:
+            row = [s.model, s.precision, f"{s.perplexity:.3f}"]
+            if ref:
+                row += [f"{100 * s.agreement:.1f}%", f"{s.kl:.4f}"]
+            table.add_row(*row)
+        Console().print(table)
+
+
+@app.command()
+def bench(
+    model_dir: Path = typer.Argument(..., help="compiled output directory"),
+    prompt_tokens: int = typer.Option(100, "--prompt-tokens"),
+    gen_tokens: int = typer.Option(128, "--gen-tokens"),
+    repeats: int = typer.Option(3, "--repeats", help="runs; the median is reported"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON line on stdout"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """TTFT, decode tokens/s, achieved weight bandwidth, artifact size and peak RSS on this machine."""
+    import edgellm
+    from .measure.accuracy import default_text
+    from .measure.speed import measure
+
+    model = edgellm.load(model_dir, threads=threads)
+    if prompt_tokens + gen_tokens > model.max_num_tokens:
+        raise EdgeLLMError(f"{model_dir}: {prompt_tokens} + {gen_tokens} tokens exceed the context of {model.max_num_tokens}")
+    ids = model.codec.encode(default_text()[0])[:prompt_tokens]
+    speed = measure(model, model_dir, ids, gen_tokens, repeats)
+    if as_json:
+        print(json.dumps(speed.as_dict()))
+        return
+    print(f"{model_dir}: TTFT {speed.ttft_ms:.0f} ms ({speed.prompt_tokens} prompt tokens) | "
+          f"decode {speed.decode_tps:.1f} tokens/s ({speed.gen_tokens} tokens) | "
+          f"weights {speed.weight_mb_per_token:.1f} MB/token = {speed.bandwidth_gbs:.2f} GB/s | "
+          f"artifact {speed.artifact_mb:.0f} MB | peak RSS {speed.peak_rss_mb:.0f} MB")
+
+
 def _stream(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -165,7 +241,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except EdgeLLMError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; `edgellm compile ... --resume` continues a build")

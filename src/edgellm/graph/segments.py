@@ -6,10 +6,11 @@ Segments talk through tensors with fixed names, so linking is a union of graphs:
     hidden.i, position_ids                -> PRE   -> q.i, k.i, v.i (rotated)
     q.i, k.i, v.i, cache.i.k/v, masks     -> CACHE -> attn.i, present.i.k/v (cache updated in place)
     hidden.i, attn.i                      -> POST  -> hidden.{i+1}
-    hidden.L [, logits_index]             -> HEAD  -> logits [1, 1, V]
+    hidden.L [, logits_index]             -> HEAD  -> logits [1, 1, V]  ([1, S, V] with return_logits)
 S is language_group_size for group units and 1 for single units; KV is the unit's cache bucket.
 The KV cache is position-major [1, KV, kv_heads * head_dim] so that the first KV positions of a
-longer buffer are one contiguous block the runtime can bind as a bucket-sized view.
+longer buffer are one contiguous block the runtime can bind as a bucket-sized view. No node bakes
+S into a shape, so a target may run a group graph at any S (see targets/cpu, filter sharing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ WeightFn = Callable[[str, "int | None"], np.ndarray]
 class Shapes:
     group_size: int
     max_positions: int
+    return_logits: bool = False  # group units return every position's logits (perplexity, eval)
 
     def seq(self, unit: Unit) -> int:
         return self.group_size if unit.is_group else 1
@@ -77,7 +79,7 @@ def _mask(g, unit, cfg, weights, shapes):
     # program (see targets/cpu) reuse this graph for every bucket.
     kv_len = g.op("Gather", [g.op("Shape", [cache]), g.const("const.one", np.array(1, np.int64))], axis=0)
     keys = g.op("Range", [g.const("const.zero", np.array(0, np.int64)), kv_len, g.const("const.one", np.array(1, np.int64))])
-    queries = g.op("Reshape", [pos, g.shape_const([s, 1])])
+    queries = g.op("Reshape", [pos, g.shape_const([-1, 1])])
     causal = g.op("LessOrEqual", [keys, queries])  # [S, KV]
     g.output(causal, "mask.full", BOOL, [s, kv])
     if "sliding" in cfg.layer_types:
@@ -113,9 +115,9 @@ def _pre(g, unit, cfg, weights, shapes):
 
 
 def _per_head_norm(g, x, cfg, role, i, heads, s, weights):
-    x = g.op("Reshape", [x, g.shape_const([1, s, heads, cfg.head_dim])])
+    x = g.op("Reshape", [x, g.shape_const([1, -1, heads, cfg.head_dim])])
     x = _rms_norm(g, x, cfg, role, i, weights)
-    return g.op("Reshape", [x, g.shape_const([1, s, heads * cfg.head_dim])])
+    return g.op("Reshape", [x, g.shape_const([1, -1, heads * cfg.head_dim])])
 
 
 def _cache(g, unit, cfg, weights, shapes):
@@ -165,7 +167,7 @@ def _post(g, unit, cfg, weights, shapes):
 def _head(g, unit, cfg, weights, shapes):
     s = shapes.seq(unit)
     h = g.input(f"hidden.{cfg.num_layers}", FLOAT, [1, s, cfg.hidden_size])
-    if s > 1:  # only the last real prompt token's logits are needed
+    if s > 1 and not shapes.return_logits:  # only the last real prompt token's logits are needed
         index = g.input("logits_index", INT64, [1])
         h = g.op("Gather", [h, index], axis=1)
     x = _rms_norm(g, h, cfg, "final_norm", None, weights)
@@ -173,4 +175,4 @@ def _head(g, unit, cfg, weights, shapes):
     if cfg.final_logit_softcap:
         cap = g.const(f"{g.prefix}.softcap", np.array(cfg.final_logit_softcap, np.float32))
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
-    g.output(logits, "logits", FLOAT, [1, 1, cfg.vocab_size])
+    g.output(logits, "logits", FLOAT, [1, 1 if s == 1 or not shapes.return_logits else s, cfg.vocab_size])

@@ -26,6 +26,7 @@ class EngineSpec:
     max_num_tokens: int
     buckets: list[int]
     int8_activations: bool = False
+    return_logits: bool = False  # the group program returns logits for every position
 
 
 class Engine:
@@ -38,10 +39,14 @@ class Engine:
         # Integer weights run in MatMulNBits; its accuracy level picks float activations (1) or
         # activations quantized to int8 per block inside the kernel (4, ONNX Runtime's default).
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4" if spec.int8_activations else "1")
-        self.sessions = {
-            v: ort.InferenceSession(str(program_dir / f"{v}.onnx"), opts, providers=["CPUExecutionProvider"])
-            for v in ("group", "single")
-        }
+        if (program_dir / "shared.onnx").is_file():  # filter sharing: one program serves both
+            shared = ort.InferenceSession(str(program_dir / "shared.onnx"), opts, providers=["CPUExecutionProvider"])
+            self.sessions = {"group": shared, "single": shared}
+        else:
+            self.sessions = {
+                v: ort.InferenceSession(str(program_dir / f"{v}.onnx"), opts, providers=["CPUExecutionProvider"])
+                for v in ("group", "single")
+            }
         shape = (1, spec.max_num_tokens, spec.kv_width)
         self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(spec.num_layers)]
         # Small inputs live in fixed buffers bound once; a call only writes into them.
@@ -53,7 +58,10 @@ class Engine:
             }
             for v, s in (("group", spec.group_size), ("single", 1))
         }
-        self.logits = np.zeros((1, 1, spec.vocab_size), np.float32)
+        self.logits = {
+            "group": np.zeros((1, spec.group_size if spec.return_logits else 1, spec.vocab_size), np.float32),
+            "single": np.zeros((1, 1, spec.vocab_size), np.float32),
+        }
         self._bindings: dict[tuple[str, int], ort.IOBinding] = {}
 
     def bucket(self, positions_end: int) -> int:
@@ -76,13 +84,14 @@ class Engine:
                     view = ort.OrtValue.ortvalue_from_numpy(buf[:, :bucket])
                     io.bind_ortvalue_input(f"cache.{i}.{which}", view)
                     io.bind_ortvalue_output(f"present.{i}.{which}", view)
-            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits[variant]))
             self._bindings[key] = io
         return self._bindings[key]
 
-    def run(self, variant: str, token_ids: list[int], start: int, logits_row: int = 0) -> np.ndarray:
+    def run(self, variant: str, token_ids: list[int], start: int, logits_row: int = 0, rows: slice | None = None) -> np.ndarray:
         """Process token_ids at positions start.. (padded to the variant's size); return logits
-        of row logits_row as a fresh [vocab] array."""
+        of row logits_row as a fresh [vocab] array, or with `rows` (return_logits builds) those
+        rows as [n, vocab]."""
         buf = self.inputs[variant]
         size = buf["input_ids"].shape[1]
         n = len(token_ids)
@@ -92,7 +101,10 @@ class Engine:
         buf["logits_index"][0] = logits_row
         io = self._binding(variant, self.bucket(start + size))
         self.sessions[variant].run_with_iobinding(io)
-        return self.logits[0, 0].copy()
+        logits = self.logits[variant][0]
+        if rows is not None:
+            return logits[rows].copy()
+        return logits[logits_row if logits.shape[0] > 1 else 0].copy()
 
     def prefill(self, tokens: list[int], cached: int) -> np.ndarray:
         """Fill the cache for tokens[cached:], given tokens[:cached] are already in it; return the
@@ -112,6 +124,21 @@ class Engine:
             logits = self.run("group", chunk, start, logits_row=len(chunk) - 1)
             pos = start + len(chunk)
         return logits
+
+    def prompt_logits(self, tokens: list[int]) -> np.ndarray:
+        """[len(tokens), vocab]: the logits after every token, from an empty cache. Needs a
+        return_logits build for prefill; otherwise the tokens go one decode step at a time."""
+        rows = []
+        if self.spec.return_logits:
+            g, pos, end = self.spec.group_size, 0, len(tokens)
+            while pos < end:
+                start = pos if end - pos >= g else max(0, end - g)  # as in prefill: no writes past the end
+                chunk = tokens[start : min(start + g, end)]
+                rows.append(self.run("group", chunk, start, rows=slice(pos - start, len(chunk))))
+                pos = start + len(chunk)
+        else:
+            rows = [self.run("single", [t], p)[None] for p, t in enumerate(tokens)]
+        return np.concatenate(rows)
 
     def decode(self, token: int, position: int) -> np.ndarray:
         return self.run("single", [token], position)

@@ -66,6 +66,7 @@ class Model:
             max_num_tokens=s["max_num_tokens"],
             buckets=s["buckets"],
             int8_activations=s.get("int8_activations", False),
+            return_logits=s.get("return_logits", False),
         )
         return cls(path, Engine(path / "compiled" / "cpu", spec, threads), codec, cfg)
 

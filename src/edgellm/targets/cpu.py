@@ -6,15 +6,25 @@ keeps one copy of the weights per session. The runtime still binds the smallest 
 covers the positions in use, so per-step attention cost follows the bucket size. The per-bucket
 cache-accessor segments stay the unit of caching and what static-shape targets consume; here the
 smallest bucket's segments are linked and their KV length relabelled as symbolic.
+
+Filter sharing (--enable_filter_sharing): group and single programs already share one weights
+file on disk (initializers are named by layer and storage, see graph/units.py), but each ONNX
+Runtime session holds its own copy in memory. When every layer has the same precision in both
+variants, the group program is linked generic in the tokens per call as well and serves decode
+too ("shared.onnx"): one session, one copy of the weights in memory.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..errors import EdgeLLMError
 from ..graph.io import load, save_models
 from ..graph.units import Unit
+
+PROGRAM_FILES = ("group.onnx", "single.onnx", "shared.onnx")
+log = logging.getLogger("edgellm.targets.cpu")
 
 
 def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=None) -> Path:
@@ -24,8 +34,16 @@ def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=N
 
     plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings)
     template_bucket = options.buckets[0]
+    variants = {"group": True, "single": False}
+    if options.enable_filter_sharing:
+        differing = _layers_with_differing_precisions(units, plan)
+        if differing:
+            log.warning("filter sharing needs the same precision in group and single units; layers %s differ, "
+                        "so each variant keeps its own copy in memory", differing)
+        else:
+            variants = {"shared": True}
     programs = {}
-    for variant, is_group in (("group", True), ("single", False)):
+    for variant, is_group in variants.items():
         chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, template_bucket)]
         skipped = [u.name for u in chosen if not plan.choice(u).compile]
         if skipped:
@@ -34,10 +52,17 @@ def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=N
             if f"quantize:{u.name}" not in manifest.data.get("units", {}):
                 raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
         segments = [load(out / "quant" / f"{u.name}.onnx") for u in chosen]
-        program = link(segments, f"edgellm_{variant}", kv_dim="kv_len")
+        program = link(segments, f"edgellm_{variant}", kv_dim="kv_len", seq_dim="tokens" if variant == "shared" else None)
         programs[f"{variant}.onnx"] = lower_integer_matmuls(program, options.int8_activations)
         if progress:
-            progress("compile", len(programs), 2)
+            progress("compile", len(programs), len(variants))
     target_dir = out / "compiled" / "cpu"
     save_models(programs, target_dir, weights_name="weights.bin")
+    for stale in set(PROGRAM_FILES) - set(programs):
+        (target_dir / stale).unlink(missing_ok=True)
     return target_dir
+
+
+def _layers_with_differing_precisions(units: list[Unit], plan) -> list[int]:
+    precision = {(u.is_group, u.part, u.index): plan.choice(u).precision for u in units if u.part in ("PRE", "CACHE", "POST")}
+    return sorted({i for (g, part, i), p in precision.items() if g and precision[(False, part, i)] != p})

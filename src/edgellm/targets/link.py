@@ -15,8 +15,9 @@ from onnx import helper
 from ..graph.builder import OPSET
 
 
-def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None) -> onnx.ModelProto:
-    """kv_dim: if given, the cache/mask length becomes this symbolic dimension (shape-generic)."""
+def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, seq_dim: str | None = None) -> onnx.ModelProto:
+    """kv_dim / seq_dim: if given, the cache length / the tokens per call become symbolic
+    dimensions of the program's inputs and outputs (shape-generic programs)."""
     nodes, inits, inputs, produced = [], {}, {}, set()
     digests: dict[str, str] = {}
     for seg in segments:
@@ -35,10 +36,13 @@ def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None) 
     graph_inputs = [vi for n, vi in inputs.items() if n not in produced]
     outputs = {vi.name: vi for seg in segments for vi in seg.graph.output}
     graph_outputs = [vi for n, vi in outputs.items() if n == "logits" or n.startswith("present.")]
-    if kv_dim:
-        for vi in graph_inputs + graph_outputs:
-            if vi.name.startswith(("cache.", "present.")):
-                vi.type.tensor_type.shape.dim[1].dim_param = kv_dim
+    for vi in graph_inputs + graph_outputs:
+        dims = vi.type.tensor_type.shape.dim
+        if kv_dim and vi.name.startswith(("cache.", "present.")):
+            dims[1].dim_param = kv_dim
+        per_token = vi.name in ("input_ids", "position_ids") or (vi.name == "logits" and dims[1].dim_value > 1)
+        if seq_dim and per_token:  # logits of [1, 1, V] stay: only the last token's row is returned
+            dims[1].dim_param = seq_dim
     graph = helper.make_graph(nodes, name, graph_inputs, graph_outputs, list(inits.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgellm")
     model.ir_version = segments[0].ir_version

@@ -1,0 +1,60 @@
+"""`edgellm eval` and `edgellm bench` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import transformers
+
+from conftest import build
+from tiny_models import VOCAB, save_tiny
+
+OPTIONS = dict(max_num_tokens=64, language_group_size=16, future_token_mask_size=32)
+CLI = [sys.executable, "-m", "edgellm.cli"]
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_perplexity_matches_transformers_and_self_agreement_is_total(tmp_path, fp32_plan):
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", fp32_plan, return_logits=True, **OPTIONS)
+    ids = [int(t) for t in np.random.default_rng(8).integers(1, VOCAB, 100)]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in ids))
+    result = _run("eval", out, "--text", text, "--reference", out, "--json")
+    assert result.returncode == 0, result.stderr
+    score = json.loads(result.stdout.strip().splitlines()[-1])
+    assert score["tokens"] == 98  # windows of the 64-token context: 64 + 36 tokens predict 63 + 35
+    assert score["agreement"] == 1.0 and abs(score["kl"]) < 1e-6
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    nll = 0.0
+    for window in (ids[:64], ids[64:]):
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([window])).logits[0, :-1].double(), -1)
+        nll -= float(logp[torch.arange(len(window) - 1), torch.tensor(window[1:])].sum())
+    assert abs(score["perplexity"] - float(np.exp(nll / 98))) < 1e-3 * score["perplexity"]
+
+
+def test_eval_of_an_unreadable_text_is_a_user_error(tmp_path, fp32_plan):
+    out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", fp32_plan, **OPTIONS)
+    result = _run("eval", out, "--text", tmp_path / "missing.txt")
+    assert result.returncode == 2
+    assert "missing.txt: cannot read the text" in result.stderr
+
+
+def test_bench_reports_every_metric(tmp_path, fp32_plan):
+    out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", fp32_plan, **OPTIONS)
+    result = _run("bench", out, "--prompt-tokens", 20, "--gen-tokens", 8, "--repeats", 1, "--json")
+    assert result.returncode == 0, result.stderr
+    speed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert speed["gen_tokens"] == 8 and speed["ttft_ms"] > 0 and speed["decode_tps"] > 0
+    weights = (out / "compiled" / "cpu" / "weights.bin").stat().st_size
+    # a decode step reads every layer weight and the LM head, not the embedding table
+    assert 0.5 * weights < speed["weight_mb_per_token"] * 1e6 <= weights
+    assert speed["artifact_mb"] * 1e6 > weights and speed["peak_rss_mb"] > 0
