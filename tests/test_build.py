@@ -170,3 +170,19 @@ def test_every_segment_and_program_passes_the_onnx_checker(tiny, tmp_path):
     assert len(files) > 2 * 2 * 3 * 4
     for f in files:
         onnx.checker.check_model(str(f), full_check=True)
+
+
+def test_integer_segments_pass_the_onnx_checker(tiny, tmp_path):
+    """Integer weights stay standard ONNX in the IR (DequantizeLinear + MatMul); only the cpu
+    target's program uses ONNX Runtime's MatMulNBits."""
+    import onnx
+
+    out = build(tiny, tmp_path / "o", plan="int4", **OPTIONS)
+    files = sorted((out / "quant").rglob("*.onnx"))
+    ops = set()
+    for f in files:
+        onnx.checker.check_model(str(f), full_check=True)
+        ops |= {n.op_type for n in onnx.load(str(f), load_external_data=False).graph.node}
+    assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+    program = onnx.load(str(out / "compiled" / "cpu" / "single.onnx"), load_external_data=False)
+    assert {n.domain for n in program.graph.node if n.op_type == "MatMulNBits"} == {"com.microsoft"}

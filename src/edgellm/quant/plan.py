@@ -2,8 +2,9 @@
 
 A plan is the compile manual's configuration file: a Python file defining
 get_layer_configuration(model_properties, layer) -> {"precision", "compile", "lora"}, or the same
-as JSON rules (no code executed): {"default": {...}, "rules": [{"match": {...}, "set": {...}}]}
+as rules in JSON or TOML (no code executed): {"default": {...}, "rules": [{"match": {...}, "set": {...}}]}
 where a rule applies when every key in "match" equals the layer's value; later rules win.
+A bare name (-c int4) picks one of the presets shipped in quant/presets/.
 
 The plan speaks for the transformer layers (parts PRE, CACHE, POST), as in the manual. The
 embedding table and the LM head are not layers: they stay float (FP32 when every layer is FP32,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,11 @@ from .precision import PRECISIONS
 DEFAULT_PRECISION = "BF16"  # the compile manual's default when no configuration file is given
 EMBEDDING_PRECISION = "A_BF16_W_INT8"  # --quantize_embeddings
 LORA_MODES = ("LORA_DISABLED",)
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
 
 @dataclass(frozen=True)
@@ -43,13 +50,17 @@ class PrecisionPlan:
         if path is None:
             return
         path = Path(path)
+        if not path.is_file() and path.name == str(path) and str(path) in presets():
+            path = self.path = PRESETS_DIR / f"{path}.json"
         if not path.is_file():
-            raise EdgeLLMError(f"{path}: configuration file not found")
-        if path.suffix == ".json":
+            raise EdgeLLMError(f"{path}: configuration file not found (presets: {', '.join(presets())})")
+        if path.suffix in (".json", ".toml"):
             try:
-                self._rules = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise EdgeLLMError(f"{path}: malformed JSON ({e})") from None
+                self._rules = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+            except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+                raise EdgeLLMError(f"{path}: malformed {path.suffix[1:].upper()} ({e})") from None
+            if not isinstance(self._rules, dict) or not isinstance(self._rules.get("rules", []), list):
+                raise EdgeLLMError(f"{path}: expected {{\"default\": {{...}}, \"rules\": [{{\"match\": ..., \"set\": ...}}]}}")
         else:
             try:
                 namespace = runpy.run_path(str(path))
