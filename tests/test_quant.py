@@ -17,8 +17,7 @@ import edgellm
 from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.quant.blocks import pack_int4, quantize, unpack_int4
-from edgellm.quant.precision import to_bfloat16_bits
-from tiny_models import VOCAB, save_tiny
+from tiny_models import VOCAB, round_embeddings_to_bf16, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -106,11 +105,6 @@ def _plan(tmp_path: Path, default: str, **rules) -> Path:
     return path
 
 
-def _bf16(t: torch.Tensor) -> torch.Tensor:
-    bits = to_bfloat16_bits(t.numpy()).astype(np.uint32) << 16
-    return torch.from_numpy(bits.view(np.float32).copy())
-
-
 def _reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool):
     """transformers running the weights as edgellm stores them: integer linear layers dequantized,
     the embedding table and LM head rounded to bfloat16."""
@@ -119,8 +113,7 @@ def _reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool):
         for name, p in ref.named_parameters():
             if name.split(".")[-2] in LINEAR:
                 p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, symmetric).dequantize()))
-            elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(_bf16(p))
+    round_embeddings_to_bf16(ref)
     return ref
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import build
+from conftest import MODEL_CACHE, build
 from edgellm.reference import transformers_greedy
 
 PROMPT = "The history of the printing press begins"
@@ -74,3 +74,28 @@ def test_smollm2_q4_1_blocks_run_as_they_are(smollm2_gguf, smollm2_int4, smollm2
     assert int4.token_ids == transformers_greedy(smollm2_gguf, ids, 32)
     err = np.abs(np.stack(int4.logits) - np.stack(fp32.logits)).max()
     assert err < 0.1, err
+
+
+@pytest.mark.slow
+def test_smollm2_compressed_tensors_int4_runs_as_the_library_decompresses_it(smollm2_gguf, tmp_path):
+    """SmolLM2 quantized by edgellm's compressed-tensors writer (int4, groups of 32): the compiled
+    model gives the greedy tokens of transformers running the library's decompression."""
+    import torch
+    import transformers
+
+    from edgellm.quant.export import export_compressed_tensors
+    from edgellm.reference import hf_dir_from_gguf
+    from tiny_models import round_embeddings_to_bf16
+
+    hf = hf_dir_from_gguf(smollm2_gguf, MODEL_CACHE / "SmolLM2-135M-Instruct.Q4_1-hf")
+    ct = export_compressed_tensors(hf, tmp_path / "ct", bits=4, group_size=32)
+    out = build(ct, tmp_path / "out", "int4", max_num_tokens=256, language_group_size=32, future_token_mask_size=64, jobs=2)
+    model = edgellm.load(out)
+    ids = model.codec.encode(PROMPT)
+    ours = model.generate_ids(ids, max_new_tokens=32, ignore_eos=True).token_ids
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        ct, dtype=torch.float32, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
+    round_embeddings_to_bf16(reference)  # the build stores the (float) embedding table as bfloat16
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(ids):]
+    assert ours == theirs.tolist()

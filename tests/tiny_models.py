@@ -42,3 +42,18 @@ def save_tiny(model_type: str, path: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     _tokenizer_json(path)
     return path
+
+
+def round_embeddings_to_bf16(model) -> None:
+    """What edgellm does to the embedding table and LM head of a build whose layers are not all
+    FP32 (quant/plan.py): store them as bfloat16. References round them the same way."""
+    import numpy as np
+    import torch
+
+    from edgellm.quant.precision import to_bfloat16_bits
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or "lm_head" in name:
+                bits = to_bfloat16_bits(p.numpy()).astype(np.uint32) << 16
+                p.copy_(torch.from_numpy(bits.view(np.float32).copy()))

@@ -4,7 +4,8 @@ A weight is kept in the source (Hugging Face) layout [rows, cols] with blocks of
 cols, the input dimension of a linear layer and the hidden dimension of an embedding row:
     value[r, c] = scale[r, c // block] * (q[r, c] - zero_point[r, c // block]) + minimum[r, c // block]
 zero_point is absent for symmetric blocks (signed q); minimum is only present for GGUF Q4_1, whose
-per-block float minimum no integer zero point can express exactly.
+per-block float minimum no integer zero point can express exactly. order is only present for
+act-order checkpoints (GPTQ desc_act): column c of q holds the weight's input column order[c].
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class BlockQuantized:
     zero_point: np.ndarray | None = None  # uint8 [rows, nblocks], unsigned q only
     minimum: np.ndarray | None = None  # float32 [rows, nblocks]
     origin: str = "quantized"  # where the blocks came from, for the compile log (e.g. "GGUF Q4_1")
+    order: np.ndarray | None = None  # input column held by each column of q (act-order), int64 [cols]
 
     @property
     def signed(self) -> bool:
@@ -39,13 +41,15 @@ class BlockQuantized:
         w = q * self.expand(self.scale)
         if self.minimum is not None:
             w = w + self.expand(self.minimum)
+        if self.order is not None:  # back to the weight's own column order
+            w[:, self.order] = w.copy()
         return w.astype(np.float32)
 
     def rows(self, index: np.ndarray) -> "BlockQuantized":
         """The same weight with its rows reordered (GGUF's q/k row permutation)."""
         pick = lambda a: None if a is None else np.ascontiguousarray(a[index])  # noqa: E731
         return BlockQuantized(pick(self.q), pick(self.scale), self.bits, self.block, pick(self.zero_point),
-                              pick(self.minimum), self.origin)
+                              pick(self.minimum), self.origin, self.order)
 
 
 def quantize(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> BlockQuantized:

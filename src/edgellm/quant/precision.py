@@ -78,7 +78,8 @@ def apply_precision(
         bits = INTEGER_BITS[precision]
         hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
         source_blocks = packed(init.name) if packed else None
-        if source_blocks is not None and source_blocks.bits == bits:
+        exact = source_blocks is not None and source_blocks.bits == bits
+        if exact and (node.op_type == "MatMul" or source_blocks.order is None):
             blocks, report[init.name] = source_blocks, f"{source_blocks.origin} mapped exactly"
         else:
             blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, options.symmetric)
@@ -146,7 +147,7 @@ def _tag(blocks: BlockQuantized) -> str:
     """Names say how a weight is stored, so a group and a single unit share a weight exactly when
     they store it the same way."""
     kind = "s" if blocks.signed else ("m" if blocks.minimum is not None else "a")
-    return f"w{blocks.bits}{kind}{blocks.block}"
+    return f"w{blocks.bits}{kind}{blocks.block}" + ("o" if blocks.order is not None else "")
 
 
 def _quantized_inputs(rw: _Rewriter, base: str, blocks: BlockQuantized, transpose: bool) -> list[str]:
@@ -163,6 +164,10 @@ def _integer_matmul(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: Bloc
     rw.insert_before(node, helper.make_node("DequantizeLinear", inputs, [base + ".f32"], name=base + "/Dequantize",
                                             axis=0, block_size=blocks.block))
     node.input[1] = base + ".f32"
+    if blocks.order is not None:  # act-order: feed the input columns in the order the blocks hold them
+        order = rw.array(f"{base}.order", blocks.order.astype(np.int64))
+        rw.insert_before(node, helper.make_node("Gather", [node.input[0], order], [base + ".xordered"], name=base + "/Order", axis=-1))
+        node.input[0] = base + ".xordered"
     if blocks.minimum is None:
         return
     k = blocks.q.shape[1]

@@ -24,6 +24,8 @@ _DTYPES = {
     "F64": (np.float64, None),
     "BF16": (np.uint16, lambda a: (a.astype(np.uint32) << 16).view(np.float32)),
 }
+# integer tensors of pre-quantized checkpoints (packed weights, zero points, group indices)
+_INTEGER_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
 
 
 class SafetensorsFile:
@@ -51,6 +53,14 @@ class SafetensorsFile:
         if self.data_start + end > size:
             raise EdgeLLMError(f"{path}: truncated safetensors file ({size} bytes, header needs {self.data_start + end})")
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored: integers as they are, floats as float32."""
+        entry = self.entries[name]
+        if entry["dtype"] in _INTEGER_DTYPES:
+            begin, end = entry["data_offsets"]
+            return self._map[self.data_start + begin : self.data_start + end].view(_INTEGER_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return self.tensor(name)
 
     def tensor(self, name: str) -> np.ndarray:
         entry = self.entries[name]
@@ -89,17 +99,30 @@ class SafetensorsDirSource:
                 st = SafetensorsFile(shard)
                 self._where.update({name: st for name in st.entries})
         self.files = sorted({st.path for st in self._where.values()}) + [config_path]
+        self.prequantized = None
+        if "quantization_config" in self.raw_config:
+            from .prequantized import PrequantizedReader
+
+            self.prequantized = PrequantizedReader(
+                self.raw_config["quantization_config"], _LazyArrays(self._where), set(self._where), str(config_path))
 
     def tensor_names(self) -> list[str]:
-        return sorted(self._where)
+        names = set(self._where)
+        if self.prequantized:
+            names |= self.prequantized.weight_names()
+        return sorted(names)
 
     def tensor(self, name: str) -> np.ndarray:
+        blocks = self.packed(name)
+        if blocks is not None:
+            return blocks.dequantize()
         if name not in self._where:
             raise EdgeLLMError(f"{self.path}: tensor '{name}' not found in the safetensors files")
         return self._where[name].tensor(name)
 
     def packed(self, name: str) -> BlockQuantized | None:
-        return None  # float checkpoints; pre-quantized ones (GPTQ/AWQ) arrive with their own reader
+        """Integer blocks of a pre-quantized checkpoint's linear weight (GPTQ, AWQ, compressed-tensors)."""
+        return self.prequantized.blocks(name) if self.prequantized else None
 
     def tokenizer(self) -> TokenizerFiles:
         tok_path = self.path / "tokenizer.json"
@@ -140,6 +163,21 @@ class SafetensorsDirSource:
 
     def fingerprint(self) -> str:
         return _fingerprint(self.files)
+
+
+class _LazyArrays:
+    """name -> stored array, read from the memory-mapped shards on access."""
+
+    def __init__(self, where: dict[str, SafetensorsFile]):
+        self._where = where
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(name)
+        return self._where[name].raw(name)
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self._where else default
 
 
 def _read_json(path: Path) -> dict:

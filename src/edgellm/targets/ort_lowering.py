@@ -40,6 +40,9 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool) -> onn
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("axis") != 0 or len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[1] != node.output[0]:
             continue
+        block = attrs.get("block_size", 0)
+        if block < 16 or block & (block - 1):  # MatMulNBits' blocks: powers of two from 16
+            continue
         matmul = users[0]
         bits, signed = _INTEGER_TYPES[inits[node.input[0]].data_type]
         names = _packed_weight(inits, node, bits, signed, attrs["block_size"], new_inits)
