@@ -185,3 +185,25 @@ def test_bad_block_size_is_a_user_error(tmp_path):
     model_dir = save_tiny("llama", tmp_path / "hf")
     with pytest.raises(EdgeLLMError, match="--block_size must be a power of two"):
         build(model_dir, tmp_path / "out", block_size=24, **OPTIONS)
+
+
+@pytest.mark.parametrize("precision,expected", [("A_BF16_W_INT8", "GGUF Q8_0 mapped exactly"),
+                                                ("A_BF16_W_INT4", "GGUF Q8_0 converted to int4")])
+def test_compile_log_says_which_weights_were_mapped_and_which_converted(tmp_path, precision, expected):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgellm.quant.precision import apply_precision
+    from edgellm.sources.gguf_file import GGUFSource
+
+    path, _ = _tiny_gguf(tmp_path / "tiny.gguf", "Q8_0")
+    source = GGUFSource(path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    w = source.tensor(name)  # [N, K] = [64, 96]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "layer000.down_proj"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 64])],
+        [numpy_helper.from_array(np.ascontiguousarray(w.T), "layer000.down_proj")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+    _, report = apply_precision(model, precision, packed=lambda init: (source.packed(name), source.storage(name)))
+    assert report == {"layer000.down_proj": expected}

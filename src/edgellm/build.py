@@ -211,7 +211,7 @@ def _source_blocks(ctx: _Context):
         scope, role = initializer.split(".", 1)
         layer = int(scope.removeprefix("layer")) if scope.startswith("layer") else None
         name = ctx.cfg.tensor_name(role, layer)
-        return source.packed(name) if name else None
+        return (source.packed(name), source.storage(name)) if name else (None, "float")
 
     return packed
 

@@ -32,8 +32,9 @@ PRECISIONS = ("FP32", "BF16", "A_BF16_W_INT8", "A_BF16_W_INT4")
 INTEGER_BITS = {"A_BF16_W_INT8": 8, "A_BF16_W_INT4": 4}
 WEIGHT_CONSUMERS = {"MatMul": 1, "Gather": 0}  # op -> input slot holding the weight
 
-# initializer name -> the source's own integer blocks for that weight (HF layout), if it has them
-PackedFn = Callable[[str], "BlockQuantized | None"]
+# initializer name -> (the source's own integer blocks for that weight (HF layout) if it has them,
+#                      how the source stores it, e.g. "GGUF Q6_K" or "float")
+PackedFn = Callable[[str], "tuple[BlockQuantized | None, str]"]
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,13 @@ def apply_precision(
             continue
         bits = INTEGER_BITS[precision]
         hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
-        source_blocks = packed(init.name) if packed else None
+        source_blocks, stored = packed(init.name) if packed else (None, "float")
         exact = source_blocks is not None and source_blocks.bits == bits
         if exact and (node.op_type == "MatMul" or source_blocks.order is None):
-            blocks, report[init.name] = source_blocks, f"{source_blocks.origin} mapped exactly"
+            blocks, report[init.name] = source_blocks, f"{stored} mapped exactly"
         else:
             blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, options.symmetric)
-            origin = source_blocks.origin if source_blocks is not None else "float"
-            report[init.name] = f"{origin} quantized to int{bits}"
+            report[init.name] = f"{stored} {'quantized' if stored == 'float' else 'converted'} to int{bits}"
         rewriter.drop(init)
         if node.op_type == "MatMul":
             _integer_matmul(rewriter, node, init.name, blocks)

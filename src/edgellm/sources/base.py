@@ -45,6 +45,9 @@ class ModelSource(Protocol):
         """The tensor's own integer blocks when the source stores it in a block format edgellm
         runs without re-quantizing (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
 
+    def storage(self, name: str) -> str:
+        """How the source stores the tensor, for the compile log: "float", "GGUF Q6_K", "GPTQ", ..."""
+
     def tokenizer(self) -> TokenizerFiles: ...
 
     def fingerprint(self) -> str:

@@ -168,8 +168,9 @@ class GGUFSource:
         permutation = self._row_permutation(name, rows)
         return blocks_q if permutation is None else blocks_q.rows(permutation)
 
-    def tensor_type(self, name: str) -> str:
-        return self._tensors[name].tensor_type.name
+    def storage(self, name: str) -> str:
+        t = self._tensors[name].tensor_type.name
+        return "float" if t in ("F32", "F16", "BF16") else f"GGUF {t}"
 
     def _row_permutation(self, name: str, rows: int) -> np.ndarray | None:
         """llama.cpp interleaves the rotary halves of q/k rows for its rope kernel; this undoes it."""

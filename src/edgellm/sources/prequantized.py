@@ -68,6 +68,11 @@ class PrequantizedReader:
     def weight_names(self) -> set[str]:
         return {p + ".weight" for p in self.prefixes}
 
+    def origin(self, name: str) -> str | None:
+        if not name.endswith(".weight") or name[: -len(".weight")] not in self.prefixes:
+            return None
+        return {"compressed-tensors": "compressed-tensors", "gptq": "GPTQ", "awq": "AWQ"}[self.method]
+
     def blocks(self, name: str) -> BlockQuantized | None:
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix not in self.prefixes:

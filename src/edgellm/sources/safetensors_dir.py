@@ -120,6 +120,9 @@ class SafetensorsDirSource:
             raise EdgeLLMError(f"{self.path}: tensor '{name}' not found in the safetensors files")
         return self._where[name].tensor(name)
 
+    def storage(self, name: str) -> str:
+        return (self.prequantized.origin(name) if self.prequantized else None) or "float"
+
     def packed(self, name: str) -> BlockQuantized | None:
         """Integer blocks of a pre-quantized checkpoint's linear weight (GPTQ, AWQ, compressed-tensors)."""
         return self.prequantized.blocks(name) if self.prequantized else None
