@@ -46,19 +46,29 @@ class TextCodec:
 
 
 class StreamDecoder:
-    """Turns generated ids into text pieces as they come, holding back incomplete characters."""
+    """Turns generated ids into text pieces as they come, holding back incomplete characters.
+
+    Each step decodes only a short window (the ids since the last emitted piece, plus the ones
+    before it for context: tokenizers decode a token differently at the start of a text), so a
+    long answer costs linear time, not quadratic.
+    """
 
     def __init__(self, codec: TextCodec):
         self.codec = codec
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # window start: context ids already emitted
+        self._read = 0  # ids before this are emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.text = text[len(self.text):], text
+        before = self.codec.decode(self.ids[self._prefix : self._read])
+        window = self.codec.decode(self.ids[self._prefix :])
+        if window.endswith("\ufffd") or len(window) <= len(before):
+            return ""  # an incomplete character (or nothing visible yet): wait for more ids
+        piece = window[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += piece
         return piece
 
 
