@@ -80,7 +80,8 @@ def apply_precision(
         hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
         source_blocks, stored = packed(init.name) if packed else (None, "float")
         exact = source_blocks is not None and source_blocks.bits == bits
-        if exact and (node.op_type == "MatMul" or source_blocks.order is None):
+        # a lookup reads blocks as stored; act-order columns and Q4_1 minimums only fit a matmul
+        if exact and (node.op_type == "MatMul" or (source_blocks.order is None and source_blocks.minimum is None)):
             blocks, report[init.name] = source_blocks, f"{stored} mapped exactly"
         else:
             blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, options.symmetric)
@@ -198,23 +199,5 @@ def _integer_gather(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: Bloc
     for tensor in inputs:
         gathered.append(tensor + ".rows")
         rw.insert_before(node, helper.make_node("Gather", [tensor, ids], [tensor + ".rows"], name=tensor + "/Gather", axis=0))
-    dq_out = out if blocks.minimum is None else base + ".unshifted"
     # The float Gather is replaced in place (keeping its name) by the last step of the lookup.
-    last_name = node.name
-    dequantize = helper.make_node("DequantizeLinear", gathered, [dq_out], axis=-1, block_size=blocks.block,
-                                  name=last_name if blocks.minimum is None else base + "/Dequantize")
-    if blocks.minimum is None:
-        node.CopyFrom(dequantize)
-        return
-    rw.insert_before(node, dequantize)
-    h = blocks.q.shape[1]
-    nb = h // blocks.block
-    minimum = rw.array(f"{base}.minimum", blocks.minimum)
-    split = rw.array(f"{base}.blockshape", np.array([0, 0, nb, 1], np.int64))
-    flat = rw.array(f"{base}.rowshape", np.array([0, 0, h], np.int64))
-    whole = rw.array(f"{base}.blockview", np.array([0, 0, nb, blocks.block], np.int64))
-    rw.insert_before(node, helper.make_node("Gather", [minimum, ids], [base + ".minrows"], name=base + "/GatherMinimum", axis=0))
-    rw.insert_before(node, helper.make_node("Reshape", [base + ".minrows", split], [base + ".mincol"], name=base + "/MinimumShape"))
-    rw.insert_before(node, helper.make_node("Reshape", [dq_out, whole], [base + ".blocks"], name=base + "/BlockView"))
-    rw.insert_before(node, helper.make_node("Add", [base + ".blocks", base + ".mincol"], [base + ".shifted"], name=base + "/Shift"))
-    node.CopyFrom(helper.make_node("Reshape", [base + ".shifted", flat], [out], name=last_name))
+    node.CopyFrom(helper.make_node("DequantizeLinear", gathered, [out], name=node.name, axis=-1, block_size=blocks.block))
