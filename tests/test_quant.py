@@ -17,7 +17,7 @@ import edgellm
 from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.quant.blocks import pack_int4, quantize, unpack_int4
-from tiny_models import VOCAB, round_embeddings_to_bf16, save_tiny
+from tiny_models import VOCAB, reference_with_stored_weights, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -105,18 +105,6 @@ def _plan(tmp_path: Path, default: str, **rules) -> Path:
     return path
 
 
-def _reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool):
-    """transformers running the weights as edgellm stores them: integer linear layers dequantized,
-    the embedding table and LM head rounded to bfloat16."""
-    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.split(".")[-2] in LINEAR:
-                p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, symmetric).dequantize()))
-    round_embeddings_to_bf16(ref)
-    return ref
-
-
 # Tolerances (max abs logit error against the reference; tiny models' logits are O(1)):
 # int4 weights run with float activations, so only summation order differs;
 # int8 weights run with activations quantized to int8 per block inside ONNX Runtime's kernel.
@@ -135,7 +123,7 @@ def test_integer_weights_match_transformers_on_the_same_weights(tmp_path, family
     model = edgellm.load(out)
     prompt = [int(t) for t in np.random.default_rng(11).integers(1, VOCAB, 40)]
     result = model.generate_ids(prompt, max_new_tokens=32, ignore_eos=True, return_logits=True)
-    ref = _reference_with_stored_weights(model_dir, bits, symmetric)
+    ref = reference_with_stored_weights(model_dir, bits, symmetric)
     with torch.no_grad():
         expected = ref(torch.tensor([prompt + result.token_ids])).logits[0].numpy()
     theirs = expected[len(prompt) - 1 : len(prompt) - 1 + 32]

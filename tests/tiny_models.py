@@ -16,27 +16,41 @@ def _tokenizer_json(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+# family -> (transformers config class, model class, settings beyond COMMON). Windows of 24 are
+# shorter than the 40-token test prompts, so sliding-window masking is exercised.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 16, "sliding_window": 24}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False, "use_sliding_window": True,
+                                                 "sliding_window": 24, "max_window_layers": 1,
+                                                 "layer_types": None}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
+        # small caps, so that the soft-capping actually bends these tiny models' logits
+        "attn_logit_softcapping": 0.5, "final_logit_softcapping": 1.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+}
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
 def save_tiny(model_type: str, path: Path, seed: int = 0, **overrides) -> Path:
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    if model_type == "llama":
-        config = transformers.LlamaConfig(**{**common, "tie_word_embeddings": False, **overrides})
-        model = transformers.LlamaForCausalLM(config)
-    elif model_type == "gemma3":
-        cfg = {**common, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
-               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], **overrides}
-        config = transformers.Gemma3TextConfig(**cfg)
-        model = transformers.Gemma3ForCausalLM(config)
-        with torch.no_grad():  # norms default to zero offsets; give them some spread
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(0, 0.3)
-    else:
-        raise ValueError(model_type)
+    config_class, model_class, settings = FAMILIES[model_type]
+    config = getattr(transformers, config_class)(**{**COMMON, **settings, **overrides})
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():  # norms and biases start as constants; give them some spread
+        for name, p in model.named_parameters():
+            if "gemma" in model_type and "norm" in name:  # (1 + w) norms start at w = 0
+                p.normal_(0, 0.3)
+            elif "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
     model = model.float().eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
@@ -57,3 +71,20 @@ def round_embeddings_to_bf16(model) -> None:
             if "embed_tokens" in name or "lm_head" in name:
                 bits = to_bfloat16_bits(p.numpy()).astype(np.uint32) << 16
                 p.copy_(torch.from_numpy(bits.view(np.float32).copy()))
+
+
+def reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool = True):
+    """transformers running the weights as an integer edgellm build stores them: linear layers
+    quantized in blocks of 32 and dequantized, the embedding table and LM head in bfloat16."""
+    import torch
+    import transformers
+
+    from edgellm.quant.blocks import quantize
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, symmetric).dequantize()))
+    round_embeddings_to_bf16(ref)
+    return ref

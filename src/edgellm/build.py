@@ -120,7 +120,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     _check_writable(out)
     source = _SOURCES[str(model_path)] = open_source(model_path)
     cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
-    _check_tensors(source, cfg)
+    _check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
     manifest = Manifest.open(out / "manifest.json", fresh=not options.resume)
     manifest.data.update(
         edgellm=__version__,
@@ -286,13 +286,42 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 
 
-def _check_tensors(source, cfg: ModelConfig) -> None:
+def _check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
+    """Every tensor the config asks for exists with the shape the config implies, so a config
+    that contradicts its weights fails here, naming the fields, not deep inside graph emission."""
     names = set(source.tensor_names())
-    wanted = [cfg.tensor_name(r, i) for r in cfg.layer_tensors for i in range(cfg.num_layers)]
-    wanted += list(cfg.global_tensors.values())
-    missing = [n for n in wanted if n not in names]
+    wanted = [(r, i) for r in cfg.layer_tensors for i in range(cfg.num_layers)]
+    wanted += [(r, None) for r in cfg.global_tensors]
+    missing = [cfg.tensor_name(r, i) for r, i in wanted if cfg.tensor_name(r, i) not in names]
     if missing:
         raise EdgeLLMError(f"{source.path}: {len(missing)} tensors missing, e.g. {missing[0]}")
+    expected = _expected_shapes(cfg)
+    for role, layer in wanted:
+        if role not in expected:
+            continue
+        shape, fields = expected[role]
+        name = cfg.tensor_name(role, layer)
+        actual = tuple(source.tensor_shape(name))
+        if actual != shape:
+            raise EdgeLLMError(f"{config_where}: {fields} = {shape}, but {name} has shape {actual} in {source.path}")
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """role -> (HF shape, the config fields it follows from)."""
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q = cfg.num_heads * hd
+    kv = cfg.num_kv_heads * hd
+    qf = f"num_attention_heads {cfg.num_heads} x head_dim {hd}, hidden_size {h}"
+    kvf = f"num_key_value_heads {cfg.num_kv_heads} x head_dim {hd}, hidden_size {h}"
+    ff = f"intermediate_size {f}, hidden_size {h}"
+    return {
+        "q_proj": ((q, h), qf), "k_proj": ((kv, h), kvf), "v_proj": ((kv, h), kvf),
+        "o_proj": ((h, q), qf), "gate_proj": ((f, h), ff), "up_proj": ((f, h), ff), "down_proj": ((h, f), ff),
+        "q_bias": ((q,), qf), "k_bias": ((kv,), kvf), "v_bias": ((kv,), kvf),
+        "q_norm": ((hd,), f"head_dim {hd}"), "k_norm": ((hd,), f"head_dim {hd}"),
+        "embed": ((cfg.vocab_size, h), f"vocab_size {cfg.vocab_size}, hidden_size {h}"),
+        "lm_head": ((cfg.vocab_size, h), f"vocab_size {cfg.vocab_size}, hidden_size {h}"),
+    }
 
 
 def _check_writable(out: Path) -> None:

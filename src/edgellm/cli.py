@@ -76,6 +76,50 @@ def compile(
 
 
 @app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Hugging Face model directory or GGUF file"),
+    configuration_file: Optional[Path] = typer.Option(None, "-c", "--configuration_file", help="precision plan or preset"),
+    max_num_tokens: int = typer.Option(1024, "--max_num_tokens"),
+    future_token_mask_size: int = typer.Option(128, "--future_token_mask_size"),
+    quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings"),
+):
+    """Print the ModelConfig edgellm derives, the tensors it reads and the unit plan; compile nothing."""
+    from rich.table import Table
+
+    from .build import BuildOptions
+    from .config import build_model_config
+    from .graph.units import plan_units
+    from .quant.plan import PrecisionPlan
+    from .sources import open_source
+
+    options = BuildOptions(max_num_tokens=max_num_tokens, future_token_mask_size=future_token_mask_size)
+    options.validate()
+    source = open_source(model)
+    cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model)))
+    console = Console()
+    console.print_json(cfg.to_json())
+    tensors = Table(title="tensors (layer 0 and global)")
+    for col in ("role", "tensor", "shape", "stored as"):
+        tensors.add_column(col)
+    roles = [(r, 0) for r in cfg.layer_tensors] + [(r, None) for r in cfg.global_tensors]
+    for role, layer in roles:
+        name = cfg.tensor_name(role, layer)
+        tensors.add_row(role, name, str(tuple(source.tensor_shape(name))), source.storage(name))
+    console.print(tensors)
+    plan = PrecisionPlan(configuration_file, cfg.num_layers, quantize_embeddings)
+    units = Table(title=f"units (buckets {options.buckets[0]}..{options.buckets[-1]} step {future_token_mask_size})")
+    for col in ("variant", "part", "units", "precision"):
+        units.add_column(col)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for unit in plan_units(cfg.num_layers, options.buckets):
+        groups.setdefault((unit.variant, unit.part), []).append(plan.choice(unit).precision)
+    for (variant, part), precisions in groups.items():
+        shown = "-" if part in ("MASK", "CACHE") else ", ".join(sorted(set(precisions)))  # no weights
+        units.add_row(variant, part, str(len(precisions)), shown)
+    console.print(units)
+
+
+@app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help="compiled output directory"),
     prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
+from . import gemma2, gemma3, llama, mistral, qwen
 from .model_config import ModelConfig, RopeConfig
-from . import gemma3, llama
 
-# model_type in config.json -> adapter module with build(raw, where) -> ModelConfig
-ADAPTERS = {"llama": llama, "gemma3_text": gemma3, "gemma3": gemma3}
+# model_type in config.json -> build(raw, where) -> ModelConfig. Adding a family: see
+# docs/ADDING_AN_ARCHITECTURE.md.
+ADAPTERS = {
+    "llama": llama.build,
+    "mistral": mistral.build,
+    "qwen2": qwen.build_qwen2,
+    "qwen3": qwen.build_qwen3,
+    "gemma2": gemma2.build,
+    "gemma3_text": gemma3.build,
+    "gemma3": gemma3.build,
+}
 
 
 def build_model_config(raw: dict, where: str) -> ModelConfig:
@@ -15,11 +24,11 @@ def build_model_config(raw: dict, where: str) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type is None:
         raise EdgeLLMError(f"{where}: no 'model_type' field; cannot tell the architecture")
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
+    build = ADAPTERS.get(model_type)
+    if build is None:
         supported = ", ".join(sorted(ADAPTERS))
         raise EdgeLLMError(f"{where}: unsupported architecture '{model_type}' (supported: {supported})")
-    return adapter.build(raw, where)
+    return build(raw, where)
 
 
 __all__ = ["ModelConfig", "RopeConfig", "build_model_config", "ADAPTERS"]

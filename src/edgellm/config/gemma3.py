@@ -1,8 +1,9 @@
-"""Gemma 3 text models (e.g. Gemma 3 270M).
+"""Gemma 3 text models (e.g. Gemma 3 270M), and through `gemma` also Gemma 2.
 
-Differences from llama, all expressed as ModelConfig data: (1 + w) RMSNorm, q/k RMSNorm per head,
-GELU-tanh gated MLP, embeddings scaled by sqrt(hidden_size), sliding-window layers with their own
-rope base, norms after attention and around the MLP, query scaling by query_pre_attn_scalar.
+Differences from llama, all expressed as ModelConfig data: (1 + w) RMSNorm, q/k RMSNorm per head
+(Gemma 3), GELU-tanh gated MLP, embeddings scaled by sqrt(hidden_size), sliding-window layers (with
+their own rope base in Gemma 3), norms after attention and around the MLP, query scaling by
+query_pre_attn_scalar, attention-logit and final-logit soft-capping (Gemma 2).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ TENSORS = {
     "q_proj": LAYER + "self_attn.q_proj.weight",
     "k_proj": LAYER + "self_attn.k_proj.weight",
     "v_proj": LAYER + "self_attn.v_proj.weight",
-    "q_norm": LAYER + "self_attn.q_norm.weight",
-    "k_norm": LAYER + "self_attn.k_norm.weight",
     "o_proj": LAYER + "self_attn.o_proj.weight",
     "attn_out_norm": LAYER + "post_attention_layernorm.weight",
     "mlp_norm": LAYER + "pre_feedforward_layernorm.weight",
@@ -27,12 +26,19 @@ TENSORS = {
     "down_proj": LAYER + "mlp.down_proj.weight",
     "mlp_out_norm": LAYER + "post_feedforward_layernorm.weight",
 }
+QK_NORMS = {"q_norm": LAYER + "self_attn.q_norm.weight", "k_norm": LAYER + "self_attn.k_norm.weight"}
 LAYER_KINDS = {"sliding_attention": "sliding", "full_attention": "full"}
 
 
 def build(raw: dict, where: str) -> ModelConfig:
     if "text_config" in raw:  # the multimodal wrapper: its language model is a gemma3_text
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
+    return gemma(raw, where, "gemma3", qk_norm=True, sliding_every=6, local_rope=True)
+
+
+def gemma(raw: dict, where: str, family: str, qk_norm: bool, sliding_every: int, local_rope: bool = False) -> ModelConfig:
+    """sliding_every: without layer_types, every sliding_every-th layer is global, the rest sliding.
+    local_rope: sliding layers have their own rope base (Gemma 3)."""
     hidden = require(raw, "hidden_size", where)
     heads = require(raw, "num_attention_heads", where)
     kv_heads = int(raw.get("num_key_value_heads") or heads)
@@ -40,10 +46,10 @@ def build(raw: dict, where: str) -> ModelConfig:
     layers = require(raw, "num_hidden_layers", where)
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise EdgeLLMError(f"{where}: hidden_activation '{act}' is not supported for gemma3")
+        raise EdgeLLMError(f"{where}: hidden_activation '{act}' is not supported for {family}")
     layer_types = raw.get("layer_types")
     if layer_types is None:
-        pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
+        pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or sliding_every)
         layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
     if len(layer_types) != layers:
         raise EdgeLLMError(f"{where}: layer_types has {len(layer_types)} entries for {layers} layers")
@@ -53,14 +59,14 @@ def build(raw: dict, where: str) -> ModelConfig:
     ropes = {}
     for hf_kind, kind in LAYER_KINDS.items():
         rope = rope_parameters(raw, hf_kind)
-        if hf_kind == "sliding_attention" and "rope_parameters" not in raw:
-            # Older configs: the sliding layers' base is rope_local_base_freq and they are unscaled.
+        if local_rope and hf_kind == "sliding_attention" and "rope_parameters" not in raw:
+            # Older Gemma 3 configs: the sliding layers' base is rope_local_base_freq, unscaled.
             rope = {"rope_type": "default", "rope_theta": float(raw.get("rope_local_base_freq", 10000.0))}
         ropes[kind] = RopeConfig(theta=float(rope.pop("rope_theta")), rotary_dim=head_dim, scaling=rope)
     tied = bool(raw.get("tie_word_embeddings", True))
     qpas = float(raw.get("query_pre_attn_scalar") or head_dim)
     return ModelConfig(
-        family="gemma3",
+        family=family,
         vocab_size=require(raw, "vocab_size", where),
         hidden_size=hidden,
         intermediate_size=require(raw, "intermediate_size", where),
@@ -78,10 +84,10 @@ def build(raw: dict, where: str) -> ModelConfig:
         sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
         norm_weight_offset=1.0,
         embedding_scale=hidden ** 0.5,
-        qk_norm=True,
+        qk_norm=qk_norm,
         attn_logit_softcap=raw.get("attn_logit_softcapping"),
         final_logit_softcap=raw.get("final_logit_softcapping"),
-        layer_tensors=dict(TENSORS),
+        layer_tensors={**TENSORS, **(QK_NORMS if qk_norm else {})},
         global_tensors={
             "embed": "model.embed_tokens.weight",
             "final_norm": "model.norm.weight",

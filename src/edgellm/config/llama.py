@@ -1,4 +1,8 @@
-"""Llama family: SmolLM2, Llama 2 (MHA), Llama 3.x (GQA, llama3 rope scaling, tied embeddings)."""
+"""Llama family: SmolLM2, Llama 2 (MHA), Llama 3.x (GQA, llama3 rope scaling, tied embeddings).
+
+`llama_like` also builds the families that differ from llama only in a few switches (qwen2, qwen3,
+mistral): q/k/v biases, q/k RMSNorm per head, sliding-window layers.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +27,18 @@ BIASES = {
     "k_bias": LAYER + "self_attn.k_proj.bias",
     "v_bias": LAYER + "self_attn.v_proj.bias",
 }
+QK_NORMS = {"q_norm": LAYER + "self_attn.q_norm.weight", "k_norm": LAYER + "self_attn.k_norm.weight"}
+LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding"}
 ACTIVATIONS = {"silu": "silu", "swish": "silu"}
 
 
 def build(raw: dict, where: str) -> ModelConfig:
+    return llama_like(raw, where, "llama", bias=bool(raw.get("attention_bias", False)))
+
+
+def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: bool = False,
+               layer_types: list[str] | None = None) -> ModelConfig:
+    """layer_types: HF names ("full_attention" / "sliding_attention") per layer; default all full."""
     hidden = require(raw, "hidden_size", where)
     heads = require(raw, "num_attention_heads", where)
     kv_heads = int(raw.get("num_key_value_heads") or heads)
@@ -34,14 +46,21 @@ def build(raw: dict, where: str) -> ModelConfig:
     layers = require(raw, "num_hidden_layers", where)
     act = raw.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
-        raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported for llama (supported: silu)")
+        raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported for {family} (supported: silu)")
     if heads % kv_heads:
         raise EdgeLLMError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     tied = bool(raw.get("tie_word_embeddings", False))
-    bias = bool(raw.get("attention_bias", False))
     rope = rope_parameters(raw)
+    theta = float(rope.pop("rope_theta"))
+    kinds = [LAYER_KINDS.get(t) for t in (layer_types or ["full_attention"] * layers)]
+    if len(kinds) != layers or None in kinds:
+        raise EdgeLLMError(f"{where}: layer_types must list {layers} of {sorted(LAYER_KINDS)}, got {layer_types}")
+    window = raw.get("sliding_window")
+    if "sliding" in kinds and not window:
+        raise EdgeLLMError(f"{where}: sliding-window layers need a 'sliding_window' size")
+    tensors = {**TENSORS, **(BIASES if bias else {}), **(QK_NORMS if qk_norm else {})}
     return ModelConfig(
-        family="llama",
+        family=family,
         vocab_size=require(raw, "vocab_size", where),
         hidden_size=hidden,
         intermediate_size=require(raw, "intermediate_size", where),
@@ -53,11 +72,14 @@ def build(raw: dict, where: str) -> ModelConfig:
         activation=ACTIVATIONS[act],
         tie_word_embeddings=tied,
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-        layer_types=["full"] * layers,
-        ropes={"full": RopeConfig(theta=float(rope.pop("rope_theta")), rotary_dim=head_dim, scaling=rope)},
+        layer_types=kinds,
+        # one rope for every layer, named per kind because the emitter looks it up by kind
+        ropes={kind: RopeConfig(theta=theta, rotary_dim=head_dim, scaling=dict(rope)) for kind in set(kinds)},
         attention_scale=head_dim ** -0.5,
+        sliding_window=int(window) if "sliding" in kinds else None,
+        qk_norm=qk_norm,
         attention_bias=bias,
-        layer_tensors={**TENSORS, **(BIASES if bias else {})},
+        layer_tensors=tensors,
         global_tensors={
             "embed": "model.embed_tokens.weight",
             "final_norm": "model.norm.weight",

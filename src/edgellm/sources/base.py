@@ -38,6 +38,9 @@ class ModelSource(Protocol):
     def tensor_names(self) -> list[str]:
         """Hugging Face tensor names (e.g. model.layers.0.self_attn.q_proj.weight)."""
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in the Hugging Face layout, without reading it."""
+
     def tensor(self, name: str) -> np.ndarray:
         """One tensor as float32 in the Hugging Face layout, read on demand."""
 

@@ -123,6 +123,9 @@ class GGUFSource:
     def tensor_names(self) -> list[str]:
         return sorted(self._tensors)
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
     def tensor(self, name: str) -> np.ndarray:
         import gguf
 

@@ -73,6 +73,15 @@ class PrequantizedReader:
             return None
         return {"compressed-tensors": "compressed-tensors", "gptq": "GPTQ", "awq": "AWQ"}[self.method]
 
+    def shape(self, name: str) -> tuple[int, int]:
+        """[N, K] of a quantized weight, from its stored tensors' shapes (nothing unpacked)."""
+        prefix = name[: -len(".weight")]
+        if self.method == "compressed-tensors":
+            return tuple(int(d) for d in self.arrays[f"{prefix}.weight_shape"])
+        words, scales = self.arrays[f"{prefix}.qweight"].shape, self.arrays[f"{prefix}.scales"].shape
+        k = words[0] * 32 // self.cfg["bits"] if self.method == "gptq" else words[0]
+        return scales[1], k
+
     def blocks(self, name: str) -> BlockQuantized | None:
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix not in self.prefixes:

@@ -120,6 +120,11 @@ class SafetensorsDirSource:
             raise EdgeLLMError(f"{self.path}: tensor '{name}' not found in the safetensors files")
         return self._where[name].tensor(name)
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        if self.prequantized and self.prequantized.origin(name):
+            return self.prequantized.shape(name)
+        return tuple(self._where[name].entries[name]["shape"])
+
     def storage(self, name: str) -> str:
         return (self.prequantized.origin(name) if self.prequantized else None) or "float"
 
