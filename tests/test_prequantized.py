@@ -112,7 +112,7 @@ def _write_prequantized(hf: Path, out: Path, method: str, bits: int = 4, group: 
 
     source = SafetensorsDirSource(hf)
     rng = np.random.default_rng(3)
-    tensors, expected = {}, {}
+    tensors, expected, orders = {}, {}, {}
     for name in source.tensor_names():
         w = source.tensor(name)
         if name.split(".")[-2] not in LINEAR:
@@ -120,9 +120,11 @@ def _write_prequantized(hf: Path, out: Path, method: str, bits: int = 4, group: 
             continue
         prefix, (n, k) = name[: -len(".weight")], w.shape
         n_groups = k // group
-        if method == "gptq":  # act-order: groups follow a permutation of the input columns
+        if method == "gptq":  # act-order: groups follow a permutation of the input columns, which
+            # GPTQ derives from the input, so weights reading the same input share it
+            shared_input = prefix.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
             g_idx = np.empty(k, np.int32)
-            g_idx[rng.permutation(k)] = np.arange(k) // group
+            g_idx[orders.setdefault(shared_input, rng.permutation(k))] = np.arange(k) // group
         else:
             g_idx = (np.arange(k) // group).astype(np.int32)
         q, scale, zero = _group_quantize(w, g_idx, n_groups, bits)

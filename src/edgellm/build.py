@@ -205,11 +205,18 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
 
 def _source_blocks(ctx: _Context):
     """initializer name (scope.role, see graph/units.py) -> the source's own integer blocks, if any."""
+    from .graph.segments import FUSED
+    from .quant.blocks import concat_rows
+
     source = _open_source_cached(ctx.model_path)
 
     def packed(initializer: str):
         scope, role = initializer.split(".", 1)
         layer = int(scope.removeprefix("layer")) if scope.startswith("layer") else None
+        if role in FUSED and not ctx.cfg.has(role):  # a projection the emitter fused (graph/segments.py)
+            names = [ctx.cfg.tensor_name(part, layer) for part in FUSED[role][0]]
+            storage = {source.storage(n) for n in names}
+            return concat_rows([source.packed(n) for n in names]), storage.pop() if len(storage) == 1 else "mixed"
         name = ctx.cfg.tensor_name(role, layer)
         return (source.packed(name), source.storage(name)) if name else (None, "float")
 

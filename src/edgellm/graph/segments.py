@@ -52,13 +52,32 @@ def _rms_norm(g: GraphBuilder, x: str, cfg: ModelConfig, role: str, layer, weigh
     return g.op("RMSNormalization", [x, g.weight(role, w)], axis=-1, epsilon=cfg.rms_norm_eps)
 
 
-def _linear(g: GraphBuilder, x: str, role: str, layer, weights: WeightFn, bias_role: str | None = None) -> str:
+def _linear(g: GraphBuilder, x: str, role: str, layer, weights: WeightFn) -> str:
     # MatMul with a [K, N] constant: the layout quantization rewrites into DequantizeLinear(axis=0).
-    w = np.ascontiguousarray(weights(role, layer).T)
-    y = g.op("MatMul", [x, g.weight(role, w)])
-    if bias_role:
-        y = g.op("Add", [y, g.weight(bias_role, weights(bias_role, layer))])
-    return y
+    return g.op("MatMul", [x, g.weight(role, np.ascontiguousarray(weights(role, layer).T))])
+
+
+# Projections reading the same input run as one matmul over their concatenated outputs, then a
+# Split: half the matmul calls per decode step (each has a fixed cost), and one pass over the input.
+# Names: fused role -> (parts in output order, bias roles or None). A family whose checkpoint
+# stores the fused tensor itself (Phi-3) maps the fused role directly.
+FUSED = {
+    "qkv_proj": (("q_proj", "k_proj", "v_proj"), ("q_bias", "k_bias", "v_bias")),
+    "gate_up_proj": (("gate_proj", "up_proj"), None),
+}
+
+
+def _fused_linear(g: GraphBuilder, x: str, cfg: ModelConfig, fused: str, layer, weights: WeightFn, sizes: list[int]) -> list[str]:
+    parts, bias_roles = FUSED[fused]
+    if cfg.has(fused):
+        w = weights(fused, layer)
+    else:
+        w = np.concatenate([weights(p, layer) for p in parts], axis=0)
+    y = g.op("MatMul", [x, g.weight(fused, np.ascontiguousarray(w.T))])
+    if bias_roles and cfg.attention_bias:
+        bias = np.concatenate([weights(b, layer) for b in bias_roles])
+        y = g.op("Add", [y, g.weight(fused.replace("_proj", "_bias"), bias)])
+    return g.op("Split", [y, g.shape_const(sizes)], axis=-1, n_out=len(sizes))
 
 
 def _embed(g, unit, cfg, weights, shapes):
@@ -95,10 +114,8 @@ def _pre(g, unit, cfg, weights, shapes):
     hidden = g.input(f"hidden.{i}", FLOAT, [1, s, cfg.hidden_size])
     pos = g.input("position_ids", INT64, [1, s])
     x = _rms_norm(g, hidden, cfg, "attn_norm", i, weights)
-    bias = cfg.attention_bias
-    q = _linear(g, x, "q_proj", i, weights, "q_bias" if bias else None)
-    k = _linear(g, x, "k_proj", i, weights, "k_bias" if bias else None)
-    v = _linear(g, x, "v_proj", i, weights, "v_bias" if bias else None)
+    qw, kvw = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = _fused_linear(g, x, cfg, "qkv_proj", i, weights, [qw, kvw, kvw])
     if cfg.qk_norm:
         q = _per_head_norm(g, q, cfg, "q_norm", i, cfg.num_heads, s, weights)
         k = _per_head_norm(g, k, cfg, "k_norm", i, cfg.num_kv_heads, s, weights)
@@ -152,8 +169,7 @@ def _post(g, unit, cfg, weights, shapes):
         o = _rms_norm(g, o, cfg, "attn_out_norm", i, weights)
     h = g.op("Add", [hidden, o])
     x = _rms_norm(g, h, cfg, "mlp_norm", i, weights)
-    gate = _linear(g, x, "gate_proj", i, weights)
-    up = _linear(g, x, "up_proj", i, weights)
+    gate, up = _fused_linear(g, x, cfg, "gate_up_proj", i, weights, [cfg.intermediate_size] * 2)
     if cfg.activation == "silu":
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
     else:

@@ -52,6 +52,23 @@ class BlockQuantized:
                               pick(self.minimum), self.origin, self.order)
 
 
+def concat_rows(parts: list[BlockQuantized | None]) -> BlockQuantized | None:
+    """Blocks of several weights stacked along rows (a fused projection), if they are stored alike.
+    Act-order weights stack when their column orders agree (GPTQ orders the columns by the shared
+    input's statistics, so q/k/v and gate/up do agree)."""
+    if any(p is None for p in parts):
+        return None
+    first = parts[0]
+    key = lambda p: (p.bits, p.block, p.q.dtype, p.zero_point is None, p.minimum is None, p.origin)  # noqa: E731
+    same_order = all((p.order is None and first.order is None) or
+                     (p.order is not None and first.order is not None and np.array_equal(p.order, first.order)) for p in parts)
+    if not same_order or any(key(p) != key(first) for p in parts):
+        return None
+    stack = lambda field: None if getattr(first, field) is None else np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
+    return BlockQuantized(stack("q"), stack("scale"), first.bits, first.block, stack("zero_point"), stack("minimum"),
+                          first.origin, first.order)
+
+
 def quantize(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> BlockQuantized:
     """Round-to-nearest block quantization of a float [rows, cols] weight.
 
