@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from edgellm.errors import EdgeLLMError
 from tiny_models import VOCAB, reference_with_stored_weights, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 PROMPT = [int(t) for t in np.random.default_rng(21).integers(1, VOCAB, 40)]  # longer than the windows (24)
 
 
@@ -94,7 +95,8 @@ def test_config_contradicting_the_weights_names_fields_and_tensor(tmp_path, fami
     with pytest.raises(EdgeLLMError) as info:
         build(model_dir, tmp_path / "out", **OPTIONS)
     message = str(info.value)
-    assert "config.json: num_attention_heads 8 x head_dim 16" in message and "q_proj.weight has shape (64, 64)" in message
+    assert "config.json: num_attention_heads 8 x head_dim 16" in message
+    assert re.search(r"self_attn\.(q|qkv|o)_proj\.weight has shape \(\d+, \d+\)", message), message
 
 
 def test_inspect_prints_config_tensors_and_units_without_compiling(tmp_path):
@@ -107,3 +109,20 @@ def test_inspect_prints_config_tensors_and_units_without_compiling(tmp_path):
     assert "model.layers.0.self_attn.q_norm.weight" in out and "(16,)" in out
     assert "A_BF16_W_INT4" in out
     assert not any(model_dir.parent.glob("**/manifest.json"))
+
+
+def test_longrope_tables_follow_transformers_on_both_sides_of_the_original_context():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from edgellm.config import build_model_config
+    from edgellm.graph.rope import inverse_frequencies
+    from tiny_models import COMMON, FAMILIES as TINY
+
+    hf_config = transformers.Phi3Config(**{**COMMON, **TINY["phi3"][2]})
+    raw = {**json.loads(hf_config.to_json_string()), "model_type": "phi3"}
+    rope = build_model_config(raw, "config.json").ropes["full"]
+    original = hf_config.rope_parameters["original_max_position_embeddings"]
+    for context, seq_len in ((original, original), (2 * original, original + 1)):
+        theirs, theirs_scale = ROPE_INIT_FUNCTIONS["longrope"](hf_config, None, seq_len=seq_len)
+        ours, ours_scale = inverse_frequencies(rope, context)
+        assert np.allclose(ours, theirs.numpy(), rtol=1e-6) and abs(ours_scale - theirs_scale) < 1e-6

@@ -323,6 +323,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]
     ff = f"intermediate_size {f}, hidden_size {h}"
     return {
         "q_proj": ((q, h), qf), "k_proj": ((kv, h), kvf), "v_proj": ((kv, h), kvf),
+        "qkv_proj": ((q + 2 * kv, h), f"{qf}, {kvf}"), "gate_up_proj": ((2 * f, h), ff),
         "o_proj": ((h, q), qf), "gate_proj": ((f, h), ff), "up_proj": ((f, h), ff), "down_proj": ((h, f), ff),
         "q_bias": ((q,), qf), "k_bias": ((kv,), kvf), "v_bias": ((kv,), kvf),
         "q_norm": ((hd,), f"head_dim {hd}"), "k_norm": ((hd,), f"head_dim {hd}"),

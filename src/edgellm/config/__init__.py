@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from . import gemma2, gemma3, llama, mistral, qwen
+from . import gemma2, gemma3, llama, mistral, phi3, qwen
 from .model_config import ModelConfig, RopeConfig
 
 # model_type in config.json -> build(raw, where) -> ModelConfig. Adding a family: see
@@ -11,6 +11,7 @@ from .model_config import ModelConfig, RopeConfig
 ADAPTERS = {
     "llama": llama.build,
     "mistral": mistral.build,
+    "phi3": phi3.build,
     "qwen2": qwen.build_qwen2,
     "qwen3": qwen.build_qwen3,
     "gemma2": gemma2.build,

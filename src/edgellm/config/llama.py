@@ -37,8 +37,9 @@ def build(raw: dict, where: str) -> ModelConfig:
 
 
 def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: bool = False,
-               layer_types: list[str] | None = None) -> ModelConfig:
-    """layer_types: HF names ("full_attention" / "sliding_attention") per layer; default all full."""
+               layer_types: list[str] | None = None, tensors: dict[str, str] | None = None) -> ModelConfig:
+    """layer_types: HF names ("full_attention" / "sliding_attention") per layer; default all full.
+    tensors: the per-layer tensor names when they are not llama's (e.g. Phi-3's fused ones)."""
     hidden = require(raw, "hidden_size", where)
     heads = require(raw, "num_attention_heads", where)
     kv_heads = int(raw.get("num_key_value_heads") or heads)
@@ -52,13 +53,18 @@ def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: 
     tied = bool(raw.get("tie_word_embeddings", False))
     rope = rope_parameters(raw)
     theta = float(rope.pop("rope_theta"))
+    partial = float(rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") in ("longrope", "su"):
+        rope["rope_type"] = "longrope"
+        rope.setdefault("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
+        rope.setdefault("max_position_embeddings", raw.get("max_position_embeddings"))
     kinds = [LAYER_KINDS.get(t) for t in (layer_types or ["full_attention"] * layers)]
     if len(kinds) != layers or None in kinds:
         raise EdgeLLMError(f"{where}: layer_types must list {layers} of {sorted(LAYER_KINDS)}, got {layer_types}")
     window = raw.get("sliding_window")
     if "sliding" in kinds and not window:
         raise EdgeLLMError(f"{where}: sliding-window layers need a 'sliding_window' size")
-    tensors = {**TENSORS, **(BIASES if bias else {}), **(QK_NORMS if qk_norm else {})}
+    tensors = {**(tensors or TENSORS), **(BIASES if bias else {}), **(QK_NORMS if qk_norm else {})}
     return ModelConfig(
         family=family,
         vocab_size=require(raw, "vocab_size", where),
@@ -74,7 +80,7 @@ def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: 
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         layer_types=kinds,
         # one rope for every layer, named per kind because the emitter looks it up by kind
-        ropes={kind: RopeConfig(theta=theta, rotary_dim=head_dim, scaling=dict(rope)) for kind in set(kinds)},
+        ropes={kind: RopeConfig(theta=theta, rotary_dim=int(head_dim * partial), scaling=dict(rope)) for kind in set(kinds)},
         attention_scale=head_dim ** -0.5,
         sliding_window=int(window) if "sliding" in kinds else None,
         qk_norm=qk_norm,

@@ -13,11 +13,14 @@ from ..config.model_config import RopeConfig
 from ..errors import EdgeLLMError
 
 
-def inverse_frequencies(rope: RopeConfig) -> tuple[np.ndarray, float]:
+def inverse_frequencies(rope: RopeConfig, max_positions: int) -> tuple[np.ndarray, float]:
     """inv_freq [rotary_dim/2] and the attention scaling factor applied to cos/sin."""
     dim = rope.rotary_dim
-    inv_freq = (1.0 / (np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
     kind = rope.scaling.get("rope_type", "default")
+    if kind == "longrope":
+        return _longrope(rope, exponents, max_positions)
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
@@ -33,11 +36,29 @@ def inverse_frequencies(rope: RopeConfig) -> tuple[np.ndarray, float]:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
-    raise EdgeLLMError(f"rope scaling type '{kind}' is not supported yet (supported: default, linear, llama3)")
+    raise EdgeLLMError(f"rope scaling type '{kind}' is not supported yet (supported: default, linear, llama3, longrope)")
+
+
+def _longrope(rope: RopeConfig, exponents: np.ndarray, max_positions: int) -> tuple[np.ndarray, float]:
+    """Phi-3's LongRoPE: per-frequency factors, "short" within the pretraining context and "long"
+    beyond it. transformers switches to the long factors once a sequence passes the original
+    context; a static table cannot switch mid-sequence, so a build whose context (max_num_tokens)
+    exceeds the original uses the long factors throughout, and otherwise the short ones."""
+    s = rope.scaling
+    original = int(s["original_max_position_embeddings"])
+    factors = s["long_factor"] if max_positions > original else s["short_factor"]
+    if len(factors) != len(exponents):
+        raise EdgeLLMError(f"longrope has {len(factors)} factors for {len(exponents)} rotary frequencies")
+    inv_freq = (1.0 / (np.asarray(factors, np.float32) * np.float32(rope.theta) ** exponents)).astype(np.float32)
+    factor = s.get("factor") or float(s["max_position_embeddings"]) / original
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq, float(attention)
 
 
 def rope_tables(rope: RopeConfig, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq, scale = inverse_frequencies(rope)
+    inv_freq, scale = inverse_frequencies(rope, max_positions)
     freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     cos = (np.cos(freqs) * np.float32(scale)).astype(np.float32)
     sin = (np.sin(freqs) * np.float32(scale)).astype(np.float32)
