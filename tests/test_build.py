@@ -186,3 +186,26 @@ def test_integer_segments_pass_the_onnx_checker(tiny, tmp_path):
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
     program = onnx.load(str(out / "compiled" / "cpu" / "single.onnx"), load_external_data=False)
     assert {n.domain for n in program.graph.node if n.op_type == "MatMulNBits"} == {"com.microsoft"}
+
+
+def test_compile_false_keeps_the_earlier_build_of_a_unit(tiny, tmp_path):
+    """The manual's `compile: False`: the unit is not built in this run. On --resume over an
+    earlier build its files are reused as they are; with nothing to reuse the link stops, naming it."""
+    plan = tmp_path / "plan.py"
+    plan.write_text(
+        "def get_layer_configuration(model_properties, layer):\n"
+        "    if layer['index'] == 1 and not layer['is_group']:\n"
+        "        return {'compile': False}\n"
+        "    return {'precision': 'A_BF16_W_INT4'}\n")
+    fresh = tmp_path / "fresh"
+    result = run_cli("compile", tiny, "-o", fresh, "-c", plan, "--max_num_tokens", 128,
+                     "--language_group_size", 16, "--future_token_mask_size", 32)
+    assert_clean_error(result, "single/layer001_pre has compile: False and no earlier build")
+    out = build(tiny, tmp_path / "out", plan=None, **OPTIONS)  # everything, BF16
+    kept = out / "quant" / "single" / "layer001_post.onnx"
+    before = kept.read_bytes()
+    build(tiny, out, plan=plan, resume=True, **OPTIONS)
+    assert kept.read_bytes() == before  # not rebuilt as int4
+    rebuilt = (out / "quant" / "single" / "layer002_post.onnx").read_bytes()
+    assert b"DequantizeLinear" in rebuilt
+    assert json.loads((out / "manifest.json").read_text())["complete"]

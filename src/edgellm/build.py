@@ -247,7 +247,10 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
     stage_dir = ctx.out / stage_dir_name(stage)
     todo = []
     for unit in units:
-        precision = plan.choice(unit).precision if stage == "quantize" else None
+        choice = plan.choice(unit)
+        if not choice.compile:  # the plan keeps this unit as an earlier build left it (targets check it exists)
+            continue
+        precision = choice.precision if stage == "quantize" else None
         upstream = manifest.data.get("units", {}).get(f"onnx:{unit.name}", {}).get("files", {}) if stage == "quantize" else {}
         if stage == "quantize" and not upstream:
             raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without --quantize)")

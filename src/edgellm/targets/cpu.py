@@ -45,12 +45,13 @@ def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=N
     programs = {}
     for variant, is_group in variants.items():
         chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, template_bucket)]
-        skipped = [u.name for u in chosen if not plan.choice(u).compile]
-        if skipped:
-            raise EdgeLLMError(f"{options.configuration_file}: the cpu target runs the whole model; unit {skipped[0]} has compile: False")
         for u in chosen:
-            if f"quantize:{u.name}" not in manifest.data.get("units", {}):
-                raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
+            if f"quantize:{u.name}" in manifest.data.get("units", {}):
+                continue
+            if not plan.choice(u).compile:
+                raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
+                                   f"to reuse in {out} (the cpu target runs every unit; build it once, then --resume)")
+            raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
         segments = [load(out / "quant" / f"{u.name}.onnx") for u in chosen]
         program = link(segments, f"edgellm_{variant}", kv_dim="kv_len", seq_dim="tokens" if variant == "shared" else None)
         programs[f"{variant}.onnx"] = lower_integer_matmuls(program, options.int8_activations)
