@@ -126,3 +126,44 @@ def test_longrope_tables_follow_transformers_on_both_sides_of_the_original_conte
         theirs, theirs_scale = ROPE_INIT_FUNCTIONS["longrope"](hf_config, None, seq_len=seq_len)
         ours, ours_scale = inverse_frequencies(rope, context)
         assert np.allclose(ours, theirs.numpy(), rtol=1e-6) and abs(ours_scale - theirs_scale) < 1e-6
+
+
+# GGUF files of the same tiny models, as llama.cpp lays them out (tests/gguf_writer.py). GGUF cannot
+# say which layers slide beyond llama.cpp's fixed patterns, so gemma3 uses its pattern here and
+# qwen2 no window.
+GGUF_CASES = [("llama", "llama", {}), ("qwen2", "qwen2", {"use_sliding_window": False}), ("qwen3", "qwen3", {}),
+              ("phi3", "phi3", {}), ("gemma2", "gemma2", {}),
+              ("gemma3", "gemma3", {"layer_types": ["sliding_attention"] * 3})]
+CONFIG_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size",
+                 "layer_types", "sliding_window", "attention_scale", "qk_norm", "attention_bias",
+                 "attn_logit_softcap", "final_logit_softcap", "tie_word_embeddings", "norm_weight_offset",
+                 "embedding_scale", "activation")
+
+
+@pytest.mark.parametrize("family,arch,overrides", GGUF_CASES)
+def test_gguf_of_the_family_gives_the_same_config_weights_and_tokens(tmp_path, fp32_plan, family, arch, overrides):
+    from edgellm.config import build_model_config
+    from edgellm.graph.rope import rope_tables
+    from edgellm.sources.gguf_file import GGUFSource
+    from edgellm.sources.safetensors_dir import SafetensorsDirSource
+    from gguf_writer import write_gguf
+
+    model_dir = save_tiny(family, tmp_path / "hf", **overrides)
+    path = write_gguf(model_dir, tmp_path / "tiny.gguf", arch)
+    hf, gg = SafetensorsDirSource(model_dir), GGUFSource(path)
+    hf_cfg, gg_cfg = (build_model_config(s.raw_config, "x") for s in (hf, gg))
+    for field in CONFIG_FIELDS:
+        assert getattr(gg_cfg, field) == pytest.approx(getattr(hf_cfg, field)), field
+    for kind in set(hf_cfg.layer_types):  # the rope tables the layers use
+        for ours, theirs in zip(rope_tables(gg_cfg.ropes[kind], 128), rope_tables(hf_cfg.ropes[kind], 128)):
+            assert np.allclose(ours, theirs, rtol=1e-6, atol=1e-7), kind
+    for role in hf_cfg.layer_tensors:
+        ours, theirs = gg.tensor(gg_cfg.tensor_name(role, 1)), hf.tensor(hf_cfg.tensor_name(role, 1))
+        if family.startswith("gemma") and role.endswith("norm"):  # stored as 1 + w: float32 rounding
+            assert np.allclose(ours, theirs, rtol=0, atol=1e-6), role
+        else:
+            assert np.array_equal(ours, theirs), role
+    out = build(path, tmp_path / "out", fp32_plan, **OPTIONS)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    result, theirs, _ = _run(out, reference, 1e-4)
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]

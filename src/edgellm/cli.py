@@ -197,6 +197,7 @@ def eval_(
     text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file (default: Python's pydoc topics)"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="compiled float build to compare with (e.g. an FP32 plan)"),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="evaluate the first N tokens of the text"),
+    window: Optional[int] = typer.Option(None, "--window", help="tokens per window (default: the build's context)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON line per model on stdout"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
@@ -211,6 +212,8 @@ def eval_(
             raise EdgeLLMError(f"{text}: cannot read the text ({e})") from None
     else:
         body, source = default_text()
+    if window is not None and window < 2:
+        raise EdgeLLMError(f"--window {window}: a window needs at least 2 tokens")
     ref = edgellm.load(reference, threads=threads) if reference else None
     scores = []
     for model_dir in model_dirs:
@@ -218,7 +221,7 @@ def eval_(
         ids = model.codec.encode(body)[:max_tokens]
         if len(ids) < 2:
             raise EdgeLLMError(f"{source}: the text has fewer than 2 tokens")
-        score = evaluate(model, ids, ref, name=str(model_dir), precision=precision_summary(model_dir))
+        score = evaluate(model, ids, ref, name=str(model_dir), precision=precision_summary(model_dir), window=window)
         scores.append(score)
         if as_json:
             print(json.dumps(score.as_dict()))

@@ -47,9 +47,11 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) > 1]
 
 
-def evaluate(model, ids: list[int], reference=None, name: str = "", precision: str = "") -> Score:
-    """model, reference: runtime.Model instances. ids: the tokenized text."""
+def evaluate(model, ids: list[int], reference=None, name: str = "", precision: str = "", window: int | None = None) -> Score:
+    """model, reference: runtime.Model instances. ids: the tokenized text. window: tokens per
+    window (default and at most: the context of the builds)."""
     size = model.max_num_tokens if reference is None else min(model.max_num_tokens, reference.max_num_tokens)
+    size = min(size, window) if window else size
     nll, agree, kl, count = 0.0, 0, 0.0, 0
     for window in windows(ids, size):
         logp = log_softmax(model.engine.prompt_logits(window)[:-1])

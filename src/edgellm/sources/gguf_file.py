@@ -16,8 +16,8 @@ from .base import TokenizerFiles
 from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
 
-# GGUF architecture -> HF model_type
-MODEL_TYPES = {"llama": "llama", "gemma3": "gemma3_text"}
+# GGUF architecture (llama.cpp's name) -> HF model_type. Mistral's GGUFs say "llama".
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 # GGUF per-layer tensor suffix -> HF per-layer tensor suffix, per family.
 _COMMON = {
@@ -30,16 +30,22 @@ _COMMON = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_LLAMA = {**_COMMON, "ffn_norm": "post_attention_layernorm"}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GEMMA = {
+    **_COMMON,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 LAYER_NAMES = {
-    "llama": {**_COMMON, "ffn_norm": "post_attention_layernorm"},
-    "gemma3": {
-        **_COMMON,
-        "attn_q_norm": "self_attn.q_norm",
-        "attn_k_norm": "self_attn.k_norm",
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,  # biases come along as attn_q.bias etc.
+    "qwen3": {**_LLAMA, **_QK_NORMS},
+    # Phi-3 keeps its fused tensors; llama.cpp names the fused gate/up "ffn_up"
+    "phi3": {**_LLAMA, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma2": _GEMMA,
+    "gemma3": {**_GEMMA, **_QK_NORMS},
 }
 # GGUF block types taken as they are: type -> (bits, has a per-block minimum). Each block holds 32
 # weights and an fp16 scale (and fp16 minimum), see ggml-common.h.
@@ -103,13 +109,36 @@ class GGUFSource:
             scaling = self._meta("rope.scaling.type")
             if scaling and scaling != "none":
                 cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(self._meta("rope.scaling.factor", 1.0))}
-        if self.arch == "gemma3":
+        if self._meta("attention.sliding_window") is not None:
+            cfg["sliding_window"] = int(self._meta("attention.sliding_window"))
+        if self.arch in ("gemma2", "gemma3"):
             # llama.cpp scales queries by 1/sqrt(head_dim) for every size GGUF can describe here.
             cfg["query_pre_attn_scalar"] = cfg.get("head_dim", 256)
+        if self.arch == "gemma3":
             cfg["rope_local_base_freq"] = 10000.0
-            if self._meta("attention.sliding_window") is not None:
-                cfg["sliding_window"] = int(self._meta("attention.sliding_window"))
+        if self.arch == "gemma2":
+            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+                if self._meta(key) is not None:
+                    cfg[key] = float(self._meta(key))
+        if self.arch == "phi3":
+            self._phi3_rope(cfg, hidden // heads)
         return cfg
+
+    def _phi3_rope(self, cfg: dict, head_dim: int) -> None:
+        """Partial rotary from rope.dimension_count; LongRoPE factors are tensors in GGUF."""
+        rotary = int(self._meta("rope.dimension_count", head_dim))
+        params = {"rope_type": "default", "rope_theta": cfg["rope_theta"], "partial_rotary_factor": rotary / head_dim}
+        factors = {t.name: t for t in self.reader.tensors if t.name.startswith("rope_factors_")}
+        if factors:
+            original = int(self._meta("rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+            params.update(
+                rope_type="longrope", original_max_position_embeddings=original,
+                short_factor=[float(x) for x in factors["rope_factors_short.weight"].data],
+                long_factor=[float(x) for x in factors["rope_factors_long.weight"].data],
+            )
+            if self._meta("rope.scaling.attn_factor") is not None:
+                params["attention_factor"] = float(self._meta("rope.scaling.attn_factor"))
+        cfg["rope_parameters"] = params
 
     def _hf_name(self, name: str) -> str | None:
         base, _, kind = name.rpartition(".")
@@ -140,7 +169,7 @@ class GGUFSource:
         permutation = self._row_permutation(name, w.shape[0])
         if permutation is not None:
             w = w[permutation]
-        if self.arch == "gemma3" and name.endswith("norm.weight"):
+        if self.arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norm weights; undo it
         return w
 
