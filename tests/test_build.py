@@ -209,3 +209,21 @@ def test_compile_false_keeps_the_earlier_build_of_a_unit(tiny, tmp_path):
     rebuilt = (out / "quant" / "single" / "layer002_post.onnx").read_bytes()
     assert b"DequantizeLinear" in rebuilt
     assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_single_stages_run_one_after_another(tiny, tmp_path):
+    """--onnx, then --quantize, then --compile (no --resume) build on each other, and rerunning an
+    early stage leaves the build incomplete until the later ones run again."""
+    out = tmp_path / "o"
+    args = ["compile", tiny, "-o", out, "--max_num_tokens", 128, "--language_group_size", 16, "--future_token_mask_size", 32]
+    for stage in ("--devkit", "--onnx", "--quantize", "--compile"):
+        result = run_cli(*args, stage)
+        assert result.returncode == 0, (stage, result.stderr)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"]
+    assert run_cli(*args, "--onnx").returncode == 0
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert run_cli(*args, "--quantize", "--compile").returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    reference = build(tiny, tmp_path / "ref", **OPTIONS)
+    assert compiled_bytes(out) == compiled_bytes(reference)

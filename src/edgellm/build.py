@@ -121,7 +121,9 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     source = _SOURCES[str(model_path)] = open_source(model_path)
     cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
     _check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
-    manifest = Manifest.open(out / "manifest.json", fresh=not options.resume)
+    # A full build without --resume starts over; single stages (--onnx, --quantize, ...) build on
+    # what earlier runs recorded, rebuilding their own units.
+    manifest = Manifest.open(out / "manifest.json", fresh=not options.resume and set(options.stages) == set(STAGES))
     manifest.data.update(
         edgellm=__version__,
         model=str(Path(model_path).resolve()),
@@ -145,9 +147,9 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
             compile_cpu(out, cfg, options, units, manifest, progress)
         else:
             _run_units(stage, units, context, manifest, progress)
-        manifest.data.setdefault("stages_done", [])
-        if stage not in manifest.data["stages_done"]:
-            manifest.data["stages_done"].append(stage)
+        # a stage run again makes the later stages' outputs stale until they run again too
+        earlier = [s for s in manifest.data.get("stages_done", []) if STAGES.index(s) < STAGES.index(stage)]
+        manifest.data["stages_done"] = earlier + [stage]
         manifest.save()
     manifest.data["complete"] = all(s in manifest.data["stages_done"] for s in STAGES)
     manifest.save()
