@@ -195,3 +195,16 @@ def test_compile_log_says_which_weights_were_mapped_and_which_converted(tmp_path
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
     _, report = apply_precision(model, precision, packed=lambda init: (source.packed(name), source.storage(name)))
     assert report == {"layer000.down_proj": expected}
+
+
+def test_large_weights_are_quantized_in_row_chunks_with_the_same_result():
+    from edgellm.quant import blocks
+
+    w = np.random.default_rng(4).normal(size=(3000, 1600)).astype(np.float32)  # 4.8M weights: two chunks
+    assert w.size > blocks.ROWS_PER_CHUNK_ELEMENTS
+    for symmetric in (True, False):
+        chunked, whole = blocks.quantize(w, 4, 32, symmetric), blocks._quantize_rows(w, 4, 32, symmetric)
+        assert np.array_equal(chunked.q, whole.q) and np.array_equal(chunked.scale, whole.scale)
+        assert (chunked.zero_point is None) == symmetric
+        if not symmetric:
+            assert np.array_equal(chunked.zero_point, whole.zero_point)

@@ -176,31 +176,32 @@ def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
 
 def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> dict:
     """One unit of the onnx or quantize stage (runs in a worker process with -j)."""
-    from .graph.io import load, save_segment
+    from .graph.io import Spill, load_lazy, save_segment
 
     report = {}
-    if stage == "onnx":
-        from .graph.segments import Shapes, emit
-
-        cfg = ctx.cfg
-
-        def weights(role, layer):
-            return _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
-
-        o = ctx.options
-        model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, o.return_logits))
-        path = ctx.out / "onnx" / f"{unit.name}.onnx"
-    else:
-        from .quant.precision import QuantOptions, apply_precision
-
-        o = ctx.options
-        model, report = apply_precision(load(ctx.out / "onnx" / f"{unit.name}.onnx"), precision,
-                                        QuantOptions(o.block_size, not o.asymmetric), _source_blocks(ctx))
-        for weight, how in sorted(report.items()):
-            log.info("%s: %s", weight, how)
-        path = ctx.out / "quant" / f"{unit.name}.onnx"
-    save_segment(model, path)
+    o = ctx.options
     stage_dir = ctx.out / stage_dir_name(stage)
+    path = stage_dir / f"{unit.name}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # weights go to a scratch file as they are made and are copied from there by save_segment
+    with Spill(path.parent / f".{path.stem}.spill{os.getpid()}") as spill:
+        if stage == "onnx":
+            from .graph.segments import Shapes, emit
+
+            cfg = ctx.cfg
+
+            def weights(role, layer):
+                return _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
+
+            model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, o.return_logits), spill)
+        else:
+            from .quant.precision import QuantOptions, apply_precision
+
+            model, report = apply_precision(load_lazy(ctx.out / "onnx" / f"{unit.name}.onnx"), precision,
+                                            QuantOptions(o.block_size, not o.asymmetric), _source_blocks(ctx), spill)
+            for weight, how in sorted(report.items()):
+                log.info("%s: %s", weight, how)
+        save_segment(model, path)
     files = {str(p.relative_to(stage_dir)): _file_sha(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
     return {"files": files, "weights": report} if stage == "quantize" else {"files": files}
 

@@ -13,7 +13,9 @@ BOOL = TensorProto.BOOL
 
 
 class GraphBuilder:
-    def __init__(self, name: str, prefix: str, weight_scope: str):
+    def __init__(self, name: str, prefix: str, weight_scope: str, spill=None):
+        """spill: a graph.io.Spill taking large constants out of memory as they are added."""
+        self.spill = spill
         self.name = name
         self.weight_scope = weight_scope
         self.prefix = prefix  # makes every internal tensor name unique across linked segments
@@ -36,7 +38,10 @@ class GraphBuilder:
     def const(self, name: str, value: np.ndarray) -> str:
         """An initializer. Names without the prefix are shared between segments (rope tables)."""
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
+            if self.spill is not None:
+                self.initializers[name] = self.spill.tensor(name, value)
+            else:
+                self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
         return name
 
     def weight(self, role: str, value: np.ndarray) -> str:

@@ -40,9 +40,11 @@ class Shapes:
         return self.group_size if unit.is_group else 1
 
 
-def emit(unit: Unit, cfg: ModelConfig, weights: WeightFn, shapes: Shapes) -> onnx.ModelProto:
+def emit(unit: Unit, cfg: ModelConfig, weights: WeightFn, shapes: Shapes, spill=None) -> onnx.ModelProto:
+    """spill: a graph.io.Spill for the weights, so a unit's weights are not held in memory twice."""
     emitter = {"EMBED": _embed, "MASK": _mask, "PRE": _pre, "CACHE": _cache, "POST": _post, "HEAD": _head}[unit.part]
-    g = GraphBuilder(unit.name.replace("/", "_"), prefix=unit.name.replace("/", "."), weight_scope=unit.weight_scope)
+    g = GraphBuilder(unit.name.replace("/", "_"), prefix=unit.name.replace("/", "."), weight_scope=unit.weight_scope,
+                     spill=spill)
     emitter(g, unit, cfg, weights, shapes)
     return g.model()
 
@@ -54,7 +56,8 @@ def _rms_norm(g: GraphBuilder, x: str, cfg: ModelConfig, role: str, layer, weigh
 
 def _linear(g: GraphBuilder, x: str, role: str, layer, weights: WeightFn) -> str:
     # MatMul with a [K, N] constant: the layout quantization rewrites into DequantizeLinear(axis=0).
-    return g.op("MatMul", [x, g.weight(role, np.ascontiguousarray(weights(role, layer).T))])
+    # The transposed view is written out in row blocks, not copied whole (graph/io.py Spill).
+    return g.op("MatMul", [x, g.weight(role, weights(role, layer).T)])
 
 
 # Projections reading the same input run as one matmul over their concatenated outputs, then a
@@ -73,7 +76,7 @@ def _fused_linear(g: GraphBuilder, x: str, cfg: ModelConfig, fused: str, layer, 
         w = weights(fused, layer)
     else:
         w = np.concatenate([weights(p, layer) for p in parts], axis=0)
-    y = g.op("MatMul", [x, g.weight(fused, np.ascontiguousarray(w.T))])
+    y = g.op("MatMul", [x, g.weight(fused, w.T)])
     if bias_roles and cfg.attention_bias:
         bias = np.concatenate([weights(b, layer) for b in bias_roles])
         y = g.op("Add", [y, g.weight(fused.replace("_proj", "_bias"), bias)])

@@ -69,12 +69,25 @@ def concat_rows(parts: list[BlockQuantized | None]) -> BlockQuantized | None:
                           first.origin, first.order)
 
 
+ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # quantize this many weights at a time: bounded temporaries
+
+
 def quantize(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> BlockQuantized:
     """Round-to-nearest block quantization of a float [rows, cols] weight.
 
     Symmetric int4 uses all 16 levels the way GGUF Q4_0 does: the value of largest magnitude maps
     to -8, so one sign gets the extra level. Asymmetric blocks span [min(w, 0), max(w, 0)].
     """
+    rows, cols = w.shape
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(cols, 1))
+    if rows > step:
+        parts = [_quantize_rows(w[r : r + step], bits, block, symmetric) for r in range(0, rows, step)]
+        cat = lambda field: None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
+        return BlockQuantized(cat("q"), cat("scale"), bits, block, cat("zero_point"))
+    return _quantize_rows(w, bits, block, symmetric)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuantized:
     rows, cols = w.shape
     nblocks = -(-cols // block)
     padded = np.zeros((rows, nblocks * block), np.float32)

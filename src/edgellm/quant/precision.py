@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..graph.io import to_array
 from .blocks import BlockQuantized, pack_int4, quantize
 
 PRECISIONS = ("FP32", "BF16", "A_BF16_W_INT8", "A_BF16_W_INT4")
@@ -45,9 +46,19 @@ class QuantOptions:
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, rounding to nearest even (NaN stays NaN)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return np.where(np.isnan(x), 0x7FC0, rounded).astype(np.uint16)
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    out = np.empty(flat.shape, np.uint16)
+    step = 1 << 22  # in chunks: this runs on whole embedding tables
+    for start in range(0, flat.size, step):
+        part = flat[start : start + step]
+        bits = part.view(np.uint32)
+        rounded = (bits >> 16) & 1
+        rounded += 0x7FFF
+        rounded += bits
+        rounded >>= 16
+        out[start : start + step] = rounded
+        out[start : start + step][np.isnan(part)] = 0x7FC0
+    return out.reshape(np.shape(x))
 
 
 def weight_initializers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, onnx.TensorProto]]:
@@ -61,18 +72,18 @@ def weight_initializers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, in
 
 
 def apply_precision(
-    model: onnx.ModelProto, precision: str, options: QuantOptions = QuantOptions(), packed: PackedFn | None = None
+    model: onnx.ModelProto, precision: str, options: QuantOptions = QuantOptions(), packed: PackedFn | None = None,
+    spill=None,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """Returns the rewritten model and, per weight, how it was stored (for the compile log)."""
+    """Rewrites the model in place; returns it and, per weight, how it was stored (for the compile log)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision}")
     if precision == "FP32":
         return model, {}
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    rewriter = _Rewriter(model)
+    rewriter = _Rewriter(model, spill)
     report = {}
     for node, slot, init in weight_initializers(model):
-        w = numpy_helper.to_array(init)
+        w = to_array(init)
         if precision == "BF16":
             report[init.name] = _to_bf16(rewriter, node, slot, init, w)
             continue
@@ -99,8 +110,9 @@ class _Rewriter:
     protobuf hands out a new Python object per access, so object identity is no key), keeping
     the graph in topological order."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, spill=None):
         self.model = model
+        self.spill = spill  # graph.io.Spill: new weights go to a scratch file, not into memory
         self.before: dict[str, list[onnx.NodeProto]] = {}
         self.after: dict[str, list[onnx.NodeProto]] = {}
 
@@ -111,14 +123,19 @@ class _Rewriter:
         self.model.graph.initializer.append(tensor)
         return tensor.name
 
-    def array(self, name: str, value: np.ndarray) -> str:
-        return self.add(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    def array(self, name: str, value: np.ndarray, data_type: int | None = None, dims=None) -> str:
+        """value: an array, or with data_type and dims the raw bytes of one (as uint8)."""
+        if self.spill is not None:
+            return self.add(self.spill.tensor(name, value, data_type, dims))
+        if data_type is None:
+            return self.add(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return self.add(helper.make_tensor(name, data_type, dims, np.ascontiguousarray(value).tobytes(), raw=True))
 
     def integers(self, name: str, values: np.ndarray, bits: int) -> str:
         signed = values.dtype == np.int8
         if bits == 4:
             dtype = TensorProto.INT4 if signed else TensorProto.UINT4
-            return self.add(helper.make_tensor(name, dtype, values.shape, pack_int4(values), raw=True))
+            return self.array(name, np.frombuffer(pack_int4(values), np.uint8), dtype, values.shape)
         return self.array(name, values)
 
     def insert_before(self, node: onnx.NodeProto, new: onnx.NodeProto) -> None:
@@ -137,7 +154,7 @@ class _Rewriter:
 
 
 def _to_bf16(rw: _Rewriter, node, slot, init, w) -> str:
-    name = rw.add(helper.make_tensor(init.name + ".bf16", TensorProto.BFLOAT16, w.shape, to_bfloat16_bits(w).tobytes(), raw=True))
+    name = rw.array(init.name + ".bf16", to_bfloat16_bits(w).view(np.uint8), TensorProto.BFLOAT16, w.shape)
     rw.drop(init)
     rw.insert_before(node, helper.make_node("Cast", [name], [init.name + ".f32"], name=init.name + "/Cast", to=TensorProto.FLOAT))
     node.input[slot] = init.name + ".f32"

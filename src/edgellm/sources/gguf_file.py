@@ -161,11 +161,18 @@ class GGUFSource:
         t = self._tensors.get(name)
         if t is None:
             raise EdgeLLMError(f"{self.path}: tensor for '{name}' not found in the GGUF file")
+        shape = [int(d) for d in reversed(t.shape)]
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if t.data.dtype == np.uint8 and t.data.ndim == 2:  # quantized rows: dequantize a slab at a time
+                w = np.empty((t.data.shape[0], int(np.prod(shape)) // t.data.shape[0]), np.float32)
+                step = max(1, (1 << 22) // w.shape[1])
+                for r in range(0, w.shape[0], step):
+                    w[r : r + step] = gguf.quants.dequantize(t.data[r : r + step], t.tensor_type).reshape(-1, w.shape[1])
+            else:
+                w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         except (NotImplementedError, ValueError) as e:
             raise EdgeLLMError(f"{self.path}: tensor {t.name} of type {t.tensor_type.name} cannot be read ({e})") from None
-        w = w.reshape([int(d) for d in reversed(t.shape)])
+        w = w.reshape(shape)
         permutation = self._row_permutation(name, w.shape[0])
         if permutation is not None:
             w = w[permutation]

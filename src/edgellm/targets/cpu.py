@@ -17,10 +17,11 @@ too ("shared.onnx"): one session, one copy of the weights in memory.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..errors import EdgeLLMError
-from ..graph.io import load, save_models
+from ..graph.io import Spill, load_lazy, save_models
 from ..graph.units import Unit
 
 PROGRAM_FILES = ("group.onnx", "single.onnx", "shared.onnx")
@@ -29,11 +30,8 @@ log = logging.getLogger("edgellm.targets.cpu")
 
 def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=None) -> Path:
     from ..quant.plan import PrecisionPlan
-    from .link import link
-    from .ort_lowering import lower_integer_matmuls
 
     plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings)
-    template_bucket = options.buckets[0]
     variants = {"group": True, "single": False}
     if options.enable_filter_sharing:
         differing = _layers_with_differing_precisions(units, plan)
@@ -43,25 +41,38 @@ def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=N
         else:
             variants = {"shared": True}
     programs = {}
-    for variant, is_group in variants.items():
-        chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, template_bucket)]
-        for u in chosen:
-            if f"quantize:{u.name}" in manifest.data.get("units", {}):
-                continue
-            if not plan.choice(u).compile:
-                raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
-                                   f"to reuse in {out} (the cpu target runs every unit; build it once, then --resume)")
-            raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
-        segments = [load(out / "quant" / f"{u.name}.onnx") for u in chosen]
-        program = link(segments, f"edgellm_{variant}", kv_dim="kv_len", seq_dim="tokens" if variant == "shared" else None)
-        programs[f"{variant}.onnx"] = lower_integer_matmuls(program, options.int8_activations)
-        if progress:
-            progress("compile", len(programs), len(variants))
     target_dir = out / "compiled" / "cpu"
-    save_models(programs, target_dir, weights_name="weights.bin")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    spill = Spill(target_dir / f".repacked.tmp{os.getpid()}")
+    try:
+        for variant, is_group in variants.items():
+            programs[f"{variant}.onnx"] = _program(variant, is_group, units, plan, options, manifest, out, spill)
+            if progress:
+                progress("compile", len(programs), len(variants))
+        save_models(programs, target_dir, weights_name="weights.bin")
+    finally:
+        spill.close()
     for stale in set(PROGRAM_FILES) - set(programs):
         (target_dir / stale).unlink(missing_ok=True)
     return target_dir
+
+
+def _program(variant, is_group, units, plan, options, manifest, out, spill):
+    """Link one variant's segments (weights left in their files) and lower it for ONNX Runtime."""
+    from .link import link
+    from .ort_lowering import lower_integer_matmuls
+
+    chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, options.buckets[0])]
+    for u in chosen:
+        if f"quantize:{u.name}" in manifest.data.get("units", {}):
+            continue
+        if not plan.choice(u).compile:
+            raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
+                               f"to reuse in {out} (the cpu target runs every unit; build it once, then --resume)")
+        raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
+    segments = [load_lazy(out / "quant" / f"{u.name}.onnx") for u in chosen]
+    program = link(segments, f"edgellm_{variant}", kv_dim="kv_len", seq_dim="tokens" if variant == "shared" else None)
+    return lower_integer_matmuls(program, options.int8_activations, spill)
 
 
 def _layers_with_differing_precisions(units: list[Unit], plan) -> list[int]:

@@ -13,21 +13,20 @@ import onnx
 from onnx import helper
 
 from ..graph.builder import OPSET
+from ..graph.io import tensor_bytes
 
 
 def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, seq_dim: str | None = None) -> onnx.ModelProto:
     """kv_dim / seq_dim: if given, the cache length / the tokens per call become symbolic
     dimensions of the program's inputs and outputs (shape-generic programs)."""
     nodes, inits, inputs, produced = [], {}, {}, set()
-    digests: dict[str, str] = {}
     for seg in segments:
         for t in seg.graph.initializer:
-            digest = hashlib.sha256(t.SerializeToString()).hexdigest()
-            if t.name in inits:
-                if digests[t.name] != digest:
+            if t.name in inits:  # shared constants (rope tables): must be the same bytes
+                if hashlib.sha256(tensor_bytes(t)).digest() != hashlib.sha256(tensor_bytes(inits[t.name])).digest():
                     raise ValueError(f"initializer {t.name} differs between segments")
                 continue
-            inits[t.name], digests[t.name] = t, digest
+            inits[t.name] = t
         for vi in seg.graph.input:
             inputs.setdefault(vi.name, vi)
         for node in seg.graph.node:

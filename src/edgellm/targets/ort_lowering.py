@@ -19,13 +19,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..graph.io import tensor_bytes, to_array
 from ..quant.blocks import pack_int4, unpack_int4
 
 FLOAT_ACTIVATIONS, INT8_ACTIVATIONS = 1, 4  # MatMulNBits accuracy_level values
 _INTEGER_TYPES = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False), TensorProto.INT8: (8, True), TensorProto.UINT8: (8, False)}
 
 
-def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool) -> onnx.ModelProto:
+def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=None) -> onnx.ModelProto:
+    """spill: a graph.io.Spill that takes the repacked weights out of memory as they are made."""
+    make = spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -45,7 +48,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool) -> onn
             continue
         matmul = users[0]
         bits, signed = _INTEGER_TYPES[inits[node.input[0]].data_type]
-        names = _packed_weight(inits, node, bits, signed, attrs["block_size"], new_inits)
+        names = _packed_weight(inits, node, bits, signed, attrs["block_size"], new_inits, make)
         k, n = inits[node.input[0]].dims
         level = INT8_ACTIVATIONS if bits == 8 or int8_activations else FLOAT_ACTIVATIONS
         matmul.CopyFrom(helper.make_node(
@@ -69,7 +72,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool) -> onn
     return model
 
 
-def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: int, new_inits: dict) -> list[str]:
+def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: int, new_inits: dict, make) -> list[str]:
     q_init, scale_init = inits[dq.input[0]], inits[dq.input[1]]
     k, n = q_init.dims
     blocks = -(-k // block)
@@ -86,9 +89,9 @@ def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: in
         b = np.frombuffer(pack_int4(padded), np.uint8).reshape(n, blocks, block // 2)
     else:
         b = padded.reshape(n, blocks, block)
-    new_inits[names[0]] = numpy_helper.from_array(b, names[0])
-    scale = numpy_helper.to_array(scale_init).astype(np.float32).T.reshape(-1)
-    new_inits[names[1]] = numpy_helper.from_array(np.ascontiguousarray(scale), names[1])
+    new_inits[names[0]] = make(names[0], b)
+    scale = to_array(scale_init).astype(np.float32).T.reshape(-1)
+    new_inits[names[1]] = make(names[1], scale)
     if len(dq.input) > 2 and dq.input[2]:
         zp = _integers(inits[dq.input[2]], bits, signed=False).reshape(blocks, n).T.astype(np.uint8)  # [N, blocks]
         zp_name = f"{dq.input[2]}.nbits"
@@ -100,12 +103,13 @@ def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: in
         zp = np.concatenate([zp, np.zeros((n, blocks % 2), np.uint8)], axis=1)
         zp = np.frombuffer(pack_int4(zp), np.uint8)
     names.append(zp_name)
-    new_inits[zp_name] = numpy_helper.from_array(np.ascontiguousarray(zp.reshape(-1)), zp_name)
+    new_inits[zp_name] = make(zp_name, zp.reshape(-1))
     return names
 
 
 def _integers(t: onnx.TensorProto, bits: int, signed: bool) -> np.ndarray:
     count = int(np.prod(t.dims))
+    raw = tensor_bytes(t)
     if bits == 4:
-        return unpack_int4(t.raw_data, count, signed)
-    return np.frombuffer(t.raw_data, np.int8 if signed else np.uint8, count=count)
+        return unpack_int4(raw, count, signed)
+    return np.frombuffer(raw, np.int8 if signed else np.uint8, count=count)
