@@ -52,7 +52,10 @@ def test_python_json_and_toml_plans_agree(plans):
     assert py["single/layer001_pre"] == "A_BF16_W_INT4" and py["single/layer002_cache_kv00032"] == "BF16"
     # embedding table and LM head are not layers: float unless --quantize_embeddings
     assert py["group/embed"] == py["single/head"] == "BF16"
-    assert _choices(PrecisionPlan(plans["json"], 3, quantize_embeddings=True))["single/head"] == "A_BF16_W_INT8"
+    int8 = _choices(PrecisionPlan(plans["json"], 3, quantize_embeddings="int8"))
+    assert int8["single/head"] == int8["group/embed"] == "A_BF16_W_INT8"
+    int4 = _choices(PrecisionPlan(plans["json"], 3, quantize_embeddings="int4"))
+    assert int4["single/head"] == "A_BF16_W_INT4" and int4["group/embed"] == "A_BF16_W_INT8"
 
 
 def test_all_fp32_layers_keep_fp32_embeddings(tmp_path):

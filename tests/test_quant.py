@@ -136,7 +136,7 @@ def test_compiled_program_holds_no_float_copy_of_integer_weights(tmp_path):
     """After ONNX Runtime's own optimizations, every linear layer and the LM head run in
     MatMulNBits, and no float tensor of weight size exists."""
     model_dir = save_tiny("llama", tmp_path / "hf")
-    out = build(model_dir, tmp_path / "out", _plan(tmp_path, "A_BF16_W_INT4"), quantize_embeddings=True, **OPTIONS)
+    out = build(model_dir, tmp_path / "out", _plan(tmp_path, "A_BF16_W_INT4"), quantize_embeddings="int8", **OPTIONS)
     cfg = json.loads((out / "model_config.json").read_text())
     smallest_weight = cfg["hidden_size"] * cfg["num_kv_heads"] * cfg["head_dim"]
     for variant in ("group", "single"):
@@ -208,3 +208,16 @@ def test_large_weights_are_quantized_in_row_chunks_with_the_same_result():
         assert (chunked.zero_point is None) == symmetric
         if not symmetric:
             assert np.array_equal(chunked.zero_point, whole.zero_point)
+
+
+def test_int4_lm_head(tmp_path):
+    import onnx
+
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", _plan(tmp_path, "A_BF16_W_INT4"), quantize_embeddings="int4", **OPTIONS)
+    program = onnx.load(str(out / "compiled" / "cpu" / "single.onnx"), load_external_data=False)
+    head = [n for n in program.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("single.head")]
+    assert [onnx.helper.get_attribute_value(a) for n in head for a in n.attribute if a.name == "bits"] == [4]
+    assert any(t.name.startswith("embed.embed.w8") for t in program.graph.initializer)  # the table stays int8
+    prompt = [int(t) for t in np.random.default_rng(5).integers(1, VOCAB, 20)]
+    assert edgellm.load(out).generate_ids(prompt, max_new_tokens=4, ignore_eos=True).gen_tokens == 4

@@ -43,7 +43,7 @@ class BuildOptions:
     target: str = "cpu"
     block_size: int = 32  # weights per quantization block (integer precisions)
     asymmetric: bool = False  # integer blocks with a zero point instead of symmetric ones
-    quantize_embeddings: bool = False  # int8 embedding table and LM head
+    quantize_embeddings: str | None = None  # "int8": int8 table and LM head; "int4": int4 LM head
     # Let ONNX Runtime quantize activations to int8 inside its integer matmuls (accuracy level 4)
     # instead of computing in float (level 1).
     int8_activations: bool = False
@@ -60,6 +60,8 @@ class BuildOptions:
             )
         if self.language_group_size > self.max_num_tokens:
             raise EdgeLLMError(f"--language_group_size {self.language_group_size} exceeds --max_num_tokens {self.max_num_tokens}")
+        if self.quantize_embeddings not in (None, "int8", "int4"):
+            raise EdgeLLMError(f"--quantize_embeddings {self.quantize_embeddings}: use int8 or int4")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise EdgeLLMError(f"--block_size must be a power of two of at least 16, got {self.block_size}")
         if self.target != "cpu":

@@ -35,6 +35,7 @@ def compile(
     block_size: int = typer.Option(32, "--block_size", help="weights per block of the integer precisions"),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="integer blocks with zero points (default symmetric)"),
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings", help="int8 embedding table and LM head"),
+    lm_head_bits: int = typer.Option(8, "--lm_head_bits", help="with --quantize_embeddings: 4 for an int4 LM head"),
     int8_activations: bool = typer.Option(False, "--int8_activations",
                                           help="quantize activations to int8 inside integer matmuls (faster, less exact)"),
     return_logits: bool = typer.Option(False, "--return_logits", help="prefill returns every position's logits (fast eval)"),
@@ -54,7 +55,7 @@ def compile(
         max_num_tokens=max_num_tokens, language_group_size=language_group_size,
         future_token_mask_size=future_token_mask_size, jobs=jobs, resume=resume, stages=chosen,
         configuration_file=str(configuration_file) if configuration_file else None, target=target,
-        block_size=block_size, asymmetric=asymmetric, quantize_embeddings=quantize_embeddings,
+        block_size=block_size, asymmetric=asymmetric, quantize_embeddings=_embedding_width(quantize_embeddings, lm_head_bits),
         int8_activations=int8_activations, return_logits=return_logits, enable_filter_sharing=enable_filter_sharing,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -82,6 +83,7 @@ def inspect(
     max_num_tokens: int = typer.Option(1024, "--max_num_tokens"),
     future_token_mask_size: int = typer.Option(128, "--future_token_mask_size"),
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings"),
+    lm_head_bits: int = typer.Option(8, "--lm_head_bits"),
 ):
     """Print the ModelConfig edgellm derives, the tensors it reads and the unit plan; compile nothing."""
     from rich.table import Table
@@ -106,7 +108,7 @@ def inspect(
         name = cfg.tensor_name(role, layer)
         tensors.add_row(role, name, str(tuple(source.tensor_shape(name))), source.storage(name))
     console.print(tensors)
-    plan = PrecisionPlan(configuration_file, cfg.num_layers, quantize_embeddings)
+    plan = PrecisionPlan(configuration_file, cfg.num_layers, _embedding_width(quantize_embeddings, lm_head_bits))
     units = Table(title=f"units (buckets {options.buckets[0]}..{options.buckets[-1]} step {future_token_mask_size})")
     for col in ("variant", "part", "units", "precision"):
         units.add_column(col)
@@ -265,6 +267,12 @@ def bench(
           f"decode {speed.decode_tps:.1f} tokens/s ({speed.gen_tokens} tokens) | "
           f"weights {speed.weight_mb_per_token:.1f} MB/token = {speed.bandwidth_gbs:.2f} GB/s | "
           f"artifact {speed.artifact_mb:.0f} MB | peak RSS {speed.peak_rss_mb:.0f} MB")
+
+
+def _embedding_width(quantize_embeddings: bool, lm_head_bits: int) -> str | None:
+    if lm_head_bits not in (4, 8):
+        raise EdgeLLMError(f"--lm_head_bits {lm_head_bits}: use 4 or 8")
+    return f"int{lm_head_bits}" if quantize_embeddings else None
 
 
 def _stream(piece: str) -> None:

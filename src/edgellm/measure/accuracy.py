@@ -79,5 +79,12 @@ def precision_summary(model_dir: Path) -> str:
     options = manifest.get("options", {})
     plan = options.get("configuration_file")
     label = Path(plan).name if plan else "default (BF16)"
-    extras = {"asymmetric": "asymmetric", "quantize_embeddings": "int8 embeddings", "int8_activations": "int8 activations"}
-    return " + ".join([label] + [text for key, text in extras.items() if options.get(key)])
+    extras = []
+    if options.get("asymmetric"):
+        extras.append("asymmetric")
+    if options.get("quantize_embeddings"):
+        head = options["quantize_embeddings"] if isinstance(options["quantize_embeddings"], str) else "int8"
+        extras.append(f"{head} LM head")
+    if options.get("int8_activations"):
+        extras.append("int8 activations")
+    return " + ".join([label] + extras)

@@ -8,7 +8,9 @@ A bare name (-c int4) picks one of the presets shipped in quant/presets/.
 
 The plan speaks for the transformer layers (parts PRE, CACHE, POST), as in the manual. The
 embedding table and the LM head are not layers: they stay float (FP32 when every layer is FP32,
-otherwise BF16) unless --quantize_embeddings makes them int8.
+otherwise BF16) unless --quantize_embeddings makes them integer: int8 for both, or with
+--quantize_embeddings int4 an int4 LM head (the table stays int8: a lookup reads one row, so its
+width costs memory, not speed, and int4 rows would need an int4 Gather).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..graph.units import Unit
 from .precision import PRECISIONS
 
 DEFAULT_PRECISION = "BF16"  # the compile manual's default when no configuration file is given
-EMBEDDING_PRECISION = "A_BF16_W_INT8"  # --quantize_embeddings
+EMBEDDING_WIDTHS = {"int8": "A_BF16_W_INT8", "int4": "A_BF16_W_INT4"}  # --quantize_embeddings [int8|int4]
 LORA_MODES = ("LORA_DISABLED",)
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -41,7 +43,7 @@ class LayerChoice:
 
 
 class PrecisionPlan:
-    def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: bool = False):
+    def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: str | None = None):
         self.path = path
         self.props = {"num_hidden_layers": num_layers}
         self.quantize_embeddings = quantize_embeddings
@@ -72,7 +74,7 @@ class PrecisionPlan:
 
     def choice(self, unit: Unit) -> LayerChoice:
         if unit.part not in ("PRE", "CACHE", "POST"):
-            return LayerChoice(self._embedding_precision())
+            return LayerChoice(self._embedding_precision(unit.part))
         layer = {"part": unit.part, "is_group": unit.is_group, "index": unit.index}
         if self.path is None:
             raw = {"precision": DEFAULT_PRECISION}
@@ -88,9 +90,9 @@ class PrecisionPlan:
                     raw.update(rule.get("set", {}))
         return self._validate(raw, layer)
 
-    def _embedding_precision(self) -> str:
+    def _embedding_precision(self, part: str) -> str:
         if self.quantize_embeddings:
-            return EMBEDDING_PRECISION
+            return EMBEDDING_WIDTHS[self.quantize_embeddings if part == "HEAD" else "int8"]
         layers = [Unit(g, part, i) for g in (True, False) for part in ("PRE", "POST") for i in range(self.props["num_hidden_layers"])]
         return "FP32" if layers and all(self.choice(u).precision == "FP32" for u in layers) else "BF16"
 
