@@ -589,16 +589,19 @@ def edgellm_compile(gguf: Path, out: Path, ctx: int, threads: int, plan: str | N
 ORTGENAI_BUILDER_ARGS = ("-p", "int4", "-e", "cpu")
 
 
-def ortgenai_model(hf_dir: Path, cache_dir: Path, threads: int) -> tuple[Path, float | None]:
+def ortgenai_model(hf_dir: Path, cache_dir: Path, threads: int,
+                   precision: str = "int4") -> tuple[Path, float | None]:
     """The ORT GenAI model folder for hf_dir, built once with the model builder and cached.
 
+    precision: the builder's -p (int4 here; perplexity_peers.py also builds fp32 and int8).
     Returns the folder and the build time (None when it came from the cache)."""
     from importlib.metadata import version  # noqa: PLC0415
 
-    out = cache_dir / f"{hf_dir.name.removesuffix('-hf')}-ortgenai-int4"
+    builder_args = ("-p", precision, *ORTGENAI_BUILDER_ARGS[2:])
+    out = cache_dir / f"{hf_dir.name.removesuffix('-hf')}-ortgenai-{precision}"
     marker = out / ".bench-build.json"
     want = {"source": str(hf_dir), "builder": f"onnxruntime-genai {version('onnxruntime-genai')}",
-            "args": list(ORTGENAI_BUILDER_ARGS)}
+            "args": list(builder_args)}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return out, None
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -607,7 +610,7 @@ def ortgenai_model(hf_dir: Path, cache_dir: Path, threads: int) -> tuple[Path, f
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=cache_dir))
     try:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-               "-o", str(tmp / "model"), *ORTGENAI_BUILDER_ARGS, "-c", str(tmp / "hf-cache")]
+               "-o", str(tmp / "model"), *builder_args, "-c", str(tmp / "hf-cache")]
         _log(f"building the ORT GenAI model (once, cached in {out}): " + shlex.join(cmd))
         t0 = time.perf_counter()
         p = subprocess.run(cmd, env=_src_env(threads), cwd=tmp, capture_output=True, text=True)
