@@ -910,8 +910,8 @@ def _edgellm_note(artifact: Path, plan: str | None) -> str:
                     else "default plan")
     parts = [f"plan {plan}"]
     parts += [k for k, v in opts.items() if v is True]  # the flags given
-    parts += [f"{k}={opts[k]}" for k in ("max_num_tokens", "future_token_mask_size",
-                                         "language_group_size") if k in opts]
+    parts += [f"{k}={opts[k]}" for k in ("quantize_embeddings", "max_num_tokens", "future_token_mask_size",
+                                         "language_group_size") if opts.get(k)]
     return ", ".join(parts)
 
 
