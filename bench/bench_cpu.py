@@ -924,6 +924,17 @@ def _available(engine: str) -> tuple[bool, str]:
     return True, ""
 
 
+def add_timing_arguments(ap: argparse.ArgumentParser) -> None:
+    """How timed runs cope with a noisy machine; shared by the bench scripts."""
+    ap.add_argument("--retry-noisy", type=int, default=2, help="rerun a timed run up to this "
+                    f"many times when other processes used > {NOISY_PCT:.0f}%% of the machine")
+    ap.add_argument("--retry-budget", type=float, default=150.0, help="seconds the retries may "
+                    "take in all")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--wait-idle", type=float, default=15.0, help="before each timed run, wait "
+                    "up to this many seconds for the machine to be idle (0 = don't)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -963,13 +974,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-gen", type=int, default=64)
     ap.add_argument("--no-long", action="store_true", help="skip the long-context case")
     ap.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation")
-    ap.add_argument("--retry-noisy", type=int, default=2, help="rerun a timed run up to this "
-                    f"many times when other processes used > {NOISY_PCT:.0f}%% of the machine")
-    ap.add_argument("--retry-budget", type=float, default=150.0, help="seconds the retries may "
-                    "take in all")
-    ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--wait-idle", type=float, default=15.0, help="before each timed run, wait "
-                    "up to this many seconds for the machine to be idle (0 = don't)")
+    add_timing_arguments(ap)
     ap.add_argument("--markdown", action="store_true", help="also print a markdown section to paste "
                     "into docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="write all raw results here")

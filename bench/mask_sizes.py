@@ -72,13 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--early-prompt", type=int, default=16)
     ap.add_argument("--late-prompt", type=int, default=880)
     ap.add_argument("--gen", type=int, default=64, help="tokens generated in each case")
-    ap.add_argument("--retry-noisy", type=int, default=2, help="rerun a timed run up to this "
-                    f"many times when other processes used > {bc.NOISY_PCT:.0f}%% of the machine")
-    ap.add_argument("--retry-budget", type=float, default=150.0, help="seconds the retries may "
-                    "take in all")
-    ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--wait-idle", type=float, default=15.0, help="before each timed run, wait "
-                    "up to this many seconds for the machine to be idle (0 = don't)")
+    bc.add_timing_arguments(ap)
     ap.add_argument("--markdown", action="store_true", help="also print a markdown section")
     ap.add_argument("--json", type=Path, help="write all raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (worker logs)")
