@@ -40,6 +40,24 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama3_factors(rope: dict, head_dim: int) -> np.ndarray:
+    import math
+
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
 def write_gguf(hf_dir: Path, path: Path, arch: str) -> Path:
     import gguf
     import json
@@ -68,6 +86,8 @@ def write_gguf(hf_dir: Path, path: Path, arch: str) -> Path:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(key):
             writer.add_float32(f"{arch}.{key}", config[key])
+    if rope.get("rope_type") == "llama3":  # llama.cpp's LlamaModel: the scaling as per-frequency divisors
+        writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, head_dim))
     if rope.get("rope_type") == "longrope":
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
         writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))

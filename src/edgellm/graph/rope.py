@@ -21,6 +21,11 @@ def inverse_frequencies(rope: RopeConfig, max_positions: int) -> tuple[np.ndarra
     kind = rope.scaling.get("rope_type", "default")
     if kind == "longrope":
         return _longrope(rope, exponents, max_positions)
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: each frequency divided by its factor
+        factors = np.asarray(rope.scaling["factors"], np.float32)
+        if factors.shape != inv_freq.shape:
+            raise EdgeLLMError(f"rope_freqs has {factors.size} factors for {inv_freq.size} rotary frequencies")
+        return (inv_freq / factors).astype(np.float32), 1.0
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
@@ -36,7 +41,7 @@ def inverse_frequencies(rope: RopeConfig, max_positions: int) -> tuple[np.ndarra
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
-    raise EdgeLLMError(f"rope scaling type '{kind}' is not supported yet (supported: default, linear, llama3, longrope)")
+    raise EdgeLLMError(f"rope scaling type '{kind}' is not supported yet (supported: default, linear, llama3, longrope, and GGUF rope_freqs)")
 
 
 def _longrope(rope: RopeConfig, exponents: np.ndarray, max_positions: int) -> tuple[np.ndarray, float]:

@@ -112,6 +112,10 @@ class GGUFSource:
             scaling = self._meta("rope.scaling.type")
             if scaling and scaling != "none":
                 cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(self._meta("rope.scaling.factor", 1.0))}
+            freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
+            if freqs is not None:  # Llama 3.1+: llama.cpp stores the llama3 scaling as per-frequency divisors
+                cfg["rope_parameters"] = {"rope_type": "freq_factors", "rope_theta": cfg["rope_theta"],
+                                          "factors": [float(x) for x in freqs.data]}
         if self._meta("attention.sliding_window") is not None:
             cfg["sliding_window"] = int(self._meta("attention.sliding_window"))
         if self.arch in ("gemma2", "gemma3"):
