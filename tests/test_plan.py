@@ -102,3 +102,11 @@ def test_unreadable_plans_are_user_errors(tmp_path, name, body, needle):
     with pytest.raises(EdgeLLMError, match=None) as info:
         PrecisionPlan(path, 3)
     assert str(path) in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize("body", ['{"default": "A_BF16_W_INT4"}', '{"rules": ["x"]}', '{"rules": [{"match": "group"}]}'])
+def test_malformed_rules_are_user_errors(tmp_path, body):
+    path = tmp_path / "plan.json"
+    path.write_text(body)
+    with pytest.raises(EdgeLLMError, match="plan.json: expected"):
+        PrecisionPlan(path, 3)

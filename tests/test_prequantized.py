@@ -47,14 +47,14 @@ def _compare_with(reference, out: Path, tolerance: float):
     assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
 
 
-@pytest.mark.parametrize("bits,symmetric,precision,tolerance", [
-    (4, True, "A_BF16_W_INT4", 1e-4),
-    (4, False, "A_BF16_W_INT4", 1e-4),
-    (8, True, "A_BF16_W_INT8", 0.05),  # int8 weights run with int8 activations (targets/ort_lowering.py)
+@pytest.mark.parametrize("bits,symmetric,group,precision,tolerance", [
+    (4, True, 32, "A_BF16_W_INT4", 1e-4),
+    (4, False, 32, "A_BF16_W_INT4", 1e-4),
+    (8, True, 32, "A_BF16_W_INT8", 0.05),  # int8 weights run with int8 activations (targets/ort_lowering.py)
 ])
-def test_compressed_tensors_checkpoint_runs_as_the_library_decompresses_it(tmp_path, bits, symmetric, precision, tolerance):
+def test_compressed_tensors_checkpoint_runs_as_the_library_decompresses_it(tmp_path, bits, symmetric, group, precision, tolerance):
     hf = save_tiny("llama", tmp_path / "hf")
-    ct = export_compressed_tensors(hf, tmp_path / "ct", bits=bits, group_size=32, symmetric=symmetric)
+    ct = export_compressed_tensors(hf, tmp_path / "ct", bits=bits, group_size=group, symmetric=symmetric)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         ct, dtype=torch.float32, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
     state = reference.state_dict()

@@ -122,17 +122,17 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     _check_writable(out)
     source = _SOURCES[str(model_path)] = open_source(model_path)
     cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
-    _check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
-    # A full build without --resume starts over; single stages (--onnx, --quantize, ...) build on
-    # what earlier runs recorded, rebuilding their own units.
+    check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
+    # A full build without --resume starts over (with --resume, unit hashes decide what is kept).
+    # Single stages (--onnx, --quantize, ...) build on what earlier runs recorded, unless those
+    # were made from another model or with other options: the stages not run now would be stale.
+    recorded = {k: v for k, v in asdict(options).items() if k not in ("jobs", "resume", "stages")}
     manifest = Manifest.open(out / "manifest.json", fresh=not options.resume and set(options.stages) == set(STAGES))
-    manifest.data.update(
-        edgellm=__version__,
-        model=str(Path(model_path).resolve()),
-        source_fingerprint=source.fingerprint(),
-        options={k: v for k, v in asdict(options).items() if k not in ("jobs", "resume", "stages")},
-        complete=False,
-    )
+    identity = dict(edgellm=__version__, model=str(Path(model_path).resolve()), source_fingerprint=source.fingerprint(),
+                    options=recorded)
+    if set(options.stages) != set(STAGES) and any(manifest.data.get(k) != v for k, v in identity.items()):
+        manifest = Manifest(manifest.path, {})
+    manifest.data.update(identity, complete=False)
     manifest.save()
     _atomic_write(out / "model_config.json", cfg.to_json())
     context = _Context(str(model_path), out, options, cfg, source.fingerprint())
@@ -269,13 +269,20 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
     if progress:
         progress(stage, done, len(units))
     if ctx.options.jobs > 1 and len(todo) > 1:
+        failure = None
         with ProcessPoolExecutor(max_workers=ctx.options.jobs) as pool:
             futures = [(pool.submit(_stage_job, stage, u, ctx, p), h, k) for u, p, h, k in todo]
             for future, h, key in futures:
-                manifest.record(key, h, future.result())
+                try:  # record every unit that finished, so --resume keeps them after one fails
+                    manifest.record(key, h, future.result())
+                except Exception as e:  # noqa: BLE001 (re-raised below)
+                    failure = failure or e
+                    continue
                 done += 1
                 if progress:
                     progress(stage, done, len(units))
+        if failure is not None:
+            raise failure
     else:
         for unit, precision, h, key in todo:
             manifest.record(key, h, _stage_job(stage, unit, ctx, precision))
@@ -301,7 +308,7 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 
 
-def _check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
+def check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
     """Every tensor the config asks for exists with the shape the config implies, so a config
     that contradicts its weights fails here, naming the fields, not deep inside graph emission."""
     names = set(source.tensor_names())

@@ -88,7 +88,7 @@ def inspect(
     """Print the ModelConfig edgellm derives, the tensors it reads and the unit plan; compile nothing."""
     from rich.table import Table
 
-    from .build import BuildOptions
+    from .build import BuildOptions, check_tensors
     from .config import build_model_config
     from .graph.units import plan_units
     from .quant.plan import PrecisionPlan
@@ -97,7 +97,9 @@ def inspect(
     options = BuildOptions(max_num_tokens=max_num_tokens, future_token_mask_size=future_token_mask_size)
     options.validate()
     source = open_source(model)
-    cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model)))
+    where = str(getattr(source, "config_path", model))
+    cfg = build_model_config(source.raw_config, where)
+    check_tensors(source, cfg, where)
     console = Console()
     console.print_json(cfg.to_json())
     tensors = Table(title="tensors (layer 0 and global)")

@@ -50,6 +50,8 @@ def _longrope(rope: RopeConfig, exponents: np.ndarray, max_positions: int) -> tu
     context; a static table cannot switch mid-sequence, so a build whose context (max_num_tokens)
     exceeds the original uses the long factors throughout, and otherwise the short ones."""
     s = rope.scaling
+    if not s.get("original_max_position_embeddings"):
+        raise EdgeLLMError("longrope scaling needs original_max_position_embeddings (in rope_scaling or config.json)")
     original = int(s["original_max_position_embeddings"])
     factors = s["long_factor"] if max_positions > original else s["short_factor"]
     if len(factors) != len(exponents):

@@ -47,6 +47,8 @@ def export_compressed_tensors(model_dir: Path, out_dir: Path, bits: int = 4, gro
             tensors[name] = np.ascontiguousarray(w)
             continue
         prefix = name[: -len(".weight")]
+        if w.shape[1] % group_size:  # the compressed-tensors library cannot decompress a short last group
+            raise ValueError(f"{name}: group_size {group_size} does not divide its {w.shape[1]} inputs")
         blocks = quantize(w, bits, group_size, symmetric)
         offset = 1 << (bits - 1)
         stored = (blocks.q.astype(np.int16) + offset).astype(np.uint8) if symmetric else blocks.q  # values + 2^(bits-1)

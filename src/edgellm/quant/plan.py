@@ -61,8 +61,14 @@ class PrecisionPlan:
                 self._rules = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
             except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
                 raise EdgeLLMError(f"{path}: malformed {path.suffix[1:].upper()} ({e})") from None
-            if not isinstance(self._rules, dict) or not isinstance(self._rules.get("rules", []), list):
-                raise EdgeLLMError(f"{path}: expected {{\"default\": {{...}}, \"rules\": [{{\"match\": ..., \"set\": ...}}]}}")
+            rules = self._rules.get("rules", []) if isinstance(self._rules, dict) else None
+            well_formed = (
+                isinstance(rules, list) and isinstance(self._rules.get("default", {}), dict)
+                and all(isinstance(r, dict) and isinstance(r.get("match", {}), dict) and isinstance(r.get("set", {}), dict)
+                        for r in rules)
+            )
+            if not well_formed:
+                raise EdgeLLMError(f"{path}: expected {{\"default\": {{...}}, \"rules\": [{{\"match\": {{...}}, \"set\": {{...}}}}]}}")
         else:
             try:
                 namespace = runpy.run_path(str(path))

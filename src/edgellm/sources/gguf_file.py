@@ -107,9 +107,12 @@ class GGUFSource:
         head_dim = self._meta("attention.key_length")
         if head_dim is not None:
             cfg["head_dim"] = int(head_dim)
+        scaling = self._meta("rope.scaling.type")
+        if scaling and scaling != "none" and self.arch != "llama":
+            # e.g. Gemma 3 4B+ scales only its global layers; not mapped yet: refuse rather than guess
+            raise EdgeLLMError(f"{where}: rope scaling '{scaling}' in a {self.arch} GGUF is not supported yet")
         if self.arch == "llama":
             cfg["head_dim"] = int(self._meta("rope.dimension_count", hidden // heads))
-            scaling = self._meta("rope.scaling.type")
             if scaling and scaling != "none":
                 cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(self._meta("rope.scaling.factor", 1.0))}
             freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -119,8 +122,10 @@ class GGUFSource:
         if self._meta("attention.sliding_window") is not None:
             cfg["sliding_window"] = int(self._meta("attention.sliding_window"))
         if self.arch in ("gemma2", "gemma3"):
-            # llama.cpp scales queries by 1/sqrt(head_dim) for every size GGUF can describe here.
-            cfg["query_pre_attn_scalar"] = cfg.get("head_dim", 256)
+            # GGUF has no query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(head_dim),
+            # except for the 27B sizes (46 / 62 layers), where it uses hidden / heads as HF does.
+            is_27b = cfg["num_hidden_layers"] == {"gemma2": 46, "gemma3": 62}[self.arch]
+            cfg["query_pre_attn_scalar"] = hidden // heads if is_27b else cfg.get("head_dim", 256)
         if self.arch == "gemma3":
             cfg["rope_local_base_freq"] = 10000.0
         if self.arch == "gemma2":

@@ -54,7 +54,13 @@ class PrequantizedReader:
             if self.weights.get("type", "int") != "int" or self.weights.get("num_bits") not in (4, 8):
                 raise EdgeLLMError(f"{where}: compressed-tensors weights {self.weights} are not int4/int8")
             suffix = ".weight_packed"
+            strategy = self.weights.get("strategy", "group")
+            if strategy not in ("group", "channel"):
+                raise EdgeLLMError(f"{where}: compressed-tensors strategy {strategy!r} is not supported (group, channel)")
         elif self.method in ("gptq", "awq"):
+            if self.method == "gptq" and config.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+                raise EdgeLLMError(f"{where}: GPTQ checkpoint_format {config.get('checkpoint_format')!r} is not supported "
+                                   "(gptq, gptq_v2)")
             if config.get("bits") not in (4, 8) or (self.method == "awq" and config.get("bits") != 4):
                 raise EdgeLLMError(f"{where}: {self.method} with {config.get('bits')} bits is not supported (gptq: 4, 8; awq: 4)")
             if self.method == "awq" and str(config.get("version", "gemm")).lower() != "gemm":
@@ -76,6 +82,12 @@ class PrequantizedReader:
     def shape(self, name: str) -> tuple[int, int]:
         """[N, K] of a quantized weight, from its stored tensors' shapes (nothing unpacked)."""
         prefix = name[: -len(".weight")]
+        try:
+            return self._shape(prefix)
+        except KeyError as e:
+            raise EdgeLLMError(f"{self.where}: {prefix} lacks tensor {e} of its {self.method} layout") from None
+
+    def _shape(self, prefix: str) -> tuple[int, int]:
         if self.method == "compressed-tensors":
             return tuple(int(d) for d in self.arrays[f"{prefix}.weight_shape"])
         words, scales = self.arrays[f"{prefix}.qweight"].shape, self.arrays[f"{prefix}.scales"].shape
@@ -104,7 +116,12 @@ class PrequantizedReader:
         else:  # (q - zp) is the same with both stored offset by 2^(bits-1): keep them unsigned
             zero = unpack_int32(self.arrays[f"{prefix}.weight_zero_point"], bits, n, axis=0)[:, :groups]
         g_idx = self.arrays.get(f"{prefix}.weight_g_idx")
-        return _grouped(q, scale, zero, bits, -(-k // groups), g_idx, "compressed-tensors", self.where, prefix)
+        # the group size is the config's: the last group of a K that it does not divide is short
+        group = int(self.weights["group_size"]) if self.weights.get("strategy", "group") == "group" else k
+        if groups != -(-k // group):
+            raise EdgeLLMError(f"{self.where}: {prefix}.weight_scale has {groups} groups; K {k} in groups of {group} needs "
+                               f"{-(-k // group)}")
+        return _grouped(q, scale, zero, bits, group, g_idx, "compressed-tensors", self.where, prefix)
 
     def _gptq(self, prefix: str) -> BlockQuantized:
         bits = self.cfg["bits"]
