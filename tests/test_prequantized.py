@@ -118,7 +118,7 @@ def _write_prequantized(hf: Path, out: Path, method: str, bits: int = 4, group: 
         if name.split(".")[-2] not in LINEAR:
             tensors[name] = w
             continue
-        prefix, (n, k) = name[: -len(".weight")], w.shape
+        prefix, k = name[: -len(".weight")], w.shape[1]
         n_groups = k // group
         if method == "gptq":  # act-order: groups follow a permutation of the input columns, which
             # GPTQ derives from the input, so weights reading the same input share it

@@ -11,7 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import transformers
 
 import edgellm
 from conftest import build

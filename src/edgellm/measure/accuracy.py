@@ -83,8 +83,7 @@ def precision_summary(model_dir: Path) -> str:
     if options.get("asymmetric"):
         extras.append("asymmetric")
     if options.get("quantize_embeddings"):
-        head = options["quantize_embeddings"] if isinstance(options["quantize_embeddings"], str) else "int8"
-        extras.append(f"{head} LM head")
+        extras.append(f"int8 embeddings, {options['quantize_embeddings']} LM head")
     if options.get("int8_activations"):
         extras.append("int8 activations")
     return " + ".join([label] + extras)

@@ -47,6 +47,7 @@ class PrecisionPlan:
         self.path = path
         self.props = {"num_hidden_layers": num_layers}
         self.quantize_embeddings = quantize_embeddings
+        self._float_embeddings: str | None = None  # FP32 or BF16, decided once from the layers
         self._fn = None
         self._rules: dict | None = None
         if path is None:
@@ -99,8 +100,10 @@ class PrecisionPlan:
     def _embedding_precision(self, part: str) -> str:
         if self.quantize_embeddings:
             return EMBEDDING_WIDTHS[self.quantize_embeddings if part == "HEAD" else "int8"]
-        layers = [Unit(g, part, i) for g in (True, False) for part in ("PRE", "POST") for i in range(self.props["num_hidden_layers"])]
-        return "FP32" if layers and all(self.choice(u).precision == "FP32" for u in layers) else "BF16"
+        if self._float_embeddings is None:  # asks the plan about every layer: once per plan
+            layers = [Unit(g, p, i) for g in (True, False) for p in ("PRE", "POST") for i in range(self.props["num_hidden_layers"])]
+            self._float_embeddings = "FP32" if layers and all(self.choice(u).precision == "FP32" for u in layers) else "BF16"
+        return self._float_embeddings
 
     def _validate(self, raw, layer) -> LayerChoice:
         where = f"{self.path}: layer {layer}"
