@@ -4,6 +4,7 @@
     onnx      one float segment per unit            -> onnx/<variant>/<unit>.onnx
     quantize  the precision plan applied per unit   -> quant/<variant>/<unit>.onnx
     compile   segments linked per variant, target   -> compiled/cpu/{group,single}.onnx + weights.bin
+                                                       compiled/native/ model.c, libmodel.so, model_main
 
 Every unit's output is written atomically and recorded in manifest.json with the hash of
 everything it was made from; --resume skips units whose recorded hash and files still match, so an
@@ -28,6 +29,7 @@ from .errors import EdgeLLMError
 from .graph.units import Unit, plan_units
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
+TARGETS = ("cpu", "native", "aarch64-linux")  # cpu: ONNX Runtime; the others: generated C (targets/native)
 log = logging.getLogger("edgellm.build")
 
 
@@ -64,8 +66,8 @@ class BuildOptions:
             raise EdgeLLMError(f"--quantize_embeddings {self.quantize_embeddings}: use int8 or int4")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise EdgeLLMError(f"--block_size must be a power of two of at least 16, got {self.block_size}")
-        if self.target != "cpu":
-            raise EdgeLLMError(f"unknown target '{self.target}' (supported: cpu)")
+        if self.target not in TARGETS:
+            raise EdgeLLMError(f"unknown target '{self.target}' (supported: {', '.join(TARGETS)})")
 
     @property
     def buckets(self) -> list[int]:
@@ -143,10 +145,14 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
         log.info("stage %s", stage)
         if stage == "devkit":
             _devkit(source, cfg, options, out)
-        elif stage == "compile":
+        elif stage == "compile" and options.target == "cpu":
             from .targets.cpu import compile_cpu
 
             compile_cpu(out, cfg, options, units, manifest, progress)
+        elif stage == "compile":
+            from .targets.native import compile_native
+
+            compile_native(out, cfg, options, units, manifest, progress)
         else:
             _run_units(stage, units, context, manifest, progress)
         # a stage run again makes the later stages' outputs stale until they run again too

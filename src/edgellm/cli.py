@@ -31,7 +31,7 @@ def compile(
     quantize: bool = typer.Option(False, "--quantize", help="run only the quantize stage"),
     compile_: bool = typer.Option(False, "--compile", help="run only the compile stage"),
     devkit: bool = typer.Option(False, "--devkit", help="run only the devkit (runtime files) stage"),
-    target: str = typer.Option("cpu", "--target", help="compile target"),
+    target: str = typer.Option("cpu", "--target", help="cpu (ONNX Runtime), native (C for this CPU) or aarch64-linux (cross-compiled C)"),
     block_size: int = typer.Option(32, "--block_size", help="weights per block of the integer precisions"),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="integer blocks with zero points (default symmetric)"),
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings", help="int8 embedding table and LM head"),

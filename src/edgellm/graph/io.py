@@ -105,6 +105,22 @@ def to_array(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(loaded)
 
 
+INTEGER_TYPES = {onnx.TensorProto.INT4: (4, True), onnx.TensorProto.UINT4: (4, False),
+                 onnx.TensorProto.INT8: (8, True), onnx.TensorProto.UINT8: (8, False)}  # type -> (bits, signed)
+
+
+def integer_values(t: onnx.TensorProto) -> np.ndarray:
+    """An integer tensor's values, one per byte (int8 if signed, else uint8), in its shape."""
+    from ..quant.blocks import unpack_int4
+
+    bits, signed = INTEGER_TYPES[t.data_type]
+    count = int(np.prod(t.dims))
+    raw = tensor_bytes(t)
+    if bits == 4:
+        return unpack_int4(raw, count, signed).reshape(tuple(t.dims))
+    return np.frombuffer(raw, np.int8 if signed else np.uint8, count=count).reshape(tuple(t.dims))
+
+
 class Spill:
     """Large tensors made while building or rewriting a graph, written to a scratch file at once
     (straight from the array's memory) and referenced from there, so they never pile up in memory

@@ -53,7 +53,8 @@ class Model:
         manifest = path / "manifest.json"
         if not manifest.is_file():
             raise EdgeLLMError(f"{path}: not an edgellm output directory (no manifest.json)")
-        if not json.loads(manifest.read_text()).get("complete"):
+        recorded = json.loads(manifest.read_text())
+        if not recorded.get("complete"):
             raise EdgeLLMError(f"{path}: the build is incomplete; run `edgellm compile ... --resume`")
         cfg = ModelConfig.load(path / "model_config.json")
         codec = TextCodec(path / "runtime")
@@ -68,7 +69,17 @@ class Model:
             int8_activations=s.get("int8_activations", False),
             return_logits=s.get("return_logits", False),
         )
-        return cls(path, Engine(path / "compiled" / "cpu", spec, threads), codec, cfg)
+        target = recorded.get("options", {}).get("target", "cpu")
+        if target == "cpu":
+            engine = Engine(path / "compiled" / "cpu", spec, threads)
+        elif target == "native":
+            from .native import NativeEngine
+
+            engine = NativeEngine(path / "compiled" / "native", spec, threads)
+        else:
+            raise EdgeLLMError(f"{path}: built for {target}; its programs run on that machine "
+                               f"(compiled/{target}/model_main), not in this runtime")
+        return cls(path, engine, codec, cfg)
 
     def reset(self) -> None:
         self.cached = []

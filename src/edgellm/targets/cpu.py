@@ -20,8 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import EdgeLLMError
-from ..graph.io import Spill, load_lazy, save_models
+from ..graph.io import Spill, save_models
 from ..graph.units import Unit
 
 PROGRAM_FILES = ("group.onnx", "single.onnx", "shared.onnx")
@@ -59,19 +58,11 @@ def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=N
 
 def _program(variant, is_group, units, plan, options, manifest, out, spill):
     """Link one variant's segments (weights left in their files) and lower it for ONNX Runtime."""
-    from .link import link
+    from .link import link_quantized
     from .ort_lowering import lower_integer_matmuls
 
-    chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, options.buckets[0])]
-    for u in chosen:
-        if f"quantize:{u.name}" in manifest.data.get("units", {}):
-            continue
-        if not plan.choice(u).compile:
-            raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
-                               f"to reuse in {out} (the cpu target runs every unit; build it once, then --resume)")
-        raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
-    segments = [load_lazy(out / "quant" / f"{u.name}.onnx") for u in chosen]
-    program = link(segments, f"edgellm_{variant}", kv_dim="kv_len", seq_dim="tokens" if variant == "shared" else None)
+    program = link_quantized(out, units, is_group, plan, options, manifest, f"edgellm_{variant}",
+                             seq_dim="tokens" if variant == "shared" else None)
     return lower_integer_matmuls(program, options.int8_activations, spill)
 
 

@@ -10,8 +10,23 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from ..errors import EdgeLLMError
 from ..graph.builder import OPSET
-from ..graph.io import tensor_bytes
+from ..graph.io import load_lazy, tensor_bytes
+
+
+def link_quantized(out, units, is_group: bool, plan, options, manifest, name: str, seq_dim: str | None = None) -> onnx.ModelProto:
+    """One variant's quantized segments (smallest cache bucket), linked, weights left in their files."""
+    chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, options.buckets[0])]
+    for u in chosen:
+        if f"quantize:{u.name}" in manifest.data.get("units", {}):
+            continue
+        if not plan.choice(u).compile:
+            raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
+                               f"to reuse in {out} (the {options.target} target runs every unit; build it once, then --resume)")
+        raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
+    segments = [load_lazy(out / "quant" / f"{u.name}.onnx") for u in chosen]
+    return link(segments, name, kv_dim="kv_len", seq_dim=seq_dim)
 
 
 def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, seq_dim: str | None = None) -> onnx.ModelProto:

@@ -1,6 +1,6 @@
 """Static memory plan for a linked program: every activation at a fixed offset in one arena.
 
-Groundwork for the native target (issue 5), which runs a decode step with no allocation: each
+The native target (targets/native) runs a call with no allocation: each
 intermediate tensor lives in one arena at an offset chosen at compile time, and two tensors share
 bytes only when their lifetimes (first write to last read, in node order) do not overlap. Offsets
 are assigned greedily, largest tensor first, each at the lowest offset free of every placed
@@ -65,9 +65,15 @@ def plan_memory(model: onnx.ModelProto, dims: dict[str, int]) -> MemoryPlan:
         for name in node.output:
             if name and name not in external:
                 first[name] = last[name] = i
+    return place({name: (first[name], last[name], sizes[name]) for name in first}, len(nodes))
+
+
+def place(lifetimes: dict[str, tuple[int, int, int]], steps: int) -> MemoryPlan:
+    """lifetimes: tensor -> (first step, last step, bytes). Greedy offsets, largest first."""
     placed: list[Placement] = []
-    for name in sorted(first, key=lambda n: (-sizes[n], first[n])):
-        size, lo, hi = _aligned(sizes[name]), first[name], last[name]
+    for name in sorted(lifetimes, key=lambda n: (-lifetimes[n][2], lifetimes[n][0])):
+        lo, hi, size = lifetimes[name]
+        size = _aligned(size)
         busy = sorted((p.offset, p.offset + p.size) for p in placed if p.first <= hi and lo <= p.last)
         offset = 0
         for start, end in busy:
@@ -75,7 +81,7 @@ def plan_memory(model: onnx.ModelProto, dims: dict[str, int]) -> MemoryPlan:
                 break
             offset = max(offset, end)
         placed.append(Placement(name, offset, size, lo, hi))
-    live = np.zeros(max(len(nodes), 1), np.int64)
+    live = np.zeros(max(steps, 1), np.int64)
     for p in placed:
         live[p.first : p.last + 1] += p.size
     return MemoryPlan(

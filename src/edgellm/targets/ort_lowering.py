@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from ..graph.io import tensor_bytes, to_array
-from ..quant.blocks import pack_int4, unpack_int4
+from ..graph.io import INTEGER_TYPES, integer_values, to_array
+from ..quant.blocks import pack_int4
 
 FLOAT_ACTIVATIONS, INT8_ACTIVATIONS = 1, 4  # MatMulNBits accuracy_level values
-_INTEGER_TYPES = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False), TensorProto.INT8: (8, True), TensorProto.UINT8: (8, False)}
 
 
 def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=None) -> onnx.ModelProto:
@@ -37,7 +36,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
             consumers.setdefault(name, []).append(node)
     lowered, dead, new_inits = [], set(), {}
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or inits[node.input[0]].data_type not in _INTEGER_TYPES:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or inits[node.input[0]].data_type not in INTEGER_TYPES:
             continue
         users = consumers.get(node.output[0], [])
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -47,7 +46,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
         if block < 16 or block & (block - 1):  # MatMulNBits' blocks: powers of two from 16
             continue
         matmul = users[0]
-        bits, signed = _INTEGER_TYPES[inits[node.input[0]].data_type]
+        bits, signed = INTEGER_TYPES[inits[node.input[0]].data_type]
         names = _packed_weight(inits, node, bits, signed, attrs["block_size"], new_inits, make)
         k, n = inits[node.input[0]].dims
         level = INT8_ACTIVATIONS if bits == 8 or int8_activations else FLOAT_ACTIVATIONS
@@ -76,7 +75,7 @@ def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: in
     q_init, scale_init = inits[dq.input[0]], inits[dq.input[1]]
     k, n = q_init.dims
     blocks = -(-k // block)
-    q = _integers(q_init, bits, signed).reshape(k, n)
+    q = integer_values(q_init).reshape(k, n)
     offset = 1 << (bits - 1)
     unsigned = (q.astype(np.int16) + offset).astype(np.uint8) if signed else q.astype(np.uint8)
     padded = np.zeros((n, blocks * block), np.uint8)
@@ -93,7 +92,7 @@ def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: in
     scale = to_array(scale_init).astype(np.float32).T.reshape(-1)
     new_inits[names[1]] = make(names[1], scale)
     if len(dq.input) > 2 and dq.input[2]:
-        zp = _integers(inits[dq.input[2]], bits, signed=False).reshape(blocks, n).T.astype(np.uint8)  # [N, blocks]
+        zp = integer_values(inits[dq.input[2]]).reshape(blocks, n).T.astype(np.uint8)  # [N, blocks]
         zp_name = f"{dq.input[2]}.nbits"
     elif not signed:  # DequantizeLinear's absent zero point is 0; MatMulNBits' is 2^(bits-1)
         zp, zp_name = np.zeros((n, blocks), np.uint8), f"{base}.zero.nbits"
@@ -106,10 +105,3 @@ def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: in
     new_inits[zp_name] = make(zp_name, zp.reshape(-1))
     return names
 
-
-def _integers(t: onnx.TensorProto, bits: int, signed: bool) -> np.ndarray:
-    count = int(np.prod(t.dims))
-    raw = tensor_bytes(t)
-    if bits == 4:
-        return unpack_int4(raw, count, signed)
-    return np.frombuffer(raw, np.int8 if signed else np.uint8, count=count)

@@ -1,0 +1,72 @@
+"""Run a native build (targets/native): libmodel.so through ctypes, with the Engine's interface.
+
+The compiled model keeps its KV cache and activations in static memory, so a call passes only
+token ids and a logits buffer. Prefill is chunked as in engine.py, but a call runs exactly the
+tokens it is given: the generated code is generic in the tokens per call, so nothing is padded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .engine import EngineSpec, _physical_cores
+
+_INT64_P = ctypes.POINTER(ctypes.c_int64)
+_FLOAT_P = ctypes.POINTER(ctypes.c_float)
+
+
+class NativeEngine:
+    def __init__(self, program_dir: Path, spec: EngineSpec, threads: int | None = None):
+        self.spec = spec
+        library = Path(program_dir) / "libmodel.so"
+        if not library.is_file():
+            raise EdgeLLMError(f"{program_dir}: no libmodel.so; run `edgellm compile ... --resume`")
+        self.lib = ctypes.CDLL(str(library.resolve()))
+        self.lib.em_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        self.lib.em_forward.argtypes = [_INT64_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
+        self.lib.em_last_error.restype = ctypes.c_char_p
+        if self.lib.em_init(str(Path(program_dir) / "weights.bin").encode(), threads or _physical_cores()) != 0:
+            raise EdgeLLMError(self.lib.em_last_error().decode())
+        self.ids = np.zeros(spec.group_size, np.int64)
+        self.logits = np.zeros((spec.group_size if spec.return_logits else 1, spec.vocab_size), np.float32)
+
+    def run(self, token_ids: list[int], start: int, logits_row: int = 0, rows: slice | None = None) -> np.ndarray:
+        """Process token_ids at positions start..; return row logits_row's logits, or with `rows`
+        (return_logits builds) those rows as [n, vocab]."""
+        n = len(token_ids)
+        self.ids[:n] = token_ids
+        status = self.lib.em_forward(self.ids.ctypes.data_as(_INT64_P), n, start, logits_row,
+                                     self.logits.ctypes.data_as(_FLOAT_P))
+        if status != 0:
+            raise EdgeLLMError(self.lib.em_last_error().decode())
+        if rows is not None:
+            return self.logits[rows].copy()
+        return self.logits[logits_row if n > 1 and self.spec.return_logits else 0].copy()
+
+    def _chunks(self, tokens: list[int], cached: int):
+        """(start, chunk, first new row): as engine.Engine.prefill, no write past the last token."""
+        g, end, pos = self.spec.group_size, len(tokens), cached
+        while pos < end:
+            start = pos if end - pos >= g else max(0, end - g)
+            chunk = tokens[start : min(start + g, end)]
+            yield start, chunk, pos - start
+            pos = start + len(chunk)
+
+    def prefill(self, tokens: list[int], cached: int) -> np.ndarray:
+        logits = None
+        for start, chunk, _ in self._chunks(tokens, cached):
+            logits = self.run(chunk, start, logits_row=len(chunk) - 1)
+        return logits
+
+    def prompt_logits(self, tokens: list[int]) -> np.ndarray:
+        if not self.spec.return_logits:
+            return np.concatenate([self.run([t], p)[None] for p, t in enumerate(tokens)])
+        return np.concatenate([self.run(chunk, start, rows=slice(first, len(chunk)))
+                               for start, chunk, first in self._chunks(tokens, 0)])
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        return self.run([token], position)

@@ -1,0 +1,59 @@
+"""Targets `native` and `aarch64-linux`: C generated from the linked program, compiled to machine code.
+
+    compiled/<target>/model.c       generated: one function per variant, the ONNX node names in comments
+                     weights.bin    every weight repacked for the kernels, memory-mapped at load
+                     libmodel.so    the Python runtime's engine (runtime/native.py, through ctypes)
+                     model_main     a standalone program: prefill + greedy decode from token ids
+The kernels (kernels/*.c, *.h) are real source files of the package, compiled with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ...config.model_config import ModelConfig
+from ..link import link_quantized
+from .codegen import ModelShape, generate, plan_arena
+from .lower import Lowering
+from .toolchain import TOOLCHAINS, build_programs
+from .weights import WeightsFile
+
+TARGETS = tuple(TOOLCHAINS)
+log = logging.getLogger("edgellm.targets.native")
+
+
+def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progress=None) -> Path:
+    from ...quant.plan import PrecisionPlan
+
+    toolchain = TOOLCHAINS[options.target]
+    toolchain.find()  # before any work: a missing compiler is the likeliest failure
+    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings)
+    target_dir = out / "compiled" / options.target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    weights = WeightsFile(target_dir / "weights.bin")
+    variants = {}
+    try:
+        for variant, is_group, tokens in (("group", True, options.language_group_size), ("single", False, 1)):
+            program = link_quantized(out, units, is_group, plan, options, manifest, f"edgellm_{variant}")
+            lowered = Lowering(program, weights, f"{out}/quant/{variant}").run()
+            variants[variant] = (lowered, plan_arena(lowered, tokens))
+            log.info("%s: %d kernel calls; %s", variant, len(lowered.calls), variants[variant][1].report())
+            if progress:
+                progress("compile", len(variants), 3)
+        digest = weights.finish()
+    except BaseException:
+        weights.abort()
+        raise
+    shape = ModelShape(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, options.max_num_tokens,
+                       options.language_group_size, cfg.vocab_size,
+                       options.language_group_size if options.return_logits else 1)
+    code = generate(variants, weights.records, shape, weights.size, digest, manifest.data.get("model", str(out)))
+    tmp = target_dir / f".model.c.tmp{os.getpid()}"
+    tmp.write_text(code)
+    os.replace(tmp, target_dir / "model.c")
+    build_programs(toolchain, target_dir)
+    if progress:
+        progress("compile", 3, 3)
+    return target_dir

@@ -1,0 +1,64 @@
+/* Kernels of edgellm's native target. Generated model code (model.c) calls these in graph order.
+
+   Activations are float32, row-major [rows, cols]; rows = tokens in this call (S), or tokens x
+   heads after a per-head reshape. Weights are read in place from the memory-mapped weights file,
+   in the layouts targets/native/weights.py writes:
+
+     f32   [N][K] float32 (a MatMul weight transposed: one output row is contiguous)
+     bf16  [N][K] bfloat16 bits
+     q4    [N][K/2] bytes, each 32 values of a row packed in 16 bytes: byte j holds value j in
+           its low nibble and value j + 16 in its high one; unsigned 0..15
+     q8    [N][K] int8
+   q4 and q8 rows come with scale and minimum arrays [N][blocks] (float32): a weight is
+   scale * q + minimum over its block. That one form holds symmetric blocks (minimum = -8 scale
+   for q4), zero points (minimum = -scale * zero_point) and GGUF Q4_1's float minimums.
+*/
+#ifndef EDGELLM_KERNELS_H
+#define EDGELLM_KERNELS_H
+
+#include <stdint.h>
+
+enum em_weight_kind { EM_F32 = 0, EM_BF16 = 1, EM_Q4 = 2, EM_Q8 = 3 };
+
+typedef struct {
+    int kind;            /* em_weight_kind */
+    int n, k, block;     /* rows (outputs), columns (inputs), block length along K (q4, q8) */
+    const void *data;    /* as above */
+    const float *scale;  /* q4, q8: [n][blocks] */
+    const float *minimum;
+} em_weight;
+
+/* y[S, N] = x[S, K] @ W^T; threaded over output rows. */
+void em_matmul(const float *x, int S, const em_weight *w, float *y);
+/* out[S, K] = rows ids[s] of an embedding table stored like a weight (n = vocab, k = hidden). */
+void em_embed(const int64_t *ids, int S, const em_weight *w, float *out);
+
+void em_rmsnorm(const float *x, int rows, int cols, const float *weight, float eps, float *y);
+/* Rotary embedding, non-interleaved halves, on x[S, heads * head_dim] at positions start + s.
+   cos/sin: [max_positions][rotary_dim / 2]. Columns past rotary_dim are copied. */
+void em_rope(const float *x, int S, int start, int heads, int head_dim, int rotary_dim,
+             const float *cos_table, const float *sin_table, float *y);
+/* Write S rows of width kv_width into a position-major cache at positions start.. */
+void em_cache_write(float *cache, const float *rows, int S, int start, int kv_width);
+/* Attention of q[S, heads * head_dim] at positions start + s over cache positions 0..start + s
+   (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping. */
+void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
+                  int heads, int kv_heads, int head_dim, float scale, float softcap, int window,
+                  float *out);
+
+void em_add(const float *a, const float *b, int n, float *y);
+void em_add_row(const float *x, int rows, int cols, const float *row, float *y); /* + bias */
+void em_mul(const float *a, const float *b, int n, float *y);
+void em_scale(const float *x, int n, float c, float *y);
+void em_sigmoid(const float *x, int n, float *y);
+void em_tanh(const float *x, int n, float *y);
+void em_gelu_tanh(const float *x, int n, float *y);
+/* y[rows, width] = x[rows, cols][:, first : first + width] */
+void em_columns(const float *x, int rows, int cols, int first, int width, float *y);
+/* y[rows, n] = x[rows, cols][:, index[j]] (act-order input permutation) */
+void em_gather_columns(const float *x, int rows, int cols, const int64_t *index, int n, float *y);
+void em_copy(const float *x, int n, float *y);
+
+void em_set_threads(int threads);
+
+#endif

@@ -1,0 +1,388 @@
+"""Lower a linked program (the IR the ONNX Runtime target runs) to kernel calls for the native target.
+
+Nodes are visited in graph order and each op pattern becomes one call of a kernel in
+kernels/edgellm_kernels.c:
+    Gather on a weight (float, bf16 Cast, or integer rows + DequantizeLinear)  -> em_embed
+    [Gather(order)] DequantizeLinear / Cast / constant -> MatMul [-> Q4_1 shift]  -> em_matmul
+    RMSNormalization -> em_rmsnorm, RotaryEmbedding -> em_rope, Split -> em_columns,
+    TensorScatter -> em_cache_write, Attention -> em_attention, elementwise ops -> em_add, ...
+The MASK segment's nodes are not lowered: em_attention derives causality (and a sliding window,
+read from the segment's window constant) from the positions it is called with. Reshape is a
+view: its output shares its input's buffer.
+
+Every activation is a row-major matrix of rows x cols floats, where rows is a multiple of the
+tokens in the call (S) or fixed (the head's one gathered row). A call is C text whose activation
+operands are {placeholders}, filled in once the memory plan has given each activation its
+offset in the arena (codegen.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ...errors import EdgeLLMError
+from ...graph.io import INTEGER_TYPES, integer_values, to_array
+from .weights import WeightsFile
+
+# Graph inputs and outputs the generated functions take as parameters.
+PARAMETERS = {"input_ids": "ids", "logits": "logits"}
+MASK_OUTPUTS = ("mask.full", "mask.sliding", "write_index")
+
+
+@dataclass
+class Activation:
+    name: str
+    rows: int  # rows per token, or fixed rows if not per_token
+    cols: int
+    per_token: bool = True
+
+    def rows_expr(self) -> str:
+        return (f"S * {self.rows}" if self.rows != 1 else "S") if self.per_token else str(self.rows)
+
+    def count_expr(self) -> str:
+        return f"{self.rows_expr()} * {self.cols}"
+
+    def bytes(self, tokens: int) -> int:
+        return 4 * self.cols * self.rows * (tokens if self.per_token else 1)
+
+
+@dataclass
+class Call:
+    code: str  # C statement; activations appear as {name} (quoted by codegen)
+    reads: list[str]
+    writes: list[str]
+    nodes: list[str]  # ONNX node names, for the comment above the call
+
+
+@dataclass
+class Lowered:
+    calls: list[Call] = field(default_factory=list)
+    activations: dict[str, Activation] = field(default_factory=dict)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+
+
+class Lowering:
+    """One variant's program -> calls; weights go to the shared WeightsFile (deduplicated by name)."""
+
+    def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str):
+        self.graph = model.graph
+        self.weights = weights
+        self.where = where
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.out = Lowered()
+        self.alias: dict[str, str] = {}  # Reshape outputs and cache writes -> the buffer they view
+        self.done: set[str] = set()  # nodes folded into an earlier call
+        self.windows = {"mask.full": 0}
+        self.caches: dict[str, str] = {}  # cache.i.k / present.i.k -> C expression of the buffer
+        self.constant_nodes: dict[str, bool] = {}
+        self.shapes: dict[str, Activation] = {"input_ids": Activation("input_ids", 1, 1)}
+
+    # ---- entry ---------------------------------------------------------------------------
+
+    def run(self) -> Lowered:
+        self._skip_mask()
+        for node in self.graph.node:
+            if node.name in self.done or self._from_constants(node):
+                continue
+            handler = getattr(self, f"_op_{node.op_type}", None)
+            if handler is None:
+                raise EdgeLLMError(f"{self.where}: the native target has no kernel for {node.op_type} (node {node.name})")
+            handler(node)
+        return self.out
+
+    def _skip_mask(self) -> None:
+        """The MASK segment: every node feeding only the masks and the write index."""
+        todo = [self.producer[n] for n in MASK_OUTPUTS if n in self.producer]
+        while todo:
+            node = todo.pop()
+            if node.name in self.done:
+                continue
+            self.done.add(node.name)
+            todo += [self.producer[i] for i in node.input if i in self.producer]
+            for name in node.input:
+                if name.endswith(".window") and name in self.inits:
+                    self.windows["mask.sliding"] = int(to_array(self.inits[name]).reshape(-1)[0])
+
+    def _from_constants(self, node: onnx.NodeProto) -> bool:
+        """Nodes computing from weights alone (dequantize, widen) are read by their consumer."""
+        if node.name not in self.constant_nodes:
+            self.constant_nodes[node.name] = all(self._is_weight(i) for i in node.input if i)
+        return self.constant_nodes[node.name]
+
+    # ---- tensors ---------------------------------------------------------------------------
+
+    def _buffer(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+    def _act(self, name: str) -> Activation:
+        """The shape a tensor is read with (a Reshape's output views its input's bytes anew)."""
+        if name not in self.shapes:
+            raise EdgeLLMError(f"{self.where}: {name} is read before anything writes it")
+        return self.shapes[name]
+
+    def _new(self, name: str, like: Activation, cols: int | None = None, rows: int | None = None,
+             per_token: bool | None = None) -> Activation:
+        """A tensor written by a call: a new arena slot."""
+        act = Activation(name, like.rows if rows is None else rows, like.cols if cols is None else cols,
+                         like.per_token if per_token is None else per_token)
+        self.shapes[name] = self.out.activations[name] = act
+        return act
+
+    def _ref(self, name: str) -> str:
+        """A tensor's C expression: a parameter, a cache buffer, or {buffer} for an arena slot."""
+        name = self._buffer(name)
+        return PARAMETERS.get(name) or self.caches.get(name) or "{" + name + "}"
+
+    def _emit(self, code: str, reads: list[str], writes: list[str], *nodes: onnx.NodeProto) -> None:
+        for name in reads + writes:
+            code = code.replace("{" + name + "}", self._ref(name))
+        arena = [self._buffer(n) for n in reads + writes if self._ref(n).startswith("{")]
+        self.out.calls.append(Call(code, [n for n in arena if n in map(self._buffer, reads)],
+                                   [n for n in arena if n in map(self._buffer, writes)], [n.name for n in nodes]))
+
+    def _const(self, name: str) -> np.ndarray:
+        return to_array(self.inits[name])
+
+    def _scalar(self, name: str) -> float | None:
+        if name in self.inits and int(np.prod(self.inits[name].dims)) == 1:
+            return float(self._const(name).reshape(-1)[0])
+        return None
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def _matmul_weight(self, name: str, minimum: str | None = None) -> str:
+        """A MatMul's [K, N] weight operand (initializer, Cast of bf16, or DequantizeLinear)."""
+        if name in self.inits:
+            return self.weights.float_matrix(name, self._const(name).T)
+        node = self.producer[name]
+        if node.op_type == "Cast":
+            return self.weights.bf16_matrix(node.input[0], self.inits[node.input[0]], transpose=True)
+        if node.op_type == "DequantizeLinear":
+            a = _attrs(node)
+            if a.get("axis") != 0:
+                raise EdgeLLMError(f"{self.where}: {node.name}: a MatMul weight must be dequantized along axis 0")
+            q, scale, zero = (self.inits.get(i) if i else None for i in (list(node.input) + [""])[:3])
+            return self.weights.integer_matrix(
+                node.input[0], integer_values(q).T, INTEGER_TYPES[q.data_type], self._const(scale.name).T,
+                None if zero is None else integer_values(zero).T, None if minimum is None else self._const(minimum).T,
+                a.get("block_size", 0))
+        raise EdgeLLMError(f"{self.where}: {node.name}: unsupported weight expression {node.op_type}")
+
+    # ---- ops -------------------------------------------------------------------------------
+
+    def _op_Gather(self, node):
+        data, index = node.input
+        if self._is_weight(data):
+            users = self.consumers.get(node.output[0], [])
+            if users and users[0].op_type == "DequantizeLinear":
+                return  # one operand of an integer embedding lookup, lowered with the DequantizeLinear
+            return self._embed(node)
+        x = self._act(data)
+        if index in self.inits:  # act-order: the input columns in the order the weight's blocks hold them
+            order = self._const(index).astype(np.int64).reshape(-1)
+            offset = self.weights.constant(index, order)
+            out = self._new(node.output[0], x, len(order))
+            self._emit(f"em_gather_columns({{{data}}}, {x.rows_expr()}, {x.cols}, (const int64_t *)(em_base + {offset}), "
+                       f"{len(order)}, {{{out.name}}});", [data], [out.name], node)
+            return
+        if _attrs(node).get("axis", 0) != 1 or index != "logits_index":
+            raise EdgeLLMError(f"{self.where}: {node.name}: unsupported Gather")
+        # the head's row select: only the last prompt token's hidden state reaches the LM head
+        out = self._new(node.output[0], x, rows=1, per_token=False)
+        self._emit(f"em_copy({{{data}}} + (size_t)logits_row * {x.cols}, {x.cols}, {{{out.name}}});", [data], [out.name], node)
+
+    def _is_weight(self, name: str) -> bool:
+        return name in self.inits or (name in self.producer and self._from_constants(self.producer[name]))
+
+    def _embed(self, node):
+        weight = self._table(node.input[0])
+        out = self._new(node.output[0], self.shapes["input_ids"], cols=self.weights.cols(weight))
+        self._emit(f"em_embed(ids, S, &{weight}, {{{out.name}}});", [], [out.name], node)
+
+    def _table(self, data: str) -> str:
+        if data in self.inits:
+            return self.weights.float_matrix(data, self._const(data))
+        cast = self.producer[data]
+        return self.weights.bf16_matrix(cast.input[0], self.inits[cast.input[0]], transpose=False)
+
+    def _op_DequantizeLinear(self, node):
+        """An integer embedding lookup: Gather each of q / scale / zero point, then this."""
+        gathers = [self.producer.get(i) for i in node.input if i]
+        if not all(g is not None and g.op_type == "Gather" and g.input[0] in self.inits for g in gathers):
+            raise EdgeLLMError(f"{self.where}: {node.name}: unsupported DequantizeLinear")
+        q, scale, zero = ([self.inits[g.input[0]] for g in gathers] + [None])[:3]
+        weight = self.weights.integer_matrix(
+            q.name, integer_values(q), INTEGER_TYPES[q.data_type], self._const(scale.name),
+            None if zero is None else integer_values(zero), None, _attrs(node).get("block_size", 0))
+        ids_node = gathers[0]
+        self._new(node.output[0], self.shapes["input_ids"], cols=self.weights.cols(weight))
+        self._emit(f"em_embed(ids, S, &{weight}, {{{node.output[0]}}});", [], [node.output[0]], ids_node, node)
+
+    def _op_MatMul(self, node):
+        x_name, w_name = node.input
+        nodes = [node]
+        minimum, y = None, node.output[0]
+        shift = self._q41_shift(node)
+        if shift is not None:
+            add, minimum, folded = shift
+            y = add.output[0]
+            nodes += folded
+            self.done.update(n.name for n in folded)
+        weight = self._matmul_weight(w_name, minimum)
+        x = self._act(x_name)
+        out = self._new(y, x, self.weights.rows(weight))
+        self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)
+
+    def _q41_shift(self, node):
+        """GGUF Q4_1: y = MatMul(x, DQ(q)) + MatMul(blocksum(x), minimum) (quant/precision.py).
+        Returns (the Add, the minimum initializer, the folded nodes) or None."""
+        users = self.consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            return None
+        add = users[0]
+        other = self.producer.get(next(i for i in add.input if i != node.output[0]))
+        if other is None or other.op_type != "MatMul" or other.input[1] not in self.inits:
+            return None
+        total = self.producer.get(other.input[0])
+        if total is None or total.op_type != "ReduceSum":
+            return None
+        blocks = self.producer[total.input[0]]
+        return add, other.input[1], [blocks, total, other, add]
+
+    def _op_RMSNormalization(self, node):
+        a = _attrs(node)
+        if a.get("axis", -1) != -1:
+            raise EdgeLLMError(f"{self.where}: {node.name}: RMSNormalization over axis {a['axis']}")
+        x = self._act(node.input[0])
+        w = self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32))
+        out = self._new(node.output[0], x)
+        self._emit(f"em_rmsnorm({{{node.input[0]}}}, {x.rows_expr()}, {x.cols}, F({w}), {a.get('epsilon', 1e-5)!r}f, {{{out.name}}});",
+                   [node.input[0]], [out.name], node)
+
+    def _op_Reshape(self, node):
+        x = self._act(node.input[0])
+        shape = [int(v) for v in self._const(node.input[1])]
+        cols = shape[-1] if shape[-1] > 0 else x.cols
+        per_row = x.rows * x.cols
+        if cols <= 0 or per_row % cols:
+            raise EdgeLLMError(f"{self.where}: {node.name}: unsupported Reshape to {shape}")
+        self.alias[node.output[0]] = self._buffer(node.input[0])
+        self.shapes[node.output[0]] = Activation(node.output[0], per_row // cols, cols, x.per_token)
+
+    def _op_Identity(self, node):
+        x = self._act(node.input[0])
+        if node.output[0] in PARAMETERS:  # a graph output the caller's buffer receives
+            out = self._new(node.output[0], x)
+            self._emit(f"em_copy({{{node.input[0]}}}, {x.count_expr()}, {{{out.name}}});", [node.input[0]], [out.name], node)
+            return
+        self.alias[node.output[0]] = self._buffer(node.input[0])
+        self.shapes[node.output[0]] = x
+
+    def _op_Split(self, node):
+        if _attrs(node).get("axis", 0) not in (-1, 2):
+            raise EdgeLLMError(f"{self.where}: {node.name}: Split must run along the last axis")
+        x = self._act(node.input[0])
+        first = 0
+        for name, width in zip(node.output, (int(v) for v in self._const(node.input[1]))):
+            out = self._new(name, x, width)
+            self._emit(f"em_columns({{{node.input[0]}}}, {x.rows_expr()}, {x.cols}, {first}, {width}, {{{name}}});",
+                       [node.input[0]], [out.name], node)
+            first += width
+
+    def _op_RotaryEmbedding(self, node):
+        a = _attrs(node)
+        if a.get("interleaved", 0):
+            raise EdgeLLMError(f"{self.where}: {node.name}: interleaved rotary embedding")
+        x = self._act(node.input[0])
+        heads = a["num_heads"]
+        head_dim = x.cols // heads
+        rotary = a.get("rotary_embedding_dim", 0) or head_dim
+        cos = self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32))
+        sin = self.weights.constant(node.input[2], self._const(node.input[2]).astype(np.float32))
+        out = self._new(node.output[0], x)
+        self._emit(f"em_rope({{{node.input[0]}}}, S, start, {heads}, {head_dim}, {rotary}, F({cos}), F({sin}), {{{out.name}}});",
+                   [node.input[0]], [out.name], node)
+
+    def _op_TensorScatter(self, node):
+        cache, rows, _ = node.input
+        layer, which = cache.split(".")[1:3]
+        buffer = f"EM_CACHE({layer}, {'0' if which == 'k' else '1'})"
+        self.caches[cache] = self.caches[node.output[0]] = buffer
+        x = self._act(rows)
+        self._emit(f"em_cache_write({buffer}, {{{rows}}}, S, start, {x.cols});", [rows], [], node)
+
+    def _op_Attention(self, node):
+        a = _attrs(node)
+        q, k, v, mask = node.input[:4]
+        if mask not in self.windows:
+            raise EdgeLLMError(f"{self.where}: {node.name}: attention mask {mask} is not one the MASK segment makes")
+        x = self._act(q)
+        heads, kv_heads = a["q_num_heads"], a["kv_num_heads"]
+        head_dim = x.cols // heads
+        scale = a.get("scale", 1.0 / np.sqrt(head_dim))
+        out = self._new(node.output[0], x)
+        self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, "
+                   f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{out.name}}});",
+                   [q], [out.name], node)
+
+    def _binary(self, node, elementwise: str | None, by_scalar: str | None) -> None:
+        a, b = node.input
+        c = self._scalar(b)
+        if c is not None and by_scalar:
+            x = self._act(a)
+            out = self._new(node.output[0], x)
+            value = 1.0 / c if node.op_type == "Div" else c
+            self._emit(f"{by_scalar}({{{a}}}, {x.count_expr()}, {float(value)!r}f, {{{out.name}}});", [a], [out.name], node)
+            return
+        if b in self.inits and node.op_type == "Add":  # a bias row
+            x = self._act(a)
+            row = self.weights.constant(b, self._const(b).astype(np.float32).reshape(-1))
+            out = self._new(node.output[0], x)
+            self._emit(f"em_add_row({{{a}}}, {x.rows_expr()}, {x.cols}, F({row}), {{{out.name}}});", [a], [out.name], node)
+            return
+        if elementwise is None or b in self.inits:
+            raise EdgeLLMError(f"{self.where}: {node.name}: no kernel for {node.op_type} with these operands")
+        x, y = self._act(a), self._act(b)
+        if (x.rows, x.cols, x.per_token) != (y.rows, y.cols, y.per_token):
+            raise EdgeLLMError(f"{self.where}: {node.name}: {node.op_type} of differently shaped operands")
+        out = self._new(node.output[0], x)
+        self._emit(f"{elementwise}({{{a}}}, {{{b}}}, {x.count_expr()}, {{{out.name}}});", [a, b], [out.name], node)
+
+    def _op_Add(self, node):
+        self._binary(node, "em_add", None)
+
+    def _op_Mul(self, node):
+        self._binary(node, "em_mul", "em_scale")
+
+    def _op_Div(self, node):
+        self._binary(node, None, "em_scale")
+
+    def _unary(self, node, kernel: str) -> None:
+        x = self._act(node.input[0])
+        out = self._new(node.output[0], x)
+        self._emit(f"{kernel}({{{node.input[0]}}}, {x.count_expr()}, {{{out.name}}});", [node.input[0]], [out.name], node)
+
+    def _op_Sigmoid(self, node):
+        self._unary(node, "em_sigmoid")
+
+    def _op_Tanh(self, node):
+        self._unary(node, "em_tanh")
+
+    def _op_Gelu(self, node):
+        if _attrs(node).get("approximate", "none") != "tanh":
+            raise EdgeLLMError(f"{self.where}: {node.name}: only the tanh approximation of Gelu has a kernel")
+        self._unary(node, "em_gelu_tanh")
+
