@@ -97,9 +97,9 @@ def _quantize_rows(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blo
     if symmetric:
         if bits == 4:
             extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
-            scale = extreme / -8.0
+            scale = _half_precision(extreme / -8.0)
         else:
-            scale = np.abs(blocks).max(axis=2) / (levels // 2)
+            scale = _half_precision(np.abs(blocks).max(axis=2) / (levels // 2))
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         q = np.clip(np.rint(blocks * inv[..., None]), lo, hi).astype(np.int8)
@@ -107,12 +107,19 @@ def _quantize_rows(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blo
     else:
         lo_v = np.minimum(blocks.min(axis=2), 0.0)
         hi_v = np.maximum(blocks.max(axis=2), 0.0)
-        scale = (hi_v - lo_v) / levels
+        scale = _half_precision((hi_v - lo_v) / levels)
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         zero_point = np.clip(np.rint(-lo_v * inv), 0, levels).astype(np.uint8)
         q = np.clip(np.rint(blocks * inv[..., None]) + zero_point[..., None], 0, levels).astype(np.uint8)
     q = q.reshape(rows, nblocks * block)[:, :cols]
     return BlockQuantized(np.ascontiguousarray(q), scale.astype(np.float32), bits, block, zero_point)
+
+
+def _half_precision(scale: np.ndarray) -> np.ndarray:
+    """Scales rounded to float16 values (as GGUF and GPTQ store them), before the weights are
+    rounded with them: a target may then keep scales in 16 bits (the native target does) and
+    compute exactly what the IR says."""
+    return scale.astype(np.float16).astype(np.float32)
 
 
 def pack_int4(values: np.ndarray) -> bytes:

@@ -72,7 +72,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
 class Lowering:
     """One variant's program -> calls; weights go to the shared WeightsFile (deduplicated by name)."""
 
-    def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str):
+    def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str, int8_activations: bool = False):
+        self.int8_activations = int8_activations  # integer matmuls quantize their activations to int8
         self.graph = model.graph
         self.weights = weights
         self.where = where
@@ -178,7 +179,7 @@ class Lowering:
             return self.weights.integer_matrix(
                 node.input[0], integer_values(q).T, INTEGER_TYPES[q.data_type], self._const(scale.name).T,
                 None if zero is None else integer_values(zero).T, None if minimum is None else self._const(minimum).T,
-                a.get("block_size", 0))
+                a.get("block_size", 0), self.int8_activations)
         raise EdgeLLMError(f"{self.where}: {node.name}: unsupported weight expression {node.op_type}")
 
     # ---- ops -------------------------------------------------------------------------------

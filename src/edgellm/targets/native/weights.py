@@ -5,7 +5,8 @@ SHA-256 of everything after the header), then each tensor at a 64-byte aligned o
 generated code carries the size and digest and refuses a file that does not match them, so a
 program never runs on another build's weights. Layouts per kind are in
 kernels/edgellm_kernels.h; integer weights become unsigned nibbles (q4) or int8 (q8) with a
-float scale and minimum per block, whatever the IR's form (signed, zero point, Q4_1 minimum).
+float16 scale and minimum per block, whatever the IR's form (signed, zero point, Q4_1 minimum),
+repacked in panels of 16 rows.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class WeightRecord:
     n: int  # rows (outputs)
     k: int  # columns (inputs)
     block: int
+    int8_activations: int  # integer kinds: the kernel quantizes activations to int8 per block
     data: int  # byte offsets into the file
     scale: int = 0
     minimum: int = 0
@@ -53,17 +55,24 @@ class WeightsFile:
         self.records: list[WeightRecord] = []
         self.by_key: dict[tuple, WeightRecord] = {}
         self.constants: dict[str, int] = {}
+        self.blobs: dict[bytes, int] = {}  # sha256 of bytes -> offset
 
     # ---- raw tensors -----------------------------------------------------------------------
 
     def _write(self, array: np.ndarray) -> int:
-        pad = -self.size % ALIGN
+        """The array's offset in the file; identical bytes are stored once (a tied embedding table
+        and LM head at the same precision are one copy)."""
         data = np.ascontiguousarray(array).tobytes()
+        key = hashlib.sha256(data).digest()
+        if key in self.blobs:
+            return self.blobs[key]
+        pad = -self.size % ALIGN
         chunk = b"\0" * pad + data
         self.file.write(chunk)
         self.digest.update(chunk)
         offset = self.size + pad
         self.size += len(chunk)
+        self.blobs[key] = offset
         return offset
 
     def constant(self, name: str, value: np.ndarray) -> int:
@@ -74,8 +83,8 @@ class WeightsFile:
 
     # ---- matrices --------------------------------------------------------------------------
 
-    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, *offsets: int) -> str:
-        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, *offsets)
+    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, int8_activations: int, *offsets: int) -> str:
+        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, *offsets)
         self.records.append(record)
         self.by_key[key] = record
         return record.symbol
@@ -93,7 +102,7 @@ class WeightsFile:
         """w: [N, K] float32 (one output row per row)."""
         key = (name, "f32", w.shape)
         if key not in self.by_key:
-            self._record(key, "f32", w.shape[0], w.shape[1], 0, self._write(w.astype(np.float32)))
+            self._record(key, "f32", w.shape[0], w.shape[1], 0, 0, self._write(w.astype(np.float32)))
         return self.by_key[key].symbol
 
     def bf16_matrix(self, name: str, init, transpose: bool) -> str:
@@ -102,41 +111,35 @@ class WeightsFile:
         if key not in self.by_key:
             bits = np.frombuffer(tensor_bytes(init), np.uint16).reshape(tuple(init.dims))
             bits = bits.T if transpose else bits
-            self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, self._write(bits))
+            self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, 0, self._write(bits))
         return self.by_key[key].symbol
 
     def integer_matrix(self, name: str, q: np.ndarray, bits_signed: tuple[int, bool], scale: np.ndarray,
-                       zero_point: np.ndarray | None, minimum: np.ndarray | None, block: int) -> str:
+                       zero_point: np.ndarray | None, minimum: np.ndarray | None, block: int,
+                       int8_activations: bool = False) -> str:
         """Blocks along K of an [N, K] weight: value = scale * (q - zero_point) + minimum, the IR's
         DequantizeLinear (and Q4_1 shift) semantics; scale, zero_point, minimum [N, blocks]."""
         bits, signed = bits_signed
-        key = (name, f"q{bits}")
+        key = (name, f"q{bits}", int8_activations)
         if key in self.by_key:
             return self.by_key[key].symbol
         n, k = q.shape
-        if block <= 0:
-            raise EdgeLLMError(f"{name}: the native target needs blocked integer weights (block_size > 0)")
+        run = 32 if bits == 4 else 4  # columns per 64-byte load (edgellm_kernels.h)
+        if block <= 0 or block % run or k % run:
+            raise EdgeLLMError(f"{name}: the native target packs int{bits} weights in runs of {run} columns; "
+                               f"block {block} and K {k} must be multiples of {run}")
+        # Kernels read unsigned values: a signed one is stored shifted up by 2^(bits-1).
+        shift = (1 << (bits - 1)) if signed else 0
+        stored = (q.astype(np.int16) + shift).astype(np.uint8)
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         offset = np.zeros_like(scale) if zero_point is None else zero_point.astype(np.float32)
-        if bits == 4:
-            if block % 32 or k % 32:
-                raise EdgeLLMError(f"{name}: the native target packs int4 in runs of 32; block {block} and K {k} "
-                                   "must be multiples of 32")
-            # kernels read unsigned 0..15: a signed value v is stored as v + 8
-            stored = (q.astype(np.int16) + 8).astype(np.uint8) if signed else q.astype(np.uint8)
-            shift = 8.0 if signed else 0.0
-            halves = stored.reshape(n, k // 32, 2, 16)
-            data = (halves[:, :, 0, :] | (halves[:, :, 1, :] << 4)).astype(np.uint8)
-        else:
-            # kernels read signed -128..127: an unsigned value v is stored as v - 128
-            data = q.astype(np.int8) if signed else (q.astype(np.int16) - 128).astype(np.int8)
-            shift = 0.0 if signed else -128.0
-        # scale * (stored - shift - offset) + minimum = scale * stored + new minimum
+        # scale * (stored - shift - zero_point) + minimum = scale * stored + new minimum
         new_minimum = -scale * (offset + shift)
         if minimum is not None:
             new_minimum = new_minimum + minimum.astype(np.float32)
-        offsets = (self._write(data), self._write(scale), self._write(new_minimum.astype(np.float32)))
-        return self._record(key, f"q{bits}", n, k, block, *offsets)
+        offsets = (self._write(_panels(stored, bits)), self._write(_panel_blocks(_half(scale, name, "scale"))),
+                   self._write(_panel_blocks(_half(new_minimum, name, "minimum"))))
+        return self._record(key, f"q{bits}", n, k, block, int(int8_activations), *offsets)
 
     # ---- finish ----------------------------------------------------------------------------
 
@@ -152,3 +155,42 @@ class WeightsFile:
     def abort(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _half(values: np.ndarray, name: str, what: str) -> np.ndarray:
+    """Block scales and minimums are float16 in the file: a quarter of an int4 weight's bytes
+    instead of half. Scales the quantizer made are float16 values already (quant/blocks.py), as
+    are GGUF's and GPTQ's; a minimum made from a zero point (-scale * zero_point) rounds here."""
+    half = values.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise EdgeLLMError(f"{name}: a block {what} beyond float16's range")
+    return half
+
+
+PANEL = 16
+
+
+def _padded_rows(a: np.ndarray) -> np.ndarray:
+    rows = -(-a.shape[0] // PANEL) * PANEL
+    if rows == a.shape[0]:
+        return a
+    return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
+def _panels(stored: np.ndarray, bits: int) -> np.ndarray:
+    """[N, K] unsigned values -> the panel layout of edgellm_kernels.h, one 64-byte run per
+    (panel, 8 columns) for q4 or (panel, 4 columns) for q8. Blocks are whole runs, so runs in
+    column order are runs block by block."""
+    v = _padded_rows(stored)
+    panels, k = v.shape[0] // PANEL, v.shape[1]
+    if bits == 8:  # byte 4j + i = row j, column 4g + i
+        return v.reshape(panels, PANEL, k // 4, 4).transpose(0, 2, 1, 3)
+    # byte 4j + i = row j: column 8g + i (low nibble), column 8g + 4 + i (high nibble)
+    v = v.reshape(panels, PANEL, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)
+    return v[..., 0] | (v[..., 1] << 4)
+
+
+def _panel_blocks(per_block: np.ndarray) -> np.ndarray:
+    """[N, blocks] -> [panels, blocks, 16]: one 16-row vector per panel and block."""
+    v = _padded_rows(per_block)
+    return v.reshape(v.shape[0] // PANEL, PANEL, v.shape[1]).transpose(0, 2, 1)

@@ -6,12 +6,16 @@
 
      f32   [N][K] float32 (a MatMul weight transposed: one output row is contiguous)
      bf16  [N][K] bfloat16 bits
-     q4    [N][K/2] bytes, each 32 values of a row packed in 16 bytes: byte j holds value j in
-           its low nibble and value j + 16 in its high one; unsigned 0..15
-     q8    [N][K] int8
-   q4 and q8 rows come with scale and minimum arrays [N][blocks] (float32): a weight is
+   Integer weights (q4, q8) are unsigned and repacked in panels of 16 rows (the last panel padded
+   with zero rows), block by block along K, so that one 64-byte load feeds a 16-row dot-product
+   instruction (AVX-512 VNNI vpdpbusd) or four 16-lane float FMAs:
+     q8    per panel, per block, per 4 columns: 64 bytes, byte 4j + i = row j, column 4g + i
+     q4    per panel, per block, per 8 columns: 64 bytes, byte 4j + i holds row j's column
+           8g + i in its low nibble and column 8g + 4 + i in its high nibble
+   with scale and minimum arrays [panels][blocks][16] (float16 bits): a weight is
    scale * q + minimum over its block. That one form holds symmetric blocks (minimum = -8 scale
-   for q4), zero points (minimum = -scale * zero_point) and GGUF Q4_1's float minimums.
+   for q4, -128 scale for q8), zero points (minimum = -scale * zero_point) and GGUF Q4_1's
+   float minimums.
 */
 #ifndef EDGELLM_KERNELS_H
 #define EDGELLM_KERNELS_H
@@ -24,8 +28,9 @@ typedef struct {
     int kind;            /* em_weight_kind */
     int n, k, block;     /* rows (outputs), columns (inputs), block length along K (q4, q8) */
     const void *data;    /* as above */
-    const float *scale;  /* q4, q8: [n][blocks] */
-    const float *minimum;
+    const uint16_t *scale; /* q4, q8: [panels][blocks][16], float16 */
+    const uint16_t *minimum;
+    int int8_activations;  /* q4, q8: quantize activations to int8 per block (integer dot products) */
 } em_weight;
 
 /* y[S, N] = x[S, K] @ W^T; threaded over output rows. */

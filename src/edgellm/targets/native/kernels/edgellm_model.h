@@ -14,7 +14,7 @@ typedef struct {
 } em_model_info;
 
 typedef struct {
-    int kind, n, k, block;
+    int kind, n, k, block, int8_activations;
     unsigned long long data, scale, minimum; /* byte offsets into the weights file */
 } em_weight_record;
 

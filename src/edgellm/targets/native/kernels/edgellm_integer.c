@@ -1,0 +1,330 @@
+/* Integer-weight matmuls (q4, q8) on the panel layout of edgellm_kernels.h.
+
+   Two arithmetics, chosen per weight at compile time (em_weight.int8_activations):
+   - float activations (exact: the dequantized weight times the float activations, as the IR
+     says). Decode unpacks 16 rows x 8 columns per 64-byte load in registers; prefill unpacks a
+     panel once into floats and runs it against 8 activation rows at a time.
+   - int8 activations: each activation row is quantized per weight block (scale = max|x| / 127),
+     and a block's dot products run as integer dot-product instructions (AVX-512 VNNI vpdpbusd:
+     64 multiply-adds per instruction), then
+         y += scale_w * scale_x * (q . xq) + minimum_w * scale_x * sum(xq)
+     which is exactly the dequantized weight times the quantized activations.
+   Threads split the panels (16 output rows each).
+*/
+#include "edgellm_simd.h"
+
+#define PANEL 16
+
+static inline int is_q4(const em_weight *w) { return w->kind == EM_Q4; }
+static inline size_t panel_bytes(const em_weight *w) { return (size_t)w->k * (is_q4(w) ? 8 : 16); }
+static inline size_t block_bytes(const em_weight *w) { return (size_t)w->block * (is_q4(w) ? 8 : 16); }
+static inline int block_len(const em_weight *w, int b) {
+    const int rest = w->k - b * w->block;
+    return rest < w->block ? rest : w->block;
+}
+static inline int panels(const em_weight *w) { return (w->n + PANEL - 1) / PANEL; }
+
+static inline const uint8_t *block_data(const em_weight *w, int p, int b) {
+    return (const uint8_t *)w->data + (size_t)p * panel_bytes(w) + (size_t)b * block_bytes(w);
+}
+
+static inline size_t scale_index(const em_weight *w, int p, int b) { return ((size_t)p * em_blocks(w) + b) * PANEL; }
+
+/* Stored (unsigned) value of row j of a panel block, at column c of the block. */
+static inline int stored_value(const em_weight *w, const uint8_t *blk, int j, int c) {
+    if (!is_q4(w)) return blk[(c / 4) * 64 + 4 * j + c % 4];
+    const uint8_t byte = blk[(c / 8) * 64 + 4 * j + c % 4];
+    return c % 8 < 4 ? byte & 15 : byte >> 4;
+}
+
+void em_integer_row(const em_weight *w, int n, float *out) {
+    const int p = n / PANEL, j = n % PANEL;
+    for (int b = 0; b < em_blocks(w); b++) {
+        float d, m;
+        halves(w->scale + scale_index(w, p, b) + j, 1, &d);
+        halves(w->minimum + scale_index(w, p, b) + j, 1, &m);
+        const uint8_t *blk = block_data(w, p, b);
+        for (int c = 0; c < block_len(w, b); c++) out[b * w->block + c] = d * (float)stored_value(w, blk, j, c) + m;
+    }
+}
+
+static void store_panel(const float *values, int p, int n, float *y) {
+    const int count = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
+    memcpy(y + (size_t)p * PANEL, values, sizeof(float) * count);
+}
+
+/* ---- float activations ----------------------------------------------------------------- */
+
+/* The panel dequantized: wf[k * 16 + j] = row j's weight at column k. */
+static void panel_floats(const em_weight *w, int p, float *wf) {
+    for (int b = 0; b < em_blocks(w); b++) {
+        float d[PANEL], m[PANEL];
+        halves(w->scale + scale_index(w, p, b), PANEL, d);
+        halves(w->minimum + scale_index(w, p, b), PANEL, m);
+        const uint8_t *blk = block_data(w, p, b);
+        float *dst = wf + (size_t)b * w->block * PANEL;
+        for (int c = 0; c < block_len(w, b); c++)
+            for (int j = 0; j < PANEL; j++) dst[c * PANEL + j] = d[j] * (float)stored_value(w, blk, j, c) + m[j];
+    }
+}
+
+/* y rows s of panel p = x rows s (S of them, length K) times the dequantized panel. */
+static void panel_times_rows(const float *wf, int K, const float *x, int S, int p, int N, float *y) {
+    int s = 0;
+#if EM_AVX512
+    for (; s + 8 <= S; s += 8) {
+        __m512 acc[8];
+        for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k++) {
+            const __m512 wk = _mm512_loadu_ps(wf + (size_t)k * PANEL);
+            for (int t = 0; t < 8; t++) acc[t] = _mm512_fmadd_ps(wk, _mm512_set1_ps(x[(size_t)(s + t) * K + k]), acc[t]);
+        }
+        for (int t = 0; t < 8; t++) {
+            float out[PANEL];
+            _mm512_storeu_ps(out, acc[t]);
+            store_panel(out, p, N, y + (size_t)(s + t) * N);
+        }
+    }
+#endif
+    for (; s < S; s++) {
+        float acc[PANEL] = {0};
+        const float *xs = x + (size_t)s * K;
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < PANEL; j++) acc[j] += wf[(size_t)k * PANEL + j] * xs[k];
+        store_panel(acc, p, N, y + (size_t)s * N);
+    }
+}
+
+#if EM_AVX512
+/* Decode, float activations: 16 rows x 8 columns (q4) or x 4 (q8) per 64 bytes, in registers.
+   Accumulator r holds rows 4r..4r+3, lane 4i + c for row 4r + i and column c mod 4. */
+static void panel_decode_f32(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
+    const int nb = em_blocks(w), B = w->block;
+    __m512 acc[4], macc = _mm512_setzero_ps();
+    __m512i spread[4]; /* lane l of accumulator r belongs to row 4r + l / 4 */
+    for (int r = 0; r < 4; r++) {
+        acc[r] = _mm512_setzero_ps();
+        spread[r] = _mm512_setr_epi32(4 * r, 4 * r, 4 * r, 4 * r, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 2,
+                                      4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3);
+    }
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = block_data(w, p, b);
+        const float *xb = x + (size_t)b * B;
+        const int len = block_len(w, b);
+        __m512 bacc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        if (is_q4(w)) {
+            for (int g = 0; g < len / 8; g++) {
+                const __m512 xlo = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g));
+                const __m512 xhi = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g + 4));
+                for (int r = 0; r < 4; r++) {
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * g + 16 * r)));
+                    bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), xlo, bacc[r]);
+                    bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), xhi, bacc[r]);
+                }
+            }
+        } else {
+            for (int g = 0; g < len / 4; g++) {
+                const __m512 xq = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 4 * g));
+                for (int r = 0; r < 4; r++) {
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * g + 16 * r)));
+                    bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xq, bacc[r]);
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))));
+        for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(bacc[r], _mm512_permutexvar_ps(spread[r], d), acc[r]);
+        macc = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[b]), macc);
+    }
+    float lanes[64], out[PANEL];
+    for (int r = 0; r < 4; r++) _mm512_storeu_ps(lanes + 16 * r, acc[r]);
+    _mm512_storeu_ps(out, macc);
+    for (int j = 0; j < PANEL; j++) out[j] += lanes[4 * j] + lanes[4 * j + 1] + lanes[4 * j + 2] + lanes[4 * j + 3];
+    store_panel(out, p, w->n, y);
+}
+#endif
+
+static void matmul_float_activations(const float *x, int S, const em_weight *w, float *y) {
+    const int K = w->k, nb = em_blocks(w);
+#if EM_AVX512
+    if (S == 1) {
+        float xsum[nb];
+        for (int b = 0; b < nb; b++) {
+            float s = 0.0f;
+            for (int c = 0; c < block_len(w, b); c++) s += x[b * w->block + c];
+            xsum[b] = s;
+        }
+#pragma omp parallel for schedule(static)
+        for (int p = 0; p < panels(w); p++) panel_decode_f32(w, p, x, xsum, y);
+        return;
+    }
+#endif
+    (void)nb;
+#pragma omp parallel
+    {
+        float wf[(size_t)K * PANEL];
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels(w); p++) {
+            panel_floats(w, p, wf);
+            panel_times_rows(wf, K, x, S, p, w->n, y);
+        }
+    }
+}
+
+/* ---- int8 activations ------------------------------------------------------------------ */
+
+/* One block: xq = round(x / scale) (to nearest even), scale = max|x| / 127; returns sum(xq). */
+static int quantize_block(const float *x, int len, int8_t *xq, float *scale) {
+    float top = 0.0f;
+    int c = 0, total = 0;
+#if EM_AVX512
+    if (len % 16 == 0) {
+        __m512 m = _mm512_setzero_ps();
+        for (; c < len; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+        top = _mm512_reduce_max_ps(m);
+        const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (c = 0; c < len; c += 16) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv));
+            _mm_storeu_si128((__m128i *)(xq + c), _mm512_cvtepi32_epi8(q));
+            sum = _mm512_add_epi32(sum, q);
+        }
+        *scale = top / 127.0f;
+        return _mm512_reduce_add_epi32(sum);
+    }
+#endif
+    for (c = 0; c < len; c++) {
+        const float a = fabsf(x[c]);
+        top = a > top ? a : top;
+    }
+    const float inv = top > 0.0f ? 127.0f / top : 0.0f;
+    for (c = 0; c < len; c++) {
+        xq[c] = (int8_t)lrintf(x[c] * inv);
+        total += xq[c];
+    }
+    *scale = top / 127.0f;
+    return total;
+}
+
+/* Every row, per weight block: xq, dx (the scale) and xs = dx * sum(xq). */
+static void quantize_rows(const float *x, int S, const em_weight *w, int8_t *xq, float *dx, float *xs) {
+    const int K = w->k, nb = em_blocks(w);
+#pragma omp parallel for schedule(static) if (S > 1)
+    for (int s = 0; s < S; s++)
+        for (int b = 0; b < nb; b++) {
+            const size_t at = (size_t)s * K + (size_t)b * w->block, i = (size_t)s * nb + b;
+            const int total = quantize_block(x + at, block_len(w, b), xq + at, &dx[i]);
+            xs[i] = dx[i] * (float)total;
+        }
+}
+
+static inline int32_t four_bytes(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#if defined(__AVX512VNNI__) && EM_AVX512
+/* T activation rows (T <= 8, a compile-time constant after inlining) against panel p. */
+static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weight *w, int p, const int8_t *xq,
+                                                                   const float *dx, const float *xs, int s0, int T,
+                                                                   float *y) {
+    const int K = w->k, nb = em_blocks(w), B = w->block;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[8];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = block_data(w, p, b);
+        const int len = block_len(w, b);
+        __m512i bacc[8];
+        for (int t = 0; t < T; t++) bacc[t] = _mm512_setzero_si512();
+        if (is_q4(w)) {
+            for (int g = 0; g < len / 8; g++) {
+                const __m512i v = _mm512_loadu_si512(blk + 64 * g);
+                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B + 8 * g;
+                    bacc[t] = _mm512_dpbusd_epi32(bacc[t], lo, _mm512_set1_epi32(four_bytes(xr)));
+                    bacc[t] = _mm512_dpbusd_epi32(bacc[t], hi, _mm512_set1_epi32(four_bytes(xr + 4)));
+                }
+            }
+        } else {
+            for (int g = 0; g < len / 4; g++) {
+                const __m512i v = _mm512_loadu_si512(blk + 64 * g);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B + 4 * g;
+                    bacc[t] = _mm512_dpbusd_epi32(bacc[t], v, _mm512_set1_epi32(four_bytes(xr)));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))));
+        for (int t = 0; t < T; t++) {
+            const size_t i = (size_t)(s0 + t) * nb + b;
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bacc[t]), _mm512_mul_ps(d, _mm512_set1_ps(dx[i])), acc[t]);
+            acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float out[PANEL];
+        _mm512_storeu_ps(out, acc[t]);
+        store_panel(out, p, w->n, y + (size_t)(s0 + t) * w->n);
+    }
+}
+#endif
+
+/* The same arithmetic in portable C (and the reference for the SIMD paths). */
+static void panel_int8_portable(const em_weight *w, int p, const int8_t *xq, const float *dx, const float *xs, int s0,
+                                int T, float *y) {
+    const int K = w->k, nb = em_blocks(w), B = w->block;
+    for (int t = 0; t < T; t++) {
+        float acc[PANEL] = {0};
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = block_data(w, p, b);
+            const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
+            float d[PANEL], m[PANEL];
+            halves(w->scale + scale_index(w, p, b), PANEL, d);
+            halves(w->minimum + scale_index(w, p, b), PANEL, m);
+            const size_t i = (size_t)(s0 + t) * nb + b;
+            for (int j = 0; j < PANEL; j++) {
+                int32_t dot = 0;
+                for (int c = 0; c < block_len(w, b); c++) dot += stored_value(w, blk, j, c) * xr[c];
+                acc[j] += d[j] * dx[i] * (float)dot + m[j] * xs[i];
+            }
+        }
+        store_panel(acc, p, w->n, y + (size_t)(s0 + t) * w->n);
+    }
+}
+
+static void matmul_int8_activations(const float *x, int S, const em_weight *w, float *y) {
+    const int nb = em_blocks(w);
+    int8_t xq[(size_t)S * w->k];
+    float dx[(size_t)S * nb], xs[(size_t)S * nb];
+    quantize_rows(x, S, w, xq, dx, xs);
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels(w); p++) {
+        for (int s0 = 0; s0 < S; s0 += 8) {
+            const int T = S - s0 < 8 ? S - s0 : 8;
+#if defined(__AVX512VNNI__) && EM_AVX512
+            switch (T) { /* constant T per case: the accumulators stay in registers */
+            case 1: panel_int8_vnni(w, p, xq, dx, xs, s0, 1, y); break;
+            case 2: panel_int8_vnni(w, p, xq, dx, xs, s0, 2, y); break;
+            case 3: panel_int8_vnni(w, p, xq, dx, xs, s0, 3, y); break;
+            case 4: panel_int8_vnni(w, p, xq, dx, xs, s0, 4, y); break;
+            case 5: panel_int8_vnni(w, p, xq, dx, xs, s0, 5, y); break;
+            case 6: panel_int8_vnni(w, p, xq, dx, xs, s0, 6, y); break;
+            case 7: panel_int8_vnni(w, p, xq, dx, xs, s0, 7, y); break;
+            default: panel_int8_vnni(w, p, xq, dx, xs, s0, 8, y);
+            }
+#else
+            panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
+#endif
+        }
+    }
+}
+
+void em_matmul_integer(const float *x, int S, const em_weight *w, float *y) {
+    if (w->int8_activations) matmul_int8_activations(x, S, w, y);
+    else matmul_float_activations(x, S, w, y);
+}

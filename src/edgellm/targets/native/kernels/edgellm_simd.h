@@ -1,0 +1,93 @@
+/* Shared by the kernel sources: the SIMD path chosen from the compiler's target macros, float
+   dot products and float16 conversion. */
+#ifndef EDGELLM_SIMD_H
+#define EDGELLM_SIMD_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "edgellm_kernels.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define EM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define EM_AVX2 1
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#define EM_NEON 1
+#endif
+
+static inline void em_set_threads_(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+}
+
+static inline int em_blocks(const em_weight *w) { return (w->k + w->block - 1) / w->block; }
+
+/* float16 bits -> float, n of them (a row's block scales or minimums) */
+static inline void halves(const uint16_t *h, int n, float *out) {
+    int i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) out[i] = _cvtsh_ss(h[i]);
+#elif defined(__aarch64__)
+    for (; i < n; i++) {
+        __fp16 v;
+        memcpy(&v, h + i, 2);
+        out[i] = (float)v;
+    }
+#else
+    for (; i < n; i++) {
+        const uint32_t sign = (uint32_t)(h[i] & 0x8000) << 16, exponent = (h[i] >> 10) & 31, mantissa = h[i] & 1023;
+        float f;
+        if (exponent == 0) f = ldexpf((float)mantissa, -24); /* zero and subnormals */
+        else if (exponent == 31) f = mantissa ? NAN : INFINITY;
+        else f = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+        memcpy(out + i, &bits, 4);
+    }
+#endif
+}
+
+/* ---- float dot products ---------------------------------------------------------------- */
+
+static inline float fdot(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if EM_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif EM_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    s = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+#elif EM_NEON
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(a + i), vld1q_f32(b + i));
+    s = vaddvq_f32(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* edgellm_integer.c */
+void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
+void em_integer_row(const em_weight *w, int n, float *out);
+
+#endif
