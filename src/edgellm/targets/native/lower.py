@@ -62,6 +62,7 @@ class Call:
 class Lowered:
     calls: list[Call] = field(default_factory=list)
     activations: dict[str, Activation] = field(default_factory=dict)
+    matmul_weights: set[str] = field(default_factory=set)  # read whole by every call (unlike a lookup table)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -243,6 +244,7 @@ class Lowering:
             nodes += folded
             self.done.update(n.name for n in folded)
         weight = self._matmul_weight(w_name, minimum)
+        self.out.matmul_weights.add(weight)
         x = self._act(x_name)
         out = self._new(y, x, self.weights.rows(weight))
         self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)

@@ -37,6 +37,7 @@ class WeightRecord:
     k: int  # columns (inputs)
     block: int
     int8_activations: int  # integer kinds: the kernel quantizes activations to int8 per block
+    nbytes: int  # what a matmul with it reads: data, scales and minimums
     data: int  # byte offsets into the file
     scale: int = 0
     minimum: int = 0
@@ -83,11 +84,16 @@ class WeightsFile:
 
     # ---- matrices --------------------------------------------------------------------------
 
-    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, int8_activations: int, *offsets: int) -> str:
-        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, *offsets)
+    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, int8_activations: int, arrays: list[np.ndarray]) -> str:
+        offsets = [self._write(a) for a in arrays]
+        nbytes = sum(a.nbytes for a in arrays)
+        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, nbytes, *offsets)
         self.records.append(record)
         self.by_key[key] = record
         return record.symbol
+
+    def nbytes(self, symbol: str) -> int:
+        return self._by_symbol(symbol).nbytes
 
     def rows(self, symbol: str) -> int:
         return self._by_symbol(symbol).n
@@ -102,7 +108,7 @@ class WeightsFile:
         """w: [N, K] float32 (one output row per row)."""
         key = (name, "f32", w.shape)
         if key not in self.by_key:
-            self._record(key, "f32", w.shape[0], w.shape[1], 0, 0, self._write(w.astype(np.float32)))
+            self._record(key, "f32", w.shape[0], w.shape[1], 0, 0, [w.astype(np.float32)])
         return self.by_key[key].symbol
 
     def bf16_matrix(self, name: str, init, transpose: bool) -> str:
@@ -111,7 +117,7 @@ class WeightsFile:
         if key not in self.by_key:
             bits = np.frombuffer(tensor_bytes(init), np.uint16).reshape(tuple(init.dims))
             bits = bits.T if transpose else bits
-            self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, 0, self._write(bits))
+            self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, 0, [bits])
         return self.by_key[key].symbol
 
     def integer_matrix(self, name: str, q: np.ndarray, bits_signed: tuple[int, bool], scale: np.ndarray,
@@ -137,9 +143,9 @@ class WeightsFile:
         new_minimum = -scale * (offset + shift)
         if minimum is not None:
             new_minimum = new_minimum + minimum.astype(np.float32)
-        offsets = (self._write(_panels(stored, bits)), self._write(_panel_blocks(_half(scale, name, "scale"))),
-                   self._write(_panel_blocks(_half(new_minimum, name, "minimum"))))
-        return self._record(key, f"q{bits}", n, k, block, int(int8_activations), *offsets)
+        arrays = [_panels(stored, bits), _panel_blocks(_half(scale, name, "scale")),
+                  _panel_blocks(_half(new_minimum, name, "minimum"))]
+        return self._record(key, f"q{bits}", n, k, block, int(int8_activations), arrays)
 
     # ---- finish ----------------------------------------------------------------------------
 

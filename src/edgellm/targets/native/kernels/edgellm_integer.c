@@ -207,15 +207,15 @@ static int quantize_block(const float *x, int len, int8_t *xq, float *scale) {
     return total;
 }
 
-/* Every row, per weight block: xq, dx (the scale) and xs = dx * sum(xq). */
-static void quantize_rows(const float *x, int S, const em_weight *w, int8_t *xq, float *dx, float *xs) {
+/* Every row, per weight block: xq, dx (the scale), xn = sum(xq) and xs = dx * sum(xq). */
+static void quantize_rows(const float *x, int S, const em_weight *w, int8_t *xq, float *dx, int32_t *xn, float *xs) {
     const int K = w->k, nb = em_blocks(w);
 #pragma omp parallel for schedule(static) if (S > 1)
     for (int s = 0; s < S; s++)
         for (int b = 0; b < nb; b++) {
             const size_t at = (size_t)s * K + (size_t)b * w->block, i = (size_t)s * nb + b;
-            const int total = quantize_block(x + at, block_len(w, b), xq + at, &dx[i]);
-            xs[i] = dx[i] * (float)total;
+            xn[i] = quantize_block(x + at, block_len(w, b), xq + at, &dx[i]);
+            xs[i] = dx[i] * (float)xn[i];
         }
 }
 
@@ -274,8 +274,108 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
 }
 #endif
 
+#if defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
+/* ARMv8.2 dot product: vdotq_s32 sums 4 byte products per lane, 4 rows per 16-byte load. */
+static void panel_int8_neon(const em_weight *w, int p, const int8_t *xq, const float *dx, const int32_t *xn,
+                            const float *xs, int s0, int T, float *y) {
+    const int K = w->k, nb = em_blocks(w), B = w->block;
+    for (int t = 0; t < T; t++) {
+        float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = block_data(w, p, b);
+            const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
+            const size_t i = (size_t)(s0 + t) * nb + b;
+            int32x4_t bacc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+            if (is_q4(w)) { /* values 0..15 are valid signed bytes */
+                for (int g = 0; g < block_len(w, b) / 8; g++) {
+                    const int8x16_t lo_x = vreinterpretq_s8_s32(vdupq_n_s32(four_bytes(xr + 8 * g)));
+                    const int8x16_t hi_x = vreinterpretq_s8_s32(vdupq_n_s32(four_bytes(xr + 8 * g + 4)));
+                    for (int r = 0; r < 4; r++) {
+                        const uint8x16_t v = vld1q_u8(blk + 64 * g + 16 * r);
+                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), lo_x);
+                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), hi_x);
+                    }
+                }
+            } else { /* u = (u - 128) + 128: signed bytes, then 128 * sum(xq) back */
+                for (int g = 0; g < block_len(w, b) / 4; g++) {
+                    const int8x16_t x4 = vreinterpretq_s8_s32(vdupq_n_s32(four_bytes(xr + 4 * g)));
+                    for (int r = 0; r < 4; r++) {
+                        const uint8x16_t v = vld1q_u8(blk + 64 * g + 16 * r);
+                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(veorq_u8(v, vdupq_n_u8(0x80))), x4);
+                    }
+                }
+                for (int r = 0; r < 4; r++) bacc[r] = vaddq_s32(bacc[r], vdupq_n_s32(128 * xn[i]));
+            }
+            const uint16_t *d = w->scale + scale_index(w, p, b), *m = w->minimum + scale_index(w, p, b);
+            for (int r = 0; r < 4; r++) {
+                const float32x4_t dr = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(d + 4 * r)));
+                const float32x4_t mr = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(m + 4 * r)));
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(bacc[r]), vmulq_n_f32(dr, dx[i]));
+                acc[r] = vfmaq_n_f32(acc[r], mr, xs[i]);
+            }
+        }
+        float out[PANEL];
+        for (int r = 0; r < 4; r++) vst1q_f32(out + 4 * r, acc[r]);
+        store_panel(out, p, w->n, y + (size_t)(s0 + t) * w->n);
+    }
+}
+#endif
+
+#if EM_AVX2
+/* AVX2: 8 rows per 32 bytes. AVX-VNNI's vpdpbusd where the CPU has it; otherwise vpmaddubsw,
+   whose 16-bit pair sums cannot overflow for q4 (2 x 15 x 127) but can for q8 (portable then). */
+static inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const float *dx, const float *xs, int s0,
+                            int T, float *y) {
+    const int K = w->k, nb = em_blocks(w), B = w->block;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int t = 0; t < T; t++) {
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = block_data(w, p, b);
+            const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
+            const size_t i = (size_t)(s0 + t) * nb + b;
+            __m256i bacc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            if (is_q4(w)) {
+                for (int g = 0; g < block_len(w, b) / 8; g++) {
+                    const __m256i lo_x = _mm256_set1_epi32(four_bytes(xr + 8 * g)), hi_x = _mm256_set1_epi32(four_bytes(xr + 8 * g + 4));
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * h));
+                        bacc[h] = dot_u8_s8(bacc[h], _mm256_and_si256(v, low), lo_x);
+                        bacc[h] = dot_u8_s8(bacc[h], _mm256_and_si256(_mm256_srli_epi16(v, 4), low), hi_x);
+                    }
+                }
+            } else {
+                for (int g = 0; g < block_len(w, b) / 4; g++) {
+                    const __m256i x4 = _mm256_set1_epi32(four_bytes(xr + 4 * g));
+                    for (int h = 0; h < 2; h++)
+                        bacc[h] = dot_u8_s8(bacc[h], _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * h)), x4);
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scale + scale_index(w, p, b) + 8 * h)));
+                const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->minimum + scale_index(w, p, b) + 8 * h)));
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bacc[h]), _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[h]);
+                acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[i]), acc[h]);
+            }
+        }
+        float out[PANEL];
+        _mm256_storeu_ps(out, acc[0]);
+        _mm256_storeu_ps(out + 8, acc[1]);
+        store_panel(out, p, w->n, y + (size_t)(s0 + t) * w->n);
+    }
+}
+#endif
+
 /* The same arithmetic in portable C (and the reference for the SIMD paths). */
-static void panel_int8_portable(const em_weight *w, int p, const int8_t *xq, const float *dx, const float *xs, int s0,
+__attribute__((unused)) static void panel_int8_portable(const em_weight *w, int p, const int8_t *xq, const float *dx, const float *xs, int s0,
                                 int T, float *y) {
     const int K = w->k, nb = em_blocks(w), B = w->block;
     for (int t = 0; t < T; t++) {
@@ -301,7 +401,8 @@ static void matmul_int8_activations(const float *x, int S, const em_weight *w, f
     const int nb = em_blocks(w);
     int8_t xq[(size_t)S * w->k];
     float dx[(size_t)S * nb], xs[(size_t)S * nb];
-    quantize_rows(x, S, w, xq, dx, xs);
+    int32_t xn[(size_t)S * nb];
+    quantize_rows(x, S, w, xq, dx, xn, xs);
 #pragma omp parallel for schedule(static)
     for (int p = 0; p < panels(w); p++) {
         for (int s0 = 0; s0 < S; s0 += 8) {
@@ -317,6 +418,15 @@ static void matmul_int8_activations(const float *x, int S, const em_weight *w, f
             case 7: panel_int8_vnni(w, p, xq, dx, xs, s0, 7, y); break;
             default: panel_int8_vnni(w, p, xq, dx, xs, s0, 8, y);
             }
+#elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
+            panel_int8_neon(w, p, xq, dx, xn, xs, s0, T, y);
+#elif EM_AVX2
+#if defined(__AVXVNNI__)
+            panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
+#else
+            if (is_q4(w)) panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
+            else panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
+#endif
 #else
             panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
 #endif

@@ -1,0 +1,184 @@
+"""The native target: generated C against transformers and against the ONNX Runtime target, the
+standalone program, other instruction sets (portable C, AVX2, aarch64 under qemu), bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import edgellm
+from conftest import build
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.native import NativeEngine
+from edgellm.targets.native import codegen
+from edgellm.targets.native.toolchain import TOOLCHAINS, Toolchain, build_programs
+from tiny_models import VOCAB, reference_with_stored_weights, save_tiny
+
+OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+PROMPT = [int(t) for t in np.random.default_rng(21).integers(1, VOCAB, 40)]  # longer than the windows (24)
+STEPS = 32
+
+
+def _generate(out):
+    return edgellm.load(out).generate_ids(PROMPT, max_new_tokens=STEPS, ignore_eos=True, return_logits=True)
+
+
+def _reference_logits(reference, tokens):
+    with torch.no_grad():
+        logits = reference(torch.tensor([PROMPT + tokens])).logits[0].numpy()
+    return logits[len(PROMPT) - 1 : len(PROMPT) - 1 + STEPS]
+
+
+# Float activations: the native program computes what the IR says, so it meets transformers on
+# the same (dequantized) weights as closely as fp32 summation order allows, at every precision.
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", ["fp32", "int4", "int8"])
+def test_native_matches_transformers_on_the_same_weights(tmp_path, fp32_plan, family, preset):
+    model_dir = save_tiny(family, tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", fp32_plan if preset == "fp32" else preset, target="native", **OPTIONS)
+    assert (out / "compiled" / "native" / "libmodel.so").is_file()
+    if preset == "fp32":
+        reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    else:
+        reference = reference_with_stored_weights(model_dir, int(preset[-1]))
+    result = _generate(out)
+    theirs = _reference_logits(reference, result.token_ids)
+    err = np.abs(np.stack(result.logits) - theirs).max()
+    assert err < 1e-4, f"max abs logit error {err}"
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+
+
+# Int8 activations: the kernels quantize each activation block as ONNX Runtime's MatMulNBits
+# does at accuracy level 4 (scale max|x| / 127, round to nearest even), so the two targets agree
+# closely; the tolerance is relative to the largest logit.
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("preset", ["int4", "int8"])
+def test_int8_activations_match_the_onnx_runtime_target(tmp_path, family, preset):
+    model_dir = save_tiny(family, tmp_path / "hf")
+    results = {}
+    for target in ("cpu", "native"):
+        out = build(model_dir, tmp_path / target, preset, target=target, int8_activations=True, **OPTIONS)
+        results[target] = _generate(out)
+    ours, theirs = np.stack(results["native"].logits), np.stack(results["cpu"].logits)
+    relative = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert relative < 5e-3, f"relative logit difference {relative}"
+    assert results["native"].token_ids[:8] == results["cpu"].token_ids[:8]
+
+
+def _tiny_native(tmp_path, family="llama", preset="int4", **options):
+    model_dir = save_tiny(family, tmp_path / "hf")
+    return build(model_dir, tmp_path / "out", preset, **{"target": "native", **OPTIONS, **options})
+
+
+def _model_main(program_dir, runner=(), gen=STEPS):
+    result = subprocess.run([*runner, str(program_dir / "model_main"), "--tokens", ",".join(map(str, PROMPT)),
+                             "--gen", str(gen), "--threads", "2", "--weights", str(program_dir / "weights.bin")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    ids_line, metrics = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"TTFT [\d.]+ ms, decode [\d.]+ tokens/s \(\d+ tokens\)", metrics), metrics
+    return [int(t) for t in ids_line.split(",")]
+
+
+def test_model_main_runs_without_python_and_agrees_with_the_runtime(tmp_path):
+    out = _tiny_native(tmp_path)
+    program_dir = out / "compiled" / "native"
+    assert _model_main(program_dir) == _generate(out).token_ids
+    code = (program_dir / "model.c").read_text()
+    assert "group.layer000_pre/RotaryEmbedding" in code  # ONNX node names in comments
+    size = r"([\d.]+ [kM]B)"
+    plan = re.search(rf"group: arena {size}.*no reuse: {size}; lower bound[^:]*: {size}", code)
+    arena, total, bound = (float(v.split()[0]) * (1e6 if v.endswith("MB") else 1e3) for v in plan.groups())
+    assert bound <= arena < total / 2  # lifetimes let activations share bytes
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni"])  # portable C; AVX2; AVX-VNNI
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, int8_activations):
+    if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
+        pytest.skip("x86-64 instruction sets need an x86-64 machine")
+    out = _tiny_native(tmp_path, int8_activations=int8_activations)
+    native = out / "compiled" / "native"
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(native / "model.c", other)
+    shutil.copy(native / "weights.bin", other)
+    build_programs(Toolchain("native", "cc", tuple(f"-march={march}".split()), "gcc"), other)
+    model = edgellm.load(out)
+    expected = model.engine.prompt_logits(PROMPT)
+    got = NativeEngine(other, model.engine.spec).prompt_logits(PROMPT)
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
+    assert _model_main(other) == _model_main(native)
+
+
+def test_aarch64_cross_compile_runs_under_qemu(tmp_path):
+    toolchain = TOOLCHAINS["aarch64-linux"]
+    missing = [tool for tool in (toolchain.compiler, toolchain.emulator[0]) if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (scripts/setup.sh installs gcc-aarch64-linux-gnu and qemu-user)")
+    model_dir = save_tiny("qwen3", tmp_path / "hf")
+    # int8 activations: the dot-product kernels (ARMv8.2 vdotq_s32) run, int4 and int8 weights
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"default": {"precision": "A_BF16_W_INT4"}, "rules": [{"match": {"part": "POST"}, '
+                    '"set": {"precision": "A_BF16_W_INT8"}}]}')
+    native = build(model_dir, tmp_path / "native", plan, target="native", int8_activations=True, **OPTIONS)
+    arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", int8_activations=True, **OPTIONS)
+    program_dir = arm / "compiled" / "aarch64-linux"
+    elf = (program_dir / "model_main").read_bytes()[:20]
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
+    assert _model_main(program_dir, toolchain.runner()) == _model_main(native / "compiled" / "native")
+    with pytest.raises(EdgeLLMError, match="aarch64-linux"):
+        edgellm.load(arm)
+
+
+def test_missing_compiler_names_the_package_and_leaves_the_build_incomplete(tmp_path, monkeypatch):
+    monkeypatch.setitem(TOOLCHAINS, "native", Toolchain("native", "no-such-cc", (), "gcc"))
+    with pytest.raises(EdgeLLMError, match=r"no C compiler 'no-such-cc'.*apt-get install gcc"):
+        _tiny_native(tmp_path)
+    assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+def test_compile_error_names_the_generated_line_and_resume_retries(tmp_path, monkeypatch):
+    real = codegen.generate
+    monkeypatch.setattr(codegen, "generate", lambda *a, **k: real(*a, **k) + "int broken = ;\n")
+    monkeypatch.setattr("edgellm.targets.native.generate", codegen.generate)
+    with pytest.raises(EdgeLLMError, match=r"model\.c:\d+:\d+: error"):
+        _tiny_native(tmp_path)
+    out = tmp_path / "out"
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert not (out / "compiled" / "native" / "libmodel.so").exists()
+    monkeypatch.undo()
+    _tiny_native(tmp_path, resume=True)
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert _generate(out).gen_tokens == STEPS
+
+
+def test_weights_of_another_build_are_refused(tmp_path):
+    out = _tiny_native(tmp_path)
+    other = build(save_tiny("llama", tmp_path / "hf2", seed=1), tmp_path / "other", "int4", target="native", **OPTIONS)
+    shutil.copy(other / "compiled" / "native" / "weights.bin", out / "compiled" / "native" / "weights.bin")
+    with pytest.raises(EdgeLLMError, match="not the weights this program was built with"):
+        edgellm.load(out)
+
+
+def test_bad_calls_are_refused_with_a_message(tmp_path):
+    model = edgellm.load(_tiny_native(tmp_path))
+    with pytest.raises(EdgeLLMError, match="outside the vocabulary"):
+        model.engine.decode(VOCAB + 5, 0)
+    with pytest.raises(EdgeLLMError, match="bad call"):
+        model.engine.run(list(range(1, 18)), 0)  # more tokens than a group holds
+    with pytest.raises(EdgeLLMError, match="bad call: 1 tokens at position 128"):
+        model.engine.decode(1, OPTIONS["max_num_tokens"])  # past the context (checked in C)
+
+
+def test_unknown_target_is_refused(tmp_path):
+    with pytest.raises(EdgeLLMError, match="unknown target 'riscv'.*native"):
+        _tiny_native(tmp_path, target="riscv")
