@@ -1101,6 +1101,8 @@ def main(argv=None) -> int:
         results = {e: {case: [] for case in cases} for e in engines}
         retry = {"spent": 0.0}
         probe = membw_program(work)
+        weight_bytes = {e: weight_bytes_per_token(Path(specs[e]["artifact"])) for e in engines
+                        if specs[e].get("artifact")}  # read now: the work dir goes at the end
         bandwidth: list[float] = []
         for rep in range(1, args.reps + 1):
             for case, (_, gen) in cases.items():
@@ -1118,8 +1120,8 @@ def main(argv=None) -> int:
     summary = {}
     for e in engines:
         s = summarize(results[e])
-        if e in specs and specs[e].get("artifact") and bandwidth:
-            s.update(weight_bandwidth(Path(specs[e]["artifact"]), s.get("short_tps"), bandwidth))
+        if e in weight_bytes and bandwidth:
+            s.update(weight_bandwidth(weight_bytes[e], s.get("short_tps"), bandwidth))
         s["peak_rss_mb"] = bye[e].get("peak_rss_mb")
         s["rss_end_mb"] = bye[e].get("rss_mb")
         s["rss_load_mb"] = hello[e]["rss_load_mb"]
@@ -1178,12 +1180,15 @@ def membw_program(work: Path) -> Path | None:
     return exe
 
 
-def weight_bandwidth(artifact: Path, tps: float | None, bandwidth: list[float]) -> dict:
-    """Weight bytes one decode step reads x decode tokens/s, against the measured read bandwidth."""
+def weight_bytes_per_token(artifact: Path) -> int:
     _ensure_src_on_path()
-    from edgellm.measure.speed import weight_bytes_per_token  # noqa: PLC0415
+    from edgellm.measure.speed import weight_bytes_per_token as count  # noqa: PLC0415
 
-    per_token = weight_bytes_per_token(artifact)
+    return count(artifact)
+
+
+def weight_bandwidth(per_token: int, tps: float | None, bandwidth: list[float]) -> dict:
+    """Weight bytes one decode step reads x decode tokens/s, against the measured read bandwidth."""
     achieved = per_token * tps / 1e9 if tps else None
     machine = statistics.median(bandwidth)
     return {"weight_mb_per_token": per_token / 1e6, "weight_gbs": achieved,

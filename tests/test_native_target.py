@@ -73,6 +73,20 @@ def test_int8_activations_match_the_onnx_runtime_target(tmp_path, family, preset
     assert results["native"].token_ids[:8] == results["cpu"].token_ids[:8]
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window over the chunks
+def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan, family):
+    """Past 256 positions a decode step's attention runs in chunks merged by their maxima."""
+    model_dir = save_tiny(family, tmp_path / "hf")
+    options = dict(max_num_tokens=1024, language_group_size=64, future_token_mask_size=256)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(1, VOCAB, 700)]
+    runs = []
+    for target in ("cpu", "native"):
+        out = build(model_dir, tmp_path / target, fp32_plan, target=target, **options)
+        runs.append(edgellm.load(out).generate_ids(prompt, max_new_tokens=8, ignore_eos=True, return_logits=True))
+    assert runs[0].token_ids == runs[1].token_ids
+    assert np.abs(np.stack(runs[0].logits) - np.stack(runs[1].logits)).max() < 1e-4
+
+
 def _tiny_native(tmp_path, family="llama", preset="int4", **options):
     model_dir = save_tiny(family, tmp_path / "hf")
     return build(model_dir, tmp_path / "out", preset, **{"target": "native", **OPTIONS, **options})

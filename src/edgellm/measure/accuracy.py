@@ -86,4 +86,6 @@ def precision_summary(model_dir: Path) -> str:
         extras.append(f"int8 embeddings, {options['quantize_embeddings']} LM head")
     if options.get("int8_activations"):
         extras.append("int8 activations")
+    if options.get("target", "cpu") != "cpu":
+        extras.append(f"{options['target']} target")
     return " + ".join([label] + extras)

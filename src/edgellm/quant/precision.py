@@ -7,6 +7,8 @@ as a float32 [V, H] Gather input. A precision rewrites how such a weight is stor
                  MatMul, so the Cast is constant-folded at load (FP32 speed and memory)
   A_BF16_W_INT8  int8 blocks along K: DequantizeLinear(axis=0, block_size) -> MatMul
   A_BF16_W_INT4  int4 blocks along K, the same pattern
+  A_BF16_W_CB4/3/2  per-block K-means codebooks of 16/8/4 float16 entries and an index per weight
+                 (quant/codebooks.py): GatherElements over the codebooks -> Transpose -> MatMul
 ONNX Runtime fuses DequantizeLinear + MatMul into its MatMulNBits kernel, which reads the integer
 blocks directly; no float copy of the weight exists at run time. Activations stay float32 on CPU
 ("A_BF16" is the manual's name; the target decides the float type).
@@ -28,9 +30,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..graph.io import to_array
 from .blocks import BlockQuantized, pack_int4, quantize
+from .codebooks import Codebooked, quantize_codebooks
 
-PRECISIONS = ("FP32", "BF16", "A_BF16_W_INT8", "A_BF16_W_INT4")
+PRECISIONS = ("FP32", "BF16", "A_BF16_W_INT8", "A_BF16_W_INT4", "A_BF16_W_CB4", "A_BF16_W_CB3", "A_BF16_W_CB2")
 INTEGER_BITS = {"A_BF16_W_INT8": 8, "A_BF16_W_INT4": 4}
+CODEBOOK_BITS = {"A_BF16_W_CB4": 4, "A_BF16_W_CB3": 3, "A_BF16_W_CB2": 2}
 WEIGHT_CONSUMERS = {"MatMul": 1, "Gather": 0}  # op -> input slot holding the weight
 
 # initializer name -> (the source's own integer blocks for that weight (HF layout) if it has them,
@@ -86,6 +90,15 @@ def apply_precision(
         w = to_array(init)
         if precision == "BF16":
             report[init.name] = _to_bf16(rewriter, node, slot, init, w)
+            continue
+        if precision in CODEBOOK_BITS:
+            if node.op_type != "MatMul":
+                raise ValueError(f"{init.name}: codebook precisions apply to matmul weights, not lookup tables")
+            bits = CODEBOOK_BITS[precision]
+            stored = packed(init.name)[1] if packed else "float"
+            report[init.name] = f"{stored} {'quantized' if stored == 'float' else 'converted'} to {bits}-bit codebooks"
+            rewriter.drop(init)
+            _codebook_matmul(rewriter, node, init.name, quantize_codebooks(np.ascontiguousarray(w.T, dtype=np.float32), bits))
             continue
         bits = INTEGER_BITS[precision]
         hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
@@ -205,6 +218,27 @@ def _integer_matmul(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: Bloc
     ]
     for step in steps:
         rw.insert_after(node, step)
+
+
+def _codebook_matmul(rw: _Rewriter, node: onnx.NodeProto, name: str, cb: Codebooked) -> None:
+    """w[n, k] = codebook[n, k // block][index[n, k]], written as one GatherElements over each
+    row's codebooks laid end to end, then transposed into the MatMul's [K, N]. All constant: ONNX
+    Runtime folds it into a float weight at load; the native target reads index and codebooks."""
+    rows, cols = cb.index.shape
+    entries = 1 << cb.bits
+    base = f"{name}.cb{cb.bits}b{cb.block}"
+    index = rw.array(f"{base}.index", cb.index)
+    codebook = rw.array(f"{base}.codebook", cb.codebook.reshape(rows, -1))
+    offsets = rw.array(f"{base}.blockoffset", ((np.arange(cols) // cb.block) * entries).astype(np.int64)[None, :])
+    steps = [
+        helper.make_node("Cast", [index], [base + ".index64"], name=base + "/Cast", to=TensorProto.INT64),
+        helper.make_node("Add", [base + ".index64", offsets], [base + ".entry"], name=base + "/Entry"),
+        helper.make_node("GatherElements", [codebook, base + ".entry"], [base + ".rows"], name=base + "/Lookup", axis=1),
+        helper.make_node("Transpose", [base + ".rows"], [base + ".f32"], name=base + "/Transpose", perm=[1, 0]),
+    ]
+    for step in steps:
+        rw.insert_before(node, step)
+    node.input[1] = base + ".f32"
 
 
 def _integer_gather(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: BlockQuantized) -> None:

@@ -68,10 +68,11 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         f"static float em_kv[EM_LAYERS * 2][(size_t){shape.max_tokens} * EM_KV_WIDTH] __attribute__((aligned(64)));",
         "#define EM_CACHE(layer, which) em_kv[2 * (layer) + (which)]",
         "",
-        "/* kind, rows, columns, block, int8 activations, byte offsets of data, scale, minimum */",
+        "/* kind, rows, columns, block, int8 activations, shift, byte offsets of data, scale, minimum */",
         f"static const em_weight_record EM_RECORDS[{max(len(records), 1)}] = {{",
     ]
-    lines += [f"    {{{KINDS[r.kind]}, {r.n}, {r.k}, {r.block}, {r.int8_activations}, {r.data}, {r.scale}, {r.minimum}}},"
+    lines += [f"    {{{KINDS[r.kind]}, {r.n}, {r.k}, {r.block}, {r.int8_activations}, {r.shift}, {r.data}, {r.scale}, "
+              f"{r.minimum}}},"
               for r in records]
     lines += [
         "};",

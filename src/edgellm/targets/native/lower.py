@@ -181,7 +181,26 @@ class Lowering:
                 node.input[0], integer_values(q).T, INTEGER_TYPES[q.data_type], self._const(scale.name).T,
                 None if zero is None else integer_values(zero).T, None if minimum is None else self._const(minimum).T,
                 a.get("block_size", 0), self.int8_activations)
+        if node.op_type == "Transpose":
+            return self._codebook_weight(node)
         raise EdgeLLMError(f"{self.where}: {node.name}: unsupported weight expression {node.op_type}")
+
+    def _codebook_weight(self, transpose: onnx.NodeProto) -> str:
+        """Transpose(GatherElements(codebooks, Add(Cast(index), block offsets))): quant/precision.py."""
+        lookup = self.producer.get(transpose.input[0])
+        entry = self.producer.get(lookup.input[1]) if lookup is not None and lookup.op_type == "GatherElements" else None
+        cast = self.producer.get(entry.input[0]) if entry is not None and entry.op_type == "Add" else None
+        if cast is None or cast.op_type != "Cast" or lookup.input[0] not in self.inits:
+            raise EdgeLLMError(f"{self.where}: {transpose.name}: unsupported weight expression")
+        index = integer_values(self.inits[cast.input[0]])
+        offsets = self._const(entry.input[1]).reshape(-1)
+        codebook = self._const(lookup.input[0])
+        n, k = index.shape
+        block = int(np.argmax(offsets != 0)) if offsets.any() else k  # offsets step up at each block
+        blocks = -(-k // block)
+        entries = codebook.shape[1] // blocks
+        return self.weights.codebook_matrix(cast.input[0], index, codebook.reshape(n, blocks, entries),
+                                            entries.bit_length() - 1, block)
 
     # ---- ops -------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ MAGIC = b"EDGELLMW"
 VERSION = 1
 HEADER = 64
 ALIGN = 64
-KINDS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3}
+KINDS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3, "cb2": 4, "cb3": 5, "cb4": 6}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class WeightRecord:
     k: int  # columns (inputs)
     block: int
     int8_activations: int  # integer kinds: the kernel quantizes activations to int8 per block
+    shift: int  # integer kinds without a minimum array: minimum = -shift * scale
     nbytes: int  # what a matmul with it reads: data, scales and minimums
     data: int  # byte offsets into the file
     scale: int = 0
@@ -84,10 +85,11 @@ class WeightsFile:
 
     # ---- matrices --------------------------------------------------------------------------
 
-    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, int8_activations: int, arrays: list[np.ndarray]) -> str:
+    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, arrays: list[np.ndarray],
+                int8_activations: int = 0, shift: int = 0) -> str:
         offsets = [self._write(a) for a in arrays]
         nbytes = sum(a.nbytes for a in arrays)
-        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, nbytes, *offsets)
+        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, shift, nbytes, *offsets)
         self.records.append(record)
         self.by_key[key] = record
         return record.symbol
@@ -108,7 +110,7 @@ class WeightsFile:
         """w: [N, K] float32 (one output row per row)."""
         key = (name, "f32", w.shape)
         if key not in self.by_key:
-            self._record(key, "f32", w.shape[0], w.shape[1], 0, 0, [w.astype(np.float32)])
+            self._record(key, "f32", w.shape[0], w.shape[1], 0, [w.astype(np.float32)])
         return self.by_key[key].symbol
 
     def bf16_matrix(self, name: str, init, transpose: bool) -> str:
@@ -117,7 +119,7 @@ class WeightsFile:
         if key not in self.by_key:
             bits = np.frombuffer(tensor_bytes(init), np.uint16).reshape(tuple(init.dims))
             bits = bits.T if transpose else bits
-            self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, 0, [bits])
+            self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, [bits])
         return self.by_key[key].symbol
 
     def integer_matrix(self, name: str, q: np.ndarray, bits_signed: tuple[int, bool], scale: np.ndarray,
@@ -139,13 +141,36 @@ class WeightsFile:
         stored = (q.astype(np.int16) + shift).astype(np.uint8)
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         offset = np.zeros_like(scale) if zero_point is None else zero_point.astype(np.float32)
-        # scale * (stored - shift - zero_point) + minimum = scale * stored + new minimum
-        new_minimum = -scale * (offset + shift)
-        if minimum is not None:
-            new_minimum = new_minimum + minimum.astype(np.float32)
-        arrays = [_panels(stored, bits), _panel_blocks(_half(scale, name, "scale")),
-                  _panel_blocks(_half(new_minimum, name, "minimum"))]
-        return self._record(key, f"q{bits}", n, k, block, int(int8_activations), arrays)
+        arrays = [_panels(stored, bits), _panel_blocks(_half(scale, name, "scale"))]
+        if zero_point is not None or minimum is not None:
+            # scale * (stored - shift - zero_point) + minimum = scale * stored + new minimum
+            new_minimum = -scale * (offset + shift)
+            if minimum is not None:
+                new_minimum = new_minimum + minimum.astype(np.float32)
+            arrays.append(_panel_blocks(_half(new_minimum, name, "minimum")))
+        # symmetric blocks store no minimum: the kernels derive it, -shift * scale
+        return self._record(key, f"q{bits}", n, k, block, arrays, int(int8_activations), shift)
+
+    def codebook_matrix(self, name: str, index: np.ndarray, codebook: np.ndarray, bits: int, block: int) -> str:
+        """index [N, K] (values < 2^bits), codebook [N, blocks, 2^bits]: bit-packed indices in
+        groups of 16 per row (edgellm_kernels.h) and float16 codebooks."""
+        key = (name, f"cb{bits}")
+        if key in self.by_key:
+            return self.by_key[key].symbol
+        n, k = index.shape
+        if k % 16 or block % 16:
+            raise EdgeLLMError(f"{name}: the native target packs codebook indices in groups of 16; block {block} "
+                               f"and K {k} must be multiples of 16")
+        groups = index.reshape(n, k // 16, 16).astype(np.uint32)
+        two_bit = 2 * np.arange(16, dtype=np.uint32)
+        planes = [((groups & 3) << two_bit).sum(axis=2, dtype=np.uint32)]  # bits 2i, 2i+1: index i's low 2 bits
+        if bits == 4:
+            planes.append((((groups >> 2) & 3) << two_bit).sum(axis=2, dtype=np.uint32))
+        packed = np.stack(planes, axis=2).view(np.uint8).reshape(n, k // 16, -1)
+        if bits == 3:  # bit i: index i's third bit
+            high = (((groups >> 2) & 1) << np.arange(16, dtype=np.uint32)).sum(axis=2, dtype=np.uint32).astype(np.uint16)
+            packed = np.concatenate([packed, high[..., None].view(np.uint8)], axis=2)
+        return self._record(key, f"cb{bits}", n, k, block, [packed, _half(codebook, name, "codebook entry")])
 
     # ---- finish ----------------------------------------------------------------------------
 

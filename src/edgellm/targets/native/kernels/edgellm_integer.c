@@ -30,6 +30,14 @@ static inline const uint8_t *block_data(const em_weight *w, int p, int b) {
 
 static inline size_t scale_index(const em_weight *w, int p, int b) { return ((size_t)p * em_blocks(w) + b) * PANEL; }
 
+/* A (panel, block)'s 16 minimums: stored, or for symmetric blocks (no minimum array: the
+   weights file leaves it out) minus the storage shift times the scale. */
+static inline void block_minimums(const em_weight *w, int p, int b, const float *d, float *m) {
+    if (w->minimum) halves(w->minimum + scale_index(w, p, b), PANEL, m);
+    else
+        for (int j = 0; j < PANEL; j++) m[j] = -w->shift * d[j];
+}
+
 /* Stored (unsigned) value of row j of a panel block, at column c of the block. */
 static inline int stored_value(const em_weight *w, const uint8_t *blk, int j, int c) {
     if (!is_q4(w)) return blk[(c / 4) * 64 + 4 * j + c % 4];
@@ -40,9 +48,10 @@ static inline int stored_value(const em_weight *w, const uint8_t *blk, int j, in
 void em_integer_row(const em_weight *w, int n, float *out) {
     const int p = n / PANEL, j = n % PANEL;
     for (int b = 0; b < em_blocks(w); b++) {
-        float d, m;
-        halves(w->scale + scale_index(w, p, b) + j, 1, &d);
-        halves(w->minimum + scale_index(w, p, b) + j, 1, &m);
+        float ds[PANEL], ms[PANEL];
+        halves(w->scale + scale_index(w, p, b), PANEL, ds);
+        block_minimums(w, p, b, ds, ms);
+        const float d = ds[j], m = ms[j];
         const uint8_t *blk = block_data(w, p, b);
         for (int c = 0; c < block_len(w, b); c++) out[b * w->block + c] = d * (float)stored_value(w, blk, j, c) + m;
     }
@@ -60,7 +69,7 @@ static void panel_floats(const em_weight *w, int p, float *wf) {
     for (int b = 0; b < em_blocks(w); b++) {
         float d[PANEL], m[PANEL];
         halves(w->scale + scale_index(w, p, b), PANEL, d);
-        halves(w->minimum + scale_index(w, p, b), PANEL, m);
+        block_minimums(w, p, b, d, m);
         const uint8_t *blk = block_data(w, p, b);
         float *dst = wf + (size_t)b * w->block * PANEL;
         for (int c = 0; c < block_len(w, b); c++)
@@ -133,7 +142,8 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
             }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))));
+        const __m512 m = w->minimum ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))))
+                                    : _mm512_mul_ps(d, _mm512_set1_ps(-w->shift));
         for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(bacc[r], _mm512_permutexvar_ps(spread[r], d), acc[r]);
         macc = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[b]), macc);
     }
@@ -259,7 +269,8 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
             }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))));
+        const __m512 m = w->minimum ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))))
+                                    : _mm512_mul_ps(d, _mm512_set1_ps(-w->shift));
         for (int t = 0; t < T; t++) {
             const size_t i = (size_t)(s0 + t) * nb + b;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bacc[t]), _mm512_mul_ps(d, _mm512_set1_ps(dx[i])), acc[t]);
@@ -306,10 +317,11 @@ static void panel_int8_neon(const em_weight *w, int p, const int8_t *xq, const f
                 }
                 for (int r = 0; r < 4; r++) bacc[r] = vaddq_s32(bacc[r], vdupq_n_s32(128 * xn[i]));
             }
-            const uint16_t *d = w->scale + scale_index(w, p, b), *m = w->minimum + scale_index(w, p, b);
+            const uint16_t *d = w->scale + scale_index(w, p, b);
             for (int r = 0; r < 4; r++) {
                 const float32x4_t dr = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(d + 4 * r)));
-                const float32x4_t mr = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(m + 4 * r)));
+                const float32x4_t mr = w->minimum ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w->minimum + scale_index(w, p, b) + 4 * r)))
+                                                  : vmulq_n_f32(dr, -w->shift);
                 acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(bacc[r]), vmulq_n_f32(dr, dx[i]));
                 acc[r] = vfmaq_n_f32(acc[r], mr, xs[i]);
             }
@@ -361,7 +373,8 @@ static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const f
             }
             for (int h = 0; h < 2; h++) {
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scale + scale_index(w, p, b) + 8 * h)));
-                const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->minimum + scale_index(w, p, b) + 8 * h)));
+                const __m256 m = w->minimum ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->minimum + scale_index(w, p, b) + 8 * h)))
+                                            : _mm256_mul_ps(d, _mm256_set1_ps(-w->shift));
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bacc[h]), _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[h]);
                 acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[i]), acc[h]);
             }
@@ -385,7 +398,7 @@ __attribute__((unused)) static void panel_int8_portable(const em_weight *w, int 
             const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
             float d[PANEL], m[PANEL];
             halves(w->scale + scale_index(w, p, b), PANEL, d);
-            halves(w->minimum + scale_index(w, p, b), PANEL, m);
+            block_minimums(w, p, b, d, m);
             const size_t i = (size_t)(s0 + t) * nb + b;
             for (int j = 0; j < PANEL; j++) {
                 int32_t dot = 0;

@@ -58,9 +58,81 @@ static float bf16_dot(const em_weight *w, int n, const float *x) {
     return s;
 }
 
-/* Row n of a float weight (prefill and embedding lookups). */
+/* ---- codebook weights: one row per output, indices in groups of 16 -------------------- */
+
+static inline int cb_bits(const em_weight *w) { return w->kind - EM_CB2 + 2; }
+
+/* Index i (0..15) of the group at g: the layout in edgellm_kernels.h. */
+static inline int cb_index(const uint8_t *g, int bits, int i) {
+    uint32_t low, high = 0;
+    memcpy(&low, g, 4);
+    int index = (low >> (2 * i)) & 3;
+    if (bits == 4) {
+        memcpy(&high, g + 4, 4);
+        index |= ((high >> (2 * i)) & 3) << 2;
+    } else if (bits == 3) {
+        uint16_t h;
+        memcpy(&h, g + 4, 2);
+        index |= ((h >> i) & 1) << 2;
+    }
+    return index;
+}
+
+static void cb_row(const em_weight *w, int n, float *out) {
+    const int K = w->k, B = w->block, bits = cb_bits(w), entries = 1 << bits, nb = em_blocks(w);
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)n * K / 16 * 2 * bits;
+    for (int b = 0; b < nb; b++) {
+        float book[16];
+        halves(w->scale + ((size_t)n * nb + b) * entries, entries, book);
+        const int end = (b + 1) * B < K ? (b + 1) * B : K;
+        for (int k = b * B; k < end; k++) out[k] = book[cb_index(row + k / 16 * 2 * bits, bits, k % 16)];
+    }
+}
+
+#if EM_AVX512
+/* Lookup-table dot product: 16 indices -> 16 weights with one vpermps from the block's codebook. */
+static float cb_dot(const em_weight *w, int n, const float *x) {
+    const int K = w->k, B = w->block, bits = cb_bits(w), entries = 1 << bits, nb = em_blocks(w);
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)n * K / 16 * 2 * bits;
+    const __m512i two_bit = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i one_bit = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i three = _mm512_set1_epi32(3), one = _mm512_set1_epi32(1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        float book[16] = {0};
+        halves(w->scale + ((size_t)n * nb + b) * entries, entries, book);
+        const __m512 table = _mm512_loadu_ps(book);
+        const int end = (b + 1) * B < K ? (b + 1) * B : K;
+        for (int k = b * B; k < end; k += 16) {
+            const uint8_t *g = row + k / 16 * 2 * bits;
+            uint32_t low;
+            memcpy(&low, g, 4);
+            __m512i index = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)low), two_bit), three);
+            if (bits == 4) {
+                uint32_t high;
+                memcpy(&high, g + 4, 4);
+                index = _mm512_or_si512(index, _mm512_slli_epi32(
+                    _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)high), two_bit), three), 2));
+            } else if (bits == 3) {
+                uint16_t high;
+                memcpy(&high, g + 4, 2);
+                index = _mm512_or_si512(index, _mm512_slli_epi32(
+                    _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(high), one_bit), one), 2));
+            }
+            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(index, table), _mm512_loadu_ps(x + k), acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+/* Row n of a float or codebook weight (prefill and embedding lookups). */
 static void float_row(const em_weight *w, int n, float *out) {
     const int K = w->k;
+    if (w->kind >= EM_CB2) {
+        cb_row(w, n, out);
+        return;
+    }
     if (w->kind == EM_F32) {
         memcpy(out, (const float *)w->data + (size_t)n * K, sizeof(float) * K);
         return;
@@ -78,12 +150,19 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
         em_matmul_integer(x, S, w, y);
         return;
     }
-    if (S == 1) {
+    if (S == 1 && w->kind < EM_CB2) {
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++)
             y[n] = w->kind == EM_BF16 ? bf16_dot(w, n, x) : fdot((const float *)w->data + (size_t)n * K, x, K);
         return;
     }
+#if EM_AVX512
+    if (S == 1) {
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) y[n] = cb_dot(w, n, x);
+        return;
+    }
+#endif
 #pragma omp parallel
     {
         float row[K];
@@ -148,37 +227,98 @@ void em_cache_write(float *cache, const float *rows, int S, int start, int kv_wi
     memcpy(cache + (size_t)start * kv_width, rows, sizeof(float) * (size_t)S * kv_width);
 }
 
+/* Attention of the `group` query heads sharing one KV head, over cache positions [j0, j1):
+   m[g] = the largest score, l[g] = sum of exp(score - m[g]), o[g] = sum of exp(score - m[g]) v.
+   Each key and value row is read once for all heads of the group. */
+static void attend(const float *q, int group, int head_dim, const float *k, const float *v, int kv_width, int j0,
+                   int j1, float scale, float softcap, float *scores, float *m, float *l, float *o) {
+    const int n = j1 - j0;
+    for (int g = 0; g < group; g++) m[g] = -INFINITY;
+    for (int j = j0; j < j1; j++) {
+        const float *kj = k + (size_t)j * kv_width;
+        for (int g = 0; g < group; g++) {
+            float a = fdot(q + (size_t)g * head_dim, kj, head_dim) * scale;
+            if (softcap > 0.0f) a = softcap * tanhf(a / softcap);
+            scores[g * n + j - j0] = a;
+            if (a > m[g]) m[g] = a;
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float total = 0.0f;
+        for (int j = 0; j < n; j++) total += (scores[g * n + j] = expf(scores[g * n + j] - m[g]));
+        l[g] = total;
+    }
+    memset(o, 0, sizeof(float) * group * head_dim);
+    for (int j = j0; j < j1; j++) {
+        const float *vj = v + (size_t)j * kv_width;
+        for (int g = 0; g < group; g++) {
+            const float a = scores[g * n + j - j0];
+            float *og = o + (size_t)g * head_dim;
+            for (int i = 0; i < head_dim; i++) og[i] += a * vj[i];
+        }
+    }
+}
+
+/* Positions per chunk when one token's attention is split across threads (decode). */
+#define EM_DECODE_CHUNK 256
+
 void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
                   int heads, int kv_heads, int head_dim, float scale, float softcap, int window,
                   float *out) {
     const int group = heads / kv_heads, kv_width = kv_heads * head_dim;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int s = 0; s < S; s++) {
-        for (int h = 0; h < heads; h++) {
-            const int p = start + s;
-            const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const float *qh = q + ((size_t)s * heads + h) * head_dim;
-            const float *kh = k_cache + (size_t)(h / group) * head_dim, *vh = v_cache + (size_t)(h / group) * head_dim;
-            float *o = out + ((size_t)s * heads + h) * head_dim;
-            float scores[p - first + 1];
-            float top = -INFINITY;
-            for (int j = first; j <= p; j++) {
-                float a = fdot(qh, kh + (size_t)j * kv_width, head_dim) * scale;
-                if (softcap > 0.0f) a = softcap * tanhf(a / softcap);
-                scores[j - first] = a;
-                if (a > top) top = a;
+    /* A call's work items: (token, KV head, chunk of positions). Prefill has tokens enough to
+       keep every thread busy; a decode step splits long contexts into chunks instead, merged
+       below by their maxima (the softmax of the union of chunks). */
+    const int last = start + S - 1;
+    const int chunks = S == 1 ? (last + EM_DECODE_CHUNK) / EM_DECODE_CHUNK : 1;
+    float parts[kv_heads * chunks * group * (head_dim + 2)]; /* per item: o [group][head_dim], m, l */
+#pragma omp parallel for collapse(3) schedule(static) if (S * kv_heads * chunks > 1)
+    for (int s = 0; s < S; s++)
+        for (int kh = 0; kh < kv_heads; kh++)
+            for (int c = 0; c < chunks; c++) {
+                const int p = start + s;
+                const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+                const int j0 = chunks > 1 ? (first > c * EM_DECODE_CHUNK ? first : c * EM_DECODE_CHUNK) : first;
+                const int j1 = chunks > 1 ? ((c + 1) * EM_DECODE_CHUNK < p + 1 ? (c + 1) * EM_DECODE_CHUNK : p + 1) : p + 1;
+                const float *qs = q + ((size_t)s * heads + (size_t)kh * group) * head_dim;
+                const float *k = k_cache + (size_t)kh * head_dim, *v = v_cache + (size_t)kh * head_dim;
+                float scores[group * (j1 > j0 ? j1 - j0 : 1)], m[group], l[group];
+                float *o = chunks > 1 ? parts + ((size_t)kh * chunks + c) * group * (head_dim + 2)
+                                      : out + ((size_t)s * heads + (size_t)kh * group) * head_dim;
+                if (j1 <= j0) { /* a chunk wholly outside the window */
+                    for (int g = 0; g < group; g++) m[g] = -INFINITY, l[g] = 0.0f;
+                    memset(o, 0, sizeof(float) * group * head_dim);
+                } else {
+                    attend(qs, group, head_dim, k, v, kv_width, j0, j1, scale, softcap, scores, m, l, o);
+                }
+                if (chunks > 1) {
+                    memcpy(o + group * head_dim, m, sizeof m);
+                    memcpy(o + group * head_dim + group, l, sizeof l);
+                } else {
+                    for (int g = 0; g < group; g++)
+                        for (int i = 0; i < head_dim; i++) o[g * head_dim + i] /= l[g];
+                }
             }
-            float total = 0.0f;
-            for (int j = 0; j <= p - first; j++) total += (scores[j] = expf(scores[j] - top));
-            const float inv = 1.0f / total;
-            for (int i = 0; i < head_dim; i++) o[i] = 0.0f;
-            for (int j = first; j <= p; j++) {
-                const float a = scores[j - first] * inv;
-                const float *vj = vh + (size_t)j * kv_width;
-                for (int i = 0; i < head_dim; i++) o[i] += a * vj[i];
+    if (chunks == 1) return;
+    for (int kh = 0; kh < kv_heads; kh++)
+        for (int g = 0; g < group; g++) {
+            float top = -INFINITY, total = 0.0f;
+            for (int c = 0; c < chunks; c++) {
+                const float mc = parts[((size_t)kh * chunks + c) * group * (head_dim + 2) + group * head_dim + g];
+                if (mc > top) top = mc;
             }
+            float *o = out + ((size_t)kh * group + g) * head_dim;
+            memset(o, 0, sizeof(float) * head_dim);
+            for (int c = 0; c < chunks; c++) {
+                const float *part = parts + ((size_t)kh * chunks + c) * group * (head_dim + 2);
+                const float mc = part[group * head_dim + g], lc = part[group * head_dim + group + g];
+                if (lc == 0.0f) continue;
+                const float w = expf(mc - top);
+                total += lc * w;
+                for (int i = 0; i < head_dim; i++) o[i] += w * part[g * head_dim + i];
+            }
+            for (int i = 0; i < head_dim; i++) o[i] /= total;
         }
-    }
 }
 
 /* ---- elementwise ---------------------------------------------------------------------- */

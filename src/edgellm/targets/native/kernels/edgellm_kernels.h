@@ -14,22 +14,29 @@
            8g + i in its low nibble and column 8g + 4 + i in its high nibble
    with scale and minimum arrays [panels][blocks][16] (float16 bits): a weight is
    scale * q + minimum over its block. That one form holds symmetric blocks (minimum = -8 scale
-   for q4, -128 scale for q8), zero points (minimum = -scale * zero_point) and GGUF Q4_1's
-   float minimums.
+   for q4, -128 scale for q8: not stored, derived from the scale), zero points
+   (minimum = -scale * zero_point) and GGUF Q4_1's float minimums.
+
+   Codebook weights (cb2, cb3, cb4: K-means codebooks of 2^bits float16 entries per row and block,
+   weight = codebook[index]) keep one row per output, indices bit-packed in groups of 16:
+     uint32 low: bits 2i, 2i+1 = low two bits of index i
+     cb4: uint32 high: bits 2i, 2i+1 = bits 2-3 of index i;  cb3: uint16 high: bit i = bit 2 of index i
+   (2 x bits bytes per 16 weights), with the codebooks [N][blocks][2^bits] in `scale`.
 */
 #ifndef EDGELLM_KERNELS_H
 #define EDGELLM_KERNELS_H
 
 #include <stdint.h>
 
-enum em_weight_kind { EM_F32 = 0, EM_BF16 = 1, EM_Q4 = 2, EM_Q8 = 3 };
+enum em_weight_kind { EM_F32 = 0, EM_BF16 = 1, EM_Q4 = 2, EM_Q8 = 3, EM_CB2 = 4, EM_CB3 = 5, EM_CB4 = 6 };
 
 typedef struct {
     int kind;            /* em_weight_kind */
     int n, k, block;     /* rows (outputs), columns (inputs), block length along K (q4, q8) */
     const void *data;    /* as above */
-    const uint16_t *scale; /* q4, q8: [panels][blocks][16], float16 */
-    const uint16_t *minimum;
+    const uint16_t *scale; /* q4, q8: [panels][blocks][16], float16; cb*: the codebooks */
+    const uint16_t *minimum; /* NULL for symmetric blocks: minimum = -shift * scale */
+    float shift;             /* 8 (q4) or 128 (q8): what storing signed values as unsigned added */
     int int8_activations;  /* q4, q8: quantize activations to int8 per block (integer dot products) */
 } em_weight;
 

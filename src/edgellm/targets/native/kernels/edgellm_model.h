@@ -14,7 +14,7 @@ typedef struct {
 } em_model_info;
 
 typedef struct {
-    int kind, n, k, block, int8_activations;
+    int kind, n, k, block, int8_activations, shift; /* shift: symmetric blocks store no minimum */
     unsigned long long data, scale, minimum; /* byte offsets into the weights file */
 } em_weight_record;
 

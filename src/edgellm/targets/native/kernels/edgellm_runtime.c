@@ -17,10 +17,11 @@ const char *em_last_error(void) { return em_error; }
 const em_model_info *em_info(void) { return &EM_MODEL; }
 
 em_weight em_bind_weight(const em_weight_record *r, const unsigned char *base) {
-    em_weight w = {r->kind, r->n, r->k, r->block, base + r->data, NULL, NULL, r->int8_activations};
+    em_weight w = {r->kind, r->n, r->k, r->block, base + r->data, NULL, NULL, (float)r->shift, r->int8_activations};
+    if (r->kind >= EM_CB2) w.scale = (const uint16_t *)(base + r->scale);
     if (r->kind == EM_Q4 || r->kind == EM_Q8) {
         w.scale = (const uint16_t *)(base + r->scale);
-        w.minimum = (const uint16_t *)(base + r->minimum);
+        w.minimum = r->minimum ? (const uint16_t *)(base + r->minimum) : NULL;
     }
     return w;
 }
