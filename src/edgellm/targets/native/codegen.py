@@ -3,7 +3,8 @@
 The arena offsets come from the static memory plan (targets/memory_plan.py): each variant's
 activations are placed by lifetime over its calls, sized for its largest call (S = the group
 size, or 1 for decode); the two variants never run at the same time and share the arena. The
-KV cache is a static array, position-major per layer as in the ONNX programs. Weights are read
+KV cache is a static array per layer: values position-major as in the ONNX programs, keys
+transposed per KV head (scores for 16 positions are then one vector). Weights are read
 through em_weight descriptors bound to the memory-mapped weights file at em_init.
 """
 
@@ -58,6 +59,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         "",
         f"#define EM_LAYERS {shape.layers}",
         f"#define EM_KV_WIDTH {shape.kv_width}",
+        f"#define EM_MAX_TOKENS {shape.max_tokens}",
         "",
         f"const em_model_info EM_MODEL = {{{shape.vocab}, {shape.max_tokens}, {shape.group_size}, {shape.logits_rows}, "
         f'{weights_size}ULL, "{digest}"}};',
@@ -65,7 +67,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         "static const unsigned char *em_base;",
         "#define F(offset) ((const float *)(em_base + (offset)))",
         f"static float em_arena[{max(arena // 4, 16)}] __attribute__((aligned(64)));",
-        f"static float em_kv[EM_LAYERS * 2][(size_t){shape.max_tokens} * EM_KV_WIDTH] __attribute__((aligned(64)));",
+        "static float em_kv[EM_LAYERS * 2][(size_t)EM_MAX_TOKENS * EM_KV_WIDTH] __attribute__((aligned(64)));",
         "#define EM_CACHE(layer, which) em_kv[2 * (layer) + (which)]",
         "",
         "/* kind, rows, columns, block, int8 activations, shift, byte offsets of data, scale, minimum */",

@@ -344,7 +344,16 @@ class Lowering:
         buffer = f"EM_CACHE({layer}, {'0' if which == 'k' else '1'})"
         self.caches[cache] = self.caches[node.output[0]] = buffer
         x = self._act(rows)
-        self._emit(f"em_cache_write({buffer}, {{{rows}}}, S, start, {x.cols});", [rows], [], node)
+        if which == "v":
+            self._emit(f"em_cache_write({buffer}, {{{rows}}}, S, start, {x.cols});", [rows], [], node)
+            return
+        # keys are stored transposed per KV head ([head][dim][position], kernels/edgellm_kernels.h)
+        attention = next((n for n in self.consumers.get(node.output[0], []) if n.op_type == "Attention"), None)
+        if attention is None:
+            raise EdgeLLMError(f"{self.where}: {node.name}: a key cache that no Attention reads")
+        kv_heads = _attrs(attention)["kv_num_heads"]
+        self._emit(f"em_cache_write_keys({buffer}, {{{rows}}}, S, start, {kv_heads}, {x.cols // kv_heads}, EM_MAX_TOKENS);",
+                   [rows], [], node)
 
     def _op_Attention(self, node):
         a = _attrs(node)
@@ -356,7 +365,7 @@ class Lowering:
         head_dim = x.cols // heads
         scale = a.get("scale", 1.0 / np.sqrt(head_dim))
         out = self._new(node.output[0], x)
-        self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, "
+        self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_MAX_TOKENS, "
                    f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{out.name}}});",
                    [q], [out.name], node)
 

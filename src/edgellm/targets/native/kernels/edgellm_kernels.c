@@ -227,94 +227,167 @@ void em_cache_write(float *cache, const float *rows, int S, int start, int kv_wi
     memcpy(cache + (size_t)start * kv_width, rows, sizeof(float) * (size_t)S * kv_width);
 }
 
-/* Attention of the `group` query heads sharing one KV head, over cache positions [j0, j1):
-   m[g] = the largest score, l[g] = sum of exp(score - m[g]), o[g] = sum of exp(score - m[g]) v.
-   Each key and value row is read once for all heads of the group. */
-static void attend(const float *q, int group, int head_dim, const float *k, const float *v, int kv_width, int j0,
-                   int j1, float scale, float softcap, float *scores, float *m, float *l, float *o) {
-    const int n = j1 - j0;
-    for (int g = 0; g < group; g++) m[g] = -INFINITY;
-    for (int j = j0; j < j1; j++) {
-        const float *kj = k + (size_t)j * kv_width;
-        for (int g = 0; g < group; g++) {
-            float a = fdot(q + (size_t)g * head_dim, kj, head_dim) * scale;
-            if (softcap > 0.0f) a = softcap * tanhf(a / softcap);
-            scores[g * n + j - j0] = a;
-            if (a > m[g]) m[g] = a;
+void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim, int max_tokens) {
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < kv_heads; h++)
+            for (int d = 0; d < head_dim; d++)
+                cache[((size_t)h * head_dim + d) * max_tokens + start + s] = rows[((size_t)s * kv_heads + h) * head_dim + d];
+}
+
+/* Query vectors one attention item handles: the heads sharing a KV head, for one token (decode)
+   or a tile of tokens (prefill), so each key and value read serves all of them. */
+#define EM_MAX_QUERIES 24
+
+/* Scores of R query vectors against keys [j, j + n) (n <= 16) of one KV head, keys transposed
+   (kt[d * max_tokens + j]): a vector of 16 positions per dimension, no horizontal sums. */
+static void scores16(const float *const *q, int R, int head_dim, const float *kt, int max_tokens, int j, int n,
+                     float *out, int stride) {
+#if EM_AVX512
+    const __mmask16 live = (__mmask16)((1u << n) - 1);
+    __m512 acc[EM_MAX_QUERIES];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        const __m512 kv = _mm512_maskz_loadu_ps(live, kt + (size_t)d * max_tokens + j);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(kv, _mm512_set1_ps(q[r][d]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + (size_t)r * stride, live, acc[r]);
+#else
+    for (int r = 0; r < R; r++) {
+        float acc[16] = {0};
+        for (int d = 0; d < head_dim; d++) {
+            const float qd = q[r][d], *kd = kt + (size_t)d * max_tokens + j;
+            for (int i = 0; i < n; i++) acc[i] += kd[i] * qd;
         }
+        memcpy(out + (size_t)r * stride, acc, sizeof(float) * n);
     }
-    for (int g = 0; g < group; g++) {
-        float total = 0.0f;
-        for (int j = 0; j < n; j++) total += (scores[g * n + j] = expf(scores[g * n + j] - m[g]));
-        l[g] = total;
-    }
-    memset(o, 0, sizeof(float) * group * head_dim);
-    for (int j = j0; j < j1; j++) {
+#endif
+}
+
+#if EM_AVX512
+/* o = sum over j of a[j] * v[j], head_dim = 16 * NV floats kept in registers (NV a constant). */
+static inline __attribute__((always_inline)) void weighted_values(const float *a, int n, const float *v, int kv_width,
+                                                                  float *o, const int NV) {
+    __m512 acc[16];
+    for (int i = 0; i < NV; i++) acc[i] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m512 w = _mm512_set1_ps(a[j]);
         const float *vj = v + (size_t)j * kv_width;
-        for (int g = 0; g < group; g++) {
-            const float a = scores[g * n + j - j0];
-            float *og = o + (size_t)g * head_dim;
-            for (int i = 0; i < head_dim; i++) og[i] += a * vj[i];
+        for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * i), acc[i]);
+    }
+    for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
+}
+#endif
+
+/* R query vectors q[r] attending to their own cache positions [lo[r], hi[r]) of one KV head
+   (hi > lo): m[r] = the largest score, l[r] = sum of exp(score - m[r]),
+   o[r] = sum of exp(score - m[r]) v. Scores are computed once over the union of the ranges. */
+static void attend(const float *const *q, int R, const int *lo, const int *hi, int head_dim, const float *kt,
+                   int max_tokens, const float *v, int kv_width, float scale, float softcap, float *m, float *l,
+                   float *o) {
+    int j0 = lo[0], j1 = hi[0];
+    for (int r = 1; r < R; r++) {
+        j0 = lo[r] < j0 ? lo[r] : j0;
+        j1 = hi[r] > j1 ? hi[r] : j1;
+    }
+    const int n = j1 - j0;
+    float scores[R * n];
+    for (int j = j0; j < j1; j += 16) scores16(q, R, head_dim, kt, max_tokens, j, j1 - j < 16 ? j1 - j : 16, scores + (j - j0), n);
+    for (int r = 0; r < R; r++) {
+        float *sr = scores + (size_t)r * n + (lo[r] - j0), top = -INFINITY, total = 0.0f;
+        const int count = hi[r] - lo[r];
+        for (int j = 0; j < count; j++) {
+            float a = sr[j] * scale;
+            if (softcap > 0.0f) a = softcap * tanhf(a / softcap);
+            sr[j] = a;
+            top = a > top ? a : top;
         }
+        for (int j = 0; j < count; j++) total += (sr[j] = expf(sr[j] - top));
+        m[r] = top;
+        l[r] = total;
+        float *or_ = o + (size_t)r * head_dim;
+        const float *vs = v + (size_t)lo[r] * kv_width;
+#if EM_AVX512
+        switch (head_dim) { /* the common head sizes, accumulated in registers */
+        case 64: weighted_values(sr, count, vs, kv_width, or_, 4); continue;
+        case 128: weighted_values(sr, count, vs, kv_width, or_, 8); continue;
+        case 256: weighted_values(sr, count, vs, kv_width, or_, 16); continue;
+        }
+#endif
+        memset(or_, 0, sizeof(float) * head_dim);
+        for (int j = 0; j < count; j++)
+            for (int i = 0; i < head_dim; i++) or_[i] += sr[j] * vs[(size_t)j * kv_width + i];
     }
 }
 
-/* Positions per chunk when one token's attention is split across threads (decode). */
-#define EM_DECODE_CHUNK 256
+/* Positions per chunk when one token's attention is split across threads (decode): small
+   enough that a few KV heads still make work for every thread. */
+#define EM_DECODE_CHUNK 64
+
+static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
 void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
-                  int heads, int kv_heads, int head_dim, float scale, float softcap, int window,
-                  float *out) {
+                  int heads, int kv_heads, int head_dim, int max_tokens, float scale, float softcap,
+                  int window, float *out) {
     const int group = heads / kv_heads, kv_width = kv_heads * head_dim;
-    /* A call's work items: (token, KV head, chunk of positions). Prefill has tokens enough to
-       keep every thread busy; a decode step splits long contexts into chunks instead, merged
-       below by their maxima (the softmax of the union of chunks). */
-    const int last = start + S - 1;
-    const int chunks = S == 1 ? (last + EM_DECODE_CHUNK) / EM_DECODE_CHUNK : 1;
+    if (S > 1 || group > EM_MAX_QUERIES) {
+        /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
+        const int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
+        const int tiles = (S + rows - 1) / rows, per = group <= EM_MAX_QUERIES ? group : 1;
+        const int splits = group <= EM_MAX_QUERIES ? 1 : group; /* one head at a time past the limit */
+#pragma omp parallel for collapse(3) schedule(dynamic, 1) if (S * kv_heads > 1)
+        for (int tile = 0; tile < tiles; tile++)
+            for (int kh = 0; kh < kv_heads; kh++)
+                for (int h0 = 0; h0 < splits; h0++) {
+                    const float *qs[EM_MAX_QUERIES];
+                    int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES], R = 0;
+                    for (int s = tile * rows; s < S && s < (tile + 1) * rows; s++)
+                        for (int g = 0; g < per; g++, R++) {
+                            qs[R] = q + ((size_t)s * heads + (size_t)kh * group + h0 + g) * head_dim;
+                            lo[R] = first_position(start + s, window);
+                            hi[R] = start + s + 1;
+                        }
+                    float m[EM_MAX_QUERIES], l[EM_MAX_QUERIES], o[EM_MAX_QUERIES * head_dim];
+                    attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * head_dim * max_tokens, max_tokens,
+                           v_cache + (size_t)kh * head_dim, kv_width, scale, softcap, m, l, o);
+                    for (int r = 0; r < R; r++) {
+                        float *dst = out + (qs[r] - q); /* the query's own slot in out */
+                        for (int i = 0; i < head_dim; i++) dst[i] = o[(size_t)r * head_dim + i] / l[r];
+                    }
+                }
+        return;
+    }
+    /* Decode: items of (KV head, chunk of positions), merged below by their maxima (the softmax
+       of the union of the chunks). */
+    const int first = first_position(start, window), chunks = (start - first) / EM_DECODE_CHUNK + 1;
     float parts[kv_heads * chunks * group * (head_dim + 2)]; /* per item: o [group][head_dim], m, l */
-#pragma omp parallel for collapse(3) schedule(static) if (S * kv_heads * chunks > 1)
-    for (int s = 0; s < S; s++)
-        for (int kh = 0; kh < kv_heads; kh++)
-            for (int c = 0; c < chunks; c++) {
-                const int p = start + s;
-                const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-                const int j0 = chunks > 1 ? (first > c * EM_DECODE_CHUNK ? first : c * EM_DECODE_CHUNK) : first;
-                const int j1 = chunks > 1 ? ((c + 1) * EM_DECODE_CHUNK < p + 1 ? (c + 1) * EM_DECODE_CHUNK : p + 1) : p + 1;
-                const float *qs = q + ((size_t)s * heads + (size_t)kh * group) * head_dim;
-                const float *k = k_cache + (size_t)kh * head_dim, *v = v_cache + (size_t)kh * head_dim;
-                float scores[group * (j1 > j0 ? j1 - j0 : 1)], m[group], l[group];
-                float *o = chunks > 1 ? parts + ((size_t)kh * chunks + c) * group * (head_dim + 2)
-                                      : out + ((size_t)s * heads + (size_t)kh * group) * head_dim;
-                if (j1 <= j0) { /* a chunk wholly outside the window */
-                    for (int g = 0; g < group; g++) m[g] = -INFINITY, l[g] = 0.0f;
-                    memset(o, 0, sizeof(float) * group * head_dim);
-                } else {
-                    attend(qs, group, head_dim, k, v, kv_width, j0, j1, scale, softcap, scores, m, l, o);
-                }
-                if (chunks > 1) {
-                    memcpy(o + group * head_dim, m, sizeof m);
-                    memcpy(o + group * head_dim + group, l, sizeof l);
-                } else {
-                    for (int g = 0; g < group; g++)
-                        for (int i = 0; i < head_dim; i++) o[g * head_dim + i] /= l[g];
-                }
+#pragma omp parallel for collapse(2) schedule(static) if (kv_heads * chunks > 1)
+    for (int kh = 0; kh < kv_heads; kh++)
+        for (int c = 0; c < chunks; c++) {
+            float *part = parts + ((size_t)kh * chunks + c) * group * (head_dim + 2);
+            const float *qs[EM_MAX_QUERIES];
+            int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES];
+            for (int g = 0; g < group; g++) {
+                qs[g] = q + ((size_t)kh * group + g) * head_dim;
+                lo[g] = first + c * EM_DECODE_CHUNK;
+                hi[g] = lo[g] + EM_DECODE_CHUNK < start + 1 ? lo[g] + EM_DECODE_CHUNK : start + 1;
             }
-    if (chunks == 1) return;
+            attend(qs, group, lo, hi, head_dim, k_cache + (size_t)kh * head_dim * max_tokens, max_tokens,
+                   v_cache + (size_t)kh * head_dim, kv_width, scale, softcap, part + group * head_dim,
+                   part + group * head_dim + group, part);
+        }
     for (int kh = 0; kh < kv_heads; kh++)
         for (int g = 0; g < group; g++) {
             float top = -INFINITY, total = 0.0f;
             for (int c = 0; c < chunks; c++) {
                 const float mc = parts[((size_t)kh * chunks + c) * group * (head_dim + 2) + group * head_dim + g];
-                if (mc > top) top = mc;
+                top = mc > top ? mc : top;
             }
             float *o = out + ((size_t)kh * group + g) * head_dim;
             memset(o, 0, sizeof(float) * head_dim);
             for (int c = 0; c < chunks; c++) {
                 const float *part = parts + ((size_t)kh * chunks + c) * group * (head_dim + 2);
-                const float mc = part[group * head_dim + g], lc = part[group * head_dim + group + g];
-                if (lc == 0.0f) continue;
-                const float w = expf(mc - top);
-                total += lc * w;
+                const float w = expf(part[group * head_dim + g] - top);
+                total += part[group * head_dim + group + g] * w;
                 for (int i = 0; i < head_dim; i++) o[i] += w * part[g * head_dim + i];
             }
             for (int i = 0; i < head_dim; i++) o[i] /= total;

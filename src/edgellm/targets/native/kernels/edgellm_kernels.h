@@ -50,13 +50,17 @@ void em_rmsnorm(const float *x, int rows, int cols, const float *weight, float e
    cos/sin: [max_positions][rotary_dim / 2]. Columns past rotary_dim are copied. */
 void em_rope(const float *x, int S, int start, int heads, int head_dim, int rotary_dim,
              const float *cos_table, const float *sin_table, float *y);
-/* Write S rows of width kv_width into a position-major cache at positions start.. */
+/* Write S rows of width kv_width into a position-major cache at positions start.. (values). */
 void em_cache_write(float *cache, const float *rows, int S, int start, int kv_width);
+/* Write S key rows [S, kv_heads * head_dim] into a key cache stored transposed,
+   [kv_heads][head_dim][max_tokens], at positions start.. */
+void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim, int max_tokens);
 /* Attention of q[S, heads * head_dim] at positions start + s over cache positions 0..start + s
-   (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping. */
+   (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping.
+   Keys transposed as em_cache_write_keys writes them, values position-major. */
 void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
-                  int heads, int kv_heads, int head_dim, float scale, float softcap, int window,
-                  float *out);
+                  int heads, int kv_heads, int head_dim, int max_tokens, float scale, float softcap,
+                  int window, float *out);
 
 void em_add(const float *a, const float *b, int n, float *y);
 void em_add_row(const float *x, int rows, int cols, const float *row, float *y); /* + bias */
