@@ -1371,7 +1371,8 @@ def _markdown(engines, summary, meta, args) -> str:
         out.append("- " + bgl)
     if meta["greedy_common_prefix"]:
         out.append("- G" + _greedy_line(meta, args)[1:])
-    out += ["- " + line[0].upper() + line[1:] for line in _bandwidth_lines(engines, summary, meta)]
+    lines = _bandwidth_lines(engines, summary, meta)
+    out += ["- " + line[0].upper() + line[1:] if i == 0 else "- " + line for i, line in enumerate(lines)]
     out += [
         "",
         "| engine | " + " | ".join(hs) + " |",
