@@ -175,6 +175,17 @@ def test_compile_error_names_the_generated_line_and_resume_retries(tmp_path, mon
     assert _generate(out).gen_tokens == STEPS
 
 
+def test_two_engines_on_one_build_keep_their_own_caches(tmp_path):
+    out = _tiny_native(tmp_path)
+    first, second = edgellm.load(out), edgellm.load(out)
+    expected = first.engine.prompt_logits(PROMPT[:20])
+    second.engine.prompt_logits(PROMPT[20:])  # fills the second engine's cache with other tokens
+    # a shared cache would now hold the second engine's tokens at positions 0..19
+    np.testing.assert_allclose(first.engine.decode(PROMPT[20], 20), edgellm.load(out).engine.prefill(PROMPT[:21], 0),
+                               atol=1e-5)
+    assert np.array_equal(first.engine.prompt_logits(PROMPT[:20]), expected)
+
+
 def test_weights_of_another_build_are_refused(tmp_path):
     out = _tiny_native(tmp_path)
     other = build(save_tiny("llama", tmp_path / "hf2", seed=1), tmp_path / "other", "int4", target="native", **OPTIONS)

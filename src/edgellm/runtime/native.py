@@ -8,6 +8,9 @@ tokens it is given: the generated code is generic in the tokens per call, so not
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +22,32 @@ _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 
 
+_LOADED: set[Path] = set()
+
+
+def _load(library: Path) -> ctypes.CDLL:
+    """The compiled model keeps its KV cache in static memory, and loading one path twice gives
+    the same copy of it. A second engine on the same build loads a private copy of the library
+    (a temporary file, removed once loaded), so two engines never share a cache."""
+    if library not in _LOADED:
+        _LOADED.add(library)
+        return ctypes.CDLL(str(library))
+    handle, path = tempfile.mkstemp(suffix=".so", prefix="edgellm-model-")
+    try:
+        with os.fdopen(handle, "wb") as out, open(library, "rb") as src:
+            shutil.copyfileobj(src, out)
+        return ctypes.CDLL(path)
+    finally:
+        os.unlink(path)
+
+
 class NativeEngine:
     def __init__(self, program_dir: Path, spec: EngineSpec, threads: int | None = None):
         self.spec = spec
         library = Path(program_dir) / "libmodel.so"
         if not library.is_file():
             raise EdgeLLMError(f"{program_dir}: no libmodel.so; run `edgellm compile ... --resume`")
-        self.lib = ctypes.CDLL(str(library.resolve()))
+        self.lib = _load(library.resolve())
         self.lib.em_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self.lib.em_forward.argtypes = [_INT64_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
         self.lib.em_last_error.restype = ctypes.c_char_p
