@@ -1175,8 +1175,11 @@ def membw_program(work: Path) -> Path | None:
         _log("no C compiler: the machine's read bandwidth is not measured")
         return None
     exe = work / "membw"
-    subprocess.run([cc, "-O3", "-march=native", "-fopenmp", str(REPO / "bench" / "membw.c"), "-o", str(exe)],
-                   check=True)
+    built = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", str(REPO / "bench" / "membw.c"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        _log(f"bench/membw.c did not compile, the machine's read bandwidth is not measured: {built.stderr[-500:]}")
+        return None
     return exe
 
 

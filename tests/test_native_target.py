@@ -19,7 +19,9 @@ from edgellm.errors import EdgeLLMError
 from edgellm.runtime.native import NativeEngine
 from edgellm.targets.native import codegen
 from edgellm.targets.native.toolchain import TOOLCHAINS, Toolchain, build_programs
-from tiny_models import VOCAB, reference_with_stored_weights, save_tiny
+from edgellm.quant.blocks import quantize
+from edgellm.quant.codebooks import quantize_codebooks
+from tiny_models import VOCAB, reference_with_stored_weights, round_embeddings_to_bf16, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
@@ -56,6 +58,45 @@ def test_native_matches_transformers_on_the_same_weights(tmp_path, fp32_plan, fa
     assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("variant", ["asymmetric", "block16"])
+def test_native_zero_points_and_small_blocks_match_transformers(tmp_path, family, variant):
+    """Zero points make minimums float16 cannot hold (stored as float32); int4 blocks of 16."""
+    model_dir = save_tiny(family, tmp_path / "hf")
+    options = {"asymmetric": True} if variant == "asymmetric" else {"block_size": 16}
+    out = build(model_dir, tmp_path / "out", "int4", target="native", **OPTIONS, **options)
+    if variant == "asymmetric":
+        reference = reference_with_stored_weights(model_dir, 4, symmetric=False)
+    else:
+        reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.copy_(torch.from_numpy(quantize(p.numpy(), 4, 16).dequantize()))
+        round_embeddings_to_bf16(reference)
+    result = _generate(out)
+    err = np.abs(np.stack(result.logits) - _reference_logits(reference, result.token_ids)).max()
+    assert err < 1e-4, f"max abs logit error {err}"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_codebook_precisions_match_transformers_on_both_targets(tmp_path, family, bits):
+    model_dir = save_tiny(family, tmp_path / "hf")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"default": {"precision": f"A_BF16_W_CB{bits}"}}))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(torch.from_numpy(quantize_codebooks(p.numpy(), bits).dequantize()))
+    round_embeddings_to_bf16(reference)
+    for target in ("cpu", "native"):
+        result = _generate(build(model_dir, tmp_path / target, plan, target=target, **OPTIONS))
+        err = np.abs(np.stack(result.logits) - _reference_logits(reference, result.token_ids)).max()
+        assert err < 1e-4, f"{target}: max abs logit error {err}"
+
+
 # Int8 activations: the kernels quantize each activation block as ONNX Runtime's MatMulNBits
 # does at accuracy level 4 (scale max|x| / 127, round to nearest even), so the two targets agree
 # closely; the tolerance is relative to the largest logit.
@@ -73,10 +114,10 @@ def test_int8_activations_match_the_onnx_runtime_target(tmp_path, family, preset
     assert results["native"].token_ids[:8] == results["cpu"].token_ids[:8]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window over the chunks
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a 100-position window spans two chunks
 def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan, family):
-    """Past 256 positions a decode step's attention runs in chunks merged by their maxima."""
-    model_dir = save_tiny(family, tmp_path / "hf")
+    """Past 64 positions a decode step's attention runs in chunks merged by their maxima."""
+    model_dir = save_tiny(family, tmp_path / "hf", **({"sliding_window": 100} if family == "mistral" else {}))
     options = dict(max_num_tokens=1024, language_group_size=64, future_token_mask_size=256)
     prompt = [int(t) for t in np.random.default_rng(3).integers(1, VOCAB, 700)]
     runs = []
@@ -115,11 +156,11 @@ def test_model_main_runs_without_python_and_agrees_with_the_runtime(tmp_path):
 
 
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni"])  # portable C; AVX2; AVX-VNNI
-@pytest.mark.parametrize("int8_activations", [False, True])
-def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, int8_activations):
+@pytest.mark.parametrize("preset,int8_activations", [("int4", False), ("int4", True), ("int8", True), ("int8", False)])
+def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset, int8_activations):
     if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
         pytest.skip("x86-64 instruction sets need an x86-64 machine")
-    out = _tiny_native(tmp_path, int8_activations=int8_activations)
+    out = _tiny_native(tmp_path, preset=preset, int8_activations=int8_activations)
     native = out / "compiled" / "native"
     other = tmp_path / "other"
     other.mkdir()
@@ -161,14 +202,14 @@ def test_missing_compiler_names_the_package_and_leaves_the_build_incomplete(tmp_
 
 
 def test_compile_error_names_the_generated_line_and_resume_retries(tmp_path, monkeypatch):
+    out = _tiny_native(tmp_path)
     real = codegen.generate
-    monkeypatch.setattr(codegen, "generate", lambda *a, **k: real(*a, **k) + "int broken = ;\n")
-    monkeypatch.setattr("edgellm.targets.native.generate", codegen.generate)
+    monkeypatch.setattr("edgellm.targets.native.generate", lambda *a, **k: real(*a, **k) + "int broken = ;\n")
     with pytest.raises(EdgeLLMError, match=r"model\.c:\d+:\d+: error"):
-        _tiny_native(tmp_path)
-    out = tmp_path / "out"
+        _tiny_native(tmp_path, resume=True)
     assert not json.loads((out / "manifest.json").read_text())["complete"]
-    assert not (out / "compiled" / "native" / "libmodel.so").exists()
+    with pytest.raises(EdgeLLMError, match="incomplete"):
+        edgellm.load(out)
     monkeypatch.undo()
     _tiny_native(tmp_path, resume=True)
     assert json.loads((out / "manifest.json").read_text())["complete"]

@@ -67,22 +67,26 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         "static const unsigned char *em_base;",
         "#define F(offset) ((const float *)(em_base + (offset)))",
         f"static float em_arena[{max(arena // 4, 16)}] __attribute__((aligned(64)));",
-        "static float em_kv[EM_LAYERS * 2][(size_t)EM_MAX_TOKENS * EM_KV_WIDTH] __attribute__((aligned(64)));",
-        "#define EM_CACHE(layer, which) em_kv[2 * (layer) + (which)]",
+        "/* the KV cache: allocated once by em_init (a static array past 2 GiB would not link) */",
+        "static float *em_kv;",
+        "#define EM_CACHE(layer, which) (em_kv + (size_t)(2 * (layer) + (which)) * EM_MAX_TOKENS * EM_KV_WIDTH)",
         "",
-        "/* kind, rows, columns, block, int8 activations, shift, byte offsets of data, scale, minimum */",
+        "/* kind, rows, columns, block, int8 activations, shift, float32 minimums, byte offsets of data, scale, minimum */",
         f"static const em_weight_record EM_RECORDS[{max(len(records), 1)}] = {{",
     ]
-    lines += [f"    {{{KINDS[r.kind]}, {r.n}, {r.k}, {r.block}, {r.int8_activations}, {r.shift}, {r.data}, {r.scale}, "
-              f"{r.minimum}}},"
+    lines += [f"    {{{KINDS[r.kind]}, {r.n}, {r.k}, {r.block}, {r.int8_activations}, {r.shift}, {r.minimum_f32}, {r.data}, "
+              f"{r.scale}, {r.minimum}}},"
               for r in records]
     lines += [
         "};",
         f"static em_weight EMW[{max(len(records), 1)}];",
         "",
-        "void em_model_bind(const unsigned char *base) {",
+        "int em_model_bind(const unsigned char *base) {",
+        "    em_kv = em_cache_alloc((size_t)EM_LAYERS * 2 * EM_MAX_TOKENS * EM_KV_WIDTH * sizeof(float));",
+        "    if (!em_kv) return -1;",
         "    em_base = base;",
         f"    for (int i = 0; i < {len(records)}; i++) EMW[i] = em_bind_weight(&EM_RECORDS[i], base);",
+        "    return 0;",
         "}",
     ]
     for variant, (lowered, plan) in variants.items():

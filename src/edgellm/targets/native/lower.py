@@ -102,7 +102,10 @@ class Lowering:
             handler = getattr(self, f"_op_{node.op_type}", None)
             if handler is None:
                 raise EdgeLLMError(f"{self.where}: the native target has no kernel for {node.op_type} (node {node.name})")
-            handler(node)
+            try:
+                handler(node)
+            except (KeyError, ValueError, IndexError, TypeError) as e:  # an IR shape this lowering does not expect
+                raise EdgeLLMError(f"{self.where}: cannot lower {node.op_type} node {node.name} ({type(e).__name__}: {e})") from e
         return self.out
 
     def _skip_mask(self) -> None:

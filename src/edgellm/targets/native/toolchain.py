@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unus
 
 
 def build_programs(toolchain: Toolchain, directory: Path) -> None:
-    """Compile directory/model.c with the kernels into libmodel.so and model_main (atomically:
-    a failed build leaves neither behind, so the unit stays not-done and --resume retries it)."""
+    """Compile directory/model.c with the kernels into libmodel.so and model_main. Each is
+    written to a temporary name and renamed into place only when it compiled; a failure raises,
+    so the build stays incomplete and --resume retries it (a program left from an earlier build
+    refuses the new weights file: their digests differ)."""
     compiler = toolchain.find()
     sources = [str(directory / "model.c")] + [str(KERNELS / s) for s in LIBRARY_SOURCES]
     common = [compiler, *FLAGS, *toolchain.arch_flags, f"-I{KERNELS}"]
@@ -60,7 +63,7 @@ def build_programs(toolchain: Toolchain, directory: Path) -> None:
         "model_main": [*common, str(KERNELS / "model_main.c"), *sources, "-o"],
     }
     for name, command in outputs.items():
-        tmp = directory / f".{name}.tmp"
+        tmp = directory / f".{name}.tmp{os.getpid()}"
         result = subprocess.run([*command, str(tmp), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -69,8 +72,11 @@ def build_programs(toolchain: Toolchain, directory: Path) -> None:
 
 
 def _first_error(stderr: str) -> str:
-    """The compiler's first error line (file:line: error: ...), which names the generated file."""
-    for line in stderr.splitlines():
-        if "error" in line:
-            return line.strip()
-    return stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
+    """The compiler's or linker's first error line (file:line: error: ..., which names the
+    generated file), or the last line if none matches."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for marker in (": error:", "fatal error", "relocation", "undefined reference"):
+        for line in lines:
+            if marker in line:
+                return line
+    return lines[-1] if lines else "no message"

@@ -6,7 +6,8 @@ generated code carries the size and digest and refuses a file that does not matc
 program never runs on another build's weights. Layouts per kind are in
 kernels/edgellm_kernels.h; integer weights become unsigned nibbles (q4) or int8 (q8) with a
 float16 scale and minimum per block, whatever the IR's form (signed, zero point, Q4_1 minimum),
-repacked in panels of 16 rows.
+repacked in panels of 16 rows. Symmetric blocks store no minimum (the kernels derive it from the
+scale); minimums float16 cannot hold exactly (from zero points) are stored as float32.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class WeightRecord:
     block: int
     int8_activations: int  # integer kinds: the kernel quantizes activations to int8 per block
     shift: int  # integer kinds without a minimum array: minimum = -shift * scale
+    minimum_f32: int  # minimums stored as float32: float16 could not hold them exactly
     nbytes: int  # what a matmul with it reads: data, scales and minimums
     data: int  # byte offsets into the file
     scale: int = 0
@@ -89,7 +91,9 @@ class WeightsFile:
                 int8_activations: int = 0, shift: int = 0) -> str:
         offsets = [self._write(a) for a in arrays]
         nbytes = sum(a.nbytes for a in arrays)
-        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, shift, nbytes, *offsets)
+        minimum_f32 = int(len(arrays) == 3 and arrays[2].dtype == np.float32)
+        record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, shift, minimum_f32,
+                              nbytes, *offsets)
         self.records.append(record)
         self.by_key[key] = record
         return record.symbol
@@ -132,7 +136,7 @@ class WeightsFile:
         if key in self.by_key:
             return self.by_key[key].symbol
         n, k = q.shape
-        run = 32 if bits == 4 else 4  # columns per 64-byte load (edgellm_kernels.h)
+        run = 8 if bits == 4 else 4  # columns per 64-byte load of a 16-row panel (edgellm_kernels.h)
         if block <= 0 or block % run or k % run:
             raise EdgeLLMError(f"{name}: the native target packs int{bits} weights in runs of {run} columns; "
                                f"block {block} and K {k} must be multiples of {run}")
@@ -147,7 +151,7 @@ class WeightsFile:
             new_minimum = -scale * (offset + shift)
             if minimum is not None:
                 new_minimum = new_minimum + minimum.astype(np.float32)
-            arrays.append(_panel_blocks(_half(new_minimum, name, "minimum")))
+            arrays.append(_panel_blocks(_exact_minimums(new_minimum, name)))
         # symmetric blocks store no minimum: the kernels derive it, -shift * scale
         return self._record(key, f"q{bits}", n, k, block, arrays, int(int8_activations), shift)
 
@@ -188,10 +192,18 @@ class WeightsFile:
         self.tmp.unlink(missing_ok=True)
 
 
+def _exact_minimums(minimum: np.ndarray, name: str) -> np.ndarray:
+    """float16 when that holds every minimum exactly (GGUF Q4_1's are float16 values), else
+    float32: a minimum made from a zero point (-scale * zero_point) needs more mantissa bits, and
+    rounding it would move the weights off what the IR says."""
+    half = _half(minimum, name, "minimum")
+    return half if np.array_equal(half.astype(np.float32), minimum.astype(np.float32)) else minimum.astype(np.float32)
+
+
 def _half(values: np.ndarray, name: str, what: str) -> np.ndarray:
-    """Block scales and minimums are float16 in the file: a quarter of an int4 weight's bytes
-    instead of half. Scales the quantizer made are float16 values already (quant/blocks.py), as
-    are GGUF's and GPTQ's; a minimum made from a zero point (-scale * zero_point) rounds here."""
+    """Block scales (and most minimums) are float16 in the file: a quarter of an int4 weight's
+    bytes instead of half. Scales the quantizer made are float16 values already
+    (quant/blocks.py), as are GGUF's and GPTQ's."""
     half = values.astype(np.float16)
     if not np.isfinite(half).all():
         raise EdgeLLMError(f"{name}: a block {what} beyond float16's range")

@@ -33,10 +33,19 @@ static inline size_t scale_index(const em_weight *w, int p, int b) { return ((si
 /* A (panel, block)'s 16 minimums: stored, or for symmetric blocks (no minimum array: the
    weights file leaves it out) minus the storage shift times the scale. */
 static inline void block_minimums(const em_weight *w, int p, int b, const float *d, float *m) {
-    if (w->minimum) halves(w->minimum + scale_index(w, p, b), PANEL, m);
-    else
+    if (!w->minimum)
         for (int j = 0; j < PANEL; j++) m[j] = -w->shift * d[j];
+    else if (w->minimum_f32) memcpy(m, (const float *)w->minimum + scale_index(w, p, b), sizeof(float) * PANEL);
+    else halves((const uint16_t *)w->minimum + scale_index(w, p, b), PANEL, m);
 }
+
+#if EM_AVX512
+static inline __m512 minimums16(const em_weight *w, int p, int b, __m512 d) {
+    if (!w->minimum) return _mm512_mul_ps(d, _mm512_set1_ps(-w->shift));
+    if (w->minimum_f32) return _mm512_loadu_ps((const float *)w->minimum + scale_index(w, p, b));
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->minimum + scale_index(w, p, b))));
+}
+#endif
 
 /* Stored (unsigned) value of row j of a panel block, at column c of the block. */
 static inline int stored_value(const em_weight *w, const uint8_t *blk, int j, int c) {
@@ -142,8 +151,7 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
             }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
-        const __m512 m = w->minimum ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))))
-                                    : _mm512_mul_ps(d, _mm512_set1_ps(-w->shift));
+        const __m512 m = minimums16(w, p, b, d);
         for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(bacc[r], _mm512_permutexvar_ps(spread[r], d), acc[r]);
         macc = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[b]), macc);
     }
@@ -269,8 +277,7 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
             }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
-        const __m512 m = w->minimum ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->minimum + scale_index(w, p, b))))
-                                    : _mm512_mul_ps(d, _mm512_set1_ps(-w->shift));
+        const __m512 m = minimums16(w, p, b, d);
         for (int t = 0; t < T; t++) {
             const size_t i = (size_t)(s0 + t) * nb + b;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bacc[t]), _mm512_mul_ps(d, _mm512_set1_ps(dx[i])), acc[t]);
@@ -317,11 +324,11 @@ static void panel_int8_neon(const em_weight *w, int p, const int8_t *xq, const f
                 }
                 for (int r = 0; r < 4; r++) bacc[r] = vaddq_s32(bacc[r], vdupq_n_s32(128 * xn[i]));
             }
-            const uint16_t *d = w->scale + scale_index(w, p, b);
+            float d[PANEL], m[PANEL];
+            halves(w->scale + scale_index(w, p, b), PANEL, d);
+            block_minimums(w, p, b, d, m);
             for (int r = 0; r < 4; r++) {
-                const float32x4_t dr = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(d + 4 * r)));
-                const float32x4_t mr = w->minimum ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w->minimum + scale_index(w, p, b) + 4 * r)))
-                                                  : vmulq_n_f32(dr, -w->shift);
+                const float32x4_t dr = vld1q_f32(d + 4 * r), mr = vld1q_f32(m + 4 * r);
                 acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(bacc[r]), vmulq_n_f32(dr, dx[i]));
                 acc[r] = vfmaq_n_f32(acc[r], mr, xs[i]);
             }
@@ -371,10 +378,11 @@ static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const f
                         bacc[h] = dot_u8_s8(bacc[h], _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * h)), x4);
                 }
             }
+            float ds[PANEL], ms[PANEL];
+            halves(w->scale + scale_index(w, p, b), PANEL, ds);
+            block_minimums(w, p, b, ds, ms);
             for (int h = 0; h < 2; h++) {
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scale + scale_index(w, p, b) + 8 * h)));
-                const __m256 m = w->minimum ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->minimum + scale_index(w, p, b) + 8 * h)))
-                                            : _mm256_mul_ps(d, _mm256_set1_ps(-w->shift));
+                const __m256 d = _mm256_loadu_ps(ds + 8 * h), m = _mm256_loadu_ps(ms + 8 * h);
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bacc[h]), _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[h]);
                 acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[i]), acc[h]);
             }
@@ -410,7 +418,7 @@ __attribute__((unused)) static void panel_int8_portable(const em_weight *w, int 
     }
 }
 
-static void matmul_int8_activations(const float *x, int S, const em_weight *w, float *y) {
+static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y) {
     const int nb = em_blocks(w);
     int8_t xq[(size_t)S * w->k];
     float dx[(size_t)S * nb], xs[(size_t)S * nb];
@@ -444,6 +452,16 @@ static void matmul_int8_activations(const float *x, int S, const em_weight *w, f
             panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
 #endif
         }
+    }
+}
+
+/* Activation rows quantized at a time: bounds the scratch on the caller's stack (64 x K bytes). */
+#define EM_QUANTIZED_ROWS 64
+
+static void matmul_int8_activations(const float *x, int S, const em_weight *w, float *y) {
+    for (int first = 0; first < S; first += EM_QUANTIZED_ROWS) {
+        const int rows = S - first < EM_QUANTIZED_ROWS ? S - first : EM_QUANTIZED_ROWS;
+        matmul_int8_rows(x + (size_t)first * w->k, rows, w, y + (size_t)first * w->n);
     }
 }
 

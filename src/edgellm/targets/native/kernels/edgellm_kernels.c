@@ -319,9 +319,14 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
     }
 }
 
-/* Positions per chunk when one token's attention is split across threads (decode): small
-   enough that a few KV heads still make work for every thread. */
+/* A decode step splits its context into chunks across threads: at least 64 positions each (so
+   a few KV heads still make work for every thread), at most 16 chunks (their partial results
+   live on the stack). */
 #define EM_DECODE_CHUNK 64
+#define EM_DECODE_CHUNKS 16
+/* Prefill tiles keep their scores on the stack: at most this many floats unless one token's
+   heads alone need more. */
+#define EM_SCORES_ON_STACK 65536
 
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
@@ -331,7 +336,8 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
     const int group = heads / kv_heads, kv_width = kv_heads * head_dim;
     if (S > 1 || group > EM_MAX_QUERIES) {
         /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
-        const int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
+        int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
+        while (rows > 1 && (size_t)rows * group * (start + S) > EM_SCORES_ON_STACK) rows--;
         const int tiles = (S + rows - 1) / rows, per = group <= EM_MAX_QUERIES ? group : 1;
         const int splits = group <= EM_MAX_QUERIES ? 1 : group; /* one head at a time past the limit */
 #pragma omp parallel for collapse(3) schedule(dynamic, 1) if (S * kv_heads > 1)
@@ -358,7 +364,10 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
     }
     /* Decode: items of (KV head, chunk of positions), merged below by their maxima (the softmax
        of the union of the chunks). */
-    const int first = first_position(start, window), chunks = (start - first) / EM_DECODE_CHUNK + 1;
+    const int first = first_position(start, window), length = start - first + 1;
+    int chunk = (length + EM_DECODE_CHUNKS - 1) / EM_DECODE_CHUNKS;
+    chunk = chunk > EM_DECODE_CHUNK ? chunk : EM_DECODE_CHUNK;
+    const int chunks = (length + chunk - 1) / chunk;
     float parts[kv_heads * chunks * group * (head_dim + 2)]; /* per item: o [group][head_dim], m, l */
 #pragma omp parallel for collapse(2) schedule(static) if (kv_heads * chunks > 1)
     for (int kh = 0; kh < kv_heads; kh++)
@@ -368,8 +377,8 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
             int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES];
             for (int g = 0; g < group; g++) {
                 qs[g] = q + ((size_t)kh * group + g) * head_dim;
-                lo[g] = first + c * EM_DECODE_CHUNK;
-                hi[g] = lo[g] + EM_DECODE_CHUNK < start + 1 ? lo[g] + EM_DECODE_CHUNK : start + 1;
+                lo[g] = first + c * chunk;
+                hi[g] = lo[g] + chunk < start + 1 ? lo[g] + chunk : start + 1;
             }
             attend(qs, group, lo, hi, head_dim, k_cache + (size_t)kh * head_dim * max_tokens, max_tokens,
                    v_cache + (size_t)kh * head_dim, kv_width, scale, softcap, part + group * head_dim,

@@ -35,7 +35,9 @@ typedef struct {
     int n, k, block;     /* rows (outputs), columns (inputs), block length along K (q4, q8) */
     const void *data;    /* as above */
     const uint16_t *scale; /* q4, q8: [panels][blocks][16], float16; cb*: the codebooks */
-    const uint16_t *minimum; /* NULL for symmetric blocks: minimum = -shift * scale */
+    const void *minimum;     /* [panels][blocks][16], float16 (float32 if minimum_f32); NULL for
+                                symmetric blocks: minimum = -shift * scale */
+    int minimum_f32;
     float shift;             /* 8 (q4) or 128 (q8): what storing signed values as unsigned added */
     int int8_activations;  /* q4, q8: quantize activations to int8 per block (integer dot products) */
 } em_weight;

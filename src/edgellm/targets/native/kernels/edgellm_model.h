@@ -3,6 +3,7 @@
 #ifndef EDGELLM_MODEL_H
 #define EDGELLM_MODEL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "edgellm_kernels.h"
@@ -15,6 +16,7 @@ typedef struct {
 
 typedef struct {
     int kind, n, k, block, int8_activations, shift; /* shift: symmetric blocks store no minimum */
+    int minimum_f32;                                /* minimums a float16 cannot hold exactly */
     unsigned long long data, scale, minimum; /* byte offsets into the weights file */
 } em_weight_record;
 
@@ -30,7 +32,8 @@ void em_close(void);
 
 /* Defined by the generated model.c */
 extern const em_model_info EM_MODEL;
-void em_model_bind(const unsigned char *base);
+int em_model_bind(const unsigned char *base); /* -1 if the KV cache cannot be allocated */
+float *em_cache_alloc(size_t bytes);
 void em_model_group(int S, int start, const int64_t *ids, int logits_row, float *logits);
 void em_model_single(int S, int start, const int64_t *ids, int logits_row, float *logits);
 em_weight em_bind_weight(const em_weight_record *record, const unsigned char *base);

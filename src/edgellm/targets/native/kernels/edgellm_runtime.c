@@ -12,22 +12,62 @@
 static const unsigned char *em_mapped;
 static size_t em_mapped_size;
 static char em_error[512];
+static int em_threads;
+static void *em_cache;
+static size_t em_cache_size;
+
+/* Zeroed pages, touched only as the context fills. */
+float *em_cache_alloc(size_t bytes) {
+    if (em_cache && em_cache_size == bytes) return em_cache; /* a second em_init keeps it */
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    em_cache = p;
+    em_cache_size = bytes;
+    return p;
+}
+
+#if defined(__x86_64__)
+/* Built with -march for one machine: refuse, rather than die of an illegal instruction, on a CPU
+   without the instruction sets the code was compiled for. Compiled for baseline x86-64 itself. */
+__attribute__((target("arch=x86-64"))) static const char *em_missing_instructions(void) {
+    __builtin_cpu_init();
+#if defined(__AVX512F__)
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return "AVX-512";
+#endif
+#if defined(__AVX512VNNI__)
+    if (!__builtin_cpu_supports("avx512vnni")) return "AVX-512 VNNI";
+#endif
+#if defined(__AVX2__)
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return "AVX2 and FMA";
+#endif
+    return NULL;
+}
+#endif
 
 const char *em_last_error(void) { return em_error; }
 const em_model_info *em_info(void) { return &EM_MODEL; }
 
 em_weight em_bind_weight(const em_weight_record *r, const unsigned char *base) {
-    em_weight w = {r->kind, r->n, r->k, r->block, base + r->data, NULL, NULL, (float)r->shift, r->int8_activations};
+    em_weight w = {r->kind, r->n, r->k, r->block, base + r->data, NULL, NULL, r->minimum_f32, (float)r->shift,
+                   r->int8_activations};
     if (r->kind >= EM_CB2) w.scale = (const uint16_t *)(base + r->scale);
     if (r->kind == EM_Q4 || r->kind == EM_Q8) {
         w.scale = (const uint16_t *)(base + r->scale);
-        w.minimum = r->minimum ? (const uint16_t *)(base + r->minimum) : NULL;
+        w.minimum = r->minimum ? base + r->minimum : NULL;
     }
     return w;
 }
 
 int em_init(const char *path, int threads) {
     em_close();
+#if defined(__x86_64__)
+    const char *missing = em_missing_instructions();
+    if (missing) {
+        snprintf(em_error, sizeof em_error, "%s: this program was compiled for a CPU with %s, which this one lacks; "
+                 "compile the model on this machine", path, missing);
+        return -1;
+    }
+#endif
     int fd = open(path, O_RDONLY);
     if (fd < 0) {
         snprintf(em_error, sizeof em_error, "%s: cannot open the weights file", path);
@@ -52,10 +92,14 @@ int em_init(const char *path, int threads) {
         munmap(p, (size_t)st.st_size);
         return -1;
     }
+    if (em_model_bind(h) != 0) {
+        snprintf(em_error, sizeof em_error, "%s: cannot allocate the KV cache", path);
+        munmap(p, (size_t)st.st_size);
+        return -1;
+    }
     em_mapped = h;
     em_mapped_size = (size_t)st.st_size;
-    em_set_threads(threads);
-    em_model_bind(em_mapped);
+    em_threads = threads;
     return 0;
 }
 
@@ -76,6 +120,7 @@ int em_forward(const int64_t *ids, int n, int start, int logits_row, float *logi
                      EM_MODEL.vocab_size);
             return -1;
         }
+    em_set_threads(em_threads); /* the OpenMP team size is per calling thread */
     if (n == 1) em_model_single(1, start, ids, 0, logits);
     else em_model_group(n, start, ids, logits_row, logits);
     return 0;

@@ -37,8 +37,8 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (!tokens) {
-        fprintf(stderr, "usage: %s --tokens 1,2,3 [--gen 64] [--threads N] [--weights PATH]\n", argv[0]);
+    if (!tokens || !*tokens || gen < 1) {
+        fprintf(stderr, "usage: %s --tokens 1,2,3 [--gen N >= 1] [--threads N] [--weights PATH]\n", argv[0]);
         return 2;
     }
     char default_weights[4096];
@@ -51,7 +51,11 @@ int main(int argc, char **argv) {
     const em_model_info *info = em_info();
     int64_t *ids = malloc(sizeof(int64_t) * (size_t)(info->max_tokens + 1));
     int n = 0;
-    for (char *p = (char *)tokens; *p && n < info->max_tokens;) {
+    for (char *p = (char *)tokens; *p;) {
+        if (n == info->max_tokens) {
+            fprintf(stderr, "--tokens: more than the %d tokens the context holds\n", info->max_tokens);
+            return 2;
+        }
         ids[n++] = strtoll(p, &p, 10);
         if (*p == ',') p++;
         else if (*p) {
