@@ -4,6 +4,7 @@ Nodes are visited in graph order and each op pattern becomes one call of a kerne
 kernels/edgellm_kernels.c:
     Gather on a weight (float, bf16 Cast, or integer rows + DequantizeLinear)  -> em_embed
     [Gather(order)] DequantizeLinear / Cast / constant -> MatMul [-> Q4_1 shift]  -> em_matmul
+    Mul(Sigmoid(g) * g, up) / Mul(Gelu(g), up)                                   -> em_silu_mul / em_gelu_tanh_mul
     RMSNormalization -> em_rmsnorm, RotaryEmbedding -> em_rope, Split -> em_columns,
     TensorScatter -> em_cache_write, Attention -> em_attention, elementwise ops -> em_add, ...
 The MASK segment's nodes are not lowered: em_attention derives causality (and a sliding window,
@@ -410,7 +411,32 @@ class Lowering:
         self._emit(f"{kernel}({{{node.input[0]}}}, {x.count_expr()}, {{{out.name}}});", [node.input[0]], [out.name], node)
 
     def _op_Sigmoid(self, node):
+        # the gated MLP's SiLU: Mul(up, Mul(gate, Sigmoid(gate))) -> one pass
+        silu = self._only_consumer(node.output[0], "Mul")
+        if silu is not None and node.input[0] in silu.input and self._gated(node, silu, "em_silu_mul"):
+            return
         self._unary(node, "em_sigmoid")
+
+    def _only_consumer(self, name: str, op_type: str):
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def _gated(self, first, activation, kernel: str) -> bool:
+        """activation(gate) * up as one kernel call, if `activation`'s output only feeds that product."""
+        product = self._only_consumer(activation.output[0], "Mul")
+        if product is None:
+            return False
+        gate = first.input[0]
+        up = next(i for i in product.input if i != activation.output[0])
+        x, y = self._act(gate), self._act(up)
+        if (x.rows, x.cols, x.per_token) != (y.rows, y.cols, y.per_token):
+            return False
+        out = self._new(product.output[0], x)
+        nodes = [first] if first is activation else [first, activation]
+        self._emit(f"{kernel}({{{gate}}}, {{{up}}}, {x.count_expr()}, {{{out.name}}});", [gate, up], [out.name],
+                   *nodes, product)
+        self.done.update(n.name for n in (activation, product))
+        return True
 
     def _op_Tanh(self, node):
         self._unary(node, "em_tanh")
@@ -418,5 +444,6 @@ class Lowering:
     def _op_Gelu(self, node):
         if _attrs(node).get("approximate", "none") != "tanh":
             raise EdgeLLMError(f"{self.where}: {node.name}: only the tanh approximation of Gelu has a kernel")
-        self._unary(node, "em_gelu_tanh")
+        if not self._gated(node, node, "em_gelu_tanh_mul"):  # Gemma's gated MLP: Mul(Gelu(gate), up)
+            self._unary(node, "em_gelu_tanh")
 

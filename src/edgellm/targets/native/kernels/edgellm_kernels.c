@@ -438,6 +438,21 @@ void em_gelu_tanh(const float *x, int n, float *y) {
     for (int i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + tanhf(c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
 }
 
+/* The gated MLP's activation and product in one pass: y = act(gate) * up. */
+void em_silu_mul(const float *gate, const float *up, int n, float *y) {
+#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+    for (int i = 0; i < n; i++) y[i] = gate[i] * (1.0f / (1.0f + expf(-gate[i]))) * up[i];
+}
+
+void em_gelu_tanh_mul(const float *gate, const float *up, int n, float *y) {
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+    for (int i = 0; i < n; i++) {
+        const float x = gate[i];
+        y[i] = 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x))) * up[i];
+    }
+}
+
 void em_add_row(const float *x, int rows, int cols, const float *row, float *y) {
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) y[(size_t)r * cols + c] = x[(size_t)r * cols + c] + row[c];

@@ -71,6 +71,9 @@ void em_scale(const float *x, int n, float c, float *y);
 void em_sigmoid(const float *x, int n, float *y);
 void em_tanh(const float *x, int n, float *y);
 void em_gelu_tanh(const float *x, int n, float *y);
+/* The gated MLP: y = silu(gate) * up, or gelu_tanh(gate) * up, in one pass. */
+void em_silu_mul(const float *gate, const float *up, int n, float *y);
+void em_gelu_tanh_mul(const float *gate, const float *up, int n, float *y);
 /* y[rows, width] = x[rows, cols][:, first : first + width] */
 void em_columns(const float *x, int rows, int cols, int first, int width, float *y);
 /* y[rows, n] = x[rows, cols][:, index[j]] (act-order input permutation) */
