@@ -114,34 +114,35 @@ class Engine:
         token (recomputing a few cached positions, which rewrites the same K/V) instead of padding
         past the end, so no chunk ever writes beyond max(len(tokens), group_size).
         """
-        g = self.spec.group_size
-        end = len(tokens)
         logits = None
-        pos = cached
-        while pos < end:
-            start = pos if end - pos >= g else max(0, end - g)
-            chunk = tokens[start : min(start + g, end)]
+        for start, chunk, _ in prefill_chunks(tokens, cached, self.spec.group_size):
             logits = self.run("group", chunk, start, logits_row=len(chunk) - 1)
-            pos = start + len(chunk)
         return logits
 
     def prompt_logits(self, tokens: list[int]) -> np.ndarray:
         """[len(tokens), vocab]: the logits after every token, from an empty cache. Needs a
         return_logits build for prefill; otherwise the tokens go one decode step at a time."""
-        rows = []
         if self.spec.return_logits:
-            g, pos, end = self.spec.group_size, 0, len(tokens)
-            while pos < end:
-                start = pos if end - pos >= g else max(0, end - g)  # as in prefill: no writes past the end
-                chunk = tokens[start : min(start + g, end)]
-                rows.append(self.run("group", chunk, start, rows=slice(pos - start, len(chunk))))
-                pos = start + len(chunk)
+            rows = [self.run("group", chunk, start, rows=slice(first, len(chunk)))
+                    for start, chunk, first in prefill_chunks(tokens, 0, self.spec.group_size)]
         else:
             rows = [self.run("single", [t], p)[None] for p, t in enumerate(tokens)]
         return np.concatenate(rows)
 
     def decode(self, token: int, position: int) -> np.ndarray:
         return self.run("single", [token], position)
+
+
+def prefill_chunks(tokens: list[int], cached: int, group: int):
+    """(start position, chunk of at most `group` tokens, index of its first new token) covering
+    tokens[cached:]. A short last chunk is moved back to end at the last token instead of padded
+    past it (Engine.prefill)."""
+    end, pos = len(tokens), cached
+    while pos < end:
+        start = pos if end - pos >= group else max(0, end - group)
+        chunk = tokens[start : min(start + group, end)]
+        yield start, chunk, pos - start
+        pos = start + len(chunk)
 
 
 def _physical_cores() -> int:

@@ -1,8 +1,9 @@
 """Run a native build (targets/native): libmodel.so through ctypes, with the Engine's interface.
 
-The compiled model keeps its KV cache and activations in static memory, so a call passes only
-token ids and a logits buffer. Prefill is chunked as in engine.py, but a call runs exactly the
-tokens it is given: the generated code is generic in the tokens per call, so nothing is padded.
+The compiled model keeps its KV cache and activations in its own memory, so a call passes only
+token ids and a logits buffer. Prefill is chunked as in engine.py (prefill_chunks), and a call
+runs exactly the tokens it is given: the generated code is generic in the tokens per call, so
+nothing is padded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .engine import EngineSpec, _physical_cores
+from .engine import EngineSpec, _physical_cores, prefill_chunks
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
@@ -71,18 +72,9 @@ class NativeEngine:
             return self.logits[rows].copy()
         return self.logits[logits_row if n > 1 and self.spec.return_logits else 0].copy()
 
-    def _chunks(self, tokens: list[int], cached: int):
-        """(start, chunk, first new row): as engine.Engine.prefill, no write past the last token."""
-        g, end, pos = self.spec.group_size, len(tokens), cached
-        while pos < end:
-            start = pos if end - pos >= g else max(0, end - g)
-            chunk = tokens[start : min(start + g, end)]
-            yield start, chunk, pos - start
-            pos = start + len(chunk)
-
     def prefill(self, tokens: list[int], cached: int) -> np.ndarray:
         logits = None
-        for start, chunk, _ in self._chunks(tokens, cached):
+        for start, chunk, _ in prefill_chunks(tokens, cached, self.spec.group_size):
             logits = self.run(chunk, start, logits_row=len(chunk) - 1)
         return logits
 
@@ -90,7 +82,7 @@ class NativeEngine:
         if not self.spec.return_logits:
             return np.concatenate([self.run([t], p)[None] for p, t in enumerate(tokens)])
         return np.concatenate([self.run(chunk, start, rows=slice(first, len(chunk)))
-                               for start, chunk, first in self._chunks(tokens, 0)])
+                               for start, chunk, first in prefill_chunks(tokens, 0, self.spec.group_size)])
 
     def decode(self, token: int, position: int) -> np.ndarray:
         return self.run([token], position)

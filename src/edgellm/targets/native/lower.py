@@ -155,9 +155,8 @@ class Lowering:
     def _emit(self, code: str, reads: list[str], writes: list[str], *nodes: onnx.NodeProto) -> None:
         for name in reads + writes:
             code = code.replace("{" + name + "}", self._ref(name))
-        arena = [self._buffer(n) for n in reads + writes if self._ref(n).startswith("{")]
-        self.out.calls.append(Call(code, [n for n in arena if n in map(self._buffer, reads)],
-                                   [n for n in arena if n in map(self._buffer, writes)], [n.name for n in nodes]))
+        in_arena = [[self._buffer(n) for n in names if self._ref(n).startswith("{")] for names in (reads, writes)]
+        self.out.calls.append(Call(code, *in_arena, [n.name for n in nodes]))
 
     def _const(self, name: str) -> np.ndarray:
         return to_array(self.inits[name])

@@ -7,7 +7,13 @@
 */
 #include "edgellm_simd.h"
 
-void em_set_threads(int threads) { em_set_threads_(threads); }
+void em_set_threads(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+}
 
 /* Four activation rows against one weight row: the weight row is loaded once per four dots. */
 static inline void fdot4(const float *w, const float *x, int ldx, int n, float out[4]) {

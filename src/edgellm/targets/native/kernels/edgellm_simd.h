@@ -25,13 +25,6 @@
 #define EM_NEON 1
 #endif
 
-static inline void em_set_threads_(int threads) {
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
-}
 
 static inline int em_blocks(const em_weight *w) { return (w->k + w->block - 1) / w->block; }
 
