@@ -3,8 +3,8 @@
 The arena offsets come from the static memory plan (targets/memory_plan.py): each variant's
 activations are placed by lifetime over its calls, sized for its largest call (S = the group
 size, or 1 for decode); the two variants never run at the same time and share the arena. The
-KV cache is a static array per layer: values position-major as in the ONNX programs, keys
-transposed per KV head (scores for 16 positions are then one vector). Weights are read
+KV cache, allocated once at em_init, holds each layer's keys and values per KV head, keys in
+transposed blocks of 16 positions (kernels/edgellm_kernels.h). Weights are read
 through em_weight descriptors bound to the memory-mapped weights file at em_init.
 """
 
@@ -60,6 +60,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         f"#define EM_LAYERS {shape.layers}",
         f"#define EM_KV_WIDTH {shape.kv_width}",
         f"#define EM_MAX_TOKENS {shape.max_tokens}",
+        "#define EM_CACHE_TOKENS ((EM_MAX_TOKENS + 15) / 16 * 16) /* whole blocks of 16 keys */",
         "",
         f"const em_model_info EM_MODEL = {{{shape.vocab}, {shape.max_tokens}, {shape.group_size}, {shape.logits_rows}, "
         f'{weights_size}ULL, "{digest}"}};',
@@ -69,7 +70,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         f"static float em_arena[{max(arena // 4, 16)}] __attribute__((aligned(64)));",
         "/* the KV cache: allocated once by em_init (a static array past 2 GiB would not link) */",
         "static float *em_kv;",
-        "#define EM_CACHE(layer, which) (em_kv + (size_t)(2 * (layer) + (which)) * EM_MAX_TOKENS * EM_KV_WIDTH)",
+        "#define EM_CACHE(layer, which) (em_kv + (size_t)(2 * (layer) + (which)) * EM_CACHE_TOKENS * EM_KV_WIDTH)",
         "",
         "/* kind, rows, columns, block, int8 activations, shift, float32 minimums, byte offsets of data, scale, minimum */",
         f"static const em_weight_record EM_RECORDS[{max(len(records), 1)}] = {{",
@@ -82,7 +83,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         f"static em_weight EMW[{max(len(records), 1)}];",
         "",
         "int em_model_bind(const unsigned char *base) {",
-        "    em_kv = em_cache_alloc((size_t)EM_LAYERS * 2 * EM_MAX_TOKENS * EM_KV_WIDTH * sizeof(float));",
+        "    em_kv = em_cache_alloc((size_t)EM_LAYERS * 2 * EM_CACHE_TOKENS * EM_KV_WIDTH * sizeof(float));",
         "    if (!em_kv) return -1;",
         "    em_base = base;",
         f"    for (int i = 0; i < {len(records)}; i++) EMW[i] = em_bind_weight(&EM_RECORDS[i], base);",

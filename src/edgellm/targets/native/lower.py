@@ -6,7 +6,7 @@ kernels/edgellm_kernels.c:
     [Gather(order)] DequantizeLinear / Cast / constant -> MatMul [-> Q4_1 shift]  -> em_matmul
     Mul(Sigmoid(g) * g, up) / Mul(Gelu(g), up)                                   -> em_silu_mul / em_gelu_tanh_mul
     RMSNormalization -> em_rmsnorm, RotaryEmbedding -> em_rope, Split -> em_columns,
-    TensorScatter -> em_cache_write, Attention -> em_attention, elementwise ops -> em_add, ...
+    TensorScatter -> em_cache_write_keys or _values, Attention -> em_attention, elementwise ops -> em_add, ...
 The MASK segment's nodes are not lowered: em_attention derives causality (and a sliding window,
 read from the segment's window constant) from the positions it is called with. Reshape is a
 view: its output shares its input's buffer.
@@ -347,15 +347,13 @@ class Lowering:
         buffer = f"EM_CACHE({layer}, {'0' if which == 'k' else '1'})"
         self.caches[cache] = self.caches[node.output[0]] = buffer
         x = self._act(rows)
-        if which == "v":
-            self._emit(f"em_cache_write({buffer}, {{{rows}}}, S, start, {x.cols});", [rows], [], node)
-            return
-        # keys are stored transposed per KV head ([head][dim][position], kernels/edgellm_kernels.h)
+        # both caches are stored per KV head (kernels/edgellm_kernels.h), which only the Attention knows
         attention = next((n for n in self.consumers.get(node.output[0], []) if n.op_type == "Attention"), None)
         if attention is None:
-            raise EdgeLLMError(f"{self.where}: {node.name}: a key cache that no Attention reads")
+            raise EdgeLLMError(f"{self.where}: {node.name}: a cache that no Attention reads")
         kv_heads = _attrs(attention)["kv_num_heads"]
-        self._emit(f"em_cache_write_keys({buffer}, {{{rows}}}, S, start, {kv_heads}, {x.cols // kv_heads}, EM_MAX_TOKENS);",
+        kernel = "em_cache_write_keys" if which == "k" else "em_cache_write_values"
+        self._emit(f"{kernel}({buffer}, {{{rows}}}, S, start, {kv_heads}, {x.cols // kv_heads}, EM_CACHE_TOKENS);",
                    [rows], [], node)
 
     def _op_Attention(self, node):
@@ -368,7 +366,7 @@ class Lowering:
         head_dim = x.cols // heads
         scale = a.get("scale", 1.0 / np.sqrt(head_dim))
         out = self._new(node.output[0], x)
-        self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_MAX_TOKENS, "
+        self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_CACHE_TOKENS, "
                    f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{out.name}}});",
                    [q], [out.name], node)
 

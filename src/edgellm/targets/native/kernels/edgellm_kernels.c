@@ -229,55 +229,80 @@ void em_rope(const float *x, int S, int start, int heads, int head_dim, int rota
     }
 }
 
-void em_cache_write(float *cache, const float *rows, int S, int start, int kv_width) {
-    memcpy(cache + (size_t)start * kv_width, rows, sizeof(float) * (size_t)S * kv_width);
-}
-
-void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim, int max_tokens) {
+/* Both caches keep each KV head's positions together (kernels/edgellm_kernels.h): one head's
+   context is one contiguous run of memory, which the prefetcher and the TLB both handle. */
+void em_cache_write_values(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+                           int cache_tokens) {
     for (int s = 0; s < S; s++)
         for (int h = 0; h < kv_heads; h++)
-            for (int d = 0; d < head_dim; d++)
-                cache[((size_t)h * head_dim + d) * max_tokens + start + s] = rows[((size_t)s * kv_heads + h) * head_dim + d];
+            memcpy(cache + ((size_t)h * cache_tokens + start + s) * head_dim, rows + ((size_t)s * kv_heads + h) * head_dim,
+                   sizeof(float) * head_dim);
+}
+
+void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+                         int cache_tokens) {
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < kv_heads; h++) {
+            const int p = start + s;
+            float *block = cache + (size_t)h * cache_tokens * head_dim + (size_t)(p / 16) * 16 * head_dim + p % 16;
+            for (int d = 0; d < head_dim; d++) block[16 * d] = rows[((size_t)s * kv_heads + h) * head_dim + d];
+        }
 }
 
 /* Query vectors one attention item handles: the heads sharing a KV head, for one token (decode)
    or a tile of tokens (prefill), so each key and value read serves all of them. */
 #define EM_MAX_QUERIES 24
 
-/* Scores of R query vectors against keys [j, j + n) (n <= 16) of one KV head, keys transposed
-   (kt[d * max_tokens + j]): a vector of 16 positions per dimension, no horizontal sums. */
-static void scores16(const float *const *q, int R, int head_dim, const float *kt, int max_tokens, int j, int n,
-                     float *out, int stride) {
 #if EM_AVX512
-    const __mmask16 live = (__mmask16)((1u << n) - 1);
-    __m512 acc[EM_MAX_QUERIES];
+/* Scores of R (a constant, so the sums stay in registers) query vectors against one block of 16
+   keys (block[16 * d + i] = dimension d of position i): a vector of 16 positions per dimension,
+   no horizontal sums. */
+static inline __attribute__((always_inline)) void scores_block(const float *const *q, int head_dim,
+                                                                const float *block, float *out, int stride,
+                                                                const int R) {
+    __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int d = 0; d < head_dim; d++) {
-        const __m512 kv = _mm512_maskz_loadu_ps(live, kt + (size_t)d * max_tokens + j);
+        const __m512 kv = _mm512_load_ps(block + 16 * d);
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(kv, _mm512_set1_ps(q[r][d]), acc[r]);
     }
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + (size_t)r * stride, live, acc[r]);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (size_t)r * stride, acc[r]);
+}
+#endif
+
+/* Scores of R query vectors against the 16 keys of one block, out[r * stride + i]. */
+static void scores16(const float *const *q, int R, int head_dim, const float *block, float *out, int stride) {
+#if EM_AVX512
+    for (int r0 = 0; r0 < R; r0 += 8, q += 8, out += (size_t)8 * stride)
+        switch (R - r0 < 8 ? R - r0 : 8) {
+        case 1: scores_block(q, head_dim, block, out, stride, 1); break;
+        case 2: scores_block(q, head_dim, block, out, stride, 2); break;
+        case 3: scores_block(q, head_dim, block, out, stride, 3); break;
+        case 4: scores_block(q, head_dim, block, out, stride, 4); break;
+        case 5: scores_block(q, head_dim, block, out, stride, 5); break;
+        case 6: scores_block(q, head_dim, block, out, stride, 6); break;
+        case 7: scores_block(q, head_dim, block, out, stride, 7); break;
+        default: scores_block(q, head_dim, block, out, stride, 8); break;
+        }
 #else
     for (int r = 0; r < R; r++) {
         float acc[16] = {0};
-        for (int d = 0; d < head_dim; d++) {
-            const float qd = q[r][d], *kd = kt + (size_t)d * max_tokens + j;
-            for (int i = 0; i < n; i++) acc[i] += kd[i] * qd;
-        }
-        memcpy(out + (size_t)r * stride, acc, sizeof(float) * n);
+        for (int d = 0; d < head_dim; d++)
+            for (int i = 0; i < 16; i++) acc[i] += block[16 * d + i] * q[r][d];
+        memcpy(out + (size_t)r * stride, acc, sizeof acc);
     }
 #endif
 }
 
 #if EM_AVX512
 /* o = sum over j of a[j] * v[j], head_dim = 16 * NV floats kept in registers (NV a constant). */
-static inline __attribute__((always_inline)) void weighted_values(const float *a, int n, const float *v, int kv_width,
-                                                                  float *o, const int NV) {
+static inline __attribute__((always_inline)) void weighted_values(const float *a, int n, const float *v, float *o,
+                                                                  const int NV) {
     __m512 acc[16];
     for (int i = 0; i < NV; i++) acc[i] = _mm512_setzero_ps();
     for (int j = 0; j < n; j++) {
         const __m512 w = _mm512_set1_ps(a[j]);
-        const float *vj = v + (size_t)j * kv_width;
+        const float *vj = v + (size_t)j * 16 * NV;
         for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * i), acc[i]);
     }
     for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
@@ -285,19 +310,21 @@ static inline __attribute__((always_inline)) void weighted_values(const float *a
 #endif
 
 /* R query vectors q[r] attending to their own cache positions [lo[r], hi[r]) of one KV head
-   (hi > lo): m[r] = the largest score, l[r] = sum of exp(score - m[r]),
-   o[r] = sum of exp(score - m[r]) v. Scores are computed once over the union of the ranges. */
+   (hi > lo; kt, v: that head's keys and values): m[r] = the largest score, l[r] = sum of
+   exp(score - m[r]), o[r] = sum of exp(score - m[r]) v. Scores are computed once, for whole
+   blocks of 16 keys, over the union of the ranges. */
 static void attend(const float *const *q, int R, const int *lo, const int *hi, int head_dim, const float *kt,
-                   int max_tokens, const float *v, int kv_width, float scale, float softcap, float *m, float *l,
-                   float *o) {
+                   const float *v, float scale, float softcap, float *m, float *l, float *o) {
     int j0 = lo[0], j1 = hi[0];
     for (int r = 1; r < R; r++) {
         j0 = lo[r] < j0 ? lo[r] : j0;
         j1 = hi[r] > j1 ? hi[r] : j1;
     }
+    j0 &= ~15;
+    j1 = (j1 + 15) & ~15;
     const int n = j1 - j0;
     float scores[R * n];
-    for (int j = j0; j < j1; j += 16) scores16(q, R, head_dim, kt, max_tokens, j, j1 - j < 16 ? j1 - j : 16, scores + (j - j0), n);
+    for (int j = j0; j < j1; j += 16) scores16(q, R, head_dim, kt + (size_t)j * head_dim, scores + (j - j0), n);
     for (int r = 0; r < R; r++) {
         float *sr = scores + (size_t)r * n + (lo[r] - j0), top = -INFINITY, total = 0.0f;
         const int count = hi[r] - lo[r];
@@ -311,17 +338,17 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
         m[r] = top;
         l[r] = total;
         float *or_ = o + (size_t)r * head_dim;
-        const float *vs = v + (size_t)lo[r] * kv_width;
+        const float *vs = v + (size_t)lo[r] * head_dim;
 #if EM_AVX512
         switch (head_dim) { /* the common head sizes, accumulated in registers */
-        case 64: weighted_values(sr, count, vs, kv_width, or_, 4); continue;
-        case 128: weighted_values(sr, count, vs, kv_width, or_, 8); continue;
-        case 256: weighted_values(sr, count, vs, kv_width, or_, 16); continue;
+        case 64: weighted_values(sr, count, vs, or_, 4); continue;
+        case 128: weighted_values(sr, count, vs, or_, 8); continue;
+        case 256: weighted_values(sr, count, vs, or_, 16); continue;
         }
 #endif
         memset(or_, 0, sizeof(float) * head_dim);
         for (int j = 0; j < count; j++)
-            for (int i = 0; i < head_dim; i++) or_[i] += sr[j] * vs[(size_t)j * kv_width + i];
+            for (int i = 0; i < head_dim; i++) or_[i] += sr[j] * vs[(size_t)j * head_dim + i];
     }
 }
 
@@ -337,9 +364,9 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
 void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
-                  int heads, int kv_heads, int head_dim, int max_tokens, float scale, float softcap,
+                  int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
                   int window, float *out) {
-    const int group = heads / kv_heads, kv_width = kv_heads * head_dim;
+    const int group = heads / kv_heads;
     if (S > 1 || group > EM_MAX_QUERIES) {
         /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
         int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
@@ -359,8 +386,8 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
                             hi[R] = start + s + 1;
                         }
                     float m[EM_MAX_QUERIES], l[EM_MAX_QUERIES], o[EM_MAX_QUERIES * head_dim];
-                    attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * head_dim * max_tokens, max_tokens,
-                           v_cache + (size_t)kh * head_dim, kv_width, scale, softcap, m, l, o);
+                    attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
+                           v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, m, l, o);
                     for (int r = 0; r < R; r++) {
                         float *dst = out + (qs[r] - q); /* the query's own slot in out */
                         for (int i = 0; i < head_dim; i++) dst[i] = o[(size_t)r * head_dim + i] / l[r];
@@ -372,7 +399,7 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
        of the union of the chunks). */
     const int first = first_position(start, window), length = start - first + 1;
     int chunk = (length + EM_DECODE_CHUNKS - 1) / EM_DECODE_CHUNKS;
-    chunk = chunk > EM_DECODE_CHUNK ? chunk : EM_DECODE_CHUNK;
+    chunk = chunk > EM_DECODE_CHUNK ? (chunk + 15) & ~15 : EM_DECODE_CHUNK; /* whole key blocks */
     const int chunks = (length + chunk - 1) / chunk;
     float parts[kv_heads * chunks * group * (head_dim + 2)]; /* per item: o [group][head_dim], m, l */
 #pragma omp parallel for collapse(2) schedule(static) if (kv_heads * chunks > 1)
@@ -386,8 +413,8 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
                 lo[g] = first + c * chunk;
                 hi[g] = lo[g] + chunk < start + 1 ? lo[g] + chunk : start + 1;
             }
-            attend(qs, group, lo, hi, head_dim, k_cache + (size_t)kh * head_dim * max_tokens, max_tokens,
-                   v_cache + (size_t)kh * head_dim, kv_width, scale, softcap, part + group * head_dim,
+            attend(qs, group, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
+                   v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, part + group * head_dim,
                    part + group * head_dim + group, part);
         }
     for (int kh = 0; kh < kv_heads; kh++)

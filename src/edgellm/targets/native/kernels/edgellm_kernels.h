@@ -52,16 +52,17 @@ void em_rmsnorm(const float *x, int rows, int cols, const float *weight, float e
    cos/sin: [max_positions][rotary_dim / 2]. Columns past rotary_dim are copied. */
 void em_rope(const float *x, int S, int start, int heads, int head_dim, int rotary_dim,
              const float *cos_table, const float *sin_table, float *y);
-/* Write S rows of width kv_width into a position-major cache at positions start.. (values). */
-void em_cache_write(float *cache, const float *rows, int S, int start, int kv_width);
-/* Write S key rows [S, kv_heads * head_dim] into a key cache stored transposed,
-   [kv_heads][head_dim][max_tokens], at positions start.. */
-void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim, int max_tokens);
+/* The KV cache, per layer: keys [kv_heads][cache_tokens / 16][head_dim][16] (blocks of 16
+   positions, each stored transposed: the scores of 16 positions are then one vector), values
+   [kv_heads][cache_tokens][head_dim]; cache_tokens is the context rounded up to 16. Both write S
+   rows [S, kv_heads * head_dim] at positions start.. */
+void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim, int cache_tokens);
+void em_cache_write_values(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+                           int cache_tokens);
 /* Attention of q[S, heads * head_dim] at positions start + s over cache positions 0..start + s
-   (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping.
-   Keys transposed as em_cache_write_keys writes them, values position-major. */
+   (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping. */
 void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
-                  int heads, int kv_heads, int head_dim, int max_tokens, float scale, float softcap,
+                  int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
                   int window, float *out);
 
 void em_add(const float *a, const float *b, int n, float *y);
