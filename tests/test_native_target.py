@@ -60,13 +60,13 @@ def test_native_matches_transformers_on_the_same_weights(tmp_path, fp32_plan, fa
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("variant", ["asymmetric", "block16"])
-def test_native_zero_points_and_small_blocks_match_transformers(tmp_path, family, variant):
-    """Zero points make minimums float16 cannot hold (stored as float32); int4 blocks of 16."""
+def test_native_minimums_and_small_blocks_match_transformers(tmp_path, family, variant):
+    """Blocks with float16 minimums (--asymmetric); int4 blocks of 16."""
     model_dir = save_tiny(family, tmp_path / "hf")
     options = {"asymmetric": True} if variant == "asymmetric" else {"block_size": 16}
     out = build(model_dir, tmp_path / "out", "int4", target="native", **OPTIONS, **options)
     if variant == "asymmetric":
-        reference = reference_with_stored_weights(model_dir, 4, symmetric=False)
+        reference = reference_with_stored_weights(model_dir, 4, "minimum")
     else:
         reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         with torch.no_grad():

@@ -47,12 +47,15 @@ def _compare_with(reference, out: Path, tolerance: float):
     assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
 
 
-@pytest.mark.parametrize("bits,symmetric,group,precision,tolerance", [
-    (4, True, 32, "A_BF16_W_INT4", 1e-4),
-    (4, False, 32, "A_BF16_W_INT4", 1e-4),
-    (8, True, 32, "A_BF16_W_INT8", 0.05),  # int8 weights run with int8 activations (targets/ort_lowering.py)
+@pytest.mark.parametrize("bits,symmetric,group,precision,tolerance,target", [
+    (4, True, 32, "A_BF16_W_INT4", 1e-4, "cpu"),
+    (4, False, 32, "A_BF16_W_INT4", 1e-4, "cpu"),
+    # zero points make minimums (-scale x zero point) float16 cannot hold: the native target keeps them in float32
+    (4, False, 32, "A_BF16_W_INT4", 1e-4, "native"),
+    (8, True, 32, "A_BF16_W_INT8", 0.05, "cpu"),  # int8 weights run with int8 activations (targets/ort_lowering.py)
 ])
-def test_compressed_tensors_checkpoint_runs_as_the_library_decompresses_it(tmp_path, bits, symmetric, group, precision, tolerance):
+def test_compressed_tensors_checkpoint_runs_as_the_library_decompresses_it(tmp_path, bits, symmetric, group, precision, tolerance,
+                                                                          target):
     hf = save_tiny("llama", tmp_path / "hf")
     ct = export_compressed_tensors(hf, tmp_path / "ct", bits=bits, group_size=group, symmetric=symmetric)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
@@ -63,7 +66,7 @@ def test_compressed_tensors_checkpoint_runs_as_the_library_decompresses_it(tmp_p
     assert len(linear) == 7 * 3
     for name in linear:  # the compressed-tensors library's decompression, bit for bit
         assert np.array_equal(source.tensor(name), state[name].numpy()), name
-    out = build(ct, tmp_path / "out", _plan(tmp_path, precision), **OPTIONS)
+    out = build(ct, tmp_path / "out", _plan(tmp_path, precision), target=target, **OPTIONS)
     assert _weights_report(out) == {"compressed-tensors mapped exactly"}
     _compare_with(reference, out, tolerance)
 

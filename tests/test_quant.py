@@ -22,29 +22,57 @@ OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_siz
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_quantize_rounds_to_nearest_level(bits, symmetric):
+@pytest.mark.parametrize("scheme", ["symmetric", "zero_point", "minimum"])
+def test_quantize_rounds_to_nearest_level(bits, scheme):
     rng = np.random.default_rng(bits)
     w = rng.normal(0, 0.05, size=(24, 100)).astype(np.float32)  # 100 = three blocks of 32 and a partial one
-    blocks = quantize(w, bits, 32, symmetric)
+    blocks = quantize(w, bits, 32, scheme)
     assert blocks.scale.shape == (24, 4) and blocks.q.shape == w.shape
     step = np.abs(blocks.expand(blocks.scale))
     err = np.abs(blocks.dequantize() - w)
     # symmetric int4 maps the extreme to -8 (GGUF Q4_0's choice); a value of the other sign and
     # nearly the same size would need +8 and is clipped to 7, up to one step off
-    clipped = (blocks.q == 7) if (symmetric and bits == 4) else np.zeros(w.shape, bool)
-    assert np.all(err[~clipped] <= step[~clipped] / 2 + 1e-7)
-    assert np.all(err[clipped] <= step[clipped] + 1e-7)
-    if symmetric:
+    clipped = (blocks.q == 7) if (scheme == "symmetric" and bits == 4) else np.zeros(w.shape, bool)
+    # a float16 minimum moves the grid by up to half its last place
+    slack = 1e-7 if blocks.minimum is None else np.abs(blocks.expand(blocks.minimum)) * 2.0**-11 + 1e-7
+    assert np.all((err <= step / 2 + slack)[~clipped])
+    assert np.all((err <= step + slack)[clipped])
+    if scheme == "symmetric":
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        assert blocks.q.dtype == np.int8 and blocks.zero_point is None
+        assert blocks.q.dtype == np.int8 and blocks.zero_point is None and blocks.minimum is None
     else:
         lo, hi = 0, (1 << bits) - 1
-        assert blocks.q.dtype == np.uint8 and blocks.zero_point.shape == (24, 4)
+        assert blocks.q.dtype == np.uint8
+        assert (blocks.zero_point.shape == (24, 4)) if scheme == "zero_point" else (blocks.zero_point is None)
+        assert (blocks.minimum.shape == (24, 4)) if scheme == "minimum" else (blocks.minimum is None)
     assert blocks.q.min() >= lo and blocks.q.max() <= hi
     # the range is used: in every row some value reaches an end of it (symmetric int8 uses +-127)
-    ends = (lo, hi) if not (symmetric and bits == 8) else (-127, 127)
+    ends = (lo, hi) if not (scheme == "symmetric" and bits == 8) else (-127, 127)
     assert np.all(np.isin(blocks.q, ends).any(axis=1))
+    if scheme == "minimum":  # every block, the short last one too, spans exactly its own values
+        for b in range(4):
+            part = blocks.q[:, 32 * b : 32 * (b + 1)]
+            assert np.all(part.min(axis=1) == 0) and np.all(part.max(axis=1) == hi)
+
+
+def test_minimum_blocks_find_a_grid_again():
+    """Weights already on a Q4_1-style grid (float16 scale and minimum per block, levels 0..15
+    all used) come back exactly: the scheme recovers what a GGUF Q4_1 file held."""
+    rng = np.random.default_rng(3)
+    scale = rng.uniform(0.001, 0.01, size=(16, 4)).astype(np.float16).astype(np.float32)
+    minimum = rng.uniform(-0.1, 0.0, size=(16, 4)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, size=(16, 128))
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block reaches both ends
+    w = (np.repeat(scale, 32, axis=1) * q + np.repeat(minimum, 32, axis=1)).astype(np.float32)
+    blocks = quantize(w, 4, 32, "minimum")
+    assert np.array_equal(blocks.q, q) and np.array_equal(blocks.minimum, minimum)
+    assert np.allclose(blocks.scale, scale, rtol=2.0**-10)
+    assert np.allclose(blocks.dequantize(), w, atol=1e-6)
+
+
+def test_unknown_block_scheme_is_refused():
+    with pytest.raises(ValueError, match="unknown block scheme 'asym'"):
+        quantize(np.zeros((2, 32), np.float32), 4, 32, "asym")
 
 
 def test_int4_packing_round_trips():
@@ -107,21 +135,21 @@ def _plan(tmp_path: Path, default: str, **rules) -> Path:
 # int4 weights run with float activations, so only summation order differs;
 # int8 weights run with activations quantized to int8 per block inside ONNX Runtime's kernel.
 CASES = [
-    ("A_BF16_W_INT4", 4, True, 1e-4),
-    ("A_BF16_W_INT4", 4, False, 1e-4),
-    ("A_BF16_W_INT8", 8, True, 0.05),
+    ("A_BF16_W_INT4", 4, "symmetric", 1e-4),
+    ("A_BF16_W_INT4", 4, "minimum", 1e-4),
+    ("A_BF16_W_INT8", 8, "symmetric", 0.05),
 ]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("precision,bits,symmetric,tolerance", CASES)
-def test_integer_weights_match_transformers_on_the_same_weights(tmp_path, family, precision, bits, symmetric, tolerance):
+@pytest.mark.parametrize("precision,bits,scheme,tolerance", CASES)
+def test_integer_weights_match_transformers_on_the_same_weights(tmp_path, family, precision, bits, scheme, tolerance):
     model_dir = save_tiny(family, tmp_path / "hf")
-    out = build(model_dir, tmp_path / "out", _plan(tmp_path, precision), asymmetric=not symmetric, **OPTIONS)
+    out = build(model_dir, tmp_path / "out", _plan(tmp_path, precision), asymmetric=scheme == "minimum", **OPTIONS)
     model = edgellm.load(out)
     prompt = [int(t) for t in np.random.default_rng(11).integers(1, VOCAB, 40)]
     result = model.generate_ids(prompt, max_new_tokens=32, ignore_eos=True, return_logits=True)
-    ref = reference_with_stored_weights(model_dir, bits, symmetric)
+    ref = reference_with_stored_weights(model_dir, bits, scheme)
     with torch.no_grad():
         expected = ref(torch.tensor([prompt + result.token_ids])).logits[0].numpy()
     theirs = expected[len(prompt) - 1 : len(prompt) - 1 + 32]
@@ -201,12 +229,12 @@ def test_large_weights_are_quantized_in_row_chunks_with_the_same_result():
 
     w = np.random.default_rng(4).normal(size=(3000, 1600)).astype(np.float32)  # 4.8M weights: two chunks
     assert w.size > blocks.ROWS_PER_CHUNK_ELEMENTS
-    for symmetric in (True, False):
-        chunked, whole = blocks.quantize(w, 4, 32, symmetric), blocks._quantize_rows(w, 4, 32, symmetric)
+    for scheme in blocks.SCHEMES:
+        chunked, whole = blocks.quantize(w, 4, 32, scheme), blocks._quantize_rows(w, 4, 32, scheme)
         assert np.array_equal(chunked.q, whole.q) and np.array_equal(chunked.scale, whole.scale)
-        assert (chunked.zero_point is None) == symmetric
-        if not symmetric:
-            assert np.array_equal(chunked.zero_point, whole.zero_point)
+        for field in ("zero_point", "minimum"):
+            a, b = getattr(chunked, field), getattr(whole, field)
+            assert (a is None and b is None) or np.array_equal(a, b), (scheme, field)
 
 
 def test_int4_lm_head(tmp_path):

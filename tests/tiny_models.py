@@ -78,7 +78,7 @@ def round_embeddings_to_bf16(model) -> None:
                 p.copy_(torch.from_numpy(bits.view(np.float32).copy()))
 
 
-def reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool = True):
+def reference_with_stored_weights(model_dir: Path, bits: int, scheme: str = "symmetric"):
     """transformers running the weights as an integer edgellm build stores them: linear layers
     quantized in blocks of 32 and dequantized, the embedding table and LM head in bfloat16."""
     import torch
@@ -90,6 +90,6 @@ def reference_with_stored_weights(model_dir: Path, bits: int, symmetric: bool = 
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if name.endswith("proj.weight"):
-                p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, symmetric).dequantize()))
+                p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, scheme).dequantize()))
     round_embeddings_to_bf16(ref)
     return ref

@@ -44,7 +44,11 @@ class BuildOptions:
     configuration_file: str | None = None
     target: str = "cpu"
     block_size: int = 32  # weights per quantization block (integer precisions)
-    asymmetric: bool = False  # integer blocks with a zero point instead of symmetric ones
+    asymmetric: bool = False  # re-quantized blocks with a float minimum instead of symmetric ones
+
+    @property
+    def block_scheme(self) -> str:
+        return "minimum" if self.asymmetric else "symmetric"  # quant/blocks.py SCHEMES
     quantize_embeddings: str | None = None  # "int8": int8 table and LM head; "int4": int4 LM head
     # Let ONNX Runtime quantize activations to int8 inside its integer matmuls (accuracy level 4)
     # instead of computing in float (level 1).
@@ -206,7 +210,7 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             from .quant.precision import QuantOptions, apply_precision
 
             model, report = apply_precision(load_lazy(ctx.out / "onnx" / f"{unit.name}.onnx"), precision,
-                                            QuantOptions(o.block_size, not o.asymmetric), _source_blocks(ctx), spill)
+                                            QuantOptions(o.block_size, o.block_scheme), _source_blocks(ctx), spill)
             for weight, how in sorted(report.items()):
                 log.info("%s: %s", weight, how)
         save_segment(model, path)
@@ -265,7 +269,7 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
         upstream = manifest.data.get("units", {}).get(f"onnx:{unit.name}", {}).get("files", {}) if stage == "quantize" else {}
         if stage == "quantize" and not upstream:
             raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without --quantize)")
-        quant = [precision, o.block_size, o.asymmetric] if stage == "quantize" else []
+        quant = [precision, o.block_size, o.block_scheme] if stage == "quantize" else []
         h = unit_hash(stage, unit, ctx, extra=json.dumps([quant, upstream], sort_keys=True))
         key = f"{stage}:{unit.name}"
         if ctx.options.resume and manifest.unit_done(key, h, stage_dir):

@@ -33,7 +33,7 @@ def compile(
     devkit: bool = typer.Option(False, "--devkit", help="run only the devkit (runtime files) stage"),
     target: str = typer.Option("cpu", "--target", help="cpu (ONNX Runtime), native (C for this CPU) or aarch64-linux (cross-compiled C)"),
     block_size: int = typer.Option(32, "--block_size", help="weights per block of the integer precisions"),
-    asymmetric: bool = typer.Option(False, "--asymmetric", help="integer blocks with zero points (default symmetric)"),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="integer blocks spanning each block's own range, with a float16 minimum (as GGUF Q4_1) instead of symmetric ones"),
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings", help="int8 embedding table and LM head"),
     lm_head_bits: int = typer.Option(8, "--lm_head_bits", help="with --quantize_embeddings: 4 for an int4 LM head"),
     int8_activations: bool = typer.Option(False, "--int8_activations",

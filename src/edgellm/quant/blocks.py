@@ -3,8 +3,9 @@
 A weight is kept in the source (Hugging Face) layout [rows, cols] with blocks of `block` along
 cols, the input dimension of a linear layer and the hidden dimension of an embedding row:
     value[r, c] = scale[r, c // block] * (q[r, c] - zero_point[r, c // block]) + minimum[r, c // block]
-zero_point is absent for symmetric blocks (signed q); minimum is only present for GGUF Q4_1, whose
-per-block float minimum no integer zero point can express exactly. order is only present for
+zero_point is absent for symmetric blocks (signed q); minimum is present for GGUF Q4_1 blocks and
+for re-quantized blocks of the "minimum" scheme: a per-block float minimum, which no integer zero
+point can express exactly. order is only present for
 act-order checkpoints (GPTQ desc_act): column c of q holds the weight's input column order[c].
 """
 
@@ -72,29 +73,40 @@ def concat_rows(parts: list[BlockQuantized | None]) -> BlockQuantized | None:
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # quantize this many weights at a time: bounded temporaries
 
 
-def quantize(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> BlockQuantized:
-    """Round-to-nearest block quantization of a float [rows, cols] weight.
+SCHEMES = ("symmetric", "zero_point", "minimum")
 
-    Symmetric int4 uses all 16 levels the way GGUF Q4_0 does: the value of largest magnitude maps
-    to -8, so one sign gets the extra level. Asymmetric blocks span [min(w, 0), max(w, 0)].
+
+def quantize(w: np.ndarray, bits: int, block: int, scheme: str = "symmetric") -> BlockQuantized:
+    """Round-to-nearest block quantization of a float [rows, cols] weight, one of SCHEMES:
+
+    symmetric   signed values, scale only. int4 uses all 16 levels the way GGUF Q4_0 does: the
+                value of largest magnitude maps to -8, so one sign gets the extra level.
+    zero_point  unsigned values and an integer zero point (GPTQ/AWQ, compressed-tensors); the
+                block spans [min(w, 0), max(w, 0)] so that 0 is a level.
+    minimum     unsigned values over [min(w), max(w)] with a float16 minimum per block, as
+                llama.cpp builds Q4_1 and the K-quants: the whole range goes to the block's own
+                values, and a grid the weights already sit on is found again exactly.
     """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown block scheme {scheme!r} (one of {', '.join(SCHEMES)})")
     rows, cols = w.shape
     step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(cols, 1))
     if rows > step:
-        parts = [_quantize_rows(w[r : r + step], bits, block, symmetric) for r in range(0, rows, step)]
+        parts = [_quantize_rows(w[r : r + step], bits, block, scheme) for r in range(0, rows, step)]
         cat = lambda field: None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
-        return BlockQuantized(cat("q"), cat("scale"), bits, block, cat("zero_point"))
-    return _quantize_rows(w, bits, block, symmetric)
+        return BlockQuantized(cat("q"), cat("scale"), bits, block, cat("zero_point"), cat("minimum"))
+    return _quantize_rows(w, bits, block, scheme)
 
 
-def _quantize_rows(w: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuantized:
+def _quantize_rows(w: np.ndarray, bits: int, block: int, scheme: str) -> BlockQuantized:
     rows, cols = w.shape
     nblocks = -(-cols // block)
     padded = np.zeros((rows, nblocks * block), np.float32)
     padded[:, :cols] = w
     blocks = padded.reshape(rows, nblocks, block)
     levels = (1 << bits) - 1
-    if symmetric:
+    zero_point = minimum = None
+    if scheme == "symmetric":
         if bits == 4:
             extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
             scale = _half_precision(extreme / -8.0)
@@ -103,16 +115,24 @@ def _quantize_rows(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blo
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         q = np.clip(np.rint(blocks * inv[..., None]), lo, hi).astype(np.int8)
-        zero_point = None
-    else:
+    elif scheme == "zero_point":
         lo_v = np.minimum(blocks.min(axis=2), 0.0)
         hi_v = np.maximum(blocks.max(axis=2), 0.0)
         scale = _half_precision((hi_v - lo_v) / levels)
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         zero_point = np.clip(np.rint(-lo_v * inv), 0, levels).astype(np.uint8)
         q = np.clip(np.rint(blocks * inv[..., None]) + zero_point[..., None], 0, levels).astype(np.uint8)
+    else:
+        # the padding of a short last block must not widen its range
+        valid = (np.arange(nblocks * block) < cols).reshape(nblocks, block)
+        minimum = _half_precision(np.where(valid, blocks, np.inf).min(axis=2))
+        top = np.where(valid, blocks, -np.inf).max(axis=2)
+        scale = _half_precision((top - minimum) / levels)
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+        q = np.clip(np.rint((blocks - minimum[..., None]) * inv[..., None]), 0, levels).astype(np.uint8)
     q = q.reshape(rows, nblocks * block)[:, :cols]
-    return BlockQuantized(np.ascontiguousarray(q), scale.astype(np.float32), bits, block, zero_point)
+    return BlockQuantized(np.ascontiguousarray(q), scale.astype(np.float32), bits, block, zero_point,
+                          None if minimum is None else minimum.astype(np.float32))
 
 
 def _half_precision(scale: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def export_compressed_tensors(model_dir: Path, out_dir: Path, bits: int = 4, gro
         prefix = name[: -len(".weight")]
         if w.shape[1] % group_size:  # the compressed-tensors library cannot decompress a short last group
             raise ValueError(f"{name}: group_size {group_size} does not divide its {w.shape[1]} inputs")
-        blocks = quantize(w, bits, group_size, symmetric)
+        blocks = quantize(w, bits, group_size, "symmetric" if symmetric else "zero_point")
         offset = 1 << (bits - 1)
         stored = (blocks.q.astype(np.int16) + offset).astype(np.uint8) if symmetric else blocks.q  # values + 2^(bits-1)
         tensors[f"{prefix}.weight_packed"] = pack_int32(stored, bits)

@@ -13,7 +13,8 @@ ONNX Runtime fuses DequantizeLinear + MatMul into its MatMulNBits kernel, which 
 blocks directly; no float copy of the weight exists at run time. Activations stay float32 on CPU
 ("A_BF16" is the manual's name; the target decides the float type).
 
-GGUF Q4_1 blocks carry a float minimum per block: value = d * q + m. An integer zero point cannot
+GGUF Q4_1 blocks (and blocks re-quantized with --asymmetric, the "minimum" scheme of
+quant/blocks.py) carry a float minimum per block: value = d * q + m. An integer zero point cannot
 express m, so such weights are emitted exactly as
     y = x @ DequantizeLinear(q, d) + blocksum(x) @ m,    blocksum(x)[b] = sum of x over block b
 which is the same sum, regrouped.
@@ -45,7 +46,7 @@ PackedFn = Callable[[str], "tuple[BlockQuantized | None, str]"]
 @dataclass(frozen=True)
 class QuantOptions:
     block_size: int = 32
-    symmetric: bool = True
+    scheme: str = "symmetric"  # quant/blocks.py SCHEMES
 
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -108,7 +109,10 @@ def apply_precision(
         if exact and (node.op_type == "MatMul" or (source_blocks.order is None and source_blocks.minimum is None)):
             blocks, report[init.name] = source_blocks, f"{stored} mapped exactly"
         else:
-            blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, options.symmetric)
+            scheme = options.scheme
+            if scheme == "minimum" and (node.op_type != "MatMul" or hf_layout.shape[1] % options.block_size):
+                scheme = "zero_point"  # a lookup, or blocks not tiling K, cannot carry a float minimum
+            blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, scheme)
             report[init.name] = f"{stored} {'quantized' if stored == 'float' else 'converted'} to int{bits}"
         rewriter.drop(init)
         if node.op_type == "MatMul":
