@@ -328,12 +328,16 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
     for (int r = 0; r < R; r++) {
         float *sr = scores + (size_t)r * n + (lo[r] - j0), top = -INFINITY, total = 0.0f;
         const int count = hi[r] - lo[r];
-        for (int j = 0; j < count; j++) {
-            float a = sr[j] * scale;
-            if (softcap > 0.0f) a = softcap * tanhf(a / softcap);
-            sr[j] = a;
-            top = a > top ? a : top;
+        if (softcap > 0.0f) {
+#pragma omp simd
+            for (int j = 0; j < count; j++) sr[j] = softcap * tanhf(sr[j] * scale / softcap);
+        } else {
+#pragma omp simd
+            for (int j = 0; j < count; j++) sr[j] *= scale;
         }
+#pragma omp simd reduction(max : top)
+        for (int j = 0; j < count; j++) top = sr[j] > top ? sr[j] : top;
+#pragma omp simd reduction(+ : total)
         for (int j = 0; j < count; j++) total += (sr[j] = expf(sr[j] - top));
         m[r] = top;
         l[r] = total;
@@ -454,12 +458,12 @@ void em_scale(const float *x, int n, float c, float *y) {
 }
 
 void em_sigmoid(const float *x, int n, float *y) {
-#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+#pragma omp parallel for simd schedule(static) if (n >= EM_PARALLEL_FROM)
     for (int i = 0; i < n; i++) y[i] = 1.0f / (1.0f + expf(-x[i]));
 }
 
 void em_tanh(const float *x, int n, float *y) {
-#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+#pragma omp parallel for simd schedule(static) if (n >= EM_PARALLEL_FROM)
     for (int i = 0; i < n; i++) y[i] = tanhf(x[i]);
 }
 
@@ -467,19 +471,19 @@ void em_copy(const float *x, int n, float *y) { if (x != y) memmove(y, x, sizeof
 
 void em_gelu_tanh(const float *x, int n, float *y) {
     const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
-#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+#pragma omp parallel for simd schedule(static) if (n >= EM_PARALLEL_FROM)
     for (int i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + tanhf(c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
 }
 
 /* The gated MLP's activation and product in one pass: y = act(gate) * up. */
 void em_silu_mul(const float *gate, const float *up, int n, float *y) {
-#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+#pragma omp parallel for simd schedule(static) if (n >= EM_PARALLEL_FROM)
     for (int i = 0; i < n; i++) y[i] = gate[i] * (1.0f / (1.0f + expf(-gate[i]))) * up[i];
 }
 
 void em_gelu_tanh_mul(const float *gate, const float *up, int n, float *y) {
     const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
-#pragma omp parallel for schedule(static) if (n >= EM_PARALLEL_FROM)
+#pragma omp parallel for simd schedule(static) if (n >= EM_PARALLEL_FROM)
     for (int i = 0; i < n; i++) {
         const float x = gate[i];
         y[i] = 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x))) * up[i];

@@ -16,6 +16,18 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(_OPENMP)
+/* glibc's libmvec (which -lm links) has vector expf and tanhf (16 lanes with AVX-512, 8 with
+   AVX2); glibc declares them only under -ffast-math. Declared here, `omp simd` loops call them:
+   softmax and the MLP activations then no longer cost a libm call per value. */
+#pragma omp declare simd notinbranch
+float expf(float);
+#if __GLIBC_PREREQ(2, 35)
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#endif
+#endif
 #if defined(__AVX512F__)
 #define EM_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
