@@ -39,7 +39,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progre
     try:
         for variant, is_group, tokens in (("group", True, options.language_group_size), ("single", False, 1)):
             program = link_quantized(out, units, is_group, plan, options, manifest, f"edgellm_{variant}")
-            lowered = Lowering(program, weights, f"{out}/quant/{variant}", options.int8_activations).run()
+            lowered = Lowering(program, weights, f"{out}/quant/{variant}", options.int8_activations, tokens).run()
             variants[variant] = (lowered, plan_arena(lowered, tokens))
             log.info("%s: %d kernel calls; %s", variant, len(lowered.calls), variants[variant][1].report())
             if progress:

@@ -74,8 +74,10 @@ def _attrs(node: onnx.NodeProto) -> dict:
 class Lowering:
     """One variant's program -> calls; weights go to the shared WeightsFile (deduplicated by name)."""
 
-    def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str, int8_activations: bool = False):
+    def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str, int8_activations: bool = False,
+                 tokens: int = 0):
         self.int8_activations = int8_activations  # integer matmuls quantize their activations to int8
+        self.one_token = tokens == 1  # the decode variant: a token's columns are contiguous, so a Split is a view
         self.graph = model.graph
         self.weights = weights
         self.where = where
@@ -87,6 +89,12 @@ class Lowering:
                 self.consumers.setdefault(i, []).append(n)
         self.out = Lowered()
         self.alias: dict[str, str] = {}  # Reshape outputs and cache writes -> the buffer they view
+        self.view_offset: dict[str, int] = {}  # a view's first float in that buffer (decode Split outputs)
+        # a MatMul input whose producer is folded into the MatMul (em_matmul_fused):
+        # name -> (prologue, C operands after x: norm, eps, up), the producer's input x
+        self.prologue: dict[str, tuple[str, str, str]] = {}
+        self.folded_inputs: dict[str, list[str]] = {}  # that producer's other activation inputs
+        self.folded_nodes: dict[str, list[onnx.NodeProto]] = {}
         self.done: set[str] = set()  # nodes folded into an earlier call
         self.windows = {"mask.full": 0}
         self.caches: dict[str, str] = {}  # cache.i.k / present.i.k -> C expression of the buffer
@@ -149,13 +157,15 @@ class Lowering:
 
     def _ref(self, name: str) -> str:
         """A tensor's C expression: a parameter, a cache buffer, or {buffer} for an arena slot."""
+        offset = self.view_offset.get(name, 0)
         name = self._buffer(name)
-        return PARAMETERS.get(name) or self.caches.get(name) or "{" + name + "}"
+        ref = PARAMETERS.get(name) or self.caches.get(name) or "{" + name + "}"
+        return f"({ref} + {offset})" if offset else ref
 
     def _emit(self, code: str, reads: list[str], writes: list[str], *nodes: onnx.NodeProto) -> None:
         for name in reads + writes:
             code = code.replace("{" + name + "}", self._ref(name))
-        in_arena = [[self._buffer(n) for n in names if self._ref(n).startswith("{")] for names in (reads, writes)]
+        in_arena = [[self._buffer(n) for n in names if "{" in self._ref(n)] for names in (reads, writes)]
         self.out.calls.append(Call(code, *in_arena, [n.name for n in nodes]))
 
     def _const(self, name: str) -> np.ndarray:
@@ -268,8 +278,37 @@ class Lowering:
         weight = self._matmul_weight(w_name, minimum)
         self.out.matmul_weights.add(weight)
         x = self._act(x_name)
+        residual = self._residual_add(y, x.rows, self.weights.rows(weight))
+        if residual is not None:
+            add, residual = residual
+            nodes.append(add)
+            self.done.add(add.name)
+            y = add.output[0]
         out = self._new(y, x, self.weights.rows(weight))
-        self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)
+        if x_name not in self.prologue and residual is None:
+            self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)
+            return
+        # the input's producer and the residual Add run inside the matmul (kernels: em_fusion)
+        prologue, operands, source = self.prologue.get(x_name, ("EM_INPUT", "NULL, 0.0f, NULL", x_name))
+        reads = [source] + [n for n in self.folded_inputs.get(x_name, [])] + ([residual] if residual else [])
+        writes = [out.name] + ([x_name] if x_name in self.prologue else [])
+        scratch = f"{{{x_name}}}" if x_name in self.prologue else "NULL"
+        nodes = self.folded_nodes.get(x_name, []) + nodes
+        self._emit(f"em_matmul_fused({{{source}}}, {x.rows_expr()}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
+                   f"{prologue}, {operands}, {f'{{{residual}}}' if residual else 'NULL'}, {scratch}}});",
+                   reads, writes, *nodes)
+
+    def _residual_add(self, y: str, rows: int, cols: int):
+        """y's only consumer, if it adds an activation of y's shape computed already: (the Add, that
+        activation), folded into the matmul as y's residual."""
+        add = self._only_consumer(y, "Add")
+        if add is None:
+            return None
+        other = next((i for i in add.input if i != y), None)
+        shape = self.shapes.get(other)
+        if other is None or other in self.inits or shape is None or (shape.rows, shape.cols, shape.per_token) != (rows, cols, True):
+            return None
+        return add, other
 
     def _q41_shift(self, node):
         """GGUF Q4_1: y = MatMul(x, DQ(q)) + MatMul(blocksum(x), minimum) (quant/precision.py).
@@ -294,8 +333,37 @@ class Lowering:
         x = self._act(node.input[0])
         w = self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32))
         out = self._new(node.output[0], x)
+        if self._feeds_one_matmul(out.name):
+            self._defer(out.name, "EM_RMSNORM", f"F({w}), {a.get('epsilon', 1e-5)!r}f, NULL", node.input[0], [], [node])
+            return
         self._emit(f"em_rmsnorm({{{node.input[0]}}}, {x.rows_expr()}, {x.cols}, F({w}), {a.get('epsilon', 1e-5)!r}f, {{{out.name}}});",
                    [node.input[0]], [out.name], node)
+
+    def _view(self, name: str, of: str, offset: int = 0) -> None:
+        """name reads the bytes of `of` (from `offset` floats on): no copy, no arena slot."""
+        self.alias[name] = self._buffer(of)
+        if self.view_offset.get(of, 0) + offset:
+            self.view_offset[name] = self.view_offset.get(of, 0) + offset
+
+    def _feeds_one_matmul(self, name: str) -> bool:
+        """name is read by one MatMul alone (as its input; a Q4_1 shift's block sums read it too)."""
+        users = self.consumers.get(name, [])
+        matmuls = [u for u in users if u.op_type == "MatMul" and u.input[0] == name]
+        if len(matmuls) != 1:
+            return False
+        allowed = {matmuls[0].name}
+        shift = self._q41_shift(matmuls[0])
+        if shift is not None:
+            allowed.add(shift[2][0].name)
+        return all(u.name in allowed for u in users)
+
+    def _defer(self, name: str, prologue: str, operands: str, source: str, more_inputs: list[str],
+               nodes: list[onnx.NodeProto]) -> None:
+        """`name` is computed by the MatMul that reads it (em_matmul_fused), from `source`; its arena
+        slot stays, as the prepared input the threads share when a call has several tokens."""
+        self.prologue[name] = (prologue, operands, source)
+        self.folded_inputs[name] = more_inputs
+        self.folded_nodes[name] = nodes
 
     def _op_Reshape(self, node):
         x = self._act(node.input[0])
@@ -304,7 +372,7 @@ class Lowering:
         per_row = x.rows * x.cols
         if cols <= 0 or per_row % cols:
             raise EdgeLLMError(f"{self.where}: {node.name}: unsupported Reshape to {shape}")
-        self.alias[node.output[0]] = self._buffer(node.input[0])
+        self._view(node.output[0], node.input[0])
         self.shapes[node.output[0]] = Activation(node.output[0], per_row // cols, cols, x.per_token)
 
     def _op_Identity(self, node):
@@ -313,7 +381,7 @@ class Lowering:
             out = self._new(node.output[0], x)
             self._emit(f"em_copy({{{node.input[0]}}}, {x.count_expr()}, {{{out.name}}});", [node.input[0]], [out.name], node)
             return
-        self.alias[node.output[0]] = self._buffer(node.input[0])
+        self._view(node.output[0], node.input[0])
         self.shapes[node.output[0]] = x
 
     def _op_Split(self, node):
@@ -322,6 +390,11 @@ class Lowering:
         x = self._act(node.input[0])
         first = 0
         for name, width in zip(node.output, (int(v) for v in self._const(node.input[1]))):
+            if self.one_token and x.rows == 1 and x.per_token:  # one row: the columns are a contiguous view
+                self._view(name, node.input[0], first)
+                self.shapes[name] = Activation(name, 1, width)
+                first += width
+                continue
             out = self._new(name, x, width)
             self._emit(f"em_columns({{{node.input[0]}}}, {x.rows_expr()}, {x.cols}, {first}, {width}, {{{name}}});",
                        [node.input[0]], [out.name], node)
@@ -430,9 +503,13 @@ class Lowering:
             return False
         out = self._new(product.output[0], x)
         nodes = [first] if first is activation else [first, activation]
+        self.done.update(n.name for n in (activation, product))
+        if self._feeds_one_matmul(out.name):
+            prologue = "EM_SILU_GATE" if kernel == "em_silu_mul" else "EM_GELU_GATE"
+            self._defer(out.name, prologue, f"NULL, 0.0f, {{{up}}}", gate, [up], [*nodes, product])
+            return True
         self._emit(f"{kernel}({{{gate}}}, {{{up}}}, {x.count_expr()}, {{{out.name}}});", [gate, up], [out.name],
                    *nodes, product)
-        self.done.update(n.name for n in (activation, product))
         return True
 
     def _op_Tanh(self, node):

@@ -171,22 +171,20 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
 }
 #endif
 
-static void matmul_float_activations(const float *x, int S, const em_weight *w, float *y) {
-    const int K = w->k, nb = em_blocks(w);
+/* One activation row against panel p, float activations (xsum: the row's sum per block). */
+static void panel_float_row(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
 #if EM_AVX512
-    if (S == 1) {
-        float xsum[nb];
-        for (int b = 0; b < nb; b++) {
-            float s = 0.0f;
-            for (int c = 0; c < block_len(w, b); c++) s += x[b * w->block + c];
-            xsum[b] = s;
-        }
-#pragma omp parallel for schedule(static)
-        for (int p = 0; p < panels(w); p++) panel_decode_f32(w, p, x, xsum, y);
-        return;
-    }
+    panel_decode_f32(w, p, x, xsum, y);
+#else
+    (void)xsum;
+    float wf[(size_t)w->k * PANEL];
+    panel_floats(w, p, wf);
+    panel_times_rows(wf, w->k, x, 1, p, w->n, y);
 #endif
-    (void)nb;
+}
+
+static void matmul_float_activations(const float *x, int S, const em_weight *w, float *y) {
+    const int K = w->k;
 #pragma omp parallel
     {
         float wf[(size_t)K * PANEL];
@@ -487,6 +485,37 @@ __attribute__((unused)) static void panel_int8_portable(const em_weight *w, int 
     }
 }
 
+/* Rows s0..s0+T-1 (T <= 8) of the int8-activation matmul against panel p, on the best path the
+   target has. */
+static inline __attribute__((always_inline)) void panel_int8(const em_weight *w, int p, const int8_t *xq,
+                                                             const float *dx, const int32_t *xn, const float *xs,
+                                                             int s0, int T, float *y) {
+    (void)xn;
+#if defined(__AVX512VNNI__) && EM_AVX512
+    switch (T) { /* constant T per case: the accumulators stay in registers */
+    case 1: panel_int8_vnni(w, p, xq, dx, xs, s0, 1, y); break;
+    case 2: panel_int8_vnni(w, p, xq, dx, xs, s0, 2, y); break;
+    case 3: panel_int8_vnni(w, p, xq, dx, xs, s0, 3, y); break;
+    case 4: panel_int8_vnni(w, p, xq, dx, xs, s0, 4, y); break;
+    case 5: panel_int8_vnni(w, p, xq, dx, xs, s0, 5, y); break;
+    case 6: panel_int8_vnni(w, p, xq, dx, xs, s0, 6, y); break;
+    case 7: panel_int8_vnni(w, p, xq, dx, xs, s0, 7, y); break;
+    default: panel_int8_vnni(w, p, xq, dx, xs, s0, 8, y);
+    }
+#elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
+    panel_int8_neon(w, p, xq, dx, xn, xs, s0, T, y);
+#elif EM_AVX2
+#if defined(__AVXVNNI__)
+    panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
+#else
+    if (is_q4(w)) panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
+    else panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
+#endif
+#else
+    panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
+#endif
+}
+
 static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y) {
     const int nb = em_blocks(w);
     int8_t xq[(size_t)S * w->k];
@@ -494,32 +523,46 @@ static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y
     int32_t xn[(size_t)S * nb];
     quantize_rows(x, S, w, xq, dx, xn, xs);
 #pragma omp parallel for schedule(static)
-    for (int p = 0; p < panels(w); p++) {
-        for (int s0 = 0; s0 < S; s0 += 8) {
-            const int T = S - s0 < 8 ? S - s0 : 8;
-#if defined(__AVX512VNNI__) && EM_AVX512
-            switch (T) { /* constant T per case: the accumulators stay in registers */
-            case 1: panel_int8_vnni(w, p, xq, dx, xs, s0, 1, y); break;
-            case 2: panel_int8_vnni(w, p, xq, dx, xs, s0, 2, y); break;
-            case 3: panel_int8_vnni(w, p, xq, dx, xs, s0, 3, y); break;
-            case 4: panel_int8_vnni(w, p, xq, dx, xs, s0, 4, y); break;
-            case 5: panel_int8_vnni(w, p, xq, dx, xs, s0, 5, y); break;
-            case 6: panel_int8_vnni(w, p, xq, dx, xs, s0, 6, y); break;
-            case 7: panel_int8_vnni(w, p, xq, dx, xs, s0, 7, y); break;
-            default: panel_int8_vnni(w, p, xq, dx, xs, s0, 8, y);
+    for (int p = 0; p < panels(w); p++)
+        for (int s0 = 0; s0 < S; s0 += 8) panel_int8(w, p, xq, dx, xn, xs, s0, S - s0 < 8 ? S - s0 : 8, y);
+}
+
+static void add_panel_residual(const float *residual, int p, int n, float *y) {
+    const int first = p * PANEL, count = n - first < PANEL ? n - first : PANEL;
+    for (int j = first; j < first + count; j++) y[j] += residual[j];
+}
+
+void em_matmul_integer_row(const float *x, const em_weight *w, float *y, const em_fusion *f) {
+    const int K = w->k, nb = em_blocks(w);
+#pragma omp parallel
+    {
+        float xp[K]; /* this thread's copy of the prepared input: no barrier before the panels */
+        em_prepare_row(f, x, 0, K, xp);
+        if (w->int8_activations) {
+            int8_t xq[K];
+            float dx[nb], xs[nb];
+            int32_t xn[nb];
+            for (int b = 0; b < nb; b++) {
+                xn[b] = quantize_block(xp + (size_t)b * w->block, block_len(w, b), xq + (size_t)b * w->block, &dx[b]);
+                xs[b] = dx[b] * (float)xn[b];
             }
-#elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
-            panel_int8_neon(w, p, xq, dx, xn, xs, s0, T, y);
-#elif EM_AVX2
-#if defined(__AVXVNNI__)
-            panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
-#else
-            if (is_q4(w)) panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
-            else panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
-#endif
-#else
-            panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
-#endif
+#pragma omp for schedule(static)
+            for (int p = 0; p < panels(w); p++) {
+                panel_int8(w, p, xq, dx, xn, xs, 0, 1, y);
+                if (f->residual) add_panel_residual(f->residual, p, w->n, y);
+            }
+        } else {
+            float xsum[nb];
+            for (int b = 0; b < nb; b++) {
+                float total = 0.0f;
+                for (int c = 0; c < block_len(w, b); c++) total += xp[b * w->block + c];
+                xsum[b] = total;
+            }
+#pragma omp for schedule(static)
+            for (int p = 0; p < panels(w); p++) {
+                panel_float_row(w, p, xp, xsum, y);
+                if (f->residual) add_panel_residual(f->residual, p, w->n, y);
+            }
         }
     }
 }
@@ -535,6 +578,9 @@ static void matmul_int8_activations(const float *x, int S, const em_weight *w, f
 }
 
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y) {
-    if (w->int8_activations) matmul_int8_activations(x, S, w, y);
+    if (S == 1) {
+        const em_fusion plain = {EM_INPUT, NULL, 0.0f, NULL, NULL, NULL};
+        em_matmul_integer_row(x, w, y, &plain);
+    } else if (w->int8_activations) matmul_int8_activations(x, S, w, y);
     else matmul_float_activations(x, S, w, y);
 }

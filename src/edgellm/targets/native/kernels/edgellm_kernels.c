@@ -197,6 +197,21 @@ void em_embed(const int64_t *ids, int S, const em_weight *w, float *out) {
 
 /* ---- the rest of a layer ------------------------------------------------------------- */
 
+void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f) {
+    if (S == 1 && (w->kind == EM_Q4 || w->kind == EM_Q8)) {
+        em_matmul_integer_row(x, w, y, f);
+        return;
+    }
+    /* Otherwise the steps one after another, the prepared input shared through the scratch. */
+    if (f->prologue != EM_INPUT) {
+#pragma omp parallel for schedule(static) if (S > 1)
+        for (int s = 0; s < S; s++) em_prepare_row(f, x, s, w->k, f->scratch + (size_t)s * w->k);
+        x = f->scratch;
+    }
+    em_matmul(x, S, w, y);
+    if (f->residual) em_add(y, f->residual, S * w->n, y);
+}
+
 /* Elementwise work of a prefill call is worth a second thread; a decode step's is not. */
 #define EM_PARALLEL_FROM 16384
 

@@ -44,6 +44,22 @@ typedef struct {
 
 /* y[S, N] = x[S, K] @ W^T; threaded over output rows. */
 void em_matmul(const float *x, int S, const em_weight *w, float *y);
+/* A matmul with the work around it folded in (targets/native/lower.py matches the patterns), so a
+   decode step does not stop between them on one thread:
+     input     EM_INPUT: x as it is; EM_RMSNORM: RMSNorm of x with `norm`, `eps`;
+               EM_SILU_GATE / EM_GELU_GATE: act(x) * up, the gated MLP (x: the gate, rows K apart)
+     output    y = x' @ W^T, plus `residual` [S, N] if not NULL
+   `scratch` [S, K] holds the prepared input where one is shared by the threads (S > 1). */
+enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3 };
+typedef struct {
+    int prologue;
+    const float *norm;
+    float eps;
+    const float *up;
+    const float *residual;
+    float *scratch;
+} em_fusion;
+void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f);
 /* out[S, K] = rows ids[s] of an embedding table stored like a weight (n = vocab, k = hidden). */
 void em_embed(const int64_t *ids, int S, const em_weight *w, float *out);
 

@@ -91,8 +91,38 @@ static inline float fdot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* One row of a fused matmul's prepared input (em_fusion): out[K] from row s of x (and f->up). */
+static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int K, float *out) {
+    const float *xr = x + (size_t)s * K;
+    switch (f->prologue) {
+    case EM_RMSNORM: {
+        const float inv = 1.0f / sqrtf(fdot(xr, xr, K) / (float)K + f->eps); /* as em_rmsnorm */
+        for (int c = 0; c < K; c++) out[c] = xr[c] * inv * f->norm[c];
+        return;
+    }
+    case EM_SILU_GATE: {
+        const float *up = f->up + (size_t)s * K;
+#pragma omp simd
+        for (int c = 0; c < K; c++) out[c] = xr[c] * (1.0f / (1.0f + expf(-xr[c]))) * up[c]; /* as em_silu_mul */
+        return;
+    }
+    case EM_GELU_GATE: {
+        const float *up = f->up + (size_t)s * K, k0 = 0.7978845608028654f; /* sqrt(2 / pi) */
+#pragma omp simd
+        for (int c = 0; c < K; c++)
+            out[c] = 0.5f * xr[c] * (1.0f + tanhf(k0 * (xr[c] + 0.044715f * xr[c] * xr[c] * xr[c]))) * up[c];
+        return;
+    }
+    default:
+        memcpy(out, xr, sizeof(float) * K);
+    }
+}
+
 /* edgellm_integer.c */
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
+/* A decode row (S = 1) against integer weights, the input prepared by every thread for itself
+   (no pass over it on one thread before the matmul), the residual added panel by panel. */
+void em_matmul_integer_row(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_integer_row(const em_weight *w, int n, float *out);
 
 #endif
