@@ -174,18 +174,19 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     assert _model_main(other) == _model_main(native)
 
 
-def test_aarch64_cross_compile_runs_under_qemu(tmp_path):
+@pytest.mark.parametrize("int8_activations", [True, False])  # dot-product kernels; float-activation NEON kernels
+def test_aarch64_cross_compile_runs_under_qemu(tmp_path, int8_activations):
     toolchain = TOOLCHAINS["aarch64-linux"]
     missing = [tool for tool in (toolchain.compiler, toolchain.emulator[0]) if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (scripts/setup.sh installs gcc-aarch64-linux-gnu and qemu-user)")
     model_dir = save_tiny("qwen3", tmp_path / "hf")
-    # int8 activations: the dot-product kernels (ARMv8.2 vdotq_s32) run, int4 and int8 weights
+    # int4 and int8 weights
     plan = tmp_path / "plan.json"
     plan.write_text('{"default": {"precision": "A_BF16_W_INT4"}, "rules": [{"match": {"part": "POST"}, '
                     '"set": {"precision": "A_BF16_W_INT8"}}]}')
-    native = build(model_dir, tmp_path / "native", plan, target="native", int8_activations=True, **OPTIONS)
-    arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", int8_activations=True, **OPTIONS)
+    native = build(model_dir, tmp_path / "native", plan, target="native", int8_activations=int8_activations, **OPTIONS)
+    arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", int8_activations=int8_activations, **OPTIONS)
     program_dir = arm / "compiled" / "aarch64-linux"
     elf = (program_dir / "model_main").read_bytes()[:20]
     assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64

@@ -109,6 +109,44 @@ static void panel_times_rows(const float *wf, int K, const float *x, int S, int 
             store_panel(out, p, N, y + (size_t)(s + t) * N);
         }
     }
+#elif EM_AVX2
+    for (; s + 4 <= S; s += 4) { /* 4 rows x 16 outputs: 8 accumulators */
+        __m256 acc[4][2];
+        for (int t = 0; t < 4; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k++) {
+            const __m256 w0 = _mm256_loadu_ps(wf + (size_t)k * PANEL), w1 = _mm256_loadu_ps(wf + (size_t)k * PANEL + 8);
+            for (int t = 0; t < 4; t++) {
+                const __m256 xk = _mm256_set1_ps(x[(size_t)(s + t) * K + k]);
+                acc[t][0] = _mm256_fmadd_ps(w0, xk, acc[t][0]);
+                acc[t][1] = _mm256_fmadd_ps(w1, xk, acc[t][1]);
+            }
+        }
+        for (int t = 0; t < 4; t++) {
+            float out[PANEL];
+            _mm256_storeu_ps(out, acc[t][0]);
+            _mm256_storeu_ps(out + 8, acc[t][1]);
+            store_panel(out, p, N, y + (size_t)(s + t) * N);
+        }
+    }
+#elif EM_NEON
+    for (; s + 4 <= S; s += 4) { /* 4 rows x 16 outputs: 16 accumulators */
+        float32x4_t acc[4][4];
+        for (int t = 0; t < 4; t++)
+            for (int q = 0; q < 4; q++) acc[t][q] = vdupq_n_f32(0.0f);
+        for (int k = 0; k < K; k++) {
+            float32x4_t wk[4];
+            for (int q = 0; q < 4; q++) wk[q] = vld1q_f32(wf + (size_t)k * PANEL + 4 * q);
+            for (int t = 0; t < 4; t++) {
+                const float xk = x[(size_t)(s + t) * K + k];
+                for (int q = 0; q < 4; q++) acc[t][q] = vfmaq_n_f32(acc[t][q], wk[q], xk);
+            }
+        }
+        for (int t = 0; t < 4; t++) {
+            float out[PANEL];
+            for (int q = 0; q < 4; q++) vst1q_f32(out + 4 * q, acc[t][q]);
+            store_panel(out, p, N, y + (size_t)(s + t) * N);
+        }
+    }
 #endif
     for (; s < S; s++) {
         float acc[PANEL] = {0};
@@ -171,10 +209,115 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
 }
 #endif
 
+#if EM_AVX2
+/* Decode, float activations, AVX2: each 8 bytes of a 64-byte group are two rows x 4 columns (q8)
+   or two rows x 8 columns as nibbles (q4): accumulator h holds rows 2h and 2h + 1, lane
+   4 * (row - 2h) + column mod 4. */
+static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
+    const int nb = em_blocks(w), B = w->block;
+    float total[8 * 8] = {0}, minimum_total[PANEL] = {0};
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = block_data(w, p, b);
+        const float *xb = x + (size_t)b * B;
+        const int len = block_len(w, b);
+        __m256 acc[8];
+        for (int h = 0; h < 8; h++) acc[h] = _mm256_setzero_ps();
+        if (is_q4(w)) {
+            for (int g = 0; g < len / 8; g++) {
+                __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
+                const __m256 xlo = _mm256_broadcast_ps((const __m128 *)(xb + 8 * g));
+                const __m256 xhi = _mm256_broadcast_ps((const __m128 *)(xb + 8 * g + 4));
+                for (int h = 0; h < 8; h++) {
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h)));
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xlo, acc[h]);
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xhi, acc[h]);
+                }
+            }
+        } else {
+            for (int g = 0; g < len / 4; g++) {
+                __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
+                const __m256 x4 = _mm256_broadcast_ps((const __m128 *)(xb + 4 * g));
+                for (int h = 0; h < 8; h++) {
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h)));
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), x4, acc[h]);
+                }
+            }
+        }
+        float d[PANEL], m[PANEL];
+        halves(w->scale + scale_index(w, p, b), PANEL, d);
+        block_minimums(w, p, b, d, m);
+        for (int h = 0; h < 8; h++) {
+            const __m256 dh = _mm256_setr_m128(_mm_set1_ps(d[2 * h]), _mm_set1_ps(d[2 * h + 1]));
+            _mm256_storeu_ps(total + 8 * h, _mm256_fmadd_ps(acc[h], dh, _mm256_loadu_ps(total + 8 * h)));
+        }
+        for (int j = 0; j < PANEL; j++) minimum_total[j] += m[j] * xsum[b];
+    }
+    float out[PANEL];
+    for (int j = 0; j < PANEL; j++) {
+        const float *t = total + 4 * j; /* row j: lanes 4 (j mod 2) .. of accumulator j / 2 */
+        out[j] = minimum_total[j] + (t[0] + t[1] + t[2] + t[3]);
+    }
+    store_panel(out, p, w->n, y);
+}
+#endif
+
+#if EM_NEON
+/* Decode, float activations, NEON: each 16 bytes of a 64-byte group are four rows x 4 columns
+   (q8) or four rows x 8 columns as nibbles (q4); accumulator j holds row j's 4 columns. */
+static void panel_decode_f32_neon(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
+    const int nb = em_blocks(w), B = w->block;
+    float32x4_t total[PANEL];
+    float minimum_total[PANEL] = {0};
+    for (int j = 0; j < PANEL; j++) total[j] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = block_data(w, p, b);
+        const float *xb = x + (size_t)b * B;
+        const int len = block_len(w, b);
+        float32x4_t acc[PANEL];
+        for (int j = 0; j < PANEL; j++) acc[j] = vdupq_n_f32(0.0f);
+        const int step = is_q4(w) ? 8 : 4;
+        for (int g = 0; g < len / step; g++) {
+            __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
+            const float32x4_t xlo = vld1q_f32(xb + step * g), xhi = is_q4(w) ? vld1q_f32(xb + 8 * g + 4) : xlo;
+            for (int r = 0; r < 4; r++) {
+                const uint8x16_t v = vld1q_u8(blk + 64 * g + 16 * r);
+                const uint8x16_t lo = is_q4(w) ? vandq_u8(v, vdupq_n_u8(15)) : v;
+                const uint16x8_t lo01 = vmovl_u8(vget_low_u8(lo)), lo23 = vmovl_u8(vget_high_u8(lo));
+                const uint16x4_t rows_lo[4] = {vget_low_u16(lo01), vget_high_u16(lo01), vget_low_u16(lo23), vget_high_u16(lo23)};
+                for (int i = 0; i < 4; i++)
+                    acc[4 * r + i] = vfmaq_f32(acc[4 * r + i], vcvtq_f32_u32(vmovl_u16(rows_lo[i])), xlo);
+                if (is_q4(w)) {
+                    const uint8x16_t hi = vshrq_n_u8(v, 4);
+                    const uint16x8_t hi01 = vmovl_u8(vget_low_u8(hi)), hi23 = vmovl_u8(vget_high_u8(hi));
+                    const uint16x4_t rows_hi[4] = {vget_low_u16(hi01), vget_high_u16(hi01), vget_low_u16(hi23), vget_high_u16(hi23)};
+                    for (int i = 0; i < 4; i++)
+                        acc[4 * r + i] = vfmaq_f32(acc[4 * r + i], vcvtq_f32_u32(vmovl_u16(rows_hi[i])), xhi);
+                }
+            }
+        }
+        float d[PANEL], m[PANEL];
+        halves(w->scale + scale_index(w, p, b), PANEL, d);
+        block_minimums(w, p, b, d, m);
+        for (int j = 0; j < PANEL; j++) {
+            total[j] = vfmaq_n_f32(total[j], acc[j], d[j]);
+            minimum_total[j] += m[j] * xsum[b];
+        }
+    }
+    float out[PANEL];
+    for (int j = 0; j < PANEL; j++) out[j] = minimum_total[j] + vaddvq_f32(total[j]);
+    store_panel(out, p, w->n, y);
+}
+#endif
+
 /* One activation row against panel p, float activations (xsum: the row's sum per block). */
 static void panel_float_row(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
 #if EM_AVX512
     panel_decode_f32(w, p, x, xsum, y);
+#elif EM_AVX2
+    panel_decode_f32_avx2(w, p, x, xsum, y);
+#elif EM_NEON
+    panel_decode_f32_neon(w, p, x, xsum, y);
 #else
     (void)xsum;
     float wf[(size_t)w->k * PANEL];
@@ -407,7 +550,9 @@ static void panel_int8_neon(const em_weight *w, int p, const int8_t *xq, const f
 
 #if EM_AVX2
 /* AVX2: 8 rows per 32 bytes. AVX-VNNI's vpdpbusd where the CPU has it; otherwise vpmaddubsw,
-   whose 16-bit pair sums cannot overflow for q4 (2 x 15 x 127) but can for q8 (portable then). */
+   whose 16-bit pair sums cannot overflow for q4 (2 x 15 x 127). q8 values (0..255) could: they
+   are taken as signed (value - 128, so |value| <= 128 fits vpmaddubsw's unsigned side and the
+   sign moves to the activation), and 128 x sum(xq) is added back per block. */
 static inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, u, s);
@@ -416,8 +561,8 @@ static inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const float *dx, const float *xs, int s0,
-                            int T, float *y) {
+static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const float *dx, const int32_t *xn,
+                            const float *xs, int s0, int T, float *y) {
     const int K = w->k, nb = em_blocks(w), B = w->block;
     const __m256i low = _mm256_set1_epi8(15);
     for (int t = 0; t < T; t++) {
@@ -441,9 +586,19 @@ static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const f
                 for (int g = 0; g < block_len(w, b) / 4; g++) {
                     __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
                     const __m256i x4 = _mm256_set1_epi32(four_bytes(xr + 4 * g));
-                    for (int h = 0; h < 2; h++)
-                        bacc[h] = dot_u8_s8(bacc[h], _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * h)), x4);
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * h));
+#if defined(__AVXVNNI__)
+                        bacc[h] = dot_u8_s8(bacc[h], v, x4);
+#else
+                        const __m256i sv = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+                        bacc[h] = dot_u8_s8(bacc[h], _mm256_sign_epi8(sv, sv), _mm256_sign_epi8(x4, sv));
+#endif
+                    }
                 }
+#if !defined(__AVXVNNI__)
+                for (int h = 0; h < 2; h++) bacc[h] = _mm256_add_epi32(bacc[h], _mm256_set1_epi32(128 * xn[i]));
+#endif
             }
             float ds[PANEL], ms[PANEL];
             halves(w->scale + scale_index(w, p, b), PANEL, ds);
@@ -505,12 +660,7 @@ static inline __attribute__((always_inline)) void panel_int8(const em_weight *w,
 #elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
     panel_int8_neon(w, p, xq, dx, xn, xs, s0, T, y);
 #elif EM_AVX2
-#if defined(__AVXVNNI__)
-    panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
-#else
-    if (is_q4(w)) panel_int8_avx2(w, p, xq, dx, xs, s0, T, y);
-    else panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
-#endif
+    panel_int8_avx2(w, p, xq, dx, xn, xs, s0, T, y);
 #else
     panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
 #endif
