@@ -3,6 +3,7 @@ standalone program, other instruction sets (portable C, AVX2, aarch64 under qemu
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -226,6 +227,44 @@ def test_two_engines_on_one_build_keep_their_own_caches(tmp_path):
     np.testing.assert_allclose(first.engine.decode(PROMPT[20], 20), edgellm.load(out).engine.prefill(PROMPT[:21], 0),
                                atol=1e-5)
     assert np.array_equal(first.engine.prompt_logits(PROMPT[:20]), expected)
+
+
+def test_released_engines_free_their_copy_of_the_library(tmp_path):
+    from edgellm.runtime import native
+
+    out = _tiny_native(tmp_path)
+    library = (out / "compiled" / "native" / "libmodel.so").resolve()
+    first, second = edgellm.load(out), edgellm.load(out)  # the second runs a private copy
+    expected = second.engine.prompt_logits(PROMPT[:10])
+    second.engine.close()
+    second.engine.close()  # twice is harmless
+    with pytest.raises(EdgeLLMError, match="this engine was closed"):
+        second.engine.decode(PROMPT[10], 10)
+    assert not list(library.parent.glob(".edgellm-model-*"))  # the copy's file went once loaded
+    del first
+    gc.collect()
+    assert library not in native._IN_USE  # the library itself is free again: the next engine takes it
+    third = edgellm.load(out)
+    assert library in native._IN_USE
+    assert np.array_equal(third.engine.prompt_logits(PROMPT[:10]), expected)
+
+
+def test_a_copy_that_cannot_be_loaded_names_the_fix(tmp_path, monkeypatch):
+    from edgellm.runtime import native
+
+    out = _tiny_native(tmp_path)
+    first = edgellm.load(out)
+    real = native.ctypes.CDLL
+
+    def no_copies(path, *args, **kwargs):  # as on a noexec temporary directory
+        if "edgellm-model-" in str(path):
+            raise OSError(f"{path}: failed to map segment from shared object")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(native.ctypes, "CDLL", no_copies)
+    with pytest.raises(EdgeLLMError, match="private copy of libmodel.so.*set TMPDIR"):
+        edgellm.load(out)
+    assert first.engine.decode(PROMPT[0], 0).shape == (VOCAB,)
 
 
 def test_weights_of_another_build_are_refused(tmp_path):

@@ -8,10 +8,12 @@ nothing is padded.
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,43 +25,70 @@ _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 
 
-_LOADED: set[Path] = set()
+_IN_USE: set[Path] = set()  # libraries loaded from their own path by a live engine
 
 
-def _load(library: Path) -> ctypes.CDLL:
-    """The compiled model keeps its KV cache in static memory, and loading one path twice gives
-    the same copy of it. A second engine on the same build loads a private copy of the library
-    (a temporary file, removed once loaded), so two engines never share a cache."""
-    if library not in _LOADED:
-        _LOADED.add(library)
-        return ctypes.CDLL(str(library))
-    handle, path = tempfile.mkstemp(suffix=".so", prefix="edgellm-model-")
-    try:
-        with os.fdopen(handle, "wb") as out, open(library, "rb") as src:
-            shutil.copyfileobj(src, out)
-        return ctypes.CDLL(path)
-    finally:
-        os.unlink(path)
+def _load(library: Path) -> tuple[ctypes.CDLL, bool]:
+    """The compiled model keeps its KV cache and weights in the library's static memory, and
+    loading one path twice gives the same copy of it. So the first engine on a build loads the
+    library itself; another one, while the first lives, loads a private copy (returns True),
+    which it unloads when it is released. The copy is written next to the library (loadable, as
+    the library is), else to the temporary directory."""
+    if library not in _IN_USE:
+        _IN_USE.add(library)
+        return ctypes.CDLL(str(library)), False
+    for folder in (library.parent, None):
+        try:
+            handle, path = tempfile.mkstemp(suffix=".so", prefix=".edgellm-model-", dir=folder)
+        except OSError:
+            continue
+        try:
+            with os.fdopen(handle, "wb") as out, open(library, "rb") as src:
+                shutil.copyfileobj(src, out)
+            return ctypes.CDLL(path), True
+        except OSError as e:
+            if folder is None:
+                raise EdgeLLMError(f"{library}: a second engine on this build needs a private copy of libmodel.so, "
+                                   f"and {os.path.dirname(path)} would not load one ({e}); set TMPDIR to a directory "
+                                   "that allows programs") from None
+        finally:
+            os.unlink(path)
+    raise EdgeLLMError(f"{library}: cannot write a private copy of libmodel.so next to it or in the temporary directory")
+
+
+def _release(lib: ctypes.CDLL, library: Path, private: bool) -> None:
+    """Free the engine's weights mapping and cache; unload a private copy."""
+    lib.em_close()
+    if private:
+        _ctypes.dlclose(lib._handle)
+    else:
+        _IN_USE.discard(library)
 
 
 class NativeEngine:
     def __init__(self, program_dir: Path, spec: EngineSpec, threads: int | None = None):
         self.spec = spec
-        library = Path(program_dir) / "libmodel.so"
+        self.program_dir = Path(program_dir)
+        library = self.program_dir / "libmodel.so"
         if not library.is_file():
             raise EdgeLLMError(f"{program_dir}: no libmodel.so; run `edgellm compile ... --resume`")
-        self.lib = _load(library.resolve())
+        self.lib, private = _load(library.resolve())
+        self.close = weakref.finalize(self, _release, self.lib, library.resolve(), private)
         self.lib.em_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self.lib.em_forward.argtypes = [_INT64_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
         self.lib.em_last_error.restype = ctypes.c_char_p
         if self.lib.em_init(str(Path(program_dir) / "weights.bin").encode(), threads or _physical_cores()) != 0:
-            raise EdgeLLMError(self.lib.em_last_error().decode())
+            message = self.lib.em_last_error().decode()
+            self.close()
+            raise EdgeLLMError(message)
         self.ids = np.zeros(spec.group_size, np.int64)
         self.logits = np.zeros((spec.group_size if spec.return_logits else 1, spec.vocab_size), np.float32)
 
     def run(self, token_ids: list[int], start: int, logits_row: int = 0, rows: slice | None = None) -> np.ndarray:
         """Process token_ids at positions start..; return row logits_row's logits, or with `rows`
         (return_logits builds) those rows as [n, vocab]."""
+        if not self.close.alive:
+            raise EdgeLLMError(f"{self.program_dir}: this engine was closed")
         n = len(token_ids)
         if not 1 <= n <= len(self.ids):
             raise EdgeLLMError(f"bad call: {n} tokens (at most {len(self.ids)} per call)")

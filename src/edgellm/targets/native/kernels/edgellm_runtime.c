@@ -18,7 +18,6 @@ static size_t em_cache_size;
 
 /* Zeroed pages, touched only as the context fills. */
 float *em_cache_alloc(size_t bytes) {
-    if (em_cache && em_cache_size == bytes) return em_cache; /* a second em_init keeps it */
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return NULL;
     em_cache = p;
@@ -129,4 +128,7 @@ int em_forward(const int64_t *ids, int n, int start, int logits_row, float *logi
 void em_close(void) {
     if (em_mapped) munmap((void *)em_mapped, em_mapped_size);
     em_mapped = NULL;
+    if (em_cache) munmap(em_cache, em_cache_size);
+    em_cache = NULL;
+    em_cache_size = 0;
 }
