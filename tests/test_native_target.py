@@ -249,6 +249,21 @@ def test_released_engines_free_their_copy_of_the_library(tmp_path):
     assert np.array_equal(third.engine.prompt_logits(PROMPT[:10]), expected)
 
 
+def test_a_library_rebuilt_after_its_engine_was_released_runs_the_new_code(tmp_path):
+    """A path stays loaded in the process; loading it again would hand back the old code. Here
+    the rebuild changes only model.c (int8 activations), so the weights' digest still matches."""
+    out = _tiny_native(tmp_path)
+    float_logits = edgellm.load(out).engine.prompt_logits(PROMPT[:10])
+    gc.collect()  # the engine above is released
+    model_dir = tmp_path / "hf"
+    build(model_dir, out, "int4", target="native", int8_activations=True, **OPTIONS)
+    expected = edgellm.load(build(model_dir, tmp_path / "int8", "int4", target="native", int8_activations=True,
+                                  **OPTIONS)).engine.prompt_logits(PROMPT[:10])
+    got = edgellm.load(out).engine.prompt_logits(PROMPT[:10])
+    assert not np.array_equal(got, float_logits)
+    assert np.array_equal(got, expected)
+
+
 def test_a_copy_that_cannot_be_loaded_names_the_fix(tmp_path, monkeypatch):
     from edgellm.runtime import native
 

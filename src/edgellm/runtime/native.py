@@ -26,6 +26,12 @@ _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 
 
 _IN_USE: set[Path] = set()  # libraries loaded from their own path by a live engine
+_LOADED: dict[Path, tuple] = {}  # library path -> its file's identity when this process loaded it
+
+
+def _identity(library: Path) -> tuple:
+    st = library.stat()
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _load(library: Path) -> tuple[ctypes.CDLL, bool]:
@@ -33,9 +39,13 @@ def _load(library: Path) -> tuple[ctypes.CDLL, bool]:
     loading one path twice gives the same copy of it. So the first engine on a build loads the
     library itself; another one, while the first lives, loads a private copy (returns True),
     which it unloads when it is released. The copy is written next to the library (loadable, as
-    the library is), else to the temporary directory."""
-    if library not in _IN_USE:
+    the library is), else to the temporary directory. A path stays loaded once loaded (libgomp's
+    threads live under it), so a library rebuilt since then is also run from a copy: loading
+    the path again would give the old code."""
+    identity = _identity(library)
+    if library not in _IN_USE and _LOADED.get(library, identity) == identity:
         _IN_USE.add(library)
+        _LOADED[library] = identity
         return ctypes.CDLL(str(library)), False
     for folder in (library.parent, None):
         try:

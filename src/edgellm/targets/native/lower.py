@@ -278,7 +278,7 @@ class Lowering:
         weight = self._matmul_weight(w_name, minimum)
         self.out.matmul_weights.add(weight)
         x = self._act(x_name)
-        residual = self._residual_add(y, x.rows, self.weights.rows(weight))
+        residual = self._residual_add(y, x, self.weights.rows(weight))
         if residual is not None:
             add, residual = residual
             nodes.append(add)
@@ -298,15 +298,16 @@ class Lowering:
                    f"{prologue}, {operands}, {f'{{{residual}}}' if residual else 'NULL'}, {scratch}}});",
                    reads, writes, *nodes)
 
-    def _residual_add(self, y: str, rows: int, cols: int):
+    def _residual_add(self, y: str, x: Activation, cols: int):
         """y's only consumer, if it adds an activation of y's shape computed already: (the Add, that
-        activation), folded into the matmul as y's residual."""
+        activation), folded into the matmul as y's residual (per-token rows only: a broadcast
+        of one row stays an Add)."""
         add = self._only_consumer(y, "Add")
-        if add is None:
+        if add is None or not x.per_token:
             return None
         other = next((i for i in add.input if i != y), None)
         shape = self.shapes.get(other)
-        if other is None or other in self.inits or shape is None or (shape.rows, shape.cols, shape.per_token) != (rows, cols, True):
+        if other is None or other in self.inits or shape is None or (shape.rows, shape.cols, shape.per_token) != (x.rows, cols, True):
             return None
         return add, other
 

@@ -210,6 +210,12 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
 #endif
 
 #if EM_AVX2
+/* Four floats in both halves (any alignment). */
+static inline __m256 broadcast4(const float *p) {
+    const __m128 v = _mm_loadu_ps(p);
+    return _mm256_set_m128(v, v);
+}
+
 /* Decode, float activations, AVX2: each 8 bytes of a 64-byte group are two rows x 4 columns (q8)
    or two rows x 8 columns as nibbles (q4): accumulator h holds rows 2h and 2h + 1, lane
    4 * (row - 2h) + column mod 4. */
@@ -226,8 +232,8 @@ static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, con
         if (is_q4(w)) {
             for (int g = 0; g < len / 8; g++) {
                 __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
-                const __m256 xlo = _mm256_broadcast_ps((const __m128 *)(xb + 8 * g));
-                const __m256 xhi = _mm256_broadcast_ps((const __m128 *)(xb + 8 * g + 4));
+                const __m256 xlo = broadcast4(xb + 8 * g);
+                const __m256 xhi = broadcast4(xb + 8 * g + 4);
                 for (int h = 0; h < 8; h++) {
                     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h)));
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xlo, acc[h]);
@@ -237,7 +243,7 @@ static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, con
         } else {
             for (int g = 0; g < len / 4; g++) {
                 __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
-                const __m256 x4 = _mm256_broadcast_ps((const __m128 *)(xb + 4 * g));
+                const __m256 x4 = broadcast4(xb + 4 * g);
                 for (int h = 0; h < 8; h++) {
                     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h)));
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), x4, acc[h]);

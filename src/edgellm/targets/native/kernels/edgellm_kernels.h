@@ -49,7 +49,8 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
      input     EM_INPUT: x as it is; EM_RMSNORM: RMSNorm of x with `norm`, `eps`;
                EM_SILU_GATE / EM_GELU_GATE: act(x) * up, the gated MLP (x: the gate, rows K apart)
      output    y = x' @ W^T, plus `residual` [S, N] if not NULL
-   `scratch` [S, K] holds the prepared input where one is shared by the threads (S > 1). */
+   `scratch` [S, K] holds the prepared input where one is shared by the threads (S > 1). y must
+   not overlap x, up or residual: with one row, threads write y while others still read them. */
 enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3 };
 typedef struct {
     int prologue;
