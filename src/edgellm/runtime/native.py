@@ -58,8 +58,9 @@ def _load(library: Path) -> tuple[ctypes.CDLL, bool]:
             return ctypes.CDLL(path), True
         except OSError as e:
             if folder is None:
-                raise EdgeLLMError(f"{library}: a second engine on this build needs a private copy of libmodel.so, "
-                                   f"and {os.path.dirname(path)} would not load one ({e}); set TMPDIR to a directory "
+                raise EdgeLLMError(f"{library}: this engine needs a private copy of libmodel.so (another engine "
+                                   f"holds the library, or it was rebuilt since it was loaded), and "
+                                   f"{os.path.dirname(path)} would not load one ({e}); set TMPDIR to a directory "
                                    "that allows programs") from None
         finally:
             os.unlink(path)

@@ -7,9 +7,11 @@ kernels/edgellm_kernels.c:
     Mul(Sigmoid(g) * g, up) / Mul(Gelu(g), up)                                   -> em_silu_mul / em_gelu_tanh_mul
     RMSNormalization -> em_rmsnorm, RotaryEmbedding -> em_rope, Split -> em_columns,
     TensorScatter -> em_cache_write_keys or _values, Attention -> em_attention, elementwise ops -> em_add, ...
+An RMSNorm or gated product read by one MatMul, and an Add of the MatMul's output to an
+activation (the residual), become part of that MatMul's call: em_matmul_fused.
 The MASK segment's nodes are not lowered: em_attention derives causality (and a sliding window,
 read from the segment's window constant) from the positions it is called with. Reshape is a
-view: its output shares its input's buffer.
+view: its output shares its input's buffer; so is a Split of one row (the decode variant).
 
 Every activation is a row-major matrix of rows x cols floats, where rows is a multiple of the
 tokens in the call (S) or fixed (the head's one gathered row). A call is C text whose activation
@@ -60,6 +62,16 @@ class Call:
 
 
 @dataclass
+class Deferred:
+    """A MatMul input whose producer runs inside the matmul (em_matmul_fused's prologue)."""
+    prologue: str  # EM_RMSNORM, EM_SILU_GATE, EM_GELU_GATE
+    operands: str  # the em_fusion fields after it: norm, eps, up
+    source: str  # the producer's input, the matmul's x
+    inputs: list[str]  # the producer's other activation inputs (up)
+    nodes: list[onnx.NodeProto]
+
+
+@dataclass
 class Lowered:
     calls: list[Call] = field(default_factory=list)
     activations: dict[str, Activation] = field(default_factory=dict)
@@ -90,11 +102,7 @@ class Lowering:
         self.out = Lowered()
         self.alias: dict[str, str] = {}  # Reshape outputs and cache writes -> the buffer they view
         self.view_offset: dict[str, int] = {}  # a view's first float in that buffer (decode Split outputs)
-        # a MatMul input whose producer is folded into the MatMul (em_matmul_fused):
-        # name -> (prologue, C operands after x: norm, eps, up), the producer's input x
-        self.prologue: dict[str, tuple[str, str, str]] = {}
-        self.folded_inputs: dict[str, list[str]] = {}  # that producer's other activation inputs
-        self.folded_nodes: dict[str, list[onnx.NodeProto]] = {}
+        self.deferred: dict[str, Deferred] = {}  # MatMul inputs their MatMul computes (em_matmul_fused)
         self.done: set[str] = set()  # nodes folded into an earlier call
         self.windows = {"mask.full": 0}
         self.caches: dict[str, str] = {}  # cache.i.k / present.i.k -> C expression of the buffer
@@ -285,18 +293,20 @@ class Lowering:
             self.done.add(add.name)
             y = add.output[0]
         out = self._new(y, x, self.weights.rows(weight))
-        if x_name not in self.prologue and residual is None:
+        deferred = self.deferred.get(x_name)
+        if deferred is None and residual is None:
             self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)
             return
-        # the input's producer and the residual Add run inside the matmul (kernels: em_fusion)
-        prologue, operands, source = self.prologue.get(x_name, ("EM_INPUT", "NULL, 0.0f, NULL", x_name))
-        reads = [source] + [n for n in self.folded_inputs.get(x_name, [])] + ([residual] if residual else [])
-        writes = [out.name] + ([x_name] if x_name in self.prologue else [])
-        scratch = f"{{{x_name}}}" if x_name in self.prologue else "NULL"
-        nodes = self.folded_nodes.get(x_name, []) + nodes
-        self._emit(f"em_matmul_fused({{{source}}}, {x.rows_expr()}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
-                   f"{prologue}, {operands}, {f'{{{residual}}}' if residual else 'NULL'}, {scratch}}});",
-                   reads, writes, *nodes)
+        # the input's producer and the residual Add run inside the matmul (kernels: em_fusion);
+        # a deferred input keeps its arena slot as the scratch the threads share for several rows
+        if deferred is None:
+            deferred = Deferred("EM_INPUT", "NULL, 0.0f, NULL", x_name, [], [])
+        reads = [deferred.source, *deferred.inputs] + ([residual] if residual else [])
+        writes = [out.name] + ([x_name] if deferred.nodes else [])
+        scratch = f"{{{x_name}}}" if deferred.nodes else "NULL"
+        self._emit(f"em_matmul_fused({{{deferred.source}}}, {x.rows_expr()}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
+                   f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, {scratch}}});",
+                   reads, writes, *deferred.nodes, *nodes)
 
     def _residual_add(self, y: str, x: Activation, cols: int):
         """y's only consumer, if it adds an activation of y's shape computed already: (the Add, that
@@ -335,7 +345,8 @@ class Lowering:
         w = self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32))
         out = self._new(node.output[0], x)
         if self._feeds_one_matmul(out.name):
-            self._defer(out.name, "EM_RMSNORM", f"F({w}), {a.get('epsilon', 1e-5)!r}f, NULL", node.input[0], [], [node])
+            self.deferred[out.name] = Deferred("EM_RMSNORM", f"F({w}), {a.get('epsilon', 1e-5)!r}f, NULL", node.input[0],
+                                               [], [node])
             return
         self._emit(f"em_rmsnorm({{{node.input[0]}}}, {x.rows_expr()}, {x.cols}, F({w}), {a.get('epsilon', 1e-5)!r}f, {{{out.name}}});",
                    [node.input[0]], [out.name], node)
@@ -357,14 +368,6 @@ class Lowering:
         if shift is not None:
             allowed.add(shift[2][0].name)
         return all(u.name in allowed for u in users)
-
-    def _defer(self, name: str, prologue: str, operands: str, source: str, more_inputs: list[str],
-               nodes: list[onnx.NodeProto]) -> None:
-        """`name` is computed by the MatMul that reads it (em_matmul_fused), from `source`; its arena
-        slot stays, as the prepared input the threads share when a call has several tokens."""
-        self.prologue[name] = (prologue, operands, source)
-        self.folded_inputs[name] = more_inputs
-        self.folded_nodes[name] = nodes
 
     def _op_Reshape(self, node):
         x = self._act(node.input[0])
@@ -507,7 +510,7 @@ class Lowering:
         self.done.update(n.name for n in (activation, product))
         if self._feeds_one_matmul(out.name):
             prologue = "EM_SILU_GATE" if kernel == "em_silu_mul" else "EM_GELU_GATE"
-            self._defer(out.name, prologue, f"NULL, 0.0f, {{{up}}}", gate, [up], [*nodes, product])
+            self.deferred[out.name] = Deferred(prologue, f"NULL, 0.0f, {{{up}}}", gate, [up], [*nodes, product])
             return True
         self._emit(f"{kernel}({{{gate}}}, {{{up}}}, {x.count_expr()}, {{{out.name}}});", [gate, up], [out.name],
                    *nodes, product)
