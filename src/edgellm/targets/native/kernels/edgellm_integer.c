@@ -399,57 +399,6 @@ static inline int32_t four_bytes(const int8_t *p) {
 }
 
 #if defined(__AVX512VNNI__) && EM_AVX512
-/* One block of a panel against T <= 2 activation rows (xr: the block's bytes of row 0, rows ld
-   apart), the sums of each row in four independent accumulators, added at the end: bacc[t]. */
-static inline __attribute__((always_inline)) void block_int8_vnni_wide(const em_weight *w, const uint8_t *blk,
-                                                                        int len, const int8_t *xr, int ld, int T,
-                                                                        __m512i *bacc) {
-    const __m512i low = _mm512_set1_epi8(15);
-    __m512i a[2][4];
-    for (int t = 0; t < T; t++)
-        for (int u = 0; u < 4; u++) a[t][u] = _mm512_setzero_si512();
-    /* one step: 64 bytes of weights, 8 (q4) or 4 (q8) columns of the block */
-    const int step = is_q4(w) ? 8 : 4, steps = len / step;
-    int g = 0;
-    if (is_q4(w)) {
-        for (; g + 2 <= steps; g += 2)
-            for (int h = 0; h < 2; h++) {
-                _mm_prefetch((const char *)blk + 64 * (g + h) + EM_PREFETCH, _MM_HINT_T0);
-                const __m512i v = _mm512_loadu_si512(blk + 64 * (g + h));
-                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                for (int t = 0; t < T; t++) {
-                    const int8_t *x = xr + (size_t)t * ld + 8 * (g + h);
-                    a[t][2 * h] = _mm512_dpbusd_epi32(a[t][2 * h], lo, _mm512_set1_epi32(four_bytes(x)));
-                    a[t][2 * h + 1] = _mm512_dpbusd_epi32(a[t][2 * h + 1], hi, _mm512_set1_epi32(four_bytes(x + 4)));
-                }
-            }
-        if (g < steps) {
-            const __m512i v = _mm512_loadu_si512(blk + 64 * g);
-            const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            for (int t = 0; t < T; t++) {
-                const int8_t *x = xr + (size_t)t * ld + 8 * g;
-                a[t][0] = _mm512_dpbusd_epi32(a[t][0], lo, _mm512_set1_epi32(four_bytes(x)));
-                a[t][1] = _mm512_dpbusd_epi32(a[t][1], hi, _mm512_set1_epi32(four_bytes(x + 4)));
-            }
-        }
-    } else {
-        for (; g + 4 <= steps; g += 4)
-            for (int u = 0; u < 4; u++) {
-                _mm_prefetch((const char *)blk + 64 * (g + u) + EM_PREFETCH, _MM_HINT_T0);
-                const __m512i v = _mm512_loadu_si512(blk + 64 * (g + u));
-                for (int t = 0; t < T; t++)
-                    a[t][u] = _mm512_dpbusd_epi32(a[t][u], v, _mm512_set1_epi32(four_bytes(xr + (size_t)t * ld + 4 * (g + u))));
-            }
-        for (; g < steps; g++) {
-            const __m512i v = _mm512_loadu_si512(blk + 64 * g);
-            for (int t = 0; t < T; t++)
-                a[t][0] = _mm512_dpbusd_epi32(a[t][0], v, _mm512_set1_epi32(four_bytes(xr + (size_t)t * ld + 4 * g)));
-        }
-    }
-    for (int t = 0; t < T; t++)
-        bacc[t] = _mm512_add_epi32(_mm512_add_epi32(a[t][0], a[t][1]), _mm512_add_epi32(a[t][2], a[t][3]));
-}
-
 /* T activation rows (T <= 8, a compile-time constant after inlining) against panel p. */
 static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weight *w, int p, const int8_t *xq,
                                                                    const float *dx, const float *xs, int s0, int T,
@@ -462,14 +411,10 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
         const uint8_t *blk = block_data(w, p, b);
         const int len = block_len(w, b);
         __m512i bacc[8];
-        if (T <= 2) {
-            /* a decode row alone would be one chain of dependent vpdpbusd (5 cycles each) per
-               block: four independent sums keep the unit busy, and memory the limit */
-            block_int8_vnni_wide(w, blk, len, xq + (size_t)s0 * K + (size_t)b * B, K, T, bacc);
-        } else {
         for (int t = 0; t < T; t++) bacc[t] = _mm512_setzero_si512();
         if (is_q4(w)) {
             for (int g = 0; g < len / 8; g++) {
+                _mm_prefetch((const char *)blk + 64 * g + EM_PREFETCH, _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512(blk + 64 * g);
                 const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                 for (int t = 0; t < T; t++) {
@@ -480,13 +425,13 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
             }
         } else {
             for (int g = 0; g < len / 4; g++) {
+                _mm_prefetch((const char *)blk + 64 * g + EM_PREFETCH, _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512(blk + 64 * g);
                 for (int t = 0; t < T; t++) {
                     const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B + 4 * g;
                     bacc[t] = _mm512_dpbusd_epi32(bacc[t], v, _mm512_set1_epi32(four_bytes(xr)));
                 }
             }
-        }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
         const __m512 m = minimums16(w, p, b, d);
