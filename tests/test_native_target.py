@@ -115,10 +115,14 @@ def test_int8_activations_match_the_onnx_runtime_target(tmp_path, family, preset
     assert results["native"].token_ids[:8] == results["cpu"].token_ids[:8]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a 100-position window spans two chunks
-def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan, family):
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}),
+    ("mistral", {"sliding_window": 100}),  # a 100-position window spans two chunks
+    ("qwen3", {"num_attention_heads": 28, "num_key_value_heads": 1}),  # more query heads than one item takes (24)
+], ids=["llama", "mistral-window", "qwen3-28-query-heads"])
+def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan, family, overrides):
     """Past 64 positions a decode step's attention runs in chunks merged by their maxima."""
-    model_dir = save_tiny(family, tmp_path / "hf", **({"sliding_window": 100} if family == "mistral" else {}))
+    model_dir = save_tiny(family, tmp_path / "hf", **overrides)
     options = dict(max_num_tokens=1024, language_group_size=64, future_token_mask_size=256)
     prompt = [int(t) for t in np.random.default_rng(3).integers(1, VOCAB, 700)]
     runs = []

@@ -18,7 +18,7 @@ from ..memory_plan import MemoryPlan, place
 from .lower import Lowered
 from .weights import KINDS, WeightRecord
 
-_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+_PLACEHOLDER = re.compile(r"\{([^{}\s,]+)\}")  # {tensor name}; not a C initializer list
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,32 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         lines += ["", f"void em_model_{variant}(int S, int start, const int64_t *ids, int logits_row, float *logits) {{",
                   "    float *A = em_arena;",
                   "    (void)ids; (void)logits_row; (void)start;"]
-        for call in lowered.calls:
-            lines.append(f"    /* {', '.join(call.nodes)} */")
-            lines.append("    " + _PLACEHOLDER.sub(lambda m, o=offsets: f"(A + {o[m.group(1)]})", call.code))
+        lines += _body(lowered, offsets)
         lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _body(lowered: Lowered, offsets: dict[str, int]) -> list[str]:
+    """The calls in order. With team kernels (the decode variant) the body is one parallel region:
+    team calls run on every thread, the calls between them together on one (omp single, whose
+    barrier at its end publishes their results)."""
+    def code(call):
+        return _PLACEHOLDER.sub(lambda m: f"(A + {offsets[m.group(1)]})", call.code)
+
+    if not any(call.team for call in lowered.calls):
+        return [line for call in lowered.calls for line in (f"    /* {', '.join(call.nodes)} */", "    " + code(call))]
+    lines = ["#pragma omp parallel", "    {"]
+    single = False
+    for call in lowered.calls:
+        if single and call.team:
+            lines.append("        }")
+            single = False
+        elif not single and not call.team:
+            lines += ["#pragma omp single", "        {"]
+            single = True
+        indent = " " * (12 if single else 8)
+        lines += [f"{indent}/* {', '.join(call.nodes)} */", indent + code(call)]
+    if single:
+        lines.append("        }")
+    lines.append("    }")
+    return lines

@@ -21,7 +21,9 @@ offset in the arena (codegen.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,6 +32,10 @@ from onnx import helper
 from ...errors import EdgeLLMError
 from ...graph.io import INTEGER_TYPES, integer_values, to_array
 from .weights import WeightsFile
+
+# How many chunks a decode step's attention splits the context into, at most: the kernels' constant.
+DECODE_CHUNKS = int(re.search(r"#define EM_DECODE_CHUNKS (\d+)",
+                              (Path(__file__).parent / "kernels" / "edgellm_kernels.h").read_text()).group(1))
 
 # Graph inputs and outputs the generated functions take as parameters.
 PARAMETERS = {"input_ids": "ids", "logits": "logits"}
@@ -59,6 +65,7 @@ class Call:
     reads: list[str]
     writes: list[str]
     nodes: list[str]  # ONNX node names, for the comment above the call
+    team: bool = False  # a team kernel (kernels/edgellm_kernels.h): every thread of the decode step's region calls it
 
 
 @dataclass
@@ -170,11 +177,11 @@ class Lowering:
         ref = PARAMETERS.get(name) or self.caches.get(name) or "{" + name + "}"
         return f"({ref} + {offset})" if offset else ref
 
-    def _emit(self, code: str, reads: list[str], writes: list[str], *nodes: onnx.NodeProto) -> None:
+    def _emit(self, code: str, reads: list[str], writes: list[str], *nodes: onnx.NodeProto, team: bool = False) -> None:
         for name in reads + writes:
             code = code.replace("{" + name + "}", self._ref(name))
         in_arena = [[self._buffer(n) for n in names if "{" in self._ref(n)] for names in (reads, writes)]
-        self.out.calls.append(Call(code, *in_arena, [n.name for n in nodes]))
+        self.out.calls.append(Call(code, *in_arena, [n.name for n in nodes], team))
 
     def _const(self, name: str) -> np.ndarray:
         return to_array(self.inits[name])
@@ -294,6 +301,13 @@ class Lowering:
             y = add.output[0]
         out = self._new(y, x, self.weights.rows(weight))
         deferred = self.deferred.get(x_name)
+        if self.one_token and x.rows == 1:  # a decode row: the team shares it, each thread preparing the input itself
+            deferred = deferred or Deferred("EM_INPUT", "NULL, 0.0f, NULL", x_name, [], [])
+            self._emit(f"em_team_matmul({{{deferred.source}}}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
+                       f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, NULL}});",
+                       [deferred.source, *deferred.inputs] + ([residual] if residual else []), [out.name],
+                       *deferred.nodes, *nodes, team=True)
+            return
         if deferred is None and residual is None:
             self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)
             return
@@ -443,6 +457,12 @@ class Lowering:
         head_dim = x.cols // heads
         scale = a.get("scale", 1.0 / np.sqrt(head_dim))
         out = self._new(node.output[0], x)
+        if self.one_token:  # the team's kernel, its chunks' partial results in an arena slot
+            scratch = self._new(node.output[0] + ".chunks", x, rows=heads * DECODE_CHUNKS, cols=head_dim + 2, per_token=False)
+            self._emit(f"em_team_attention({{{q}}}, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, "
+                       f"EM_CACHE_TOKENS, {float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, "
+                       f"{{{scratch.name}}}, {{{out.name}}});", [q], [out.name, scratch.name], node, team=True)
+            return
         self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_CACHE_TOKENS, "
                    f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{out.name}}});",
                    [q], [out.name], node)

@@ -633,37 +633,34 @@ static void add_panel_residual(const float *residual, int p, int n, float *y) {
     for (int j = first; j < first + count; j++) y[j] += residual[j];
 }
 
-void em_matmul_integer_row(const float *x, const em_weight *w, float *y, const em_fusion *f) {
+void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f) {
     const int K = w->k, nb = em_blocks(w);
-#pragma omp parallel
-    {
-        float xp[K]; /* this thread's copy of the prepared input: no barrier before the panels */
-        em_prepare_row(f, x, 0, K, xp);
-        if (w->int8_activations) {
-            int8_t xq[K];
-            float dx[nb], xs[nb];
-            int32_t xn[nb];
-            for (int b = 0; b < nb; b++) {
-                xn[b] = quantize_block(xp + (size_t)b * w->block, block_len(w, b), xq + (size_t)b * w->block, &dx[b]);
-                xs[b] = dx[b] * (float)xn[b];
-            }
+    float xp[K]; /* this thread's copy of the prepared input: no barrier before the panels */
+    em_prepare_row(f, x, 0, K, xp);
+    if (w->int8_activations) {
+        int8_t xq[K];
+        float dx[nb], xs[nb];
+        int32_t xn[nb];
+        for (int b = 0; b < nb; b++) {
+            xn[b] = quantize_block(xp + (size_t)b * w->block, block_len(w, b), xq + (size_t)b * w->block, &dx[b]);
+            xs[b] = dx[b] * (float)xn[b];
+        }
 #pragma omp for schedule(static)
-            for (int p = 0; p < panels(w); p++) {
-                panel_int8(w, p, xq, dx, xn, xs, 0, 1, y);
-                if (f->residual) add_panel_residual(f->residual, p, w->n, y);
-            }
-        } else {
-            float xsum[nb];
-            for (int b = 0; b < nb; b++) {
-                float total = 0.0f;
-                for (int c = 0; c < block_len(w, b); c++) total += xp[b * w->block + c];
-                xsum[b] = total;
-            }
+        for (int p = 0; p < panels(w); p++) {
+            panel_int8(w, p, xq, dx, xn, xs, 0, 1, y);
+            if (f->residual) add_panel_residual(f->residual, p, w->n, y);
+        }
+    } else {
+        float xsum[nb];
+        for (int b = 0; b < nb; b++) {
+            float total = 0.0f;
+            for (int c = 0; c < block_len(w, b); c++) total += xp[b * w->block + c];
+            xsum[b] = total;
+        }
 #pragma omp for schedule(static)
-            for (int p = 0; p < panels(w); p++) {
-                panel_float_row(w, p, xp, xsum, y);
-                if (f->residual) add_panel_residual(f->residual, p, w->n, y);
-            }
+        for (int p = 0; p < panels(w); p++) {
+            panel_float_row(w, p, xp, xsum, y);
+            if (f->residual) add_panel_residual(f->residual, p, w->n, y);
         }
     }
 }
@@ -679,9 +676,6 @@ static void matmul_int8_activations(const float *x, int S, const em_weight *w, f
 }
 
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y) {
-    if (S == 1) {
-        const em_fusion plain = {EM_INPUT, NULL, 0.0f, NULL, NULL, NULL};
-        em_matmul_integer_row(x, w, y, &plain);
-    } else if (w->int8_activations) matmul_int8_activations(x, S, w, y);
+    if (w->int8_activations) matmul_int8_activations(x, S, w, y);
     else matmul_float_activations(x, S, w, y);
 }

@@ -152,23 +152,16 @@ static void float_row(const em_weight *w, int n, float *out) {
 
 void em_matmul(const float *x, int S, const em_weight *w, float *y) {
     const int N = w->n, K = w->k;
+    if (S == 1) {
+        const em_fusion plain = {EM_INPUT, NULL, 0.0f, NULL, NULL, NULL};
+#pragma omp parallel
+        em_team_matmul(x, w, y, &plain);
+        return;
+    }
     if (w->kind == EM_Q4 || w->kind == EM_Q8) {
         em_matmul_integer(x, S, w, y);
         return;
     }
-    if (S == 1 && w->kind < EM_CB2) {
-#pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++)
-            y[n] = w->kind == EM_BF16 ? bf16_dot(w, n, x) : fdot((const float *)w->data + (size_t)n * K, x, K);
-        return;
-    }
-#if EM_AVX512
-    if (S == 1) {
-#pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++) y[n] = cb_dot(w, n, x);
-        return;
-    }
-#endif
 #pragma omp parallel
     {
         float row[K];
@@ -188,6 +181,34 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
     }
 }
 
+void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f) {
+    if (w->kind == EM_Q4 || w->kind == EM_Q8) {
+        em_team_matmul_integer(x, w, y, f);
+        return;
+    }
+    const int N = w->n, K = w->k;
+    float xp[K]; /* each thread prepares the input for itself: no barrier before the rows */
+    em_prepare_row(f, x, 0, K, xp);
+#if !EM_AVX512
+    float row[K]; /* a codebook row, decoded */
+#endif
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float v;
+        if (w->kind == EM_F32) v = fdot((const float *)w->data + (size_t)n * K, xp, K);
+        else if (w->kind == EM_BF16) v = bf16_dot(w, n, xp);
+        else {
+#if EM_AVX512
+            v = cb_dot(w, n, xp);
+#else
+            cb_row(w, n, row);
+            v = fdot(row, xp, K);
+#endif
+        }
+        y[n] = f->residual ? v + f->residual[n] : v;
+    }
+}
+
 void em_embed(const int64_t *ids, int S, const em_weight *w, float *out) {
     for (int s = 0; s < S; s++) {
         if (w->kind == EM_Q4 || w->kind == EM_Q8) em_integer_row(w, (int)ids[s], out + (size_t)s * w->k);
@@ -198,13 +219,14 @@ void em_embed(const int64_t *ids, int S, const em_weight *w, float *out) {
 /* ---- the rest of a layer ------------------------------------------------------------- */
 
 void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f) {
-    if (S == 1 && (w->kind == EM_Q4 || w->kind == EM_Q8)) {
-        em_matmul_integer_row(x, w, y, f);
+    if (S == 1) {
+#pragma omp parallel
+        em_team_matmul(x, w, y, f);
         return;
     }
-    /* Otherwise the steps one after another, the prepared input shared through the scratch. */
+    /* Several rows: the steps one after another, the prepared input shared through the scratch. */
     if (f->prologue != EM_INPUT) {
-#pragma omp parallel for schedule(static) if (S > 1)
+#pragma omp parallel for schedule(static)
         for (int s = 0; s < S; s++) em_prepare_row(f, x, s, w->k, f->scratch + (size_t)s * w->k);
         x = f->scratch;
     }
@@ -372,87 +394,103 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 }
 
 /* A decode step splits its context into chunks across threads: at least 64 positions each (so
-   a few KV heads still make work for every thread), at most 16 chunks (their partial results
-   live on the stack). */
+   a few KV heads still make work for every thread), at most EM_DECODE_CHUNKS (edgellm_kernels.h). */
 #define EM_DECODE_CHUNK 64
-#define EM_DECODE_CHUNKS 16
 /* Prefill tiles keep their scores on the stack: at most this many floats unless one token's
    heads alone need more. */
 #define EM_SCORES_ON_STACK 65536
 
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
-void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
-                  int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
-                  int window, float *out) {
-    const int group = heads / kv_heads;
-    if (S > 1 || group > EM_MAX_QUERIES) {
-        /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
-        int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
-        while (rows > 1 && (size_t)rows * group * (start + S) > EM_SCORES_ON_STACK) rows--;
-        const int tiles = (S + rows - 1) / rows, per = group <= EM_MAX_QUERIES ? group : 1;
-        const int splits = group <= EM_MAX_QUERIES ? 1 : group; /* one head at a time past the limit */
-#pragma omp parallel for collapse(3) schedule(dynamic, 1) if (S * kv_heads > 1)
-        for (int tile = 0; tile < tiles; tile++)
-            for (int kh = 0; kh < kv_heads; kh++)
-                for (int h0 = 0; h0 < splits; h0++) {
-                    const float *qs[EM_MAX_QUERIES];
-                    int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES], R = 0;
-                    for (int s = tile * rows; s < S && s < (tile + 1) * rows; s++)
-                        for (int g = 0; g < per; g++, R++) {
-                            qs[R] = q + ((size_t)s * heads + (size_t)kh * group + h0 + g) * head_dim;
-                            lo[R] = first_position(start + s, window);
-                            hi[R] = start + s + 1;
-                        }
-                    float m[EM_MAX_QUERIES], l[EM_MAX_QUERIES], o[EM_MAX_QUERIES * head_dim];
-                    attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
-                           v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, m, l, o);
-                    for (int r = 0; r < R; r++) {
-                        float *dst = out + (qs[r] - q); /* the query's own slot in out */
-                        for (int i = 0; i < head_dim; i++) dst[i] = o[(size_t)r * head_dim + i] / l[r];
-                    }
-                }
-        return;
-    }
-    /* Decode: items of (KV head, chunk of positions), merged below by their maxima (the softmax
-       of the union of the chunks). */
+void em_team_attention(const float *q, int start, const float *k_cache, const float *v_cache, int heads, int kv_heads,
+                       int head_dim, int cache_tokens, float scale, float softcap, int window, float *scratch,
+                       float *out) {
+    /* Items of (query set, chunk of positions): a query set is up to EM_MAX_QUERIES heads of one
+       KV head. An item's partial result (o [R][head_dim], then m [R], l [R]) goes to the scratch,
+       at the place of its first head's chunk; the heads then merge their chunks by their maxima
+       (the softmax of the union of the chunks). */
+    const int group = heads / kv_heads, sets = (group + EM_MAX_QUERIES - 1) / EM_MAX_QUERIES;
     const int first = first_position(start, window), length = start - first + 1;
     int chunk = (length + EM_DECODE_CHUNKS - 1) / EM_DECODE_CHUNKS;
     chunk = chunk > EM_DECODE_CHUNK ? (chunk + 15) & ~15 : EM_DECODE_CHUNK; /* whole key blocks */
     const int chunks = (length + chunk - 1) / chunk;
-    float parts[kv_heads * chunks * group * (head_dim + 2)]; /* per item: o [group][head_dim], m, l */
-#pragma omp parallel for collapse(2) schedule(static) if (kv_heads * chunks > 1)
+    const size_t record = (size_t)head_dim + 2;
+#pragma omp for collapse(3) schedule(static)
     for (int kh = 0; kh < kv_heads; kh++)
+        for (int set = 0; set < sets; set++)
+            for (int c = 0; c < chunks; c++) {
+                const int h0 = kh * group + set * EM_MAX_QUERIES;
+                const int R = group - set * EM_MAX_QUERIES < EM_MAX_QUERIES ? group - set * EM_MAX_QUERIES : EM_MAX_QUERIES;
+                float *part = scratch + ((size_t)h0 * chunks + (size_t)c * R) * record;
+                const float *qs[EM_MAX_QUERIES];
+                int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES];
+                for (int r = 0; r < R; r++) {
+                    qs[r] = q + (size_t)(h0 + r) * head_dim;
+                    lo[r] = first + c * chunk;
+                    hi[r] = lo[r] + chunk < start + 1 ? lo[r] + chunk : start + 1;
+                }
+                attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
+                       v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, part + (size_t)R * head_dim,
+                       part + (size_t)R * head_dim + R, part);
+            }
+#pragma omp for schedule(static)
+    for (int h = 0; h < heads; h++) {
+        const int set = h % group / EM_MAX_QUERIES, h0 = h - h % group + set * EM_MAX_QUERIES, r = h - h0;
+        const int R = group - set * EM_MAX_QUERIES < EM_MAX_QUERIES ? group - set * EM_MAX_QUERIES : EM_MAX_QUERIES;
+        const float *parts = scratch + (size_t)h0 * chunks * record;
+        float top = -INFINITY, total = 0.0f;
         for (int c = 0; c < chunks; c++) {
-            float *part = parts + ((size_t)kh * chunks + c) * group * (head_dim + 2);
-            const float *qs[EM_MAX_QUERIES];
-            int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES];
-            for (int g = 0; g < group; g++) {
-                qs[g] = q + ((size_t)kh * group + g) * head_dim;
-                lo[g] = first + c * chunk;
-                hi[g] = lo[g] + chunk < start + 1 ? lo[g] + chunk : start + 1;
-            }
-            attend(qs, group, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
-                   v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, part + group * head_dim,
-                   part + group * head_dim + group, part);
+            const float mc = parts[(size_t)c * R * record + (size_t)R * head_dim + r];
+            top = mc > top ? mc : top;
         }
-    for (int kh = 0; kh < kv_heads; kh++)
-        for (int g = 0; g < group; g++) {
-            float top = -INFINITY, total = 0.0f;
-            for (int c = 0; c < chunks; c++) {
-                const float mc = parts[((size_t)kh * chunks + c) * group * (head_dim + 2) + group * head_dim + g];
-                top = mc > top ? mc : top;
-            }
-            float *o = out + ((size_t)kh * group + g) * head_dim;
-            memset(o, 0, sizeof(float) * head_dim);
-            for (int c = 0; c < chunks; c++) {
-                const float *part = parts + ((size_t)kh * chunks + c) * group * (head_dim + 2);
-                const float w = expf(part[group * head_dim + g] - top);
-                total += part[group * head_dim + group + g] * w;
-                for (int i = 0; i < head_dim; i++) o[i] += w * part[g * head_dim + i];
-            }
-            for (int i = 0; i < head_dim; i++) o[i] /= total;
+        float *o = out + (size_t)h * head_dim;
+        memset(o, 0, sizeof(float) * head_dim);
+        for (int c = 0; c < chunks; c++) {
+            const float *part = parts + (size_t)c * R * record;
+            const float w = expf(part[(size_t)R * head_dim + r] - top);
+            total += part[(size_t)R * head_dim + R + r] * w;
+            for (int i = 0; i < head_dim; i++) o[i] += w * part[(size_t)r * head_dim + i];
         }
+        for (int i = 0; i < head_dim; i++) o[i] /= total;
+    }
+}
+
+void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
+                  int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
+                  int window, float *out) {
+    if (S == 1) {
+        float scratch[(size_t)heads * EM_DECODE_CHUNKS * (head_dim + 2)];
+#pragma omp parallel
+        em_team_attention(q, start, k_cache, v_cache, heads, kv_heads, head_dim, cache_tokens, scale, softcap, window,
+                          scratch, out);
+        return;
+    }
+    /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
+    const int group = heads / kv_heads;
+    int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
+    while (rows > 1 && (size_t)rows * group * (start + S) > EM_SCORES_ON_STACK) rows--;
+    const int tiles = (S + rows - 1) / rows, per = group <= EM_MAX_QUERIES ? group : 1;
+    const int splits = group <= EM_MAX_QUERIES ? 1 : group; /* one head at a time past the limit */
+#pragma omp parallel for collapse(3) schedule(dynamic, 1) if (S * kv_heads > 1)
+    for (int tile = 0; tile < tiles; tile++)
+        for (int kh = 0; kh < kv_heads; kh++)
+            for (int h0 = 0; h0 < splits; h0++) {
+                const float *qs[EM_MAX_QUERIES];
+                int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES], R = 0;
+                for (int s = tile * rows; s < S && s < (tile + 1) * rows; s++)
+                    for (int g = 0; g < per; g++, R++) {
+                        qs[R] = q + ((size_t)s * heads + (size_t)kh * group + h0 + g) * head_dim;
+                        lo[R] = first_position(start + s, window);
+                        hi[R] = start + s + 1;
+                    }
+                float m[EM_MAX_QUERIES], l[EM_MAX_QUERIES], o[EM_MAX_QUERIES * head_dim];
+                attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
+                       v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, m, l, o);
+                for (int r = 0; r < R; r++) {
+                    float *dst = out + (qs[r] - q); /* the query's own slot in out */
+                    for (int i = 0; i < head_dim; i++) dst[i] = o[(size_t)r * head_dim + i] / l[r];
+                }
+            }
 }
 
 /* ---- elementwise ---------------------------------------------------------------------- */

@@ -49,8 +49,9 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
      input     EM_INPUT: x as it is; EM_RMSNORM: RMSNorm of x with `norm`, `eps`;
                EM_SILU_GATE / EM_GELU_GATE: act(x) * up, the gated MLP (x: the gate, rows K apart)
      output    y = x' @ W^T, plus `residual` [S, N] if not NULL
-   `scratch` [S, K] holds the prepared input where one is shared by the threads (S > 1). y must
-   not overlap x, up or residual: with one row, threads write y while others still read them. */
+   `scratch` [S, K] holds the prepared input the threads share (S > 1; one row goes through
+   em_team_matmul). y must not overlap x, up or residual: with one row, threads write y while
+   others still read them. */
 enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3 };
 typedef struct {
     int prologue;
@@ -81,6 +82,21 @@ void em_cache_write_values(float *cache, const float *rows, int S, int start, in
 void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
                   int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
                   int window, float *out);
+
+/* Team kernels. A decode step (em_model_single) runs as one OpenMP parallel region: every thread
+   of the team calls these with the same arguments; they share the work among the team and end
+   at a barrier, so the step pays one barrier per call instead of starting a parallel region per
+   call. The other kernels run on one thread there (an omp single around them). Called outside a
+   parallel region, they run on the calling thread alone.
+     em_team_matmul      one row: y[N] = x' @ W^T (+ residual), any weight kind; every thread
+                         prepares x' (em_fusion's prologue) for itself, `scratch` is not used
+     em_team_attention   one token (S = 1); scratch: heads x EM_DECODE_CHUNKS x (head_dim + 2)
+                         floats, the partial results of the context's chunks */
+#define EM_DECODE_CHUNKS 16
+void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f);
+void em_team_attention(const float *q, int start, const float *k_cache, const float *v_cache, int heads, int kv_heads,
+                       int head_dim, int cache_tokens, float scale, float softcap, int window, float *scratch,
+                       float *out);
 
 void em_add(const float *a, const float *b, int n, float *y);
 void em_add_row(const float *x, int rows, int cols, const float *row, float *y); /* + bias */

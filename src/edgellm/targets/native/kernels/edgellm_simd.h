@@ -119,10 +119,10 @@ static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int
 }
 
 /* edgellm_integer.c */
+/* S > 1 rows (one row goes through em_team_matmul). */
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
-/* A decode row (S = 1) against integer weights, the input prepared by every thread for itself
-   (no pass over it on one thread before the matmul), the residual added panel by panel. */
-void em_matmul_integer_row(const float *x, const em_weight *w, float *y, const em_fusion *f);
+/* em_team_matmul on integer weights: the residual is added panel by panel. */
+void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_integer_row(const em_weight *w, int n, float *out);
 
 #endif
