@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,6 +134,44 @@ def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan
     assert np.abs(np.stack(runs[0].logits) - np.stack(runs[1].logits)).max() < 1e-4
 
 
+def _reference_reading_float16_kv(model_dir):
+    """transformers with every key and value rounded to float16 before attention reads them: what
+    a float16 KV cache holds."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eager = sys.modules[type(reference).__module__].eager_attention_forward
+
+    def rounded(module, query, key, value, *args, **kwargs):
+        return eager(module, query, key.half().float(), value.half().float(), *args, **kwargs)
+
+    transformers.AttentionInterface.register("edgellm_float16_kv", rounded)
+    masks = transformers.masking_utils.AttentionMaskInterface
+    masks.register("edgellm_float16_kv", masks._global_mapping["eager"])  # the additive masks eager reads
+    reference.set_attn_implementation("edgellm_float16_kv")
+    return reference
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])  # gemma: soft-capping, sliding windows
+def test_float16_kv_cache_matches_transformers_reading_float16_keys_and_values(tmp_path, fp32_plan, family):
+    model_dir = save_tiny(family, tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", fp32_plan, target="native", kv_cache_dtype="float16", **OPTIONS)
+    assert json.loads((out / "compiled" / "native" / "program.json").read_text())["kv_cache_dtype"] == "float16"
+    result = _generate(out)
+    ours = np.stack(result.logits)
+    theirs = _reference_logits(_reference_reading_float16_kv(model_dir), result.token_ids)
+    err = np.abs(ours - theirs).max()
+    assert err < 1e-4, f"max abs logit error {err}"
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+    # the rounding is there to see: float32 keys and values give other logits
+    exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert np.abs(ours - _reference_logits(exact, result.token_ids)).max() > 3 * err
+
+
+def test_float16_kv_cache_needs_a_native_target(tmp_path):
+    with pytest.raises(EdgeLLMError, match="kv_cache_dtype float16 needs a native target"):
+        build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", "int4", target="cpu", kv_cache_dtype="float16",
+              **OPTIONS)
+
+
 def _tiny_native(tmp_path, family="llama", preset="int4", **options):
     model_dir = save_tiny(family, tmp_path / "hf")
     return build(model_dir, tmp_path / "out", preset, **{"target": "native", **OPTIONS, **options})
@@ -161,16 +200,18 @@ def test_model_main_runs_without_python_and_agrees_with_the_runtime(tmp_path):
 
 
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni"])  # portable C; AVX2; AVX-VNNI
-@pytest.mark.parametrize("preset,int8_activations", [("int4", False), ("int4", True), ("int8", True), ("int8", False)])
-def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset, int8_activations):
+@pytest.mark.parametrize("preset,int8_activations,kv_cache_dtype", [
+    ("int4", False, "float32"), ("int4", True, "float32"), ("int8", True, "float32"), ("int8", False, "float32"),
+    ("int4", True, "float16")])
+def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset, int8_activations, kv_cache_dtype):
     if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
         pytest.skip("x86-64 instruction sets need an x86-64 machine")
-    out = _tiny_native(tmp_path, preset=preset, int8_activations=int8_activations)
+    out = _tiny_native(tmp_path, preset=preset, int8_activations=int8_activations, kv_cache_dtype=kv_cache_dtype)
     native = out / "compiled" / "native"
     other = tmp_path / "other"
     other.mkdir()
-    shutil.copy(native / "model.c", other)
-    shutil.copy(native / "weights.bin", other)
+    for name in ("model.c", "weights.bin", "program.json"):  # program.json: the settings the kernels compile with
+        shutil.copy(native / name, other)
     build_programs(Toolchain("native", "cc", tuple(f"-march={march}".split()), "gcc"), other)
     model = edgellm.load(out)
     expected = model.engine.prompt_logits(PROMPT)
@@ -179,8 +220,11 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     assert _model_main(other) == _model_main(native)
 
 
-@pytest.mark.parametrize("int8_activations", [True, False])  # dot-product kernels; float-activation NEON kernels
-def test_aarch64_cross_compile_runs_under_qemu(tmp_path, int8_activations):
+@pytest.mark.parametrize("int8_activations,kv_cache_dtype", [
+    (True, "float32"),  # dot-product kernels
+    (False, "float32"),  # float-activation NEON kernels
+    (True, "float16")])
+def test_aarch64_cross_compile_runs_under_qemu(tmp_path, int8_activations, kv_cache_dtype):
     toolchain = TOOLCHAINS["aarch64-linux"]
     missing = [tool for tool in (toolchain.compiler, toolchain.emulator[0]) if shutil.which(tool) is None]
     if missing:
@@ -190,8 +234,9 @@ def test_aarch64_cross_compile_runs_under_qemu(tmp_path, int8_activations):
     plan = tmp_path / "plan.json"
     plan.write_text('{"default": {"precision": "A_BF16_W_INT4"}, "rules": [{"match": {"part": "POST"}, '
                     '"set": {"precision": "A_BF16_W_INT8"}}]}')
-    native = build(model_dir, tmp_path / "native", plan, target="native", int8_activations=int8_activations, **OPTIONS)
-    arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", int8_activations=int8_activations, **OPTIONS)
+    settings = dict(int8_activations=int8_activations, kv_cache_dtype=kv_cache_dtype, **OPTIONS)
+    native = build(model_dir, tmp_path / "native", plan, target="native", **settings)
+    arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", **settings)
     program_dir = arm / "compiled" / "aarch64-linux"
     elf = (program_dir / "model_main").read_bytes()[:20]
     assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64

@@ -55,6 +55,7 @@ class BuildOptions:
     int8_activations: bool = False
     return_logits: bool = False  # prefill returns every position's logits (edgellm eval)
     enable_filter_sharing: bool = False  # one in-memory copy of weights for prefill and decode (targets/cpu)
+    kv_cache_dtype: str = "float32"  # float16: the native targets keep the KV cache in float16
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
@@ -72,6 +73,11 @@ class BuildOptions:
             raise EdgeLLMError(f"--block_size must be a power of two of at least 16, got {self.block_size}")
         if self.target not in TARGETS:
             raise EdgeLLMError(f"unknown target '{self.target}' (supported: {', '.join(TARGETS)})")
+        if self.kv_cache_dtype not in ("float32", "float16"):
+            raise EdgeLLMError(f"--kv_cache_dtype {self.kv_cache_dtype}: use float32 or float16")
+        if self.kv_cache_dtype == "float16" and self.target == "cpu":
+            raise EdgeLLMError("--kv_cache_dtype float16 needs a native target (--target native or aarch64-linux): "
+                               "the cpu target keeps ONNX Runtime's float32 KV cache")
 
     @property
     def buckets(self) -> list[int]:

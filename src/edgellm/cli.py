@@ -39,6 +39,8 @@ def compile(
     int8_activations: bool = typer.Option(False, "--int8_activations",
                                           help="quantize activations to int8 inside integer matmuls (faster, less exact)"),
     return_logits: bool = typer.Option(False, "--return_logits", help="prefill returns every position's logits (fast eval)"),
+    kv_cache_dtype: str = typer.Option("float32", "--kv_cache_dtype",
+                                       help="float32, or float16 (native targets): half the KV cache's memory and reads"),
     enable_filter_sharing: bool = typer.Option(False, "--enable_filter_sharing",
                                                help="prefill and decode share one copy of the weights in memory"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
@@ -57,6 +59,7 @@ def compile(
         configuration_file=str(configuration_file) if configuration_file else None, target=target,
         block_size=block_size, asymmetric=asymmetric, quantize_embeddings=_embedding_width(quantize_embeddings, lm_head_bits),
         int8_activations=int8_activations, return_logits=return_logits, enable_filter_sharing=enable_filter_sharing,
+        kv_cache_dtype=kv_cache_dtype,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:

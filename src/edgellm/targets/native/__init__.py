@@ -60,6 +60,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progre
         "target": options.target,
         "decode_weight_bytes": sum(weights.nbytes(w) for w in single.matmul_weights),
         "weights_bytes": weights.size,
+        "kv_cache_dtype": options.kv_cache_dtype,
         "memory_plan": {v: {"arena": plan.arena, "no_reuse": plan.total, "lower_bound": plan.lower_bound}
                         for v, (_, plan) in variants.items()},
     }

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,13 +52,16 @@ FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unus
 
 
 def build_programs(toolchain: Toolchain, directory: Path) -> None:
-    """Compile directory/model.c with the kernels into libmodel.so and model_main. Each is
+    """Compile directory/model.c with the kernels into libmodel.so and model_main, with the
+    settings in directory/program.json the kernels read (kernel_defines). Each is
     written to a temporary name and renamed into place only when it compiled; a failure raises,
     so the build stays incomplete and --resume retries it (a program left from an earlier build
     refuses the new weights file: their digests differ)."""
     compiler = toolchain.find()
     sources = [str(directory / "model.c")] + [str(KERNELS / s) for s in LIBRARY_SOURCES]
-    common = [compiler, *FLAGS, *toolchain.arch_flags, f"-I{KERNELS}"]
+    program = directory / "program.json"
+    defines = kernel_defines(json.loads(program.read_text())) if program.is_file() else []
+    common = [compiler, *FLAGS, *toolchain.arch_flags, *defines, f"-I{KERNELS}"]
     outputs = {
         "libmodel.so": [*common, "-shared", "-fPIC", *sources, "-o"],
         "model_main": [*common, str(KERNELS / "model_main.c"), *sources, "-o"],
@@ -69,6 +73,11 @@ def build_programs(toolchain: Toolchain, directory: Path) -> None:
             tmp.unlink(missing_ok=True)
             raise EdgeLLMError(f"{toolchain.target}: compiling {name} failed: {_first_error(result.stderr)}")
         tmp.replace(directory / name)
+
+
+def kernel_defines(program: dict) -> list[str]:
+    """The -D options a program's settings (program.json) compile the kernels with."""
+    return ["-DEM_KV_FLOAT16"] if program.get("kv_cache_dtype") == "float16" else []
 
 
 def _first_error(stderr: str) -> str:

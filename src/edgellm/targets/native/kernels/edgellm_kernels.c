@@ -268,21 +268,23 @@ void em_rope(const float *x, int S, int start, int heads, int head_dim, int rota
 
 /* Both caches keep each KV head's positions together (kernels/edgellm_kernels.h): one head's
    context is one contiguous run of memory, which the prefetcher and the TLB both handle. */
-void em_cache_write_values(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+void em_cache_write_values(em_kv_value *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
                            int cache_tokens) {
     for (int s = 0; s < S; s++)
-        for (int h = 0; h < kv_heads; h++)
-            memcpy(cache + ((size_t)h * cache_tokens + start + s) * head_dim, rows + ((size_t)s * kv_heads + h) * head_dim,
-                   sizeof(float) * head_dim);
+        for (int h = 0; h < kv_heads; h++) {
+            em_kv_value *dst = cache + ((size_t)h * cache_tokens + start + s) * head_dim;
+            const float *src = rows + ((size_t)s * kv_heads + h) * head_dim;
+            for (int d = 0; d < head_dim; d++) dst[d] = em_kv_store(src[d]);
+        }
 }
 
-void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+void em_cache_write_keys(em_kv_value *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
                          int cache_tokens) {
     for (int s = 0; s < S; s++)
         for (int h = 0; h < kv_heads; h++) {
             const int p = start + s;
-            float *block = cache + (size_t)h * cache_tokens * head_dim + (size_t)(p / 16) * 16 * head_dim + p % 16;
-            for (int d = 0; d < head_dim; d++) block[16 * d] = rows[((size_t)s * kv_heads + h) * head_dim + d];
+            em_kv_value *block = cache + (size_t)h * cache_tokens * head_dim + (size_t)(p / 16) * 16 * head_dim + p % 16;
+            for (int d = 0; d < head_dim; d++) block[16 * d] = em_kv_store(rows[((size_t)s * kv_heads + h) * head_dim + d]);
         }
 }
 
@@ -295,12 +297,12 @@ void em_cache_write_keys(float *cache, const float *rows, int S, int start, int 
    keys (block[16 * d + i] = dimension d of position i): a vector of 16 positions per dimension,
    no horizontal sums. */
 static inline __attribute__((always_inline)) void scores_block(const float *const *q, int head_dim,
-                                                                const float *block, float *out, int stride,
+                                                                const em_kv_value *block, float *out, int stride,
                                                                 const int R) {
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int d = 0; d < head_dim; d++) {
-        const __m512 kv = _mm512_load_ps(block + 16 * d);
+        const __m512 kv = em_kv_load16(block + 16 * d);
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(kv, _mm512_set1_ps(q[r][d]), acc[r]);
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (size_t)r * stride, acc[r]);
@@ -308,7 +310,7 @@ static inline __attribute__((always_inline)) void scores_block(const float *cons
 #endif
 
 /* Scores of R query vectors against the 16 keys of one block, out[r * stride + i]. */
-static void scores16(const float *const *q, int R, int head_dim, const float *block, float *out, int stride) {
+static void scores16(const float *const *q, int R, int head_dim, const em_kv_value *block, float *out, int stride) {
 #if EM_AVX512
     for (int r0 = 0; r0 < R; r0 += 8, q += 8, out += (size_t)8 * stride)
         switch (R - r0 < 8 ? R - r0 : 8) {
@@ -325,7 +327,7 @@ static void scores16(const float *const *q, int R, int head_dim, const float *bl
     for (int r = 0; r < R; r++) {
         float acc[16] = {0};
         for (int d = 0; d < head_dim; d++)
-            for (int i = 0; i < 16; i++) acc[i] += block[16 * d + i] * q[r][d];
+            for (int i = 0; i < 16; i++) acc[i] += em_kv_load(block[16 * d + i]) * q[r][d];
         memcpy(out + (size_t)r * stride, acc, sizeof acc);
     }
 #endif
@@ -333,14 +335,14 @@ static void scores16(const float *const *q, int R, int head_dim, const float *bl
 
 #if EM_AVX512
 /* o = sum over j of a[j] * v[j], head_dim = 16 * NV floats kept in registers (NV a constant). */
-static inline __attribute__((always_inline)) void weighted_values(const float *a, int n, const float *v, float *o,
+static inline __attribute__((always_inline)) void weighted_values(const float *a, int n, const em_kv_value *v, float *o,
                                                                   const int NV) {
     __m512 acc[16];
     for (int i = 0; i < NV; i++) acc[i] = _mm512_setzero_ps();
     for (int j = 0; j < n; j++) {
         const __m512 w = _mm512_set1_ps(a[j]);
-        const float *vj = v + (size_t)j * 16 * NV;
-        for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * i), acc[i]);
+        const em_kv_value *vj = v + (size_t)j * 16 * NV;
+        for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(w, em_kv_load16(vj + 16 * i), acc[i]);
     }
     for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
 }
@@ -350,8 +352,8 @@ static inline __attribute__((always_inline)) void weighted_values(const float *a
    (hi > lo; kt, v: that head's keys and values): m[r] = the largest score, l[r] = sum of
    exp(score - m[r]), o[r] = sum of exp(score - m[r]) v. Scores are computed once, for whole
    blocks of 16 keys, over the union of the ranges. */
-static void attend(const float *const *q, int R, const int *lo, const int *hi, int head_dim, const float *kt,
-                   const float *v, float scale, float softcap, float *m, float *l, float *o) {
+static void attend(const float *const *q, int R, const int *lo, const int *hi, int head_dim, const em_kv_value *kt,
+                   const em_kv_value *v, float scale, float softcap, float *m, float *l, float *o) {
     int j0 = lo[0], j1 = hi[0];
     for (int r = 1; r < R; r++) {
         j0 = lo[r] < j0 ? lo[r] : j0;
@@ -379,7 +381,7 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
         m[r] = top;
         l[r] = total;
         float *or_ = o + (size_t)r * head_dim;
-        const float *vs = v + (size_t)lo[r] * head_dim;
+        const em_kv_value *vs = v + (size_t)lo[r] * head_dim;
 #if EM_AVX512
         switch (head_dim) { /* the common head sizes, accumulated in registers */
         case 64: weighted_values(sr, count, vs, or_, 4); continue;
@@ -389,7 +391,7 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 #endif
         memset(or_, 0, sizeof(float) * head_dim);
         for (int j = 0; j < count; j++)
-            for (int i = 0; i < head_dim; i++) or_[i] += sr[j] * vs[(size_t)j * head_dim + i];
+            for (int i = 0; i < head_dim; i++) or_[i] += sr[j] * em_kv_load(vs[(size_t)j * head_dim + i]);
     }
 }
 
@@ -402,7 +404,8 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
-void em_team_attention(const float *q, int start, const float *k_cache, const float *v_cache, int heads, int kv_heads,
+void em_team_attention(const float *q, int start, const em_kv_value *k_cache, const em_kv_value *v_cache, int heads,
+                       int kv_heads,
                        int head_dim, int cache_tokens, float scale, float softcap, int window, float *scratch,
                        float *out) {
     /* Items of (query set, chunk of positions): a query set is up to EM_MAX_QUERIES heads of one
@@ -455,7 +458,7 @@ void em_team_attention(const float *q, int start, const float *k_cache, const fl
     }
 }
 
-void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
+void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, const em_kv_value *v_cache,
                   int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
                   int window, float *out) {
     if (S == 1) {

@@ -73,13 +73,21 @@ void em_rope(const float *x, int S, int start, int heads, int head_dim, int rota
 /* The KV cache, per layer: keys [kv_heads][cache_tokens / 16][head_dim][16] (blocks of 16
    positions, each stored transposed: the scores of 16 positions are then one vector), values
    [kv_heads][cache_tokens][head_dim]; cache_tokens is the context rounded up to 16. Both write S
-   rows [S, kv_heads * head_dim] at positions start.. */
-void em_cache_write_keys(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim, int cache_tokens);
-void em_cache_write_values(float *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+   rows [S, kv_heads * head_dim] at positions start.. Its values are floats, or float16 (rounded
+   to nearest even) in builds compiled with EM_KV_FLOAT16 (edgellm compile --kv_cache_dtype
+   float16): half the memory, and half the bytes attention reads. */
+#ifdef EM_KV_FLOAT16
+typedef uint16_t em_kv_value;
+#else
+typedef float em_kv_value;
+#endif
+void em_cache_write_keys(em_kv_value *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
+                         int cache_tokens);
+void em_cache_write_values(em_kv_value *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
                            int cache_tokens);
 /* Attention of q[S, heads * head_dim] at positions start + s over cache positions 0..start + s
    (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping. */
-void em_attention(const float *q, int S, int start, const float *k_cache, const float *v_cache,
+void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, const em_kv_value *v_cache,
                   int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
                   int window, float *out);
 
@@ -94,7 +102,8 @@ void em_attention(const float *q, int S, int start, const float *k_cache, const 
                          floats, the partial results of the context's chunks */
 #define EM_DECODE_CHUNKS 16
 void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f);
-void em_team_attention(const float *q, int start, const float *k_cache, const float *v_cache, int heads, int kv_heads,
+void em_team_attention(const float *q, int start, const em_kv_value *k_cache, const em_kv_value *v_cache, int heads,
+                       int kv_heads,
                        int head_dim, int cache_tokens, float scale, float softcap, int window, float *scratch,
                        float *out);
 

@@ -33,7 +33,7 @@ void em_close(void);
 /* Defined by the generated model.c */
 extern const em_model_info EM_MODEL;
 int em_model_bind(const unsigned char *base); /* -1 if the KV cache cannot be allocated */
-float *em_cache_alloc(size_t bytes);
+void *em_cache_alloc(size_t bytes);
 void em_model_group(int S, int start, const int64_t *ids, int logits_row, float *logits);
 void em_model_single(int S, int start, const int64_t *ids, int logits_row, float *logits);
 em_weight em_bind_weight(const em_weight_record *record, const unsigned char *base);

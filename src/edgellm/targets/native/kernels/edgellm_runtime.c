@@ -17,7 +17,7 @@ static void *em_cache;
 static size_t em_cache_size;
 
 /* Zeroed pages, touched only as the context fills. */
-float *em_cache_alloc(size_t bytes) {
+void *em_cache_alloc(size_t bytes) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return NULL;
     em_cache = p;

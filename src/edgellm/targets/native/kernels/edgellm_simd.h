@@ -67,6 +67,69 @@ static inline void halves(const uint16_t *h, int n, float *out) {
 #endif
 }
 
+/* float -> float16 bits, rounded to nearest even (as numpy's astype(float16)) */
+static inline uint16_t half_bits(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__aarch64__)
+    const __fp16 h = (__fp16)f;
+    uint16_t bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, mantissa = x & 0x7fffff;
+    const int biased = (int)((x >> 23) & 0xff), e = biased - 127 + 15;
+    if (biased == 0xff) return (uint16_t)(sign | 0x7c00 | (mantissa ? 0x200 : 0)); /* inf, nan */
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);                                 /* overflow */
+    uint32_t bits, rest, tie;
+    if (e <= 0) { /* a subnormal float16, or zero */
+        if (e < -10) return (uint16_t)sign;
+        const uint32_t m = mantissa | 0x800000;
+        const int shift = 14 - e;
+        bits = m >> shift;
+        rest = m & ((1u << shift) - 1);
+        tie = 1u << (shift - 1);
+    } else {
+        bits = ((uint32_t)e << 10) | (mantissa >> 13);
+        rest = mantissa & 0x1fff;
+        tie = 0x1000;
+    }
+    if (rest > tie || (rest == tie && (bits & 1))) bits++; /* a carry moves into the exponent, as it should */
+    return (uint16_t)(sign | bits);
+#endif
+}
+
+/* The KV cache's values (em_kv_value, edgellm_kernels.h): from a float, to a float, 16 at a time. */
+static inline em_kv_value em_kv_store(float x) {
+#ifdef EM_KV_FLOAT16
+    return half_bits(x);
+#else
+    return x;
+#endif
+}
+
+static inline float em_kv_load(em_kv_value v) {
+#ifdef EM_KV_FLOAT16
+    float f;
+    halves(&v, 1, &f);
+    return f;
+#else
+    return v;
+#endif
+}
+
+#if EM_AVX512
+static inline __m512 em_kv_load16(const em_kv_value *p) {
+#ifdef EM_KV_FLOAT16
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#else
+    return _mm512_loadu_ps(p);
+#endif
+}
+#endif
+
 /* ---- float dot products ---------------------------------------------------------------- */
 
 static inline float fdot(const float *a, const float *b, int n) {
