@@ -94,6 +94,7 @@ class NativeEngine:
             raise EdgeLLMError(message)
         self.ids = np.zeros(spec.group_size, np.int64)
         self.logits = np.zeros((spec.group_size if spec.return_logits else 1, spec.vocab_size), np.float32)
+        self._pointers = self.ids.ctypes.data_as(_INT64_P), self.logits.ctypes.data_as(_FLOAT_P)  # once, not per token
 
     def run(self, token_ids: list[int], start: int, logits_row: int = 0, rows: slice | None = None) -> np.ndarray:
         """Process token_ids at positions start..; return row logits_row's logits, or with `rows`
@@ -104,8 +105,8 @@ class NativeEngine:
         if not 1 <= n <= len(self.ids):
             raise EdgeLLMError(f"bad call: {n} tokens (at most {len(self.ids)} per call)")
         self.ids[:n] = token_ids
-        status = self.lib.em_forward(self.ids.ctypes.data_as(_INT64_P), n, start, logits_row,
-                                     self.logits.ctypes.data_as(_FLOAT_P))
+        ids, logits = self._pointers
+        status = self.lib.em_forward(ids, n, start, logits_row, logits)
         if status != 0:
             raise EdgeLLMError(self.lib.em_last_error().decode())
         if rows is not None:

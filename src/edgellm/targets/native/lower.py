@@ -396,11 +396,25 @@ class Lowering:
     def _op_Identity(self, node):
         x = self._act(node.input[0])
         if node.output[0] in PARAMETERS:  # a graph output the caller's buffer receives
+            if self._write_into(node.input[0], PARAMETERS[node.output[0]]):
+                return
             out = self._new(node.output[0], x)
             self._emit(f"em_copy({{{node.input[0]}}}, {x.count_expr()}, {{{out.name}}});", [node.input[0]], [out.name], node)
             return
         self._view(node.output[0], node.input[0])
         self.shapes[node.output[0]] = x
+
+    def _write_into(self, name: str, parameter: str) -> bool:
+        """Let the call that just wrote `name` write the caller's buffer instead, if nothing else
+        reads `name`: the logits then need no copy."""
+        last = self.out.calls[-1] if self.out.calls else None
+        buffer = self._buffer(name)
+        if (last is None or buffer not in last.writes or buffer in last.reads or name in self.view_offset
+                or len(self.consumers.get(name, [])) != 1):
+            return False
+        last.code = last.code.replace("{" + buffer + "}", parameter)
+        last.writes.remove(buffer)
+        return True
 
     def _op_Split(self, node):
         if _attrs(node).get("axis", 0) not in (-1, 2):

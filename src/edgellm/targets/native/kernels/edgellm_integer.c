@@ -79,15 +79,33 @@ static void store_panel(const float *values, int p, int n, float *y) {
 
 /* ---- float activations ----------------------------------------------------------------- */
 
-/* The panel dequantized: wf[k * 16 + j] = row j's weight at column k. */
+/* The panel dequantized: wf[k * 16 + j] = row j's weight at column k. A 64-byte group read as
+   16 little-endian words holds row j in word j (edgellm_kernels.h), so each column is one shift
+   and mask across the 16 words: loops over the rows the compiler vectorizes for any target. */
 static void panel_floats(const em_weight *w, int p, float *wf) {
+    const int columns = is_q4(w) ? 8 : 4; /* per 64-byte group */
     for (int b = 0; b < em_blocks(w); b++) {
         float d[PANEL], m[PANEL];
         halves(w->scale + scale_index(w, p, b), PANEL, d);
         block_minimums(w, p, b, d, m);
         const uint8_t *blk = block_data(w, p, b);
         float *dst = wf + (size_t)b * w->block * PANEL;
-        for (int c = 0; c < block_len(w, b); c++)
+        const int len = block_len(w, b), whole = len / columns;
+        for (int g = 0; g < whole; g++) {
+            uint32_t word[PANEL];
+            memcpy(word, blk + 64 * g, 64);
+            float *out = dst + (size_t)g * columns * PANEL;
+            for (int i = 0; i < 4; i++) {
+                const int shift = 8 * i;
+                if (is_q4(w)) {
+                    for (int j = 0; j < PANEL; j++) out[i * PANEL + j] = d[j] * (float)((word[j] >> shift) & 15) + m[j];
+                    for (int j = 0; j < PANEL; j++) out[(4 + i) * PANEL + j] = d[j] * (float)((word[j] >> (shift + 4)) & 15) + m[j];
+                } else {
+                    for (int j = 0; j < PANEL; j++) out[i * PANEL + j] = d[j] * (float)((word[j] >> shift) & 255) + m[j];
+                }
+            }
+        }
+        for (int c = whole * columns; c < len; c++)
             for (int j = 0; j < PANEL; j++) dst[c * PANEL + j] = d[j] * (float)stored_value(w, blk, j, c) + m[j];
     }
 }
