@@ -29,6 +29,9 @@ OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_siz
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 PROMPT = [int(t) for t in np.random.default_rng(21).integers(1, VOCAB, 40)]  # longer than the windows (24)
 STEPS = 32
+# every codebook width in one model: CB4 before the cache, CB3 after it, CB2 in layer 1
+CODEBOOKS = ('{"default": {"precision": "A_BF16_W_CB4"}, "rules": [{"match": {"part": "POST"}, "set": {"precision": '
+             '"A_BF16_W_CB3"}}, {"match": {"index": 1}, "set": {"precision": "A_BF16_W_CB2"}}]}')
 
 
 def _generate(out):
@@ -202,10 +205,13 @@ def test_model_main_runs_without_python_and_agrees_with_the_runtime(tmp_path):
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni"])  # portable C; AVX2; AVX-VNNI
 @pytest.mark.parametrize("preset,int8_activations,kv_cache_dtype", [
     ("int4", False, "float32"), ("int4", True, "float32"), ("int8", True, "float32"), ("int8", False, "float32"),
-    ("int4", True, "float16")])
+    ("int4", True, "float16"), ("codebooks", False, "float32")])
 def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset, int8_activations, kv_cache_dtype):
     if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
         pytest.skip("x86-64 instruction sets need an x86-64 machine")
+    if preset == "codebooks":
+        preset = tmp_path / "codebooks.json"
+        preset.write_text(CODEBOOKS)
     out = _tiny_native(tmp_path, preset=preset, int8_activations=int8_activations, kv_cache_dtype=kv_cache_dtype)
     native = out / "compiled" / "native"
     other = tmp_path / "other"
@@ -220,20 +226,21 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     assert _model_main(other) == _model_main(native)
 
 
-@pytest.mark.parametrize("int8_activations,kv_cache_dtype", [
-    (True, "float32"),  # dot-product kernels
-    (False, "float32"),  # float-activation NEON kernels
-    (True, "float16")])
-def test_aarch64_cross_compile_runs_under_qemu(tmp_path, int8_activations, kv_cache_dtype):
+@pytest.mark.parametrize("weights,int8_activations,kv_cache_dtype", [
+    ("integer", True, "float32"),  # dot-product kernels
+    ("integer", False, "float32"),  # float-activation NEON kernels
+    ("integer", True, "float16"),
+    ("codebooks", False, "float32")])  # table-lookup kernel
+def test_aarch64_cross_compile_runs_under_qemu(tmp_path, weights, int8_activations, kv_cache_dtype):
     toolchain = TOOLCHAINS["aarch64-linux"]
     missing = [tool for tool in (toolchain.compiler, toolchain.emulator[0]) if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (scripts/setup.sh installs gcc-aarch64-linux-gnu and qemu-user)")
     model_dir = save_tiny("qwen3", tmp_path / "hf")
-    # int4 and int8 weights
+    # int4 and int8 weights, or the three codebook widths
     plan = tmp_path / "plan.json"
-    plan.write_text('{"default": {"precision": "A_BF16_W_INT4"}, "rules": [{"match": {"part": "POST"}, '
-                    '"set": {"precision": "A_BF16_W_INT8"}}]}')
+    plan.write_text(CODEBOOKS if weights == "codebooks" else '{"default": {"precision": "A_BF16_W_INT4"}, "rules": '
+                    '[{"match": {"part": "POST"}, "set": {"precision": "A_BF16_W_INT8"}}]}')
     settings = dict(int8_activations=int8_activations, kv_cache_dtype=kv_cache_dtype, **OPTIONS)
     native = build(model_dir, tmp_path / "native", plan, target="native", **settings)
     arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", **settings)

@@ -95,8 +95,11 @@ static void cb_row(const em_weight *w, int n, float *out) {
     }
 }
 
+/* Lookup-table dot products: the 16 indices of a group become 16 weights by permuting the
+   block's codebook held in registers (decode; prefill decodes whole rows with cb_row). */
 #if EM_AVX512
-/* Lookup-table dot product: 16 indices -> 16 weights with one vpermps from the block's codebook. */
+#define EM_CB_DOT 1
+/* one vpermps per 16 weights */
 static float cb_dot(const em_weight *w, int n, const float *x) {
     const int K = w->k, B = w->block, bits = cb_bits(w), entries = 1 << bits, nb = em_blocks(w);
     const uint8_t *row = (const uint8_t *)w->data + (size_t)n * K / 16 * 2 * bits;
@@ -129,6 +132,92 @@ static float cb_dot(const em_weight *w, int n, const float *x) {
         }
     }
     return _mm512_reduce_add_ps(acc);
+}
+#elif EM_AVX2
+#define EM_CB_DOT 1
+/* 8 weights per vpermps: codebooks of up to 8 entries in one register, 16 entries in two with
+   the index's bit 3 choosing between them (vblendvps reads it as the sign bit). */
+static float cb_dot(const em_weight *w, int n, const float *x) {
+    const int K = w->k, B = w->block, bits = cb_bits(w), entries = 1 << bits, nb = em_blocks(w);
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)n * K / 16 * 2 * bits;
+    const __m256i two_bit = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), one_bit = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        float book[16] = {0};
+        halves(w->scale + ((size_t)n * nb + b) * entries, entries, book);
+        const __m256 low_book = _mm256_loadu_ps(book), high_book = _mm256_loadu_ps(book + 8);
+        const int end = (b + 1) * B < K ? (b + 1) * B : K;
+        for (int k = b * B; k < end; k += 16) {
+            const uint8_t *g = row + k / 16 * 2 * bits;
+            uint32_t low, high = 0;
+            memcpy(&low, g, 4);
+            if (bits == 4) memcpy(&high, g + 4, 4);
+            else if (bits == 3) {
+                uint16_t h;
+                memcpy(&h, g + 4, 2);
+                high = h;
+            }
+            for (int half = 0; half < 2; half++) { /* weights 8 half .. 8 half + 7 */
+                __m256i index = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(low >> (16 * half))), two_bit), three);
+                if (bits == 4)
+                    index = _mm256_or_si256(index, _mm256_slli_epi32(_mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32((int)(high >> (16 * half))), two_bit), three), 2));
+                else if (bits == 3)
+                    index = _mm256_or_si256(index, _mm256_slli_epi32(_mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32((int)(high >> (8 * half))), one_bit), one), 2));
+                __m256 weights = _mm256_permutevar8x32_ps(low_book, index);
+                if (bits == 4)
+                    weights = _mm256_blendv_ps(weights, _mm256_permutevar8x32_ps(high_book, index),
+                                               _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+                acc = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + k + 8 * half), acc);
+            }
+        }
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+#elif EM_NEON && defined(__aarch64__)
+#define EM_CB_DOT 1
+/* 4 weights per table lookup: the block's codebook is 64 bytes in four registers, and weight
+   i's 4 bytes are at 4 index .. 4 index + 3 (tbl, bytes in little-endian order). */
+static float cb_dot(const em_weight *w, int n, const float *x) {
+    const int K = w->k, B = w->block, bits = cb_bits(w), entries = 1 << bits, nb = em_blocks(w);
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)n * K / 16 * 2 * bits;
+    const int32_t two_bit[4] = {0, -2, -4, -6}, one_bit[4] = {0, -1, -2, -3}; /* right shifts */
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; b++) {
+        float book[16] = {0};
+        halves(w->scale + ((size_t)n * nb + b) * entries, entries, book);
+        const uint8x16x4_t table = {{vld1q_u8((const uint8_t *)book), vld1q_u8((const uint8_t *)book + 16),
+                                     vld1q_u8((const uint8_t *)book + 32), vld1q_u8((const uint8_t *)book + 48)}};
+        const int end = (b + 1) * B < K ? (b + 1) * B : K;
+        for (int k = b * B; k < end; k += 16) {
+            const uint8_t *g = row + k / 16 * 2 * bits;
+            uint32_t low, high = 0;
+            memcpy(&low, g, 4);
+            if (bits == 4) memcpy(&high, g + 4, 4);
+            else if (bits == 3) {
+                uint16_t h;
+                memcpy(&h, g + 4, 2);
+                high = h;
+            }
+            for (int q = 0; q < 4; q++) { /* weights 4q .. 4q + 3 */
+                uint32x4_t index = vandq_u32(vshlq_u32(vdupq_n_u32(low >> (8 * q)), vld1q_s32(two_bit)), vdupq_n_u32(3));
+                if (bits == 4)
+                    index = vorrq_u32(index, vshlq_n_u32(vandq_u32(vshlq_u32(vdupq_n_u32(high >> (8 * q)), vld1q_s32(two_bit)),
+                                                                   vdupq_n_u32(3)), 2));
+                else if (bits == 3)
+                    index = vorrq_u32(index, vshlq_n_u32(vandq_u32(vshlq_u32(vdupq_n_u32(high >> (4 * q)), vld1q_s32(one_bit)),
+                                                                   vdupq_n_u32(1)), 2));
+                const uint32x4_t bytes = vaddq_u32(vmulq_n_u32(index, 4 * 0x01010101u), vdupq_n_u32(0x03020100u));
+                const float32x4_t weights = vreinterpretq_f32_u8(vqtbl4q_u8(table, vreinterpretq_u8_u32(bytes)));
+                acc = vfmaq_f32(acc, weights, vld1q_f32(x + k + 4 * q));
+            }
+        }
+    }
+    return vaddvq_f32(acc);
 }
 #endif
 
@@ -189,7 +278,7 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
     const int N = w->n, K = w->k;
     float xp[K]; /* each thread prepares the input for itself: no barrier before the rows */
     em_prepare_row(f, x, 0, K, xp);
-#if !EM_AVX512
+#if !EM_CB_DOT
     float row[K]; /* a codebook row, decoded */
 #endif
 #pragma omp for schedule(static)
@@ -198,7 +287,7 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
         if (w->kind == EM_F32) v = fdot((const float *)w->data + (size_t)n * K, xp, K);
         else if (w->kind == EM_BF16) v = bf16_dot(w, n, xp);
         else {
-#if EM_AVX512
+#if EM_CB_DOT
             v = cb_dot(w, n, xp);
 #else
             cb_row(w, n, row);
