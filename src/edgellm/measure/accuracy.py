@@ -86,6 +86,8 @@ def precision_summary(model_dir: Path) -> str:
         extras.append(f"int8 embeddings, {options['quantize_embeddings']} LM head")
     if options.get("int8_activations"):
         extras.append("int8 activations")
+    if options.get("kv_cache_dtype", "float32") != "float32":
+        extras.append(f"{options['kv_cache_dtype']} KV cache")
     if options.get("target", "cpu") != "cpu":
         extras.append(f"{options['target']} target")
     return " + ".join([label] + extras)
