@@ -912,6 +912,8 @@ def _edgellm_note(artifact: Path, plan: str | None) -> str:
     parts += [k for k, v in opts.items() if v is True]  # the flags given
     parts += [f"{k}={opts[k]}" for k in ("quantize_embeddings", "max_num_tokens", "future_token_mask_size",
                                          "language_group_size") if opts.get(k)]
+    if opts.get("kv_cache_dtype", "float32") != "float32":
+        parts.append(f"kv_cache_dtype={opts['kv_cache_dtype']}")
     return ", ".join(parts)
 
 
