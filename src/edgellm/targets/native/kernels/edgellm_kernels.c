@@ -84,6 +84,19 @@ static inline int cb_index(const uint8_t *g, int bits, int i) {
     return index;
 }
 
+/* A group's index bits at once: the low two bits of its 16 indices, and the high bits (cb4: 2 per
+   index, cb3: 1 per index, cb2: none). */
+static inline void cb_group_bits(const uint8_t *g, int bits, uint32_t *low, uint32_t *high) {
+    memcpy(low, g, 4);
+    *high = 0;
+    if (bits == 4) memcpy(high, g + 4, 4);
+    else if (bits == 3) {
+        uint16_t h;
+        memcpy(&h, g + 4, 2);
+        *high = h;
+    }
+}
+
 static void cb_row(const em_weight *w, int n, float *out) {
     const int K = w->k, B = w->block, bits = cb_bits(w), entries = 1 << bits, nb = em_blocks(w);
     const uint8_t *row = (const uint8_t *)w->data + (size_t)n * K / 16 * 2 * bits;
@@ -113,21 +126,15 @@ static float cb_dot(const em_weight *w, int n, const float *x) {
         const __m512 table = _mm512_loadu_ps(book);
         const int end = (b + 1) * B < K ? (b + 1) * B : K;
         for (int k = b * B; k < end; k += 16) {
-            const uint8_t *g = row + k / 16 * 2 * bits;
-            uint32_t low;
-            memcpy(&low, g, 4);
+            uint32_t low, high;
+            cb_group_bits(row + k / 16 * 2 * bits, bits, &low, &high);
             __m512i index = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)low), two_bit), three);
-            if (bits == 4) {
-                uint32_t high;
-                memcpy(&high, g + 4, 4);
+            if (bits == 4)
                 index = _mm512_or_si512(index, _mm512_slli_epi32(
                     _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)high), two_bit), three), 2));
-            } else if (bits == 3) {
-                uint16_t high;
-                memcpy(&high, g + 4, 2);
+            else if (bits == 3)
                 index = _mm512_or_si512(index, _mm512_slli_epi32(
-                    _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(high), one_bit), one), 2));
-            }
+                    _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)high), one_bit), one), 2));
             acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(index, table), _mm512_loadu_ps(x + k), acc);
         }
     }
@@ -149,15 +156,8 @@ static float cb_dot(const em_weight *w, int n, const float *x) {
         const __m256 low_book = _mm256_loadu_ps(book), high_book = _mm256_loadu_ps(book + 8);
         const int end = (b + 1) * B < K ? (b + 1) * B : K;
         for (int k = b * B; k < end; k += 16) {
-            const uint8_t *g = row + k / 16 * 2 * bits;
-            uint32_t low, high = 0;
-            memcpy(&low, g, 4);
-            if (bits == 4) memcpy(&high, g + 4, 4);
-            else if (bits == 3) {
-                uint16_t h;
-                memcpy(&h, g + 4, 2);
-                high = h;
-            }
+            uint32_t low, high;
+            cb_group_bits(row + k / 16 * 2 * bits, bits, &low, &high);
             for (int half = 0; half < 2; half++) { /* weights 8 half .. 8 half + 7 */
                 __m256i index = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(low >> (16 * half))), two_bit), three);
                 if (bits == 4)
@@ -194,15 +194,8 @@ static float cb_dot(const em_weight *w, int n, const float *x) {
                                      vld1q_u8((const uint8_t *)book + 32), vld1q_u8((const uint8_t *)book + 48)}};
         const int end = (b + 1) * B < K ? (b + 1) * B : K;
         for (int k = b * B; k < end; k += 16) {
-            const uint8_t *g = row + k / 16 * 2 * bits;
-            uint32_t low, high = 0;
-            memcpy(&low, g, 4);
-            if (bits == 4) memcpy(&high, g + 4, 4);
-            else if (bits == 3) {
-                uint16_t h;
-                memcpy(&h, g + 4, 2);
-                high = h;
-            }
+            uint32_t low, high;
+            cb_group_bits(row + k / 16 * 2 * bits, bits, &low, &high);
             for (int q = 0; q < 4; q++) { /* weights 4q .. 4q + 3 */
                 uint32x4_t index = vandq_u32(vshlq_u32(vdupq_n_u32(low >> (8 * q)), vld1q_s32(two_bit)), vdupq_n_u32(3));
                 if (bits == 4)
