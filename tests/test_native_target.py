@@ -20,7 +20,7 @@ from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.native import NativeEngine
 from edgellm.targets.native import codegen
-from edgellm.targets.native.toolchain import TOOLCHAINS, Toolchain, build_programs
+from edgellm.targets.native.toolchain import KERNELS, TOOLCHAINS, Toolchain, build_programs
 from edgellm.quant.blocks import quantize
 from edgellm.quant.codebooks import quantize_codebooks
 from tiny_models import VOCAB, reference_with_stored_weights, round_embeddings_to_bf16, save_tiny
@@ -167,6 +167,35 @@ def test_float16_kv_cache_matches_transformers_reading_float16_keys_and_values(t
     # the rounding is there to see: float32 keys and values give other logits
     exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert np.abs(ours - _reference_logits(exact, result.token_ids)).max() > 3 * err
+
+
+def test_portable_float16_rounding_matches_numpy(tmp_path):
+    """The float16 cache's conversion in portable C (x86-64 without F16C, any target without a
+    hardware one) rounds as numpy does: ties to even, subnormals, overflow to infinity."""
+    if shutil.which("cc") is None or subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
+        pytest.skip("builds the portable path with an x86-64 cc (-march=x86-64 -mno-f16c)")
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+    ties = (bits & ~np.uint32(0x1FFF)) | np.uint32(0x1000)  # halfway between two float16 values
+    values = np.concatenate([
+        bits.view(np.float32), ties.view(np.float32),
+        rng.normal(0, 1, 5000).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 20, 5000).astype(np.float32),
+        np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-26,
+                  np.inf, -np.inf, 1e-45], np.float32)])
+    values = values[~np.isnan(values)]
+    harness = tmp_path / "half.c"
+    harness.write_text('#include <stdio.h>\n#include "edgellm_simd.h"\n'
+                       "int main(void) { float f; while (fread(&f, 4, 1, stdin) == 1) { uint16_t h = half_bits(f); "
+                       "fwrite(&h, 2, 1, stdout); } return 0; }\n")
+    program = tmp_path / "half"
+    subprocess.run(["cc", "-O2", "-march=x86-64", "-mno-f16c", f"-I{KERNELS}",
+                    str(harness), "-o", str(program), "-lm"], check=True, capture_output=True)
+    out = subprocess.run([str(program)], input=values.tobytes(), capture_output=True, check=True).stdout
+    ours = np.frombuffer(out, np.uint16)
+    with np.errstate(over="ignore"):  # past 65504: infinity, as the C side rounds too
+        theirs = values.astype(np.float16).view(np.uint16)
+    wrong = np.flatnonzero(ours != theirs)
+    assert wrong.size == 0, f"{wrong.size} differ, e.g. {values[wrong[0]]!r}: {ours[wrong[0]]:#06x} != {theirs[wrong[0]]:#06x}"
 
 
 def test_float16_kv_cache_needs_a_native_target(tmp_path):
