@@ -487,9 +487,8 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
 void em_team_attention(const float *q, int start, const em_kv_value *k_cache, const em_kv_value *v_cache, int heads,
-                       int kv_heads,
-                       int head_dim, int cache_tokens, float scale, float softcap, int window, float *scratch,
-                       float *out) {
+                       int kv_heads, int head_dim, int cache_tokens, float scale, float softcap, int window,
+                       float *scratch, float *out) {
     /* Items of (query set, chunk of positions): a query set is up to EM_MAX_QUERIES heads of one
        KV head. An item's partial result (o [R][head_dim], then m [R], l [R]) goes to the scratch,
        at the place of its first head's chunk; the heads then merge their chunks by their maxima

@@ -103,9 +103,8 @@ void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, 
 #define EM_DECODE_CHUNKS 16
 void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_team_attention(const float *q, int start, const em_kv_value *k_cache, const em_kv_value *v_cache, int heads,
-                       int kv_heads,
-                       int head_dim, int cache_tokens, float scale, float softcap, int window, float *scratch,
-                       float *out);
+                       int kv_heads, int head_dim, int cache_tokens, float scale, float softcap, int window,
+                       float *scratch, float *out);
 
 void em_add(const float *a, const float *b, int n, float *y);
 void em_add_row(const float *x, int rows, int cols, const float *row, float *y); /* + bias */
