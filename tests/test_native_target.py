@@ -20,6 +20,7 @@ from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.native import NativeEngine
 from edgellm.targets.native import codegen
+from edgellm.targets.native.lower import Lowering
 from edgellm.targets.native.toolchain import KERNELS, TOOLCHAINS, Toolchain, build_programs
 from edgellm.quant.blocks import quantize
 from edgellm.quant.codebooks import quantize_codebooks
@@ -135,6 +136,21 @@ def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan
         runs.append(edgellm.load(out).generate_ids(prompt, max_new_tokens=8, ignore_eos=True, return_logits=True))
     assert runs[0].token_ids == runs[1].token_ids
     assert np.abs(np.stack(runs[0].logits) - np.stack(runs[1].logits)).max() < 1e-4
+
+
+def test_decode_attention_with_its_rows_rotated_apart_matches_transformers(tmp_path, fp32_plan, monkeypatch):
+    """The decode attention rotates the token's query and key itself when only it reads them;
+    where the lowering cannot show that, they are rotated first (em_rope) and handed over as they are."""
+    monkeypatch.setattr(Lowering, "_only_into_attention", lambda self, name: False)
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", fp32_plan, target="native", **OPTIONS)
+    decode = (out / "compiled" / "native" / "model.c").read_text().split("em_model_single")[1]
+    assert "em_rope(" in decode and re.search(r"em_team_attention\([^;]*NULL, NULL, 0, start", decode)
+    result = _generate(out)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    theirs = _reference_logits(reference, result.token_ids)
+    assert np.abs(np.stack(result.logits) - theirs).max() < 1e-4
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
 
 
 def _reference_reading_float16_kv(model_dir):

@@ -79,6 +79,18 @@ class Deferred:
 
 
 @dataclass
+class Rotary:
+    """A RotaryEmbedding whose output only a decode attention reads: that kernel applies it."""
+    source: str
+    heads: int
+    head_dim: int
+    rotary_dim: int
+    cos: int  # offsets of the tables in the weights file
+    sin: int
+    node: onnx.NodeProto
+
+
+@dataclass
 class Lowered:
     calls: list[Call] = field(default_factory=list)
     activations: dict[str, Activation] = field(default_factory=dict)
@@ -113,6 +125,8 @@ class Lowering:
         self.done: set[str] = set()  # nodes folded into an earlier call
         self.windows = {"mask.full": 0}
         self.caches: dict[str, str] = {}  # cache.i.k / present.i.k -> C expression of the buffer
+        self.rotary: dict[str, Rotary] = {}  # decode: rotations the attention applies
+        self.new_rows: dict[str, onnx.NodeProto] = {}  # decode: cache writes the attention makes (by output)
         self.constant_nodes: dict[str, bool] = {}
         self.shapes: dict[str, Activation] = {"input_ids": Activation("input_ids", 1, 1)}
 
@@ -439,23 +453,53 @@ class Lowering:
         x = self._act(node.input[0])
         heads = a["num_heads"]
         head_dim = x.cols // heads
-        rotary = a.get("rotary_embedding_dim", 0) or head_dim
-        cos = self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32))
-        sin = self.weights.constant(node.input[2], self._const(node.input[2]).astype(np.float32))
-        out = self._new(node.output[0], x)
-        self._emit(f"em_rope({{{node.input[0]}}}, S, start, {heads}, {head_dim}, {rotary}, F({cos}), F({sin}), {{{out.name}}});",
-                   [node.input[0]], [out.name], node)
+        rotary = Rotary(node.input[0], heads, head_dim, a.get("rotary_embedding_dim", 0) or head_dim,
+                        self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32)),
+                        self.weights.constant(node.input[2], self._const(node.input[2]).astype(np.float32)), node)
+        if self.one_token and self._only_into_attention(node.output[0]):
+            self.rotary[node.output[0]] = rotary  # the decode attention rotates the row itself
+            self.shapes[node.output[0]] = x
+            return
+        self._rope(node.output[0], rotary)
+
+    def _rope(self, name: str, r: "Rotary") -> None:
+        out = self._new(name, self._act(r.source))
+        self._emit(f"em_rope({{{r.source}}}, S, start, {r.heads}, {r.head_dim}, {r.rotary_dim}, F({r.cos}), F({r.sin}), "
+                   f"{{{out.name}}});", [r.source], [out.name], r.node)
+
+    def _through_identity(self, name: str) -> str:
+        """The tensor an Identity chain (a segment boundary) passes on as `name`."""
+        while name in self.producer and self.producer[name].op_type == "Identity":
+            name = self.producer[name].input[0]
+        return name
+
+    def _only_into_attention(self, name: str) -> bool:
+        """name is read only as an Attention's query or as the rows a cache write adds for one
+        (through Identity views: the segments' boundaries)."""
+        for user in self.consumers.get(name, []):
+            if user.op_type == "Identity" and user.output[0] not in PARAMETERS and self._only_into_attention(user.output[0]):
+                continue
+            if user.op_type == "Attention" and user.input[0] == name:
+                continue
+            if user.op_type == "TensorScatter" and user.input[1] == name and all(
+                    n.op_type == "Attention" for n in self.consumers.get(user.output[0], [])):
+                continue
+            return False
+        return True
 
     def _op_TensorScatter(self, node):
         cache, rows, _ = node.input
         layer, which = cache.split(".")[1:3]
         buffer = f"EM_CACHE({layer}, {'0' if which == 'k' else '1'})"
         self.caches[cache] = self.caches[node.output[0]] = buffer
-        x = self._act(rows)
         # both caches are stored per KV head (kernels/edgellm_kernels.h), which only the Attention knows
         attention = next((n for n in self.consumers.get(node.output[0], []) if n.op_type == "Attention"), None)
         if attention is None:
             raise EdgeLLMError(f"{self.where}: {node.name}: a cache that no Attention reads")
+        if self.one_token:  # the decode attention writes the row itself, once it is done reading the cache
+            self.new_rows[node.output[0]] = node
+            return
+        x = self._act(rows)
         kv_heads = _attrs(attention)["kv_num_heads"]
         kernel = "em_cache_write_keys" if which == "k" else "em_cache_write_values"
         self._emit(f"{kernel}({buffer}, {{{rows}}}, S, start, {kv_heads}, {x.cols // kv_heads}, EM_CACHE_TOKENS);",
@@ -470,16 +514,42 @@ class Lowering:
         heads, kv_heads = a["q_num_heads"], a["kv_num_heads"]
         head_dim = x.cols // heads
         scale = a.get("scale", 1.0 / np.sqrt(head_dim))
-        out = self._new(node.output[0], x)
-        if self.one_token:  # the team's kernel, its chunks' partial results in an arena slot
-            scratch = self._new(node.output[0] + ".chunks", x, rows=heads * DECODE_CHUNKS, cols=head_dim + 2, per_token=False)
-            self._emit(f"em_team_attention({{{q}}}, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, "
-                       f"EM_CACHE_TOKENS, {float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, "
-                       f"{{{scratch.name}}}, {{{out.name}}});", [q], [out.name, scratch.name], node, team=True)
+        if self.one_token:
+            self._decode_attention(node, x, heads, kv_heads, head_dim, scale)
             return
+        out = self._new(node.output[0], x)
         self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_CACHE_TOKENS, "
                    f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{out.name}}});",
                    [q], [out.name], node)
+
+    def _decode_attention(self, node, x: Activation, heads: int, kv_heads: int, head_dim: int, scale: float) -> None:
+        """The team's kernel: the token's rotary embedding and cache writes included, its chunks'
+        partial results in an arena slot."""
+        q, k, v, mask = node.input[:4]
+        writes = [self.new_rows.get(k), self.new_rows.get(v)]
+        if None in writes:
+            raise EdgeLLMError(f"{self.where}: {node.name}: a decode attention must read caches this step writes")
+        rows = [q, writes[0].input[1], writes[1].input[1]]
+        rotated = [self._through_identity(name) for name in rows]
+        rq, rk = self.rotary.get(rotated[0]), self.rotary.get(rotated[1])
+        fused = (rq is not None and rk is not None and (rq.cos, rq.sin, rq.rotary_dim) == (rk.cos, rk.sin, rk.rotary_dim)
+                 and rotated[2] not in self.rotary)
+        if fused:
+            tables = f"F({rq.cos}), F({rq.sin}), {rq.rotary_dim}"
+            sources = [rq.source, rk.source, rows[2]]
+            nodes = [rq.node, rk.node]
+        else:  # rotated apart (one omp single), then handed over as they are
+            for name in rotated:
+                if name in self.rotary:
+                    self._rope(name, self.rotary.pop(name))
+            tables, sources, nodes = "NULL, NULL, 0", rows, []
+        out = self._new(node.output[0], x)
+        scratch = self._new(node.output[0] + ".chunks", x, rows=heads * DECODE_CHUNKS, cols=head_dim + 2, per_token=False)
+        a = _attrs(node)
+        self._emit(f"em_team_attention({{{sources[0]}}}, {{{sources[1]}}}, {{{sources[2]}}}, {tables}, start, "
+                   f"{self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_CACHE_TOKENS, "
+                   f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{scratch.name}}}, "
+                   f"{{{out.name}}});", sources, [out.name, scratch.name], *nodes, *writes, node, team=True)
 
     def _binary(self, node, elementwise: str | None, by_scalar: str | None) -> None:
         a, b = node.input

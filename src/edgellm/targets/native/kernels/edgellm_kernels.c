@@ -329,45 +329,52 @@ void em_rmsnorm(const float *x, int rows, int cols, const float *weight, float e
     }
 }
 
+/* One head at position p: the halves of the first rotary_dim columns rotated, the rest copied. */
+static inline void rope_head(const float *x, int p, int head_dim, int rotary_dim, const float *cos_table,
+                             const float *sin_table, float *y) {
+    const int half = rotary_dim / 2;
+    const float *c = cos_table + (size_t)p * half, *sn = sin_table + (size_t)p * half;
+    for (int i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        y[i] = a * c[i] - b * sn[i];
+        y[i + half] = b * c[i] + a * sn[i];
+    }
+    for (int i = rotary_dim; i < head_dim; i++) y[i] = x[i];
+}
+
 void em_rope(const float *x, int S, int start, int heads, int head_dim, int rotary_dim,
              const float *cos_table, const float *sin_table, float *y) {
-    const int half = rotary_dim / 2;
 #pragma omp parallel for schedule(static) if (S * heads * head_dim >= EM_PARALLEL_FROM)
-    for (int s = 0; s < S; s++) {
-        const float *c = cos_table + (size_t)(start + s) * half, *sn = sin_table + (size_t)(start + s) * half;
-        for (int h = 0; h < heads; h++) {
-            const float *xh = x + ((size_t)s * heads + h) * head_dim;
-            float *yh = y + ((size_t)s * heads + h) * head_dim;
-            for (int i = 0; i < half; i++) {
-                const float a = xh[i], b = xh[i + half];
-                yh[i] = a * c[i] - b * sn[i];
-                yh[i + half] = b * c[i] + a * sn[i];
-            }
-            for (int i = rotary_dim; i < head_dim; i++) yh[i] = xh[i];
-        }
-    }
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < heads; h++)
+            rope_head(x + ((size_t)s * heads + h) * head_dim, start + s, head_dim, rotary_dim, cos_table, sin_table,
+                      y + ((size_t)s * heads + h) * head_dim);
 }
 
 /* Both caches keep each KV head's positions together (kernels/edgellm_kernels.h): one head's
    context is one contiguous run of memory, which the prefetcher and the TLB both handle. */
+static inline void store_value(em_kv_value *cache, int h, int p, const float *row, int head_dim, int cache_tokens) {
+    em_kv_value *dst = cache + ((size_t)h * cache_tokens + p) * head_dim;
+    for (int d = 0; d < head_dim; d++) dst[d] = em_kv_store(row[d]);
+}
+
+static inline void store_key(em_kv_value *cache, int h, int p, const float *row, int head_dim, int cache_tokens) {
+    em_kv_value *block = cache + (size_t)h * cache_tokens * head_dim + (size_t)(p / 16) * 16 * head_dim + p % 16;
+    for (int d = 0; d < head_dim; d++) block[16 * d] = em_kv_store(row[d]);
+}
+
 void em_cache_write_values(em_kv_value *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
                            int cache_tokens) {
     for (int s = 0; s < S; s++)
-        for (int h = 0; h < kv_heads; h++) {
-            em_kv_value *dst = cache + ((size_t)h * cache_tokens + start + s) * head_dim;
-            const float *src = rows + ((size_t)s * kv_heads + h) * head_dim;
-            for (int d = 0; d < head_dim; d++) dst[d] = em_kv_store(src[d]);
-        }
+        for (int h = 0; h < kv_heads; h++)
+            store_value(cache, h, start + s, rows + ((size_t)s * kv_heads + h) * head_dim, head_dim, cache_tokens);
 }
 
 void em_cache_write_keys(em_kv_value *cache, const float *rows, int S, int start, int kv_heads, int head_dim,
                          int cache_tokens) {
     for (int s = 0; s < S; s++)
-        for (int h = 0; h < kv_heads; h++) {
-            const int p = start + s;
-            em_kv_value *block = cache + (size_t)h * cache_tokens * head_dim + (size_t)(p / 16) * 16 * head_dim + p % 16;
-            for (int d = 0; d < head_dim; d++) block[16 * d] = em_kv_store(rows[((size_t)s * kv_heads + h) * head_dim + d]);
-        }
+        for (int h = 0; h < kv_heads; h++)
+            store_key(cache, h, start + s, rows + ((size_t)s * kv_heads + h) * head_dim, head_dim, cache_tokens);
 }
 
 /* Query vectors one attention item handles: the heads sharing a KV head, for one token (decode)
@@ -486,13 +493,25 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
-void em_team_attention(const float *q, int start, const em_kv_value *k_cache, const em_kv_value *v_cache, int heads,
+/* The new token's key or value row of KV head h, as the cache will hold it (rotated if cos_table,
+   rounded to the cache's type). */
+static inline void new_row(const float *x, int h, int p, int head_dim, int rotary_dim, const float *cos_table,
+                           const float *sin_table, float *out) {
+    if (cos_table) rope_head(x + (size_t)h * head_dim, p, head_dim, rotary_dim, cos_table, sin_table, out);
+    else memcpy(out, x + (size_t)h * head_dim, sizeof(float) * head_dim);
+    for (int d = 0; d < head_dim; d++) out[d] = em_kv_load(em_kv_store(out[d]));
+}
+
+void em_team_attention(const float *q, const float *k, const float *v, const float *cos_table, const float *sin_table,
+                       int rotary_dim, int start, em_kv_value *k_cache, em_kv_value *v_cache, int heads,
                        int kv_heads, int head_dim, int cache_tokens, float scale, float softcap, int window,
                        float *scratch, float *out) {
     /* Items of (query set, chunk of positions): a query set is up to EM_MAX_QUERIES heads of one
        KV head. An item's partial result (o [R][head_dim], then m [R], l [R]) goes to the scratch,
        at the place of its first head's chunk; the heads then merge their chunks by their maxima
-       (the softmax of the union of the chunks). */
+       (the softmax of the union of the chunks). The item whose chunk ends at the new position
+       takes that position's key and value from k and v, not from the cache: the cache is written
+       after every item is done, so the step needs no barrier between a cache write and the items. */
     const int group = heads / kv_heads, sets = (group + EM_MAX_QUERIES - 1) / EM_MAX_QUERIES;
     const int first = first_position(start, window), length = start - first + 1;
     int chunk = (length + EM_DECODE_CHUNKS - 1) / EM_DECODE_CHUNKS;
@@ -506,17 +525,51 @@ void em_team_attention(const float *q, int start, const em_kv_value *k_cache, co
                 const int h0 = kh * group + set * EM_MAX_QUERIES;
                 const int R = group - set * EM_MAX_QUERIES < EM_MAX_QUERIES ? group - set * EM_MAX_QUERIES : EM_MAX_QUERIES;
                 float *part = scratch + ((size_t)h0 * chunks + (size_t)c * R) * record;
+                float *o = part, *m = part + (size_t)R * head_dim, *l = m + R;
+                float rotated[(size_t)R * head_dim];
                 const float *qs[EM_MAX_QUERIES];
-                int lo[EM_MAX_QUERIES], hi[EM_MAX_QUERIES];
                 for (int r = 0; r < R; r++) {
                     qs[r] = q + (size_t)(h0 + r) * head_dim;
-                    lo[r] = first + c * chunk;
-                    hi[r] = lo[r] + chunk < start + 1 ? lo[r] + chunk : start + 1;
+                    if (cos_table) {
+                        rope_head(qs[r], start, head_dim, rotary_dim, cos_table, sin_table, rotated + (size_t)r * head_dim);
+                        qs[r] = rotated + (size_t)r * head_dim;
+                    }
                 }
-                attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
-                       v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, part + (size_t)R * head_dim,
-                       part + (size_t)R * head_dim + R, part);
+                const int lo = first + c * chunk, hi = lo + chunk < start + 1 ? lo + chunk : start + 1;
+                const int cached = hi < start ? hi : start; /* [lo, cached) from the cache */
+                if (cached > lo) {
+                    int los[EM_MAX_QUERIES], his[EM_MAX_QUERIES];
+                    for (int r = 0; r < R; r++) los[r] = lo, his[r] = cached;
+                    attend(qs, R, los, his, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,
+                           v_cache + (size_t)kh * cache_tokens * head_dim, scale, softcap, m, l, o);
+                } else {
+                    for (int r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;
+                    memset(o, 0, sizeof(float) * (size_t)R * head_dim);
+                }
+                if (hi == start + 1) { /* the new position, folded in as the online softmax does */
+                    float key[head_dim], value[head_dim];
+                    new_row(k, kh, start, head_dim, rotary_dim, cos_table, sin_table, key);
+                    new_row(v, kh, start, head_dim, 0, NULL, NULL, value);
+                    for (int r = 0; r < R; r++) {
+                        float score = fdot(qs[r], key, head_dim);
+                        score = softcap > 0.0f ? softcap * tanhf(score * scale / softcap) : score * scale;
+                        const float top = score > m[r] ? score : m[r], kept = expf(m[r] - top), w = expf(score - top);
+                        float *or_ = o + (size_t)r * head_dim;
+                        for (int d = 0; d < head_dim; d++) or_[d] = or_[d] * kept + w * value[d];
+                        l[r] = l[r] * kept + w;
+                        m[r] = top;
+                    }
+                }
             }
+    /* after the items' barrier: no thread reads the cache now until the next step */
+#pragma omp for schedule(static) nowait
+    for (int kh = 0; kh < kv_heads; kh++) {
+        float key[head_dim];
+        if (cos_table) rope_head(k + (size_t)kh * head_dim, start, head_dim, rotary_dim, cos_table, sin_table, key);
+        else memcpy(key, k + (size_t)kh * head_dim, sizeof key);
+        store_key(k_cache, kh, start, key, head_dim, cache_tokens);
+        store_value(v_cache, kh, start, v + (size_t)kh * head_dim, head_dim, cache_tokens);
+    }
 #pragma omp for schedule(static)
     for (int h = 0; h < heads; h++) {
         const int set = h % group / EM_MAX_QUERIES, h0 = h - h % group + set * EM_MAX_QUERIES, r = h - h0;
@@ -542,13 +595,6 @@ void em_team_attention(const float *q, int start, const em_kv_value *k_cache, co
 void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, const em_kv_value *v_cache,
                   int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
                   int window, float *out) {
-    if (S == 1) {
-        float scratch[(size_t)heads * EM_DECODE_CHUNKS * (head_dim + 2)];
-#pragma omp parallel
-        em_team_attention(q, start, k_cache, v_cache, heads, kv_heads, head_dim, cache_tokens, scale, softcap, window,
-                          scratch, out);
-        return;
-    }
     /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
     const int group = heads / kv_heads;
     int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;

@@ -98,11 +98,17 @@ void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, 
    parallel region, they run on the calling thread alone.
      em_team_matmul      one row: y[N] = x' @ W^T (+ residual), any weight kind; every thread
                          prepares x' (em_fusion's prologue) for itself, `scratch` is not used
-     em_team_attention   one token (S = 1); scratch: heads x EM_DECODE_CHUNKS x (head_dim + 2)
-                         floats, the partial results of the context's chunks */
+     em_team_attention   one token at position `start`, its rotary embedding and cache write
+                         included: q [heads x head_dim], k and v [kv_heads x head_dim] are the
+                         token's rows (rotated here with the tables if cos_table is not NULL);
+                         k and v are written to the caches at `start` once the step no longer
+                         reads them, so no barrier is needed between the write and the attention.
+                         scratch: heads x EM_DECODE_CHUNKS x (head_dim + 2) floats, the partial
+                         results of the context's chunks */
 #define EM_DECODE_CHUNKS 16
 void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f);
-void em_team_attention(const float *q, int start, const em_kv_value *k_cache, const em_kv_value *v_cache, int heads,
+void em_team_attention(const float *q, const float *k, const float *v, const float *cos_table, const float *sin_table,
+                       int rotary_dim, int start, em_kv_value *k_cache, em_kv_value *v_cache, int heads,
                        int kv_heads, int head_dim, int cache_tokens, float scale, float softcap, int window,
                        float *scratch, float *out);
 
