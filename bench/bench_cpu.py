@@ -1103,17 +1103,17 @@ def main(argv=None) -> int:
         results = {e: {case: [] for case in cases} for e in engines}
         retry = {"spent": 0.0}
         probe = membw_program(work)
-        weight_bytes = {e: weight_bytes_per_token(Path(specs[e]["artifact"])) for e in engines
-                        if specs[e].get("artifact")}  # read now: the work dir goes at the end
+        short_context = args.short_prompt + args.short_gen / 2  # the decode's mean context
+        read_bytes = {e: bytes_read_per_token(Path(specs[e]["artifact"]), short_context) for e in engines
+                      if specs[e].get("artifact")}  # read now: the work dir goes at the end
         bandwidth: list[float] = []
         for rep in range(1, args.reps + 1):
             for case, (_, gen) in cases.items():
                 for e in engines:
-                    results[e][case].append(timed_run(workers, e, prompts[case], gen, args,
-                                                      retry, f"rep {rep} {case:5s}"))
-            if probe:  # the machine's read bandwidth, measured between the engines' runs
-                bandwidth.append(float(subprocess.run([str(probe), str(args.threads)], capture_output=True,
-                                                      text=True, check=True).stdout))
+                    if probe and case == "short" and e in read_bytes:  # the machine's read bandwidth, sampled
+                        bandwidth.append(measure_membw(probe, args.threads))  # as often as edgellm decodes
+                    results[e][case].append(timed_run(workers, e, prompts[case], gen, args, retry,
+                                                      f"rep {rep} {case:5s}"))
     finally:
         bye = {e: w.close() for e, w in workers.items()}
         if not args.keep:
@@ -1122,8 +1122,8 @@ def main(argv=None) -> int:
     summary = {}
     for e in engines:
         s = summarize(results[e])
-        if e in weight_bytes and bandwidth:
-            s.update(weight_bandwidth(weight_bytes[e], s.get("short_tps"), bandwidth))
+        if e in read_bytes and bandwidth:
+            s.update(achieved_bandwidth(*read_bytes[e], s.get("short_tps"), bandwidth))
         s["peak_rss_mb"] = bye[e].get("peak_rss_mb")
         s["rss_end_mb"] = bye[e].get("rss_mb")
         s["rss_load_mb"] = hello[e]["rss_load_mb"]
@@ -1185,33 +1185,44 @@ def membw_program(work: Path) -> Path | None:
     return exe
 
 
-def weight_bytes_per_token(artifact: Path) -> int:
+def measure_membw(probe: Path, threads: int) -> float:
+    return float(subprocess.run([str(probe), str(threads)], capture_output=True, text=True, check=True).stdout)
+
+
+def bytes_read_per_token(artifact: Path, context: float) -> tuple[int, float]:
+    """(weight bytes, KV cache bytes at `context` cached positions) one decode step reads."""
     _ensure_src_on_path()
-    from edgellm.measure.speed import weight_bytes_per_token as count  # noqa: PLC0415
+    from edgellm.measure.speed import kv_cache_bytes_per_token, weight_bytes_per_token  # noqa: PLC0415
 
-    return count(artifact)
+    return weight_bytes_per_token(artifact), kv_cache_bytes_per_token(artifact, context)
 
 
-def weight_bandwidth(per_token: int, tps: float | None, bandwidth: list[float]) -> dict:
-    """Weight bytes one decode step reads x decode tokens/s, against the measured read bandwidth."""
-    achieved = per_token * tps / 1e9 if tps else None
+def achieved_bandwidth(weights: int, kv_cache: float, tps: float | None, bandwidth: list[float]) -> dict:
+    """Bytes one decode step reads x decode tokens/s (both medians over the runs), as a share of
+    the machine's read bandwidth (the median of the probes taken between the runs). Pairing each
+    run with the probe just before it was tried and dropped: on this VM the two moved apart
+    within seconds (a 35 GB/s probe before a run at 37 GB/s, a 57 GB/s one before 38)."""
+    if not tps:
+        return {}
     machine = statistics.median(bandwidth)
-    return {"weight_mb_per_token": per_token / 1e6, "weight_gbs": achieved,
-            "weight_gbs_share": achieved / machine if achieved else None}
+    return {"weight_mb_per_token": weights / 1e6, "kv_cache_mb_per_token": kv_cache / 1e6,
+            "weight_gbs": weights * tps / 1e9, "weight_gbs_share": weights * tps / 1e9 / machine,
+            "read_gbs_share": (weights + kv_cache) * tps / 1e9 / machine}
 
 
 def _bandwidth_lines(engines, summary, meta) -> list[str]:
     gbs = meta.get("read_bandwidth_gbs") or []
     if not gbs:
         return []
-    lines = [f"machine read bandwidth (bench/membw.c, {meta['threads']} threads, once per rep): median "
-             f"{statistics.median(gbs):.1f} GB/s [{min(gbs):.1f}-{max(gbs):.1f}]"]
+    lines = [f"machine read bandwidth (bench/membw.c, {meta['threads']} threads, before each edgellm short run): "
+             f"median {statistics.median(gbs):.1f} GB/s [{min(gbs):.1f}-{max(gbs):.1f}]"]
     for e in engines:
         s = summary[e]
         if s.get("weight_gbs"):
-            lines.append(f"{e}: {s['weight_mb_per_token']:.1f} MB of weights per decode token x "
-                         f"{s['short_tps']:.1f} tok/s = {s['weight_gbs']:.1f} GB/s, "
-                         f"{100 * s['weight_gbs_share']:.0f}% of the machine's read bandwidth")
+            lines.append(f"{e}: {s['weight_mb_per_token']:.1f} MB of weights per decode token x decode tok/s = "
+                         f"{s['weight_gbs']:.1f} GB/s, {100 * s['weight_gbs_share']:.0f}% of the machine's read "
+                         f"bandwidth; with the {s['kv_cache_mb_per_token']:.1f} MB of KV cache attention reads per "
+                         f"token at the mean context: {100 * s['read_gbs_share']:.0f}%")
     return lines
 
 

@@ -270,7 +270,8 @@ def bench(
         return
     print(f"{model_dir}: TTFT {speed.ttft_ms:.0f} ms ({speed.prompt_tokens} prompt tokens) | "
           f"decode {speed.decode_tps:.1f} tokens/s ({speed.gen_tokens} tokens) | "
-          f"weights {speed.weight_mb_per_token:.1f} MB/token = {speed.bandwidth_gbs:.2f} GB/s | "
+          f"reads {speed.weight_mb_per_token:.1f} MB of weights + {speed.kv_cache_mb_per_token:.1f} MB of KV cache "
+          f"per token = {speed.read_gbs:.2f} GB/s | "
           f"artifact {speed.artifact_mb:.0f} MB | peak RSS {speed.peak_rss_mb:.0f} MB")
 
 

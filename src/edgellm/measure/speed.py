@@ -11,6 +11,8 @@ from pathlib import Path
 
 import onnx
 
+from ..config.model_config import ModelConfig
+
 
 @dataclass
 class Speed:
@@ -20,7 +22,9 @@ class Speed:
     ttft_ms: float
     decode_tps: float
     weight_mb_per_token: float  # weight bytes one decode step reads
+    kv_cache_mb_per_token: float  # KV cache bytes its attention reads, at the run's mean context
     bandwidth_gbs: float  # weight_mb_per_token x decode_tps
+    read_gbs: float  # (weight_mb_per_token + kv_cache_mb_per_token) x decode_tps
     artifact_mb: float
     peak_rss_mb: float
 
@@ -56,6 +60,18 @@ def weight_bytes_per_token(model_dir: Path) -> int:
     return decode_weight_bytes(programs / "single.onnx" if (programs / "single.onnx").is_file() else programs / "shared.onnx")
 
 
+def kv_cache_bytes_per_token(model_dir: Path, context: float) -> float:
+    """Bytes of KV cache a decode step's attention reads with `context` positions cached: every
+    layer's keys and values at the positions it attends to (a sliding layer's last `window`)."""
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.load(model_dir / "model_config.json")
+    options = json.loads((model_dir / "manifest.json").read_text()).get("options", {})
+    value_bytes = 2 if options.get("kv_cache_dtype") == "float16" else 4
+    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * value_bytes
+    window = cfg.sliding_window or context
+    return sum(per_position * (min(context, window) if kind == "sliding" else context) for kind in cfg.layer_types)
+
+
 def artifact_bytes(model_dir: Path) -> int:
     """The target's programs and weights, and the runtime files (tokenizer, settings)."""
     model_dir = Path(model_dir)
@@ -71,9 +87,11 @@ def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repe
         runs.append(model.generate_ids(prompt_ids, max_new_tokens=gen_tokens, ignore_eos=True))
     tps = statistics.median(r.decode_tps for r in runs)
     per_token = weight_bytes_per_token(Path(model_dir))
+    kv_cache = kv_cache_bytes_per_token(Path(model_dir), len(prompt_ids) + gen_tokens / 2)
     return Speed(
         model=str(model_dir), prompt_tokens=len(prompt_ids), gen_tokens=gen_tokens,
         ttft_ms=1000 * statistics.median(r.ttft_s for r in runs), decode_tps=tps,
-        weight_mb_per_token=per_token / 1e6, bandwidth_gbs=per_token * tps / 1e9,
+        weight_mb_per_token=per_token / 1e6, kv_cache_mb_per_token=kv_cache / 1e6,
+        bandwidth_gbs=per_token * tps / 1e9, read_gbs=(per_token + kv_cache) * tps / 1e9,
         artifact_mb=artifact_bytes(model_dir) / 1e6, peak_rss_mb=max(r.peak_rss_mb for r in runs),
     )
