@@ -138,14 +138,23 @@ def test_long_context_decode_splits_attention_across_threads(tmp_path, fp32_plan
     assert np.abs(np.stack(runs[0].logits) - np.stack(runs[1].logits)).max() < 1e-4
 
 
-def test_decode_attention_with_its_rows_rotated_apart_matches_transformers(tmp_path, fp32_plan, monkeypatch):
-    """The decode attention rotates the token's query and key itself when only it reads them;
-    where the lowering cannot show that, they are rotated first (em_rope) and handed over as they are."""
-    monkeypatch.setattr(Lowering, "_only_into_attention", lambda self, name: False)
+@pytest.mark.parametrize("apart", ["rotation", "merge"])
+def test_decode_attention_with_its_neighbours_apart_matches_transformers(tmp_path, fp32_plan, monkeypatch, apart):
+    """The decode attention rotates the token's query and key itself when only it reads them, and
+    leaves its chunks to the output projection to merge when only that reads its output. Where
+    the lowering cannot show that, the rotation runs first (em_rope) and the attention merges
+    its chunks itself (out not NULL)."""
+    if apart == "rotation":
+        monkeypatch.setattr(Lowering, "_only_into_attention", lambda self, name: False)
+    else:
+        monkeypatch.setattr(Lowering, "_identity_end", lambda self, name: name + ".read by another node")
     model_dir = save_tiny("llama", tmp_path / "hf")
     out = build(model_dir, tmp_path / "out", fp32_plan, target="native", **OPTIONS)
     decode = (out / "compiled" / "native" / "model.c").read_text().split("em_model_single")[1]
-    assert "em_rope(" in decode and re.search(r"em_team_attention\([^;]*NULL, NULL, 0, start", decode)
+    if apart == "rotation":
+        assert "em_rope(" in decode and re.search(r"em_team_attention\([^;]*NULL, NULL, 0, start", decode)
+    else:
+        assert "em_rope(" not in decode and "EM_ATTENTION" not in decode and "NULL);" not in decode
     result = _generate(out)
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     theirs = _reference_logits(reference, result.token_ids)

@@ -71,11 +71,12 @@ class Call:
 @dataclass
 class Deferred:
     """A MatMul input whose producer runs inside the matmul (em_matmul_fused's prologue)."""
-    prologue: str  # EM_RMSNORM, EM_SILU_GATE, EM_GELU_GATE
+    prologue: str  # EM_RMSNORM, EM_SILU_GATE, EM_GELU_GATE, EM_ATTENTION
     operands: str  # the em_fusion fields after it: norm, eps, up
     source: str  # the producer's input, the matmul's x
     inputs: list[str]  # the producer's other activation inputs (up)
     nodes: list[onnx.NodeProto]
+    merge: str = "{0, 0, 0, 0, 0}"  # em_fusion's merge field (EM_ATTENTION: the attention's shape)
 
 
 @dataclass
@@ -318,8 +319,8 @@ class Lowering:
         if self.one_token and x.rows == 1:  # a decode row: the team shares it, each thread preparing the input itself
             deferred = deferred or Deferred("EM_INPUT", "NULL, 0.0f, NULL", x_name, [], [])
             self._emit(f"em_team_matmul({{{deferred.source}}}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
-                       f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, NULL}});",
-                       [deferred.source, *deferred.inputs] + ([residual] if residual else []), [out.name],
+                       f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, NULL, "
+                       f"{deferred.merge}}});", [deferred.source, *deferred.inputs] + ([residual] if residual else []), [out.name],
                        *deferred.nodes, *nodes, team=True)
             return
         if deferred is None and residual is None:
@@ -543,13 +544,30 @@ class Lowering:
                 if name in self.rotary:
                     self._rope(name, self.rotary.pop(name))
             tables, sources, nodes = "NULL, NULL, 0", rows, []
-        out = self._new(node.output[0], x)
         scratch = self._new(node.output[0] + ".chunks", x, rows=heads * DECODE_CHUNKS, cols=head_dim + 2, per_token=False)
+        merged_by = self._identity_end(node.output[0])
+        if self._feeds_one_matmul(merged_by):  # that matmul merges the chunks itself: no barrier between them
+            self.shapes[node.output[0]] = x
+            # k and v count as its inputs too: threads may still copy them to the cache when it starts
+            self.deferred[merged_by] = Deferred("EM_ATTENTION", "NULL, 0.0f, NULL", scratch.name, sources[1:], [],
+                                                f"{{start, {self.windows[mask]}, {heads}, {kv_heads}, {head_dim}}}")
+            out, written = "NULL", [scratch.name]
+        else:
+            out = f"{{{self._new(node.output[0], x).name}}}"
+            written = [node.output[0], scratch.name]
         a = _attrs(node)
         self._emit(f"em_team_attention({{{sources[0]}}}, {{{sources[1]}}}, {{{sources[2]}}}, {tables}, start, "
                    f"{self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_CACHE_TOKENS, "
                    f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{scratch.name}}}, "
-                   f"{{{out.name}}});", sources, [out.name, scratch.name], *nodes, *writes, node, team=True)
+                   f"{out});", sources, written, *nodes, *writes, node, team=True)
+
+    def _identity_end(self, name: str) -> str:
+        """What a chain of Identity views (segment boundaries) passes `name` on as."""
+        users = self.consumers.get(name, [])
+        while len(users) == 1 and users[0].op_type == "Identity" and users[0].output[0] not in PARAMETERS:
+            name = users[0].output[0]
+            users = self.consumers.get(name, [])
+        return name
 
     def _binary(self, node, elementwise: str | None, by_scalar: str | None) -> None:
         a, b = node.input

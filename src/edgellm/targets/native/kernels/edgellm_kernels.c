@@ -235,7 +235,7 @@ static void float_row(const em_weight *w, int n, float *out) {
 void em_matmul(const float *x, int S, const em_weight *w, float *y) {
     const int N = w->n, K = w->k;
     if (S == 1) {
-        const em_fusion plain = {EM_INPUT, NULL, 0.0f, NULL, NULL, NULL};
+        const em_fusion plain = {EM_INPUT, NULL, 0.0f, NULL, NULL, NULL, {0, 0, 0, 0, 0}};
 #pragma omp parallel
         em_team_matmul(x, w, y, &plain);
         return;
@@ -493,6 +493,37 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
 
 static inline int first_position(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 
+/* Positions per chunk of a decode step at position p: whole key blocks. */
+static inline int decode_chunk(int p, int window) {
+    const int length = p - first_position(p, window) + 1, chunk = (length + EM_DECODE_CHUNKS - 1) / EM_DECODE_CHUNKS;
+    return chunk > EM_DECODE_CHUNK ? (chunk + 15) & ~15 : EM_DECODE_CHUNK;
+}
+
+void em_merge_chunks(const float *parts, const em_merge *a, int h_first, int h_end, float *out) {
+    const int group = a->heads / a->kv_heads, head_dim = a->head_dim, chunk = decode_chunk(a->start, a->window);
+    const int chunks = (a->start - first_position(a->start, a->window) + chunk) / chunk;
+    const size_t record = (size_t)head_dim + 2;
+    for (int h = h_first; h < h_end; h++) {
+        const int set = h % group / EM_MAX_QUERIES, h0 = h - h % group + set * EM_MAX_QUERIES, r = h - h0;
+        const int R = group - set * EM_MAX_QUERIES < EM_MAX_QUERIES ? group - set * EM_MAX_QUERIES : EM_MAX_QUERIES;
+        const float *first = parts + (size_t)h0 * chunks * record;
+        float top = -INFINITY, total = 0.0f;
+        for (int c = 0; c < chunks; c++) {
+            const float mc = first[(size_t)c * R * record + (size_t)R * head_dim + r];
+            top = mc > top ? mc : top;
+        }
+        float *o = out + (size_t)h * head_dim;
+        memset(o, 0, sizeof(float) * head_dim);
+        for (int c = 0; c < chunks; c++) {
+            const float *part = first + (size_t)c * R * record;
+            const float w = expf(part[(size_t)R * head_dim + r] - top);
+            total += part[(size_t)R * head_dim + R + r] * w;
+            for (int i = 0; i < head_dim; i++) o[i] += w * part[(size_t)r * head_dim + i];
+        }
+        for (int i = 0; i < head_dim; i++) o[i] /= total;
+    }
+}
+
 /* The new token's key or value row of KV head h, as the cache will hold it (rotated if cos_table,
    rounded to the cache's type). */
 static inline void new_row(const float *x, int h, int p, int head_dim, int rotary_dim, const float *cos_table,
@@ -513,10 +544,8 @@ void em_team_attention(const float *q, const float *k, const float *v, const flo
        takes that position's key and value from k and v, not from the cache: the cache is written
        after every item is done, so the step needs no barrier between a cache write and the items. */
     const int group = heads / kv_heads, sets = (group + EM_MAX_QUERIES - 1) / EM_MAX_QUERIES;
-    const int first = first_position(start, window), length = start - first + 1;
-    int chunk = (length + EM_DECODE_CHUNKS - 1) / EM_DECODE_CHUNKS;
-    chunk = chunk > EM_DECODE_CHUNK ? (chunk + 15) & ~15 : EM_DECODE_CHUNK; /* whole key blocks */
-    const int chunks = (length + chunk - 1) / chunk;
+    const int first = first_position(start, window), chunk = decode_chunk(start, window);
+    const int chunks = (start - first + chunk) / chunk;
     const size_t record = (size_t)head_dim + 2;
 #pragma omp for collapse(3) schedule(static)
     for (int kh = 0; kh < kv_heads; kh++)
@@ -570,26 +599,10 @@ void em_team_attention(const float *q, const float *k, const float *v, const flo
         store_key(k_cache, kh, start, key, head_dim, cache_tokens);
         store_value(v_cache, kh, start, v + (size_t)kh * head_dim, head_dim, cache_tokens);
     }
+    if (!out) return; /* the next matmul merges the chunks (em_fusion's EM_ATTENTION prologue) */
+    const em_merge merge = {start, window, heads, kv_heads, head_dim};
 #pragma omp for schedule(static)
-    for (int h = 0; h < heads; h++) {
-        const int set = h % group / EM_MAX_QUERIES, h0 = h - h % group + set * EM_MAX_QUERIES, r = h - h0;
-        const int R = group - set * EM_MAX_QUERIES < EM_MAX_QUERIES ? group - set * EM_MAX_QUERIES : EM_MAX_QUERIES;
-        const float *parts = scratch + (size_t)h0 * chunks * record;
-        float top = -INFINITY, total = 0.0f;
-        for (int c = 0; c < chunks; c++) {
-            const float mc = parts[(size_t)c * R * record + (size_t)R * head_dim + r];
-            top = mc > top ? mc : top;
-        }
-        float *o = out + (size_t)h * head_dim;
-        memset(o, 0, sizeof(float) * head_dim);
-        for (int c = 0; c < chunks; c++) {
-            const float *part = parts + (size_t)c * R * record;
-            const float w = expf(part[(size_t)R * head_dim + r] - top);
-            total += part[(size_t)R * head_dim + R + r] * w;
-            for (int i = 0; i < head_dim; i++) o[i] += w * part[(size_t)r * head_dim + i];
-        }
-        for (int i = 0; i < head_dim; i++) o[i] /= total;
-    }
+    for (int h = 0; h < heads; h++) em_merge_chunks(scratch, &merge, h, h + 1, out);
 }
 
 void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, const em_kv_value *v_cache,

@@ -47,12 +47,17 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
 /* A matmul with the work around it folded in (targets/native/lower.py matches the patterns), so a
    decode step does not stop between them on one thread:
      input     EM_INPUT: x as it is; EM_RMSNORM: RMSNorm of x with `norm`, `eps`;
-               EM_SILU_GATE / EM_GELU_GATE: act(x) * up, the gated MLP (x: the gate, rows K apart)
+               EM_SILU_GATE / EM_GELU_GATE: act(x) * up, the gated MLP (x: the gate, rows K apart);
+               EM_ATTENTION (one row): the decode attention's output, merged from the partial
+               results of its chunks (x: em_team_attention's scratch, `merge` its shape)
      output    y = x' @ W^T, plus `residual` [S, N] if not NULL
    `scratch` [S, K] holds the prepared input the threads share (S > 1; one row goes through
    em_team_matmul). y must not overlap x, up or residual: with one row, threads write y while
    others still read them. */
-enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3 };
+enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3, EM_ATTENTION = 4 };
+typedef struct {
+    int start, window, heads, kv_heads, head_dim; /* as em_team_attention's arguments */
+} em_merge;
 typedef struct {
     int prologue;
     const float *norm;
@@ -60,6 +65,7 @@ typedef struct {
     const float *up;
     const float *residual;
     float *scratch;
+    em_merge merge;
 } em_fusion;
 void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f);
 /* out[S, K] = rows ids[s] of an embedding table stored like a weight (n = vocab, k = hidden). */
@@ -104,7 +110,9 @@ void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, 
                          k and v are written to the caches at `start` once the step no longer
                          reads them, so no barrier is needed between the write and the attention.
                          scratch: heads x EM_DECODE_CHUNKS x (head_dim + 2) floats, the partial
-                         results of the context's chunks */
+                         results of the context's chunks. out NULL: the chunks are left to the
+                         next team matmul to merge (EM_ATTENTION), and the call ends without a
+                         barrier */
 #define EM_DECODE_CHUNKS 16
 void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_team_attention(const float *q, const float *k, const float *v, const float *cos_table, const float *sin_table,

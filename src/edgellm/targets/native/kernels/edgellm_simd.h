@@ -154,6 +154,10 @@ static inline float fdot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* edgellm_kernels.c: heads [h_first, h_end) of a decode attention's output, from its chunks'
+   partial results (em_team_attention's scratch). */
+void em_merge_chunks(const float *parts, const em_merge *a, int h_first, int h_end, float *out);
+
 /* One row of a fused matmul's prepared input (em_fusion): out[K] from row s of x (and f->up). */
 static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int K, float *out) {
     const float *xr = x + (size_t)s * K;
@@ -176,6 +180,9 @@ static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int
             out[c] = 0.5f * xr[c] * (1.0f + tanhf(k0 * (xr[c] + 0.044715f * xr[c] * xr[c] * xr[c]))) * up[c];
         return;
     }
+    case EM_ATTENTION: /* one row: x holds the decode attention's chunks */
+        em_merge_chunks(x, &f->merge, 0, f->merge.heads, out);
+        return;
     default:
         memcpy(out, xr, sizeof(float) * K);
     }
