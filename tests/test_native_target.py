@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -168,8 +169,9 @@ def _reference_reading_float16_kv(model_dir):
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     eager = sys.modules[type(reference).__module__].eager_attention_forward
 
-    def rounded(module, query, key, value, *args, **kwargs):
-        return eager(module, query, key.half().float(), value.half().float(), *args, **kwargs)
+    def rounded(module, query, key, value, *args, **kwargs):  # saturating at the largest float16, as the cache does
+        key, value = (t.clamp(-65504, 65504).half().float() for t in (key, value))
+        return eager(module, query, key, value, *args, **kwargs)
 
     transformers.AttentionInterface.register("edgellm_float16_kv", rounded)
     masks = transformers.masking_utils.AttentionMaskInterface
@@ -192,6 +194,29 @@ def test_float16_kv_cache_matches_transformers_reading_float16_keys_and_values(t
     # the rounding is there to see: float32 keys and values give other logits
     exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert np.abs(ours - _reference_logits(exact, result.token_ids)).max() > 3 * err
+
+
+def test_float16_kv_cache_saturates_values_past_the_float16_range(tmp_path, fp32_plan):
+    """Values past 65504 are stored as +-65504, not as infinities that turn the logits into NaN."""
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    weights = safetensors.torch.load_file(model_dir / "model.safetensors")
+    for name in weights:
+        if "v_proj" in name:
+            weights[name] *= 1e6
+    safetensors.torch.save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    out = build(model_dir, tmp_path / "out", fp32_plan, target="native", kv_cache_dtype="float16", **OPTIONS)
+    result = _generate(out)
+    ours = np.stack(result.logits)
+    assert np.isfinite(ours).all()
+    theirs = _reference_logits(_reference_reading_float16_kv(model_dir), result.token_ids)
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+    # the values did overflow: unclamped float16 has infinities
+    exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        layer = exact.model.layers[0]
+        values = layer.self_attn.v_proj(layer.input_layernorm(exact.model.embed_tokens(torch.tensor(PROMPT))))
+    assert torch.isinf(values.half()).any()
 
 
 def test_portable_float16_rounding_matches_numpy(tmp_path):

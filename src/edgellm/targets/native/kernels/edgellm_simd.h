@@ -101,10 +101,12 @@ static inline uint16_t half_bits(float f) {
 #endif
 }
 
-/* The KV cache's values (em_kv_value, edgellm_kernels.h): from a float, to a float, 16 at a time. */
+/* The KV cache's values (em_kv_value, edgellm_kernels.h): from a float, to a float, 16 at a time.
+   A float16 cache saturates at +-65504, the largest float16: a key or value past it would
+   become infinite and make the attention's output NaN (NaN itself stays NaN). */
 static inline em_kv_value em_kv_store(float x) {
 #ifdef EM_KV_FLOAT16
-    return half_bits(x);
+    return half_bits(x > 65504.0f ? 65504.0f : x < -65504.0f ? -65504.0f : x);
 #else
     return x;
 #endif
