@@ -20,7 +20,9 @@ import edgellm
 from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.native import NativeEngine
+from edgellm.targets import native as native_target
 from edgellm.targets.native import codegen
+from edgellm.targets.native.codegen import plan_arena
 from edgellm.targets.native.lower import Lowering
 from edgellm.targets.native.toolchain import KERNELS, TOOLCHAINS, Toolchain, build_programs
 from edgellm.quant.blocks import quantize
@@ -161,6 +163,27 @@ def test_decode_attention_with_its_neighbours_apart_matches_transformers(tmp_pat
     theirs = _reference_logits(reference, result.token_ids)
     assert np.abs(np.stack(result.logits) - theirs).max() < 1e-4
     assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+
+
+def test_the_rows_the_attention_caches_outlive_its_barrier_free_end(tmp_path, fp32_plan, monkeypatch):
+    """em_team_attention(out NULL) returns while threads may still copy the token's key and value
+    to the cache: the output projection that merges its chunks counts them as its inputs, so the
+    memory plan cannot put its output on them."""
+    lowered = []
+
+    def keep(program, tokens):
+        lowered.append((program, tokens))
+        return plan_arena(program, tokens)
+
+    monkeypatch.setattr(native_target, "plan_arena", keep)
+    build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", fp32_plan, target="native", **OPTIONS)
+    calls = next(program for program, tokens in lowered if tokens == 1).calls
+    attentions = [i for i, call in enumerate(calls) if call.code.startswith("em_team_attention") and "NULL);" in call.code]
+    assert len(attentions) == 3  # one per layer
+    for i in attentions:
+        merge = next(call for call in calls[i + 1:] if "EM_ATTENTION" in call.code)
+        k_and_v = set(calls[i].reads[1:])
+        assert len(k_and_v) >= 1 and k_and_v <= set(merge.reads), (calls[i].code, merge.code)
 
 
 def _reference_reading_float16_kv(model_dir):
