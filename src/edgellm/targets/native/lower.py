@@ -8,7 +8,9 @@ kernels/edgellm_kernels.c:
     RMSNormalization -> em_rmsnorm, RotaryEmbedding -> em_rope, Split -> em_columns,
     TensorScatter -> em_cache_write_keys or _values, Attention -> em_attention, elementwise ops -> em_add, ...
 An RMSNorm or gated product read by one MatMul, and an Add of the MatMul's output to an
-activation (the residual), become part of that MatMul's call: em_matmul_fused.
+activation (the residual), become part of that MatMul's call: em_matmul_fused. In the decode
+variant the attention (em_team_attention) also takes in the RotaryEmbeddings only it reads and
+the cache writes, and the MatMul reading its output merges its chunks (prologue EM_ATTENTION).
 The MASK segment's nodes are not lowered: em_attention derives causality (and a sliding window,
 read from the segment's window constant) from the positions it is called with. Reshape is a
 view: its output shares its input's buffer; so is a Split of one row (the decode variant).
