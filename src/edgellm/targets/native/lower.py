@@ -465,7 +465,7 @@ class Lowering:
             return
         self._rope(node.output[0], rotary)
 
-    def _rope(self, name: str, r: "Rotary") -> None:
+    def _rope(self, name: str, r: Rotary) -> None:
         out = self._new(name, self._act(r.source))
         self._emit(f"em_rope({{{r.source}}}, S, start, {r.heads}, {r.head_dim}, {r.rotary_dim}, F({r.cos}), F({r.sin}), "
                    f"{{{out.name}}});", [r.source], [out.name], r.node)
@@ -536,6 +536,7 @@ class Lowering:
         rotated = [self._through_identity(name) for name in rows]
         rq, rk = self.rotary.get(rotated[0]), self.rotary.get(rotated[1])
         fused = (rq is not None and rk is not None and (rq.cos, rq.sin, rq.rotary_dim) == (rk.cos, rk.sin, rk.rotary_dim)
+                 and (rq.heads, rk.heads, rq.head_dim, rk.head_dim) == (heads, kv_heads, head_dim, head_dim)
                  and rotated[2] not in self.rotary)
         if fused:
             tables = f"F({rq.cos}), F({rq.sin}), {rq.rotary_dim}"
