@@ -594,8 +594,7 @@ void em_team_attention(const float *q, const float *k, const float *v, const flo
 #pragma omp for schedule(static) nowait
     for (int kh = 0; kh < kv_heads; kh++) {
         float key[head_dim];
-        if (cos_table) rope_head(k + (size_t)kh * head_dim, start, head_dim, rotary_dim, cos_table, sin_table, key);
-        else memcpy(key, k + (size_t)kh * head_dim, sizeof key);
+        new_row(k, kh, start, head_dim, rotary_dim, cos_table, sin_table, key); /* rounding twice rounds once */
         store_key(k_cache, kh, start, key, head_dim, cache_tokens);
         store_value(v_cache, kh, start, v + (size_t)kh * head_dim, head_dim, cache_tokens);
     }
