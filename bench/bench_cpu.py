@@ -1103,8 +1103,8 @@ def main(argv=None) -> int:
         results = {e: {case: [] for case in cases} for e in engines}
         retry = {"spent": 0.0}
         probe = membw_program(work)
-        short_context = args.short_prompt + args.short_gen / 2  # the decode's mean context
-        read_bytes = {e: bytes_read_per_token(Path(specs[e]["artifact"]), short_context) for e in engines
+        decode_positions = range(args.short_prompt, args.short_prompt + args.short_gen - 1)  # after the first token
+        read_bytes = {e: bytes_read_per_token(Path(specs[e]["artifact"]), decode_positions) for e in engines
                       if specs[e].get("artifact")}  # read now: the work dir goes at the end
         bandwidth: list[float] = []
         for rep in range(1, args.reps + 1):
@@ -1189,12 +1189,12 @@ def measure_membw(probe: Path, threads: int) -> float:
     return float(subprocess.run([str(probe), str(threads)], capture_output=True, text=True, check=True).stdout)
 
 
-def bytes_read_per_token(artifact: Path, context: float) -> tuple[int, float]:
-    """(weight bytes, KV cache bytes at `context` cached positions) one decode step reads."""
+def bytes_read_per_token(artifact: Path, positions: range) -> tuple[int, float]:
+    """(weight bytes, KV cache bytes) a decode step reads, on average over steps at `positions`."""
     _ensure_src_on_path()
     from edgellm.measure.speed import kv_cache_bytes_per_token, weight_bytes_per_token  # noqa: PLC0415
 
-    return weight_bytes_per_token(artifact), kv_cache_bytes_per_token(artifact, context)
+    return weight_bytes_per_token(artifact), kv_cache_bytes_per_token(artifact, positions)
 
 
 def achieved_bandwidth(weights: int, kv_cache: float, tps: float | None, bandwidth: list[float]) -> dict:
@@ -1219,10 +1219,10 @@ def _bandwidth_lines(engines, summary, meta) -> list[str]:
     for e in engines:
         s = summary[e]
         if s.get("weight_gbs"):
-            lines.append(f"{e}: {s['weight_mb_per_token']:.1f} MB of weights per decode token x decode tok/s = "
-                         f"{s['weight_gbs']:.1f} GB/s, {100 * s['weight_gbs_share']:.0f}% of the machine's read "
+            lines.append(f"{e}: {s['weight_mb_per_token']:.1f} MB of weights per decode token x {s['short_tps']:.1f} "
+                         f"tok/s = {s['weight_gbs']:.1f} GB/s, {100 * s['weight_gbs_share']:.0f}% of the machine's read "
                          f"bandwidth; with the {s['kv_cache_mb_per_token']:.1f} MB of KV cache attention reads per "
-                         f"token at the mean context: {100 * s['read_gbs_share']:.0f}%")
+                         f"token: {100 * s['read_gbs_share']:.0f}%")
     return lines
 
 

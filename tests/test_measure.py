@@ -59,27 +59,34 @@ def test_bench_reports_every_metric(tmp_path, fp32_plan):
     # a decode step reads every layer weight and the LM head, not the embedding table
     assert 0.5 * weights < speed["weight_mb_per_token"] * 1e6 <= weights
     assert speed["artifact_mb"] * 1e6 > weights and speed["peak_rss_mb"] > 0
-    # attention reads every layer's keys and values (float32) at the run's mean context: 20 + 8 / 2
+    # the cpu target's attention reads the bucket its calls bind: steps at positions 20..26 attend
+    # to at most 27 positions, which the first bucket (future_token_mask_size 32) covers
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     per_position = hf["num_hidden_layers"] * 2 * hf["num_key_value_heads"] * head_dim * 4
-    assert abs(speed["kv_cache_mb_per_token"] * 1e6 - 24 * per_position) < 1e-6 * per_position
+    assert abs(speed["kv_cache_mb_per_token"] * 1e6 - 32 * per_position) < 1e-6 * per_position
     read = (speed["weight_mb_per_token"] + speed["kv_cache_mb_per_token"]) * speed["decode_tps"] / 1e3
     assert abs(speed["read_gbs"] - read) < 1e-6 * read
 
 
-def test_kv_cache_bytes_count_a_sliding_layer_s_window_and_float16_values(tmp_path, fp32_plan):
+def test_kv_cache_bytes_count_buckets_windows_and_float16_values(tmp_path, fp32_plan):
     out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", fp32_plan, **OPTIONS)
     cfg = json.loads((out / "model_config.json").read_text())
     per_position = 2 * cfg["num_kv_heads"] * cfg["head_dim"] * 4
     layers = cfg["num_layers"]
-    assert kv_cache_bytes_per_token(out, 40) == layers * 40 * per_position
+    # the cpu target reads its bucket (32 or 64 positions here), every layer
+    assert kv_cache_bytes_per_token(out, range(20, 31)) == layers * 32 * per_position
+    assert kv_cache_bytes_per_token(out, range(30, 34)) == layers * 48 * per_position  # 32, 32, 64, 64
     cfg["layer_types"] = ["sliding"] + ["full"] * (layers - 1)
     cfg["sliding_window"] = 16
     (out / "model_config.json").write_text(json.dumps(cfg))
-    assert kv_cache_bytes_per_token(out, 40) == (16 + (layers - 1) * 40) * per_position
-    assert kv_cache_bytes_per_token(out, 10) == layers * 10 * per_position  # within the window
+    assert kv_cache_bytes_per_token(out, range(39, 40)) == layers * 64 * per_position
+    # the native targets read the positions each layer attends to: a sliding layer its window
     manifest = json.loads((out / "manifest.json").read_text())
+    manifest["options"]["target"] = "native"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert kv_cache_bytes_per_token(out, range(39, 40)) == (16 + (layers - 1) * 40) * per_position
+    assert kv_cache_bytes_per_token(out, range(9, 12)) == layers * 11 * per_position  # 10, 11, 12: within the window
     manifest["options"]["kv_cache_dtype"] = "float16"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert kv_cache_bytes_per_token(out, 10) == layers * 10 * per_position // 2
+    assert kv_cache_bytes_per_token(out, range(9, 10)) == layers * 10 * per_position // 2

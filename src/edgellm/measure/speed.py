@@ -4,6 +4,7 @@ the peers installed); this is the number a user checks on their own device."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ class Speed:
     ttft_ms: float
     decode_tps: float
     weight_mb_per_token: float  # weight bytes one decode step reads
-    kv_cache_mb_per_token: float  # KV cache bytes its attention reads, at the run's mean context
+    kv_cache_mb_per_token: float  # KV cache bytes its attention reads, averaged over the run's steps
     bandwidth_gbs: float  # weight_mb_per_token x decode_tps
     read_gbs: float  # (weight_mb_per_token + kv_cache_mb_per_token) x decode_tps
     artifact_mb: float
@@ -60,16 +61,22 @@ def weight_bytes_per_token(model_dir: Path) -> int:
     return decode_weight_bytes(programs / "single.onnx" if (programs / "single.onnx").is_file() else programs / "shared.onnx")
 
 
-def kv_cache_bytes_per_token(model_dir: Path, context: float) -> float:
-    """Bytes of KV cache a decode step's attention reads with `context` positions cached: every
-    layer's keys and values at the positions it attends to (a sliding layer's last `window`)."""
+def kv_cache_bytes_per_token(model_dir: Path, positions: range) -> float:
+    """Bytes of KV cache a decode step's attention reads, on average over steps at `positions`
+    (a step at position p attends to 0..p). The native targets read every layer's keys and
+    values at the positions it attends to (a sliding layer's last `window`); the cpu target reads
+    the whole bucket of positions its call binds (runtime/engine.py), sliding layers included."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.load(model_dir / "model_config.json")
     options = json.loads((model_dir / "manifest.json").read_text()).get("options", {})
-    value_bytes = 2 if options.get("kv_cache_dtype") == "float16" else 4
-    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * value_bytes
-    window = cfg.sliding_window or context
-    return sum(per_position * (min(context, window) if kind == "sliding" else context) for kind in cfg.layer_types)
+    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * (2 if options.get("kv_cache_dtype") == "float16" else 4)
+    if options.get("target", "cpu") == "cpu":
+        buckets = range(options["future_token_mask_size"], options["max_num_tokens"] + 1, options["future_token_mask_size"])
+        read = [len(cfg.layer_types) * buckets[bisect.bisect_left(buckets, p + 1)] for p in positions]
+    else:
+        window = cfg.sliding_window or options["max_num_tokens"]
+        read = [sum(min(p + 1, window) if kind == "sliding" else p + 1 for kind in cfg.layer_types) for p in positions]
+    return per_position * statistics.mean(read)
 
 
 def artifact_bytes(model_dir: Path) -> int:
@@ -87,7 +94,8 @@ def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repe
         runs.append(model.generate_ids(prompt_ids, max_new_tokens=gen_tokens, ignore_eos=True))
     tps = statistics.median(r.decode_tps for r in runs)
     per_token = weight_bytes_per_token(Path(model_dir))
-    kv_cache = kv_cache_bytes_per_token(Path(model_dir), len(prompt_ids) + gen_tokens / 2)
+    # decode tokens/s counts the steps after the first token: positions prompt .. prompt + gen - 2
+    kv_cache = kv_cache_bytes_per_token(Path(model_dir), range(len(prompt_ids), len(prompt_ids) + gen_tokens - 1))
     return Speed(
         model=str(model_dir), prompt_tokens=len(prompt_ids), gen_tokens=gen_tokens,
         ttft_ms=1000 * statistics.median(r.ttft_s for r in runs), decode_tps=tps,
