@@ -304,6 +304,57 @@ def test_model_main_runs_without_python_and_agrees_with_the_runtime(tmp_path):
     assert bound <= arena < total / 2  # lifetimes let activations share bytes
 
 
+def _refusal(program_dir) -> str | None:
+    """The program's refusal to run on this CPU (its one-line message), or None if it runs. Run in a
+    child process, so that a program that dies of an illegal instruction fails the test, not the run."""
+    result = subprocess.run([str(program_dir / "model_main"), "--tokens", "1", "--gen", "1",
+                             "--weights", str(program_dir / "weights.bin")], capture_output=True, text=True, timeout=600)
+    assert result.returncode >= 0, f"model_main died of signal {-result.returncode}: {result.stderr}"
+    if result.returncode == 0:
+        return None
+    assert "which this one lacks" in result.stderr, result.stderr
+    return result.stderr.strip()
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+# Extensions the guard must name, each with the flag that compiles for it on top of AVX2 and its
+# /proc/cpuinfo name; the test takes the first one this CPU lacks.
+MISSING_CANDIDATES = [("-mavxvnni", "avx_vnni", "AVX-VNNI"), ("-mavx512fp16", "avx512_fp16", "AVX-512 FP16"),
+                      ("-mamx-tile", "amx_tile", "AMX-TILE"), ("-mavx512vp2intersect", "avx512_vp2intersect",
+                                                             "AVX-512 VP2INTERSECT")]
+
+
+def test_a_program_for_an_extension_this_cpu_lacks_refuses_to_load_naming_it(tmp_path):
+    if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
+        pytest.skip("x86-64 instruction sets need an x86-64 machine")
+    flags = _cpu_flags()
+    lacking = [(flag, label) for flag, cpuinfo, label in MISSING_CANDIDATES if cpuinfo not in flags]
+    if not lacking or "avx2" not in flags:
+        pytest.skip(f"this CPU has every candidate extension ({', '.join(c[2] for c in MISSING_CANDIDATES)}), or no AVX2")
+    flag, label = lacking[0]
+    out = _tiny_native(tmp_path, int8_activations=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model.c", "weights.bin", "program.json"):
+        shutil.copy(out / "compiled" / "native" / name, other)
+    build_programs(Toolchain("native", "cc", ("-march=x86-64-v3", flag), "gcc"), other)
+    refusal = _refusal(other)
+    assert refusal and f"with {label}, which this one lacks" in refusal
+    # the Python runtime, in a child process too, gets the same refusal as an exception
+    script = ("import sys; from edgellm.runtime.native import NativeEngine; import edgellm\n"
+              "spec = edgellm.load(sys.argv[1]).engine.spec\n"
+              "try: NativeEngine(sys.argv[2], spec)\n"
+              "except Exception as e: print(type(e).__name__, e); sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(out), str(other)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 3, (result.returncode, result.stderr)
+    assert result.stdout.startswith("EdgeLLMError") and label in result.stdout
+
+
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni"])  # portable C; AVX2; AVX-VNNI
 @pytest.mark.parametrize("preset,int8_activations,kv_cache_dtype", [
     ("int4", False, "float32"), ("int4", True, "float32"), ("int8", True, "float32"), ("int8", False, "float32"),
@@ -321,6 +372,9 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     for name in ("model.c", "weights.bin", "program.json"):  # program.json: the settings the kernels compile with
         shutil.copy(native / name, other)
     build_programs(Toolchain("native", "cc", tuple(f"-march={march}".split()), "gcc"), other)
+    refusal = _refusal(other)
+    if refusal:  # the program's own guard, run in a child process: an illegal instruction cannot end this run
+        pytest.skip(f"-march={march}: this CPU cannot run it ({refusal})")
     model = edgellm.load(out)
     expected = model.engine.prompt_logits(PROMPT)
     got = NativeEngine(other, model.engine.spec).prompt_logits(PROMPT)

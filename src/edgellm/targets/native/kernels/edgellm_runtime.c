@@ -27,17 +27,125 @@ void *em_cache_alloc(size_t bytes) {
 
 #if defined(__x86_64__)
 /* Built with -march for one machine: refuse, rather than die of an illegal instruction, on a CPU
-   without the instruction sets the code was compiled for. Compiled for baseline x86-64 itself. */
+   without an instruction-set extension the code was compiled for. Every extension the compiler
+   may emit on its own is checked (the ones it enables and the CPU reports through
+   __builtin_cpu_supports); the rest of -march's list (XSAVE, CLZERO, RDPID, ...) are system
+   instructions it never emits for this code. Compiled for baseline x86-64 itself. */
 __attribute__((target("arch=x86-64"))) static const char *em_missing_instructions(void) {
     __builtin_cpu_init();
+#if defined(__SSE3__)
+    if (!__builtin_cpu_supports("sse3")) return "SSE3";
+#endif
+#if defined(__SSSE3__)
+    if (!__builtin_cpu_supports("ssse3")) return "SSSE3";
+#endif
+#if defined(__SSE4_1__)
+    if (!__builtin_cpu_supports("sse4.1")) return "SSE4.1";
+#endif
+#if defined(__SSE4_2__)
+    if (!__builtin_cpu_supports("sse4.2")) return "SSE4.2";
+#endif
+#if defined(__POPCNT__)
+    if (!__builtin_cpu_supports("popcnt")) return "POPCNT";
+#endif
+#if defined(__AVX__)
+    if (!__builtin_cpu_supports("avx")) return "AVX";
+#endif
+#if defined(__AVX2__)
+    if (!__builtin_cpu_supports("avx2")) return "AVX2";
+#endif
+#if defined(__FMA__)
+    if (!__builtin_cpu_supports("fma")) return "FMA";
+#endif
+#if defined(__F16C__)
+    if (!__builtin_cpu_supports("f16c")) return "F16C";
+#endif
+#if defined(__BMI__)
+    if (!__builtin_cpu_supports("bmi")) return "BMI1";
+#endif
+#if defined(__BMI2__)
+    if (!__builtin_cpu_supports("bmi2")) return "BMI2";
+#endif
+#if defined(__LZCNT__)
+    if (!__builtin_cpu_supports("lzcnt")) return "LZCNT";
+#endif
+#if defined(__MOVBE__)
+    if (!__builtin_cpu_supports("movbe")) return "MOVBE";
+#endif
+#if defined(__AES__)
+    if (!__builtin_cpu_supports("aes")) return "AES";
+#endif
+#if defined(__PCLMUL__)
+    if (!__builtin_cpu_supports("pclmul")) return "PCLMUL";
+#endif
+#if defined(__SHA__)
+    if (!__builtin_cpu_supports("sha")) return "SHA";
+#endif
+#if defined(__ADX__)
+    if (!__builtin_cpu_supports("adx")) return "ADX";
+#endif
+#if defined(__GFNI__)
+    if (!__builtin_cpu_supports("gfni")) return "GFNI";
+#endif
+#if defined(__VAES__)
+    if (!__builtin_cpu_supports("vaes")) return "VAES";
+#endif
+#if defined(__VPCLMULQDQ__)
+    if (!__builtin_cpu_supports("vpclmulqdq")) return "VPCLMULQDQ";
+#endif
+#if defined(__AVXVNNI__)
+    if (!__builtin_cpu_supports("avxvnni")) return "AVX-VNNI";
+#endif
 #if defined(__AVX512F__)
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return "AVX-512";
+    if (!__builtin_cpu_supports("avx512f")) return "AVX-512F";
+#endif
+#if defined(__AVX512BW__)
+    if (!__builtin_cpu_supports("avx512bw")) return "AVX-512BW";
+#endif
+#if defined(__AVX512DQ__)
+    if (!__builtin_cpu_supports("avx512dq")) return "AVX-512DQ";
+#endif
+#if defined(__AVX512VL__)
+    if (!__builtin_cpu_supports("avx512vl")) return "AVX-512VL";
+#endif
+#if defined(__AVX512CD__)
+    if (!__builtin_cpu_supports("avx512cd")) return "AVX-512CD";
 #endif
 #if defined(__AVX512VNNI__)
     if (!__builtin_cpu_supports("avx512vnni")) return "AVX-512 VNNI";
 #endif
-#if defined(__AVX2__)
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return "AVX2 and FMA";
+#if defined(__AVX512BF16__)
+    if (!__builtin_cpu_supports("avx512bf16")) return "AVX-512 BF16";
+#endif
+#if defined(__AVX512FP16__)
+    if (!__builtin_cpu_supports("avx512fp16")) return "AVX-512 FP16";
+#endif
+#if defined(__AVX512IFMA__)
+    if (!__builtin_cpu_supports("avx512ifma")) return "AVX-512 IFMA";
+#endif
+#if defined(__AVX512VBMI__)
+    if (!__builtin_cpu_supports("avx512vbmi")) return "AVX-512 VBMI";
+#endif
+#if defined(__AVX512VBMI2__)
+    if (!__builtin_cpu_supports("avx512vbmi2")) return "AVX-512 VBMI2";
+#endif
+#if defined(__AVX512BITALG__)
+    if (!__builtin_cpu_supports("avx512bitalg")) return "AVX-512 BITALG";
+#endif
+#if defined(__AVX512VPOPCNTDQ__)
+    if (!__builtin_cpu_supports("avx512vpopcntdq")) return "AVX-512 VPOPCNTDQ";
+#endif
+#if defined(__AVX512VP2INTERSECT__)
+    if (!__builtin_cpu_supports("avx512vp2intersect")) return "AVX-512 VP2INTERSECT";
+#endif
+#if defined(__AMX_TILE__)
+    if (!__builtin_cpu_supports("amx-tile")) return "AMX-TILE";
+#endif
+#if defined(__AMX_INT8__)
+    if (!__builtin_cpu_supports("amx-int8")) return "AMX-INT8";
+#endif
+#if defined(__AMX_BF16__)
+    if (!__builtin_cpu_supports("amx-bf16")) return "AMX-BF16";
 #endif
     return NULL;
 }
