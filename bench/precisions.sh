@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What each precision costs in accuracy on SmolLM2-135M: builds every variant with --return_logits
+# What each precision costs in accuracy on SmolLM2-135M: builds every variant
 # and runs `edgellm eval` on all of them against the FP32 build of the same weights.
 #   bash bench/precisions.sh [WORK_DIR]      (about 5 minutes on 2 cores; prints two tables)
 # GGUF source (Q4_1 layers, Q8_0 embeddings): int4 takes the Q4_1 blocks as they are.
@@ -13,7 +13,7 @@ gguf=$(python -c "from edgellm.reference import smollm2_gguf; print(smollm2_gguf
 hf=$(python -c "from edgellm.reference import hf_dir_from_gguf, smollm2_gguf, DEFAULT_CACHE_DIR as d; print(hf_dir_from_gguf(smollm2_gguf(), d / 'SmolLM2-135M-Instruct.Q4_1-hf'))")
 build() {  # name source flags...
   local name=$1 src=$2; shift 2
-  edgellm compile "$src" -o "$work/$name" --return_logits -j 2 --resume "$@" >/dev/null 2>"$work/$name.log" || { cat "$work/$name.log"; exit 1; }
+  edgellm compile "$src" -o "$work/$name" -j 2 --resume "$@" >/dev/null 2>"$work/$name.log" || { cat "$work/$name.log"; exit 1; }
   tail -1 "$work/$name.log" >&2
 }
 build fp32 "$gguf" -c fp32

@@ -24,7 +24,7 @@ def _run(*args) -> subprocess.CompletedProcess:
 
 def test_eval_perplexity_matches_transformers_and_self_agreement_is_total(tmp_path, fp32_plan):
     model_dir = save_tiny("llama", tmp_path / "hf")
-    out = build(model_dir, tmp_path / "out", fp32_plan, return_logits=True, **OPTIONS)
+    out = build(model_dir, tmp_path / "out", fp32_plan, **OPTIONS)
     ids = [int(t) for t in np.random.default_rng(8).integers(1, VOCAB, 100)]
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{i}" for i in ids))

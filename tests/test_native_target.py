@@ -277,6 +277,10 @@ def test_float16_kv_cache_needs_a_native_target(tmp_path):
               **OPTIONS)
 
 
+def _prompt_logits(model, tokens):
+    return model.engine.open_session().prompt_logits(tokens)
+
+
 def _tiny_native(tmp_path, family="llama", preset="int4", **options):
     model_dir = save_tiny(family, tmp_path / "hf")
     return build(model_dir, tmp_path / "out", preset, **{"target": "native", **OPTIONS, **options})
@@ -376,8 +380,8 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     if refusal:  # the program's own guard, run in a child process: an illegal instruction cannot end this run
         pytest.skip(f"-march={march}: this CPU cannot run it ({refusal})")
     model = edgellm.load(out)
-    expected = model.engine.prompt_logits(PROMPT)
-    got = NativeEngine(other, model.engine.spec).prompt_logits(PROMPT)
+    expected = _prompt_logits(model, PROMPT)
+    got = NativeEngine(other, model.engine.spec).open_session().prompt_logits(PROMPT)
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
     assert _model_main(other) == _model_main(native)
 
@@ -430,48 +434,17 @@ def test_compile_error_names_the_generated_line_and_resume_retries(tmp_path, mon
     assert _generate(out).gen_tokens == STEPS
 
 
-def test_two_engines_on_one_build_keep_their_own_caches(tmp_path):
-    out = _tiny_native(tmp_path)
-    first, second = edgellm.load(out), edgellm.load(out)
-    expected = first.engine.prompt_logits(PROMPT[:20])
-    second.engine.prompt_logits(PROMPT[20:])  # fills the second engine's cache with other tokens
-    # a shared cache would now hold the second engine's tokens at positions 0..19
-    np.testing.assert_allclose(first.engine.decode(PROMPT[20], 20), edgellm.load(out).engine.prefill(PROMPT[:21], 0),
-                               atol=1e-5)
-    assert np.array_equal(first.engine.prompt_logits(PROMPT[:20]), expected)
-
-
-def test_released_engines_free_their_copy_of_the_library(tmp_path):
-    from edgellm.runtime import native
-
-    out = _tiny_native(tmp_path)
-    library = (out / "compiled" / "native" / "libmodel.so").resolve()
-    first, second = edgellm.load(out), edgellm.load(out)  # the second runs a private copy
-    expected = second.engine.prompt_logits(PROMPT[:10])
-    second.engine.close()
-    second.engine.close()  # twice is harmless
-    with pytest.raises(EdgeLLMError, match="this engine was closed"):
-        second.engine.decode(PROMPT[10], 10)
-    assert not list(library.parent.glob(".edgellm-model-*"))  # the copy's file went once loaded
-    del first
-    gc.collect()
-    assert library not in native._IN_USE  # the library itself is free again: the next engine takes it
-    third = edgellm.load(out)
-    assert library in native._IN_USE
-    assert np.array_equal(third.engine.prompt_logits(PROMPT[:10]), expected)
-
-
 def test_a_library_rebuilt_after_its_engine_was_released_runs_the_new_code(tmp_path):
     """A path stays loaded in the process; loading it again would hand back the old code. Here
     the rebuild changes only model.c (int8 activations), so the weights' digest still matches."""
     out = _tiny_native(tmp_path)
-    float_logits = edgellm.load(out).engine.prompt_logits(PROMPT[:10])
+    float_logits = _prompt_logits(edgellm.load(out), PROMPT[:10])
     gc.collect()  # the engine above is released
     model_dir = tmp_path / "hf"
     build(model_dir, out, "int4", target="native", int8_activations=True, **OPTIONS)
-    expected = edgellm.load(build(model_dir, tmp_path / "int8", "int4", target="native", int8_activations=True,
-                                  **OPTIONS)).engine.prompt_logits(PROMPT[:10])
-    got = edgellm.load(out).engine.prompt_logits(PROMPT[:10])
+    expected = _prompt_logits(edgellm.load(build(model_dir, tmp_path / "int8", "int4", target="native",
+                                                 int8_activations=True, **OPTIONS)), PROMPT[:10])
+    got = _prompt_logits(edgellm.load(out), PROMPT[:10])
     assert not np.array_equal(got, float_logits)
     assert np.array_equal(got, expected)
 
@@ -481,6 +454,7 @@ def test_a_copy_that_cannot_be_loaded_names_the_fix(tmp_path, monkeypatch):
 
     out = _tiny_native(tmp_path)
     first = edgellm.load(out)
+    _tiny_native(tmp_path, int8_activations=True)  # rebuilt in place: the next load needs a private copy
     real = native.ctypes.CDLL
 
     def no_copies(path, *args, **kwargs):  # as on a noexec temporary directory
@@ -491,7 +465,7 @@ def test_a_copy_that_cannot_be_loaded_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(native.ctypes, "CDLL", no_copies)
     with pytest.raises(EdgeLLMError, match="private copy of libmodel.so.*set TMPDIR"):
         edgellm.load(out)
-    assert first.engine.decode(PROMPT[0], 0).shape == (VOCAB,)
+    assert first.default_session.engine_session.decode(PROMPT[0], 0).shape == (VOCAB,)
 
 
 def test_weights_of_another_build_are_refused(tmp_path):
@@ -503,13 +477,14 @@ def test_weights_of_another_build_are_refused(tmp_path):
 
 
 def test_bad_calls_are_refused_with_a_message(tmp_path):
-    model = edgellm.load(_tiny_native(tmp_path))
+    session = edgellm.load(_tiny_native(tmp_path)).engine.open_session()
     with pytest.raises(EdgeLLMError, match="outside the vocabulary"):
-        model.engine.decode(VOCAB + 5, 0)
+        session.decode(VOCAB + 5, 0)
     with pytest.raises(EdgeLLMError, match="bad call"):
-        model.engine.run(list(range(1, 18)), 0)  # more tokens than a group holds
-    with pytest.raises(EdgeLLMError, match="bad call: 1 tokens at position 128"):
-        model.engine.decode(1, OPTIONS["max_num_tokens"])  # past the context (checked in C)
+        session.forward(list(range(1, 18)), 0)  # more rows than a group holds
+    with pytest.raises(EdgeLLMError, match="bad call: 1 rows at position 3 of a session holding 0"):
+        session.length = 3  # past Python's check: C's own refuses a gap before the rows
+        session.decode(1, 3)
 
 
 def test_unknown_target_is_refused(tmp_path):

@@ -27,6 +27,7 @@ from . import __version__
 from .config import ModelConfig, build_model_config
 from .errors import EdgeLLMError
 from .graph.units import Unit, plan_units
+from .graph.segments import SEGMENT_FORMAT
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
 TARGETS = ("cpu", "native", "aarch64-linux")  # cpu: ONNX Runtime; the others: generated C (targets/native)
@@ -53,7 +54,6 @@ class BuildOptions:
     # Let ONNX Runtime quantize activations to int8 inside its integer matmuls (accuracy level 4)
     # instead of computing in float (level 1).
     int8_activations: bool = False
-    return_logits: bool = False  # prefill returns every position's logits (edgellm eval)
     enable_filter_sharing: bool = False  # one in-memory copy of weights for prefill and decode (targets/cpu)
     kv_cache_dtype: str = "float32"  # float16: the native targets keep the KV cache in float16
 
@@ -187,7 +187,7 @@ def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
     o = ctx.options
     basis = json.dumps(
         [stage, unit.name, __version__, ctx.fingerprint, ctx.cfg.to_json(), o.language_group_size, o.max_num_tokens,
-         o.return_logits, extra]
+         SEGMENT_FORMAT, extra]
     )
     return hashlib.sha256(basis.encode()).hexdigest()[:24]
 
@@ -211,7 +211,7 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             def weights(role, layer):
                 return _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
 
-            model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, o.return_logits), spill)
+            model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens), spill)
         else:
             from .quant.precision import QuantOptions, apply_precision
 
@@ -319,7 +319,6 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
         language_group_size=options.language_group_size,
         buckets=options.buckets,
         int8_activations=options.int8_activations,
-        return_logits=options.return_logits,
     )
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 

@@ -17,6 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compile smal
 err = Console(stderr=True)
 
 
+DRAFT_HELP = "speculative decoding: a smaller edgellm build with the same vocabulary drafts tokens"
+DRAFT_MAX_HELP = "with --draft or --lookup: at most this many drafted tokens per verify call (adapts down)"
+LOOKUP_HELP = "speculative decoding without a model: drafts from n-gram matches (up to N tokens) in the context"
+
+
 @app.command()
 def compile(
     model: Path = typer.Argument(..., help="Hugging Face model directory or GGUF file"),
@@ -38,7 +43,6 @@ def compile(
     lm_head_bits: int = typer.Option(8, "--lm_head_bits", help="with --quantize_embeddings: 4 for an int4 LM head"),
     int8_activations: bool = typer.Option(False, "--int8_activations",
                                           help="quantize activations to int8 inside integer matmuls (faster, less exact)"),
-    return_logits: bool = typer.Option(False, "--return_logits", help="prefill returns every position's logits (fast eval)"),
     kv_cache_dtype: str = typer.Option("float32", "--kv_cache_dtype",
                                        help="float32, or float16 (native targets): half the KV cache's memory and reads"),
     enable_filter_sharing: bool = typer.Option(False, "--enable_filter_sharing",
@@ -58,7 +62,7 @@ def compile(
         future_token_mask_size=future_token_mask_size, jobs=jobs, resume=resume, stages=chosen,
         configuration_file=str(configuration_file) if configuration_file else None, target=target,
         block_size=block_size, asymmetric=asymmetric, quantize_embeddings=_embedding_width(quantize_embeddings, lm_head_bits),
-        int8_activations=int8_activations, return_logits=return_logits, enable_filter_sharing=enable_filter_sharing,
+        int8_activations=int8_activations, enable_filter_sharing=enable_filter_sharing,
         kv_cache_dtype=kv_cache_dtype,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -140,18 +144,23 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON line with text and metrics, nothing else"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
+    lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
 ):
     """Complete PROMPT (or answer it with --chat), streaming, then print TTFT and tokens/s."""
     import edgellm
     from .runtime.sampling import SamplingParams
 
     model = edgellm.load(model_dir, threads=threads)
+    drafter = _drafter(model, draft, draft_max, lookup, threads)
     on_text = None if as_json else _stream
     result = model.generate(prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
                             sampling=SamplingParams(temperature, top_k, top_p, seed), stop=tuple(stop or ()),
-                            on_text=on_text)
+                            on_text=on_text, drafter=drafter, draft_max=draft_max)
     if as_json:
-        print(json.dumps({k: result.metrics()[k] for k in ("text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb")}))
+        keys = ("text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb", "speculation")
+        print(json.dumps({k: v for k, v in result.metrics().items() if k in keys}))
     else:
         sys.stdout.write("\n")
         _report(result)
@@ -166,6 +175,9 @@ def chat(
     top_k: int = typer.Option(0, "--top-k"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
+    lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
 ):
     """Talk to a compiled model; history is kept (and its KV cache reused) across turns.
     /reset clears the history, /quit or Ctrl-D leaves."""
@@ -173,6 +185,7 @@ def chat(
     from .runtime.sampling import SamplingParams
 
     model = edgellm.load(model_dir, threads=threads)
+    drafter = _drafter(model, draft, draft_max, lookup, threads)
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens. /reset, /quit[/dim]")
     while True:
@@ -189,7 +202,8 @@ def chat(
         if not line.strip():
             continue
         try:
-            result = model.chat(line, max_new_tokens=max_new_tokens, sampling=sampling, on_text=_stream)
+            result = model.chat(line, max_new_tokens=max_new_tokens, sampling=sampling, on_text=_stream,
+                                drafter=drafter, draft_max=draft_max)
         except EdgeLLMError as e:
             err.print(f"[red]error:[/red] {e}")
             model.reset()
@@ -254,6 +268,9 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="runs; the median is reported"),
     as_json: bool = typer.Option(False, "--json", help="one JSON line on stdout"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
+    lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
 ):
     """TTFT, decode tokens/s, achieved weight bandwidth, artifact size and peak RSS on this machine."""
     import edgellm
@@ -264,15 +281,24 @@ def bench(
     if prompt_tokens + gen_tokens > model.max_num_tokens:
         raise EdgeLLMError(f"{model_dir}: {prompt_tokens} + {gen_tokens} tokens exceed the context of {model.max_num_tokens}")
     ids = model.codec.encode(default_text()[0])[:prompt_tokens]
-    speed = measure(model, model_dir, ids, gen_tokens, repeats)
+    drafter = _drafter(model, draft, draft_max, lookup, threads)
+    speed = measure(model, model_dir, ids, gen_tokens, repeats, drafter=drafter, draft_max=draft_max)
     if as_json:
         print(json.dumps(speed.as_dict()))
         return
+    speculation = f" | speculation {json.dumps(speed.speculation)}" if speed.speculation else ""
     print(f"{model_dir}: TTFT {speed.ttft_ms:.0f} ms ({speed.prompt_tokens} prompt tokens) | "
           f"decode {speed.decode_tps:.1f} tokens/s ({speed.gen_tokens} tokens) | "
           f"reads {speed.weight_mb_per_token:.1f} MB of weights + {speed.kv_cache_mb_per_token:.1f} MB of KV cache "
           f"per token = {speed.read_gbs:.2f} GB/s | "
-          f"artifact {speed.artifact_mb:.0f} MB | peak RSS {speed.peak_rss_mb:.0f} MB")
+          f"artifact {speed.artifact_mb:.0f} MB | peak RSS {speed.peak_rss_mb:.0f} MB{speculation}")
+
+
+def _drafter(model, draft, draft_max: int, lookup, threads):
+    """The drafter the speculation flags ask for (None: plain decoding)."""
+    if draft_max < 1:
+        raise EdgeLLMError(f"--draft-max {draft_max}: draft at least 1 token")
+    return model.drafter(draft, lookup, threads=threads)
 
 
 def _embedding_width(quantize_embeddings: bool, lm_head_bits: int) -> str | None:

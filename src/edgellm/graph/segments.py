@@ -1,12 +1,15 @@
 """Emit one ONNX segment per work unit from a ModelConfig.
 
 Segments talk through tensors with fixed names, so linking is a union of graphs:
-    input_ids, position_ids [1, S]        -> EMBED -> hidden.0 [1, S, H]
+    input_ids, position_ids [1, S],
+    embeddings [1, S, H]                  -> EMBED -> hidden.0 [1, S, H]  (a row whose id is < 0 takes its
+                                                      embedding vector: image features, later)
     position_ids, cache.0.k               -> MASK  -> mask.full / mask.sliding [S, KV], write_index [1]
     hidden.i, position_ids                -> PRE   -> q.i, k.i, v.i (rotated)
     q.i, k.i, v.i, cache.i.k/v, masks     -> CACHE -> attn.i, present.i.k/v (cache updated in place)
     hidden.i, attn.i                      -> POST  -> hidden.{i+1}
-    hidden.L [, logits_index]             -> HEAD  -> logits [1, 1, V]  ([1, S, V] with return_logits)
+    hidden.L [, logits_index [R]]         -> HEAD  -> logits [1, R, V]  (R rows of the group, any of them;
+                                                                     the single unit's one row)
 S is language_group_size for group units and 1 for single units; KV is the unit's cache bucket.
 The KV cache is position-major [1, KV, kv_heads * head_dim] so that the first KV positions of a
 longer buffer are one contiguous block the runtime can bind as a bucket-sized view. No node bakes
@@ -26,6 +29,10 @@ from .builder import BOOL, FLOAT, INT64, GraphBuilder
 from .rope import rope_tables
 from .units import Unit
 
+# Changes when the segments' interface changes, so --resume does not reuse segments of the old one
+# (2: every group HEAD returns the rows logits_index names; EMBED takes embedding rows).
+SEGMENT_FORMAT = 2
+
 # (role, layer or None) -> float32 tensor in the source's (Hugging Face) layout
 WeightFn = Callable[[str, "int | None"], np.ndarray]
 
@@ -34,7 +41,6 @@ WeightFn = Callable[[str, "int | None"], np.ndarray]
 class Shapes:
     group_size: int
     max_positions: int
-    return_logits: bool = False  # group units return every position's logits (perplexity, eval)
 
     def seq(self, unit: Unit) -> int:
         return self.group_size if unit.is_group else 1
@@ -89,6 +95,12 @@ def _embed(g, unit, cfg, weights, shapes):
     h = g.op("Gather", [g.weight("embed", weights("embed", None)), ids], axis=0)
     if cfg.embedding_scale is not None:
         h = g.op("Mul", [h, g.const(f"{g.prefix}.scale", np.array(cfg.embedding_scale, np.float32))])
+    # A row is a token id or, where the id is negative, the caller's embedding vector: the hidden
+    # state entering layer 0, as transformers' inputs_embeds (Gather reads a negative id from the
+    # table's end; Where then drops that row).
+    given = g.input("embeddings", FLOAT, [1, s, cfg.hidden_size])
+    negative = g.op("Less", [ids, g.const("const.zero", np.array(0, np.int64))])
+    h = g.op("Where", [g.op("Unsqueeze", [negative, g.shape_const([-1])]), given, h])
     g.output(h, "hidden.0", FLOAT, [1, s, cfg.hidden_size])
 
 
@@ -186,12 +198,13 @@ def _post(g, unit, cfg, weights, shapes):
 def _head(g, unit, cfg, weights, shapes):
     s = shapes.seq(unit)
     h = g.input(f"hidden.{cfg.num_layers}", FLOAT, [1, s, cfg.hidden_size])
-    if s > 1 and not shapes.return_logits:  # only the last real prompt token's logits are needed
-        index = g.input("logits_index", INT64, [1])
-        h = g.op("Gather", [h, index], axis=1)
+    rows = 1
+    if s > 1:  # the rows whose logits the caller wants (the last prompt token's, a draft's, all)
+        rows = "logit_rows"
+        h = g.op("Gather", [h, g.input("logits_index", INT64, [rows])], axis=1)
     x = _rms_norm(g, h, cfg, "final_norm", None, weights)
     logits = _linear(g, x, "lm_head", None, weights)
     if cfg.final_logit_softcap:
         cap = g.const(f"{g.prefix}.softcap", np.array(cfg.final_logit_softcap, np.float32))
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
-    g.output(logits, "logits", FLOAT, [1, 1 if s == 1 or not shapes.return_logits else s, cfg.vocab_size])
+    g.output(logits, "logits", FLOAT, [1, rows, cfg.vocab_size])

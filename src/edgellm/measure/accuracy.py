@@ -53,18 +53,20 @@ def evaluate(model, ids: list[int], reference=None, name: str = "", precision: s
     size = model.max_num_tokens if reference is None else min(model.max_num_tokens, reference.max_num_tokens)
     size = min(size, window) if window else size
     nll, agree, kl, count = 0.0, 0, 0.0, 0
+    session = model.engine.open_session()  # its own cache: the model's conversations are untouched
+    ref_session = reference.engine.open_session() if reference is not None else None
     for window in windows(ids, size):
-        logp = log_softmax(model.engine.prompt_logits(window)[:-1])
+        logp = log_softmax(session.prompt_logits(window)[:-1])
         targets = np.array(window[1:])
         nll -= float(logp[np.arange(len(targets)), targets].sum())
         if reference is not None:
-            ref = log_softmax(reference.engine.prompt_logits(window)[:-1])
+            ref = log_softmax(ref_session.prompt_logits(window)[:-1])
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
             kl += float((np.exp(ref) * (ref - logp)).sum())
         count += len(targets)
-    model.reset()  # the cache now holds the last window, not the chat history
-    if reference is not None:
-        reference.reset()
+    session.close()
+    if ref_session is not None:
+        ref_session.close()
     return Score(
         model=name, precision=precision, tokens=count, perplexity=float(np.exp(nll / count)),
         agreement=agree / count if reference is not None else None, kl=kl / count if reference is not None else None,

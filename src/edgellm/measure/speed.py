@@ -28,6 +28,7 @@ class Speed:
     read_gbs: float  # (weight_mb_per_token + kv_cache_mb_per_token) x decode_tps
     artifact_mb: float
     peak_rss_mb: float
+    speculation: dict | None = None  # drafted / accepted statistics of the median run, when speculating
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,12 +87,15 @@ def artifact_bytes(model_dir: Path) -> int:
                for p in (model_dir / d).rglob("*") if p.is_file())
 
 
-def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repeats: int = 3) -> Speed:
+def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repeats: int = 3, drafter=None,
+            draft_max: int = 4) -> Speed:
+    """With a drafter, decode is speculative (bandwidth figures then count target calls' tokens)."""
     model.generate_ids(prompt_ids[:8], max_new_tokens=4, ignore_eos=True)  # warm-up: first-call allocations
     runs = []
     for _ in range(repeats):
         model.reset()
-        runs.append(model.generate_ids(prompt_ids, max_new_tokens=gen_tokens, ignore_eos=True))
+        runs.append(model.generate_ids(prompt_ids, max_new_tokens=gen_tokens, ignore_eos=True, drafter=drafter,
+                                       draft_max=draft_max))
     tps = statistics.median(r.decode_tps for r in runs)
     per_token = weight_bytes_per_token(Path(model_dir))
     # decode tokens/s counts the steps after the first token: positions prompt .. prompt + gen - 2
@@ -102,4 +106,5 @@ def measure(model, model_dir: Path, prompt_ids: list[int], gen_tokens: int, repe
         weight_mb_per_token=per_token / 1e6, kv_cache_mb_per_token=kv_cache / 1e6,
         bandwidth_gbs=per_token * tps / 1e9, read_gbs=(per_token + kv_cache) * tps / 1e9,
         artifact_mb=artifact_bytes(model_dir) / 1e6, peak_rss_mb=max(r.peak_rss_mb for r in runs),
+        speculation=sorted(runs, key=lambda r: r.decode_tps)[len(runs) // 2].speculation,
     )

@@ -1,42 +1,20 @@
-"""A compiled model: prefill, decode, sampling, chat history and metrics.
-
-Metrics as the seed documents define them: TTFT is the time from the request until the first
-answer token is known; tokens/s counts answer tokens after the first over the time after it.
+"""A compiled model, loaded: its engine (the weights, once), tokenizer and config. Conversations
+are sessions (runtime/session.py); `generate` and `chat` here use a default one.
 """
 
 from __future__ import annotations
 
 import json
-import resource
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..config.model_config import ModelConfig
 from ..errors import EdgeLLMError
 from .engine import Engine, EngineSpec
-from .sampling import Sampler, SamplingParams
-from .text import StreamDecoder, TextCodec
+from .session import Generation, Session
+from .strategies import Drafter, DraftModel, PromptLookup
+from .text import TextCodec
 
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    gen_tokens: int
-    ttft_s: float
-    decode_tps: float
-    peak_rss_mb: float
-    finish_reason: str = "length"
-    logits: list = field(default_factory=list, repr=False)
-
-    def metrics(self) -> dict:
-        d = asdict(self)
-        for k in ("token_ids", "finish_reason", "logits"):
-            d.pop(k)
-        return d
+__all__ = ["Model", "Generation"]
 
 
 class Model:
@@ -44,8 +22,7 @@ class Model:
         self.path, self.engine, self.codec, self.config = path, engine, codec, cfg
         self.tokenizer = codec.tokenizer
         self.max_num_tokens = engine.spec.max_num_tokens
-        self.cached: list[int] = []  # tokens whose K/V are in the cache, in order
-        self.messages: list[dict] = []
+        self._default: Session | None = None
 
     @classmethod
     def load(cls, path, threads: int | None = None) -> "Model":
@@ -63,15 +40,17 @@ class Model:
             num_layers=cfg.num_layers,
             kv_width=cfg.num_kv_heads * cfg.head_dim,
             vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
             group_size=s["language_group_size"],
             max_num_tokens=s["max_num_tokens"],
             buckets=s["buckets"],
             int8_activations=s.get("int8_activations", False),
-            return_logits=s.get("return_logits", False),
         )
         target = recorded.get("options", {}).get("target", "cpu")
         if target == "cpu":
-            engine = Engine(path / "compiled" / "cpu", spec, threads)
+            from .ort import OrtEngine
+
+            engine = OrtEngine(path / "compiled" / "cpu", spec, threads)
         elif target == "native":
             from .native import NativeEngine
 
@@ -81,95 +60,57 @@ class Model:
                                f"(compiled/{target}/model_main), not in this runtime")
         return cls(path, engine, codec, cfg)
 
+    def session(self) -> Session:
+        """A new conversation: its own KV cache; the weights are shared."""
+        return Session(self)
+
+    @property
+    def default_session(self) -> Session:
+        if self._default is None:
+            self._default = self.session()
+        return self._default
+
+    def close(self) -> None:
+        """Free the weights and every session's cache; later use raises EdgeLLMError."""
+        self.engine.close()
+
+    def drafter(self, draft=None, lookup: int | None = None, threads: int | None = None) -> Drafter | None:
+        """The drafter for speculative decoding: another build (a path or a loaded Model) with this
+        model's vocabulary, or n-gram prompt lookup of size `lookup`."""
+        if draft is not None and lookup is not None:
+            raise EdgeLLMError("--draft and --lookup: choose one drafter")
+        if lookup is not None:
+            return PromptLookup(lookup)
+        if draft is None:
+            return None
+        if not isinstance(draft, Model):
+            try:
+                draft = Model.load(draft, threads=threads)
+            except EdgeLLMError as e:
+                raise EdgeLLMError(f"--draft: {e}") from None
+        return DraftModel(draft, self.tokenizer.get_vocab(), str(draft.path))
+
+    # the default session's conversation
     def reset(self) -> None:
-        self.cached = []
-        self.messages = []
+        self.default_session.reset()
 
-    def generate(self, prompt: str, chat: bool = False, **kw) -> Generation:
-        """Complete prompt (raw text), or answer it as one user turn in the chat template."""
-        ids = self.codec.encode_chat([{"role": "user", "content": prompt}]) if chat else self.codec.encode(prompt)
-        return self.generate_ids(ids, **kw)
+    def generate(self, prompt: str, chat: bool = False, draft=None, lookup: int | None = None, **kw) -> Generation:
+        return self._speculating(self.default_session.generate, draft, lookup, prompt, chat=chat, **kw)
 
-    def chat(self, message: str, **kw) -> Generation:
-        """One turn of a multi-turn conversation; the KV cache of earlier turns is reused."""
-        self.messages.append({"role": "user", "content": message})
-        result = self.generate_ids(self.codec.encode_chat(self.messages), **kw)
-        self.messages.append({"role": "assistant", "content": result.text})
-        return result
+    def chat(self, message: str, draft=None, lookup: int | None = None, **kw) -> Generation:
+        return self._speculating(self.default_session.chat, draft, lookup, message, **kw)
 
-    def generate_ids(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int = 256,
-        sampling: SamplingParams | None = None,
-        ignore_eos: bool = False,
-        stop: tuple[str, ...] = (),
-        on_text: Callable[[str], None] | None = None,
-        return_logits: bool = False,
-    ) -> Generation:
-        t0 = time.perf_counter()
-        n = len(prompt_ids)
-        if n == 0:
-            raise EdgeLLMError("the prompt is empty")
-        if n >= self.max_num_tokens:
-            raise EdgeLLMError(f"the prompt has {n} tokens; the context holds {self.max_num_tokens} (compile with a larger --max_num_tokens)")
-        sampler = Sampler(sampling or SamplingParams())
-        reuse = _common_prefix(self.cached, prompt_ids)
-        reuse = min(reuse, n - 1)  # at least one token must run to produce logits
-        logits = self.engine.prefill(prompt_ids, reuse)
-        self.cached = list(prompt_ids)
-        out: list[int] = []
-        all_logits = []
-        stream = StreamDecoder(self.codec)
-        finish = "length"
-        t_first = None
-        while True:
-            if return_logits:
-                all_logits.append(logits)
-            token = sampler(logits)
-            if t_first is None:
-                t_first = time.perf_counter()
-            if token in self.codec.eos_ids and not ignore_eos:
-                finish = "eos"
-                break
-            out.append(token)
-            piece = stream.push(token)
-            if stop and any(s in stream.text for s in stop):
-                finish = "stop"
-                break
-            if on_text and piece:
-                on_text(piece)
-            if len(out) >= max_new_tokens:
-                break
-            position = len(self.cached)
-            if position >= self.max_num_tokens:
-                finish = "context"
-                break
-            logits = self.engine.decode(token, position)
-            self.cached.append(token)
-        t_end = time.perf_counter()
-        text = stream.text
-        for s in stop:
-            if s in text:
-                text = text[: text.index(s)]
-        decode_time = t_end - t_first
-        return Generation(
-            text=text,
-            token_ids=out,
-            prompt_tokens=n,
-            gen_tokens=len(out),
-            ttft_s=t_first - t0,
-            decode_tps=(len(out) - 1) / decode_time if len(out) > 1 and decode_time > 0 else 0.0,
-            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            finish_reason=finish,
-            logits=all_logits,
-        )
+    def generate_ids(self, prompt_ids: list[int], draft=None, lookup: int | None = None, **kw) -> Generation:
+        return self._speculating(self.default_session.generate_ids, draft, lookup, prompt_ids, **kw)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    def _speculating(self, method, draft, lookup, *args, **kw) -> Generation:
+        """Run method with a drafter made for this call from draft / lookup (one already made
+        can be passed as drafter=)."""
+        own = self.drafter(draft, lookup) if "drafter" not in kw else None
+        if own is not None:
+            kw["drafter"] = own
+        try:
+            return method(*args, **kw)
+        finally:
+            if own is not None and not isinstance(draft, Model):
+                own.close()

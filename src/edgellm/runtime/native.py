@@ -1,9 +1,9 @@
-"""Run a native build (targets/native): libmodel.so through ctypes, with the Engine's interface.
+"""Run a native build (targets/native): libmodel.so through ctypes.
 
-The compiled model keeps its KV cache and activations in its own memory, so a call passes only
-token ids and a logits buffer. Prefill is chunked as in engine.py (prefill_chunks), and a call
-runs exactly the tokens it is given: the generated code is generic in the tokens per call, so
-nothing is padded.
+The library holds no state of its own (kernels/edgellm_model.h): em_open maps the weights once
+and returns a model, em_session_open gives each session its own KV cache and activation arena. A
+call passes only row ids (and embedding rows), a logits buffer and positions; the generated code
+is generic in the rows per call, so nothing is padded.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .engine import EngineSpec, _physical_cores, prefill_chunks
+from .engine import Engine, EngineSession, EngineSpec, physical_cores
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 
-
-_IN_USE: set[Path] = set()  # libraries loaded from their own path by a live engine
 _LOADED: dict[Path, tuple] = {}  # library path -> its file's identity when this process loaded it
 
 
@@ -35,17 +33,13 @@ def _identity(library: Path) -> tuple:
 
 
 def _load(library: Path) -> tuple[ctypes.CDLL, bool]:
-    """The compiled model keeps its KV cache and weights in the library's static memory, and
-    loading one path twice gives the same copy of it. So the first engine on a build loads the
-    library itself; another one, while the first lives, loads a private copy (returns True),
-    which it unloads when it is released. The copy is written next to the library (loadable, as
-    the library is), else to the temporary directory. A path stays loaded once loaded (libgomp's
-    threads live under it), so a library rebuilt since then is also run from a copy: loading
-    the path again would give the old code."""
+    """The library, and whether it was loaded from a private copy. A path stays loaded once loaded
+    (libgomp's threads live under it) and loading it again gives the code it had then, so a library
+    rebuilt since is loaded from a private copy (returns True), unloaded when its engine is
+    released. The copy is written next to the library (loadable, as the library is), else to the
+    temporary directory."""
     identity = _identity(library)
-    if library not in _IN_USE and _LOADED.get(library, identity) == identity:
-        _IN_USE.add(library)
-        _LOADED[library] = identity
+    if _LOADED.setdefault(library, identity) == identity:
         return ctypes.CDLL(str(library)), False
     for folder in (library.parent, None):
         try:
@@ -58,72 +52,119 @@ def _load(library: Path) -> tuple[ctypes.CDLL, bool]:
             return ctypes.CDLL(path), True
         except OSError as e:
             if folder is None:
-                raise EdgeLLMError(f"{library}: this engine needs a private copy of libmodel.so (another engine "
-                                   f"holds the library, or it was rebuilt since it was loaded), and "
-                                   f"{os.path.dirname(path)} would not load one ({e}); set TMPDIR to a directory "
-                                   "that allows programs") from None
+                raise EdgeLLMError(f"{library}: it was rebuilt since this process loaded it, so this engine needs a "
+                                   f"private copy, and {os.path.dirname(path)} would not load one ({e}); set TMPDIR to "
+                                   "a directory that allows programs") from None
         finally:
             os.unlink(path)
     raise EdgeLLMError(f"{library}: cannot write a private copy of libmodel.so next to it or in the temporary directory")
 
 
-def _release(lib: ctypes.CDLL, library: Path, private: bool) -> None:
-    """Free the engine's weights mapping and cache; unload a private copy."""
-    lib.em_close()
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.em_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.em_open.restype = ctypes.c_void_p
+    lib.em_close.argtypes = [ctypes.c_void_p]
+    lib.em_session_open.argtypes = [ctypes.c_void_p]
+    lib.em_session_open.restype = ctypes.c_void_p
+    lib.em_session_close.argtypes = [ctypes.c_void_p]
+    lib.em_forward.argtypes = [ctypes.c_void_p, _INT64_P, _FLOAT_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
+    lib.em_truncate.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.em_last_error.restype = ctypes.c_char_p
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [("vocab_size", ctypes.c_int), ("hidden_size", ctypes.c_int), ("max_tokens", ctypes.c_int),
+                ("group_size", ctypes.c_int), ("weights_size", ctypes.c_ulonglong), ("weights_digest", ctypes.c_char_p),
+                ("arena_bytes", ctypes.c_size_t), ("cache_bytes", ctypes.c_size_t)]
+
+
+def _release_model(lib: ctypes.CDLL, handle: int, private: bool) -> None:
+    lib.em_close(handle)
     if private:
         _ctypes.dlclose(lib._handle)
-    else:
-        _IN_USE.discard(library)
 
 
-class NativeEngine:
+class NativeEngine(Engine):
     def __init__(self, program_dir: Path, spec: EngineSpec, threads: int | None = None):
         self.spec = spec
         self.program_dir = Path(program_dir)
         library = self.program_dir / "libmodel.so"
         if not library.is_file():
             raise EdgeLLMError(f"{program_dir}: no libmodel.so; run `edgellm compile ... --resume`")
-        self.lib, private = _load(library.resolve())
-        self.close = weakref.finalize(self, _release, self.lib, library.resolve(), private)
-        self.lib.em_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        self.lib.em_forward.argtypes = [_INT64_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
-        self.lib.em_last_error.restype = ctypes.c_char_p
-        if self.lib.em_init(str(Path(program_dir) / "weights.bin").encode(), threads or _physical_cores()) != 0:
-            message = self.lib.em_last_error().decode()
-            self.close()
+        lib, private = _load(library.resolve())
+        _declare(lib)
+        handle = lib.em_open(str(self.program_dir / "weights.bin").encode(), threads or physical_cores())
+        if not handle:
+            message = lib.em_last_error().decode()
+            if private:
+                _ctypes.dlclose(lib._handle)
             raise EdgeLLMError(message)
-        self.ids = np.zeros(spec.group_size, np.int64)
-        self.logits = np.zeros((spec.group_size if spec.return_logits else 1, spec.vocab_size), np.float32)
+        self.lib, self.handle = lib, handle
+        lib.em_info.restype = ctypes.POINTER(_Info)
+        self.info = lib.em_info().contents
+        self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
+        self._release = weakref.finalize(self, _release_model, lib, handle, private)
+
+    @property
+    def closed(self) -> bool:
+        return not self._release.alive
+
+    def open_session(self) -> "NativeSession":
+        if self.closed:
+            raise EdgeLLMError(f"{self.program_dir}: this model was closed")
+        self._check_memory()
+        session = NativeSession(self)
+        self.sessions.add(session)
+        return session
+
+    def session_bytes(self) -> int:
+        return self.info.cache_bytes + self.info.arena_bytes
+
+    def close(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+        self._release()
+
+
+class NativeSession(EngineSession):
+    def __init__(self, engine: NativeEngine):
+        self.engine, self.spec = engine, engine.spec
+        handle = engine.lib.em_session_open(engine.handle)
+        if not handle:
+            raise EdgeLLMError(f"{engine.program_dir}: {engine.lib.em_last_error().decode()}")
+        self.handle = handle
+        self.length = 0
+        self.ids = np.zeros(self.spec.group_size, np.int64)
+        self.logits = np.zeros((self.spec.group_size, self.spec.vocab_size), np.float32)
         self._pointers = self.ids.ctypes.data_as(_INT64_P), self.logits.ctypes.data_as(_FLOAT_P)  # once, not per token
+        self._release = weakref.finalize(self, engine.lib.em_session_close, handle)
 
-    def run(self, token_ids: list[int], start: int, logits_row: int = 0, rows: slice | None = None) -> np.ndarray:
-        """Process token_ids at positions start..; return row logits_row's logits, or with `rows`
-        (return_logits builds) those rows as [n, vocab]."""
-        if not self.close.alive:
-            raise EdgeLLMError(f"{self.program_dir}: this engine was closed")
-        n = len(token_ids)
-        if not 1 <= n <= len(self.ids):
-            raise EdgeLLMError(f"bad call: {n} tokens (at most {len(self.ids)} per call)")
-        self.ids[:n] = token_ids
-        ids, logits = self._pointers
-        status = self.lib.em_forward(ids, n, start, logits_row, logits)
+    def close(self) -> None:
+        self._release()
+
+    def _live(self) -> None:
+        if not self._release.alive or self.engine.closed:
+            raise EdgeLLMError(f"{self.engine.program_dir}: this session was closed (or its model was)")
+
+    def truncate(self, length: int) -> None:
+        self._live()
+        if self.engine.lib.em_truncate(self.handle, length) != 0:
+            raise EdgeLLMError(self.engine.lib.em_last_error().decode())
+        self.length = length
+
+    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
+        self._live()
+        n = len(ids)
+        logits_from = n - 1 if logits_from is None else logits_from
+        self._check(n, start, logits_from, embeddings)
+        self.ids[:n] = ids
+        ids_p, logits_p = self._pointers
+        rows = None
+        if embeddings is not None:
+            rows = np.ascontiguousarray(embeddings, np.float32)
+        status = self.engine.lib.em_forward(self.handle, ids_p, None if rows is None else rows.ctypes.data_as(_FLOAT_P),
+                                            n, start, logits_from, logits_p)
         if status != 0:
-            raise EdgeLLMError(self.lib.em_last_error().decode())
-        if rows is not None:
-            return self.logits[rows].copy()
-        return self.logits[logits_row if n > 1 and self.spec.return_logits else 0].copy()
-
-    def prefill(self, tokens: list[int], cached: int) -> np.ndarray:
-        logits = None
-        for start, chunk, _ in prefill_chunks(tokens, cached, self.spec.group_size):
-            logits = self.run(chunk, start, logits_row=len(chunk) - 1)
-        return logits
-
-    def prompt_logits(self, tokens: list[int]) -> np.ndarray:
-        if not self.spec.return_logits:
-            return np.concatenate([self.run([t], p)[None] for p, t in enumerate(tokens)])
-        return np.concatenate([self.run(chunk, start, rows=slice(first, len(chunk)))
-                               for start, chunk, first in prefill_chunks(tokens, 0, self.spec.group_size)])
-
-    def decode(self, token: int, position: int) -> np.ndarray:
-        return self.run([token], position)
+            raise EdgeLLMError(self.engine.lib.em_last_error().decode())
+        self.length = start + n
+        return self.logits[: n - logits_from].copy()

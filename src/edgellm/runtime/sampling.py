@@ -20,10 +20,18 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature <= 0
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The probabilities a sampled token is drawn from (temperature, top-k, top-p applied);
+        greedy: one-hot at the argmax."""
         p = self.params
-        if p.temperature <= 0:
-            return int(np.argmax(logits))
+        if self.greedy:
+            probs = np.zeros(logits.size)
+            probs[int(np.argmax(logits))] = 1.0
+            return probs
         x = logits.astype(np.float64) / p.temperature
         if 0 < p.top_k < x.size:
             kth = np.partition(x, -p.top_k)[-p.top_k]
@@ -37,4 +45,12 @@ class Sampler:
             mask = np.zeros_like(probs)
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
+        return probs
+
+    def draw(self, probs: np.ndarray) -> int:
         return int(self.rng.choice(probs.size, p=probs))
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.greedy:
+            return int(np.argmax(logits))
+        return self.draw(self.distribution(logits))

@@ -49,8 +49,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progre
         weights.abort()
         raise
     shape = ModelShape(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, options.max_num_tokens,
-                       options.language_group_size, cfg.vocab_size,
-                       options.language_group_size if options.return_logits else 1)
+                       options.language_group_size, cfg.vocab_size, cfg.hidden_size)
     code = generate(variants, weights.records, shape, weights.size, digest, manifest.data.get("model", str(out)))
     tmp = target_dir / f".model.c.tmp{os.getpid()}"
     tmp.write_text(code)

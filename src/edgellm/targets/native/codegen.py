@@ -1,11 +1,13 @@
 """Generate model.c from lowered programs: one function per variant, activations in one arena.
 
-The arena offsets come from the static memory plan (targets/memory_plan.py): each variant's
-activations are placed by lifetime over its calls, sized for its largest call (S = the group
-size, or 1 for decode); the two variants never run at the same time and share the arena. The
-KV cache, allocated once at em_init, holds each layer's keys and values per KV head, keys in
-transposed blocks of 16 positions (kernels/edgellm_kernels.h). Weights are read
-through em_weight descriptors bound to the memory-mapped weights file at em_init.
+model.c holds no mutable state: its functions take the loaded model (the weights mapping and the
+em_weight descriptors bound to it at em_open) and a session (its arena and KV cache,
+kernels/edgellm_runtime.c) as arguments. The arena offsets come from the static memory plan
+(targets/memory_plan.py): each variant's activations are placed by lifetime over its calls,
+sized for its largest call (S = the group size, or 1 for decode); a session runs one call at a
+time, so its variants share one arena. The KV cache holds each layer's keys and values per KV
+head, keys in transposed blocks of 16 positions (kernels/edgellm_kernels.h). The variants are a
+table (EM_VARIANTS: name, rows per call, function): em_forward runs the first that fits.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class ModelShape:
     max_tokens: int
     group_size: int
     vocab: int
-    logits_rows: int  # rows the group function writes: 1, or group_size for return_logits builds
+    hidden: int
 
 
 def plan_arena(lowered: Lowered, tokens: int) -> MemoryPlan:
@@ -62,41 +64,36 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         f"#define EM_MAX_TOKENS {shape.max_tokens}",
         "#define EM_CACHE_TOKENS ((EM_MAX_TOKENS + 15) / 16 * 16) /* whole blocks of 16 keys */",
         "",
-        f"const em_model_info EM_MODEL = {{{shape.vocab}, {shape.max_tokens}, {shape.group_size}, {shape.logits_rows}, "
-        f'{weights_size}ULL, "{digest}"}};',
-        "",
-        "static const unsigned char *em_base;",
-        "#define F(offset) ((const float *)(em_base + (offset)))",
-        f"static float em_arena[{max(arena // 4, 16)}] __attribute__((aligned(64)));",
-        "/* the KV cache: allocated once by em_init (a static array past 2 GiB would not link) */",
-        "static em_kv_value *em_kv;",
+        "/* the KV cache of one session: one mapping made by em_session_open (a static array past 2 GiB would not link) */",
         "#define EM_CACHE(layer, which) (em_kv + (size_t)(2 * (layer) + (which)) * EM_CACHE_TOKENS * EM_KV_WIDTH)",
+        "#define F(offset) ((const float *)(em_base + (offset)))",
+        "",
+        f"const em_model_info EM_MODEL = {{{shape.vocab}, {shape.hidden}, {shape.max_tokens}, {shape.group_size}, "
+        f'{weights_size}ULL, "{digest}", {max(arena, 64)}, '
+        "(size_t)EM_LAYERS * 2 * EM_CACHE_TOKENS * EM_KV_WIDTH * sizeof(em_kv_value)};",
         "",
         "/* kind, rows, columns, block, int8 activations, shift, float32 minimums, byte offsets of data, scale, minimum */",
-        f"static const em_weight_record EM_RECORDS[{max(len(records), 1)}] = {{",
+        f"const em_weight_record EM_RECORDS[{max(len(records), 1)}] = {{",
     ]
     lines += [f"    {{{KINDS[r.kind]}, {r.n}, {r.k}, {r.block}, {r.int8_activations}, {r.shift}, {r.minimum_f32}, {r.data}, "
               f"{r.scale}, {r.minimum}}},"
               for r in records]
-    lines += [
-        "};",
-        f"static em_weight EMW[{max(len(records), 1)}];",
-        "",
-        "int em_model_bind(const unsigned char *base) {",
-        "    em_kv = em_cache_alloc((size_t)EM_LAYERS * 2 * EM_CACHE_TOKENS * EM_KV_WIDTH * sizeof(em_kv_value));",
-        "    if (!em_kv) return -1;",
-        "    em_base = base;",
-        f"    for (int i = 0; i < {len(records)}; i++) EMW[i] = em_bind_weight(&EM_RECORDS[i], base);",
-        "    return 0;",
-        "}",
-    ]
+    lines += ["};", f"const int EM_RECORD_COUNT = {len(records)};"]
     for variant, (lowered, plan) in variants.items():
         offsets = {p.name: p.offset // 4 for p in plan.placements}
-        lines += ["", f"void em_model_{variant}(int S, int start, const int64_t *ids, int logits_row, float *logits) {{",
-                  "    float *A = em_arena;",
-                  "    (void)ids; (void)logits_row; (void)start;"]
+        lines += ["", f"static void em_model_{variant}(const unsigned char *em_base, const em_weight *EMW, float *A, "
+                  "em_kv_value *em_kv, int S, int start, const int64_t *ids, const float *embeddings, int logits_from, "
+                  "float *logits) {",
+                  "    const int R = S - logits_from; /* the rows whose logits are returned */",
+                  "    (void)em_base; (void)EMW; (void)em_kv; (void)ids; (void)embeddings; (void)R; (void)start;"]
         lines += _body(lowered, offsets)
         lines.append("}")
+    rows = {"single": 1, "group": shape.group_size}
+    order = sorted(variants, key=lambda v: rows[v])
+    lines += ["", "/* the variants, fewest rows first: em_forward runs the first that fits */",
+              f"const em_variant EM_VARIANTS[{len(order)}] = {{"]
+    lines += [f'    {{"{v}", {rows[v]}, em_model_{v}}},' for v in order]
+    lines += ["};", f"const int EM_VARIANT_COUNT = {len(order)};"]
     return "\n".join(lines) + "\n"
 
 

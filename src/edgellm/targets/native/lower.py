@@ -40,7 +40,7 @@ DECODE_CHUNKS = int(re.search(r"#define EM_DECODE_CHUNKS (\d+)",
                               (Path(__file__).parent / "kernels" / "edgellm_kernels.h").read_text()).group(1))
 
 # Graph inputs and outputs the generated functions take as parameters.
-PARAMETERS = {"input_ids": "ids", "logits": "logits"}
+PARAMETERS = {"input_ids": "ids", "logits": "logits", "embeddings": "embeddings"}
 MASK_OUTPUTS = ("mask.full", "mask.sliding", "write_index")
 
 
@@ -50,9 +50,10 @@ class Activation:
     rows: int  # rows per token, or fixed rows if not per_token
     cols: int
     per_token: bool = True
+    tokens: str = "S"  # the call's rows, or R: the rows whose logits are returned (the head's)
 
     def rows_expr(self) -> str:
-        return (f"S * {self.rows}" if self.rows != 1 else "S") if self.per_token else str(self.rows)
+        return (f"{self.tokens} * {self.rows}" if self.rows != 1 else self.tokens) if self.per_token else str(self.rows)
 
     def count_expr(self) -> str:
         return f"{self.rows_expr()} * {self.cols}"
@@ -137,6 +138,12 @@ class Lowering:
 
     def run(self) -> Lowered:
         self._skip_mask()
+        for node in self.graph.node:  # EMBED's test for embedding rows: part of the Where's call
+            if node.op_type == "Where" and "embeddings" in node.input:
+                unsqueeze = self.producer.get(node.input[0])
+                if unsqueeze is not None:
+                    self.done.update([unsqueeze.name] + [self.producer[i].name for i in unsqueeze.input[:1]
+                                                         if i in self.producer])
         for node in self.graph.node:
             if node.name in self.done or self._from_constants(node):
                 continue
@@ -183,7 +190,7 @@ class Lowering:
              per_token: bool | None = None) -> Activation:
         """A tensor written by a call: a new arena slot."""
         act = Activation(name, like.rows if rows is None else rows, like.cols if cols is None else cols,
-                         like.per_token if per_token is None else per_token)
+                         like.per_token if per_token is None else per_token, like.tokens)
         self.shapes[name] = self.out.activations[name] = act
         return act
 
@@ -266,9 +273,24 @@ class Lowering:
             return
         if _attrs(node).get("axis", 0) != 1 or index != "logits_index":
             raise EdgeLLMError(f"{self.where}: {node.name}: unsupported Gather")
-        # the head's row select: only the last prompt token's hidden state reaches the LM head
-        out = self._new(node.output[0], x, rows=1, per_token=False)
-        self._emit(f"em_copy({{{data}}} + (size_t)logits_row * {x.cols}, {x.cols}, {{{out.name}}});", [data], [out.name], node)
+        # the head's row select: rows logits_from..S-1 (R of them) reach the LM head
+        out = self._new(node.output[0], x)
+        out.tokens = "R"
+        self._emit(f"em_copy({{{data}}} + (size_t)logits_from * {x.cols}, R * {x.cols}, {{{out.name}}});", [data],
+                   [out.name], node)
+
+    def _op_Where(self, node):
+        """EMBED's row choice: a row whose id is negative takes the caller's embedding vector."""
+        condition, given, table_rows = node.input
+        unsqueeze = self.producer.get(condition)
+        less = self.producer.get(unsqueeze.input[0]) if unsqueeze is not None else None
+        if given != "embeddings" or less is None or less.op_type != "Less" or less.input[0] != "input_ids":
+            raise EdgeLLMError(f"{self.where}: {node.name}: unsupported Where")
+        x = self._act(table_rows)
+        self.alias[node.output[0]] = self._buffer(table_rows)  # in place: only the given rows change
+        self.shapes[node.output[0]] = x
+        self._emit(f"em_embedding_rows(ids, embeddings, S, {x.cols}, {{{table_rows}}});", [table_rows], [table_rows],
+                   less, unsqueeze, node)
 
     def _is_weight(self, name: str) -> bool:
         return name in self.inits or (name in self.producer and self._from_constants(self.producer[name]))

@@ -293,9 +293,16 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
 
 void em_embed(const int64_t *ids, int S, const em_weight *w, float *out) {
     for (int s = 0; s < S; s++) {
+        if (ids[s] < 0) continue; /* an embedding row the caller gives (em_embedding_rows) */
         if (w->kind == EM_Q4 || w->kind == EM_Q8) em_integer_row(w, (int)ids[s], out + (size_t)s * w->k);
         else float_row(w, (int)ids[s], out + (size_t)s * w->k);
     }
+}
+
+void em_embedding_rows(const int64_t *ids, const float *embeddings, int S, int hidden, float *out) {
+    if (!embeddings) return;
+    for (int s = 0; s < S; s++)
+        if (ids[s] < 0) memcpy(out + (size_t)s * hidden, embeddings + (size_t)s * hidden, sizeof(float) * (size_t)hidden);
 }
 
 /* ---- the rest of a layer ------------------------------------------------------------- */

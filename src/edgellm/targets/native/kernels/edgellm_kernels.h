@@ -69,7 +69,9 @@ typedef struct {
 } em_fusion;
 void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f);
 /* out[S, K] = rows ids[s] of an embedding table stored like a weight (n = vocab, k = hidden). */
-void em_embed(const int64_t *ids, int S, const em_weight *w, float *out);
+void em_embed(const int64_t *ids, int S, const em_weight *w, float *out); /* rows with ids < 0 are left alone */
+/* Rows s with ids[s] < 0 become the caller's embedding vectors (embeddings may be NULL: none). */
+void em_embedding_rows(const int64_t *ids, const float *embeddings, int S, int hidden, float *out);
 
 void em_rmsnorm(const float *x, int rows, int cols, const float *weight, float eps, float *y);
 /* Rotary embedding, non-interleaved halves, on x[S, heads * head_dim] at positions start + s.

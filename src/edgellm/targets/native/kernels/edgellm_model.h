@@ -1,5 +1,7 @@
 /* The interface of a compiled model (libmodel.so): what the Python runtime calls through ctypes
-   and model_main calls directly. One model per process: the KV cache and arena are static. */
+   and model_main calls directly. No mutable static state: a loaded model (em_model: the weights,
+   mapped once) opens any number of sessions (em_session: one conversation's KV cache, activation
+   arena and length), and calls on different sessions may run at the same time. */
 #ifndef EDGELLM_MODEL_H
 #define EDGELLM_MODEL_H
 
@@ -9,9 +11,10 @@
 #include "edgellm_kernels.h"
 
 typedef struct {
-    int vocab_size, max_tokens, group_size, logits_rows;
+    int vocab_size, hidden_size, max_tokens, group_size;
     unsigned long long weights_size;
     const char *weights_digest; /* 16 hex digits, as in the weights file's header */
+    size_t arena_bytes, cache_bytes; /* per session */
 } em_model_info;
 
 typedef struct {
@@ -20,22 +23,45 @@ typedef struct {
     unsigned long long data, scale, minimum; /* byte offsets into the weights file */
 } em_weight_record;
 
-/* 0 on success; otherwise -1 and em_last_error() says why (naming the file). */
-int em_init(const char *weights_path, int threads);
-/* Run n tokens (n <= group size; n == 1 uses the decode program) at positions start..start+n-1,
-   writing the logits of row logits_row (or, for return_logits builds, of every row) to logits.
-   0 on success, -1 on bad arguments (em_last_error). */
-int em_forward(const int64_t *ids, int n, int start, int logits_row, float *logits);
+typedef struct em_model em_model;
+typedef struct em_session em_session;
+
+/* NULL on failure, and em_last_error() says why (naming the file). threads <= 0: OpenMP's default. */
+em_model *em_open(const char *weights_path, int threads);
+/* Frees the model's mapping. Its sessions must be closed first. */
+void em_close(em_model *model);
+/* A new conversation with an empty KV cache; NULL (em_last_error) if its memory cannot be had. */
+em_session *em_session_open(em_model *model);
+void em_session_close(em_session *session);
+/* Run n rows (1 <= n <= group size) at positions start..start+n-1 of the session, start at most its
+   length (rows already cached may be recomputed). Row i is token ids[i], or, where ids[i] < 0, the
+   embedding vector embeddings[i * hidden_size ..] (the hidden state entering layer 0). Writes the
+   logits of rows logits_from..n-1 to logits ([n - logits_from][vocab]). The session's length becomes
+   start + n. 0 on success, -1 on bad arguments (em_last_error). */
+int em_forward(em_session *session, const int64_t *ids, const float *embeddings, int n, int start, int logits_from,
+               float *logits);
+/* Keep the first `length` positions (no more than the session holds): O(1), nothing is cleared. */
+int em_truncate(em_session *session, int length);
+int em_length(const em_session *session);
+/* The last error of the calling thread. */
 const char *em_last_error(void);
 const em_model_info *em_info(void);
-void em_close(void);
 
 /* Defined by the generated model.c */
 extern const em_model_info EM_MODEL;
-int em_model_bind(const unsigned char *base); /* -1 if the KV cache cannot be allocated */
-void *em_cache_alloc(size_t bytes);
-void em_model_group(int S, int start, const int64_t *ids, int logits_row, float *logits);
-void em_model_single(int S, int start, const int64_t *ids, int logits_row, float *logits);
+extern const em_weight_record EM_RECORDS[];
+extern const int EM_RECORD_COUNT;
+/* A program variant runs up to max_rows rows per call; em_forward takes the first that fits. */
+typedef void (*em_program)(const unsigned char *base, const em_weight *weights, float *arena, em_kv_value *kv,
+                           int S, int start, const int64_t *ids, const float *embeddings, int logits_from,
+                           float *logits);
+typedef struct {
+    const char *name;
+    int max_rows;
+    em_program run;
+} em_variant;
+extern const em_variant EM_VARIANTS[];
+extern const int EM_VARIANT_COUNT;
 em_weight em_bind_weight(const em_weight_record *record, const unsigned char *base);
 
 #endif

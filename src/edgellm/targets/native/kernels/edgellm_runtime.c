@@ -1,7 +1,9 @@
-/* The fixed part of every compiled model: map and check the weights file, dispatch calls. */
+/* The fixed part of every compiled model: map and check the weights file, open sessions, dispatch calls. */
 #define _DEFAULT_SOURCE
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -9,20 +11,27 @@
 
 #include "edgellm_model.h"
 
-static const unsigned char *em_mapped;
-static size_t em_mapped_size;
-static char em_error[512];
-static int em_threads;
-static void *em_cache;
-static size_t em_cache_size;
+struct em_model {
+    const unsigned char *mapped;
+    size_t mapped_size;
+    int threads;
+    em_weight *weights; /* EM_RECORDS bound to the mapping */
+};
 
-/* Zeroed pages, touched only as the context fills. */
-void *em_cache_alloc(size_t bytes) {
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return NULL;
-    em_cache = p;
-    em_cache_size = bytes;
-    return p;
+struct em_session {
+    const em_model *model;
+    float *arena;    /* activations of one call */
+    em_kv_value *kv; /* the KV cache: zeroed pages, touched only as the context fills */
+    int length;      /* positions 0..length-1 hold this conversation's keys and values */
+};
+
+static _Thread_local char em_error[512]; /* per calling thread, as errno */
+
+static void fail(const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    vsnprintf(em_error, sizeof em_error, format, args);
+    va_end(args);
 }
 
 #if defined(__x86_64__)
@@ -165,78 +174,118 @@ em_weight em_bind_weight(const em_weight_record *r, const unsigned char *base) {
     return w;
 }
 
-int em_init(const char *path, int threads) {
-    em_close();
+em_model *em_open(const char *path, int threads) {
 #if defined(__x86_64__)
     const char *missing = em_missing_instructions();
     if (missing) {
-        snprintf(em_error, sizeof em_error, "%s: this program was compiled for a CPU with %s, which this one lacks; "
-                 "compile the model on this machine", path, missing);
-        return -1;
+        fail("%s: this program was compiled for a CPU with %s, which this one lacks; compile the model on this machine",
+             path, missing);
+        return NULL;
     }
 #endif
     int fd = open(path, O_RDONLY);
     if (fd < 0) {
-        snprintf(em_error, sizeof em_error, "%s: cannot open the weights file", path);
-        return -1;
+        fail("%s: cannot open the weights file", path);
+        return NULL;
     }
     struct stat st;
     if (fstat(fd, &st) != 0 || (unsigned long long)st.st_size != EM_MODEL.weights_size) {
-        snprintf(em_error, sizeof em_error, "%s: %lld bytes, but this program was built for %llu", path,
-                 (long long)st.st_size, EM_MODEL.weights_size);
+        fail("%s: %lld bytes, but this program was built for %llu", path, (long long)st.st_size, EM_MODEL.weights_size);
         close(fd);
-        return -1;
+        return NULL;
     }
     void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (p == MAP_FAILED) {
-        snprintf(em_error, sizeof em_error, "%s: mmap failed", path);
-        return -1;
+        fail("%s: mmap failed", path);
+        return NULL;
     }
     const unsigned char *h = p;
     if (memcmp(h, "EDGELLMW", 8) != 0 || memcmp(h + 24, EM_MODEL.weights_digest, 16) != 0) {
-        snprintf(em_error, sizeof em_error, "%s: not the weights this program was built with (digest differs)", path);
+        fail("%s: not the weights this program was built with (digest differs)", path);
         munmap(p, (size_t)st.st_size);
+        return NULL;
+    }
+    em_model *m = calloc(1, sizeof *m);
+    em_weight *weights = calloc((size_t)(EM_RECORD_COUNT > 0 ? EM_RECORD_COUNT : 1), sizeof *weights);
+    if (!m || !weights) {
+        free(m);
+        free(weights);
+        munmap(p, (size_t)st.st_size);
+        fail("%s: out of memory", path);
+        return NULL;
+    }
+    for (int i = 0; i < EM_RECORD_COUNT; i++) weights[i] = em_bind_weight(&EM_RECORDS[i], h);
+    m->mapped = h;
+    m->mapped_size = (size_t)st.st_size;
+    m->threads = threads;
+    m->weights = weights;
+    return m;
+}
+
+void em_close(em_model *m) {
+    if (!m) return;
+    munmap((void *)m->mapped, m->mapped_size);
+    free(m->weights);
+    free(m);
+}
+
+em_session *em_session_open(em_model *m) {
+    em_session *s = calloc(1, sizeof *s);
+    void *arena = NULL;
+    if (s && posix_memalign(&arena, 64, EM_MODEL.arena_bytes > 64 ? EM_MODEL.arena_bytes : 64) != 0) arena = NULL;
+    void *kv = mmap(NULL, EM_MODEL.cache_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                    -1, 0);
+    if (!s || !arena || kv == MAP_FAILED) {
+        fail("cannot allocate a session: %zu bytes of KV cache and %zu of activations", EM_MODEL.cache_bytes,
+             EM_MODEL.arena_bytes);
+        if (kv != MAP_FAILED) munmap(kv, EM_MODEL.cache_bytes);
+        free(arena);
+        free(s);
+        return NULL;
+    }
+    s->model = m;
+    s->arena = arena;
+    s->kv = kv;
+    return s;
+}
+
+void em_session_close(em_session *s) {
+    if (!s) return;
+    munmap(s->kv, EM_MODEL.cache_bytes);
+    free(s->arena);
+    free(s);
+}
+
+int em_truncate(em_session *s, int length) {
+    if (length < 0 || length > s->length) {
+        fail("cannot truncate a session of %d positions to %d", s->length, length);
         return -1;
     }
-    if (em_model_bind(h) != 0) {
-        snprintf(em_error, sizeof em_error, "%s: cannot allocate the KV cache", path);
-        munmap(p, (size_t)st.st_size);
-        return -1;
-    }
-    em_mapped = h;
-    em_mapped_size = (size_t)st.st_size;
-    em_threads = threads;
+    s->length = length;
     return 0;
 }
 
-int em_forward(const int64_t *ids, int n, int start, int logits_row, float *logits) {
-    if (!em_mapped) {
-        snprintf(em_error, sizeof em_error, "em_init has not loaded a weights file");
-        return -1;
-    }
-    if (n < 1 || n > EM_MODEL.group_size || start < 0 || start + n > EM_MODEL.max_tokens || logits_row < 0 ||
-        logits_row >= n) {
-        snprintf(em_error, sizeof em_error, "bad call: %d tokens at position %d (at most %d per call, %d in all)", n,
-                 start, EM_MODEL.group_size, EM_MODEL.max_tokens);
+int em_length(const em_session *s) { return s->length; }
+
+int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n, int start, int logits_from,
+               float *logits) {
+    if (n < 1 || n > EM_MODEL.group_size || start < 0 || start > s->length || start + n > EM_MODEL.max_tokens ||
+        logits_from < 0 || logits_from >= n) {
+        fail("bad call: %d rows at position %d of a session holding %d, logits from row %d (at most %d rows per call, "
+             "%d positions in all)", n, start, s->length, logits_from, EM_MODEL.group_size, EM_MODEL.max_tokens);
         return -1;
     }
     for (int i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= EM_MODEL.vocab_size) {
-            snprintf(em_error, sizeof em_error, "token id %lld outside the vocabulary of %d", (long long)ids[i],
-                     EM_MODEL.vocab_size);
+        if (ids[i] >= EM_MODEL.vocab_size || (ids[i] < 0 && !embeddings)) {
+            fail("token id %lld outside the vocabulary of %d", (long long)ids[i], EM_MODEL.vocab_size);
             return -1;
         }
-    em_set_threads(em_threads); /* the OpenMP team size is per calling thread */
-    if (n == 1) em_model_single(1, start, ids, 0, logits);
-    else em_model_group(n, start, ids, logits_row, logits);
+    const em_variant *variant = NULL;
+    for (int i = 0; i < EM_VARIANT_COUNT && !variant; i++)
+        if (n <= EM_VARIANTS[i].max_rows) variant = &EM_VARIANTS[i];
+    em_set_threads(s->model->threads); /* the OpenMP team size is per calling thread */
+    variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, n, start, ids, embeddings, logits_from, logits);
+    s->length = start + n;
     return 0;
-}
-
-void em_close(void) {
-    if (em_mapped) munmap((void *)em_mapped, em_mapped_size);
-    em_mapped = NULL;
-    if (em_cache) munmap(em_cache, em_cache_size);
-    em_cache = NULL;
-    em_cache_size = 0;
 }

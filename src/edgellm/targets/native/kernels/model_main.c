@@ -63,31 +63,32 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (em_init(weights, threads) != 0) {
+    em_model *model = em_open(weights, threads);
+    em_session *session = model ? em_session_open(model) : NULL;
+    if (!session) {
         fprintf(stderr, "%s\n", em_last_error());
         return 1;
     }
-    float *logits = malloc(sizeof(float) * (size_t)info->vocab_size * info->logits_rows);
+    float *logits = malloc(sizeof(float) * (size_t)info->vocab_size);
     double t0 = now();
     /* prefill in chunks of the group size; a short last chunk ends at the last token */
-    int g = info->group_size, row = 0;
+    int g = info->group_size;
     for (int pos = 0; pos < n;) {
         int start = n - pos >= g ? pos : (n > g ? n - g : 0);
         int count = (start + g < n ? start + g : n) - start;
-        if (em_forward(ids + start, count, start, count - 1, logits) != 0) {
+        if (em_forward(session, ids + start, NULL, count, start, count - 1, logits) != 0) {
             fprintf(stderr, "%s\n", em_last_error());
             return 1;
         }
-        row = info->logits_rows > 1 ? count - 1 : 0;
         pos = start + count;
     }
-    int token = argmax(logits + (size_t)row * info->vocab_size, info->vocab_size);
+    int token = argmax(logits, info->vocab_size);
     double t_first = now();
     printf("%d", token);
     int produced = 1;
     for (; produced < gen && n < info->max_tokens; produced++) {
         ids[n] = token;
-        if (em_forward(ids + n, 1, n, 0, logits) != 0) {
+        if (em_forward(session, ids + n, NULL, 1, n, 0, logits) != 0) {
             fprintf(stderr, "%s\n", em_last_error());
             return 1;
         }
@@ -98,7 +99,8 @@ int main(int argc, char **argv) {
     double t_end = now();
     printf("\nTTFT %.1f ms, decode %.1f tokens/s (%d tokens)\n", (t_first - t0) * 1e3,
            produced > 1 ? (produced - 1) / (t_end - t_first) : 0.0, produced);
-    em_close();
+    em_session_close(session);
+    em_close(model);
     free(logits);
     free(ids);
     return 0;

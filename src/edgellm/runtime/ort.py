@@ -1,0 +1,152 @@
+"""Run a cpu-target build (ONNX Runtime): one engine, any number of sessions.
+
+The engine holds one InferenceSession per program variant (group = up to the group size rows per
+call, single = one row), or one for both with filter sharing; a session (OrtSession) holds its own
+KV cache buffers and its own I/O bindings. The cache is one position-major buffer per layer and
+K/V, sized max_num_tokens; each call binds a view of its first `bucket` positions (the smallest
+bucket covering the positions the call writes), so attention costs grow with the bucket, and the
+program's present.* outputs alias the cache inputs, so the cache is updated in place.
+
+The group program runs a fixed number of rows unless filter sharing made it generic: a call of
+fewer rows is padded at its end (the padding writes K/V past the call's last position, which
+later calls overwrite before anything reads them), or, near the end of the context, moved back
+over positions the session already holds (recomputing them rewrites the same K/V).
+"""
+
+from __future__ import annotations
+
+import bisect
+import weakref
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import EdgeLLMError
+from .engine import Engine, EngineSession, EngineSpec, physical_cores
+
+
+class OrtEngine(Engine):
+    def __init__(self, program_dir: Path, spec: EngineSpec, threads: int | None = None):
+        self.spec = spec
+        self.program_dir = Path(program_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Integer weights run in MatMulNBits; its accuracy level picks float activations (1) or
+        # activations quantized to int8 per block inside the kernel (4, ONNX Runtime's default).
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4" if spec.int8_activations else "1")
+        if (self.program_dir / "shared.onnx").is_file():  # filter sharing: one program serves both
+            shared = ort.InferenceSession(str(self.program_dir / "shared.onnx"), opts, providers=["CPUExecutionProvider"])
+            self.programs = {"group": shared, "single": shared}
+            self.rows = {"group": None, "single": 1}  # None: generic in the rows per call
+        else:
+            self.programs = {v: ort.InferenceSession(str(self.program_dir / f"{v}.onnx"), opts,
+                                                     providers=["CPUExecutionProvider"]) for v in ("group", "single")}
+            self.rows = {"group": spec.group_size, "single": 1}
+        self.sessions: weakref.WeakSet[OrtSession] = weakref.WeakSet()
+        self.closed = False
+
+    def open_session(self) -> "OrtSession":
+        if self.closed:
+            raise EdgeLLMError(f"{self.program_dir}: this model was closed")
+        self._check_memory()
+        session = OrtSession(self)
+        self.sessions.add(session)
+        return session
+
+    def session_bytes(self) -> int:
+        return 2 * self.spec.num_layers * self.spec.max_num_tokens * self.spec.kv_width * 4
+
+    def close(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+        self.programs = {}
+        self.closed = True
+
+
+class OrtSession(EngineSession):
+    def __init__(self, engine: OrtEngine):
+        self.engine = engine
+        self.spec = spec = engine.spec
+        self.length = 0
+        self.tokens = np.zeros(spec.max_num_tokens, np.int64)  # the ids at each position (negative: an embedding row)
+        shape = (1, spec.max_num_tokens, spec.kv_width)
+        self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(spec.num_layers)]
+        # Small inputs live in fixed buffers bound once; a call writes into them.
+        self.inputs = {
+            v: {"input_ids": np.zeros((1, s), np.int64), "position_ids": np.zeros((1, s), np.int64),
+                "embeddings": np.zeros((1, s, spec.hidden_size), np.float32),
+                "logits_index": np.zeros(s, np.int64)}
+            for v, s in (("group", spec.group_size), ("single", 1))
+        }
+        self.logits = {v: np.zeros((1, s, spec.vocab_size), np.float32)
+                       for v, s in (("group", spec.group_size), ("single", 1))}
+        self._bindings: dict[tuple[str, int, int], ort.IOBinding] = {}
+        self.closed = False
+
+    def close(self) -> None:
+        self.cache, self._bindings, self.closed = [], {}, True
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise EdgeLLMError(f"cannot truncate a session of {self.length} positions to {length}")
+        self.length = length
+
+    def _bucket(self, positions_end: int) -> int:
+        buckets = self.spec.buckets
+        i = bisect.bisect_left(buckets, positions_end)
+        if i == len(buckets):
+            raise EdgeLLMError(f"position {positions_end} beyond the context of {self.spec.max_num_tokens}")
+        return buckets[i]
+
+    def _binding(self, variant: str, bucket: int, size: int, rows: int) -> ort.IOBinding:
+        key = (variant, bucket, size, rows)
+        if key not in self._bindings:
+            program = self.engine.programs[variant]
+            io = program.io_binding()
+            names = {i.name for i in program.get_inputs()}
+            for name, buf in self.inputs[variant].items():
+                if name in names:
+                    view = buf[:rows] if name == "logits_index" else buf[:, :size]
+                    io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(view))
+            for i, (k, v) in enumerate(self.cache):
+                for which, buf in (("k", k), ("v", v)):
+                    view = ort.OrtValue.ortvalue_from_numpy(buf[:, :bucket])
+                    io.bind_ortvalue_input(f"cache.{i}.{which}", view)
+                    io.bind_ortvalue_output(f"present.{i}.{which}", view)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits[variant][:, :rows]))
+            self._bindings[key] = io
+        return self._bindings[key]
+
+    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
+        if self.closed:
+            raise EdgeLLMError(f"{self.engine.program_dir}: this session was closed (or its model was)")
+        n = len(ids)
+        logits_from = n - 1 if logits_from is None else logits_from
+        self._check(n, start, logits_from, embeddings)
+        ids = np.asarray(ids, np.int64)
+        if (ids >= self.spec.vocab_size).any() or ((ids < 0).any() and embeddings is None):
+            raise EdgeLLMError(f"token id outside the vocabulary of {self.spec.vocab_size}: {ids.tolist()}")
+        variant = "single" if n == 1 else "group"
+        size = self.engine.rows[variant] or n
+        # a fixed-size call that would pass the context's end moves back over held positions
+        first = min(start, self.spec.max_num_tokens - size)
+        if first < 0 or (self.tokens[first:start] < 0).any():
+            raise EdgeLLMError(f"bad call: {n} rows at position {start} cannot be padded to the group of {size} within "
+                               f"the context of {self.spec.max_num_tokens}")
+        self.tokens[start : start + n] = ids
+        buf = self.inputs[variant]
+        rows = np.concatenate([self.tokens[first:start], ids])
+        buf["input_ids"][0, : len(rows)] = rows
+        buf["input_ids"][0, len(rows) : size] = max(int(rows[-1]), 0)
+        if embeddings is not None:
+            buf["embeddings"][0, start - first : start - first + n] = embeddings
+        buf["position_ids"][0, :size] = np.arange(first, first + size)
+        count = n - logits_from
+        buf["logits_index"][:count] = np.arange(logits_from, n) + (start - first)
+        io = self._binding(variant, self._bucket(first + size), size, count if variant == "group" else 1)
+        self.engine.programs[variant].run_with_iobinding(io)
+        self.length = start + n
+        return self.logits[variant][0, :count].copy()

@@ -1,0 +1,186 @@
+"""Generation strategies: how a session's next tokens are chosen from the target's logits.
+
+Plain decoding runs one row per call. Speculative decoding has a drafter guess up to K tokens
+after the pending one, and the target checks them all in one call of K+1 rows (its weights are
+read once for all rows): `verify` keeps the drafts the target agrees with and gives the token that
+follows them, so each call yields 1 to K+1 tokens. Drafters: another (smaller) edgellm build with
+the same vocabulary (DraftModel), or n-gram matches in the context itself (PromptLookup, no
+model). Greedy output is the same tokens with and without speculation; with sampling the
+standard rejection rule (Leviathan et al., 2023) keeps the target's output distribution.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .sampling import Sampler
+
+
+@dataclass
+class SpeculationStats:
+    drafted: int = 0
+    accepted: int = 0
+    verify_calls: int = 0  # target calls that checked at least one draft token
+
+    def as_dict(self) -> dict:
+        return {"drafted": self.drafted, "accepted": self.accepted, "verify_calls": self.verify_calls,
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                "mean_accepted_per_verify": self.accepted / self.verify_calls if self.verify_calls else 0.0}
+
+
+class Drafter(ABC):
+    @abstractmethod
+    def propose(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray] | None]:
+        """Up to k tokens likely to follow context, and the distributions they were drawn from
+        (None: chosen deterministically, as n-gram lookup does)."""
+
+    def close(self) -> None:
+        pass
+
+
+class PromptLookup(Drafter):
+    """Drafts the tokens that followed the latest earlier occurrence of the context's last n tokens
+    (n from max_ngram down to 1): text that copies from the prompt (rewrites, edits, quotes) is
+    drafted from the prompt itself."""
+
+    def __init__(self, max_ngram: int):
+        if max_ngram < 1:
+            raise EdgeLLMError(f"--lookup {max_ngram}: the n-gram size must be at least 1")
+        self.max_ngram = max_ngram
+
+    def propose(self, context, k, sampler):
+        tokens = np.asarray(context, np.int64)
+        end = len(tokens)
+        for n in range(min(self.max_ngram, end - 1), 0, -1):
+            tail = tokens[end - n :]
+            # starts of earlier occurrences of the tail that are followed by at least one token
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[: end - 1], n)
+            hits = np.flatnonzero((windows == tail).all(axis=1))
+            if hits.size:
+                follow = int(hits[-1]) + n
+                return [int(t) for t in tokens[follow : follow + k]], None
+        return [], None
+
+
+class DraftModel(Drafter):
+    """A smaller edgellm build drafting for the target: its own session, kept in step with the
+    target's context by truncating to their common prefix (O(1)) and prefilling the rest."""
+
+    def __init__(self, model, target_vocab: dict[str, int], where: str):
+        if model.codec.tokenizer.get_vocab() != target_vocab:
+            model.close()
+            raise EdgeLLMError(f"{where}: the draft model's vocabulary differs from the target's; a draft must share "
+                               "its tokenizer")
+        self.model = model
+        self.session = model.engine.open_session()
+        self.tokens: list[int] = []  # what the draft session's cache holds
+
+    def propose(self, context, k, sampler):
+        reuse = min(_common_prefix(self.tokens, context), len(context) - 1)
+        self.session.truncate(reuse)
+        logits = self.session.prefill(context, reuse)
+        self.tokens = list(context)
+        drafts, distributions = [], []
+        for i in range(k):
+            if sampler.greedy:
+                token = int(np.argmax(logits))
+            else:
+                q = sampler.distribution(logits)
+                token = sampler.draw(q)
+                distributions.append(q)
+            drafts.append(token)
+            if i + 1 < k and len(self.tokens) < self.session.spec.max_num_tokens:
+                logits = self.session.decode(token, len(self.tokens))
+                self.tokens.append(token)
+            else:
+                break
+        return drafts, (None if sampler.greedy else distributions)
+
+    def close(self) -> None:
+        self.session.close()
+        self.model.close()
+
+
+class DraftLength:
+    """How many tokens to draft next: K adapts to the acceptance rate, down to not drafting at all.
+
+    The i-th draft token is accepted with about rate**i (rate: a decayed share of draft tokens
+    accepted); one is drafted while that chance is worth its row in the verify call (THRESHOLD).
+    While the rate is below it, nothing is drafted, except one probe token every PROBE calls, so
+    a text that turns predictable is noticed."""
+
+    THRESHOLD = 0.25
+    PROBE = 16
+    DECAY = 0.8
+
+    def __init__(self, k_max: int):
+        if k_max < 1:
+            raise EdgeLLMError(f"--draft-max {k_max}: draft at least 1 token")
+        self.k_max = k_max
+        self.accepted, self.tried = 1.0, 2.0  # a prior of one half
+        self.idle = 0
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.tried
+
+    def next(self) -> int:
+        if self.rate < self.THRESHOLD:
+            self.idle += 1
+            if self.idle < self.PROBE:
+                return 0
+            self.idle = 0
+            return 1
+        k = 1
+        while k < self.k_max and self.rate ** (k + 1) >= self.THRESHOLD:
+            k += 1
+        return k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            rejected = 1 if accepted < drafted else 0  # tokens after a rejection were never tried
+            self.accepted = self.DECAY * self.accepted + accepted
+            self.tried = self.DECAY * self.tried + accepted + rejected
+
+
+def verify(drafts: list[int], distributions: list[np.ndarray] | None, logits: np.ndarray,
+           sampler: Sampler) -> tuple[int, int]:
+    """The target's rows logits [len(drafts) + 1, vocab] (row i: after the pending token and
+    drafts[:i]) against the drafts: (how many drafts are kept, the token that follows them).
+
+    Greedy: a draft is kept while it is the target's argmax. Sampling: draft i is kept with
+    probability min(1, p(d) / q(d)), p the target's distribution, q the draft's (one-hot for a
+    deterministic drafter); at the first rejection the next token is drawn from max(0, p - q),
+    renormalized; if all are kept, from the last row. Either way each token is distributed as
+    the target alone would draw it."""
+    for i, draft in enumerate(drafts):
+        if sampler.greedy:
+            best = int(np.argmax(logits[i]))
+            if best != draft:
+                return i, best
+            continue
+        p = sampler.distribution(logits[i])
+        if distributions is None:
+            q = np.zeros_like(p)
+            q[draft] = 1.0
+        else:
+            q = distributions[i]
+        if sampler.rng.random() < min(1.0, p[draft] / q[draft]):
+            continue
+        residual = np.maximum(p - q, 0.0)
+        total = residual.sum()
+        return i, sampler.draw(residual / total) if total > 0 else sampler.draw(p)
+    return len(drafts), sampler(logits[len(drafts)])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,252 @@
+"""The runtime's program interface on both targets: sessions over one copy of the weights, many
+rows per call, truncation, embedding rows; speculative decoding (prompt lookup and a draft
+model), greedy and sampled; bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import stats as scipy_stats
+
+import edgellm
+from conftest import build
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime import engine as engine_module
+from edgellm.runtime.sampling import Sampler, SamplingParams
+from edgellm.runtime.strategies import DraftLength, PromptLookup, verify
+from tiny_models import VOCAB, save_tiny
+
+OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
+TARGETS = ["cpu", "native"]
+RNG = np.random.default_rng(31)
+PROMPT = [int(t) for t in RNG.integers(1, VOCAB, 37)]  # two groups and a short one
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def tiny(request, tmp_path_factory):
+    """(target, HF directory, build) of a tiny gemma3 (embedding scale, sliding windows), fp32."""
+    root = tmp_path_factory.mktemp(f"sessions-{request.param}")
+    plan = root / "fp32.json"
+    plan.write_text('{"default": {"precision": "FP32"}}')
+    model_dir = save_tiny("gemma3", root / "hf")
+    return request.param, model_dir, build(model_dir, root / "out", plan, target=request.param, **OPTIONS)
+
+
+def test_sessions_keep_their_own_caches_over_one_copy_of_the_weights(tiny):
+    _, _, out = tiny
+    model = edgellm.load(out)
+    first, second = model.engine.open_session(), model.engine.open_session()
+    expected = first.prompt_logits(PROMPT[:20])
+    second.prompt_logits(PROMPT[20:])  # other tokens at the same positions, in the other cache
+    fresh = model.engine.open_session()
+    np.testing.assert_allclose(first.decode(PROMPT[20], 20), fresh.prefill(PROMPT[:21], 0), atol=1e-5)
+    if tiny[0] == "native":  # one library, one weights mapping: no private copy of libmodel.so
+        assert not list((out / "compiled" / "native").glob(".edgellm-model-*"))
+        assert first.engine is second.engine
+    assert np.array_equal(model.engine.open_session().prompt_logits(PROMPT[:20]), expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_one_call_of_n_rows_gives_every_rows_logits_as_one_row_calls_do(tiny, n):
+    session = edgellm.load(tiny[2]).engine.open_session()
+    session.prefill(PROMPT[:10], 0)
+    rows = session.forward(PROMPT[10 : 10 + n], 10, logits_from=0)
+    assert rows.shape == (n, VOCAB)
+    one_by_one = edgellm.load(tiny[2]).engine.open_session()
+    one_by_one.prefill(PROMPT[:10], 0)
+    expected = np.stack([one_by_one.decode(t, 10 + i) for i, t in enumerate(PROMPT[10 : 10 + n])])
+    assert np.abs(rows - expected).max() < 1e-4 * np.abs(expected).max()
+    # the last rows only
+    again = edgellm.load(tiny[2]).engine.open_session()
+    again.prefill(PROMPT[:10], 0)
+    assert np.abs(again.forward(PROMPT[10 : 10 + n], 10, logits_from=n - 1) - expected[-1:]).max() < 1e-4
+
+
+def test_truncate_forgets_positions_in_place(tiny):
+    model = edgellm.load(tiny[2])
+    session = model.engine.open_session()
+    session.prefill(PROMPT[:30], 0)
+    session.truncate(12)
+    assert session.length == 12
+    other = [int(t) for t in RNG.integers(1, VOCAB, 6)]
+    got = session.forward(other, 12, logits_from=0)
+    fresh = model.engine.open_session()
+    fresh.prefill(PROMPT[:12], 0)
+    np.testing.assert_allclose(got, fresh.forward(other, 12, logits_from=0), atol=1e-5)
+    with pytest.raises(EdgeLLMError, match="cannot truncate a session of 18 positions to 19"):
+        session.truncate(19)
+
+
+def test_embedding_rows_give_the_logits_of_their_token_ids(tiny):
+    """Rows given as transformers' inputs_embeds (Gemma's scale included) compute what the ids do,
+    alone or mixed with token rows."""
+    _, model_dir, out = tiny
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        embeddings = reference.get_input_embeddings()(torch.tensor(PROMPT[:16])).numpy()
+    model = edgellm.load(out)
+    by_id = model.engine.open_session().forward(PROMPT[:16], 0, logits_from=0)
+    all_rows = model.engine.open_session().forward([-1] * 16, 0, logits_from=0, embeddings=embeddings)
+    assert np.abs(all_rows - by_id).max() < 1e-4 * np.abs(by_id).max()
+    mixed_ids = [-1 if i % 3 == 0 else t for i, t in enumerate(PROMPT[:16])]
+    mixed = model.engine.open_session().forward(mixed_ids, 0, logits_from=0, embeddings=embeddings)
+    assert np.abs(mixed - by_id).max() < 1e-4 * np.abs(by_id).max()
+    session = model.engine.open_session()  # decode rows too
+    session.prefill(PROMPT[:16], 0)
+    with torch.no_grad():
+        row = reference.get_input_embeddings()(torch.tensor(PROMPT[16:17])).numpy()
+    np.testing.assert_allclose(session.forward([-1], 16, embeddings=row)[0],
+                               model.engine.open_session().prefill(PROMPT[:17], 0), atol=1e-4)
+    with pytest.raises(EdgeLLMError, match="outside the vocabulary"):
+        model.engine.open_session().forward([-1, 3], 0)  # an embedding row without embeddings
+    with pytest.raises(EdgeLLMError, match=r"embeddings of shape \(2, 7\)"):
+        model.engine.open_session().forward([-1, 3], 0, embeddings=np.zeros((2, 7), np.float32))
+
+
+def test_a_session_of_a_closed_model_raises(tiny):
+    model = edgellm.load(tiny[2])
+    session = model.session()
+    session.generate_ids(PROMPT[:8], max_new_tokens=2)
+    model.close()
+    model.close()  # twice is harmless
+    with pytest.raises(EdgeLLMError, match="closed"):
+        session.generate_ids(PROMPT[:8], max_new_tokens=2)
+    with pytest.raises(EdgeLLMError, match="this model was closed"):
+        model.session()
+
+
+def test_more_sessions_than_memory_allows_are_refused_before_allocating(tiny, monkeypatch):
+    model = edgellm.load(tiny[2])
+    monkeypatch.setattr(engine_module, "_available_memory", lambda: 1000)
+    with pytest.raises(EdgeLLMError, match=r"a new session needs .* MB .*; 0 MB are available"):
+        model.session()
+
+
+# ---- speculative decoding -----------------------------------------------------------------
+
+def _prompts():
+    rng = np.random.default_rng(8)
+    block = [int(t) for t in rng.integers(1, VOCAB, 24)]
+    return [block + block[:10],  # repeats itself: lookup drafts from it
+            [int(t) for t in rng.integers(1, VOCAB, 30)],  # no repeats
+            block[:5] * 4]
+
+
+@pytest.mark.parametrize("how", ["lookup", "self-draft", "other-draft"])
+def test_greedy_speculation_gives_the_plain_greedy_tokens(tiny, tmp_path, how):
+    target, _, out = tiny
+    model = edgellm.load(out)
+    if how == "lookup":
+        kw = {"lookup": 3}
+    elif how == "self-draft":  # every draft is accepted: long accepted runs
+        kw = {"draft": out}
+    else:  # another model with the same vocabulary: most drafts are rejected
+        other = build(save_tiny("gemma3", tmp_path / "hf", seed=5), tmp_path / "draft", "int4", target=target,
+                      **OPTIONS)
+        kw = {"draft": other}
+    for prompt in _prompts():
+        model.reset()
+        plain = model.generate_ids(prompt, max_new_tokens=48, ignore_eos=True)
+        model.reset()
+        fast = model.generate_ids(prompt, max_new_tokens=48, ignore_eos=True, draft_max=4, **kw)
+        assert fast.token_ids == plain.token_ids
+        assert fast.speculation["accepted"] <= fast.speculation["drafted"]
+    if how == "self-draft":
+        assert fast.speculation["acceptance_rate"] == 1.0 and fast.speculation["mean_accepted_per_verify"] > 2
+
+
+def test_speculation_near_the_end_of_the_context_stops_where_plain_decoding_does(tiny):
+    model = edgellm.load(tiny[2])
+    prompt = (PROMPT * 4)[:110]
+    plain = model.generate_ids(prompt, max_new_tokens=40, ignore_eos=True)
+    model.reset()
+    fast = model.generate_ids(prompt, max_new_tokens=40, ignore_eos=True, lookup=2, draft_max=8)
+    assert fast.token_ids == plain.token_ids and fast.finish_reason == plain.finish_reason == "context"
+
+
+def test_the_rejection_rule_keeps_the_target_distribution(tiny):
+    """verify()'s first token, over many draws with a fixed seed, is distributed as the target's
+    sampling distribution, for a sampled draft (q from another row's logits) and a deterministic
+    one (prompt lookup's one-hot q), on a tiny model's real logits."""
+    session = edgellm.load(tiny[2]).engine.open_session()
+    logits = session.forward(PROMPT[:3], 0, logits_from=0)  # rows: target p (row 1), draft q (row 0)
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=12, seed=11))
+    p = sampler.distribution(logits[1] * 4)  # sharpened: a few tokens carry the mass
+    q = sampler.distribution(logits[0] * 4)
+    target_rows = np.stack([logits[1] * 4, logits[2] * 4])
+    for deterministic in (False, True):
+        counts = np.zeros(VOCAB)
+        for _ in range(6000):
+            if deterministic:
+                draft, distributions = int(np.argmax(q)), None
+            else:
+                draft = sampler.draw(q)
+                distributions = [q]
+            kept, following = verify([draft], distributions, target_rows, sampler)
+            counts[draft if kept else following] += 1
+        support = p > 0
+        assert counts[~support].sum() == 0
+        result = scipy_stats.chisquare(counts[support], p[support] * counts.sum())
+        assert result.pvalue > 1e-3, (deterministic, result)
+
+
+def test_draft_length_adapts_down_to_not_drafting_and_probes_again():
+    length = DraftLength(4)
+    for _ in range(10):
+        length.update(length.next() or 1, 0)
+    calls = [length.next() for _ in range(DraftLength.PROBE)]
+    assert calls.count(1) == 1 and calls.count(0) == DraftLength.PROBE - 1  # one probe token per PROBE calls
+    for _ in range(20):
+        length.update(4, 4)
+    assert length.next() == 4
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    lookup = PromptLookup(3)
+    sampler = Sampler(SamplingParams())
+    assert lookup.propose([1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 2, 3, 4], 3, sampler) == ([6, 2, 3], None)
+    assert lookup.propose([7, 8, 9], 3, sampler) == ([], None)
+    assert lookup.propose([5, 1, 7, 1], 2, sampler) == ([7, 1], None)  # a 1-gram
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line_error(result, needle):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_speculation_reports_its_statistics_and_refuses_bad_drafts(tiny, tmp_path):
+    target, model_dir, out = tiny
+    prompt = " ".join(f"w{t}" for t in _prompts()[0])
+    plain = _cli("generate", out, "--prompt", prompt, "-n", 24, "--ignore-eos", "--json")
+    fast = _cli("generate", out, "--prompt", prompt, "-n", 24, "--ignore-eos", "--json", "--lookup", 2)
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    plain, fast = json.loads(plain.stdout), json.loads(fast.stdout)
+    assert fast["text"] == plain["text"] and "speculation" not in plain
+    assert fast["speculation"]["drafted"] >= fast["speculation"]["accepted"] > 0
+    _one_line_error(_cli("generate", out, "--prompt", prompt, "--lookup", 2, "--draft-max", 0), "--draft-max 0")
+    _one_line_error(_cli("generate", out, "--prompt", prompt, "--draft", tmp_path), "--draft: ")
+    _one_line_error(_cli("generate", out, "--prompt", prompt, "--lookup", 0), "--lookup 0")
+    # a draft whose tokenizer has other tokens
+    other_dir = tmp_path / "other-hf"
+    shutil.copytree(model_dir, other_dir)
+    tokenizer = json.loads((other_dir / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = {f"x{i}": i for i in range(VOCAB)}
+    tokenizer["model"]["unk_token"] = "x0"
+    (other_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    other = build(other_dir, tmp_path / "other", "int4", target=target, **OPTIONS)
+    _one_line_error(_cli("generate", out, "--prompt", prompt, "--draft", other), "vocabulary differs")
