@@ -59,9 +59,9 @@ def _llama3_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: Path, path: Path, arch: str) -> Path:
-    import gguf
     import json
 
+    import gguf
     from safetensors.numpy import load_file
 
     config = json.loads((hf_dir / "config.json").read_text())

@@ -116,7 +116,8 @@ def test_longrope_tables_follow_transformers_on_both_sides_of_the_original_conte
 
     from edgellm.config import build_model_config
     from edgellm.graph.rope import inverse_frequencies
-    from tiny_models import COMMON, FAMILIES as TINY
+    from tiny_models import COMMON
+    from tiny_models import FAMILIES as TINY
 
     hf_config = transformers.Phi3Config(**{**COMMON, **TINY["phi3"][2]})
     raw = {**json.loads(hf_config.to_json_string()), "model_type": "phi3"}

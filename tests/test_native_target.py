@@ -19,14 +19,14 @@ import transformers
 import edgellm
 from conftest import build
 from edgellm.errors import EdgeLLMError
+from edgellm.quant.blocks import quantize
+from edgellm.quant.codebooks import quantize_codebooks
 from edgellm.runtime.native import NativeEngine
 from edgellm.targets import native as native_target
 from edgellm.targets.native import codegen
 from edgellm.targets.native.codegen import plan_arena
 from edgellm.targets.native.lower import Lowering
 from edgellm.targets.native.toolchain import KERNELS, TOOLCHAINS, Toolchain, build_programs
-from edgellm.quant.blocks import quantize
-from edgellm.quant.codebooks import quantize_codebooks
 from tiny_models import VOCAB, reference_with_stored_weights, round_embeddings_to_bf16, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
@@ -463,7 +463,7 @@ def test_a_copy_that_cannot_be_loaded_names_the_fix(tmp_path, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(native.ctypes, "CDLL", no_copies)
-    with pytest.raises(EdgeLLMError, match="private copy of libmodel.so.*set TMPDIR"):
+    with pytest.raises(EdgeLLMError, match="needs a private copy.*set TMPDIR"):
         edgellm.load(out)
     assert first.default_session.engine_session.decode(PROMPT[0], 0).shape == (VOCAB,)
 

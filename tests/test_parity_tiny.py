@@ -68,7 +68,9 @@ def test_bf16_weights_are_half_the_size_and_close(tmp_path, fp32_plan):
     prompt = [int(t) for t in np.random.default_rng(9).integers(1, VOCAB, 20)]
     a = fp32.generate_ids(prompt, max_new_tokens=4, ignore_eos=True, return_logits=True)
     b = bf16.generate_ids(prompt, max_new_tokens=4, ignore_eos=True, return_logits=True)
-    size = lambda d: (d / "compiled" / "cpu" / "weights.bin").stat().st_size
+    def size(out):
+        return (out / "compiled" / "cpu" / "weights.bin").stat().st_size
+
     assert size(bf16_out) < 0.55 * size(tmp_path / "fp32")
     err = np.abs(a.logits[0] - b.logits[0]).max()
     assert 0 < err < 0.05  # bf16 rounding changes the logits, but only a little

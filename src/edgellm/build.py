@@ -26,8 +26,8 @@ from pathlib import Path
 from . import __version__
 from .config import ModelConfig, build_model_config
 from .errors import EdgeLLMError
-from .graph.units import Unit, plan_units
 from .graph.segments import SEGMENT_FORMAT
+from .graph.units import Unit, plan_units
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
 TARGETS = ("cpu", "native", "aarch64-linux")  # cpu: ONNX Runtime; the others: generated C (targets/native)

@@ -150,6 +150,7 @@ def generate(
 ):
     """Complete PROMPT (or answer it with --chat), streaming, then print TTFT and tokens/s."""
     import edgellm
+
     from .runtime.sampling import SamplingParams
 
     model = edgellm.load(model_dir, threads=threads)
@@ -182,6 +183,7 @@ def chat(
     """Talk to a compiled model; history is kept (and its KV cache reused) across turns.
     /reset clears the history, /quit or Ctrl-D leaves."""
     import edgellm
+
     from .runtime.sampling import SamplingParams
 
     model = edgellm.load(model_dir, threads=threads)
@@ -224,6 +226,7 @@ def eval_(
 ):
     """Perplexity on a text; with --reference, top-1 agreement and KL divergence against it."""
     import edgellm
+
     from .measure.accuracy import default_text, evaluate, precision_summary
 
     if text is not None:
@@ -274,6 +277,7 @@ def bench(
 ):
     """TTFT, decode tokens/s, achieved weight bandwidth, artifact size and peak RSS on this machine."""
     import edgellm
+
     from .measure.accuracy import default_text
     from .measure.speed import measure
 

@@ -233,9 +233,8 @@ def hf_dir_from_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLi
 
 @functools.lru_cache(maxsize=2)
 def _reference_model(path_str: str):
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
     import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     path = Path(path_str)
     if path.is_file():  # a GGUF
