@@ -250,3 +250,32 @@ def test_cli_speculation_reports_its_statistics_and_refuses_bad_drafts(tiny, tmp
     (other_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
     other = build(other_dir, tmp_path / "other", "int4", target=target, **OPTIONS)
     _one_line_error(_cli("generate", out, "--prompt", prompt, "--draft", other), "vocabulary differs")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("preset,int8_activations", [("int4", True), ("int4", False), ("int8", True), ("codebooks", False)])
+def test_native_verify_rows_are_bit_identical_to_decode_steps(tmp_path, family, preset, int8_activations):
+    """A call of 2..8 rows runs the decode program over them (codegen.Rows): each row's logits
+    are exactly a decode step's, also where int8 activations make the prefill program's differ,
+    so speculative greedy decoding keeps the plain tokens on every native build."""
+    if preset == "codebooks":
+        preset = tmp_path / "codebooks.json"
+        preset.write_text('{"default": {"precision": "A_BF16_W_CB4"}}')
+    out = build(save_tiny(family, tmp_path / "hf"), tmp_path / "out", preset, target="native",
+                int8_activations=int8_activations, **OPTIONS)
+    model = edgellm.load(out)
+    rows, steps = model.engine.open_session(), model.engine.open_session()
+    rows.prefill(PROMPT[:20], 0)
+    steps.prefill(PROMPT[:20], 0)
+    for start, n in ((20, 8), (28, 3), (31, 2)):
+        got = rows.forward(PROMPT[start : start + n], start, logits_from=0)
+        expected = np.stack([steps.decode(t, start + i) for i, t in enumerate(PROMPT[start : start + n])])
+        assert np.array_equal(got, expected), (start, n, np.abs(got - expected).max())
+    last = rows.forward(PROMPT[33:35], 33, logits_from=1)  # the last row only (kept from all rows' logits)
+    steps.decode(PROMPT[33], 33)
+    assert last.shape == (1, VOCAB) and np.array_equal(last[0], steps.decode(PROMPT[34], 34))
+    model.reset()
+    plain = model.generate_ids(PROMPT[:30] + PROMPT[:12], max_new_tokens=40, ignore_eos=True)
+    model.reset()
+    fast = model.generate_ids(PROMPT[:30] + PROMPT[:12], max_new_tokens=40, ignore_eos=True, lookup=2, draft_max=7)
+    assert fast.token_ids == plain.token_ids and fast.speculation["verify_calls"] > 0

@@ -23,6 +23,9 @@ from .toolchain import TOOLCHAINS, build_programs
 from .weights import WeightsFile
 
 TARGETS = tuple(TOOLCHAINS)
+# Rows of the verify function: a speculative draft of up to 7 tokens and the pending one. Its
+# kernels keep each thread's copy of these rows on the stack (rows x the widest input).
+VERIFY_ROWS = 8
 log = logging.getLogger("edgellm.targets.native")
 
 
@@ -44,12 +47,16 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progre
             log.info("%s: %d kernel calls; %s", variant, len(lowered.calls), variants[variant][1].report())
             if progress:
                 progress("compile", len(variants), 3)
+        # the decode program over a few rows (codegen.Rows): speculative verify calls, short prefills
+        verify_rows = min(VERIFY_ROWS, options.language_group_size)
+        if verify_rows > 1:
+            variants["verify"] = (variants["single"][0], plan_arena(variants["single"][0], verify_rows))
         digest = weights.finish()
     except BaseException:
         weights.abort()
         raise
     shape = ModelShape(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, options.max_num_tokens,
-                       options.language_group_size, cfg.vocab_size, cfg.hidden_size)
+                       options.language_group_size, cfg.vocab_size, cfg.hidden_size, verify_rows)
     code = generate(variants, weights.records, shape, weights.size, digest, manifest.data.get("model", str(out)))
     tmp = target_dir / f".model.c.tmp{os.getpid()}"
     tmp.write_text(code)

@@ -31,6 +31,7 @@ class ModelShape:
     group_size: int
     vocab: int
     hidden: int
+    verify_rows: int  # rows the verify function (the decode program over several rows) takes
 
 
 def plan_arena(lowered: Lowered, tokens: int) -> MemoryPlan:
@@ -86,23 +87,72 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
                   "float *logits) {",
                   "    const int R = S - logits_from; /* the rows whose logits are returned */",
                   "    (void)em_base; (void)EMW; (void)em_kv; (void)ids; (void)embeddings; (void)R; (void)start;"]
-        lines += _body(lowered, offsets)
+        lines += _body(lowered, offsets, Rows(lowered, shape) if variant == "verify" else None)
         lines.append("}")
-    rows = {"single": 1, "group": shape.group_size}
+    rows = {"single": 1, "verify": shape.verify_rows, "group": shape.group_size}
     order = sorted(variants, key=lambda v: rows[v])
-    lines += ["", "/* the variants, fewest rows first: em_forward runs the first that fits */",
+    lines += ["", "/* the variants, fewest rows first: em_forward runs the first that fits; name, rows per call,",
+              "   whether it writes every row's logits (the caller then keeps rows logits_from..) */",
               f"const em_variant EM_VARIANTS[{len(order)}] = {{"]
-    lines += [f'    {{"{v}", {rows[v]}, em_model_{v}}},' for v in order]
+    lines += [f'    {{"{v}", {rows[v]}, em_model_{v}, {int(v == "verify")}}},' for v in order]
     lines += ["};", f"const int EM_VARIANT_COUNT = {len(order)};"]
     return "\n".join(lines) + "\n"
 
 
-def _body(lowered: Lowered, offsets: dict[str, int]) -> list[str]:
+class Rows:
+    """The verify function: the decode variant's calls over S rows (up to verify_rows). Team
+    matmuls take every row in one call (the weights are read once; kernels: em_fusion.rows);
+    every other call runs once per row, on that row's slice of each activation, at position
+    start + s: so each row is computed exactly as a decode step computes it, and speculative
+    decoding gives the plain decode's tokens. Rows of one activation are its per-token size apart."""
+
+    ROW = {r"\bS\b": "1", r"\bstart\b": "(start + s)", r"\bids\b": "(ids + s)"}
+
+    def __init__(self, lowered: Lowered, shape: ModelShape):
+        self.activations = lowered.activations
+        self.vocab, self.hidden = shape.vocab, shape.hidden
+
+    def stride(self, ref: str) -> int:
+        """Floats between two rows of an operand as the call text names it."""
+        ref = ref.strip()
+        if ref == "NULL":
+            return 0
+        if ref == "logits":
+            return self.vocab
+        name = _PLACEHOLDER.search(ref)
+        if name is None:
+            raise ValueError(f"no rows for operand {ref}")
+        act = self.activations[name.group(1)]
+        return act.rows * act.cols if act.per_token else 0
+
+    def rows_of(self, arguments: str) -> str:
+        return "S, " + ", ".join(str(self.stride(a)) for a in arguments.split(";"))
+
+    def one_row(self, code: str, offsets: dict[str, int]) -> str:
+        """code on row s alone."""
+        for pattern, value in self.ROW.items():
+            code = re.sub(pattern, value, code)
+        code = re.sub(r"\blogits\b", f"(logits + (size_t)s * {self.vocab})", code)
+        code = re.sub(r"\bembeddings\b", f"(embeddings ? embeddings + (size_t)s * {self.hidden} : NULL)", code)
+        return _PLACEHOLDER.sub(lambda m: f"(A + {offsets[m.group(1)]} + (size_t)s * {self.stride('{' + m.group(1) + '}')})",
+                                code)
+
+
+_ROWS_MARKER = re.compile(r"EM_ROWS\(([^()]*(?:\([^()]*\)[^()]*)*)\)")  # EM_ROWS(x; up; residual; y)
+
+
+def _body(lowered: Lowered, offsets: dict[str, int], rows: Rows | None = None) -> list[str]:
     """The calls in order. With team kernels (the decode variant) the body is one parallel region:
     team calls run on every thread, the calls between them together on one (omp single, whose
-    barrier at its end publishes their results)."""
+    barrier at its end publishes their results). rows: the verify function (class Rows)."""
     def code(call):
-        return _PLACEHOLDER.sub(lambda m: f"(A + {offsets[m.group(1)]})", call.code)
+        text = _ROWS_MARKER.sub(lambda m: rows.rows_of(m.group(1)) if rows else "1, 0, 0, 0, 0", call.code)
+        if rows and not text.startswith("em_team_matmul("):
+            one = rows.one_row(text, offsets)
+            if text.startswith("em_team_attention("):  # the next row's attention reads this row's cache write
+                return f"for (int s = 0; s < S; s++) {{ {one} if (s + 1 < S) {{ _Pragma(\"omp barrier\") }} }}"
+            return f"for (int s = 0; s < S; s++) {one}"
+        return _PLACEHOLDER.sub(lambda m: f"(A + {offsets[m.group(1)]})", text)
 
     if not any(call.team for call in lowered.calls):
         return [line for call in lowered.calls for line in (f"    /* {', '.join(call.nodes)} */", "    " + code(call))]

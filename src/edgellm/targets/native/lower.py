@@ -342,9 +342,14 @@ class Lowering:
         deferred = self.deferred.get(x_name)
         if self.one_token and x.rows == 1:  # a decode row: the team shares it, each thread preparing the input itself
             deferred = deferred or Deferred("EM_INPUT", "NULL, 0.0f, NULL", x_name, [], [])
+            up = deferred.operands.rsplit(", ", 1)[-1]  # the gated product's up operand, or NULL
+            residual_ref = f"{{{residual}}}" if residual else "NULL"
+            # EM_ROWS(x, up, residual, y): the rows and their strides, filled in by codegen (one row
+            # in the decode function, S in the verify function)
             self._emit(f"em_team_matmul({{{deferred.source}}}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
-                       f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, NULL, "
-                       f"{deferred.merge}}});", [deferred.source, *deferred.inputs] + ([residual] if residual else []), [out.name],
+                       f"{deferred.prologue}, {deferred.operands}, {residual_ref}, NULL, {deferred.merge}, "
+                       f"EM_ROWS({{{deferred.source}}}; {up}; {residual_ref}; {{{out.name}}})}});",
+                       [deferred.source, *deferred.inputs] + ([residual] if residual else []), [out.name],
                        *deferred.nodes, *nodes, team=True)
             return
         if deferred is None and residual is None:
@@ -569,7 +574,8 @@ class Lowering:
                 if name in self.rotary:
                     self._rope(name, self.rotary.pop(name))
             tables, sources, nodes = "NULL, NULL, 0", rows, []
-        scratch = self._new(node.output[0] + ".chunks", x, rows=heads * DECODE_CHUNKS, cols=head_dim + 2, per_token=False)
+        # per token: the verify function runs one attention per row, each merged by the next matmul
+        scratch = self._new(node.output[0] + ".chunks", x, rows=heads * DECODE_CHUNKS, cols=head_dim + 2, per_token=True)
         merged_by = self._identity_end(node.output[0])
         if self._feeds_one_matmul(merged_by):  # that matmul merges the chunks itself: no barrier between them
             self.shapes[node.output[0]] = x

@@ -652,34 +652,50 @@ static void add_panel_residual(const float *residual, int p, int n, float *y) {
 }
 
 void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f) {
-    const int K = w->k, nb = em_blocks(w);
-    float xp[K]; /* this thread's copy of the prepared input: no barrier before the panels */
-    em_prepare_row(f, x, 0, K, xp);
+    const int K = w->k, nb = em_blocks(w), rows = em_fusion_rows(f);
+    const size_t ys = f->y_stride ? (size_t)f->y_stride : (size_t)w->n;
+    const size_t rs = f->residual_stride ? (size_t)f->residual_stride : (size_t)w->n;
+    float xp[(size_t)rows * K]; /* this thread's copy of the prepared input: no barrier before the panels */
+    for (int s = 0; s < rows; s++) em_prepare_row(f, x, s, K, xp + (size_t)s * K);
+    /* Each row is computed exactly as a one-row call computes it; the panel stays in cache for
+       the rows after the first. */
     if (w->int8_activations) {
-        int8_t xq[K];
-        float dx[nb], xs[nb];
-        int32_t xn[nb];
-        for (int b = 0; b < nb; b++) {
-            xn[b] = quantize_block(xp + (size_t)b * w->block, block_len(w, b), xq + (size_t)b * w->block, &dx[b]);
-            xs[b] = dx[b] * (float)xn[b];
-        }
+        int8_t xq[(size_t)rows * K];
+        float dx[(size_t)rows * nb], xs[(size_t)rows * nb];
+        int32_t xn[(size_t)rows * nb];
+        for (int s = 0; s < rows; s++)
+            for (int b = 0; b < nb; b++) {
+                const size_t i = (size_t)s * nb + b;
+                xn[i] = quantize_block(xp + (size_t)s * K + (size_t)b * w->block, block_len(w, b),
+                                       xq + (size_t)s * K + (size_t)b * w->block, &dx[i]);
+                xs[i] = dx[i] * (float)xn[i];
+            }
+        /* rows N apart: one panel call for all of them (a row's sums do not depend on how many
+           rows the call has, so each is still exactly the one-row result) */
+        const int together = ys == (size_t)w->n;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels(w); p++) {
-            panel_int8(w, p, xq, dx, xn, xs, 0, 1, y);
-            if (f->residual) add_panel_residual(f->residual, p, w->n, y);
+            if (together) panel_int8(w, p, xq, dx, xn, xs, 0, rows, y);
+            for (int s = 0; s < rows; s++) {
+                const size_t i = (size_t)s * nb;
+                if (!together) panel_int8(w, p, xq + (size_t)s * K, dx + i, xn + i, xs + i, 0, 1, y + s * ys);
+                if (f->residual) add_panel_residual(f->residual + s * rs, p, w->n, y + s * ys);
+            }
         }
     } else {
-        float xsum[nb];
-        for (int b = 0; b < nb; b++) {
-            float total = 0.0f;
-            for (int c = 0; c < block_len(w, b); c++) total += xp[b * w->block + c];
-            xsum[b] = total;
-        }
+        float xsum[(size_t)rows * nb];
+        for (int s = 0; s < rows; s++)
+            for (int b = 0; b < nb; b++) {
+                float total = 0.0f;
+                for (int c = 0; c < block_len(w, b); c++) total += xp[(size_t)s * K + b * w->block + c];
+                xsum[(size_t)s * nb + b] = total;
+            }
 #pragma omp for schedule(static)
-        for (int p = 0; p < panels(w); p++) {
-            panel_float_row(w, p, xp, xsum, y);
-            if (f->residual) add_panel_residual(f->residual, p, w->n, y);
-        }
+        for (int p = 0; p < panels(w); p++)
+            for (int s = 0; s < rows; s++) {
+                panel_float_row(w, p, xp + (size_t)s * K, xsum + (size_t)s * nb, y + s * ys);
+                if (f->residual) add_panel_residual(f->residual + s * rs, p, w->n, y + s * ys);
+            }
     }
 }
 

@@ -268,26 +268,32 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
         em_team_matmul_integer(x, w, y, f);
         return;
     }
-    const int N = w->n, K = w->k;
-    float xp[K]; /* each thread prepares the input for itself: no barrier before the rows */
-    em_prepare_row(f, x, 0, K, xp);
+    const int N = w->n, K = w->k, rows = em_fusion_rows(f);
+    const size_t ys = f->y_stride ? (size_t)f->y_stride : (size_t)N, rs = f->residual_stride ? (size_t)f->residual_stride : (size_t)N;
+    float xp[(size_t)rows * K]; /* each thread prepares the input for itself: no barrier before the rows */
+    for (int s = 0; s < rows; s++) em_prepare_row(f, x, s, K, xp + (size_t)s * K);
 #if !EM_CB_DOT
     float row[K]; /* a codebook row, decoded */
 #endif
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
-        float v;
-        if (w->kind == EM_F32) v = fdot((const float *)w->data + (size_t)n * K, xp, K);
-        else if (w->kind == EM_BF16) v = bf16_dot(w, n, xp);
-        else {
-#if EM_CB_DOT
-            v = cb_dot(w, n, xp);
-#else
-            cb_row(w, n, row);
-            v = fdot(row, xp, K);
+#if !EM_CB_DOT
+        if (w->kind >= EM_CB2) cb_row(w, n, row);
 #endif
+        for (int s = 0; s < rows; s++) { /* the weight row stays in cache for every row */
+            const float *xs = xp + (size_t)s * K;
+            float v;
+            if (w->kind == EM_F32) v = fdot((const float *)w->data + (size_t)n * K, xs, K);
+            else if (w->kind == EM_BF16) v = bf16_dot(w, n, xs);
+            else {
+#if EM_CB_DOT
+                v = cb_dot(w, n, xs);
+#else
+                v = fdot(row, xs, K);
+#endif
+            }
+            y[s * ys + n] = f->residual ? v + f->residual[s * rs + n] : v;
         }
-        y[n] = f->residual ? v + f->residual[n] : v;
     }
 }
 

@@ -53,7 +53,11 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
      output    y = x' @ W^T, plus `residual` [S, N] if not NULL
    `scratch` [S, K] holds the prepared input the threads share (S > 1; one row goes through
    em_team_matmul). y must not overlap x, up or residual: with one row, threads write y while
-   others still read them. */
+   others still read them.
+   `rows` (em_team_matmul only; 0 or 1: one row): the decode program run over a few rows at once
+   (a speculative verify call) reads the weights once for all of them, computing each row exactly
+   as one decode step does; rows are `*_stride` floats apart (0: K, or N for the output and the
+   residual), and the EM_ATTENTION prologue's row r is the token at merge.start + r. */
 enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3, EM_ATTENTION = 4 };
 typedef struct {
     int start, window, heads, kv_heads, head_dim; /* as em_team_attention's arguments */
@@ -66,6 +70,7 @@ typedef struct {
     const float *residual;
     float *scratch;
     em_merge merge;
+    int rows, x_stride, up_stride, residual_stride, y_stride;
 } em_fusion;
 void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f);
 /* out[S, K] = rows ids[s] of an embedding table stored like a weight (n = vocab, k = hidden). */

@@ -59,6 +59,7 @@ typedef struct {
     const char *name;
     int max_rows;
     em_program run;
+    int all_logits; /* writes every row's logits: em_forward gives the caller rows logits_from.. */
 } em_variant;
 extern const em_variant EM_VARIANTS[];
 extern const int EM_VARIANT_COUNT;

@@ -21,6 +21,7 @@ struct em_model {
 struct em_session {
     const em_model *model;
     float *arena;    /* activations of one call */
+    float *logits;   /* every row's logits, for variants that write them all (em_variant.all_logits) */
     em_kv_value *kv; /* the KV cache: zeroed pages, touched only as the context fills */
     int length;      /* positions 0..length-1 hold this conversation's keys and values */
 };
@@ -234,18 +235,24 @@ em_session *em_session_open(em_model *m) {
     em_session *s = calloc(1, sizeof *s);
     void *arena = NULL;
     if (s && posix_memalign(&arena, 64, EM_MODEL.arena_bytes > 64 ? EM_MODEL.arena_bytes : 64) != 0) arena = NULL;
+    size_t rows = 0;
+    for (int i = 0; i < EM_VARIANT_COUNT; i++)
+        if (EM_VARIANTS[i].all_logits && (size_t)EM_VARIANTS[i].max_rows > rows) rows = (size_t)EM_VARIANTS[i].max_rows;
+    float *logits = rows ? malloc(sizeof(float) * rows * (size_t)EM_MODEL.vocab_size) : NULL;
     void *kv = mmap(NULL, EM_MODEL.cache_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                     -1, 0);
-    if (!s || !arena || kv == MAP_FAILED) {
+    if (!s || !arena || kv == MAP_FAILED || (rows && !logits)) {
         fail("cannot allocate a session: %zu bytes of KV cache and %zu of activations", EM_MODEL.cache_bytes,
              EM_MODEL.arena_bytes);
         if (kv != MAP_FAILED) munmap(kv, EM_MODEL.cache_bytes);
         free(arena);
+        free(logits);
         free(s);
         return NULL;
     }
     s->model = m;
     s->arena = arena;
+    s->logits = logits;
     s->kv = kv;
     return s;
 }
@@ -254,6 +261,7 @@ void em_session_close(em_session *s) {
     if (!s) return;
     munmap(s->kv, EM_MODEL.cache_bytes);
     free(s->arena);
+    free(s->logits);
     free(s);
 }
 
@@ -285,7 +293,11 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n
     for (int i = 0; i < EM_VARIANT_COUNT && !variant; i++)
         if (n <= EM_VARIANTS[i].max_rows) variant = &EM_VARIANTS[i];
     em_set_threads(s->model->threads); /* the OpenMP team size is per calling thread */
-    variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, n, start, ids, embeddings, logits_from, logits);
+    float *out = variant->all_logits && logits_from > 0 ? s->logits : logits;
+    variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, n, start, ids, embeddings, logits_from, out);
+    if (out != logits)
+        memcpy(logits, out + (size_t)logits_from * EM_MODEL.vocab_size,
+               sizeof(float) * (size_t)(n - logits_from) * EM_MODEL.vocab_size);
     s->length = start + n;
     return 0;
 }

@@ -161,8 +161,10 @@ static inline float fdot(const float *a, const float *b, int n) {
 void em_merge_chunks(const float *parts, const em_merge *a, int h_first, int h_end, float *out);
 
 /* One row of a fused matmul's prepared input (em_fusion): out[K] from row s of x (and f->up). */
+static inline int em_fusion_rows(const em_fusion *f) { return f->rows > 1 ? f->rows : 1; }
+
 static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int K, float *out) {
-    const float *xr = x + (size_t)s * K;
+    const float *xr = x + (size_t)s * (f->x_stride ? f->x_stride : K);
     switch (f->prologue) {
     case EM_RMSNORM: {
         const float inv = 1.0f / sqrtf(fdot(xr, xr, K) / (float)K + f->eps); /* as em_rmsnorm */
@@ -170,21 +172,24 @@ static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int
         return;
     }
     case EM_SILU_GATE: {
-        const float *up = f->up + (size_t)s * K;
+        const float *up = f->up + (size_t)s * (f->up_stride ? f->up_stride : K);
 #pragma omp simd
         for (int c = 0; c < K; c++) out[c] = xr[c] * (1.0f / (1.0f + expf(-xr[c]))) * up[c]; /* as em_silu_mul */
         return;
     }
     case EM_GELU_GATE: {
-        const float *up = f->up + (size_t)s * K, k0 = 0.7978845608028654f; /* sqrt(2 / pi) */
+        const float *up = f->up + (size_t)s * (f->up_stride ? f->up_stride : K), k0 = 0.7978845608028654f; /* sqrt(2 / pi) */
 #pragma omp simd
         for (int c = 0; c < K; c++)
             out[c] = 0.5f * xr[c] * (1.0f + tanhf(k0 * (xr[c] + 0.044715f * xr[c] * xr[c] * xr[c]))) * up[c];
         return;
     }
-    case EM_ATTENTION: /* one row: x holds the decode attention's chunks */
-        em_merge_chunks(x, &f->merge, 0, f->merge.heads, out);
+    case EM_ATTENTION: { /* x holds the decode attention's chunks; row s is the token at start + s */
+        em_merge merge = f->merge;
+        merge.start += s;
+        em_merge_chunks(xr, &merge, 0, merge.heads, out);
         return;
+    }
     default:
         memcpy(out, xr, sizeof(float) * K);
     }
