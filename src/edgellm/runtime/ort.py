@@ -7,7 +7,9 @@ K/V, sized max_num_tokens; each call binds a view of its first `bucket` position
 bucket covering the positions the call writes), so attention costs grow with the bucket, and the
 program's present.* outputs alias the cache inputs, so the cache is updated in place.
 
-The group program runs a fixed number of rows unless filter sharing made it generic: a call of
+A call of 2 to 8 rows runs as that many decode steps, so that speculative decoding keeps the plain
+decode's tokens (it gains no speed here: no program reads the weights once for several rows). The
+group program runs a fixed number of rows unless filter sharing made it generic: a call of
 fewer rows is padded at its end (the padding writes K/V past the call's last position, which
 later calls overwrite before anything reads them), or, near the end of the context, moved back
 over positions the session already holds (recomputing them rewrites the same K/V).
@@ -24,6 +26,8 @@ import onnxruntime as ort
 
 from ..errors import EdgeLLMError
 from .engine import Engine, EngineSession, EngineSpec, physical_cores
+
+VERIFY_ROWS = 8  # calls of 2..8 rows run as decode steps (as the native targets' verify function computes)
 
 
 class OrtEngine(Engine):
@@ -129,6 +133,13 @@ class OrtSession(EngineSession):
         ids = np.asarray(ids, np.int64)
         if (ids >= self.spec.vocab_size).any() or ((ids < 0).any() and embeddings is None):
             raise EdgeLLMError(f"token id outside the vocabulary of {self.spec.vocab_size}: {ids.tolist()}")
+        if 1 < n <= VERIFY_ROWS:
+            # a few rows (a speculative verify call): one decode step each, so that every row's
+            # logits are a decode step's, as on the native targets (the group program's differ
+            # at int8 rounding); ONNX Runtime has no program that reads the weights once for them
+            rows = [self.forward(ids[i : i + 1], start + i, 0, None if embeddings is None else embeddings[i : i + 1])
+                    for i in range(n)]
+            return np.concatenate(rows[logits_from:])
         variant = "single" if n == 1 else "group"
         size = self.engine.rows[variant] or n
         # a fixed-size call that would pass the context's end moves back over held positions
