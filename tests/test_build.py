@@ -235,3 +235,33 @@ def test_a_stage_run_with_other_options_does_not_complete_a_stale_build(tiny, tm
     result = run_cli(*args[:4], "--max_num_tokens", 256, *args[6:], "--quantize", "--compile")
     assert_clean_error(result, "onnx stage has not produced")  # the earlier stages were built without it
     assert not json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_the_build_record_holds_the_resolved_plan_and_a_py_plan_runs_once(tiny, tmp_path):
+    """build.json: what was built, written when the build completes; a .py plan is asked once per
+    build (it used to run once per stage), and the runtime reads its settings from the record."""
+    import edgellm
+    from edgellm.errors import EdgeLLMError
+    from edgellm.record import BuildRecord
+
+    runs = tmp_path / "runs.txt"
+    plan = tmp_path / "plan.py"
+    plan.write_text(f"open({str(runs)!r}, 'a').write('ran\\n')\n"
+                    "def get_layer_configuration(model_properties, layer):\n"
+                    "    return {'precision': 'A_BF16_W_INT8' if layer['is_group'] else 'A_BF16_W_INT4'}\n")
+    out = build(tiny, tmp_path / "out", plan, **OPTIONS)
+    assert runs.read_text() == "ran\n"
+    record = BuildRecord.load(out)
+    assert (record.target, record.group_size, record.max_num_tokens, record.buckets) == ("cpu", 16, 128, (32, 64, 96, 128))
+    assert record.precisions["group/layer000_pre"] == "A_BF16_W_INT8"
+    assert record.precisions["single/layer001_post"] == "A_BF16_W_INT4"
+    assert record.summary() == "plan.py"
+    assert edgellm.load(out).engine.spec.group_size == 16
+    (out / "build.json").write_text('{"format": 1, "target": "cpu"}')
+    with pytest.raises(EdgeLLMError, match=r"build.json: not a build record this edgellm reads \(KeyError"):
+        edgellm.load(out)
+    (out / "build.json").unlink()
+    result = subprocess.run(CLI + ["generate", str(out), "--prompt", "w1 w2"], capture_output=True, text=True)
+    assert_clean_error(result, "no build.json", "--resume")
+    build(tiny, out, plan, resume=True, **OPTIONS)  # writes it again, running nothing else
+    assert BuildRecord.load(out) == record

@@ -82,11 +82,11 @@ def test_kv_cache_bytes_count_buckets_windows_and_float16_values(tmp_path, fp32_
     (out / "model_config.json").write_text(json.dumps(cfg))
     assert kv_cache_bytes_per_token(out, range(39, 40)) == layers * 64 * per_position
     # the native targets read the positions each layer attends to: a sliding layer its window
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["options"]["target"] = "native"
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    record = json.loads((out / "build.json").read_text())
+    record["target"] = "native"
+    (out / "build.json").write_text(json.dumps(record))
     assert kv_cache_bytes_per_token(out, range(39, 40)) == (16 + (layers - 1) * 40) * per_position
     assert kv_cache_bytes_per_token(out, range(9, 12)) == layers * 11 * per_position  # 10, 11, 12: within the window
-    manifest["options"]["kv_cache_dtype"] = "float16"
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    record["kv_cache_dtype"] = "float16"
+    (out / "build.json").write_text(json.dumps(record))
     assert kv_cache_bytes_per_token(out, range(9, 10)) == layers * 10 * per_position // 2

@@ -28,6 +28,8 @@ from .config import ModelConfig, build_model_config
 from .errors import EdgeLLMError
 from .graph.segments import SEGMENT_FORMAT
 from .graph.units import Unit, plan_units
+from .quant.plan import PrecisionPlan, ResolvedPlan
+from .record import BuildRecord
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
 TARGETS = ("cpu", "native", "aarch64-linux")  # cpu: ONNX Runtime; the others: generated C (targets/native)
@@ -147,8 +149,10 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     manifest.data.update(identity, complete=False)
     manifest.save()
     _atomic_write(out / "model_config.json", cfg.to_json())
-    context = _Context(str(model_path), out, options, cfg, source.fingerprint())
     units = plan_units(cfg.num_layers, options.buckets)
+    # the plan, asked once for every unit (a .py plan runs once per build)
+    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings).resolve(units)
+    context = _Context(str(model_path), out, options, cfg, source.fingerprint(), plan)
     for stage in STAGES:
         if stage not in options.stages:
             continue
@@ -158,18 +162,21 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
         elif stage == "compile" and options.target == "cpu":
             from .targets.cpu import compile_cpu
 
-            compile_cpu(out, cfg, options, units, manifest, progress)
+            compile_cpu(out, cfg, options, units, plan, manifest, progress)
         elif stage == "compile":
             from .targets.native import compile_native
 
-            compile_native(out, cfg, options, units, manifest, progress)
+            compile_native(out, cfg, options, units, plan, manifest, progress)
         else:
             _run_units(stage, units, context, manifest, progress)
         # a stage run again makes the later stages' outputs stale until they run again too
         earlier = [s for s in manifest.data.get("stages_done", []) if STAGES.index(s) < STAGES.index(stage)]
         manifest.data["stages_done"] = earlier + [stage]
         manifest.save()
-    manifest.data["complete"] = all(s in manifest.data["stages_done"] for s in STAGES)
+    complete = all(s in manifest.data["stages_done"] for s in STAGES)
+    if complete:  # the record first: a complete build always has one
+        BuildRecord.from_build(__version__, options, plan).save(out)
+    manifest.data["complete"] = complete
     manifest.save()
     return out
 
@@ -181,6 +188,7 @@ class _Context:
     options: BuildOptions
     cfg: ModelConfig
     fingerprint: str
+    plan: "ResolvedPlan"
 
 
 def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
@@ -261,10 +269,8 @@ def stage_dir_name(stage: str) -> str:
 
 
 def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest, progress) -> None:
-    from .quant.plan import PrecisionPlan
-
     o = ctx.options
-    plan = PrecisionPlan(o.configuration_file, ctx.cfg.num_layers, o.quantize_embeddings)
+    plan = ctx.plan
     stage_dir = ctx.out / stage_dir_name(stage)
     todo = []
     for unit in units:
@@ -314,12 +320,6 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
     _atomic_write(runtime / "tokenizer.json", tok.tokenizer_json)
     settings = asdict(tok)
     settings.pop("tokenizer_json")
-    settings.update(
-        max_num_tokens=options.max_num_tokens,
-        language_group_size=options.language_group_size,
-        buckets=options.buckets,
-        int8_activations=options.int8_activations,
-    )
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..record import BuildRecord
+
 DEFAULT_TOKENS = 2048
 
 
@@ -74,22 +76,5 @@ def evaluate(model, ids: list[int], reference=None, name: str = "", precision: s
 
 
 def precision_summary(model_dir: Path) -> str:
-    """What the build stored, from its manifest: e.g. "int4.json + int8 embeddings"."""
-    import json
-
-    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
-    options = manifest.get("options", {})
-    plan = options.get("configuration_file")
-    label = Path(plan).name if plan else "default (BF16)"
-    extras = []
-    if options.get("asymmetric"):
-        extras.append("asymmetric")
-    if options.get("quantize_embeddings"):
-        extras.append(f"int8 embeddings, {options['quantize_embeddings']} LM head")
-    if options.get("int8_activations"):
-        extras.append("int8 activations")
-    if options.get("kv_cache_dtype", "float32") != "float32":
-        extras.append(f"{options['kv_cache_dtype']} KV cache")
-    if options.get("target", "cpu") != "cpu":
-        extras.append(f"{options['target']} target")
-    return " + ".join([label] + extras)
+    """What the build stored (its build record): e.g. "int4.json + int8 embeddings"."""
+    return BuildRecord.load(model_dir).summary()

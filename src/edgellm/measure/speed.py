@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from ..config.model_config import ModelConfig
+from ..record import BuildRecord
 
 
 @dataclass
@@ -52,7 +53,7 @@ def decode_weight_bytes(program: Path) -> int:
 
 
 def _target(model_dir: Path) -> str:
-    return json.loads((model_dir / "manifest.json").read_text()).get("options", {}).get("target", "cpu")
+    return BuildRecord.load(model_dir).target
 
 
 def weight_bytes_per_token(model_dir: Path) -> int:
@@ -69,13 +70,13 @@ def kv_cache_bytes_per_token(model_dir: Path, positions: range) -> float:
     the whole bucket of positions its call binds (runtime/engine.py), sliding layers included."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.load(model_dir / "model_config.json")
-    options = json.loads((model_dir / "manifest.json").read_text()).get("options", {})
-    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * (2 if options.get("kv_cache_dtype") == "float16" else 4)
-    if options.get("target", "cpu") == "cpu":
-        buckets = range(options["future_token_mask_size"], options["max_num_tokens"] + 1, options["future_token_mask_size"])
+    built = BuildRecord.load(model_dir)
+    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * (2 if built.kv_cache_dtype == "float16" else 4)
+    if built.target == "cpu":
+        buckets = built.buckets
         read = [len(cfg.layer_types) * buckets[bisect.bisect_left(buckets, p + 1)] for p in positions]
     else:
-        window = cfg.sliding_window or options["max_num_tokens"]
+        window = cfg.sliding_window or built.max_num_tokens
         read = [sum(min(p + 1, window) if kind == "sliding" else p + 1 for kind in cfg.layer_types) for p in positions]
     return per_position * statistics.mean(read)
 

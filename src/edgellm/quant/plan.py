@@ -42,6 +42,16 @@ class LayerChoice:
     lora: str = "LORA_DISABLED"
 
 
+@dataclass(frozen=True)
+class ResolvedPlan:
+    """The plan's answer for every unit of one build, asked once (a .py plan runs once per
+    build); the stages and targets read it."""
+    choices: dict[str, LayerChoice]
+
+    def choice(self, unit: Unit) -> LayerChoice:
+        return self.choices[unit.name]
+
+
 class PrecisionPlan:
     def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: str | None = None):
         self.path = path
@@ -78,6 +88,9 @@ class PrecisionPlan:
             self._fn = namespace.get("get_layer_configuration")
             if not callable(self._fn):
                 raise EdgeLLMError(f"{path}: defines no get_layer_configuration(model_properties, layer)")
+
+    def resolve(self, units: list[Unit]) -> ResolvedPlan:
+        return ResolvedPlan({unit.name: self.choice(unit) for unit in units})
 
     def choice(self, unit: Unit) -> LayerChoice:
         if unit.part not in ("PRE", "CACHE", "POST"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config.model_config import ModelConfig
 from ..errors import EdgeLLMError
+from ..record import BuildRecord
 from .engine import Engine, EngineSpec
 from .session import Generation, Session
 from .strategies import Drafter, DraftModel, PromptLookup
@@ -30,23 +31,22 @@ class Model:
         manifest = path / "manifest.json"
         if not manifest.is_file():
             raise EdgeLLMError(f"{path}: not an edgellm output directory (no manifest.json)")
-        recorded = json.loads(manifest.read_text())
-        if not recorded.get("complete"):
+        if not json.loads(manifest.read_text()).get("complete"):
             raise EdgeLLMError(f"{path}: the build is incomplete; run `edgellm compile ... --resume`")
+        built = BuildRecord.load(path)
         cfg = ModelConfig.load(path / "model_config.json")
         codec = TextCodec(path / "runtime")
-        s = codec.settings
         spec = EngineSpec(
             num_layers=cfg.num_layers,
             kv_width=cfg.num_kv_heads * cfg.head_dim,
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
-            group_size=s["language_group_size"],
-            max_num_tokens=s["max_num_tokens"],
-            buckets=s["buckets"],
-            int8_activations=s.get("int8_activations", False),
+            group_size=built.group_size,
+            max_num_tokens=built.max_num_tokens,
+            buckets=list(built.buckets),
+            int8_activations=built.int8_activations,
         )
-        target = recorded.get("options", {}).get("target", "cpu")
+        target = built.target
         if target == "cpu":
             from .ort import OrtEngine
 

@@ -27,10 +27,7 @@ PROGRAM_FILES = ("group.onnx", "single.onnx", "shared.onnx")
 log = logging.getLogger("edgellm.targets.cpu")
 
 
-def compile_cpu(out: Path, cfg, options, units: list[Unit], manifest, progress=None) -> Path:
-    from ..quant.plan import PrecisionPlan
-
-    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings)
+def compile_cpu(out: Path, cfg, options, units: list[Unit], plan, manifest, progress=None) -> Path:
     variants = {"group": True, "single": False}
     if options.enable_filter_sharing:
         differing = _layers_with_differing_precisions(units, plan)

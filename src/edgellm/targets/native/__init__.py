@@ -29,12 +29,9 @@ VERIFY_ROWS = 8
 log = logging.getLogger("edgellm.targets.native")
 
 
-def compile_native(out: Path, cfg: ModelConfig, options, units, manifest, progress=None) -> Path:
-    from ...quant.plan import PrecisionPlan
-
+def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, progress=None) -> Path:
     toolchain = TOOLCHAINS[options.target]
     toolchain.find()  # before any work: a missing compiler is the likeliest failure
-    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings)
     target_dir = out / "compiled" / options.target
     target_dir.mkdir(parents=True, exist_ok=True)
     weights = WeightsFile(target_dir / "weights.bin")
