@@ -2,12 +2,16 @@
 step, and prompt lookup's decode tokens/s against plain greedy, interleaved in one run.
 
     python bench/speculation.py out/smollm2 [--reps 5] [--gen 128] [--threads 2] [--draft-max 4]
+                                [--gguf SmolLM2.gguf]
 
 (a) verify: one call of K+1 rows at position ~100 against one decode step (1 row), K = 1..8,
     interleaved, median of --reps * 10 calls each; the ratio is the verify call's cost in steps.
 (b) lookup: chat prompts that copy from their input (rewrite or annotate a given block of code or
     text) and open questions; plain greedy and --lookup 3 alternate; decode tokens/s ratio (median
     of --reps each), acceptance, and how many speculative runs gave plain greedy's tokens.
+(c) with --gguf (the GGUF the build was compiled from): llama.cpp (llama-cpp-python) on the same
+    token ids, plain greedy and LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=
+    --draft-max), alternating with edgellm's runs.
 Run nothing else meanwhile (2 cores, noisy).
 """
 
@@ -62,23 +66,61 @@ def verify_cost(model, reps: int, max_k: int) -> dict:
     return {k: {"ms": 1000 * statistics.median(v), "steps": statistics.median(v) / step} for k, v in times.items()}
 
 
-def lookup_gain(model, reps: int, gen: int, draft_max: int) -> list[dict]:
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: plain greedy, and its prompt-lookup speculation."""
+
+    def __init__(self, gguf: str, threads: int, draft_max: int):
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        settings = dict(model_path=gguf, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.plain = llama_cpp.Llama(**settings)
+        self.lookup = llama_cpp.Llama(**settings, draft_model=LlamaPromptLookupDecoding(max_ngram_size=3,
+                                                                                         num_pred_tokens=draft_max))
+        self.eos = self.plain.token_eos()
+
+    @staticmethod
+    def run(llm, ids: list[int], gen: int) -> tuple[list[int], float]:
+        """(tokens, decode tokens/s after the first)."""
+        llm.reset()
+        out, t_first = [], None
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if t_first is None:
+                t_first = time.perf_counter()
+            if token == llm.token_eos():
+                break
+            out.append(token)
+            if len(out) >= gen:
+                break
+        elapsed = time.perf_counter() - t_first
+        return out, (len(out) - 1) / elapsed if len(out) > 1 else 0.0
+
+
+def lookup_gain(model, reps: int, gen: int, draft_max: int, llama: LlamaCpp | None = None) -> list[dict]:
     rows = []
     for kind, prompts in (("grounded", GROUNDED), ("open", OPEN)):
         for prompt in prompts:
             ids = model.codec.encode_chat([{"role": "user", "content": prompt}])
-            plain, fast = [], []
+            plain, fast, peer_plain, peer_fast = [], [], [], []
             for _ in range(reps):
                 model.reset()
                 plain.append(model.generate_ids(ids, max_new_tokens=gen))
                 model.reset()
                 fast.append(model.generate_ids(ids, max_new_tokens=gen, lookup=3, draft_max=draft_max))
+                if llama:
+                    peer_plain.append(LlamaCpp.run(llama.plain, ids, gen))
+                    peer_fast.append(LlamaCpp.run(llama.lookup, ids, gen))
             same = sum(f.token_ids == plain[0].token_ids for f in fast)
             p = statistics.median(r.decode_tps for r in plain)
             f = statistics.median(r.decode_tps for r in fast)
-            rows.append({"kind": kind, "prompt": prompt[:40], "tokens": plain[0].gen_tokens, "plain_tps": p,
-                         "lookup_tps": f, "ratio": f / p, "identical_runs": f"{same}/{len(fast)}",
-                         **fast[0].speculation})
+            row = {"kind": kind, "prompt": prompt[:40], "tokens": plain[0].gen_tokens, "plain_tps": p,
+                   "lookup_tps": f, "ratio": f / p, "identical_runs": f"{same}/{len(fast)}", **fast[0].speculation}
+            if llama:
+                lp = statistics.median(r[1] for r in peer_plain)
+                lf = statistics.median(r[1] for r in peer_fast)
+                row.update(llama_plain_tps=lp, llama_lookup_tps=lf, llama_ratio=lf / lp,
+                           lookup_vs_llama_lookup=f / lf, llama_tokens=len(peer_plain[0][0]))
+            rows.append(row)
     return rows
 
 
@@ -89,18 +131,25 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft-max", type=int, default=4)
+    parser.add_argument("--gguf", help="the GGUF the build came from: llama.cpp runs beside it")
     args = parser.parse_args()
     model = edgellm.load(args.build, threads=args.threads)
     cost = verify_cost(model, args.reps, 8)
     print("verify call of K+1 rows, in decode steps:", json.dumps({k: round(v["steps"], 3) for k, v in cost.items()}))
     print("decode step:", f"{cost[0]['ms']:.2f} ms")
-    rows = lookup_gain(model, args.reps, args.gen, args.draft_max)
+    llama = LlamaCpp(args.gguf, args.threads, args.draft_max) if args.gguf else None
+    rows = lookup_gain(model, args.reps, args.gen, args.draft_max, llama)
     for r in rows:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
     for kind in ("grounded", "open"):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]
         print(f"{kind}: lookup/plain decode tokens/s median {statistics.median(ratios):.2f}x "
               f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+        if llama:
+            peer = [r["llama_ratio"] for r in rows if r["kind"] == kind]
+            versus = [r["lookup_vs_llama_lookup"] for r in rows if r["kind"] == kind]
+            print(f"{kind}: llama.cpp lookup/plain median {statistics.median(peer):.2f}x; edgellm lookup / llama.cpp "
+                  f"lookup tokens/s median {statistics.median(versus):.2f}x (range {min(versus):.2f}-{max(versus):.2f})")
 
 
 if __name__ == "__main__":

@@ -104,8 +104,8 @@ def test_embedding_rows_give_the_logits_of_their_token_ids(tiny):
         row = reference.get_input_embeddings()(torch.tensor(PROMPT[16:17])).numpy()
     np.testing.assert_allclose(session.forward([-1], 16, embeddings=row)[0],
                                model.engine.open_session().prefill(PROMPT[:17], 0), atol=1e-4)
-    with pytest.raises(EdgeLLMError, match="outside the vocabulary"):
-        model.engine.open_session().forward([-1, 3], 0)  # an embedding row without embeddings
+    with pytest.raises(EdgeLLMError, match="negative id takes an embedding vector, and no embeddings were given"):
+        model.engine.open_session().forward([-1, 3], 0)
     with pytest.raises(EdgeLLMError, match=r"embeddings of shape \(2, 7\)"):
         model.engine.open_session().forward([-1, 3], 0, embeddings=np.zeros((2, 7), np.float32))
 
@@ -279,3 +279,30 @@ def test_native_verify_rows_are_bit_identical_to_decode_steps(tmp_path, family, 
     model.reset()
     fast = model.generate_ids(PROMPT[:30] + PROMPT[:12], max_new_tokens=40, ignore_eos=True, lookup=2, draft_max=7)
     assert fast.token_ids == plain.token_ids and fast.speculation["verify_calls"] > 0
+
+
+def test_a_group_of_at_most_eight_rows_still_verifies_with_the_decode_program(tmp_path):
+    """With --language_group_size 4 the verify function and the group program take as many rows:
+    the verify function wins the tie, so 2..4 rows are still decode steps, bit for bit."""
+    out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", "int4", target="native", int8_activations=True,
+                max_num_tokens=64, language_group_size=4, future_token_mask_size=32)
+    table = (out / "compiled" / "native" / "model.c").read_text().split("EM_VARIANTS[")[1]
+    assert table.index('{"verify", 4,') < table.index('{"group", 4,')  # em_forward takes the first that fits
+    model = edgellm.load(out)
+    rows, steps = model.engine.open_session(), model.engine.open_session()
+    rows.prefill(PROMPT[:9], 0)
+    steps.prefill(PROMPT[:9], 0)
+    got = rows.forward(PROMPT[9:13], 9, logits_from=0)
+    assert np.array_equal(got, np.stack([steps.decode(t, 9 + i) for i, t in enumerate(PROMPT[9:13])]))
+
+
+def test_a_draft_with_a_shorter_context_stops_drafting_at_its_end(tiny, tmp_path):
+    target, model_dir, out = tiny
+    short = build(model_dir, tmp_path / "short", "int4", target=target, max_num_tokens=64, language_group_size=16,
+                  future_token_mask_size=32)
+    model = edgellm.load(out)
+    prompt = (PROMPT * 2)[:50]
+    plain = model.generate_ids(prompt, max_new_tokens=60, ignore_eos=True)
+    model.reset()
+    fast = model.generate_ids(prompt, max_new_tokens=60, ignore_eos=True, draft=short)
+    assert fast.token_ids == plain.token_ids and fast.speculation["drafted"] > 0

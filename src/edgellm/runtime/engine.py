@@ -22,6 +22,11 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 
+# A call of 2..VERIFY_ROWS rows computes each row exactly as a decode step does (the native targets'
+# verify function; the cpu target runs them as decode steps), so speculative greedy decoding keeps
+# the plain tokens; more rows run the prefill program.
+VERIFY_ROWS = 8
+
 
 @dataclass(frozen=True)
 class EngineSpec:

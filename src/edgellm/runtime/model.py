@@ -83,12 +83,18 @@ class Model:
             return PromptLookup(lookup)
         if draft is None:
             return None
-        if not isinstance(draft, Model):
+        loaded = not isinstance(draft, Model)
+        if loaded:
             try:
                 draft = Model.load(draft, threads=threads)
             except EdgeLLMError as e:
                 raise EdgeLLMError(f"--draft: {e}") from None
-        return DraftModel(draft, self.tokenizer.get_vocab(), str(draft.path))
+        try:
+            return DraftModel(draft, self.tokenizer.get_vocab(), self.engine.spec.vocab_size, str(draft.path))
+        except EdgeLLMError:
+            if loaded:  # only what was loaded here; a Model the caller passed stays theirs
+                draft.close()
+            raise
 
     # the default session's conversation
     def reset(self) -> None:

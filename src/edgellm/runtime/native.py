@@ -78,10 +78,22 @@ class _Info(ctypes.Structure):
                 ("arena_bytes", ctypes.c_size_t), ("cache_bytes", ctypes.c_size_t)]
 
 
-def _release_model(lib: ctypes.CDLL, handle: int, private: bool) -> None:
+def _release_model(lib: ctypes.CDLL, handle: int, private: bool, sessions: set) -> None:
+    """Close the sessions still open, then the model, then unload a private copy: garbage
+    collection may release a model before its sessions, and a session's own release must not
+    call into an unloaded library afterwards (_release_session finds its handle gone)."""
+    for session in list(sessions):
+        lib.em_session_close(session)
+    sessions.clear()
     lib.em_close(handle)
     if private:
         _ctypes.dlclose(lib._handle)
+
+
+def _release_session(lib: ctypes.CDLL, handle: int, sessions: set) -> None:
+    if handle in sessions:
+        sessions.discard(handle)
+        lib.em_session_close(handle)
 
 
 class NativeEngine(Engine):
@@ -103,7 +115,8 @@ class NativeEngine(Engine):
         lib.em_info.restype = ctypes.POINTER(_Info)
         self.info = lib.em_info().contents
         self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
-        self._release = weakref.finalize(self, _release_model, lib, handle, private)
+        self.session_handles: set[int] = set()  # open in C: closed with the model at the latest
+        self._release = weakref.finalize(self, _release_model, lib, handle, private, self.session_handles)
 
     @property
     def closed(self) -> bool:
@@ -137,7 +150,8 @@ class NativeSession(EngineSession):
         self.ids = np.zeros(self.spec.group_size, np.int64)
         self.logits = np.zeros((self.spec.group_size, self.spec.vocab_size), np.float32)
         self._pointers = self.ids.ctypes.data_as(_INT64_P), self.logits.ctypes.data_as(_FLOAT_P)  # once, not per token
-        self._release = weakref.finalize(self, engine.lib.em_session_close, handle)
+        engine.session_handles.add(handle)
+        self._release = weakref.finalize(self, _release_session, engine.lib, handle, engine.session_handles)
 
     def close(self) -> None:
         self._release()

@@ -25,9 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgeLLMError
-from .engine import Engine, EngineSession, EngineSpec, physical_cores
-
-VERIFY_ROWS = 8  # calls of 2..8 rows run as decode steps (as the native targets' verify function computes)
+from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores
 
 
 class OrtEngine(Engine):
@@ -131,8 +129,11 @@ class OrtSession(EngineSession):
         logits_from = n - 1 if logits_from is None else logits_from
         self._check(n, start, logits_from, embeddings)
         ids = np.asarray(ids, np.int64)
-        if (ids >= self.spec.vocab_size).any() or ((ids < 0).any() and embeddings is None):
+        if (ids >= self.spec.vocab_size).any():
             raise EdgeLLMError(f"token id outside the vocabulary of {self.spec.vocab_size}: {ids.tolist()}")
+        if (ids < 0).any() and embeddings is None:
+            raise EdgeLLMError("a row with a negative id takes an embedding vector, and no embeddings were given")
+        ids = np.maximum(ids, -1)  # any negative id is an embedding row (and a valid Gather index)
         if 1 < n <= VERIFY_ROWS:
             # a few rows (a speculative verify call): one decode step each, so that every row's
             # logits are a decode step's, as on the native targets (the group program's differ

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from ..errors import EdgeLLMError
+from .engine import VERIFY_ROWS
 from .sampling import Sampler, SamplingParams
 from .strategies import Drafter, DraftLength, SpeculationStats, _common_prefix, verify
 from .text import StreamDecoder
@@ -92,6 +93,7 @@ class Session:
         length = DraftLength(draft_max) if drafter else None
         stats = SpeculationStats()
         reuse = min(_common_prefix(self.tokens, prompt_ids), n - 1)  # at least one token must run to give logits
+        self.tokens = list(prompt_ids[:reuse])  # before the cache changes: a failed prefill leaves no stale prefix
         self.engine_session.truncate(reuse)
         logits = self.engine_session.prefill(prompt_ids, reuse)
         self.tokens = list(prompt_ids)
@@ -127,8 +129,10 @@ class Session:
             if position >= self.max_num_tokens:
                 finish = "context"
                 break
+            # at most VERIFY_ROWS - 1 drafts: a call of more rows would run the prefill program, whose
+            # logits are not a decode step's (greedy speculation would then change the tokens)
             k = min(length.next() if length else 0, self.max_num_tokens - position - 1,
-                    self.engine_session.spec.group_size - 1, max_new_tokens - len(out))
+                    min(self.engine_session.spec.group_size, VERIFY_ROWS) - 1, max_new_tokens - len(out))
             drafts, distributions = drafter.propose(self.tokens + [pending], k, sampler) if k > 0 else ([], None)
             rows = self.engine_session.forward([pending, *drafts], position, logits_from=0)
             kept, following = verify(drafts, distributions, rows, sampler)

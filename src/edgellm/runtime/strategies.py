@@ -70,34 +70,37 @@ class DraftModel(Drafter):
     """A smaller edgellm build drafting for the target: its own session, kept in step with the
     target's context by truncating to their common prefix (O(1)) and prefilling the rest."""
 
-    def __init__(self, model, target_vocab: dict[str, int], where: str):
+    def __init__(self, model, target_vocab: dict[str, int], target_width: int, where: str):
         if model.codec.tokenizer.get_vocab() != target_vocab:
-            model.close()
             raise EdgeLLMError(f"{where}: the draft model's vocabulary differs from the target's; a draft must share "
                                "its tokenizer")
         self.model = model
+        self.width = target_width  # the target's logits; the draft's may be padded differently
         self.session = model.engine.open_session()
         self.tokens: list[int] = []  # what the draft session's cache holds
 
     def propose(self, context, k, sampler):
+        limit = self.session.spec.max_num_tokens
+        k = min(k, limit - len(context))  # the draft's own context may be shorter than the target's
+        if k < 1:
+            return [], None
         reuse = min(_common_prefix(self.tokens, context), len(context) - 1)
+        self.tokens = list(context[:reuse])  # before the cache changes: an interrupted prefill leaves no stale prefix
         self.session.truncate(reuse)
         logits = self.session.prefill(context, reuse)
         self.tokens = list(context)
         drafts, distributions = [], []
         for i in range(k):
             if sampler.greedy:
-                token = int(np.argmax(logits))
+                token = int(np.argmax(logits[: self.width]))
             else:
-                q = sampler.distribution(logits)
+                q = sampler.distribution(_width(logits, self.width))
                 token = sampler.draw(q)
                 distributions.append(q)
             drafts.append(token)
-            if i + 1 < k and len(self.tokens) < self.session.spec.max_num_tokens:
+            if i + 1 < k:
                 logits = self.session.decode(token, len(self.tokens))
                 self.tokens.append(token)
-            else:
-                break
         return drafts, (None if sampler.greedy else distributions)
 
     def close(self) -> None:
@@ -175,6 +178,13 @@ def verify(drafts: list[int], distributions: list[np.ndarray] | None, logits: np
         total = residual.sum()
         return i, sampler.draw(residual / total) if total > 0 else sampler.draw(p)
     return len(drafts), sampler(logits[len(drafts)])
+
+
+def _width(logits: np.ndarray, width: int) -> np.ndarray:
+    """Logits cut or padded (with -inf: never drawn) to the target's width."""
+    if logits.size >= width:
+        return logits[:width]
+    return np.concatenate([logits, np.full(width - logits.size, -np.inf, logits.dtype)])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

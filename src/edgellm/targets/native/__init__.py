@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from ...config.model_config import ModelConfig
+from ...runtime.engine import VERIFY_ROWS
 from ..link import link_quantized
 from .codegen import ModelShape, generate, plan_arena
 from .lower import Lowering
@@ -23,9 +24,8 @@ from .toolchain import TOOLCHAINS, build_programs
 from .weights import WeightsFile
 
 TARGETS = tuple(TOOLCHAINS)
-# Rows of the verify function: a speculative draft of up to 7 tokens and the pending one. Its
-# kernels keep each thread's copy of these rows on the stack (rows x the widest input).
-VERIFY_ROWS = 8
+# Rows of the verify function (runtime/engine.py): a speculative draft of up to 7 tokens and the
+# pending one. Its kernels keep each thread's copy of these rows on the stack (rows x the widest input).
 log = logging.getLogger("edgellm.targets.native")
 
 

@@ -90,7 +90,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         lines += _body(lowered, offsets, Rows(lowered, shape) if variant == "verify" else None)
         lines.append("}")
     rows = {"single": 1, "verify": shape.verify_rows, "group": shape.group_size}
-    order = sorted(variants, key=lambda v: rows[v])
+    order = sorted(variants, key=lambda v: (rows[v], v == "group"))  # a tie: the decode program's rows first
     lines += ["", "/* the variants, fewest rows first: em_forward runs the first that fits; name, rows per call,",
               "   whether it writes every row's logits (the caller then keeps rows logits_from..) */",
               f"const em_variant EM_VARIANTS[{len(order)}] = {{"]
@@ -123,7 +123,9 @@ class Rows:
         if name is None:
             raise ValueError(f"no rows for operand {ref}")
         act = self.activations[name.group(1)]
-        return act.rows * act.cols if act.per_token else 0
+        if not act.per_token:  # one slot for every row: the rows would overwrite each other
+            raise ValueError(f"{name.group(1)} has no per-row slot for the verify function")
+        return act.rows * act.cols
 
     def rows_of(self, arguments: str) -> str:
         return "S, " + ", ".join(str(self.stride(a)) for a in arguments.split(";"))

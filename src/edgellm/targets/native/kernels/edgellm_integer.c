@@ -675,7 +675,8 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
         const int together = ys == (size_t)w->n;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels(w); p++) {
-            if (together) panel_int8(w, p, xq, dx, xn, xs, 0, rows, y);
+            if (together)
+                for (int s0 = 0; s0 < rows; s0 += 8) panel_int8(w, p, xq, dx, xn, xs, s0, rows - s0 < 8 ? rows - s0 : 8, y);
             for (int s = 0; s < rows; s++) {
                 const size_t i = (size_t)s * nb;
                 if (!together) panel_int8(w, p, xq + (size_t)s * K, dx + i, xn + i, xs + i, 0, 1, y + s * ys);

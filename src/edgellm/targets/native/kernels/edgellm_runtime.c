@@ -284,11 +284,16 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n
              "%d positions in all)", n, start, s->length, logits_from, EM_MODEL.group_size, EM_MODEL.max_tokens);
         return -1;
     }
-    for (int i = 0; i < n; i++)
-        if (ids[i] >= EM_MODEL.vocab_size || (ids[i] < 0 && !embeddings)) {
+    for (int i = 0; i < n; i++) {
+        if (ids[i] >= EM_MODEL.vocab_size) {
             fail("token id %lld outside the vocabulary of %d", (long long)ids[i], EM_MODEL.vocab_size);
             return -1;
         }
+        if (ids[i] < 0 && !embeddings) {
+            fail("row %d: a row with a negative id takes an embedding vector, and no embeddings were given", i);
+            return -1;
+        }
+    }
     const em_variant *variant = NULL;
     for (int i = 0; i < EM_VARIANT_COUNT && !variant; i++)
         if (n <= EM_VARIANTS[i].max_rows) variant = &EM_VARIANTS[i];
