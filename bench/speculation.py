@@ -2,7 +2,7 @@
 step, and prompt lookup's decode tokens/s against plain greedy, interleaved in one run.
 
     python bench/speculation.py out/smollm2 [--reps 5] [--gen 128] [--threads 2] [--draft-max 4]
-                                [--gguf SmolLM2.gguf]
+                                [--gguf SmolLM2.gguf] [--draft DRAFT_OUT]
 
 (a) verify: one call of K+1 rows at position ~100 against one decode step (1 row), K = 1..8,
     interleaved, median of --reps * 10 calls each; the ratio is the verify call's cost in steps.
@@ -12,6 +12,9 @@ step, and prompt lookup's decode tokens/s against plain greedy, interleaved in o
 (c) with --gguf (the GGUF the build was compiled from): llama.cpp (llama-cpp-python) on the same
     token ids, plain greedy and LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=
     --draft-max), alternating with edgellm's runs.
+(d) with --draft (a smaller build with the same tokenizer): the draft model's speculation against
+    plain greedy on code-writing prompts and open questions instead of (b); llama.cpp's plain
+    decode beside it (llama-cpp-python exposes no draft-model speculation).
 Run nothing else meanwhile (2 cores, noisy).
 """
 
@@ -48,6 +51,9 @@ GROUNDED = [
 ]
 OPEN = ["Give three tips for staying focused while studying.", "What causes the seasons on Earth?",
         "Write a short poem about autumn."]
+CODING = ["Write a Python function that checks whether a string is a palindrome.",
+          "Write a Python class for a stack with push, pop and peek methods.",
+          "Write a Python function that returns the n-th Fibonacci number, iteratively."]
 
 
 def verify_cost(model, reps: int, max_k: int) -> dict:
@@ -96,9 +102,13 @@ class LlamaCpp:
         return out, (len(out) - 1) / elapsed if len(out) > 1 else 0.0
 
 
-def lookup_gain(model, reps: int, gen: int, draft_max: int, llama: LlamaCpp | None = None) -> list[dict]:
+def lookup_gain(model, reps: int, gen: int, draft_max: int, llama: LlamaCpp | None = None,
+                drafter=None) -> list[dict]:
+    """drafter: a draft model's (d) instead of prompt lookup (b)."""
     rows = []
-    for kind, prompts in (("grounded", GROUNDED), ("open", OPEN)):
+    kinds = (("code", CODING), ("open", OPEN)) if drafter else (("grounded", GROUNDED), ("open", OPEN))
+    how = {"drafter": drafter} if drafter else {"lookup": 3}
+    for kind, prompts in kinds:
         for prompt in prompts:
             ids = model.codec.encode_chat([{"role": "user", "content": prompt}])
             plain, fast, peer_plain, peer_fast = [], [], [], []
@@ -106,10 +116,11 @@ def lookup_gain(model, reps: int, gen: int, draft_max: int, llama: LlamaCpp | No
                 model.reset()
                 plain.append(model.generate_ids(ids, max_new_tokens=gen))
                 model.reset()
-                fast.append(model.generate_ids(ids, max_new_tokens=gen, lookup=3, draft_max=draft_max))
+                fast.append(model.generate_ids(ids, max_new_tokens=gen, draft_max=draft_max, **how))
                 if llama:
                     peer_plain.append(LlamaCpp.run(llama.plain, ids, gen))
-                    peer_fast.append(LlamaCpp.run(llama.lookup, ids, gen))
+                    if not drafter:
+                        peer_fast.append(LlamaCpp.run(llama.lookup, ids, gen))
             same = sum(f.token_ids == plain[0].token_ids for f in fast)
             p = statistics.median(r.decode_tps for r in plain)
             f = statistics.median(r.decode_tps for r in fast)
@@ -117,9 +128,10 @@ def lookup_gain(model, reps: int, gen: int, draft_max: int, llama: LlamaCpp | No
                    "lookup_tps": f, "ratio": f / p, "identical_runs": f"{same}/{len(fast)}", **fast[0].speculation}
             if llama:
                 lp = statistics.median(r[1] for r in peer_plain)
-                lf = statistics.median(r[1] for r in peer_fast)
-                row.update(llama_plain_tps=lp, llama_lookup_tps=lf, llama_ratio=lf / lp,
-                           lookup_vs_llama_lookup=f / lf, llama_tokens=len(peer_plain[0][0]))
+                row.update(llama_plain_tps=lp, llama_tokens=len(peer_plain[0][0]), speculative_vs_llama_plain=f / lp)
+                if peer_fast:
+                    lf = statistics.median(r[1] for r in peer_fast)
+                    row.update(llama_lookup_tps=lf, llama_ratio=lf / lp, lookup_vs_llama_lookup=f / lf)
             rows.append(row)
     return rows
 
@@ -132,20 +144,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft-max", type=int, default=4)
     parser.add_argument("--gguf", help="the GGUF the build came from: llama.cpp runs beside it")
+    parser.add_argument("--draft", help="a draft build: measure draft-model speculation (d) instead of lookup (b)")
     args = parser.parse_args()
     model = edgellm.load(args.build, threads=args.threads)
+    drafter = model.drafter(draft=args.draft, threads=args.threads) if args.draft else None
     cost = verify_cost(model, args.reps, 8)
     print("verify call of K+1 rows, in decode steps:", json.dumps({k: round(v["steps"], 3) for k, v in cost.items()}))
     print("decode step:", f"{cost[0]['ms']:.2f} ms")
     llama = LlamaCpp(args.gguf, args.threads, args.draft_max) if args.gguf else None
-    rows = lookup_gain(model, args.reps, args.gen, args.draft_max, llama)
+    rows = lookup_gain(model, args.reps, args.gen, args.draft_max, llama, drafter)
     for r in rows:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
-    for kind in ("grounded", "open"):
+    for kind in ("code", "open") if drafter else ("grounded", "open"):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]
-        print(f"{kind}: lookup/plain decode tokens/s median {statistics.median(ratios):.2f}x "
+        print(f"{kind}: speculative/plain decode tokens/s median {statistics.median(ratios):.2f}x "
               f"(range {min(ratios):.2f}-{max(ratios):.2f})")
-        if llama:
+        if llama and drafter:
+            versus = [r["speculative_vs_llama_plain"] for r in rows if r["kind"] == kind]
+            print(f"{kind}: edgellm speculative / llama.cpp plain tokens/s median {statistics.median(versus):.2f}x")
+        elif llama:
             peer = [r["llama_ratio"] for r in rows if r["kind"] == kind]
             versus = [r["lookup_vs_llama_lookup"] for r in rows if r["kind"] == kind]
             print(f"{kind}: llama.cpp lookup/plain median {statistics.median(peer):.2f}x; edgellm lookup / llama.cpp "
