@@ -158,8 +158,8 @@ def test_greedy_speculation_gives_the_plain_greedy_tokens(tiny, tmp_path, how):
         fast = model.generate_ids(prompt, max_new_tokens=48, ignore_eos=True, draft_max=4, **kw)
         assert fast.token_ids == plain.token_ids
         assert fast.speculation["accepted"] <= fast.speculation["drafted"]
-    if how == "self-draft":
-        assert fast.speculation["acceptance_rate"] == 1.0 and fast.speculation["mean_accepted_per_verify"] > 2
+    if how == "self-draft":  # every draft is the target's own token (how many it drafts follows the timings)
+        assert fast.speculation["acceptance_rate"] == 1.0 and fast.speculation["accepted"] > 0
 
 
 def test_speculation_near_the_end_of_the_context_stops_where_plain_decoding_does(tiny):
@@ -208,6 +208,22 @@ def test_draft_length_adapts_down_to_not_drafting_and_probes_again():
     assert length.next() == 4
 
 
+@pytest.mark.parametrize("row_cost,draft_cost,expected", [
+    (0.05, 0.0, 4),  # cheap verify rows, free drafts (prompt lookup on a small model): draft all 4
+    (1.0, 0.0, 0),  # every extra row costs a decode step: drafting cannot win, so none
+    (0.05, 3.0, 0),  # a draft model slower than the target: none
+])
+def test_draft_length_weighs_what_drafting_and_verifying_cost(row_cost, draft_cost, expected):
+    """With most drafts accepted, K follows the measured costs (a decode step takes 10 ms)."""
+    length = DraftLength(4)
+    for _ in range(30):  # every row count timed, as probes and drafts do
+        length.update(0, 0, 0.0, 0.010)
+        for drafts in range(1, 5):
+            length.update(drafts, drafts if RNG.random() < 0.9 ** drafts else drafts - 1, draft_cost * 0.010 * drafts,
+                          0.010 * (1 + row_cost * drafts))
+    assert length.next() == expected, (length.rate, length.call, length.draft_token)
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_match():
     lookup = PromptLookup(3)
     sampler = Sampler(SamplingParams())
@@ -237,7 +253,7 @@ def test_cli_speculation_reports_its_statistics_and_refuses_bad_drafts(tiny, tmp
     assert plain.returncode == fast.returncode == 0, fast.stderr
     plain, fast = json.loads(plain.stdout), json.loads(fast.stdout)
     assert fast["text"] == plain["text"] and "speculation" not in plain
-    assert fast["speculation"]["drafted"] >= fast["speculation"]["accepted"] > 0
+    assert fast["speculation"]["drafted"] > 0 and fast["speculation"]["accepted"] <= fast["speculation"]["drafted"]
     _one_line_error(_cli("generate", out, "--prompt", prompt, "--lookup", 2, "--draft-max", 0), "--draft-max 0")
     _one_line_error(_cli("generate", out, "--prompt", prompt, "--draft", tmp_path), "--draft: ")
     _one_line_error(_cli("generate", out, "--prompt", prompt, "--lookup", 0), "--lookup 0")

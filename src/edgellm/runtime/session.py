@@ -133,11 +133,15 @@ class Session:
             # logits are not a decode step's (greedy speculation would then change the tokens)
             k = min(length.next() if length else 0, self.max_num_tokens - position - 1,
                     min(self.engine_session.spec.group_size, VERIFY_ROWS) - 1, max_new_tokens - len(out))
+            t_draft = time.perf_counter()
             drafts, distributions = drafter.propose(self.tokens + [pending], k, sampler) if k > 0 else ([], None)
+            t_call = time.perf_counter()
             rows = self.engine_session.forward([pending, *drafts], position, logits_from=0)
+            t_done = time.perf_counter()
             kept, following = verify(drafts, distributions, rows, sampler)
+            if length:  # what drafting and checking cost, for the next K
+                length.update(len(drafts), kept, t_call - t_draft, t_done - t_call)
             if drafts:
-                length.update(len(drafts), kept)
                 stats.drafted += len(drafts)
                 stats.accepted += kept
                 stats.verify_calls += 1

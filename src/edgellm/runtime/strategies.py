@@ -109,14 +109,18 @@ class DraftModel(Drafter):
 
 
 class DraftLength:
-    """How many tokens to draft next: K adapts to the acceptance rate, down to not drafting at all.
+    """How many tokens to draft next, from what drafting has been worth so far: the acceptance
+    rate and the measured cost of drafting and of verify calls, down to not drafting at all.
 
     The i-th draft token is accepted with about rate**i (rate: a decayed share of draft tokens
-    accepted); one is drafted while that chance is worth its row in the verify call (THRESHOLD).
-    While the rate is below it, nothing is drafted, except one probe token every PROBE calls, so
-    a text that turns predictable is noticed."""
+    accepted), so k drafts yield 1 + rate + ... + rate**k tokens per call, for the time of k draft
+    tokens and one verify call of k + 1 rows. k is the one with the most tokens per second, 0
+    (a plain decode step) included: on a build whose verify rows cost nearly a step each, or with
+    a slow draft, speculation stops instead of slowing decoding down. Costs are measured as the
+    calls run (decayed averages; until a row count has been timed, a verify call is assumed to
+    cost a step plus 10% per extra row). While 0 wins, one probe token every PROBE calls keeps the
+    rate and the costs current, so a text that turns predictable is noticed."""
 
-    THRESHOLD = 0.25
     PROBE = 16
     DECAY = 0.8
 
@@ -125,29 +129,40 @@ class DraftLength:
             raise EdgeLLMError(f"--draft-max {k_max}: draft at least 1 token")
         self.k_max = k_max
         self.accepted, self.tried = 1.0, 2.0  # a prior of one half
+        self.call: dict[int, float] = {}  # drafts -> seconds of a target call checking them (0: a decode step)
+        self.draft_token = 0.0  # seconds the drafter takes per drafted token
         self.idle = 0
 
     @property
     def rate(self) -> float:
         return self.accepted / self.tried
 
-    def next(self) -> int:
-        if self.rate < self.THRESHOLD:
-            self.idle += 1
-            if self.idle < self.PROBE:
-                return 0
-            self.idle = 0
-            return 1
-        k = 1
-        while k < self.k_max and self.rate ** (k + 1) >= self.THRESHOLD:
-            k += 1
-        return k
+    def _seconds(self, k: int) -> float:
+        step = self.call.get(0, 1.0)
+        return self.draft_token * k + self.call.get(k, step * (1 + 0.1 * k))
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def next(self) -> int:
+        gains = [sum(self.rate ** i for i in range(k + 1)) / self._seconds(k) for k in range(self.k_max + 1)]
+        best = max(range(self.k_max + 1), key=lambda k: (gains[k], -k))
+        if best > 0:
+            self.idle = 0
+            return best
+        self.idle += 1
+        if self.idle < self.PROBE:
+            return 0
+        self.idle = 0
+        return 1
+
+    def update(self, drafted: int, accepted: int, draft_seconds: float = 0.0, call_seconds: float | None = None) -> None:
         if drafted:
             rejected = 1 if accepted < drafted else 0  # tokens after a rejection were never tried
             self.accepted = self.DECAY * self.accepted + accepted
             self.tried = self.DECAY * self.tried + accepted + rejected
+            per_token = draft_seconds / drafted
+            self.draft_token = per_token if not self.draft_token else self.DECAY * self.draft_token + (1 - self.DECAY) * per_token
+        if call_seconds is not None:
+            old = self.call.get(drafted)
+            self.call[drafted] = call_seconds if old is None else self.DECAY * old + (1 - self.DECAY) * call_seconds
 
 
 def verify(drafts: list[int], distributions: list[np.ndarray] | None, logits: np.ndarray,
