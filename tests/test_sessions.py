@@ -199,12 +199,14 @@ def test_the_rejection_rule_keeps_the_target_distribution(tiny):
 
 def test_draft_length_adapts_down_to_not_drafting_and_probes_again():
     length = DraftLength(4)
-    for _ in range(10):
-        length.update(length.next() or 1, 0)
+    assert length.next() == 0  # a plain step first, to time one
+    for _ in range(10):  # as the session calls it: every draft rejected, verify rows cheap
+        k = length.next()
+        length.update(k, 0, 0.0, 0.010 * (1 + 0.05 * k))
     calls = [length.next() for _ in range(DraftLength.PROBE)]
     assert calls.count(1) == 1 and calls.count(0) == DraftLength.PROBE - 1  # one probe token per PROBE calls
     for _ in range(20):
-        length.update(4, 4)
+        length.update(4, 4, 0.0, 0.012)
     assert length.next() == 4
 
 

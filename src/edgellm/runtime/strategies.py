@@ -118,7 +118,7 @@ class DraftLength:
     (a plain decode step) included: on a build whose verify rows cost nearly a step each, or with
     a slow draft, speculation stops instead of slowing decoding down. Costs are measured as the
     calls run (decayed averages; until a row count has been timed, a verify call is assumed to
-    cost a step plus 10% per extra row). While 0 wins, one probe token every PROBE calls keeps the
+    cost a step plus 10% per extra row; the first call is a plain step, to time one). While 0 wins, one probe token every PROBE calls keeps the
     rate and the costs current, so a text that turns predictable is noticed."""
 
     PROBE = 16
@@ -138,10 +138,12 @@ class DraftLength:
         return self.accepted / self.tried
 
     def _seconds(self, k: int) -> float:
-        step = self.call.get(0, 1.0)
+        step = self.call[0]
         return self.draft_token * k + self.call.get(k, step * (1 + 0.1 * k))
 
     def next(self) -> int:
+        if 0 not in self.call:  # a plain step first: every cost is weighed against it
+            return 0
         gains = [sum(self.rate ** i for i in range(k + 1)) / self._seconds(k) for k in range(self.k_max + 1)]
         best = max(range(self.k_max + 1), key=lambda k: (gains[k], -k))
         if best > 0:
