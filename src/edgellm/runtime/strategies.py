@@ -118,8 +118,9 @@ class DraftLength:
     (a plain decode step) included: on a build whose verify rows cost nearly a step each, or with
     a slow draft, speculation stops instead of slowing decoding down. Costs are measured as the
     calls run (decayed averages; until a row count has been timed, a verify call is assumed to
-    cost a step plus 10% per extra row; the first call is a plain step, to time one). While 0 wins, one probe token every PROBE calls keeps the
-    rate and the costs current, so a text that turns predictable is noticed."""
+    cost a step plus 10% per extra row; the first call is a plain step, to time one). While 0 wins, a
+    probe token after PROBE calls, then after twice as many, and so on, keeps the rate and the
+    costs current, so a text that turns predictable is noticed."""
 
     PROBE = 16
     DECAY = 0.8
@@ -132,6 +133,7 @@ class DraftLength:
         self.call: dict[int, float] = {}  # drafts -> seconds of a target call checking them (0: a decode step)
         self.draft_token = 0.0  # seconds the drafter takes per drafted token
         self.idle = 0
+        self.probe_every = self.PROBE
 
     @property
     def rate(self) -> float:
@@ -147,12 +149,14 @@ class DraftLength:
         gains = [sum(self.rate ** i for i in range(k + 1)) / self._seconds(k) for k in range(self.k_max + 1)]
         best = max(range(self.k_max + 1), key=lambda k: (gains[k], -k))
         if best > 0:
-            self.idle = 0
+            self.idle, self.probe_every = 0, self.PROBE
             return best
         self.idle += 1
-        if self.idle < self.PROBE:
+        if self.idle < self.probe_every:
             return 0
-        self.idle = 0
+        # a probe costs a draft model its catching up with the context: each one that does not
+        # bring drafting back doubles the wait for the next
+        self.idle, self.probe_every = 0, min(2 * self.probe_every, 64 * self.PROBE)
         return 1
 
     def update(self, drafted: int, accepted: int, draft_seconds: float = 0.0, call_seconds: float | None = None) -> None:
