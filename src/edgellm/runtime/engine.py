@@ -15,6 +15,7 @@ hidden state entering layer 0, as transformers' inputs_embeds), given in `embedd
 from __future__ import annotations
 
 import os
+import weakref  # noqa: F401  (the sessions' type)
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -92,27 +93,44 @@ class EngineSession(ABC):
 
 
 class Engine(ABC):
-    """A loaded program: its weights, once, for every session opened on it."""
+    """A loaded program: its weights, once, for every session opened on it. A target sets spec,
+    program_dir and sessions (a WeakSet) and says how to make a session and free the weights."""
 
     spec: EngineSpec
+    program_dir: object
+    sessions: "weakref.WeakSet[EngineSession]"
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool: ...
 
     @abstractmethod
-    def open_session(self) -> EngineSession: ...
+    def _new_session(self) -> EngineSession: ...
 
     @abstractmethod
-    def close(self) -> None:
-        """Close every session, then free the weights."""
+    def _free(self) -> None:
+        """Free the weights (the sessions are closed already)."""
 
     @abstractmethod
     def session_bytes(self) -> int:
         """Memory one more session takes (its KV cache and buffers)."""
 
-    def _check_memory(self) -> None:
-        """Refuse a session the machine's available memory cannot hold, before allocating it."""
-        available = _available_memory()
+    def open_session(self) -> EngineSession:
+        if self.closed:
+            raise EdgeLLMError(f"{self.program_dir}: this model was closed")
+        available = _available_memory()  # refuse what memory cannot hold, before allocating it
         if available is not None and self.session_bytes() > available:
             raise EdgeLLMError(f"a new session needs {self.session_bytes() / 2**20:.0f} MB (KV cache and buffers); "
                                f"{available / 2**20:.0f} MB are available")
+        session = self._new_session()
+        self.sessions.add(session)
+        return session
+
+    def close(self) -> None:
+        """Close every session, then free the weights; twice is harmless."""
+        for session in list(self.sessions):
+            session.close()
+        self._free()
 
 
 def prefill_chunks(tokens: list[int], cached: int, group: int):

@@ -122,20 +122,13 @@ class NativeEngine(Engine):
     def closed(self) -> bool:
         return not self._release.alive
 
-    def open_session(self) -> "NativeSession":
-        if self.closed:
-            raise EdgeLLMError(f"{self.program_dir}: this model was closed")
-        self._check_memory()
-        session = NativeSession(self)
-        self.sessions.add(session)
-        return session
+    def _new_session(self) -> "NativeSession":
+        return NativeSession(self)
 
     def session_bytes(self) -> int:
         return self.info.cache_bytes + self.info.arena_bytes
 
-    def close(self) -> None:
-        for session in list(self.sessions):
-            session.close()
+    def _free(self) -> None:
         self._release()
 
 

@@ -48,24 +48,21 @@ class OrtEngine(Engine):
                                                      providers=["CPUExecutionProvider"]) for v in ("group", "single")}
             self.rows = {"group": spec.group_size, "single": 1}
         self.sessions: weakref.WeakSet[OrtSession] = weakref.WeakSet()
-        self.closed = False
+        self._closed = False
 
-    def open_session(self) -> "OrtSession":
-        if self.closed:
-            raise EdgeLLMError(f"{self.program_dir}: this model was closed")
-        self._check_memory()
-        session = OrtSession(self)
-        self.sessions.add(session)
-        return session
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _new_session(self) -> "OrtSession":
+        return OrtSession(self)
 
     def session_bytes(self) -> int:
         return 2 * self.spec.num_layers * self.spec.max_num_tokens * self.spec.kv_width * 4
 
-    def close(self) -> None:
-        for session in list(self.sessions):
-            session.close()
+    def _free(self) -> None:
         self.programs = {}
-        self.closed = True
+        self._closed = True
 
 
 class OrtSession(EngineSession):
