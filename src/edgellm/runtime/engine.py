@@ -15,8 +15,8 @@ hidden state entering layer 0, as transformers' inputs_embeds), given in `embedd
 from __future__ import annotations
 
 import os
-import weakref  # noqa: F401  (the sessions' type)
 from abc import ABC, abstractmethod
+from collections.abc import MutableSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +98,7 @@ class Engine(ABC):
 
     spec: EngineSpec
     program_dir: object
-    sessions: "weakref.WeakSet[EngineSession]"
+    sessions: MutableSet[EngineSession]  # a WeakSet: a session the caller dropped is not kept alive
 
     @property
     @abstractmethod
