@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -296,6 +298,60 @@ def bench(
           f"reads {speed.weight_mb_per_token:.1f} MB of weights + {speed.kv_cache_mb_per_token:.1f} MB of KV cache "
           f"per token = {speed.read_gbs:.2f} GB/s | "
           f"artifact {speed.artifact_mb:.0f} MB | peak RSS {speed.peak_rss_mb:.0f} MB{speculation}")
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="compiled output directory"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8080, "--port"),
+    parallel: int = typer.Option(4, "--parallel", help="sessions served at once, their decode steps batched"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY' (all but /health)"),
+    alias: Optional[str] = typer.Option(None, "--alias", help="the model's name in the API (default: the directory's)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
+    lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
+    max_body: int = typer.Option(4 * 2**20, "--max-body", help="largest request body, in bytes"),
+    log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
+):
+    """Serve MODEL_DIR over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    import uvicorn
+
+    from .serve.app import ServeOptions, Server, create_app
+
+    _logging(log_level)
+    if not (model_dir / "manifest.json").is_file():
+        raise EdgeLLMError(f"{model_dir}: not an edgellm output directory (no manifest.json)")
+    if draft is not None and lookup is not None:
+        raise EdgeLLMError("--draft and --lookup: choose one drafter")
+    if not 0 <= port <= 65535:
+        raise EdgeLLMError(f"--port {port}: use 0 to 65535")
+    if max_body < 1024:
+        raise EdgeLLMError(f"--max-body {max_body}: allow at least 1024 bytes")
+    options = ServeOptions(model_dir, parallel, api_key, alias, draft, lookup, draft_max, threads, max_body)
+    config = uvicorn.Config(None, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    web = uvicorn.Server(config)
+
+    def stop():
+        web.should_exit = True
+
+    server = Server(options, on_failure=stop)
+    config.app = create_app(server)
+    threading.Thread(target=_announce, args=(server, web, host), daemon=True).start()
+    web.run()
+    if server.failed:
+        raise EdgeLLMError(server.failed)
+
+
+def _announce(server, web, host: str) -> None:
+    """One line on stderr once the model is loaded and the socket listens."""
+    server.ready.wait()
+    while not web.started:
+        time.sleep(0.05)
+    ports = [s.getsockname()[1] for srv in web.servers for s in srv.sockets]
+    err.print(f"serving {server.name} on http://{host}:{ports[0] if ports else '?'}/v1 "
+              f"({server.options.parallel} sessions)", highlight=False)
 
 
 def _drafter(model, draft, draft_max: int, lookup, threads):

@@ -126,6 +126,12 @@ class Engine(ABC):
         self.sessions.add(session)
         return session
 
+    def forward_batch(self, calls: list[tuple[EngineSession, list[int], int]]) -> list[np.ndarray]:
+        """One step of several sessions: for each (session, ids, start), the logits of all its rows,
+        as session.forward(ids, start, logits_from=0) gives them. A target that can run the rows of
+        different sessions in one call (reading the weights once for all) overrides this."""
+        return [session.forward(ids, start, logits_from=0) for session, ids, start in calls]
+
     def close(self) -> None:
         """Close every session, then free the weights; twice is harmless."""
         for session in list(self.sessions):

@@ -1,0 +1,218 @@
+"""Continuous batching: `parallel` sessions of one loaded model, stepped together by one thread.
+
+Each turn of the loop starts at most one queued request (its prefill, in the free session whose
+cache holds the longest prefix of its prompt: the history of a conversation that came back; else
+the one unused longest), then runs one decode step of every running request as one batched call
+(Engine.forward_batch: the rows of all sessions, the weights read once where the target can).
+Tokens go back to each request's asyncio queue as they are decided. A request whose client left
+is dropped before the next step, or never started if it was still queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import EdgeLLMError
+from ..runtime.sampling import SamplingParams
+from ..runtime.session import Decoding, Generation, Session
+from .metrics import Metrics
+from .protocol import ApiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One request: what to generate, and where its events go (("text", piece), then ("done",
+    Generation) or ("error", ApiError)), read by the HTTP handler on its event loop."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    constraint: Callable | None = None  # makes the answer's Constraint (serve/structured.py)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def send(self, kind: str, value) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Slot:
+    session: Session
+    drafter: object = None
+    job: Job | None = None
+    decoding: Decoding | None = None
+    last_used: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, model, parallel: int, metrics: Metrics, drafters: Callable | None = None, draft_max: int = 4):
+        if parallel < 1:
+            raise EdgeLLMError(f"--parallel {parallel}: serve at least 1 session")
+        self.model, self.metrics, self.draft_max = model, metrics, draft_max
+        self.slots: list[Slot] = []
+        try:  # every session up front: a server that cannot hold `parallel` of them says so at start
+            for _ in range(parallel):
+                self.slots.append(Slot(model.session(), drafters() if drafters else None))
+        except EdgeLLMError as e:
+            self._close_slots()
+            raise EdgeLLMError(f"--parallel {parallel}: {e}") from None
+        self.queue: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="edgellm-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            self.queue.append(job)
+            self.metrics.queued.set(len(self.queue))
+            self.wake.notify()
+
+    def nudge(self) -> None:
+        """Look at the queue and the running requests now (a client left)."""
+        with self.wake:
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+        gone = ApiError(503, "the server is shutting down", kind="unavailable_error")
+        for job in self.queue:
+            job.send("error", gone)
+        for slot in self.slots:
+            if slot.job:
+                slot.job.send("error", gone)
+        self._close_slots()
+
+    def _close_slots(self) -> None:
+        for slot in self.slots:
+            if slot.drafter is not None:
+                slot.drafter.close()
+            slot.session.close()
+
+    # ---- the loop (its own thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopping and not self._running() and not self.queue:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                job = self._next_job()
+            try:
+                self._drop_cancelled()
+                if job is not None:
+                    self._start(job)
+                self._step()
+            except Exception:  # a bug: fail the requests in flight, keep serving
+                log.exception("scheduler step failed")
+                for slot in self._running():
+                    self._finish(slot, error="internal error in the decode step (see the server log)")
+
+    def _running(self) -> list[Slot]:
+        return [s for s in self.slots if s.job is not None]
+
+    def _next_job(self) -> Job | None:
+        """The next queued request still wanted, if a session is free (called holding wake)."""
+        while self.queue and any(s.job is None for s in self.slots):
+            job = self.queue.popleft()
+            self.metrics.queued.set(len(self.queue))
+            if job.cancelled.is_set():
+                self.metrics.abandoned.labels("queued").inc()
+                continue
+            return job
+        return None
+
+    def _slot_for(self, job: Job) -> Slot:
+        def reuse(slot: Slot) -> int:
+            n = 0
+            for a, b in zip(slot.session.tokens, job.prompt_ids):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        free = [s for s in self.slots if s.job is None]
+        return max(free, key=lambda s: (reuse(s), -s.last_used))
+
+    def _start(self, job: Job) -> None:
+        slot = self._slot_for(job)
+        slot.job, slot.last_used = job, time.perf_counter()
+        self.metrics.running.set(len(self._running()))
+        try:
+            constraint = job.constraint() if job.constraint else None
+            slot.decoding = Decoding(slot.session, job.prompt_ids, max_new_tokens=job.max_new_tokens,
+                                     sampling=job.sampling, stop=job.stop,
+                                     on_text=lambda piece: job.send("text", piece),
+                                     drafter=None if constraint else slot.drafter, draft_max=self.draft_max,
+                                     constraint=constraint)
+            slot.decoding.prefill()
+        except EdgeLLMError as e:
+            slot.session.reset()
+            return self._finish(slot, error=str(e))
+        self.metrics.prompt_seconds.inc(time.perf_counter() - slot.decoding.t0)
+        if slot.decoding.finished:
+            self._finish(slot)
+
+    def _step(self) -> None:
+        running = [s for s in self._running() if s.decoding is not None and not s.decoding.finished]
+        if not running:
+            return
+        t = time.perf_counter()
+        calls = []
+        for slot in running:
+            ids, position = slot.decoding.next_call()
+            calls.append((slot.session.engine_session, ids, position))
+        rows = self.model.engine.forward_batch(calls)
+        for slot, logits in zip(running, rows):
+            try:
+                slot.decoding.take(logits)
+            except EdgeLLMError as e:
+                self._finish(slot, error=str(e))
+                continue
+            if slot.decoding.finished:
+                self._finish(slot)
+        self.metrics.decode_seconds.inc(time.perf_counter() - t)
+        self.metrics.batch_rows.observe(sum(len(ids) for _, ids, _ in calls))
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._running():
+            if slot.job.cancelled.is_set():
+                if slot.decoding is not None:
+                    slot.decoding.cancel()
+                self.metrics.abandoned.labels("running").inc()
+                self._finish(slot, cancelled=True)
+
+    def _finish(self, slot: Slot, error: str | None = None, cancelled: bool = False) -> None:
+        job, decoding = slot.job, slot.decoding
+        slot.job, slot.decoding, slot.last_used = None, None, time.perf_counter()
+        self.metrics.running.set(len(self._running()))
+        if error is not None:
+            self.metrics.requests.labels("error").inc()
+            job.send("error", ApiError(500, error, kind="server_error"))
+            return
+        result: Generation = decoding.result() if decoding.t_first is not None else None
+        if result is not None:
+            self.metrics.count(result)
+        if cancelled:
+            return
+        self.metrics.requests.labels("ok").inc()
+        job.send("done", result)
