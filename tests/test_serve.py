@@ -1,0 +1,262 @@
+"""`edgellm serve` as a client sees it: a real server process on loopback serving SmolLM2-135M
+(int8 weights, native target), driven with the unmodified `openai` package and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+import edgellm
+from conftest import build
+
+KEY = "test-key"
+PARALLEL = 4
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Who wrote Hamlet?",
+             "Say hello in Spanish."]
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # SmolLM2 keeps counting: an answer that runs long
+
+
+@pytest.fixture(scope="module")
+def smollm2_int8(smollm2_gguf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "smollm2"
+    return build(smollm2_gguf, out, "int8", target="native", max_num_tokens=512, language_group_size=32,
+                 future_token_mask_size=128, jobs=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_int8):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(smollm2_int8), "--port", str(port),
+                             "--parallel", str(PARALLEL), "--api-key", KEY, "--alias", "smol", "--max-body", "65536"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "the server did not become ready"
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=30)
+    assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local(smollm2_int8):
+    """The same build in this process: what `edgellm generate` answers."""
+    model = edgellm.load(smollm2_int8)
+    yield model
+    model.close()
+
+
+def _metrics(server) -> dict[str, float]:
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {name: float(value) for name, value in re.findall(r"^([^#\s]\S*) (\S+)$", text, re.M)}
+
+
+def _chat(client, question, **kw):
+    return client.chat.completions.create(model="smol", messages=[{"role": "user", "content": question}],
+                                          temperature=0, max_tokens=kw.pop("max_tokens", 48), **kw)
+
+
+def test_health_is_public_and_everything_else_needs_the_key(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    for path in ("/v1/models", "/metrics"):
+        r = httpx.get(f"{server}{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": "Bearer wrong"},
+                   json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401
+
+
+def test_models_lists_the_served_build(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smol"]
+
+
+def test_greedy_chat_answers_what_generate_answers(client, local):
+    for question in QUESTIONS[:3]:
+        answer = _chat(client, question)
+        expected = local.session().generate(question, chat=True, max_new_tokens=48)
+        assert answer.choices[0].message.content == expected.text
+        assert answer.usage.completion_tokens == expected.gen_tokens
+        assert answer.usage.prompt_tokens == expected.prompt_tokens
+    assert "Paris" in _chat(client, QUESTIONS[0]).choices[0].message.content
+
+
+def test_streamed_chat_gives_the_same_text_and_a_usage_chunk(client):
+    whole = _chat(client, QUESTIONS[3])
+    chunks = list(_chat(client, QUESTIONS[3], stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completion_streamed_and_not(client, local):
+    plain = client.completions.create(model="smol", prompt="The capital of France is", temperature=0, max_tokens=12)
+    expected = local.session().generate("The capital of France is", max_new_tokens=12)
+    assert plain.choices[0].text == expected.text and plain.choices[0].finish_reason == "length"
+    streamed = client.completions.create(model="smol", prompt="The capital of France is", temperature=0,
+                                         max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+def test_stop_strings_end_the_answer_before_them(client):
+    full = client.completions.create(model="smol", prompt=COUNTING, temperature=0, max_tokens=20).choices[0].text
+    stopped = client.completions.create(model="smol", prompt=COUNTING, temperature=0, max_tokens=20, stop=[" 16"],
+                                        stream=True)
+    text = "".join(c.choices[0].text for c in stopped)
+    assert " 16" in full and text == full[: full.index(" 16")]
+
+
+def test_concurrent_greedy_requests_return_what_they_return_alone(client):
+    alone = [_chat(client, q).choices[0].message.content for q in QUESTIONS[:PARALLEL]]
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        together = list(pool.map(lambda q: _chat(client, q).choices[0].message.content, QUESTIONS[:PARALLEL]))
+    assert together == alone
+
+
+def test_a_conversation_that_comes_back_reuses_its_cached_prefix(client):
+    first = [{"role": "user", "content": "Name a fruit."}]
+    answer = client.chat.completions.create(model="smol", messages=first, temperature=0, max_tokens=16)
+    second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
+                      {"role": "user", "content": "And a vegetable?"}]
+    again = client.chat.completions.create(model="smol", messages=second, temperature=0, max_tokens=16)
+    assert again.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens - 1
+
+
+def test_json_schema_answers_always_validate(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+
+    def ask(seed):
+        return client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "Describe a person as JSON."}], temperature=0.8,
+            seed=seed, max_tokens=64,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        answers = list(pool.map(ask, range(20)))
+    for answer in answers:
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+    assert len({a.choices[0].message.content for a in answers}) > 1  # sampled, yet always valid
+    anything = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "A JSON object:"}],
+                                              temperature=0, max_tokens=256, response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "stop"  # (an answer cut by max_tokens is cut JSON, as OpenAI's)
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_session(server):
+    before = _metrics(server)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": COUNTING, "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        read = sum(1 for _, line in zip(range(6), lines) if line.startswith("data:"))
+    assert read >= 3
+    deadline = time.time() + 10
+    while (after := _metrics(server))["edgellm_requests_running"] > 0:
+        assert time.time() < deadline, "the session was not freed"
+        time.sleep(0.05)
+    assert after['edgellm_requests_abandoned_total{stage="running"}'] == \
+        before.get('edgellm_requests_abandoned_total{stage="running"}', 0) + 1
+    # it stopped long before its 400 tokens: the tokens read, and the few steps until the server heard
+    assert after["edgellm_generated_tokens_total"] - before["edgellm_generated_tokens_total"] < 60
+
+
+def test_a_queued_request_whose_client_left_never_starts(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {"prompt": COUNTING, "max_tokens": 300, "temperature": 0, "stream": True}
+    before = _metrics(server)
+    with httpx.Client(timeout=60, headers=headers) as http:
+        streams = [http.stream("POST", f"{server}/v1/completions", json=long) for _ in range(PARALLEL)]
+        lines = [s.__enter__().iter_lines() for s in streams]  # kept: a dropped iterator closes its response
+        for line in lines:  # each has started: it holds a session
+            next(line)
+        with httpx.stream("POST", f"{server}/v1/completions", json=long, headers=headers, timeout=60):
+            deadline = time.time() + 10
+            while _metrics(server)["edgellm_requests_queued"] < 1:
+                assert time.time() < deadline
+                time.sleep(0.02)
+        for s in streams:
+            s.__exit__(None, None, None)
+    deadline = time.time() + 10
+    while (after := _metrics(server))["edgellm_requests_running"] > 0 or after["edgellm_requests_queued"] > 0:
+        assert time.time() < deadline, "requests still held"
+        time.sleep(0.05)
+    assert after['edgellm_requests_abandoned_total{stage="queued"}'] == \
+        before.get('edgellm_requests_abandoned_total{stage="queued"}', 0) + 1
+    started = after['edgellm_requests_abandoned_total{stage="running"}'] - \
+        before.get('edgellm_requests_abandoned_total{stage="running"}', 0)
+    assert started == PARALLEL
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "gpt-4"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "context"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "image_url"),
+    ({"messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},
+     400, "cannot be enforced"),
+    ({"messages": [{"role": "user", "content": "x" * 70000}]}, 413, "limit"),
+])
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, client, body, status, needle):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server}/v1/chat/completions", content=content, headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"]
+    assert _chat(client, "Hi!", max_tokens=4).choices[0].message.content
+
+
+def test_unknown_routes_and_methods_are_json_errors(server):
+    r = httpx.get(f"{server}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_serve_refuses_what_is_not_a_build(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "not an edgellm output directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
