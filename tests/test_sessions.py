@@ -69,6 +69,29 @@ def test_one_call_of_n_rows_gives_every_rows_logits_as_one_row_calls_do(tiny, n)
     assert np.abs(again.forward(PROMPT[10 : 10 + n], 10, logits_from=n - 1) - expected[-1:]).max() < 1e-4
 
 
+def test_a_batched_step_of_several_sessions_gives_each_row_its_decode_logits(tiny):
+    """Engine.forward_batch (the server's decode step): rows of sessions at different positions,
+    one session giving two rows, more rows than one native call takes; each row's logits are
+    exactly its own session's decode step's."""
+    _, _, out = tiny
+    model = edgellm.load(out)
+    prompts = [PROMPT[:5], PROMPT[:17], PROMPT[3:12], PROMPT[:9], PROMPT[20:30], PROMPT[:2], PROMPT[6:30], PROMPT[1:4]]
+    follow = [[int(t)] for t in RNG.integers(1, VOCAB, len(prompts))]
+    follow[1] = [7, 11]  # a verify-like pair of rows in the same batch
+    batched, alone = [], []
+    for p in prompts:
+        for group in (batched, alone):
+            session = model.engine.open_session()
+            session.prefill(p, 0)
+            group.append(session)
+    rows = model.engine.forward_batch([(s, ids, len(p)) for s, ids, p in zip(batched, follow, prompts)])
+    for s, ids, p, got in zip(alone, follow, prompts, rows):
+        expected = np.stack([s.decode(token, len(p) + i) for i, token in enumerate(ids)])
+        np.testing.assert_array_equal(got, expected)
+    assert [s.length for s in batched] == [len(p) + len(ids) for p, ids in zip(prompts, follow)]
+    model.close()
+
+
 def test_truncate_forgets_positions_in_place(tiny):
     model = edgellm.load(tiny[2])
     session = model.engine.open_session()

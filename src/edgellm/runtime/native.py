@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .engine import Engine, EngineSession, EngineSpec, physical_cores
+from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
@@ -68,6 +68,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.em_session_open.restype = ctypes.c_void_p
     lib.em_session_close.argtypes = [ctypes.c_void_p]
     lib.em_forward.argtypes = [ctypes.c_void_p, _INT64_P, _FLOAT_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
+    if hasattr(lib, "em_forward_rows"):  # builds before batched rows lack it (forward_batch then loops)
+        lib.em_forward_rows.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), _INT64_P,
+                                        ctypes.c_int, _FLOAT_P]
     lib.em_truncate.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.em_last_error.restype = ctypes.c_char_p
 
@@ -121,6 +124,36 @@ class NativeEngine(Engine):
     @property
     def closed(self) -> bool:
         return not self._release.alive
+
+    def forward_batch(self, calls):
+        """Every call's rows through em_forward_rows, up to the verify function's rows at a time:
+        the weights are read once per call for all the sessions' rows, each row computed as a
+        decode step computes it."""
+        per_call = min(VERIFY_ROWS, self.spec.group_size)
+        if per_call < 2 or not hasattr(self.lib, "em_forward_rows") or len(calls) < 2:
+            return super().forward_batch(calls)
+        rows = [(session, start + i, token) for session, ids, start in calls for i, token in enumerate(ids)]
+        for session, ids, start in calls:
+            session._live()
+            session._check(len(ids), start, 0, None)
+        logits = np.empty((len(rows), self.spec.vocab_size), np.float32)
+        for first in range(0, len(rows), per_call):
+            chunk = rows[first : first + per_call]
+            n = len(chunk)
+            handles = (ctypes.c_void_p * n)(*(session.handle for session, _, _ in chunk))
+            positions = (ctypes.c_int * n)(*(position for _, position, _ in chunk))
+            ids = np.array([token for _, _, token in chunk], np.int64)
+            out = logits[first : first + n]
+            if self.lib.em_forward_rows(handles, positions, ids.ctypes.data_as(_INT64_P), n,
+                                        out.ctypes.data_as(_FLOAT_P)) != 0:
+                raise EdgeLLMError(self.lib.em_last_error().decode())
+            for session, position, _ in chunk:
+                session.length = position + 1
+        results, first = [], 0
+        for _, ids, _ in calls:
+            results.append(logits[first : first + len(ids)])
+            first += len(ids)
+        return results
 
     def _new_session(self) -> "NativeSession":
         return NativeSession(self)

@@ -67,6 +67,8 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         "",
         "/* the KV cache of one session: one mapping made by em_session_open (a static array past 2 GiB would not link) */",
         "#define EM_CACHE(layer, which) (em_kv + (size_t)(2 * (layer) + (which)) * EM_CACHE_TOKENS * EM_KV_WIDTH)",
+        "/* the verify function's row s: the KV cache of its own session (one session, or one per row for a batch) */",
+        "#define EM_ROW_CACHE(s, layer, which) (em_kvs[s] + (size_t)(2 * (layer) + (which)) * EM_CACHE_TOKENS * EM_KV_WIDTH)",
         "#define F(offset) ((const float *)(em_base + (offset)))",
         "",
         f"const em_model_info EM_MODEL = {{{shape.vocab}, {shape.hidden}, {shape.max_tokens}, {shape.group_size}, "
@@ -82,31 +84,42 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
     lines += ["};", f"const int EM_RECORD_COUNT = {len(records)};"]
     for variant, (lowered, plan) in variants.items():
         offsets = {p.name: p.offset // 4 for p in plan.placements}
-        lines += ["", f"static void em_model_{variant}(const unsigned char *em_base, const em_weight *EMW, float *A, "
-                  "em_kv_value *em_kv, int S, int start, const int64_t *ids, const float *embeddings, int logits_from, "
-                  "float *logits) {",
-                  "    const int R = S - logits_from; /* the rows whose logits are returned */",
-                  "    (void)em_base; (void)EMW; (void)em_kv; (void)ids; (void)embeddings; (void)R; (void)start;"]
+        if variant == "verify":  # rows with a cache and a position each (em_rows_program)
+            lines += ["", "static void em_model_verify(const unsigned char *em_base, const em_weight *EMW, float *A, "
+                      "em_kv_value *const *em_kvs, const int *em_positions, int S, const int64_t *ids, "
+                      "const float *embeddings, int logits_from, float *logits) {",
+                      "    (void)em_base; (void)EMW; (void)em_kvs; (void)em_positions; (void)ids; (void)embeddings; "
+                      "(void)logits_from;"]
+        else:
+            lines += ["", f"static void em_model_{variant}(const unsigned char *em_base, const em_weight *EMW, float *A, "
+                      "em_kv_value *em_kv, int S, int start, const int64_t *ids, const float *embeddings, "
+                      "int logits_from, float *logits) {",
+                      "    const int R = S - logits_from; /* the rows whose logits are returned */",
+                      "    (void)em_base; (void)EMW; (void)em_kv; (void)ids; (void)embeddings; (void)R; (void)start;"]
         lines += _body(lowered, offsets, Rows(lowered, shape) if variant == "verify" else None)
         lines.append("}")
     rows = {"single": 1, "verify": shape.verify_rows, "group": shape.group_size}
     order = sorted(variants, key=lambda v: (rows[v], v == "group"))  # a tie: the decode program's rows first
     lines += ["", "/* the variants, fewest rows first: em_forward runs the first that fits; name, rows per call,",
+              "   its function (em_program, or em_rows_program for rows with their own cache and position),",
               "   whether it writes every row's logits (the caller then keeps rows logits_from..) */",
               f"const em_variant EM_VARIANTS[{len(order)}] = {{"]
-    lines += [f'    {{"{v}", {rows[v]}, em_model_{v}, {int(v == "verify")}}},' for v in order]
+    lines += [f'    {{"{v}", {rows[v]}, NULL, em_model_verify, 1}},' if v == "verify" else
+              f'    {{"{v}", {rows[v]}, em_model_{v}, NULL, 0}},' for v in order]
     lines += ["};", f"const int EM_VARIANT_COUNT = {len(order)};"]
     return "\n".join(lines) + "\n"
 
 
 class Rows:
-    """The verify function: the decode variant's calls over S rows (up to verify_rows). Team
-    matmuls take every row in one call (the weights are read once; kernels: em_fusion.rows);
-    every other call runs once per row, on that row's slice of each activation, at position
-    start + s: so each row is computed exactly as a decode step computes it, and speculative
-    decoding gives the plain decode's tokens. Rows of one activation are its per-token size apart."""
+    """The verify function: the decode variant's calls over S rows (up to verify_rows), row s at
+    position em_positions[s] of the KV cache em_kvs[s]: consecutive positions of one session (a
+    speculative verify call), or the next position of several sessions (a batched decode step).
+    Team matmuls take every row in one call (the weights are read once; kernels: em_fusion.rows);
+    every other call runs once per row, on that row's slice of each activation: so each row is
+    computed exactly as a decode step computes it, and speculative decoding gives the plain
+    decode's tokens. Rows of one activation are its per-token size apart."""
 
-    ROW = {r"\bS\b": "1", r"\bstart\b": "(start + s)", r"\bids\b": "(ids + s)"}
+    ROW = {r"\bS\b": "1", r"\bstart\b": "em_positions[s]", r"\bids\b": "(ids + s)", r"\bEM_CACHE\(": "EM_ROW_CACHE(s, "}
 
     def __init__(self, lowered: Lowered, shape: ModelShape):
         self.activations = lowered.activations
@@ -126,6 +139,11 @@ class Rows:
         if not act.per_token:  # one slot for every row: the rows would overwrite each other
             raise ValueError(f"{name.group(1)} has no per-row slot for the verify function")
         return act.rows * act.cols
+
+    def team(self, code: str) -> str:
+        """A team call over every row: an attention merged in its prologue takes each row's own
+        position (em_merge.positions), not start + s."""
+        return re.sub(r"\{start, ([^{}]*)\}", r"{0, \1, em_positions}", code)
 
     def rows_of(self, arguments: str) -> str:
         return "S, " + ", ".join(str(self.stride(a)) for a in arguments.split(";"))
@@ -149,7 +167,9 @@ def _body(lowered: Lowered, offsets: dict[str, int], rows: Rows | None = None) -
     barrier at its end publishes their results). rows: the verify function (class Rows)."""
     def code(call):
         text = _ROWS_MARKER.sub(lambda m: rows.rows_of(m.group(1)) if rows else "1, 0, 0, 0, 0", call.code)
-        if rows and not text.startswith("em_team_matmul("):
+        if rows and text.startswith("em_team_matmul("):
+            text = rows.team(text)
+        elif rows:
             one = rows.one_row(text, offsets)
             if text.startswith("em_team_attention("):  # the next row's attention reads this row's cache write
                 return f"for (int s = 0; s < S; s++) {{ {one} if (s + 1 < S) {{ _Pragma(\"omp barrier\") }} }}"

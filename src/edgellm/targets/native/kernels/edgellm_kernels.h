@@ -57,10 +57,12 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
    `rows` (em_team_matmul only; 0 or 1: one row): the decode program run over a few rows at once
    (a speculative verify call) reads the weights once for all of them, computing each row exactly
    as one decode step does; rows are `*_stride` floats apart (0: K, or N for the output and the
-   residual), and the EM_ATTENTION prologue's row r is the token at merge.start + r. */
+   residual), and the EM_ATTENTION prologue's row r is the token at merge.start + r, or at
+   merge.positions[r] where that is set (rows of several sessions, em_forward_rows). */
 enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3, EM_ATTENTION = 4 };
 typedef struct {
     int start, window, heads, kv_heads, head_dim; /* as em_team_attention's arguments */
+    const int *positions;                         /* NULL, or row r's position (instead of start + r) */
 } em_merge;
 typedef struct {
     int prologue;

@@ -40,6 +40,12 @@ void em_session_close(em_session *session);
    start + n. 0 on success, -1 on bad arguments (em_last_error). */
 int em_forward(em_session *session, const int64_t *ids, const float *embeddings, int n, int start, int logits_from,
                float *logits);
+/* One row each of several sessions, or several rows of some (row i: token ids[i] at position
+   positions[i] of sessions[i]; a session's rows in this call follow each other at consecutive
+   positions from at most its length). The weights are read once for all rows: a batched decode
+   step of many conversations. n is 1 to the verify variant's rows; sessions of one model; no
+   embedding rows. Writes every row's logits ([n][vocab]). 0 on success, -1 (em_last_error). */
+int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits);
 /* Keep the first `length` positions (no more than the session holds): O(1), nothing is cleared. */
 int em_truncate(em_session *session, int length);
 int em_length(const em_session *session);
@@ -55,10 +61,15 @@ extern const int EM_RECORD_COUNT;
 typedef void (*em_program)(const unsigned char *base, const em_weight *weights, float *arena, em_kv_value *kv,
                            int S, int start, const int64_t *ids, const float *embeddings, int logits_from,
                            float *logits);
+/* The verify variant: row s at position positions[s] of the KV cache kvs[s] */
+typedef void (*em_rows_program)(const unsigned char *base, const em_weight *weights, float *arena,
+                                em_kv_value *const *kvs, const int *positions, int S, const int64_t *ids,
+                                const float *embeddings, int logits_from, float *logits);
 typedef struct {
     const char *name;
     int max_rows;
     em_program run;
+    em_rows_program run_rows; /* instead of run */
     int all_logits; /* writes every row's logits: em_forward gives the caller rows logits_from.. */
 } em_variant;
 extern const em_variant EM_VARIANTS[];

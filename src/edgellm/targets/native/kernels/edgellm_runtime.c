@@ -299,10 +299,48 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n
         if (n <= EM_VARIANTS[i].max_rows) variant = &EM_VARIANTS[i];
     em_set_threads(s->model->threads); /* the OpenMP team size is per calling thread */
     float *out = variant->all_logits && logits_from > 0 ? s->logits : logits;
-    variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, n, start, ids, embeddings, logits_from, out);
+    if (variant->run_rows) {
+        em_kv_value *kvs[n];
+        int positions[n];
+        for (int i = 0; i < n; i++) kvs[i] = s->kv, positions[i] = start + i;
+        variant->run_rows(s->model->mapped, s->model->weights, s->arena, kvs, positions, n, ids, embeddings,
+                          logits_from, out);
+    } else {
+        variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, n, start, ids, embeddings, logits_from, out);
+    }
     if (out != logits)
         memcpy(logits, out + (size_t)logits_from * EM_MODEL.vocab_size,
                sizeof(float) * (size_t)(n - logits_from) * EM_MODEL.vocab_size);
     s->length = start + n;
+    return 0;
+}
+
+int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits) {
+    const em_variant *rows = NULL;
+    for (int i = 0; i < EM_VARIANT_COUNT; i++)
+        if (EM_VARIANTS[i].run_rows) rows = &EM_VARIANTS[i];
+    if (!rows || n < 1 || n > rows->max_rows) {
+        fail("bad call: %d rows of sessions (1 to %d per call)", n, rows ? rows->max_rows : 0);
+        return -1;
+    }
+    const em_model *model = sessions[0]->model;
+    for (int i = 0; i < n; i++) {
+        const em_session *s = sessions[i];
+        int next = s->length; /* the position this row may take: at most the session's length, */
+        int follows = 0;      /* or right after this session's previous row in the call */
+        for (int j = 0; j < i; j++)
+            if (sessions[j] == s) next = positions[j] + 1, follows = 1;
+        if (s->model != model || positions[i] < 0 || positions[i] > next || (follows && positions[i] != next) ||
+            positions[i] >= EM_MODEL.max_tokens || ids[i] < 0 || ids[i] >= EM_MODEL.vocab_size) {
+            fail("bad call: row %d (token %lld at position %d of a session holding %d; %d positions, %d tokens)", i,
+                 (long long)ids[i], positions[i], s->length, EM_MODEL.max_tokens, EM_MODEL.vocab_size);
+            return -1;
+        }
+    }
+    em_kv_value *kvs[n];
+    for (int i = 0; i < n; i++) kvs[i] = sessions[i]->kv;
+    em_set_threads(model->threads);
+    rows->run_rows(model->mapped, model->weights, sessions[0]->arena, kvs, positions, n, ids, NULL, 0, logits);
+    for (int i = 0; i < n; i++) sessions[i]->length = positions[i] + 1;
     return 0;
 }

@@ -184,9 +184,10 @@ static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int
             out[c] = 0.5f * xr[c] * (1.0f + tanhf(k0 * (xr[c] + 0.044715f * xr[c] * xr[c] * xr[c]))) * up[c];
         return;
     }
-    case EM_ATTENTION: { /* x holds the decode attention's chunks; row s is the token at start + s */
+    case EM_ATTENTION: { /* x holds the decode attention's chunks; row s is the token at start + s,
+                            or at positions[s] (rows of several sessions) */
         em_merge merge = f->merge;
-        merge.start += s;
+        merge.start = merge.positions ? merge.positions[s] : merge.start + s;
         em_merge_chunks(xr, &merge, 0, merge.heads, out);
         return;
     }
