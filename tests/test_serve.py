@@ -130,6 +130,13 @@ def test_text_completion_streamed_and_not(client, local):
     assert "".join(c.choices[0].text for c in streamed) == expected.text
 
 
+def test_ignore_eos_generates_max_tokens(client):
+    ends = _chat(client, QUESTIONS[0], max_tokens=40)
+    assert ends.usage.completion_tokens < 40 and ends.choices[0].finish_reason == "stop"
+    answer = _chat(client, QUESTIONS[0], max_tokens=40, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 40 and answer.choices[0].finish_reason == "length"
+
+
 def test_stop_strings_end_the_answer_before_them(client):
     full = client.completions.create(model="smol", prompt=COUNTING, temperature=0, max_tokens=20).choices[0].text
     stopped = client.completions.create(model="smol", prompt=COUNTING, temperature=0, max_tokens=20, stop=[" 16"],
@@ -138,10 +145,17 @@ def test_stop_strings_end_the_answer_before_them(client):
     assert " 16" in full and text == full[: full.index(" 16")]
 
 
+LONG = ("Summarize this paragraph in one sentence. " + "The printing press, invented around 1440, let books be "
+        "copied quickly and cheaply, so that ideas spread across Europe faster than ever before. " * 6)
+
+
 def test_concurrent_greedy_requests_return_what_they_return_alone(client):
-    alone = [_chat(client, q).choices[0].message.content for q in QUESTIONS[:PARALLEL]]
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        together = list(pool.map(lambda q: _chat(client, q).choices[0].message.content, QUESTIONS[:PARALLEL]))
+    """More requests than sessions (one waits in the queue), one of them a prompt of several
+    prefill chunks interleaved with the others' decode steps."""
+    questions = QUESTIONS[:PARALLEL] + [LONG]
+    alone = [_chat(client, q).choices[0].message.content for q in questions]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(lambda q: _chat(client, q).choices[0].message.content, questions))
     assert together == alone
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .engine import VERIFY_ROWS
+from .engine import VERIFY_ROWS, prefill_chunks
 from .sampling import Sampler, SamplingParams
 from .strategies import Drafter, DraftLength, SpeculationStats, _common_prefix, verify
 from .text import StreamDecoder
@@ -152,6 +152,7 @@ class Decoding:
         self.finish: str | None = None
         self.t_first: float | None = None
         self.cached = 0
+        self._chunks = None  # the prompt's prefill calls (engine.prefill_chunks), once started
         self._drafts: list[int] = []
         self._distributions = None
         self._call_started = 0.0
@@ -162,14 +163,27 @@ class Decoding:
         return self.finish is not None
 
     def prefill(self) -> None:
+        while not self.prefill_chunk():
+            pass
+
+    def prefill_chunk(self) -> bool:
+        """Run the next chunk (at most the group size) of the prompt's uncached tokens; True once
+        the prompt is in the cache and the first token decided. The server interleaves these with
+        other sessions' decode steps, so a long prompt does not stall them."""
         session, ids = self.session, self.prompt_ids
-        reuse = min(_common_prefix(session.tokens, ids), len(ids) - 1)  # at least one token must run to give logits
-        session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
-        session.engine_session.truncate(reuse)
-        logits = session.engine_session.prefill(ids, reuse)
+        if self._chunks is None:
+            reuse = min(_common_prefix(session.tokens, ids), len(ids) - 1)  # one token at least must run: logits
+            session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
+            session.engine_session.truncate(reuse)
+            self.cached = reuse
+            self._chunks = prefill_chunks(ids, reuse, session.engine_session.spec.group_size)
+        start, chunk, _ = next(self._chunks)
+        logits = session.engine_session.forward(chunk, start)[-1]
+        if start + len(chunk) < len(ids):
+            return False
         session.tokens = list(ids)
-        self.cached = reuse
         self._decide([self._choose(logits)])
+        return True
 
     def next_call(self) -> tuple[list[int], int]:
         """(ids, position) of the next forward call: the pending token (decided, not yet in the

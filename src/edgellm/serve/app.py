@@ -128,8 +128,8 @@ class Server:
             except EdgeLLMError as e:
                 raise ApiError(400, str(e), "response_format") from None
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p, request.seed)
-        return Job(list(ids), limit or context - len(ids), sampling, tuple(request.stop or ()), constraint,
-                   loop=asyncio.get_running_loop())
+        return Job(list(ids), limit or context - len(ids), sampling, tuple(request.stop or ()), request.ignore_eos,
+                   constraint, loop=asyncio.get_running_loop())
 
 
 def create_app(server: Server) -> Starlette:

@@ -55,6 +55,7 @@ class _Common(_Strict):
     temperature: Finite = Field(1.0, ge=0.0, le=2.0)
     top_p: Finite = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # llama.cpp's extension: 0 = no limit
+    ignore_eos: bool = False  # llama.cpp's extension: generate max_tokens tokens
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False

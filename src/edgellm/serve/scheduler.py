@@ -1,9 +1,11 @@
 """Continuous batching: `parallel` sessions of one loaded model, stepped together by one thread.
 
-Each turn of the loop starts at most one queued request (its prefill, in the free session whose
-cache holds the longest prefix of its prompt: the history of a conversation that came back; else
-the one unused longest), then runs one decode step of every running request as one batched call
-(Engine.forward_batch: the rows of all sessions, the weights read once where the target can).
+Each turn of the loop takes at most one queued request into a free session (the one whose cache
+holds the longest prefix of its prompt: the history of a conversation that came back; else the
+one unused longest), runs one prefill chunk (up to the group size) of the oldest request still
+prefilling, then one decode step of every request that is decoding, as one batched call
+(Engine.forward_batch: the rows of all sessions, the weights read once where the target can). So
+a long prompt delays the running answers by a chunk per step, not by its whole prefill.
 Tokens go back to each request's asyncio queue as they are decided. A request whose client left
 is dropped before the next step, or never started if it was still queued.
 """
@@ -36,6 +38,7 @@ class Job:
     max_new_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
     constraint: Callable | None = None  # makes the answer's Constraint (serve/structured.py)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -56,6 +59,7 @@ class Slot:
     drafter: object = None
     job: Job | None = None
     decoding: Decoding | None = None
+    prefilled: bool = False  # the job's prompt is in the cache: it takes part in decode steps
     last_used: float = 0.0
 
 
@@ -121,6 +125,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if job is not None:
                     self._start(job)
+                self._prefill()
                 self._step()
             except Exception:  # a bug: fail the requests in flight, keep serving
                 log.exception("scheduler step failed")
@@ -155,25 +160,36 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         slot = self._slot_for(job)
-        slot.job, slot.last_used = job, time.perf_counter()
+        slot.job, slot.last_used, slot.prefilled = job, time.perf_counter(), False
         self.metrics.running.set(len(self._running()))
         try:
             constraint = job.constraint() if job.constraint else None
             slot.decoding = Decoding(slot.session, job.prompt_ids, max_new_tokens=job.max_new_tokens,
-                                     sampling=job.sampling, stop=job.stop,
+                                     sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,
                                      on_text=lambda piece: job.send("text", piece),
                                      drafter=None if constraint else slot.drafter, draft_max=self.draft_max,
                                      constraint=constraint)
-            slot.decoding.prefill()
         except EdgeLLMError as e:
-            slot.session.reset()
+            self._finish(slot, error=str(e))
+
+    def _prefill(self) -> None:
+        waiting = [s for s in self._running() if not s.prefilled]
+        if not waiting:
+            return
+        slot = min(waiting, key=lambda s: s.job.queued_at)
+        t = time.perf_counter()
+        try:
+            slot.prefilled = slot.decoding.prefill_chunk()
+        except EdgeLLMError as e:
+            slot.session.reset()  # its cache holds part of a prompt
             return self._finish(slot, error=str(e))
-        self.metrics.prompt_seconds.inc(time.perf_counter() - slot.decoding.t0)
+        finally:
+            self.metrics.prompt_seconds.inc(time.perf_counter() - t)
         if slot.decoding.finished:
             self._finish(slot)
 
     def _step(self) -> None:
-        running = [s for s in self._running() if s.decoding is not None and not s.decoding.finished]
+        running = [s for s in self._running() if s.prefilled and not s.decoding.finished]
         if not running:
             return
         t = time.perf_counter()
