@@ -46,6 +46,7 @@ class EngineSession(ABC):
 
     spec: EngineSpec
     length: int
+    full_group_calls = True  # a call of fewer rows than the group costs a whole group (prefill_chunks)
 
     @abstractmethod
     def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
@@ -79,7 +80,7 @@ class EngineSession(ABC):
         to end at the last token (recomputing a few cached positions, which rewrites the same
         K/V) rather than padded past it."""
         logits = None
-        for start, chunk, _ in prefill_chunks(tokens, cached, self.spec.group_size):
+        for start, chunk, _ in prefill_chunks(tokens, cached, self.spec.group_size, self.full_group_calls):
             logits = self.forward(chunk, start)[-1]
         return logits
 
@@ -139,13 +140,13 @@ class Engine(ABC):
         self._free()
 
 
-def prefill_chunks(tokens: list[int], cached: int, group: int):
+def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool = True):
     """(start position, chunk of at most `group` tokens, index of its first new token) covering
-    tokens[cached:]. A short last chunk is moved back to end at the last token instead of padded
-    past it (EngineSession.prefill)."""
+    tokens[cached:]. With move_back (a target whose group call costs as much for fewer rows), a
+    short last chunk is moved back to end at the last token instead of padded past it."""
     end, pos = len(tokens), cached
     while pos < end:
-        start = pos if end - pos >= group else max(0, end - group)
+        start = pos if end - pos >= group or not move_back else max(0, end - group)
         chunk = tokens[start : min(start + group, end)]
         yield start, chunk, pos - start
         pos = start + len(chunk)

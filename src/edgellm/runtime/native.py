@@ -166,6 +166,7 @@ class NativeEngine(Engine):
 
 
 class NativeSession(EngineSession):
+    full_group_calls = False  # the generated code runs any number of rows: nothing to pad
     def __init__(self, engine: NativeEngine):
         self.engine, self.spec = engine, engine.spec
         handle = engine.lib.em_session_open(engine.handle)

@@ -176,7 +176,8 @@ class Decoding:
             session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
             session.engine_session.truncate(reuse)
             self.cached = reuse
-            self._chunks = prefill_chunks(ids, reuse, session.engine_session.spec.group_size)
+            engine_session = session.engine_session
+            self._chunks = prefill_chunks(ids, reuse, engine_session.spec.group_size, engine_session.full_group_calls)
         start, chunk, _ = next(self._chunks)
         logits = session.engine_session.forward(chunk, start)[-1]
         if start + len(chunk) < len(ids):

@@ -282,14 +282,23 @@ async def _stream(server: Server, job: Job, ident: str, created: int, kind: str,
         return _event({"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created,
                        "model": server.name, "choices": [choice]})
 
+    # a text chunk is the same envelope every time: made once, only the text is encoded per chunk
+    head, tail = chunk("\0").split(json.dumps("\0"))
     done = False
+    later = None  # an event taken while gathering text pieces
     try:
         if chat:
             yield chunk(None, role=True)
         while True:
-            event, value = await job.events.get()
+            event, value = later or await job.events.get()
+            later = None
             if event == "text":
-                yield chunk(value)
+                while not job.events.empty():  # pieces that queued up meanwhile go out as one chunk
+                    later = job.events.get_nowait()
+                    if later[0] != "text":
+                        break
+                    value, later = value + later[1], None
+                yield head + json.dumps(value, ensure_ascii=False) + tail
             elif event == "error":
                 done = True
                 yield _event(value.body())
