@@ -44,10 +44,31 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
+    _pending: list[str] = field(default_factory=list)
+    _sent_at: float = 0.0
+
+    FLUSH_S = 0.01  # text goes out at most this often after the first piece: each send wakes the event loop,
+    # whose Python then competes with the decode steps for the GIL and the cores
 
     def send(self, kind: str, value) -> None:
+        if kind != "text":
+            self._flush()
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def text(self, piece: str) -> None:
+        """A piece of the answer: sent at once if it is the first, else gathered for up to FLUSH_S."""
+        self._pending.append(piece)
+        now = time.perf_counter()
+        if now - self._sent_at >= self.FLUSH_S:
+            self._flush(now)
+
+    def _flush(self, now: float | None = None) -> None:
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._sent_at = now or time.perf_counter()
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", text))
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -166,7 +187,7 @@ class Scheduler:
             constraint = job.constraint() if job.constraint else None
             slot.decoding = Decoding(slot.session, job.prompt_ids, max_new_tokens=job.max_new_tokens,
                                      sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,
-                                     on_text=lambda piece: job.send("text", piece),
+                                     on_text=job.text,
                                      drafter=None if constraint else slot.drafter, draft_max=self.draft_max,
                                      constraint=constraint)
         except EdgeLLMError as e:
