@@ -386,24 +386,30 @@ def _logging(level: str) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # typer turns Ctrl-C (and an explicit Exit) into a returned exit code when not standalone
+        code = app(standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EdgeLLMError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted; `edgellm compile ... --resume` continues a build")
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
+        hint = "; `edgellm compile ... --resume` continues the build" if sys.argv[1:2] == ["compile"] else ""
+        err.print(f"interrupted{hint}", highlight=False)
         sys.exit(130)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except typer.TyperException as e:  # usage errors: typer's own (vendored) click exceptions derive from it
+        context = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and context is not None:
+            print(context.get_help())
+        else:
+            command = f"edgellm {context.info_name} " if context is not None and context.parent else "edgellm "
+            err.print(f"[red]error:[/red] {e.format_message()} (see `{command.strip()} --help`)", highlight=False,
+                      soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ class Decoding:
         drafter: Drafter | None = None,
         draft_max: int = 4,
         constraint: Constraint | None = None,
+        whole_chunks: bool = False,
     ):
         self.t0 = time.perf_counter()
         n = len(prompt_ids)
@@ -143,6 +144,10 @@ class Decoding:
         self.on_text, self.return_logits = on_text, return_logits
         self.sampler = Sampler(sampling or SamplingParams())
         self.drafter, self.constraint = drafter, constraint
+        # reuse the cache only in whole prefill chunks, so the prompt is computed in the same calls
+        # whatever the cache held: with int8 activations a prefill call's logits differ slightly
+        # from a decode step's, and an answer must not depend on what another request left behind
+        self.whole_chunks = whole_chunks
         self.length = DraftLength(draft_max) if drafter else None
         self.stats = SpeculationStats()
         self.out: list[int] = []
@@ -172,12 +177,15 @@ class Decoding:
         other sessions' decode steps, so a long prompt does not stall them."""
         session, ids = self.session, self.prompt_ids
         if self._chunks is None:
-            reuse = min(_common_prefix(session.tokens, ids), len(ids) - 1)  # one token at least must run: logits
-            session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
-            session.engine_session.truncate(reuse)
-            self.cached = reuse
             engine_session = session.engine_session
-            self._chunks = prefill_chunks(ids, reuse, engine_session.spec.group_size, engine_session.full_group_calls)
+            group = engine_session.spec.group_size
+            reuse = min(_common_prefix(session.tokens, ids), len(ids) - 1)  # one token at least must run: logits
+            if self.whole_chunks:
+                reuse -= reuse % group
+            session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
+            engine_session.truncate(reuse)
+            self.cached = reuse
+            self._chunks = prefill_chunks(ids, reuse, group, engine_session.full_group_calls)
         start, chunk, _ = next(self._chunks)
         logits = session.engine_session.forward(chunk, start)[-1]
         if start + len(chunk) < len(ids):

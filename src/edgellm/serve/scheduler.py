@@ -189,7 +189,7 @@ class Scheduler:
                                      sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,
                                      on_text=job.text,
                                      drafter=None if constraint else slot.drafter, draft_max=self.draft_max,
-                                     constraint=constraint)
+                                     constraint=constraint, whole_chunks=True)
         except EdgeLLMError as e:
             self._finish(slot, error=str(e))
 
