@@ -28,6 +28,26 @@ def test_usage_errors_are_one_line_and_exit_2(args, needle):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "2"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-5"], "--top-k"),
+    (["--seed", "-1"], "--seed"),
+    (["-n", "0"], "--max-new-tokens"),
+    (["--threads", "100000"], "--threads"),
+    (["--threads", "0"], "--threads"),
+])
+def test_runtime_flags_out_of_range_are_refused_before_anything_runs(tmp_path, flags, needle):
+    # checked before the build is even opened: tmp_path is no build, and the flag is what is named
+    result = subprocess.run(CLI + ["generate", str(tmp_path), "--prompt", "hi", *flags], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_no_arguments_prints_the_commands():
     result = subprocess.run(CLI, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -270,6 +270,13 @@ def _one_line_error(result, needle):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_cli_refuses_a_prompt_that_is_not_utf8(tiny):
+    _, _, out = tiny
+    result = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(out), "--prompt", b"w1 caf\xe9 w2"],
+                            capture_output=True, text=True, timeout=300)
+    _one_line_error(result, "not valid UTF-8 (byte e9 at character 6)")
+
+
 def test_cli_speculation_reports_its_statistics_and_refuses_bad_drafts(tiny, tmp_path):
     target, model_dir, out = tiny
     prompt = " ".join(f"w{t}" for t in _prompts()[0])

@@ -155,11 +155,14 @@ def generate(
 
     from .runtime.sampling import SamplingParams
 
+    sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values: one line, before loading
+    if max_new_tokens < 1:
+        raise EdgeLLMError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
     model = edgellm.load(model_dir, threads=threads)
     drafter = _drafter(model, draft, draft_max, lookup, threads)
     on_text = None if as_json else _stream
     result = model.generate(prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                            sampling=SamplingParams(temperature, top_k, top_p, seed), stop=tuple(stop or ()),
+                            sampling=sampling, stop=tuple(stop or ()),
                             on_text=on_text, drafter=drafter, draft_max=draft_max)
     if as_json:
         keys = ("text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb", "speculation")
@@ -188,9 +191,11 @@ def chat(
 
     from .runtime.sampling import SamplingParams
 
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    if max_new_tokens < 1:
+        raise EdgeLLMError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
     model = edgellm.load(model_dir, threads=threads)
     drafter = _drafter(model, draft, draft_max, lookup, threads)
-    sampling = SamplingParams(temperature, top_k, top_p, seed)
     err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens. /reset, /quit[/dim]")
     while True:
         try:
@@ -198,6 +203,9 @@ def chat(
         except (EOFError, KeyboardInterrupt):
             sys.stdout.write("\n")
             return
+        except UnicodeDecodeError as e:  # this line only; the conversation goes on
+            err.print(f"[red]error:[/red] the line is not valid UTF-8 ({e.reason} at byte {e.start})", highlight=False)
+            continue
         if line.strip() in ("/quit", "/exit"):
             return
         if line.strip() == "/reset":

@@ -5,6 +5,7 @@ are sessions (runtime/session.py); `generate` and `chat` here use a default one.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..config.model_config import ModelConfig
@@ -28,6 +29,9 @@ class Model:
     @classmethod
     def load(cls, path, threads: int | None = None) -> "Model":
         path = Path(path)
+        limit = 8 * (os.cpu_count() or 1)
+        if threads is not None and not 1 <= threads <= limit:
+            raise EdgeLLMError(f"threads {threads} (--threads): use 1 to {limit} (this machine has {os.cpu_count()} CPUs)")
         manifest = path / "manifest.json"
         if not manifest.is_file():
             raise EdgeLLMError(f"{path}: not an edgellm output directory (no manifest.json)")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import EdgeLLMError
 
 
 @dataclass
@@ -13,6 +16,17 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        # checked here, so the CLI, the Python API and the server refuse the same values
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise EdgeLLMError(f"temperature {self.temperature} (--temperature): use a finite number >= 0 (0: greedy)")
+        if not (0 < self.top_p <= 1):  # also false for NaN
+            raise EdgeLLMError(f"top_p {self.top_p} (--top-p): use a number above 0 and at most 1")
+        if self.top_k < 0:
+            raise EdgeLLMError(f"top_k {self.top_k} (--top-k): use 0 (no limit) or more")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise EdgeLLMError(f"seed {self.seed} (--seed): use 0 to 2**63 - 1")
 
 
 class Sampler:

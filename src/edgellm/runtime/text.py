@@ -9,6 +9,8 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from ..errors import EdgeLLMError
+
 
 class TextCodec:
     def __init__(self, runtime_dir: Path):
@@ -24,6 +26,11 @@ class TextCodec:
             self._template = env.from_string(template)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")  # a command line's invalid bytes arrive as lone surrogates
+        except UnicodeEncodeError as e:
+            raw = text[e.start : e.end].encode("utf-8", "surrogateescape")
+            raise EdgeLLMError(f"the text is not valid UTF-8 (byte {raw[:1].hex()} at character {e.start})") from None
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
