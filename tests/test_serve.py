@@ -40,23 +40,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_int8):
+def _serve(build, *flags) -> tuple[subprocess.Popen, str]:
+    """`edgellm serve build flags` on a free loopback port, once /health says it is ready."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(smollm2_int8), "--port", str(port),
-                             "--parallel", str(PARALLEL), "--api-key", KEY, "--alias", "smol", "--max-body", "65536"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(build), "--port", str(port),
+                             "--alias", "smol", *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         assert proc.poll() is None, proc.communicate()[1]
         try:
             if httpx.get(f"{base}/health").status_code == 200:
-                break
+                return proc, base
         except httpx.TransportError:
             pass
         assert time.time() < deadline, "the server did not become ready"
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_int8):
+    proc, base = _serve(smollm2_int8, "--parallel", str(PARALLEL), "--api-key", KEY, "--max-body", "65536")
     yield base
     proc.terminate()
     _, stderr = proc.communicate(timeout=30)
@@ -266,6 +270,9 @@ def test_a_queued_request_whose_client_left_never_starts(server):
     ({"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "context"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "log probabilities are not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tool calls"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "image_url"),
     ({"messages": [{"role": "user", "content": "hi"}],
       "response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},
@@ -285,28 +292,15 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, clien
 def test_a_speculating_server_answers_as_the_plain_one(smollm2_int8, client):
     """--lookup: each session's pending token and drafts go through the batched step as several
     rows of one session beside other sessions' rows; greedy answers stay the plain ones."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(smollm2_int8), "--port", str(port),
-                             "--parallel", "3", "--lookup", "3", "--alias", "smol"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, base = _serve(smollm2_int8, "--parallel", "3", "--lookup", "3")
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
-        speculating = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        speculating = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         copy = "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river bank."
         questions = [copy, QUESTIONS[1], LONG]
         with ThreadPoolExecutor(len(questions)) as pool:
             got = list(pool.map(lambda q: _chat(speculating, q, max_tokens=64).choices[0].message.content, questions))
         assert got == [_chat(client, q, max_tokens=64).choices[0].message.content for q in questions]
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        metrics = httpx.get(f"{base}/metrics").text
         accepted = float(re.search(r"^edgellm_speculative_accepted_tokens_total (\S+)$", metrics, re.M).group(1))
         assert accepted > 0  # the copied sentence was drafted from the prompt
     finally:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["ApiError", "ChatRequest", "CompletionRequest", "ValidationError", "describe", "usage"]
 
@@ -28,6 +28,16 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _unsupported(what: str) -> AfterValidator:
+    """A field that would change the answer in a way edgellm does not offer: refused when set."""
+    def check(value):
+        if value not in (None, False, 0, []):
+            raise ValueError(f"{what} not supported")
+        return value
+
+    return AfterValidator(check)
 
 
 class _Strict(BaseModel):
@@ -61,7 +71,7 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one answer per request
-    logprobs: bool | int | None = None
+    logprobs: Annotated[bool | int | None, _unsupported("log probabilities are")] = None
     response_format: ResponseFormat | None = None
 
     @field_validator("stop")
@@ -71,13 +81,6 @@ class _Common(_Strict):
         if len(stops) > 16 or any(len(s) > 256 for s in stops):
             raise ValueError("at most 16 stop strings of at most 256 characters")
         return stops
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("log probabilities are not supported")
-        return value
 
     @property
     def include_usage(self) -> bool:
@@ -121,14 +124,7 @@ class Message(_Strict):
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tool calls are not supported")
-        return value
+    tools: Annotated[list | None, _unsupported("tool calls are")] = None
 
     def chat_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system role; chat templates know "system"
@@ -141,7 +137,7 @@ class ChatRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int]
-    echo: bool = False
+    echo: Annotated[bool, _unsupported("echo is")] = False
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
     @field_validator("prompt")
@@ -153,13 +149,6 @@ class CompletionRequest(_Common):
             return value[0]
         if isinstance(value, list) and not value:
             raise ValueError("the prompt is empty")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
         return value
 
     @property
