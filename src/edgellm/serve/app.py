@@ -59,7 +59,7 @@ class Server:
         self.options = options
         self.name = options.alias or Path(options.model_dir).name
         self.metrics = Metrics()
-        self.model = self.scheduler = self.grammars = None
+        self.model = self.draft_model = self.scheduler = self.grammars = None
         self.ready = threading.Event()
         self.failed: str | None = None
         self.on_failure = on_failure
@@ -77,9 +77,10 @@ class Server:
             if o.lookup is not None or o.draft is not None:
                 if o.draft_max < 1:
                     raise EdgeLLMError(f"--draft-max {o.draft_max}: draft at least 1 token")
-                draft = edgellm.load(o.draft, threads=o.threads) if o.draft is not None else None
-                self._draft = draft
-                drafters = lambda: self.model.drafter(draft, o.lookup)  # noqa: E731 (one drafter per session)
+                if o.draft is not None:
+                    self.draft_model = edgellm.load(o.draft, threads=o.threads)
+                # one drafter per session: a draft model's drafters each open a session on the one draft model
+                drafters = lambda: self.model.drafter(self.draft_model, o.lookup)  # noqa: E731
             codec = self.model.codec
             self.grammars = Grammars(codec.tokenizer.to_str(), self.model.engine.spec.vocab_size, sorted(codec.eos_ids))
             self.scheduler = Scheduler(self.model, o.parallel, self.metrics, drafters, o.draft_max)
@@ -93,8 +94,8 @@ class Server:
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
-        if getattr(self, "_draft", None) is not None:
-            self._draft.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
         if self.model is not None:
             self.model.close()
 
@@ -173,10 +174,11 @@ def create_app(server: Server) -> Starlette:
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, ChatRequest, options.max_body_bytes)
         server.check_model(body.model)
+        messages = body.chat_messages()
         try:
-            ids = server.model.codec.encode_chat(body.chat_messages())
-        except ApiError:
-            raise
+            ids = server.model.codec.encode_chat(messages)
+        except EdgeLLMError as e:  # text that is not UTF-8
+            raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # the model's own chat template failed on these messages
             raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
         return await _answer(request, server, body, ids, chat=True)
@@ -185,7 +187,10 @@ def create_app(server: Server) -> Starlette:
         body = await _parse(request, CompletionRequest, options.max_body_bytes)
         server.check_model(body.model)
         prompt = body.prompt
-        ids = server.model.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        try:
+            ids = server.model.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        except EdgeLLMError as e:
+            raise ApiError(400, str(e), "prompt") from None
         return await _answer(request, server, body, ids, chat=False)
 
     async def not_found(request: Request, exc: HTTPException) -> Response:

@@ -127,9 +127,8 @@ class Scheduler:
         self._close_slots()
 
     def _close_slots(self) -> None:
+        # (a drafter's session belongs to the draft model, which the server closes with all its sessions)
         for slot in self.slots:
-            if slot.drafter is not None:
-                slot.drafter.close()
             slot.session.close()
 
     # ---- the loop (its own thread) -------------------------------------------------------------
