@@ -150,6 +150,7 @@ class Scheduler:
             except Exception:  # a bug: fail the requests in flight, keep serving
                 log.exception("scheduler step failed")
                 for slot in self._running():
+                    slot.session.reset()  # what its cache holds is no longer known
                     self._finish(slot, error="internal error in the decode step (see the server log)")
 
     def _running(self) -> list[Slot]:
