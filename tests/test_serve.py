@@ -185,11 +185,12 @@ def test_an_answer_does_not_depend_on_what_the_cache_held(client):
                  "it well.", "Describe a mountain in one paragraph for a child who has never seen it, using simple "
                  "words and short sentences.", "Tell me a very short story about rain in which something surprising "
                  "happens at the end, please."]
-    first = [_chat(client, q, max_tokens=48) for q in questions]
-    assert all(8 < a.usage.prompt_tokens % GROUP for a in first)
-    first = [a.choices[0].message.content for a in first]
-    for _ in range(2):
-        assert [_chat(client, q, max_tokens=48).choices[0].message.content for q in questions] == first
+    for question in questions:  # asked twice in a row: the second time its whole prompt is cached
+        first = _chat(client, question, max_tokens=48)
+        assert 8 < first.usage.prompt_tokens % GROUP
+        again = _chat(client, question, max_tokens=48)
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        assert again.choices[0].message.content == first.choices[0].message.content
 
 
 def test_json_schema_answers_always_validate(client):
@@ -273,6 +274,7 @@ def test_a_queued_request_whose_client_left_never_starts(server):
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "log probabilities are not supported"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tool calls"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream: "),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "image_url"),
     ({"messages": [{"role": "user", "content": "hi"}],
       "response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},

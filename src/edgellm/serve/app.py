@@ -245,7 +245,6 @@ async def _answer(request: Request, server: Server, body, ids: list[int], chat: 
     if body.stream:
         return StreamingResponse(_stream(server, job, ident, created, kind, chat, body.include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    pieces = []
     try:
         while True:
             try:
@@ -256,11 +255,9 @@ async def _answer(request: Request, server: Server, body, ids: list[int], chat: 
                     server.scheduler.nudge()
                     return Response(status_code=499)
                 continue
-            if event == "text":
-                pieces.append(value)
-            elif event == "error":
+            if event == "error":
                 raise value
-            else:
+            if event == "done":
                 break
     except asyncio.CancelledError:
         job.cancel()
@@ -290,19 +287,12 @@ async def _stream(server: Server, job: Job, ident: str, created: int, kind: str,
     # a text chunk is the same envelope every time: made once, only the text is encoded per chunk
     head, tail = chunk("\0").split(json.dumps("\0"))
     done = False
-    later = None  # an event taken while gathering text pieces
     try:
         if chat:
             yield chunk(None, role=True)
         while True:
-            event, value = later or await job.events.get()
-            later = None
-            if event == "text":
-                while not job.events.empty():  # pieces that queued up meanwhile go out as one chunk
-                    later = job.events.get_nowait()
-                    if later[0] != "text":
-                        break
-                    value, later = value + later[1], None
+            event, value = await job.events.get()
+            if event == "text":  # (the scheduler gathers pieces: Job.text)
                 yield head + json.dumps(value, ensure_ascii=False) + tail
             elif event == "error":
                 done = True

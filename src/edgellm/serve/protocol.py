@@ -156,10 +156,15 @@ class CompletionRequest(_Common):
         return self.max_tokens
 
 
+_BRANCH_TAGS = {"str", "int", "bool", "float", "list", "dict", "none", "TextPart", "OtherPart"}
+
+
 def describe(error: ValidationError) -> ApiError:
     """The first problem of a pydantic error, as one line naming the field."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[", "str", "int")))
+    # the location without pydantic's union-branch tags ("str", "list[TextPart]", "function-after[...]")
+    where = ".".join(str(p) for p in first["loc"]
+                     if isinstance(p, int) or not ("[" in p or "-" in p or p in _BRANCH_TAGS))
     message = first["msg"].removeprefix("Value error, ")
     return ApiError(400, f"{where}: {message}" if where else message, where or None)
 

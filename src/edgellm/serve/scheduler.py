@@ -23,6 +23,7 @@ from typing import Callable
 from ..errors import EdgeLLMError
 from ..runtime.sampling import SamplingParams
 from ..runtime.session import Decoding, Generation, Session
+from ..runtime.strategies import _common_prefix
 from .metrics import Metrics
 from .protocol import ApiError
 
@@ -53,8 +54,7 @@ class Job:
     def send(self, kind: str, value) -> None:
         if kind != "text":
             self._flush()
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        self._post(kind, value)
 
     def text(self, piece: str) -> None:
         """A piece of the answer: sent at once if it is the first, else gathered for up to FLUSH_S."""
@@ -67,8 +67,11 @@ class Job:
         if self._pending:
             text, self._pending = "".join(self._pending), []
             self._sent_at = now or time.perf_counter()
-            if self.loop is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", text))
+            self._post("text", text)
+
+    def _post(self, kind: str, value) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -168,13 +171,14 @@ class Scheduler:
         return None
 
     def _slot_for(self, job: Job) -> Slot:
+        """The free session that reuses the most of its cache for this prompt (in whole prefill
+        chunks, as Decoding will), else the one unused longest: a never-used one before a
+        conversation worth keeping."""
+        group = self.model.engine.spec.group_size
+
         def reuse(slot: Slot) -> int:
-            n = 0
-            for a, b in zip(slot.session.tokens, job.prompt_ids):
-                if a != b:
-                    break
-                n += 1
-            return n
+            common = _common_prefix(slot.session.tokens, job.prompt_ids)
+            return common - common % group
 
         free = [s for s in self.slots if s.job is None]
         return max(free, key=lambda s: (reuse(s), -s.last_used))
