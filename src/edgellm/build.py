@@ -26,10 +26,12 @@ from pathlib import Path
 from . import __version__
 from .config import ModelConfig, build_model_config
 from .errors import EdgeLLMError
-from .graph.segments import SEGMENT_FORMAT
+from .graph.segments import BRANCH_SITES, SEGMENT_FORMAT, branch_parts
 from .graph.units import Unit, plan_units
+from .quant.adapters import LoraLayout, check_name, lora_layout, write_adapter
 from .quant.plan import PrecisionPlan, ResolvedPlan
 from .record import BuildRecord
+from .sources.lora import adapter_fingerprint
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
 TARGETS = ("cpu", "native", "aarch64-linux")  # cpu: ONNX Runtime; the others: generated C (targets/native)
@@ -58,6 +60,8 @@ class BuildOptions:
     int8_activations: bool = False
     enable_filter_sharing: bool = False  # one in-memory copy of weights for prefill and decode (targets/cpu)
     kv_cache_dtype: str = "float32"  # float16: the native targets keep the KV cache in float16
+    lora: tuple[tuple[str, str], ...] = ()  # (--lora_name, --lora_path) pairs compiled with the build
+    lora_dtype: str = "int8"  # how compiled adapters store their factors (quant/adapters.py)
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
@@ -77,6 +81,11 @@ class BuildOptions:
             raise EdgeLLMError(f"unknown target '{self.target}' (supported: {', '.join(TARGETS)})")
         if self.kv_cache_dtype not in ("float32", "float16"):
             raise EdgeLLMError(f"--kv_cache_dtype {self.kv_cache_dtype}: use float32 or float16")
+        names = [name for name, _ in self.lora]
+        if len(set(names)) != len(names):
+            raise EdgeLLMError(f"--lora_name: each adapter needs its own name, got {', '.join(names)}")
+        if self.lora_dtype not in ("int8", "float32"):
+            raise EdgeLLMError(f"--lora_dtype {self.lora_dtype}: use int8 or float32")
         if self.kv_cache_dtype == "float16" and self.target == "cpu":
             raise EdgeLLMError("--kv_cache_dtype float16 needs a native target (--target native or aarch64-linux): "
                                "the cpu target keeps ONNX Runtime's float32 KV cache")
@@ -152,7 +161,12 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     units = plan_units(cfg.num_layers, options.buckets)
     # the plan, asked once for every unit (a .py plan runs once per build)
     plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings).resolve(units)
-    context = _Context(str(model_path), out, options, cfg, source.fingerprint(), plan)
+    adapters = _read_adapters(options, cfg)
+    layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.target,
+                         options.configuration_file)
+    merged = next(iter(adapters.values())).path if layout.mode == "LORA_MERGED" else None
+    context = _Context(str(model_path), out, options, cfg, source.fingerprint(), plan, layout,
+                       None if merged is None else str(merged))
     for stage in STAGES:
         if stage not in options.stages:
             continue
@@ -174,11 +188,20 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
         manifest.data["stages_done"] = earlier + [stage]
         manifest.save()
     complete = all(s in manifest.data["stages_done"] for s in STAGES)
+    if complete and layout.mode == "LORA_BRANCH":
+        for name, adapter in adapters.items():
+            write_adapter(adapter, out, name, options.lora_dtype)
     if complete:  # the record first: a complete build always has one
-        BuildRecord.from_build(__version__, options, plan).save(out)
+        BuildRecord.from_build(__version__, options, plan, layout).save(out)
     manifest.data["complete"] = complete
     manifest.save()
     return out
+
+
+def _read_adapters(options: BuildOptions, cfg: ModelConfig) -> dict:
+    from .sources.lora import read_adapter
+
+    return {check_name(name): read_adapter(path, cfg) for name, path in options.lora}
 
 
 @dataclass(frozen=True)
@@ -189,6 +212,15 @@ class _Context:
     cfg: ModelConfig
     fingerprint: str
     plan: "ResolvedPlan"
+    lora: LoraLayout
+    merged_adapter: str | None = None  # LORA_MERGED: the adapter added to the weights of lora.sites
+
+    def branch_rank(self, unit: Unit) -> int:
+        branched = self.lora.mode == "LORA_BRANCH" and self.plan.choice(unit).lora == "LORA_BRANCH"
+        return self.lora.rank if branched and unit.part in BRANCH_SITES else 0
+
+    def merged(self, unit: Unit) -> bool:
+        return self.merged_adapter is not None and self.plan.choice(unit).lora == "LORA_MERGED"
 
 
 def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
@@ -215,11 +247,14 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             from .graph.segments import Shapes, emit
 
             cfg = ctx.cfg
+            adapter = _open_adapter_cached(ctx.merged_adapter, cfg) if ctx.merged(unit) else None
 
             def weights(role, layer):
-                return _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
+                w = _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
+                factors = adapter.factors.get((role, layer)) if adapter is not None else None
+                return w if factors is None else w + factors.delta()  # LORA_MERGED: before quantization
 
-            model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens), spill)
+            model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, ctx.branch_rank(unit)), spill)
         else:
             from .quant.precision import QuantOptions, apply_precision
 
@@ -242,6 +277,10 @@ def _source_blocks(ctx: _Context):
     def packed(initializer: str):
         scope, role = initializer.split(".", 1)
         layer = int(scope.removeprefix("layer")) if scope.startswith("layer") else None
+        if ctx.merged_adapter is not None and (layer, role) in ctx.lora.sites:
+            adapter = _open_adapter_cached(ctx.merged_adapter, ctx.cfg)
+            if any((part, layer) in adapter.factors for part in branch_parts(ctx.cfg, role)):
+                return None, "float"  # merged weights are new values: quantized, not the source's blocks
         if role in FUSED and not ctx.cfg.has(role):  # a projection the emitter fused (graph/segments.py)
             names = [ctx.cfg.tensor_name(part, layer) for part in FUSED[role][0]]
             storage = {source.storage(n) for n in names}
@@ -253,6 +292,15 @@ def _source_blocks(ctx: _Context):
 
 
 _SOURCES: dict = {}
+_ADAPTERS: dict = {}
+
+
+def _open_adapter_cached(path: str, cfg: ModelConfig):
+    from .sources.lora import read_adapter
+
+    if path not in _ADAPTERS:
+        _ADAPTERS[path] = read_adapter(path, cfg)
+    return _ADAPTERS[path]
 
 
 def _open_source_cached(path: str):
@@ -282,7 +330,8 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
         if stage == "quantize" and not upstream:
             raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without --quantize)")
         quant = [precision, o.block_size, o.block_scheme] if stage == "quantize" else []
-        h = unit_hash(stage, unit, ctx, extra=json.dumps([quant, upstream], sort_keys=True))
+        lora = [ctx.branch_rank(unit), adapter_fingerprint(ctx.merged_adapter) if ctx.merged(unit) else None]
+        h = unit_hash(stage, unit, ctx, extra=json.dumps([quant, upstream, lora], sort_keys=True))
         key = f"{stage}:{unit.name}"
         if ctx.options.resume and manifest.unit_done(key, h, stage_dir):
             continue
@@ -332,7 +381,7 @@ def check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
     missing = [cfg.tensor_name(r, i) for r, i in wanted if cfg.tensor_name(r, i) not in names]
     if missing:
         raise EdgeLLMError(f"{source.path}: {len(missing)} tensors missing, e.g. {missing[0]}")
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     for role, layer in wanted:
         if role not in expected:
             continue
@@ -343,7 +392,7 @@ def check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
             raise EdgeLLMError(f"{config_where}: {fields} = {shape}, but {name} has shape {actual} in {source.path}")
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """role -> (HF shape, the config fields it follows from)."""
     h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q = cfg.num_heads * hd

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import EdgeLLMError
@@ -32,13 +32,21 @@ class BuildRecord:
     plan: str | None  # the -c the build was given
     precisions: dict[str, str]  # unit name -> precision, as resolved once for the build
     format: int = FORMAT
+    # LoRA (quant/adapters.py): LORA_BRANCH builds take adapters compiled for their branch sites
+    # ("layer007.qkv_proj") of this rank; LORA_MERGED builds carry merged_adapter in their weights.
+    lora_mode: str = "LORA_DISABLED"
+    lora_rank: int = 0
+    lora_sites: tuple[str, ...] = ()
+    merged_adapter: str | None = None
 
     @classmethod
-    def from_build(cls, version: str, options, plan) -> "BuildRecord":
+    def from_build(cls, version: str, options, plan, lora) -> "BuildRecord":
+        merged = str(Path(options.lora[0][1]).resolve()) if lora.mode == "LORA_MERGED" else None
         return cls(version, options.target, options.max_num_tokens, options.language_group_size,
                    tuple(options.buckets), options.int8_activations, options.kv_cache_dtype,
                    options.quantize_embeddings, options.block_size, options.asymmetric, options.configuration_file,
-                   {name: choice.precision for name, choice in plan.choices.items()})
+                   {name: choice.precision for name, choice in plan.choices.items()}, FORMAT, lora.mode, lora.rank,
+                   tuple(f"layer{layer:03d}.{site}" for layer, site in sorted(lora.sites)), merged)
 
     def save(self, out: Path) -> None:
         tmp = Path(out) / f".{RECORD}.tmp{os.getpid()}"
@@ -55,11 +63,13 @@ class BuildRecord:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            values = {f.name: data[f.name] for f in fields(cls)}
+            # fields added later have defaults: records of older builds still read
+            values = {f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise EdgeLLMError(f"{path}: not a build record this edgellm reads ({type(e).__name__}: {e}); run "
                                "`edgellm compile ... --resume`") from None
         values["buckets"] = tuple(values["buckets"])
+        values["lora_sites"] = tuple(values.get("lora_sites", ()))
         return cls(**values)
 
     def summary(self) -> str:
@@ -74,6 +84,10 @@ class BuildRecord:
             extras.append("int8 activations")
         if self.kv_cache_dtype != "float32":
             extras.append(f"{self.kv_cache_dtype} KV cache")
+        if self.lora_mode == "LORA_BRANCH":
+            extras.append(f"LoRA branches of rank {self.lora_rank}")
+        if self.merged_adapter:
+            extras.append(f"LoRA {Path(self.merged_adapter).name} merged")
         if self.target != "cpu":
             extras.append(f"{self.target} target")
         return " + ".join([label] + extras)

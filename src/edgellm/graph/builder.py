@@ -26,6 +26,8 @@ class GraphBuilder:
         self._count = 0
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
+        if any(vi.name == name for vi in self.inputs):  # read by several nodes (lora.scale)
+            return name
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 

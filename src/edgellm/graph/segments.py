@@ -10,6 +10,7 @@ Segments talk through tensors with fixed names, so linking is a union of graphs:
     hidden.i, attn.i                      -> POST  -> hidden.{i+1}
     hidden.L [, logits_index [R]]         -> HEAD  -> logits [1, R, V]  (R rows of the group, any of them;
                                                                      the single unit's one row)
+    lora.layerNNN.<site>.a / .b, lora.scale  (LORA_BRANCH units: the adapter's factors, fed at run time)
 S is language_group_size for group units and 1 for single units; KV is the unit's cache bucket.
 The KV cache is position-major [1, KV, kv_heads * head_dim] so that the first KV positions of a
 longer buffer are one contiguous block the runtime can bind as a bucket-sized view. No node bakes
@@ -30,8 +31,9 @@ from .rope import rope_tables
 from .units import Unit
 
 # Changes when the segments' interface changes, so --resume does not reuse segments of the old one
-# (2: every group HEAD returns the rows logits_index names; EMBED takes embedding rows).
-SEGMENT_FORMAT = 2
+# (2: every group HEAD returns the rows logits_index names; EMBED takes embedding rows;
+# 3: LoRA branch inputs).
+SEGMENT_FORMAT = 3
 
 # (role, layer or None) -> float32 tensor in the source's (Hugging Face) layout
 WeightFn = Callable[[str, "int | None"], np.ndarray]
@@ -41,6 +43,7 @@ WeightFn = Callable[[str, "int | None"], np.ndarray]
 class Shapes:
     group_size: int
     max_positions: int
+    lora_rank: int = 0  # > 0: the unit's matmuls get LoRA branches of this rank per part (LORA_BRANCH)
 
     def seq(self, unit: Unit) -> int:
         return self.group_size if unit.is_group else 1
@@ -60,10 +63,50 @@ def _rms_norm(g: GraphBuilder, x: str, cfg: ModelConfig, role: str, layer, weigh
     return g.op("RMSNormalization", [x, g.weight(role, w)], axis=-1, epsilon=cfg.rms_norm_eps)
 
 
-def _linear(g: GraphBuilder, x: str, role: str, layer, weights: WeightFn) -> str:
+def _linear(g: GraphBuilder, x: str, role: str, layer, weights: WeightFn, shapes: Shapes | None = None,
+            cfg: ModelConfig | None = None) -> str:
     # MatMul with a [K, N] constant: the layout quantization rewrites into DequantizeLinear(axis=0).
     # The transposed view is written out in row blocks, not copied whole (graph/io.py Spill).
-    return g.op("MatMul", [x, g.weight(role, weights(role, layer).T)])
+    w = weights(role, layer)
+    y = g.op("MatMul", [x, g.weight(role, w.T)])
+    return _branch(g, x, y, cfg, role, layer, w.shape[1], w.shape[0], shapes)
+
+
+# LoRA (LORA_BRANCH units): every matmul of the unit gets y += scale * (x A) B with A [K, C] and
+# B [C, N] graph inputs (the adapter's factors, scale alpha / r folded into B), so the base
+# weights stay constants shared by every adapter and an adapter switch only rebinds inputs. A
+# fused matmul's branch is its parts' branches side by side: A's columns part after part, B
+# block-diagonal. C = rank x parts; a smaller adapter is zero-padded (quant/adapters.py).
+BRANCH_SITES = {"PRE": ("qkv_proj",), "POST": ("o_proj", "gate_up_proj", "down_proj")}
+LORA_SCALE = "lora.scale"  # [1]: the user's scale (0: the base model's logits, bit for bit)
+
+
+def branch_input(layer: int, site: str, factor: str) -> str:
+    return f"lora.layer{layer:03d}.{site}.{factor}"
+
+
+def branch_parts(cfg: ModelConfig, site: str) -> list[str]:
+    """The modules an adapter changes in one branch site, in the order of the matmul's columns."""
+    return list(FUSED[site][0]) if site in FUSED and not cfg.has(site) else [site]
+
+
+def part_widths(cfg: ModelConfig, site: str) -> list[int]:
+    """The output columns of each of branch_parts(cfg, site)."""
+    q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    widths = {"q_proj": q, "k_proj": kv, "v_proj": kv, "qkv_proj": q + 2 * kv, "o_proj": cfg.hidden_size,
+              "gate_proj": f, "up_proj": f, "gate_up_proj": 2 * f, "down_proj": cfg.hidden_size}
+    return [widths[part] for part in branch_parts(cfg, site)]
+
+
+def _branch(g: GraphBuilder, x: str, y: str, cfg: ModelConfig, site: str, layer, k: int, n: int,
+            shapes: Shapes | None) -> str:
+    if shapes is None or not shapes.lora_rank:
+        return y
+    columns = shapes.lora_rank * len(branch_parts(cfg, site))
+    a = g.input(branch_input(layer, site, "a"), FLOAT, [k, columns])
+    b = g.input(branch_input(layer, site, "b"), FLOAT, [columns, n])
+    t = g.op("Mul", [g.op("MatMul", [x, a]), g.input(LORA_SCALE, FLOAT, [1])])
+    return g.op("Add", [y, g.op("MatMul", [t, b])])
 
 
 # Projections reading the same input run as one matmul over their concatenated outputs, then a
@@ -76,13 +119,15 @@ FUSED = {
 }
 
 
-def _fused_linear(g: GraphBuilder, x: str, cfg: ModelConfig, fused: str, layer, weights: WeightFn, sizes: list[int]) -> list[str]:
+def _fused_linear(g: GraphBuilder, x: str, cfg: ModelConfig, fused: str, layer, weights: WeightFn, sizes: list[int],
+                  shapes: Shapes | None = None) -> list[str]:
     parts, bias_roles = FUSED[fused]
     if cfg.has(fused):
         w = weights(fused, layer)
     else:
         w = np.concatenate([weights(p, layer) for p in parts], axis=0)
     y = g.op("MatMul", [x, g.weight(fused, w.T)])
+    y = _branch(g, x, y, cfg, fused, layer, w.shape[1], w.shape[0], shapes)
     if bias_roles and cfg.attention_bias:
         bias = np.concatenate([weights(b, layer) for b in bias_roles])
         y = g.op("Add", [y, g.weight(fused.replace("_proj", "_bias"), bias)])
@@ -130,7 +175,7 @@ def _pre(g, unit, cfg, weights, shapes):
     pos = g.input("position_ids", INT64, [1, s])
     x = _rms_norm(g, hidden, cfg, "attn_norm", i, weights)
     qw, kvw = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    q, k, v = _fused_linear(g, x, cfg, "qkv_proj", i, weights, [qw, kvw, kvw])
+    q, k, v = _fused_linear(g, x, cfg, "qkv_proj", i, weights, [qw, kvw, kvw], shapes)
     if cfg.qk_norm:
         q = _per_head_norm(g, q, cfg, "q_norm", i, cfg.num_heads, s, weights)
         k = _per_head_norm(g, k, cfg, "k_norm", i, cfg.num_kv_heads, s, weights)
@@ -179,17 +224,17 @@ def _post(g, unit, cfg, weights, shapes):
     i, s = unit.index, shapes.seq(unit)
     hidden = g.input(f"hidden.{i}", FLOAT, [1, s, cfg.hidden_size])
     attn = g.input(f"attn.{i}", FLOAT, [1, s, cfg.num_heads * cfg.head_dim])
-    o = _linear(g, attn, "o_proj", i, weights)
+    o = _linear(g, attn, "o_proj", i, weights, shapes, cfg)
     if cfg.has("attn_out_norm"):
         o = _rms_norm(g, o, cfg, "attn_out_norm", i, weights)
     h = g.op("Add", [hidden, o])
     x = _rms_norm(g, h, cfg, "mlp_norm", i, weights)
-    gate, up = _fused_linear(g, x, cfg, "gate_up_proj", i, weights, [cfg.intermediate_size] * 2)
+    gate, up = _fused_linear(g, x, cfg, "gate_up_proj", i, weights, [cfg.intermediate_size] * 2, shapes)
     if cfg.activation == "silu":
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
     else:
         act = g.op("Gelu", [gate], approximate="tanh")
-    y = _linear(g, g.op("Mul", [act, up]), "down_proj", i, weights)
+    y = _linear(g, g.op("Mul", [act, up]), "down_proj", i, weights, shapes, cfg)
     if cfg.has("mlp_out_norm"):
         y = _rms_norm(g, y, cfg, "mlp_out_norm", i, weights)
     g.output(g.op("Add", [h, y]), f"hidden.{i + 1}", FLOAT, [1, s, cfg.hidden_size])

@@ -27,7 +27,7 @@ from .precision import PRECISIONS
 
 DEFAULT_PRECISION = "BF16"  # the compile manual's default when no configuration file is given
 EMBEDDING_WIDTHS = {"int8": "A_BF16_W_INT8", "int4": "A_BF16_W_INT4"}  # --quantize_embeddings [int8|int4]
-LORA_MODES = ("LORA_DISABLED",)
+LORA_MODES = ("LORA_DISABLED", "LORA_BRANCH", "LORA_MERGED")  # quant/adapters.py
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 

@@ -62,6 +62,11 @@ class EngineSession(ABC):
     def close(self) -> None:
         """Free the cache; using the session afterwards raises EdgeLLMError."""
 
+    def set_adapter(self, factors: dict[str, np.ndarray] | None, scale: float) -> None:
+        """Run the next calls with these LoRA factors (runtime/adapters.py; the cache keeps what
+        earlier calls computed: the caller decides whether it still holds)."""
+        raise EdgeLLMError("this build has no LoRA branches")
+
     def _check(self, n: int, start: int, logits_from: int, embeddings) -> None:
         if not 1 <= n <= self.spec.group_size:
             raise EdgeLLMError(f"bad call: {n} rows (1 to {self.spec.group_size} per call)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config.model_config import ModelConfig
 from ..errors import EdgeLLMError
 from ..record import BuildRecord
+from .adapters import AdapterStore
 from .engine import Engine, EngineSpec
 from .session import Generation, Session
 from .strategies import Drafter, DraftModel, PromptLookup
@@ -22,6 +23,7 @@ __all__ = ["Model", "Generation"]
 class Model:
     def __init__(self, path: Path, engine: Engine, codec: TextCodec, cfg: ModelConfig):
         self.path, self.engine, self.codec, self.config = path, engine, codec, cfg
+        self.adapters = AdapterStore(path, cfg, getattr(engine, "branch_inputs", {}))
         self.tokenizer = codec.tokenizer
         self.max_num_tokens = engine.spec.max_num_tokens
         self._default: Session | None = None
@@ -104,14 +106,29 @@ class Model:
     def reset(self) -> None:
         self.default_session.reset()
 
-    def generate(self, prompt: str, chat: bool = False, draft=None, lookup: int | None = None, **kw) -> Generation:
+    def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
+        """The default session answers with LoRA adapter `name` ("none": the base) from now on."""
+        self.default_session.set_adapter(name, scale)
+
+    def generate(self, prompt: str, chat: bool = False, draft=None, lookup: int | None = None, adapter=None,
+                 **kw) -> Generation:
+        """adapter: switch the default session to this LoRA adapter first (a name, "none", or
+        (name, scale)); it stays chosen for later calls."""
+        self._choose(adapter)
         return self._speculating(self.default_session.generate, draft, lookup, prompt, chat=chat, **kw)
 
-    def chat(self, message: str, draft=None, lookup: int | None = None, **kw) -> Generation:
+    def chat(self, message: str, draft=None, lookup: int | None = None, adapter=None, **kw) -> Generation:
+        self._choose(adapter)
         return self._speculating(self.default_session.chat, draft, lookup, message, **kw)
 
-    def generate_ids(self, prompt_ids: list[int], draft=None, lookup: int | None = None, **kw) -> Generation:
+    def generate_ids(self, prompt_ids: list[int], draft=None, lookup: int | None = None, adapter=None,
+                     **kw) -> Generation:
+        self._choose(adapter)
         return self._speculating(self.default_session.generate_ids, draft, lookup, prompt_ids, **kw)
+
+    def _choose(self, adapter) -> None:
+        if adapter is not None:
+            self.set_adapter(*((adapter,) if isinstance(adapter, str) else adapter))
 
     def _speculating(self, method, draft, lookup, *args, **kw) -> Generation:
         """Run method with a drafter made for this call from draft / lookup (one already made

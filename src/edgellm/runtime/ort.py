@@ -49,6 +49,9 @@ class OrtEngine(Engine):
             self.rows = {"group": spec.group_size, "single": 1}
         self.sessions: weakref.WeakSet[OrtSession] = weakref.WeakSet()
         self._closed = False
+        # LORA_BRANCH programs: the adapter factors and scale are inputs (runtime/adapters.py)
+        self.branch_inputs = {i.name: tuple(i.shape) for i in self.programs["single"].get_inputs()
+                              if i.name.startswith("lora.")}
 
     @property
     def closed(self) -> bool:
@@ -84,6 +87,16 @@ class OrtSession(EngineSession):
                        for v, s in (("group", spec.group_size), ("single", 1))}
         self._bindings: dict[tuple[str, int, int], ort.IOBinding] = {}
         self.closed = False
+        self.branch: dict[str, np.ndarray] = {}  # the adapter's factors, bound as the branch inputs
+        self.branch_scale = np.zeros(1, np.float32)
+
+    def set_adapter(self, factors: dict[str, np.ndarray] | None, scale: float) -> None:
+        if not self.engine.branch_inputs:
+            raise EdgeLLMError(f"{self.engine.program_dir}: this build has no LoRA branches")
+        if factors is not self.branch:
+            self.branch = factors
+            self._bindings = {}  # bound again with the new arrays on the next call
+        self.branch_scale[0] = scale
 
     def close(self) -> None:
         self.cache, self._bindings, self.closed = [], {}, True
@@ -115,6 +128,12 @@ class OrtSession(EngineSession):
                     view = ort.OrtValue.ortvalue_from_numpy(buf[:, :bucket])
                     io.bind_ortvalue_input(f"cache.{i}.{which}", view)
                     io.bind_ortvalue_output(f"present.{i}.{which}", view)
+            if self.engine.branch_inputs:
+                if not self.branch:
+                    raise EdgeLLMError("a LoRA branch build runs with an adapter or none chosen (set_adapter)")
+                for name, array in self.branch.items():
+                    io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+                io.bind_ortvalue_input("lora.scale", ort.OrtValue.ortvalue_from_numpy(self.branch_scale))
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits[variant][:, :rows]))
             self._bindings[key] = io
         return self._bindings[key]

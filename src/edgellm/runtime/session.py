@@ -70,6 +70,25 @@ class Session:
         self.max_num_tokens = model.engine.spec.max_num_tokens
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.messages: list[dict] = []
+        self.adapter: tuple[str, float] | None = None  # the LoRA adapter and its scale (LORA_BRANCH builds)
+        if model.adapters.shapes:
+            self.engine_session.set_adapter(model.adapters.none, 0.0)
+
+    def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
+        """Answer with LoRA adapter `name` (None or "none": the base model) at `scale` from now on.
+        The cache computed under another adapter is not reused."""
+        chosen = None if name in (None, "none") else (name, float(scale))
+        if chosen is not None and not np.isfinite(chosen[1]):
+            raise EdgeLLMError(f"adapter scale {scale}: must be a finite number")
+        factors = self.model.adapters.inputs(chosen[0]) if chosen else None  # unknown names fail here
+        if chosen == self.adapter:
+            return
+        if chosen is None and not self.model.adapters.shapes:
+            self.adapter = None
+            return
+        self.engine_session.set_adapter(factors if chosen else self.model.adapters.none, chosen[1] if chosen else 0.0)
+        self.adapter = chosen
+        self.tokens = []  # K/V computed under another adapter
 
     def close(self) -> None:
         self.engine_session.close()

@@ -53,6 +53,11 @@ _BLOCK_LAYOUTS = {"Q4_0": (4, False), "Q4_1": (4, True), "Q8_0": (8, False)}
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
+def llama_row_permutation(rows: int, heads: int) -> np.ndarray:
+    """The row order that undoes llama.cpp's interleaving of each head's rotary halves (q/k rows)."""
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
 class GGUFSource:
     def __init__(self, path: Path):
         import gguf
@@ -228,7 +233,7 @@ class GGUFSource:
         if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
             return None
         heads = self.raw_config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
-        return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
+        return llama_row_permutation(rows, heads)
 
     def tokenizer(self) -> TokenizerFiles:
         from .gguf_tokenizer import tokenizer_from_gguf
