@@ -150,6 +150,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     # Single stages (--onnx, --quantize, ...) build on what earlier runs recorded, unless those
     # were made from another model or with other options: the stages not run now would be stale.
     recorded = {k: v for k, v in asdict(options).items() if k not in ("jobs", "resume", "stages")}
+    recorded = json.loads(json.dumps(recorded))  # as manifest.json gives it back (tuples are lists)
     manifest = Manifest.open(out / "manifest.json", fresh=not options.resume and set(options.stages) == set(STAGES))
     identity = dict(edgellm=__version__, model=str(Path(model_path).resolve()), source_fingerprint=source.fingerprint(),
                     options=recorded)
@@ -162,8 +163,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     # the plan, asked once for every unit (a .py plan runs once per build)
     plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings).resolve(units)
     adapters = _read_adapters(options, cfg)
-    layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.target,
-                         options.configuration_file)
+    layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.configuration_file)
     merged = next(iter(adapters.values())).path if layout.mode == "LORA_MERGED" else None
     context = _Context(str(model_path), out, options, cfg, source.fingerprint(), plan, layout,
                        None if merged is None else str(merged))

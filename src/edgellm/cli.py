@@ -22,6 +22,7 @@ err = Console(stderr=True)
 DRAFT_HELP = "speculative decoding: a smaller edgellm build with the same vocabulary drafts tokens"
 DRAFT_MAX_HELP = "with --draft or --lookup: at most this many drafted tokens per verify call (adapts down)"
 LOOKUP_HELP = "speculative decoding without a model: drafts from n-gram matches (up to N tokens) in the context"
+ADAPTER_HELP = "answer with this compiled LoRA adapter, NAME or NAME:SCALE (see `edgellm inspect MODEL_DIR`)"
 
 
 @app.command()
@@ -49,6 +50,9 @@ def compile(
                                        help="float32, or float16 (native targets): half the KV cache's memory and reads"),
     enable_filter_sharing: bool = typer.Option(False, "--enable_filter_sharing",
                                                help="prefill and decode share one copy of the weights in memory"),
+    lora_name: Optional[List[str]] = typer.Option(None, "--lora_name", help="name of a LoRA adapter compiled with the model (repeatable, one per --lora_path)"),
+    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="PEFT adapter directory or GGUF LoRA file (repeatable)"),
+    lora_dtype: str = typer.Option("int8", "--lora_dtype", help="how compiled adapters store their factors: int8 or float32"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
 ):
     """Compile MODEL into an output directory that `edgellm chat` runs."""
@@ -65,7 +69,7 @@ def compile(
         configuration_file=str(configuration_file) if configuration_file else None, target=target,
         block_size=block_size, asymmetric=asymmetric, quantize_embeddings=_embedding_width(quantize_embeddings, lm_head_bits),
         int8_activations=int8_activations, enable_filter_sharing=enable_filter_sharing,
-        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_dtype=kv_cache_dtype, lora=_lora_pairs(lora_name or [], lora_path or []), lora_dtype=lora_dtype,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:
@@ -85,17 +89,53 @@ def compile(
     err.print(f"[green]compiled[/green] {model} -> {out}")
 
 
+@app.command("compile-lora")
+def compile_lora(
+    model_dir: Path = typer.Argument(..., help="an edgellm build compiled with LORA_BRANCH layers"),
+    lora_path: Path = typer.Argument(..., help="PEFT adapter directory or GGUF LoRA file"),
+    name: Optional[str] = typer.Option(None, "--name", help="the adapter's name (default: the path's name)"),
+    lora_dtype: str = typer.Option("int8", "--lora_dtype", help="int8 or float32"),
+):
+    """Compile one more LoRA adapter for an existing build, without compiling the base again."""
+    from .quant.adapters import add_adapter
+
+    chosen = name or lora_path.stem
+    written = add_adapter(model_dir, lora_path, chosen, lora_dtype)
+    err.print(f"[green]compiled[/green] adapter {chosen} -> {written}")
+
+
+def _lora_pairs(names: list[str], paths: list[Path]) -> tuple[tuple[str, str], ...]:
+    if len(names) != len(paths):
+        raise EdgeLLMError(f"--lora_name and --lora_path come in pairs: {len(names)} names, {len(paths)} paths")
+    return tuple((n, str(p)) for n, p in zip(names, paths))
+
+
+def _adapter_choice(text: str) -> tuple[str, float]:
+    """--adapter NAME[:SCALE]"""
+    name, _, scale = text.partition(":")
+    try:
+        value = float(scale) if scale else 1.0
+    except ValueError:
+        raise EdgeLLMError(f"--adapter {text}: the scale after ':' must be a number") from None
+    return name, value
+
+
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="Hugging Face model directory or GGUF file"),
+    model: Path = typer.Argument(..., help="Hugging Face model directory, GGUF file, or an edgellm build"),
     configuration_file: Optional[Path] = typer.Option(None, "-c", "--configuration_file", help="precision plan or preset"),
     max_num_tokens: int = typer.Option(1024, "--max_num_tokens"),
     future_token_mask_size: int = typer.Option(128, "--future_token_mask_size"),
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings"),
     lm_head_bits: int = typer.Option(8, "--lm_head_bits"),
 ):
-    """Print the ModelConfig edgellm derives, the tensors it reads and the unit plan; compile nothing."""
+    """Print the ModelConfig edgellm derives, the tensors it reads and the unit plan; compile nothing.
+    Given a build: what it stores and its LoRA adapters."""
     from rich.table import Table
+
+    if (model / "build.json").is_file():
+        _inspect_build(model)
+        return
 
     from .build import BuildOptions, check_tensors
     from .config import build_model_config
@@ -132,6 +172,27 @@ def inspect(
     console.print(units)
 
 
+def _inspect_build(out: Path) -> None:
+    from rich.table import Table
+
+    from .quant.adapters import ADAPTERS_DIR, list_adapters
+    from .record import BuildRecord
+
+    record = BuildRecord.load(out)
+    console = Console()
+    console.print(f"{out}: {record.summary()}, context {record.max_num_tokens} tokens", highlight=False)
+    if record.lora_mode != "LORA_BRANCH":
+        return
+    table = Table(title=f"LoRA adapters (branches of rank {record.lora_rank} on {len(record.lora_sites)} matmuls)")
+    for col in ("name", "rank", "stored", "modules", "MB", "source"):
+        table.add_column(col)
+    for name, info in list_adapters(out).items():
+        size = sum(f.stat().st_size for f in (out / ADAPTERS_DIR / name).iterdir()) / 2**20
+        table.add_row(name, str(info.get("rank")), str(info.get("dtype")), str(info.get("modules")), f"{size:.2f}",
+                      str(info.get("source")))
+    console.print(table)
+
+
 @app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help="compiled output directory"),
@@ -149,6 +210,7 @@ def generate(
     draft: Optional[Path] = typer.Option(None, "--draft", help=DRAFT_HELP),
     draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
     lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ):
     """Complete PROMPT (or answer it with --chat), streaming, then print TTFT and tokens/s."""
     import edgellm
@@ -158,7 +220,10 @@ def generate(
     sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values: one line, before loading
     if max_new_tokens < 1:
         raise EdgeLLMError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
+    choice = _adapter_choice(adapter) if adapter else None
     model = edgellm.load(model_dir, threads=threads)
+    if choice:
+        model.set_adapter(*choice)
     drafter = _drafter(model, draft, draft_max, lookup, threads)
     on_text = None if as_json else _stream
     result = model.generate(prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
@@ -184,9 +249,11 @@ def chat(
     draft: Optional[Path] = typer.Option(None, "--draft", help=DRAFT_HELP),
     draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
     lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ):
     """Talk to a compiled model; history is kept (and its KV cache reused) across turns.
-    /reset clears the history, /quit or Ctrl-D leaves."""
+    /reset clears the history, /adapter NAME[:SCALE] or /adapter none switches the LoRA adapter,
+    /quit or Ctrl-D leaves."""
     import edgellm
 
     from .runtime.sampling import SamplingParams
@@ -194,9 +261,14 @@ def chat(
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     if max_new_tokens < 1:
         raise EdgeLLMError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
+    choice = _adapter_choice(adapter) if adapter else None
     model = edgellm.load(model_dir, threads=threads)
+    if choice:
+        model.set_adapter(*choice)
     drafter = _drafter(model, draft, draft_max, lookup, threads)
-    err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens. /reset, /quit[/dim]")
+    adapters = f" Adapters: {', '.join(model.adapters.names)}; /adapter NAME|none." if model.adapters.names else ""
+    err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens.{adapters} "
+              "/reset, /quit[/dim]")
     while True:
         try:
             line = input("> ")
@@ -210,6 +282,14 @@ def chat(
             return
         if line.strip() == "/reset":
             model.reset()
+            continue
+        if line.strip().startswith("/adapter"):
+            try:  # the conversation goes on under the new adapter (its cache is computed again)
+                model.set_adapter(*_adapter_choice(line.strip().removeprefix("/adapter").strip() or "none"))
+                shown = model.default_session.adapter
+                err.print(f"[dim]adapter: {'none' if shown is None else f'{shown[0]} (scale {shown[1]:g})'}[/dim]")
+            except EdgeLLMError as e:
+                err.print(f"[red]error:[/red] {e}", highlight=False)
             continue
         if not line.strip():
             continue
@@ -233,6 +313,7 @@ def eval_(
     window: Optional[int] = typer.Option(None, "--window", help="tokens per window (default: the build's context)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON line per model on stdout"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ):
     """Perplexity on a text; with --reference, top-1 agreement and KL divergence against it."""
     import edgellm
@@ -250,12 +331,14 @@ def eval_(
         raise EdgeLLMError(f"--window {window}: a window needs at least 2 tokens")
     ref = edgellm.load(reference, threads=threads) if reference else None
     scores = []
+    choice = _adapter_choice(adapter) if adapter else None
     for model_dir in model_dirs:
         model = edgellm.load(model_dir, threads=threads)
         ids = model.codec.encode(body)[:max_tokens]
         if len(ids) < 2:
             raise EdgeLLMError(f"{source}: the text has fewer than 2 tokens")
-        score = evaluate(model, ids, ref, name=str(model_dir), precision=precision_summary(model_dir), window=window)
+        score = evaluate(model, ids, ref, name=str(model_dir), precision=precision_summary(model_dir), window=window,
+                         adapter=choice)
         scores.append(score)
         if as_json:
             print(json.dumps(score.as_dict()))

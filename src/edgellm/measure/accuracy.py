@@ -49,13 +49,18 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) > 1]
 
 
-def evaluate(model, ids: list[int], reference=None, name: str = "", precision: str = "", window: int | None = None) -> Score:
+def evaluate(model, ids: list[int], reference=None, name: str = "", precision: str = "", window: int | None = None,
+             adapter: tuple[str, float] | None = None) -> Score:
     """model, reference: runtime.Model instances. ids: the tokenized text. window: tokens per
-    window (default and at most: the context of the builds)."""
+    window (default and at most: the context of the builds). adapter: the model's LoRA adapter
+    (name, scale) to score."""
     size = model.max_num_tokens if reference is None else min(model.max_num_tokens, reference.max_num_tokens)
     size = min(size, window) if window else size
     nll, agree, kl, count = 0.0, 0, 0.0, 0
-    session = model.engine.open_session()  # its own cache: the model's conversations are untouched
+    own = model.session()  # its own cache: the model's conversations are untouched
+    if adapter is not None:
+        own.set_adapter(*adapter)
+    session = own.engine_session
     ref_session = reference.engine.open_session() if reference is not None else None
     for window in windows(ids, size):
         logp = log_softmax(session.prompt_logits(window)[:-1])

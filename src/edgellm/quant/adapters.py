@@ -60,7 +60,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def lora_layout(choices: dict[str, str], cfg: ModelConfig, adapters: dict[str, LoraAdapter], target: str,
+def lora_layout(choices: dict[str, str], cfg: ModelConfig, adapters: dict[str, LoraAdapter],
                 where: str | None) -> LoraLayout:
     """choices: unit name -> lora mode, for every unit of the build. Checks the plan and the
     adapters against each other; the layout the build compiles."""
@@ -84,9 +84,6 @@ def lora_layout(choices: dict[str, str], cfg: ModelConfig, adapters: dict[str, L
             raise EdgeLLMError(f"--lora_path given, but the plan ({where or 'default'}) compiles no layer with "
                                "LORA_BRANCH or LORA_MERGED")
         return LoraLayout(mode, sites)
-    if mode == "LORA_BRANCH" and target != "cpu":
-        raise EdgeLLMError(f"{where}: LORA_BRANCH runs on --target cpu so far (the native targets have no branch "
-                           "kernels yet); use LORA_MERGED to run an adapter there")
     if mode == "LORA_MERGED" and len(adapters) != 1:
         raise EdgeLLMError(f"{where}: LORA_MERGED merges exactly one adapter; {len(adapters)} given with --lora_path")
     rank = max((a.rank for a in adapters.values()), default=DEFAULT_RANK)
@@ -157,3 +154,25 @@ def list_adapters(out: Path) -> dict[str, dict]:
         except json.JSONDecodeError as e:
             raise EdgeLLMError(f"{info}: malformed JSON ({e})") from None
     return found
+
+
+def add_adapter(build_dir: Path, path: Path, name: str, dtype: str = "int8") -> Path:
+    """`edgellm compile-lora`: compile one more adapter for a finished LORA_BRANCH build; the base
+    and its other adapters are not touched."""
+    from ..record import BuildRecord
+    from ..sources.lora import read_adapter
+
+    build_dir = Path(build_dir)
+    check_name(name)
+    record = BuildRecord.load(build_dir)
+    if record.lora_mode != "LORA_BRANCH":
+        raise EdgeLLMError(f"{build_dir}: compiled without LoRA branches (no LORA_BRANCH layer in its plan); "
+                           "compile the base again with a plan that has them")
+    if (build_dir / ADAPTERS_DIR / name).exists():
+        raise EdgeLLMError(f"{build_dir / ADAPTERS_DIR / name}: an adapter named {name} exists; remove it or "
+                           "choose another --name")
+    cfg = ModelConfig.load(build_dir / "model_config.json")
+    sites = frozenset((int(s[5:8]), s.split(".", 1)[1]) for s in record.lora_sites)
+    adapter = read_adapter(path, cfg)
+    check_adapter(adapter, LoraLayout("LORA_BRANCH", sites, record.lora_rank), cfg, name)
+    return write_adapter(adapter, build_dir, name, dtype)

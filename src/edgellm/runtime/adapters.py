@@ -1,52 +1,69 @@
-"""The LoRA adapters compiled into a build (quant/adapters.py), as a program's branch inputs.
+"""The LoRA adapters compiled into a build (quant/adapters.py), placed for a program's branches.
 
-A LORA_BRANCH program takes, per branch site, lora.layerNNN.<site>.a [K, C] and .b [C, N] with
-C = rank x parts (graph/segments.py), and lora.scale [1]. An adapter's stored factors are placed
-into arrays of those shapes once, on first use, and kept: a switch back costs a rebinding, not a
-file read. No adapter is zero arrays (one shared buffer) with scale 0.
+A LORA_BRANCH program has a branch per site (a matmul: "layer007.qkv_proj") of C = rank x parts
+columns (graph/segments.py). An adapter's stored factors are placed once, on first use, into one
+SiteFactors per site: A [C, K] and B [N, C] with the parts side by side (B block-diagonal), a
+smaller adapter zero-padded; then the engine turns them into what its target binds (ONNX
+Runtime: float inputs; native: em_lora branches over the int8 factors as stored) and the result
+is kept: a switch back costs a rebinding, not a file read.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..config.model_config import ModelConfig
 from ..errors import EdgeLLMError
-from ..graph.segments import LORA_SCALE, branch_parts, part_widths
+from ..graph.segments import branch_parts, part_widths
 from ..quant.adapters import ADAPTERS_DIR, list_adapters
 
 
+@dataclass
+class SiteFactors:
+    a: np.ndarray  # [C, K] int8 or float32: each rank component's input weights
+    b: np.ndarray  # [N, C]: (scale * B), each output's weights over the components
+    a_scale: np.ndarray | None = None  # [C] float32 for int8 factors
+    b_scale: np.ndarray | None = None
+
+    def float_a(self) -> np.ndarray:
+        return self.a if self.a_scale is None else self.a.astype(np.float32) * self.a_scale[:, None]
+
+    def float_b(self) -> np.ndarray:
+        return self.b if self.b_scale is None else self.b.astype(np.float32) * self.b_scale[None, :]
+
+
 class AdapterStore:
-    def __init__(self, build_dir: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]):
-        """shapes: the program's branch inputs (lora.*) and their shapes; empty without branches."""
-        self.build_dir, self.cfg = Path(build_dir), cfg
-        self.shapes = {name: tuple(shape) for name, shape in shapes.items() if name != LORA_SCALE}
-        self.available = list_adapters(build_dir) if self.shapes else {}
-        self._loaded: dict[str, dict[str, np.ndarray]] = {}
+    def __init__(self, build_dir: Path, cfg: ModelConfig, engine):
+        """engine: its branch_sites() (site -> K, N, columns; empty without branches) and
+        branch_arrays(factors) (the target's form of one adapter)."""
+        self.build_dir, self.cfg, self.engine = Path(build_dir), cfg, engine
+        self.sites = engine.branch_sites()
+        self.available = list_adapters(build_dir) if self.sites else {}
+        self._loaded: dict[str, object] = {}
         self._lock = threading.Lock()  # the server's sessions may switch from several threads
-        zeros = np.zeros(max((int(np.prod(s)) for s in self.shapes.values()), default=0), np.float32)
-        self.none = {name: zeros[: int(np.prod(shape))].reshape(shape) for name, shape in self.shapes.items()}
 
     @property
     def names(self) -> list[str]:
         return sorted(self.available)
 
-    def inputs(self, name: str) -> dict[str, np.ndarray]:
+    def inputs(self, name: str):
+        """The adapter in the engine's form, for EngineSession.set_adapter."""
         if name not in self.available:
-            if not self.shapes:
+            if not self.sites:
                 raise EdgeLLMError(f"adapter {name!r}: {self.build_dir} has no LoRA branches (compile it with a plan "
                                    "whose layers are LORA_BRANCH)")
             known = ", ".join(self.names) or "none compiled yet: edgellm compile-lora"
             raise EdgeLLMError(f"unknown adapter {name!r} in {self.build_dir} (adapters: {known})")
         with self._lock:
             if name not in self._loaded:
-                self._loaded[name] = self._place(name)
+                self._loaded[name] = self.engine.branch_arrays(self.place(name))
             return self._loaded[name]
 
-    def _place(self, name: str) -> dict[str, np.ndarray]:
+    def place(self, name: str) -> dict[str, SiteFactors]:
         from safetensors.numpy import load_file
 
         path = self.build_dir / ADAPTERS_DIR / name / "adapter.safetensors"
@@ -54,34 +71,33 @@ class AdapterStore:
             stored = load_file(str(path))
         except (OSError, ValueError) as e:
             raise EdgeLLMError(f"{path}: cannot read the adapter ({e})") from None
-        arrays = {n: np.zeros(s, np.float32) for n, s in self.shapes.items()}
-        placed = set()
-        for layer_site in {n.removeprefix("lora.").rsplit(".", 1)[0] for n in self.shapes}:
-            scope, site = layer_site.split(".", 1)
-            a, b = arrays[f"lora.{layer_site}.a"], arrays[f"lora.{layer_site}.b"]
-            parts = branch_parts(self.cfg, site)
-            rank = a.shape[1] // len(parts)
+        int8 = any(v.dtype == np.int8 for v in stored.values())
+        placed, factors = set(), {}
+        for site, (k, n, columns) in self.sites.items():
+            scope, role = site.split(".", 1)
+            parts = branch_parts(self.cfg, role)
+            rank = columns // len(parts)
+            f = SiteFactors(np.zeros((columns, k), np.int8 if int8 else np.float32),
+                            np.zeros((n, columns), np.int8 if int8 else np.float32),
+                            np.zeros(columns, np.float32) if int8 else None, np.zeros(columns, np.float32) if int8 else None)
             offset = 0
-            for p, (part, width) in enumerate(zip(parts, part_widths(self.cfg, site))):
+            for p, (part, width) in enumerate(zip(parts, part_widths(self.cfg, role))):
                 key = f"{scope}.{part}"
                 if f"{key}.a" in stored:
-                    fa, fb = _factor(stored, f"{key}.a", 0), _factor(stored, f"{key}.b", 1)
-                    r = fa.shape[1]
-                    if r > rank:
-                        raise EdgeLLMError(f"{path}: {key} has rank {r}; this build's branches have rank {rank}")
-                    a[:, p * rank : p * rank + r] = fa
-                    b[p * rank : p * rank + r, offset : offset + width] = fb
+                    a, b = stored[f"{key}.a"], stored[f"{key}.b"]  # [K, r], [r, width]
+                    r = a.shape[1]
+                    if r > rank or a.shape[0] != k or b.shape != (r, width):
+                        raise EdgeLLMError(f"{path}: {key} has factors {a.shape}, {b.shape}; this build's branch there "
+                                           f"is [{k}, {rank}], [{rank}, {width}]")
+                    f.a[p * rank : p * rank + r] = a.T
+                    f.b[offset : offset + width, p * rank : p * rank + r] = b.T
+                    if int8:
+                        f.a_scale[p * rank : p * rank + r] = stored[f"{key}.a.scale"]
+                        f.b_scale[p * rank : p * rank + r] = stored[f"{key}.b.scale"]
                     placed.add(key)
                 offset += width
-        stray = sorted({k.split(".a")[0] for k in stored if k.endswith(".a")} - placed)
+            factors[site] = f
+        stray = sorted({k.removesuffix(".a") for k in stored if k.endswith(".a")} - placed)
         if stray:
             raise EdgeLLMError(f"{path}: changes {stray[0]}, which this build has no LoRA branch for")
-        return arrays
-
-
-def _factor(stored: dict, key: str, axis: int) -> np.ndarray:
-    """A stored factor as float32 (int8 values times their per-rank-component scale)."""
-    values = stored[key]
-    if values.dtype == np.int8:
-        return values.astype(np.float32) * np.expand_dims(stored[f"{key}.scale"], axis)
-    return values.astype(np.float32, copy=False)
+        return factors

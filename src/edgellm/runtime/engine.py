@@ -132,6 +132,15 @@ class Engine(ABC):
         self.sessions.add(session)
         return session
 
+    def branch_sites(self) -> dict[str, tuple[int, int, int]]:
+        """LoRA branch sites of the program ("layer007.qkv_proj" -> K, N, columns); none by default."""
+        return {}
+
+    def branch_arrays(self, factors):
+        """One adapter's factors (runtime/adapters.py SiteFactors per site) in the form this
+        target's sessions bind (EngineSession.set_adapter)."""
+        raise EdgeLLMError(f"{self.program_dir}: this build has no LoRA branches")
+
     def forward_batch(self, calls: list[tuple[EngineSession, list[int], int]]) -> list[np.ndarray]:
         """One step of several sessions: for each (session, ids, start), the logits of all its rows,
         as session.forward(ids, start, logits_from=0) gives them. A target that can run the rows of

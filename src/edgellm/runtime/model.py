@@ -23,7 +23,7 @@ __all__ = ["Model", "Generation"]
 class Model:
     def __init__(self, path: Path, engine: Engine, codec: TextCodec, cfg: ModelConfig):
         self.path, self.engine, self.codec, self.config = path, engine, codec, cfg
-        self.adapters = AdapterStore(path, cfg, getattr(engine, "branch_inputs", {}))
+        self.adapters = AdapterStore(path, cfg, engine)
         self.tokenizer = codec.tokenizer
         self.max_num_tokens = engine.spec.max_num_tokens
         self._default: Session | None = None

@@ -71,8 +71,33 @@ def _declare(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "em_forward_rows"):  # builds before batched rows lack it (forward_batch then loops)
         lib.em_forward_rows.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), _INT64_P,
                                         ctypes.c_int, _FLOAT_P]
+    if hasattr(lib, "em_set_lora"):  # builds before LoRA branches lack it
+        lib.em_set_lora.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Lora)]
     lib.em_truncate.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.em_last_error.restype = ctypes.c_char_p
+
+
+class _Lora(ctypes.Structure):  # em_lora (kernels/edgellm_kernels.h)
+    _fields_ = [("columns", ctypes.c_int), ("int8", ctypes.c_int), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p),
+                ("a_scale", _FLOAT_P), ("b_scale", _FLOAT_P), ("scale", ctypes.c_float)]
+
+
+class _LoraSite(ctypes.Structure):  # em_lora_site
+    _fields_ = [("name", ctypes.c_char_p), ("k", ctypes.c_int), ("n", ctypes.c_int), ("columns", ctypes.c_int)]
+
+
+class NativeBranches:
+    """One adapter as the sessions' branch table takes it: an em_lora per site over the factors
+    (int8 as stored, or float), which this object keeps alive."""
+
+    def __init__(self, sites: list[str], factors: dict):
+        self.arrays = [factors[site] for site in sites]
+        self.branches = []
+        for f in self.arrays:
+            int8 = f.a_scale is not None
+            self.branches.append(_Lora(f.a.shape[0], int(int8), f.a.ctypes.data, f.b.ctypes.data,
+                                       f.a_scale.ctypes.data_as(_FLOAT_P) if int8 else None,
+                                       f.b_scale.ctypes.data_as(_FLOAT_P) if int8 else None, 1.0))
 
 
 class _Info(ctypes.Structure):
@@ -125,6 +150,16 @@ class NativeEngine(Engine):
     def closed(self) -> bool:
         return not self._release.alive
 
+    def branch_sites(self) -> dict[str, tuple[int, int, int]]:
+        if not hasattr(self.lib, "em_set_lora"):
+            return {}
+        count = ctypes.c_int.in_dll(self.lib, "EM_LORA_SITE_COUNT").value
+        table = (_LoraSite * max(count, 1)).in_dll(self.lib, "EM_LORA_SITE_INFO")
+        return {table[i].name.decode(): (table[i].k, table[i].n, table[i].columns) for i in range(count)}
+
+    def branch_arrays(self, factors) -> NativeBranches:
+        return NativeBranches(list(self.branch_sites()), factors)
+
     def forward_batch(self, calls):
         """Every call's rows through em_forward_rows, up to the verify function's rows at a time:
         the weights are read once per call for all the sessions' rows, each row computed as a
@@ -132,28 +167,37 @@ class NativeEngine(Engine):
         per_call = min(VERIFY_ROWS, self.spec.group_size)
         if per_call < 2 or not hasattr(self.lib, "em_forward_rows") or len(calls) < 2:
             return super().forward_batch(calls)
-        rows = [(session, start + i, token) for session, ids, start in calls for i, token in enumerate(ids)]
         for session, ids, start in calls:
             session._live()
             session._check(len(ids), start, 0, None)
+        # one call per LoRA adapter: a call's rows share their branches (em_forward_rows)
+        order = sorted(range(len(calls)), key=lambda i: calls[i][0].adapter_key)
+        rows = [(calls[i][0], calls[i][2] + j, token, i) for i in order for j, token in enumerate(calls[i][1])]
         logits = np.empty((len(rows), self.spec.vocab_size), np.float32)
-        for first in range(0, len(rows), per_call):
-            chunk = rows[first : first + per_call]
+        chunks, first = [], 0
+        while first < len(rows):
+            key = rows[first][0].adapter_key
+            end = first
+            while end < len(rows) and end - first < per_call and rows[end][0].adapter_key == key:
+                end += 1
+            chunks.append((first, end))
+            first = end
+        for first, end in chunks:
+            chunk = rows[first:end]
             n = len(chunk)
-            handles = (ctypes.c_void_p * n)(*(session.handle for session, _, _ in chunk))
-            positions = (ctypes.c_int * n)(*(position for _, position, _ in chunk))
-            ids = np.array([token for _, _, token in chunk], np.int64)
+            handles = (ctypes.c_void_p * n)(*(row[0].handle for row in chunk))
+            positions = (ctypes.c_int * n)(*(row[1] for row in chunk))
+            ids = np.array([row[2] for row in chunk], np.int64)
             out = logits[first : first + n]
             if self.lib.em_forward_rows(handles, positions, ids.ctypes.data_as(_INT64_P), n,
                                         out.ctypes.data_as(_FLOAT_P)) != 0:
                 raise EdgeLLMError(self.lib.em_last_error().decode())
-            for session, position, _ in chunk:
-                session.length = position + 1
-        results, first = [], 0
-        for _, ids, _ in calls:
-            results.append(logits[first : first + len(ids)])
-            first += len(ids)
-        return results
+            for row in chunk:
+                row[0].length = row[1] + 1
+        where = {}  # call index -> its rows in logits
+        for r, row in enumerate(rows):
+            where.setdefault(row[3], []).append(r)
+        return [logits[where[i][0] : where[i][-1] + 1] for i in range(len(calls))]
 
     def _new_session(self) -> "NativeSession":
         return NativeSession(self)
@@ -177,11 +221,26 @@ class NativeSession(EngineSession):
         self.ids = np.zeros(self.spec.group_size, np.int64)
         self.logits = np.zeros((self.spec.group_size, self.spec.vocab_size), np.float32)
         self._pointers = self.ids.ctypes.data_as(_INT64_P), self.logits.ctypes.data_as(_FLOAT_P)  # once, not per token
+        self.adapter_key = (0, 0.0)  # which branches the session runs (forward_batch groups rows by it)
+        self.branches: NativeBranches | None = None
         engine.session_handles.add(handle)
         self._release = weakref.finalize(self, _release_session, engine.lib, handle, engine.session_handles)
 
     def close(self) -> None:
         self._release()
+
+    def set_adapter(self, factors: NativeBranches | None, scale: float) -> None:
+        self._live()
+        sites = self.engine.branch_sites()
+        if not sites:
+            raise EdgeLLMError(f"{self.engine.program_dir}: this build has no LoRA branches")
+        for i in range(len(sites)):
+            branch = _Lora() if factors is None else factors.branches[i]  # columns 0: none
+            chosen = _Lora(branch.columns, branch.int8, branch.a, branch.b, branch.a_scale, branch.b_scale, scale)
+            if self.engine.lib.em_set_lora(self.handle, i, ctypes.byref(chosen)) != 0:
+                raise EdgeLLMError(self.engine.lib.em_last_error().decode())
+        self.branches = factors  # kept alive while the session's branches point into it
+        self.adapter_key = (0, 0.0) if factors is None else (id(factors), float(scale))
 
     def _live(self) -> None:
         if not self._release.alive or self.engine.closed:

@@ -52,10 +52,26 @@ class OrtEngine(Engine):
         # LORA_BRANCH programs: the adapter factors and scale are inputs (runtime/adapters.py)
         self.branch_inputs = {i.name: tuple(i.shape) for i in self.programs["single"].get_inputs()
                               if i.name.startswith("lora.")}
+        # no adapter: zero factors (views of one buffer), which every session binds until it chooses one
+        factors = {n: s for n, s in self.branch_inputs.items() if n != "lora.scale"}
+        zeros = np.zeros(max((int(np.prod(s)) for s in factors.values()), default=0), np.float32)
+        self.no_adapter = {n: zeros[: int(np.prod(s))].reshape(s) for n, s in factors.items()}
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def branch_sites(self) -> dict[str, tuple[int, int, int]]:
+        return {name[len("lora.") : -len(".a")]: (shape[0], self.branch_inputs[name[:-2] + ".b"][1], shape[1])
+                for name, shape in self.branch_inputs.items() if name.endswith(".a")}
+
+    def branch_arrays(self, factors) -> dict[str, np.ndarray]:
+        """The factors as the program's float inputs: lora.<site>.a [K, C], lora.<site>.b [C, N]."""
+        arrays = {}
+        for site, f in factors.items():
+            arrays[f"lora.{site}.a"] = np.ascontiguousarray(f.float_a().T, np.float32)
+            arrays[f"lora.{site}.b"] = np.ascontiguousarray(f.float_b().T, np.float32)
+        return arrays
 
     def _new_session(self) -> "OrtSession":
         return OrtSession(self)
@@ -87,12 +103,13 @@ class OrtSession(EngineSession):
                        for v, s in (("group", spec.group_size), ("single", 1))}
         self._bindings: dict[tuple[str, int, int], ort.IOBinding] = {}
         self.closed = False
-        self.branch: dict[str, np.ndarray] = {}  # the adapter's factors, bound as the branch inputs
+        self.branch = engine.no_adapter  # the adapter's factors, bound as the branch inputs
         self.branch_scale = np.zeros(1, np.float32)
 
     def set_adapter(self, factors: dict[str, np.ndarray] | None, scale: float) -> None:
         if not self.engine.branch_inputs:
             raise EdgeLLMError(f"{self.engine.program_dir}: this build has no LoRA branches")
+        factors = self.engine.no_adapter if factors is None else factors
         if factors is not self.branch:
             self.branch = factors
             self._bindings = {}  # bound again with the new arrays on the next call
@@ -129,8 +146,6 @@ class OrtSession(EngineSession):
                     io.bind_ortvalue_input(f"cache.{i}.{which}", view)
                     io.bind_ortvalue_output(f"present.{i}.{which}", view)
             if self.engine.branch_inputs:
-                if not self.branch:
-                    raise EdgeLLMError("a LoRA branch build runs with an adapter or none chosen (set_adapter)")
                 for name, array in self.branch.items():
                     io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
                 io.bind_ortvalue_input("lora.scale", ort.OrtValue.ortvalue_from_numpy(self.branch_scale))

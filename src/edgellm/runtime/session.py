@@ -71,8 +71,6 @@ class Session:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.messages: list[dict] = []
         self.adapter: tuple[str, float] | None = None  # the LoRA adapter and its scale (LORA_BRANCH builds)
-        if model.adapters.shapes:
-            self.engine_session.set_adapter(model.adapters.none, 0.0)
 
     def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Answer with LoRA adapter `name` (None or "none": the base model) at `scale` from now on.
@@ -83,10 +81,7 @@ class Session:
         factors = self.model.adapters.inputs(chosen[0]) if chosen else None  # unknown names fail here
         if chosen == self.adapter:
             return
-        if chosen is None and not self.model.adapters.shapes:
-            self.adapter = None
-            return
-        self.engine_session.set_adapter(factors if chosen else self.model.adapters.none, chosen[1] if chosen else 0.0)
+        self.engine_session.set_adapter(factors, chosen[1] if chosen else 0.0)
         self.adapter = chosen
         self.tokens = []  # K/V computed under another adapter
 

@@ -2,7 +2,8 @@
 
     GET  /health                 503 while the model loads, 200 when ready (public with --api-key)
     GET  /metrics                Prometheus text (serve/metrics.py)
-    GET  /v1/models
+    GET  /v1/models              the build, and its LoRA adapters (a request's model may name one)
+    GET  /lora-adapters          llama.cpp's list: a request's "lora": [{"id", "scale"}] picks one by id
     POST /v1/chat/completions    streamed (server-sent events) or not
     POST /v1/completions
 
@@ -102,9 +103,24 @@ class Server:
     # ---- requests -------------------------------------------------------------------------------
 
     def check_model(self, name: str | None) -> None:
-        if name not in (None, "", self.name):
+        if name not in (None, "", self.name, *self.model.adapters.names):
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.name!r}", "model",
                            "model_not_found")
+
+    def adapter(self, request) -> tuple[str, float] | None:
+        """The LoRA adapter a request asks for: llama.cpp's "lora" list (one adapter with a
+        non-zero scale at most), or an adapter's name as the model; None: the base model."""
+        names = self.model.adapters.names
+        if request.lora is not None:
+            for choice in request.lora:
+                if choice.id >= len(names):
+                    raise ApiError(400, f"lora id {choice.id}: this server has {len(names)} LoRA adapters "
+                                   "(GET /lora-adapters)", "lora")
+            chosen = [(names[c.id], c.scale) for c in request.lora if c.scale != 0]
+            if len(chosen) > 1:
+                raise ApiError(400, "one LoRA adapter per request (a session runs one branch set)", "lora")
+            return chosen[0] if chosen else None
+        return (request.model, 1.0) if request.model in names else None
 
     def job(self, request, ids: list[int]) -> Job:
         """A Job for a parsed request over prompt ids, checked against the context."""
@@ -130,7 +146,7 @@ class Server:
                 raise ApiError(400, str(e), "response_format") from None
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p, request.seed)
         return Job(list(ids), limit or context - len(ids), sampling, tuple(request.stop or ()), request.ignore_eos,
-                   constraint, loop=asyncio.get_running_loop())
+                   constraint, adapter=self.adapter(request), loop=asyncio.get_running_loop())
 
 
 def create_app(server: Server) -> Starlette:
@@ -167,9 +183,18 @@ def create_app(server: Server) -> Starlette:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": server.name, "object": "model", "created": server.created, "owned_by": "edgellm",
-             "context_length": server.model.engine.spec.max_num_tokens}]})
+        context = server.model.engine.spec.max_num_tokens
+        listed = [{"id": server.name, "object": "model", "created": server.created, "owned_by": "edgellm",
+                   "context_length": context}]
+        listed += [{"id": name, "object": "model", "created": server.created, "owned_by": "edgellm",
+                    "parent": server.name, "context_length": context} for name in server.model.adapters.names]
+        return JSONResponse({"object": "list", "data": listed})
+
+    async def lora_adapters(request: Request) -> Response:
+        """llama.cpp's list: a request's "lora" entries name adapters by these ids."""
+        adapters = server.model.adapters
+        return JSONResponse([{"id": i, "name": name, "path": adapters.available[name].get("source"), "scale": 0.0}
+                             for i, name in enumerate(adapters.names)])
 
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, ChatRequest, options.max_body_bytes)
@@ -208,6 +233,7 @@ def create_app(server: Server) -> Starlette:
             Route("/health", guarded(health, public=True, needs_model=False)),
             Route("/metrics", guarded(metrics, needs_model=False)),
             Route("/v1/models", guarded(models)),
+            Route("/lora-adapters", guarded(lora_adapters)),
             Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
             Route("/v1/completions", guarded(completions), methods=["POST"]),
         ],

@@ -59,8 +59,15 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+class LoraChoice(_Strict):
+    """llama.cpp's per-request adapter: an index into GET /lora-adapters and its scale."""
+    id: int = Field(ge=0)
+    scale: Finite = 1.0
+
+
 class _Common(_Strict):
-    model: str | None = None
+    model: str | None = None  # the served model, or one of its LoRA adapters by name (as /v1/models lists them)
+    lora: list[LoraChoice] | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: Finite = Field(1.0, ge=0.0, le=2.0)
     top_p: Finite = Field(1.0, gt=0.0, le=1.0)

@@ -41,6 +41,7 @@ class Job:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     constraint: Callable | None = None  # makes the answer's Constraint (serve/structured.py)
+    adapter: tuple[str, float] | None = None  # the LoRA adapter and scale (None: the base model)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -177,6 +178,8 @@ class Scheduler:
         group = self.model.engine.spec.group_size
 
         def reuse(slot: Slot) -> int:
+            if slot.session.adapter != job.adapter:  # K/V computed under another adapter
+                return 0
             common = _common_prefix(slot.session.tokens, job.prompt_ids)
             return common - common % group
 
@@ -188,6 +191,7 @@ class Scheduler:
         slot.job, slot.last_used, slot.prefilled = job, time.perf_counter(), False
         self.metrics.running.set(len(self._running()))
         try:
+            slot.session.set_adapter(*(job.adapter or (None,)))
             constraint = job.constraint() if job.constraint else None
             slot.decoding = Decoding(slot.session, job.prompt_ids, max_new_tokens=job.max_new_tokens,
                                      sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,

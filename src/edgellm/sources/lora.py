@@ -172,7 +172,7 @@ def _peft_key(key: str, where: Path) -> tuple[str, str]:
 
 def _not_linear(module: str) -> str:
     if module.endswith(("lm_head", "embed_tokens")):
-        return "the LM head or embedding table (not supported: only the layers' linear modules)"
+        return "the LM head or embedding table: LoRA there is not supported (only the layers' linear modules)"
     return "which is not a linear module of this base model"
 
 
@@ -186,6 +186,9 @@ def _check_targets(targets, modules: dict, where: Path) -> None:
             raise EdgeLLMError(f"{where}: target_modules {targets!r} matches no linear module of this base model")
         return
     for target in targets:
+        if target.endswith(("lm_head", "embed_tokens")):
+            raise EdgeLLMError(f"{where}: target_modules names {target!r}: LoRA of the LM head or embedding table is "
+                               "not supported (only the layers' linear modules)")
         if not any(m == target or m.endswith("." + target) for m in modules):
             raise EdgeLLMError(f"{where}: target_modules names {target!r}, which this base model does not have "
                                f"(its linear modules: {', '.join(sorted({m.rsplit('.', 1)[-1] for m in modules}))})")

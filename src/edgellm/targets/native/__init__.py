@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from ...config.model_config import ModelConfig
+from ...errors import EdgeLLMError
 from ...runtime.engine import VERIFY_ROWS
 from ..link import link_quantized
 from .codegen import ModelShape, generate, plan_arena
@@ -37,9 +38,14 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
     weights = WeightsFile(target_dir / "weights.bin")
     variants = {}
     try:
+        lora_sites: list[str] | None = None
         for variant, is_group, tokens in (("group", True, options.language_group_size), ("single", False, 1)):
             program = link_quantized(out, units, is_group, plan, options, manifest, f"edgellm_{variant}")
-            lowered = Lowering(program, weights, f"{out}/quant/{variant}", options.int8_activations, tokens).run()
+            if lora_sites is None:  # one order for every variant: the session's branch table (em_set_lora)
+                lora_sites = sorted({i.name[len("lora."):-len(".a")] for i in program.graph.input
+                                     if i.name.startswith("lora.") and i.name.endswith(".a")})
+            lowered = Lowering(program, weights, f"{out}/quant/{variant}", options.int8_activations, tokens,
+                               lora_sites).run()
             variants[variant] = (lowered, plan_arena(lowered, tokens))
             log.info("%s: %d kernel calls; %s", variant, len(lowered.calls), variants[variant][1].report())
             if progress:
@@ -54,7 +60,11 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
         raise
     shape = ModelShape(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, options.max_num_tokens,
                        options.language_group_size, cfg.vocab_size, cfg.hidden_size, verify_rows)
-    code = generate(variants, weights.records, shape, weights.size, digest, manifest.data.get("model", str(out)))
+    sites = variants["single"][0].lora_sites
+    if set(sites) != set(lora_sites):
+        raise EdgeLLMError(f"{out}: LoRA branches {sorted(set(lora_sites) - set(sites))} were not lowered")
+    code = generate(variants, weights.records, shape, weights.size, digest, manifest.data.get("model", str(out)),
+                    [(site, sites[site]) for site in lora_sites])
     tmp = target_dir / f".model.c.tmp{os.getpid()}"
     tmp.write_text(code)
     os.replace(tmp, target_dir / "model.c")

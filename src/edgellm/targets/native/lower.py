@@ -99,6 +99,7 @@ class Lowered:
     calls: list[Call] = field(default_factory=list)
     activations: dict[str, Activation] = field(default_factory=dict)
     matmul_weights: set[str] = field(default_factory=set)  # read whole by every call (unlike a lookup table)
+    lora_sites: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # LoRA branch site -> K, N, columns
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -110,13 +111,15 @@ class Lowering:
     """One variant's program -> calls; weights go to the shared WeightsFile (deduplicated by name)."""
 
     def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str, int8_activations: bool = False,
-                 tokens: int = 0):
+                 tokens: int = 0, lora_sites: list[str] = ()):
         self.int8_activations = int8_activations  # integer matmuls quantize their activations to int8
+        self.lora_sites = list(lora_sites)  # LoRA branch sites, in the order of the session's branch table
         self.one_token = tokens == 1  # the decode variant: a token's columns are contiguous, so a Split is a view
         self.graph = model.graph
         self.weights = weights
         self.where = where
         self.inits = {t.name: t for t in self.graph.initializer}
+        self.graph_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in self.graph.input}
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in self.graph.node:
@@ -329,6 +332,15 @@ class Lowering:
             y = add.output[0]
             nodes += folded
             self.done.update(n.name for n in folded)
+        branch = self._lora_branch(node, y)
+        lora = "NULL"
+        if branch is not None:  # the matmul's LoRA branch runs inside its call (em_fusion.lora)
+            add, site, folded, shape = branch
+            y = add.output[0]
+            nodes += folded
+            self.done.update(n.name for n in folded)
+            self.out.lora_sites[site] = shape
+            lora = f"EM_LORA({self.lora_sites.index(site)})"
         weight = self._matmul_weight(w_name, minimum)
         self.out.matmul_weights.add(weight)
         x = self._act(x_name)
@@ -348,11 +360,11 @@ class Lowering:
             # in the decode function, S in the verify function)
             self._emit(f"em_team_matmul({{{deferred.source}}}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
                        f"{deferred.prologue}, {deferred.operands}, {residual_ref}, NULL, {deferred.merge}, "
-                       f"EM_ROWS({{{deferred.source}}}; {up}; {residual_ref}; {{{out.name}}})}});",
+                       f"EM_ROWS({{{deferred.source}}}; {up}; {residual_ref}; {{{out.name}}}), {lora}}});",
                        [deferred.source, *deferred.inputs] + ([residual] if residual else []), [out.name],
                        *deferred.nodes, *nodes, team=True)
             return
-        if deferred is None and residual is None:
+        if deferred is None and residual is None and branch is None:
             self._emit(f"em_matmul({{{x_name}}}, {x.rows_expr()}, &{weight}, {{{out.name}}});", [x_name], [out.name], *nodes)
             return
         # the input's producer and the residual Add run inside the matmul (kernels: em_fusion);
@@ -363,8 +375,32 @@ class Lowering:
         writes = [out.name] + ([x_name] if deferred.nodes else [])
         scratch = f"{{{x_name}}}" if deferred.nodes else "NULL"
         self._emit(f"em_matmul_fused({{{deferred.source}}}, {x.rows_expr()}, &{weight}, {{{out.name}}}, &(const em_fusion){{"
-                   f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, {scratch}}});",
+                   f"{deferred.prologue}, {deferred.operands}, {f'{{{residual}}}' if residual else 'NULL'}, {scratch}, "
+                   f".lora = {lora}}});",
                    reads, writes, *deferred.nodes, *nodes)
+
+    def _lora_branch(self, matmul: onnx.NodeProto, y: str):
+        """y's only consumer, if it adds the LoRA branch of this matmul's input (graph/segments.py):
+        Add(y, MatMul(Mul(MatMul(x, lora.<site>.a), lora.scale), lora.<site>.b)). Returns (the Add,
+        the site, the branch's nodes, (K, N, columns)) or None."""
+        add = self._only_consumer(y, "Add")
+        up = self.producer.get(next((i for i in add.input if i != y), "")) if add is not None else None
+        if up is None or not self._is_branch(up, "b"):
+            return None
+        scaled = self.producer.get(up.input[0])
+        down = self.producer.get(next((i for i in scaled.input if i != "lora.scale"), "")) if scaled is not None else None
+        if scaled is None or scaled.op_type != "Mul" or "lora.scale" not in scaled.input or down is None or \
+                not self._is_branch(down, "a") or down.input[0] != matmul.input[0]:
+            return None
+        site = up.input[1][len("lora.") : -len(".b")]
+        if site not in self.lora_sites:
+            raise EdgeLLMError(f"{self.where}: {up.name}: LoRA branch {site} is not among the program's branch sites")
+        a, b = (self.graph_inputs[n.input[1]] for n in (down, up))
+        return add, site, [down, scaled, up, add], (a[0], b[1], a[1])
+
+    def _is_branch(self, node: onnx.NodeProto, factor: str) -> bool:
+        """A MatMul of a LoRA branch by its A (factor "a") or B ("b") input."""
+        return node.op_type == "MatMul" and node.input[1].startswith("lora.") and node.input[1].endswith("." + factor)
 
     def _residual_add(self, y: str, x: Activation, cols: int):
         """y's only consumer, if it adds an activation of y's shape computed already: (the Add, that
@@ -418,10 +454,11 @@ class Lowering:
     def _feeds_one_matmul(self, name: str) -> bool:
         """name is read by one MatMul alone (as its input; a Q4_1 shift's block sums read it too)."""
         users = self.consumers.get(name, [])
-        matmuls = [u for u in users if u.op_type == "MatMul" and u.input[0] == name]
+        branches = {u.name for u in users if self._is_branch(u, "a")}  # a LoRA branch reads the prepared input too
+        matmuls = [u for u in users if u.op_type == "MatMul" and u.input[0] == name and u.name not in branches]
         if len(matmuls) != 1:
             return False
-        allowed = {matmuls[0].name}
+        allowed = {matmuls[0].name} | branches
         shift = self._q41_shift(matmuls[0])
         if shift is not None:
             allowed.add(shift[2][0].name)

@@ -651,12 +651,24 @@ static void add_panel_residual(const float *residual, int p, int n, float *y) {
     for (int j = first; j < first + count; j++) y[j] += residual[j];
 }
 
+/* The panel's outputs of one row: + the LoRA branch (t: the row's em_lora_down), + the residual. */
+static void finish_panel(const em_fusion *f, const float *t, const float *residual, int p, int n, float *y) {
+    if (t) {
+        const int first = p * PANEL, count = n - first < PANEL ? n - first : PANEL;
+        for (int j = first; j < first + count; j++) y[j] += em_lora_up(f->lora, j, t);
+    }
+    if (residual) add_panel_residual(residual, p, n, y);
+}
+
 void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f) {
     const int K = w->k, nb = em_blocks(w), rows = em_fusion_rows(f);
     const size_t ys = f->y_stride ? (size_t)f->y_stride : (size_t)w->n;
     const size_t rs = f->residual_stride ? (size_t)f->residual_stride : (size_t)w->n;
     float xp[(size_t)rows * K]; /* this thread's copy of the prepared input: no barrier before the panels */
     for (int s = 0; s < rows; s++) em_prepare_row(f, x, s, K, xp + (size_t)s * K);
+    const int C = em_lora_on(f) ? f->lora->columns : 0;
+    float t[(size_t)rows * C + 1];
+    if (C) em_lora_down(f->lora, xp, rows, K, t);
     /* Each row is computed exactly as a one-row call computes it; the panel stays in cache for
        the rows after the first. */
     if (w->int8_activations) {
@@ -680,7 +692,8 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
             for (int s = 0; s < rows; s++) {
                 const size_t i = (size_t)s * nb;
                 if (!together) panel_int8(w, p, xq + (size_t)s * K, dx + i, xn + i, xs + i, 0, 1, y + s * ys);
-                if (f->residual) add_panel_residual(f->residual + s * rs, p, w->n, y + s * ys);
+                finish_panel(f, C ? t + (size_t)s * C : NULL, f->residual ? f->residual + s * rs : NULL, p, w->n,
+                             y + s * ys);
             }
         }
     } else {
@@ -695,7 +708,8 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
         for (int p = 0; p < panels(w); p++)
             for (int s = 0; s < rows; s++) {
                 panel_float_row(w, p, xp + (size_t)s * K, xsum + (size_t)s * nb, y + s * ys);
-                if (f->residual) add_panel_residual(f->residual + s * rs, p, w->n, y + s * ys);
+                finish_panel(f, C ? t + (size_t)s * C : NULL, f->residual ? f->residual + s * rs : NULL, p, w->n,
+                             y + s * ys);
             }
     }
 }

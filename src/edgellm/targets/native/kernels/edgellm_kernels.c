@@ -272,6 +272,9 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
     const size_t ys = f->y_stride ? (size_t)f->y_stride : (size_t)N, rs = f->residual_stride ? (size_t)f->residual_stride : (size_t)N;
     float xp[(size_t)rows * K]; /* each thread prepares the input for itself: no barrier before the rows */
     for (int s = 0; s < rows; s++) em_prepare_row(f, x, s, K, xp + (size_t)s * K);
+    const int C = em_lora_on(f) ? f->lora->columns : 0;
+    float t[(size_t)rows * C + 1];
+    if (C) em_lora_down(f->lora, xp, rows, K, t);
 #if !EM_CB_DOT
     float row[K]; /* a codebook row, decoded */
 #endif
@@ -292,6 +295,7 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
                 v = fdot(row, xs, K);
 #endif
             }
+            if (C) v += em_lora_up(f->lora, n, t + (size_t)s * C);
             y[s * ys + n] = f->residual ? v + f->residual[s * rs + n] : v;
         }
     }
@@ -326,6 +330,15 @@ void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const 
         x = f->scratch;
     }
     em_matmul(x, S, w, y);
+    if (em_lora_on(f)) { /* the branch of every row: its t, then its outputs */
+        const int K = w->k, N = w->n, C = f->lora->columns;
+#pragma omp parallel for schedule(static)
+        for (int s = 0; s < S; s++) {
+            float t[C];
+            em_lora_down(f->lora, x + (size_t)s * K, 1, K, t);
+            for (int n = 0; n < N; n++) y[(size_t)s * N + n] += em_lora_up(f->lora, n, t);
+        }
+    }
     if (f->residual) em_add(y, f->residual, S * w->n, y);
 }
 

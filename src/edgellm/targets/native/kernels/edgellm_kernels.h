@@ -60,6 +60,17 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
    residual), and the EM_ATTENTION prologue's row r is the token at merge.start + r, or at
    merge.positions[r] where that is set (rows of several sessions, em_forward_rows). */
 enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3, EM_ATTENTION = 4 };
+/* A LoRA branch (an adapter's factors for one matmul, set per session: em_set_lora):
+   y += scale * B (A x'), x' the prepared input. A [columns][K] (its rows: the rank components,
+   several parts' side by side for a fused matmul), B [N][columns] (block-diagonal for a fused
+   matmul); int8 with one float scale per rank component (a_scale, b_scale), or float. columns 0:
+   no adapter, the branch costs nothing. */
+typedef struct {
+    int columns, int8;
+    const void *a, *b;
+    const float *a_scale, *b_scale;
+    float scale;
+} em_lora;
 typedef struct {
     int start, window, heads, kv_heads, head_dim; /* as em_team_attention's arguments */
     const int *positions;                         /* NULL, or row r's position (instead of start + r) */
@@ -73,6 +84,7 @@ typedef struct {
     float *scratch;
     em_merge merge;
     int rows, x_stride, up_stride, residual_stride, y_stride;
+    const em_lora *lora; /* NULL, or this matmul's LoRA branch */
 } em_fusion;
 void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const em_fusion *f);
 /* out[S, K] = rows ids[s] of an embedding table stored like a weight (n = vocab, k = hidden). */

@@ -46,6 +46,9 @@ int em_forward(em_session *session, const int64_t *ids, const float *embeddings,
    step of many conversations. n is 1 to the verify variant's rows; sessions of one model; no
    embedding rows. Writes every row's logits ([n][vocab]). 0 on success, -1 (em_last_error). */
 int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits);
+/* The session's LoRA branch at site i (EM_LORA_SITE_INFO[i]) from now on; a branch of 0 columns:
+   none. The factors are the caller's memory, read by every later call. 0, or -1 (em_last_error). */
+int em_set_lora(em_session *session, int site, const em_lora *branch);
 /* Keep the first `length` positions (no more than the session holds): O(1), nothing is cleared. */
 int em_truncate(em_session *session, int length);
 int em_length(const em_session *session);
@@ -59,12 +62,20 @@ extern const em_weight_record EM_RECORDS[];
 extern const int EM_RECORD_COUNT;
 /* A program variant runs up to max_rows rows per call; em_forward takes the first that fits. */
 typedef void (*em_program)(const unsigned char *base, const em_weight *weights, float *arena, em_kv_value *kv,
-                           int S, int start, const int64_t *ids, const float *embeddings, int logits_from,
-                           float *logits);
-/* The verify variant: row s at position positions[s] of the KV cache kvs[s] */
+                           const em_lora *loras, int S, int start, const int64_t *ids, const float *embeddings,
+                           int logits_from, float *logits);
+/* The verify variant: row s at position positions[s] of the KV cache kvs[s] (its rows share loras) */
 typedef void (*em_rows_program)(const unsigned char *base, const em_weight *weights, float *arena,
-                                em_kv_value *const *kvs, const int *positions, int S, const int64_t *ids,
-                                const float *embeddings, int logits_from, float *logits);
+                                em_kv_value *const *kvs, const em_lora *loras, const int *positions, int S,
+                                const int64_t *ids, const float *embeddings, int logits_from, float *logits);
+/* The matmuls with a LoRA branch (LORA_BRANCH builds): name ("layer007.qkv_proj"), input and
+   output width, branch columns (rank x parts) */
+typedef struct {
+    const char *name;
+    int k, n, columns;
+} em_lora_site;
+extern const em_lora_site EM_LORA_SITE_INFO[];
+extern const int EM_LORA_SITE_COUNT;
 typedef struct {
     const char *name;
     int max_rows;

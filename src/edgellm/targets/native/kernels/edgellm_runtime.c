@@ -24,6 +24,7 @@ struct em_session {
     float *logits;   /* every row's logits, for variants that write them all (em_variant.all_logits) */
     em_kv_value *kv; /* the KV cache: zeroed pages, touched only as the context fills */
     int length;      /* positions 0..length-1 hold this conversation's keys and values */
+    em_lora *loras;  /* EM_LORA_SITE_COUNT branches (columns 0: no adapter) */
 };
 
 static _Thread_local char em_error[512]; /* per calling thread, as errno */
@@ -241,15 +242,18 @@ em_session *em_session_open(em_model *m) {
     float *logits = rows ? malloc(sizeof(float) * rows * (size_t)EM_MODEL.vocab_size) : NULL;
     void *kv = mmap(NULL, EM_MODEL.cache_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                     -1, 0);
-    if (!s || !arena || kv == MAP_FAILED || (rows && !logits)) {
+    em_lora *loras = calloc(EM_LORA_SITE_COUNT > 0 ? (size_t)EM_LORA_SITE_COUNT : 1, sizeof *loras);
+    if (!s || !arena || kv == MAP_FAILED || (rows && !logits) || !loras) {
         fail("cannot allocate a session: %zu bytes of KV cache and %zu of activations", EM_MODEL.cache_bytes,
              EM_MODEL.arena_bytes);
         if (kv != MAP_FAILED) munmap(kv, EM_MODEL.cache_bytes);
         free(arena);
         free(logits);
+        free(loras);
         free(s);
         return NULL;
     }
+    s->loras = loras;
     s->model = m;
     s->arena = arena;
     s->logits = logits;
@@ -262,7 +266,18 @@ void em_session_close(em_session *s) {
     munmap(s->kv, EM_MODEL.cache_bytes);
     free(s->arena);
     free(s->logits);
+    free(s->loras);
     free(s);
+}
+
+int em_set_lora(em_session *s, int site, const em_lora *branch) {
+    if (site < 0 || site >= EM_LORA_SITE_COUNT || branch->columns < 0 || branch->columns > EM_LORA_SITE_INFO[site].columns ||
+        (branch->columns > 0 && (!branch->a || !branch->b || (branch->int8 && (!branch->a_scale || !branch->b_scale))))) {
+        fail("bad LoRA branch: site %d of %d, %d columns", site, EM_LORA_SITE_COUNT, branch->columns);
+        return -1;
+    }
+    s->loras[site] = *branch;
+    return 0;
 }
 
 int em_truncate(em_session *s, int length) {
@@ -303,10 +318,11 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n
         em_kv_value *kvs[n];
         int positions[n];
         for (int i = 0; i < n; i++) kvs[i] = s->kv, positions[i] = start + i;
-        variant->run_rows(s->model->mapped, s->model->weights, s->arena, kvs, positions, n, ids, embeddings,
-                          logits_from, out);
+        variant->run_rows(s->model->mapped, s->model->weights, s->arena, kvs, s->loras, positions, n, ids,
+                          embeddings, logits_from, out);
     } else {
-        variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, n, start, ids, embeddings, logits_from, out);
+        variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, s->loras, n, start, ids, embeddings,
+                     logits_from, out);
     }
     if (out != logits)
         memcpy(logits, out + (size_t)logits_from * EM_MODEL.vocab_size,
@@ -330,6 +346,10 @@ int em_forward_rows(em_session *const *sessions, const int *positions, const int
         int follows = 0;      /* or right after this session's previous row in the call */
         for (int j = 0; j < i; j++)
             if (sessions[j] == s) next = positions[j] + 1, follows = 1;
+        if (EM_LORA_SITE_COUNT > 0 && memcmp(s->loras, sessions[0]->loras, sizeof(em_lora) * EM_LORA_SITE_COUNT)) {
+            fail("bad call: row %d's session has other LoRA branches than row 0's (one call, one adapter)", i);
+            return -1;
+        }
         if (s->model != model || positions[i] < 0 || positions[i] > next || (follows && positions[i] != next) ||
             positions[i] >= EM_MODEL.max_tokens || ids[i] < 0 || ids[i] >= EM_MODEL.vocab_size) {
             fail("bad call: row %d (token %lld at position %d of a session holding %d; %d positions, %d tokens)", i,
@@ -340,7 +360,8 @@ int em_forward_rows(em_session *const *sessions, const int *positions, const int
     em_kv_value *kvs[n];
     for (int i = 0; i < n; i++) kvs[i] = sessions[i]->kv;
     em_set_threads(model->threads);
-    rows->run_rows(model->mapped, model->weights, sessions[0]->arena, kvs, positions, n, ids, NULL, 0, logits);
+    rows->run_rows(model->mapped, model->weights, sessions[0]->arena, kvs, sessions[0]->loras, positions, n, ids, NULL,
+                   0, logits);
     for (int i = 0; i < n; i++) sessions[i]->length = positions[i] + 1;
     return 0;
 }

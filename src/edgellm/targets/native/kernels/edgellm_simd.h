@@ -196,6 +196,43 @@ static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int
     }
 }
 
+/* The LoRA branch (em_lora) of a team matmul: t[s][c] = scale * A[c] . x'_s for the rows, then each
+   output n adds B[n] . t_s. Every thread computes t itself (columns x K, small next to N x K). */
+static inline int em_lora_on(const em_fusion *f) { return f->lora && f->lora->columns > 0; }
+
+static inline void em_lora_down(const em_lora *l, const float *xp, int rows, int K, float *t) {
+    const int C = l->columns;
+    for (int s = 0; s < rows; s++)
+        for (int c = 0; c < C; c++) {
+            const float *x = xp + (size_t)s * K;
+            float v = 0.0f;
+            if (l->int8) {
+                const int8_t *a = (const int8_t *)l->a + (size_t)c * K;
+#pragma omp simd reduction(+ : v)
+                for (int k = 0; k < K; k++) v += (float)a[k] * x[k];
+                v *= l->a_scale[c] * l->b_scale[c];
+            } else {
+                v = fdot((const float *)l->a + (size_t)c * K, x, K);
+            }
+            t[(size_t)s * C + c] = l->scale * v;
+        }
+}
+
+static inline float em_lora_up(const em_lora *l, int n, const float *t) {
+    const int C = l->columns;
+    float v = 0.0f;
+    if (l->int8) {
+        const int8_t *b = (const int8_t *)l->b + (size_t)n * C;
+#pragma omp simd reduction(+ : v)
+        for (int c = 0; c < C; c++) v += (float)b[c] * t[c];
+    } else {
+        const float *b = (const float *)l->b + (size_t)n * C;
+#pragma omp simd reduction(+ : v)
+        for (int c = 0; c < C; c++) v += b[c] * t[c];
+    }
+    return v;
+}
+
 /* edgellm_integer.c */
 /* S > 1 rows (one row goes through em_team_matmul). */
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
