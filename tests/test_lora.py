@@ -420,7 +420,6 @@ def test_the_server_takes_an_adapter_per_request(llama):
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
-
     from test_serve import _serve
 
     _, _, _, out = llama
