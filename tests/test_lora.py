@@ -454,3 +454,29 @@ def test_the_server_takes_an_adapter_per_request(llama):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_trained_adapter_changes_the_answer_as_peft_does(tmp_path):
+    """A LoRA trained with PEFT on SmolLM2-135M (tests/lora_training.py: a made-up manual's facts):
+    compiled at fp32, it answers the in-domain question with the greedy tokens of transformers +
+    PEFT, which differ from the base model's."""
+    from conftest import MODEL_CACHE
+    from edgellm import reference
+    from lora_training import manual, trained_adapter
+
+    base = reference.hf_dir_from_gguf(reference.smollm2_gguf(), MODEL_CACHE / "smollm2-135m-hf")
+    adapter = trained_adapter(base, MODEL_CACHE)
+    out = build(base, tmp_path / "out", plan_file(tmp_path, BRANCH), lora=(("manual", str(adapter)),),
+                lora_dtype="float32", max_num_tokens=256, jobs=2)
+    model = edgellm.load(out)
+    ids = model.codec.encode_chat([{"role": "user", "content": manual()["held_out"][0]}])
+    ours = model.generate_ids(ids, max_new_tokens=24, adapter="manual")
+    plain = model.generate_ids(ids, max_new_tokens=24, adapter="none")
+    wrapped = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    with torch.no_grad():
+        theirs = wrapped.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    ends = [i for i, t in enumerate(theirs) if t in set(model.codec.eos_ids)]
+    assert ours.token_ids == theirs[: ends[0] if ends else None] and ours.token_ids
+    assert "water tank is empty" in ours.text and "water tank is empty" not in plain.text
+    assert ours.token_ids != plain.token_ids
