@@ -2,7 +2,7 @@
 
 A LORA_BRANCH program has a branch per site (a matmul: "layer007.qkv_proj") of C = rank x parts
 columns (graph/segments.py). An adapter's stored factors are placed once, on first use, into one
-SiteFactors per site: A [C, K] and B [N, C] with the parts side by side (B block-diagonal), a
+SiteFactors per site: A [C, K] and B [C, N] with the parts side by side (B block-diagonal), a
 smaller adapter zero-padded; then the engine turns them into what its target binds (ONNX
 Runtime: float inputs; native: em_lora branches over the int8 factors as stored) and the result
 is kept: a switch back costs a rebinding, not a file read.
@@ -25,7 +25,7 @@ from ..quant.adapters import ADAPTERS_DIR, list_adapters
 @dataclass
 class SiteFactors:
     a: np.ndarray  # [C, K] int8 or float32: each rank component's input weights
-    b: np.ndarray  # [N, C]: (scale * B), each output's weights over the components
+    b: np.ndarray  # [C, N]: (scale * B) transposed, each component's weights over the outputs
     a_scale: np.ndarray | None = None  # [C] float32 for int8 factors
     b_scale: np.ndarray | None = None
 
@@ -33,7 +33,7 @@ class SiteFactors:
         return self.a if self.a_scale is None else self.a.astype(np.float32) * self.a_scale[:, None]
 
     def float_b(self) -> np.ndarray:
-        return self.b if self.b_scale is None else self.b.astype(np.float32) * self.b_scale[None, :]
+        return self.b if self.b_scale is None else self.b.astype(np.float32) * self.b_scale[:, None]
 
 
 class AdapterStore:
@@ -78,7 +78,7 @@ class AdapterStore:
             parts = branch_parts(self.cfg, role)
             rank = columns // len(parts)
             f = SiteFactors(np.zeros((columns, k), np.int8 if int8 else np.float32),
-                            np.zeros((n, columns), np.int8 if int8 else np.float32),
+                            np.zeros((columns, n), np.int8 if int8 else np.float32),
                             np.zeros(columns, np.float32) if int8 else None, np.zeros(columns, np.float32) if int8 else None)
             offset = 0
             for p, (part, width) in enumerate(zip(parts, part_widths(self.cfg, role))):
@@ -90,7 +90,7 @@ class AdapterStore:
                         raise EdgeLLMError(f"{path}: {key} has factors {a.shape}, {b.shape}; this build's branch there "
                                            f"is [{k}, {rank}], [{rank}, {width}]")
                     f.a[p * rank : p * rank + r] = a.T
-                    f.b[offset : offset + width, p * rank : p * rank + r] = b.T
+                    f.b[p * rank : p * rank + r, offset : offset + width] = b
                     if int8:
                         f.a_scale[p * rank : p * rank + r] = stored[f"{key}.a.scale"]
                         f.b_scale[p * rank : p * rank + r] = stored[f"{key}.b.scale"]

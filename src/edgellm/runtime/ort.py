@@ -70,7 +70,7 @@ class OrtEngine(Engine):
         arrays = {}
         for site, f in factors.items():
             arrays[f"lora.{site}.a"] = np.ascontiguousarray(f.float_a().T, np.float32)
-            arrays[f"lora.{site}.b"] = np.ascontiguousarray(f.float_b().T, np.float32)
+            arrays[f"lora.{site}.b"] = np.ascontiguousarray(f.float_b(), np.float32)
         return arrays
 
     def _new_session(self) -> "OrtSession":

@@ -653,10 +653,7 @@ static void add_panel_residual(const float *residual, int p, int n, float *y) {
 
 /* The panel's outputs of one row: + the LoRA branch (t: the row's em_lora_down), + the residual. */
 static void finish_panel(const em_fusion *f, const float *t, const float *residual, int p, int n, float *y) {
-    if (t) {
-        const int first = p * PANEL, count = n - first < PANEL ? n - first : PANEL;
-        for (int j = first; j < first + count; j++) y[j] += em_lora_up(f->lora, j, t);
-    }
+    if (t) em_lora_add(f->lora, t, n, p * PANEL, n - p * PANEL < PANEL ? n - p * PANEL : PANEL, y);
     if (residual) add_panel_residual(residual, p, n, y);
 }
 

@@ -295,9 +295,14 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
                 v = fdot(row, xs, K);
 #endif
             }
-            if (C) v += em_lora_up(f->lora, n, t + (size_t)s * C);
             y[s * ys + n] = f->residual ? v + f->residual[s * rs + n] : v;
         }
+    }
+    if (C) { /* the branch over runs of outputs (float weights are not the fast path: one more barrier) */
+#pragma omp for schedule(static)
+        for (int first = 0; first < N; first += 64)
+            for (int s = 0; s < rows; s++)
+                em_lora_add(f->lora, t + (size_t)s * C, N, first, N - first < 64 ? N - first : 64, y + s * ys);
     }
 }
 
@@ -336,7 +341,7 @@ void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const 
         for (int s = 0; s < S; s++) {
             float t[C];
             em_lora_down(f->lora, x + (size_t)s * K, 1, K, t);
-            for (int n = 0; n < N; n++) y[(size_t)s * N + n] += em_lora_up(f->lora, n, t);
+            em_lora_add(f->lora, t, N, 0, N, y + (size_t)s * N);
         }
     }
     if (f->residual) em_add(y, f->residual, S * w->n, y);

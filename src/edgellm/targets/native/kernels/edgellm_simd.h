@@ -196,8 +196,9 @@ static inline void em_prepare_row(const em_fusion *f, const float *x, int s, int
     }
 }
 
-/* The LoRA branch (em_lora) of a team matmul: t[s][c] = scale * A[c] . x'_s for the rows, then each
-   output n adds B[n] . t_s. Every thread computes t itself (columns x K, small next to N x K). */
+/* The LoRA branch (em_lora) of a matmul: t[s][c] = scale * A[c] . x'_s for the rows (every thread of
+   a team computes t itself: columns x K, small next to N x K), then outputs first..first+count-1
+   of a row add sum_c t[c] B[c][n]. */
 static inline int em_lora_on(const em_fusion *f) { return f->lora && f->lora->columns > 0; }
 
 static inline void em_lora_down(const em_lora *l, const float *xp, int rows, int K, float *t) {
@@ -218,19 +219,19 @@ static inline void em_lora_down(const em_lora *l, const float *xp, int rows, int
         }
 }
 
-static inline float em_lora_up(const em_lora *l, int n, const float *t) {
-    const int C = l->columns;
-    float v = 0.0f;
-    if (l->int8) {
-        const int8_t *b = (const int8_t *)l->b + (size_t)n * C;
-#pragma omp simd reduction(+ : v)
-        for (int c = 0; c < C; c++) v += (float)b[c] * t[c];
-    } else {
-        const float *b = (const float *)l->b + (size_t)n * C;
-#pragma omp simd reduction(+ : v)
-        for (int c = 0; c < C; c++) v += b[c] * t[c];
+static inline void em_lora_add(const em_lora *l, const float *t, int N, int first, int count, float *y) {
+    for (int c = 0; c < l->columns; c++) {
+        const float tc = t[c];
+        if (l->int8) {
+            const int8_t *b = (const int8_t *)l->b + (size_t)c * N + first;
+#pragma omp simd
+            for (int j = 0; j < count; j++) y[first + j] += tc * (float)b[j];
+        } else {
+            const float *b = (const float *)l->b + (size_t)c * N + first;
+#pragma omp simd
+            for (int j = 0; j < count; j++) y[first + j] += tc * b[j];
+        }
     }
-    return v;
 }
 
 /* edgellm_integer.c */
