@@ -189,8 +189,8 @@ class LlamaCppEngine(Engine):
     name = "llama.cpp"
 
     def __init__(self, spec: dict):
-        import numpy as np  # noqa: PLC0415
         import llama_cpp  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
 
         self._np = np
         self.llm = llama_cpp.Llama(

@@ -460,9 +460,10 @@ def test_a_trained_adapter_changes_the_answer_as_peft_does(tmp_path):
     """A LoRA trained with PEFT on SmolLM2-135M (tests/lora_training.py: a made-up manual's facts):
     compiled at fp32, it answers the in-domain question with the greedy tokens of transformers +
     PEFT, which differ from the base model's."""
+    from lora_training import manual, trained_adapter
+
     from conftest import MODEL_CACHE
     from edgellm import reference
-    from lora_training import manual, trained_adapter
 
     base = reference.hf_dir_from_gguf(reference.smollm2_gguf(), MODEL_CACHE / "smollm2-135m-hf")
     adapter = trained_adapter(base, MODEL_CACHE)
@@ -480,3 +481,42 @@ def test_a_trained_adapter_changes_the_answer_as_peft_does(tmp_path):
     assert ours.token_ids == theirs[: ends[0] if ends else None] and ours.token_ids
     assert "water tank is empty" in ours.text and "water tank is empty" not in plain.text
     assert ours.token_ids != plain.token_ids
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])  # portable C; AVX2
+def test_branch_kernels_of_other_instruction_sets_compute_the_same_logits(tmp_path, march):
+    """The int8 branch kernels have AVX-512, AVX2 and portable versions: each gives this CPU's logits."""
+    from test_native_target import _refusal
+
+    from edgellm.config.model_config import ModelConfig
+    from edgellm.runtime.adapters import AdapterStore
+    from edgellm.runtime.native import NativeEngine
+    from edgellm.targets.native.toolchain import Toolchain, build_programs
+
+    if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
+        pytest.skip("x86-64 instruction sets need an x86-64 machine")
+    base = save_tiny("llama", tmp_path / "hf")
+    directory, _ = save_adapter(base, tmp_path / "a", 0, r=8, lora_alpha=16, target_modules="all-linear")
+    plan = plan_file(tmp_path, {"default": {"precision": "A_BF16_W_INT4", "lora": "LORA_BRANCH"}})
+    # float activations: with int8 ones, the sums' other order may round an activation to another int8 step
+    out = build(base, tmp_path / "out", plan, lora=(("a", str(directory)),), target="native", **OPTIONS)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model.c", "weights.bin", "program.json"):
+        shutil.copy(out / "compiled" / "native" / name, other)
+    build_programs(Toolchain("native", "cc", (f"-march={march}",), "gcc"), other)
+    refusal = _refusal(other)
+    if refusal:
+        pytest.skip(f"-march={march}: this CPU cannot run it ({refusal})")
+    ids = prompt(12, 24)
+    model = edgellm.load(out)
+    session = model.session()
+    session.set_adapter("a")
+    expected = session.engine_session.prompt_logits(ids)
+    engine = NativeEngine(other, model.engine.spec)
+    theirs = engine.open_session()
+    theirs.set_adapter(AdapterStore(out, ModelConfig.load(out / "model_config.json"), engine).inputs("a"), 1.0)
+    got = theirs.prompt_logits(ids)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()  # sums in another order; a wrong kernel: > 1e-3
+    plain = model.session().engine_session.prompt_logits(ids)
+    assert np.abs(plain - expected).max() > 1e-3 * np.abs(expected).max()  # the adapter is in the logits
