@@ -155,7 +155,10 @@ def main() -> None:
         switches.append(1000 * (time.perf_counter() - start))
     report["switch_ms"] = {"first_load": first, "loaded_median": statistics.median(switches),
                            "loaded_max": max(switches)}
-    report["rss_mb_per_loaded_adapter"] = rss
+    report["rss_mb_per_loaded_adapter"] = rss  # the process's RSS growth (0: freed heap pages were reused)
+    report["placed_mb_per_adapter"] = {  # what the loaded adapter holds: its factors as the kernels read them
+        name: sum(x.nbytes for arrays in model.adapters.inputs(name).arrays for x in arrays if x is not None) / 2**20
+        for name in ("rank8", "manual")}
     question = manual()["held_out"][0]
     session.set_adapter("manual")
     report["int4_answers"] = {

@@ -88,14 +88,22 @@ class _LoraSite(ctypes.Structure):  # em_lora_site
 
 class NativeBranches:
     """One adapter as the sessions' branch table takes it: an em_lora per site over the factors
-    (int8 as stored, or float), which this object keeps alive."""
+    (int8 as stored, or float; B regrouped in panels of 16 outputs, kernels/edgellm_kernels.h),
+    which this object keeps alive."""
 
     def __init__(self, sites: list[str], factors: dict):
-        self.arrays = [factors[site] for site in sites]
+        self.arrays = []
         self.branches = []
-        for f in self.arrays:
+        for site in sites:
+            f = factors[site]
+            columns, n = f.b.shape
+            panels = np.zeros(((n + 15) // 16 * 16, columns), f.b.dtype)
+            panels[:n] = f.b.T
+            b = np.ascontiguousarray(panels.reshape(-1, 16, columns).transpose(0, 2, 1))  # [N / 16][C][16]
+            a = np.ascontiguousarray(f.a)
+            self.arrays.append((a, b, f.a_scale, f.b_scale))
             int8 = f.a_scale is not None
-            self.branches.append(_Lora(f.a.shape[0], int(int8), f.a.ctypes.data, f.b.ctypes.data,
+            self.branches.append(_Lora(columns, int(int8), a.ctypes.data, b.ctypes.data,
                                        f.a_scale.ctypes.data_as(_FLOAT_P) if int8 else None,
                                        f.b_scale.ctypes.data_as(_FLOAT_P) if int8 else None, 1.0))
 

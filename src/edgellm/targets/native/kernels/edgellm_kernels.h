@@ -61,11 +61,12 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y);
    merge.positions[r] where that is set (rows of several sessions, em_forward_rows). */
 enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE = 3, EM_ATTENTION = 4 };
 /* A LoRA branch (an adapter's factors for one matmul, set per session: em_set_lora):
-   y += scale * B (A x'), x' the prepared input. A [columns][K] and B [columns][N]: row c of each is
-   rank component c (a fused matmul's parts side by side, B block-diagonal); int8 with one float
-   scale per component (a_scale, b_scale), or float. B's rows run along the outputs, so adding
-   the branch to a run of outputs is `columns` vector multiply-adds. columns 0: no adapter, the
-   branch costs nothing. */
+   y += scale * B (A x'), x' the prepared input. A [columns][K]: row c is rank component c (a fused
+   matmul's parts side by side); B in panels of 16 outputs, [N / 16][columns][16] (N rounded up,
+   zero-padded; block-diagonal for a fused matmul), so the branch of a panel of outputs is
+   `columns` vector multiply-adds over one contiguous run of bytes, read as the matmul's own panel
+   is. int8 with one float scale per component (a_scale, b_scale), or float. columns 0: no
+   adapter, the branch costs nothing. */
 typedef struct {
     int columns, int8;
     const void *a, *b;

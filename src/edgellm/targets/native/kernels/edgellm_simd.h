@@ -237,37 +237,48 @@ static inline void em_lora_down(const em_lora *l, const float *xp, int rows, int
 }
 
 static inline void em_lora_add(const em_lora *l, const float *t, int N, int first, int count, float *y) {
-    const int C = l->columns, end = first + count;
-    int j = first;
+    (void)N;
+    const int C = l->columns, end = first + count; /* first: a multiple of 16 */
+    for (int j = first; j < end; j += 16) {
+        const size_t panel = (size_t)(j / 16) * C * 16;
+        const int m = end - j < 16 ? end - j : 16;
+        int done = 0;
 #if EM_AVX512
-    if (l->int8) /* 16 outputs at a time, summed over the components in a register, added to y once */
-        for (; j + 16 <= end; j += 16) {
+        if (l->int8 && m == 16) { /* summed over the components in a register, added to y once */
             __m512 acc = _mm512_setzero_ps();
-            const int8_t *b = (const int8_t *)l->b + j;
-            for (int c = 0; c < C; c++, b += N)
+            const int8_t *b = (const int8_t *)l->b + panel;
+            for (int c = 0; c < C; c++, b += 16)
                 acc = _mm512_fmadd_ps(_mm512_set1_ps(t[c]),
                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b))), acc);
             _mm512_storeu_ps(y + j, _mm512_add_ps(_mm512_loadu_ps(y + j), acc));
+            done = 1;
         }
 #elif EM_AVX2
-    if (l->int8)
-        for (; j + 8 <= end; j += 8) {
-            __m256 acc = _mm256_setzero_ps();
-            const int8_t *b = (const int8_t *)l->b + j;
-            for (int c = 0; c < C; c++, b += N)
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(t[c]),
-                                      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b))), acc);
-            _mm256_storeu_ps(y + j, _mm256_add_ps(_mm256_loadu_ps(y + j), acc));
+        if (l->int8 && m == 16) {
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            const int8_t *b = (const int8_t *)l->b + panel;
+            for (int c = 0; c < C; c++, b += 16) {
+                const __m256 tc = _mm256_set1_ps(t[c]);
+                lo = _mm256_fmadd_ps(tc, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b))), lo);
+                hi = _mm256_fmadd_ps(tc, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)))), hi);
+            }
+            _mm256_storeu_ps(y + j, _mm256_add_ps(_mm256_loadu_ps(y + j), lo));
+            _mm256_storeu_ps(y + j + 8, _mm256_add_ps(_mm256_loadu_ps(y + j + 8), hi));
+            done = 1;
         }
 #endif
-    for (int c = 0; c < C; c++) { /* the rest, and float factors */
-        if (l->int8) {
-            const int8_t *b = (const int8_t *)l->b + (size_t)c * N;
-            for (int n = j; n < end; n++) y[n] += t[c] * (float)b[n];
-        } else {
-            const float *b = (const float *)l->b + (size_t)c * N;
-            for (int n = j; n < end; n++) y[n] += t[c] * b[n];
+        if (done) continue;
+        float lanes[16] = {0}; /* float factors, a partial last panel, or no vector unit */
+        for (int c = 0; c < C; c++) {
+            if (l->int8) {
+                const int8_t *b = (const int8_t *)l->b + panel + (size_t)c * 16;
+                for (int i = 0; i < m; i++) lanes[i] += t[c] * (float)b[i];
+            } else {
+                const float *b = (const float *)l->b + panel + (size_t)c * 16;
+                for (int i = 0; i < m; i++) lanes[i] += t[c] * b[i];
+            }
         }
+        for (int i = 0; i < m; i++) y[j + i] += lanes[i];
     }
 }
 
