@@ -28,6 +28,7 @@ class SiteFactors:
     b: np.ndarray  # [C, N]: (scale * B) transposed, each component's weights over the outputs
     a_scale: np.ndarray | None = None  # [C] float32 for int8 factors
     b_scale: np.ndarray | None = None
+    blocks: tuple[tuple[int, int], ...] = ()  # per part of a fused matmul: its outputs (first, count), in order
 
     def float_a(self) -> np.ndarray:
         return self.a if self.a_scale is None else self.a.astype(np.float32) * self.a_scale[:, None]
@@ -77,11 +78,13 @@ class AdapterStore:
             scope, role = site.split(".", 1)
             parts = branch_parts(self.cfg, role)
             rank = columns // len(parts)
+            widths = part_widths(self.cfg, role)
             f = SiteFactors(np.zeros((columns, k), np.int8 if int8 else np.float32),
                             np.zeros((columns, n), np.int8 if int8 else np.float32),
-                            np.zeros(columns, np.float32) if int8 else None, np.zeros(columns, np.float32) if int8 else None)
+                            np.zeros(columns, np.float32) if int8 else None, np.zeros(columns, np.float32) if int8 else None,
+                            tuple((sum(widths[:p]), w) for p, w in enumerate(widths)))
             offset = 0
-            for p, (part, width) in enumerate(zip(parts, part_widths(self.cfg, role))):
+            for p, (part, width) in enumerate(zip(parts, widths)):
                 key = f"{scope}.{part}"
                 if f"{key}.a" in stored:
                     a, b = stored[f"{key}.a"], stored[f"{key}.b"]  # [K, r], [r, width]

@@ -79,7 +79,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 class _Lora(ctypes.Structure):  # em_lora (kernels/edgellm_kernels.h)
     _fields_ = [("columns", ctypes.c_int), ("int8", ctypes.c_int), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p),
-                ("a_scale", _FLOAT_P), ("b_scale", _FLOAT_P), ("scale", ctypes.c_float)]
+                ("a_scale", _FLOAT_P), ("b_scale", _FLOAT_P), ("scale", ctypes.c_float),
+                ("panel_columns", ctypes.c_int), ("panel_offset", ctypes.POINTER(ctypes.c_int))]
 
 
 class _LoraSite(ctypes.Structure):  # em_lora_site
@@ -99,13 +100,23 @@ class NativeBranches:
             columns, n = f.b.shape
             panels = np.zeros(((n + 15) // 16 * 16, columns), f.b.dtype)
             panels[:n] = f.b.T
-            b = np.ascontiguousarray(panels.reshape(-1, 16, columns).transpose(0, 2, 1))  # [N / 16][C][16]
+            b = panels.reshape(-1, 16, columns).transpose(0, 2, 1)  # [N / 16][C][16]
+            offsets = None
+            rank = columns // max(len(f.blocks), 1)
+            if len(f.blocks) > 1 and all(first % 16 == 0 for first, _ in f.blocks):
+                # every panel in one part: keep only that part's components (the rest of B is zero)
+                part = np.searchsorted([first for first, _ in f.blocks], np.arange(len(b)) * 16, side="right") - 1
+                offsets = np.ascontiguousarray(part * rank, np.int32)
+                b = np.stack([b[p, o : o + rank] for p, o in enumerate(offsets)])
+            b = np.ascontiguousarray(b)
             a = np.ascontiguousarray(f.a)
-            self.arrays.append((a, b, f.a_scale, f.b_scale))
+            self.arrays.append((a, b, f.a_scale, f.b_scale, offsets))
             int8 = f.a_scale is not None
             self.branches.append(_Lora(columns, int(int8), a.ctypes.data, b.ctypes.data,
                                        f.a_scale.ctypes.data_as(_FLOAT_P) if int8 else None,
-                                       f.b_scale.ctypes.data_as(_FLOAT_P) if int8 else None, 1.0))
+                                       f.b_scale.ctypes.data_as(_FLOAT_P) if int8 else None, 1.0,
+                                       rank if offsets is not None else 0,
+                                       offsets.ctypes.data_as(ctypes.POINTER(ctypes.c_int)) if offsets is not None else None))
 
 
 class _Info(ctypes.Structure):
@@ -244,7 +255,8 @@ class NativeSession(EngineSession):
             raise EdgeLLMError(f"{self.engine.program_dir}: this build has no LoRA branches")
         for i in range(len(sites)):
             branch = _Lora() if factors is None else factors.branches[i]  # columns 0: none
-            chosen = _Lora(branch.columns, branch.int8, branch.a, branch.b, branch.a_scale, branch.b_scale, scale)
+            chosen = _Lora(branch.columns, branch.int8, branch.a, branch.b, branch.a_scale, branch.b_scale, scale,
+                           branch.panel_columns, branch.panel_offset)
             if self.engine.lib.em_set_lora(self.handle, i, ctypes.byref(chosen)) != 0:
                 raise EdgeLLMError(self.engine.lib.em_last_error().decode())
         self.branches = factors  # kept alive while the session's branches point into it

@@ -5,6 +5,7 @@
    edgellm_simd.h. Matmuls are threaded over output rows with OpenMP. Nothing here allocates:
    scratch lives on the stack (one weight row, one row of attention scores).
 */
+#include <stdlib.h>
 #include "edgellm_simd.h"
 
 void em_set_threads(int threads) {
@@ -335,16 +336,100 @@ void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const 
         x = f->scratch;
     }
     em_matmul(x, S, w, y);
-    if (em_lora_on(f)) { /* the branch of every row: its t, then its outputs */
-        const int K = w->k, N = w->n, C = f->lora->columns;
-#pragma omp parallel for schedule(static)
+    if (em_lora_on(f)) em_lora_rows(f->lora, x, S, w->k, w->n, y);
+    if (f->residual) em_add(y, f->residual, S * w->n, y);
+}
+
+/* The LoRA branch of S rows (a prefill call): the factors widened to floats once for all rows,
+   T = scale A x' for every row, then each panel of 16 outputs of B, widened once, against every
+   row's t (one row at a time, as in decode, would widen the factors S times). */
+void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y) {
+    const int C = l->columns, panels = (N + 15) / 16;
+    float *a = malloc(sizeof(float) * (size_t)C * K), *t = malloc(sizeof(float) * (size_t)S * C);
+    if (!a || !t) { /* no memory for the shortcut: one row at a time */
+        free(a);
+        free(t);
         for (int s = 0; s < S; s++) {
-            float t[C];
-            em_lora_down(f->lora, x + (size_t)s * K, 1, K, t);
-            em_lora_add(f->lora, t, N, 0, N, y + (size_t)s * N);
+            float row[C];
+            em_lora_down(l, x + (size_t)s * K, 1, K, row);
+            em_lora_add(l, row, N, 0, N, y + (size_t)s * N);
+        }
+        return;
+    }
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int c = 0; c < C; c++) {
+            const float scale = l->int8 ? l->scale * l->a_scale[c] * l->b_scale[c] : l->scale;
+            for (int k = 0; k < K; k++)
+                a[(size_t)c * K + k] = scale * (l->int8 ? (float)((const int8_t *)l->a)[(size_t)c * K + k]
+                                                        : ((const float *)l->a)[(size_t)c * K + k]);
+        }
+#pragma omp for schedule(static)
+        for (int c = 0; c < C; c++) { /* four rows per pass over a component's weights */
+            const float *ac = a + (size_t)c * K;
+            int s = 0;
+            for (; s + 4 <= S; s += 4) {
+                float out[4];
+                fdot4(ac, x + (size_t)s * K, K, K, out);
+                for (int i = 0; i < 4; i++) t[(size_t)(s + i) * C + c] = out[i];
+            }
+            for (; s < S; s++) t[(size_t)s * C + c] = fdot(ac, x + (size_t)s * K, K);
+        }
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const int PC = l->panel_offset ? l->panel_columns : C, offset = l->panel_offset ? l->panel_offset[p] : 0;
+            float b[PC][16];
+            const int first = p * 16, m = N - first < 16 ? N - first : 16;
+            for (int c = 0; c < PC; c++)
+                for (int i = 0; i < 16; i++)
+                    b[c][i] = l->int8 ? (float)((const int8_t *)l->b)[((size_t)p * PC + c) * 16 + i]
+                                      : ((const float *)l->b)[((size_t)p * PC + c) * 16 + i];
+            int s = 0;
+#if EM_AVX512
+            for (; m == 16 && s + 4 <= S; s += 4) { /* four rows: independent sums, each panel row loaded once */
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                const float *ts = t + (size_t)s * C + offset;
+                for (int c = 0; c < PC; c++) {
+                    const __m512 bc = _mm512_loadu_ps(b[c]);
+                    for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(ts[(size_t)i * C + c]), bc, acc[i]);
+                }
+                for (int i = 0; i < 4; i++) {
+                    float *ys = y + (size_t)(s + i) * N + first;
+                    _mm512_storeu_ps(ys, _mm512_add_ps(_mm512_loadu_ps(ys), acc[i]));
+                }
+            }
+#endif
+            for (; s < S; s++) {
+                const float *ts = t + (size_t)s * C + offset;
+                float *ys = y + (size_t)s * N + first;
+#if EM_AVX512
+                if (m == 16) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int c = 0; c < PC; c++) acc = _mm512_fmadd_ps(_mm512_set1_ps(ts[c]), _mm512_loadu_ps(b[c]), acc);
+                    _mm512_storeu_ps(ys, _mm512_add_ps(_mm512_loadu_ps(ys), acc));
+                    continue;
+                }
+#elif EM_AVX2
+                if (m == 16) {
+                    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+                    for (int c = 0; c < PC; c++) {
+                        const __m256 tc = _mm256_set1_ps(ts[c]);
+                        lo = _mm256_fmadd_ps(tc, _mm256_loadu_ps(b[c]), lo);
+                        hi = _mm256_fmadd_ps(tc, _mm256_loadu_ps(b[c] + 8), hi);
+                    }
+                    _mm256_storeu_ps(ys, _mm256_add_ps(_mm256_loadu_ps(ys), lo));
+                    _mm256_storeu_ps(ys + 8, _mm256_add_ps(_mm256_loadu_ps(ys + 8), hi));
+                    continue;
+                }
+#endif
+                for (int c = 0; c < PC; c++)
+                    for (int i = 0; i < m; i++) ys[i] += ts[c] * b[c][i];
+            }
         }
     }
-    if (f->residual) em_add(y, f->residual, S * w->n, y);
+    free(a);
+    free(t);
 }
 
 /* Elementwise work of a prefill call is worth a second thread; a decode step's is not. */

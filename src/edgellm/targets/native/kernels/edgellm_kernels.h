@@ -66,12 +66,16 @@ enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE 
    zero-padded; block-diagonal for a fused matmul), so the branch of a panel of outputs is
    `columns` vector multiply-adds over one contiguous run of bytes, read as the matmul's own panel
    is. int8 with one float scale per component (a_scale, b_scale), or float. columns 0: no
-   adapter, the branch costs nothing. */
+   adapter, the branch costs nothing. With panel_offset set, a panel lies in one part of a fused
+   matmul, whose components are the only non-zero ones: B is [N / 16][panel_columns][16] and
+   panel p reads components panel_offset[p].. (a third of the work of q/k/v's block-diagonal B). */
 typedef struct {
     int columns, int8;
     const void *a, *b;
     const float *a_scale, *b_scale;
     float scale;
+    int panel_columns;
+    const int *panel_offset;
 } em_lora;
 typedef struct {
     int start, window, heads, kv_heads, head_dim; /* as em_team_attention's arguments */

@@ -238,10 +238,12 @@ static inline void em_lora_down(const em_lora *l, const float *xp, int rows, int
 
 static inline void em_lora_add(const em_lora *l, const float *t, int N, int first, int count, float *y) {
     (void)N;
-    const int C = l->columns, end = first + count; /* first: a multiple of 16 */
+    const int C = l->panel_offset ? l->panel_columns : l->columns, end = first + count; /* first: a multiple of 16 */
+    const float *const t_all = t;
     for (int j = first; j < end; j += 16) {
         const size_t panel = (size_t)(j / 16) * C * 16;
         const int m = end - j < 16 ? end - j : 16;
+        t = t_all + (l->panel_offset ? l->panel_offset[j / 16] : 0); /* this panel's components */
         int done = 0;
 #if EM_AVX512
         if (l->int8 && m == 16) { /* summed over the components in a register, added to y once */
@@ -281,6 +283,9 @@ static inline void em_lora_add(const em_lora *l, const float *t, int N, int firs
         for (int i = 0; i < m; i++) y[j + i] += lanes[i];
     }
 }
+
+/* edgellm_kernels.c: the LoRA branch of S rows (prefill), added to y [S, N] */
+void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y);
 
 /* edgellm_integer.c */
 /* S > 1 rows (one row goes through em_team_matmul). */
