@@ -520,3 +520,26 @@ def test_branch_kernels_of_other_instruction_sets_compute_the_same_logits(tmp_pa
     assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()  # sums in another order; a wrong kernel: > 1e-3
     plain = model.session().engine_session.prompt_logits(ids)
     assert np.abs(plain - expected).max() > 1e-3 * np.abs(expected).max()  # the adapter is in the logits
+
+
+def test_eval_scores_an_adapter(llama, tmp_path):
+    """`edgellm eval --adapter`: the perplexity of the text under the adapter, from its logits."""
+    from edgellm.measure.accuracy import log_softmax
+
+    _, _, _, out = llama
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{t}" for t in prompt(13, 60)))
+    scores = {}
+    for adapter in ("r8", "none"):
+        result = subprocess.run(CLI + ["eval", str(out), "--text", str(text), "--json", "--adapter", adapter],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        scores[adapter] = json.loads(result.stdout)["perplexity"]
+    model = edgellm.load(out)
+    session = model.session()
+    session.set_adapter("r8")
+    ids = model.codec.encode(text.read_text())
+    logp = log_softmax(session.engine_session.prompt_logits(ids)[:-1])
+    expected = float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+    assert scores["r8"] == pytest.approx(expected, rel=1e-4)
+    assert abs(scores["r8"] - scores["none"]) > 1e-3 * scores["none"]
