@@ -146,6 +146,13 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     source = _SOURCES[str(model_path)] = open_source(model_path)
     cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
+    units = plan_units(cfg.num_layers, options.buckets)
+    # the plan, asked once for every unit (a .py plan runs once per build), and the adapters,
+    # checked against it before anything in the output directory changes
+    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings).resolve(units)
+    adapters = _read_adapters(options, cfg)
+    layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.configuration_file)
+    merged = next(iter(adapters.values())).path if layout.mode == "LORA_MERGED" else None
     # A full build without --resume starts over (with --resume, unit hashes decide what is kept).
     # Single stages (--onnx, --quantize, ...) build on what earlier runs recorded, unless those
     # were made from another model or with other options: the stages not run now would be stale.
@@ -159,12 +166,6 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     manifest.data.update(identity, complete=False)
     manifest.save()
     _atomic_write(out / "model_config.json", cfg.to_json())
-    units = plan_units(cfg.num_layers, options.buckets)
-    # the plan, asked once for every unit (a .py plan runs once per build)
-    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings).resolve(units)
-    adapters = _read_adapters(options, cfg)
-    layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.configuration_file)
-    merged = next(iter(adapters.values())).path if layout.mode == "LORA_MERGED" else None
     context = _Context(str(model_path), out, options, cfg, source.fingerprint(), plan, layout,
                        None if merged is None else str(merged))
     for stage in STAGES:
@@ -190,7 +191,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     complete = all(s in manifest.data["stages_done"] for s in STAGES)
     if complete and layout.mode == "LORA_BRANCH":
         for name, adapter in adapters.items():
-            write_adapter(adapter, out, name, options.lora_dtype)
+            write_adapter(adapter, out, name, options.lora_dtype, layout.key)
     if complete:  # the record first: a complete build always has one
         BuildRecord.from_build(__version__, options, plan, layout).save(out)
     manifest.data["complete"] = complete

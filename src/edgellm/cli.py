@@ -175,7 +175,7 @@ def inspect(
 def _inspect_build(out: Path) -> None:
     from rich.table import Table
 
-    from .quant.adapters import ADAPTERS_DIR, list_adapters
+    from .quant.adapters import ADAPTERS_DIR, layout_key, list_adapters
     from .record import BuildRecord
 
     record = BuildRecord.load(out)
@@ -186,10 +186,12 @@ def _inspect_build(out: Path) -> None:
     table = Table(title=f"LoRA adapters (branches of rank {record.lora_rank} on {len(record.lora_sites)} matmuls)")
     for col in ("name", "rank", "stored", "modules", "MB", "source"):
         table.add_column(col)
+    key = layout_key(record.lora_rank, record.lora_sites)
     for name, info in list_adapters(out).items():
         size = sum(f.stat().st_size for f in (out / ADAPTERS_DIR / name).iterdir()) / 2**20
-        table.add_row(name, str(info.get("rank")), str(info.get("dtype")), str(info.get("modules")), f"{size:.2f}",
-                      str(info.get("source")))
+        stale = "" if info.get("layout") == key else " (stale: compiled for other branches; compile-lora it again)"
+        table.add_row(name + stale, str(info.get("rank")), str(info.get("dtype")), str(info.get("modules")),
+                      f"{size:.2f}", str(info.get("source")))
     console.print(table)
 
 
@@ -283,7 +285,7 @@ def chat(
         if line.strip() == "/reset":
             model.reset()
             continue
-        if line.strip().startswith("/adapter"):
+        if line.strip() == "/adapter" or line.strip().startswith("/adapter "):
             try:  # the conversation goes on under the new adapter (its cache is computed again)
                 model.set_adapter(*_adapter_choice(line.strip().removeprefix("/adapter").strip() or "none"))
                 shown = model.default_session.adapter

@@ -26,9 +26,13 @@ class GraphBuilder:
         self._count = 0
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
-        if any(vi.name == name for vi in self.inputs):  # read by several nodes (lora.scale)
+        value = helper.make_tensor_value_info(name, elem_type, shape)
+        earlier = next((vi for vi in self.inputs if vi.name == name), None)
+        if earlier is not None:  # read by several nodes (lora.scale): the same input, or a bug
+            if earlier != value:
+                raise ValueError(f"graph input {name} declared twice with different types or shapes")
             return name
-        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        self.inputs.append(value)
         return name
 
     def output(self, tensor: str, name: str, elem_type: int, shape: list) -> str:

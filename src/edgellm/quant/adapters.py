@@ -18,6 +18,7 @@ runtime/adapters.py places them into the program's branch inputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,6 +46,12 @@ class LoraLayout:
     sites: frozenset[tuple[int, str]]  # (layer, matmul site of graph/segments.py BRANCH_SITES)
     rank: int = 0  # branch rank per part (LORA_BRANCH)
 
+    @property
+    def key(self) -> str:
+        """What an adapter compiled for this layout fits (its rank and sites): kept in adapter.json,
+        so a build compiled again with other branches does not offer adapters it cannot run."""
+        return layout_key(self.rank, [f"layer{layer:03d}.{site}" for layer, site in self.sites])
+
     def site_of(self, cfg: ModelConfig, role: str, layer: int) -> tuple[int, str] | None:
         """The branch site holding module role of layer, if the layout covers it."""
         for part_sites in BRANCH_SITES.values():
@@ -52,6 +59,10 @@ class LoraLayout:
                 if role in branch_parts(cfg, site) and (layer, site) in self.sites:
                     return layer, site
         return None
+
+
+def layout_key(rank: int, sites) -> str:
+    return hashlib.sha256(json.dumps([rank, sorted(sites)]).encode()).hexdigest()[:16]
 
 
 def check_name(name: str) -> str:
@@ -105,18 +116,35 @@ def check_adapter(adapter: LoraAdapter, layout: LoraLayout, cfg: ModelConfig, na
                                f"branches have rank {layout.rank} (compile the base with the larger adapter)")
 
 
-def write_adapter(adapter: LoraAdapter, out: Path, name: str, dtype: str) -> Path:
-    """OUT/adapters/<name>/, written whole or not at all (a temporary directory renamed into place)."""
+def write_adapter(adapter: LoraAdapter, out: Path, name: str, dtype: str, key: str) -> Path:
+    """OUT/adapters/<name>/, written whole or not at all (a temporary directory renamed into place);
+    key: the build's LoraLayout.key."""
+    if dtype not in DTYPES:
+        raise EdgeLLMError(f"--lora_dtype {dtype}: use {' or '.join(DTYPES)}")
+    final = Path(out) / ADAPTERS_DIR / check_name(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_files(adapter, tmp, name, dtype, key)
+        if final.exists():  # replaced by a rename, then the old one removed: never half of either
+            old = final.with_name(f".{name}.old{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_files(adapter: LoraAdapter, tmp: Path, name: str, dtype: str, key: str) -> None:
     from safetensors.numpy import save_file
 
     from .. import __version__
 
-    if dtype not in DTYPES:
-        raise EdgeLLMError(f"--lora_dtype {dtype}: use {' or '.join(DTYPES)}")
-    final = Path(out) / ADAPTERS_DIR / check_name(name)
-    tmp = final.with_name(f".{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {}
     for (role, layer), f in adapter.factors.items():
         key = f"layer{layer:03d}.{role}"
@@ -129,12 +157,8 @@ def write_adapter(adapter: LoraAdapter, out: Path, name: str, dtype: str) -> Pat
             tensors[f"{key}.a"], tensors[f"{key}.b"] = a, b
     save_file(tensors, str(tmp / "adapter.safetensors"))
     info = {"name": name, "source": str(Path(adapter.path).resolve()), "format": adapter.format, "rank": adapter.rank,
-            "dtype": dtype, "modules": len(adapter.factors), "edgellm": __version__}
+            "dtype": dtype, "modules": len(adapter.factors), "layout": key, "edgellm": __version__}
     (tmp / "adapter.json").write_text(json.dumps(info, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
 
 
 def _int8(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,14 +169,19 @@ def _int8(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def list_adapters(out: Path) -> dict[str, dict]:
-    """name -> adapter.json of every adapter compiled into the build."""
+def list_adapters(out: Path, key: str | None = None) -> dict[str, dict]:
+    """name -> adapter.json of every adapter compiled into the build (with key: only those
+    compiled for that layout; an earlier build's are left for `inspect` to show as stale)."""
     found = {}
     for info in sorted((Path(out) / ADAPTERS_DIR).glob("*/adapter.json")):
+        if info.parent.name.startswith("."):  # a write in progress or interrupted
+            continue
         try:
-            found[info.parent.name] = json.loads(info.read_text())
+            data = json.loads(info.read_text())
         except json.JSONDecodeError as e:
             raise EdgeLLMError(f"{info}: malformed JSON ({e})") from None
+        if key is None or data.get("layout") == key:
+            found[info.parent.name] = data
     return found
 
 
@@ -174,5 +203,6 @@ def add_adapter(build_dir: Path, path: Path, name: str, dtype: str = "int8") -> 
     cfg = ModelConfig.load(build_dir / "model_config.json")
     sites = frozenset((int(s[5:8]), s.split(".", 1)[1]) for s in record.lora_sites)
     adapter = read_adapter(path, cfg)
-    check_adapter(adapter, LoraLayout("LORA_BRANCH", sites, record.lora_rank), cfg, name)
-    return write_adapter(adapter, build_dir, name, dtype)
+    layout = LoraLayout("LORA_BRANCH", sites, record.lora_rank)
+    check_adapter(adapter, layout, cfg, name)
+    return write_adapter(adapter, build_dir, name, dtype, layout.key)

@@ -19,7 +19,7 @@ import numpy as np
 from ..config.model_config import ModelConfig
 from ..errors import EdgeLLMError
 from ..graph.segments import branch_parts, part_widths
-from ..quant.adapters import ADAPTERS_DIR, list_adapters
+from ..quant.adapters import ADAPTERS_DIR, layout_key, list_adapters
 
 
 @dataclass
@@ -43,9 +43,14 @@ class AdapterStore:
         branch_arrays(factors) (the target's form of one adapter)."""
         self.build_dir, self.cfg, self.engine = Path(build_dir), cfg, engine
         self.sites = engine.branch_sites()
-        self.available = list_adapters(build_dir) if self.sites else {}
+        self.available = list_adapters(build_dir, self._key()) if self.sites else {}
         self._loaded: dict[str, object] = {}
         self._lock = threading.Lock()  # the server's sessions may switch from several threads
+
+    def _key(self) -> str:
+        """The layout key of the program's branches (quant/adapters.py LoraLayout.key)."""
+        site, (_, _, columns) = next(iter(self.sites.items()))
+        return layout_key(columns // len(branch_parts(self.cfg, site.split(".", 1)[1])), list(self.sites))
 
     @property
     def names(self) -> list[str]:

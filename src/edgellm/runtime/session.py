@@ -62,6 +62,10 @@ class Constraint(Protocol):
         """Nothing may follow (the answer is complete)."""
 
 
+# A session whose adapter switch failed part way: equal to no choice, so the next one runs whole.
+HALF_SWITCHED = ("", 0.0)
+
+
 class Session:
     def __init__(self, model):
         self.model = model
@@ -75,15 +79,16 @@ class Session:
     def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Answer with LoRA adapter `name` (None or "none": the base model) at `scale` from now on.
         The cache computed under another adapter is not reused."""
-        chosen = None if name in (None, "none") else (name, float(scale))
+        chosen = None if name in (None, "none") else (name, float(scale) + 0.0)  # + 0.0: -0.0 is 0.0
         if chosen is not None and not np.isfinite(chosen[1]):
             raise EdgeLLMError(f"adapter scale {scale}: must be a finite number")
         factors = self.model.adapters.inputs(chosen[0]) if chosen else None  # unknown names fail here
         if chosen == self.adapter:
             return
+        self.tokens = []  # K/V computed under another adapter (forgotten first: a failed switch may be half done)
+        self.adapter = HALF_SWITCHED
         self.engine_session.set_adapter(factors, chosen[1] if chosen else 0.0)
         self.adapter = chosen
-        self.tokens = []  # K/V computed under another adapter
 
     def close(self) -> None:
         self.engine_session.close()

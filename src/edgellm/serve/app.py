@@ -82,6 +82,8 @@ class Server:
                     self.draft_model = edgellm.load(o.draft, threads=o.threads)
                 # one drafter per session: a draft model's drafters each open a session on the one draft model
                 drafters = lambda: self.model.drafter(self.draft_model, o.lookup)  # noqa: E731
+            for name in self.model.adapters.names:  # placed now, not on the scheduler's thread at first use
+                self.model.adapters.inputs(name)
             codec = self.model.codec
             self.grammars = Grammars(codec.tokenizer.to_str(), self.model.engine.spec.vocab_size, sorted(codec.eos_ids))
             self.scheduler = Scheduler(self.model, o.parallel, self.metrics, drafters, o.draft_max)
@@ -120,7 +122,7 @@ class Server:
             if len(chosen) > 1:
                 raise ApiError(400, "one LoRA adapter per request (a session runs one branch set)", "lora")
             return chosen[0] if chosen else None
-        return (request.model, 1.0) if request.model in names else None
+        return (request.model, 1.0) if request.model in names and request.model != self.name else None
 
     def job(self, request, ids: list[int]) -> Job:
         """A Job for a parsed request over prompt ids, checked against the context."""

@@ -125,6 +125,10 @@ def _read_peft(path: Path, cfg: ModelConfig) -> LoraAdapter:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         refuse("lora_alpha", "must be a number")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not all(isinstance(v, int) and v >= 1 for v in rank_pattern.values()):
+        refuse("rank_pattern", "must map module patterns to positive integer ranks")
+    if not isinstance(alpha_pattern, dict) or not all(isinstance(v, (int, float)) for v in alpha_pattern.values()):
+        refuse("alpha_pattern", "must map module patterns to numbers")
     modules = base_modules(cfg)
     _check_targets(config.get("target_modules"), modules, config_path)
     layers = config.get("layers_to_transform")
