@@ -579,17 +579,16 @@ def test_adapters_of_other_branches_are_not_offered(llama, tmp_path):
 @pytest.mark.parametrize("target", ["cpu", "native"])
 def test_outputs_off_the_panel_grid(tmp_path, target):
     """An intermediate size that is no multiple of 16: gate/up's parts meet inside a panel (the
-    full block-diagonal B) and the last panels are partial; int8 factors, as stored by default."""
-    from tiny_models import reference_with_stored_weights
-
+    full block-diagonal B) and the last panels are partial; int8 factors, as stored by default.
+    (fp32 weights: the native int4 and int8 panels need K in multiples of 8.)"""
     base = save_tiny("llama", tmp_path / "hf", intermediate_size=90)
     directory, _ = save_adapter(base, tmp_path / "a", 0, r=4, lora_alpha=8, target_modules="all-linear")
-    plan = plan_file(tmp_path, {"default": {"precision": "A_BF16_W_INT4", "lora": "LORA_BRANCH"}})
+    plan = plan_file(tmp_path, {"default": {"precision": "FP32", "lora": "LORA_BRANCH"}})
     out = build(base, tmp_path / "out", plan, lora=(("a", str(directory)),), target=target, **OPTIONS)
     # the reference: transformers on the stored weights, with the adapter's update as stored (int8)
     from safetensors.numpy import load_file
 
-    reference = reference_with_stored_weights(base, 4)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     stored = load_file(str(out / "adapters" / "a" / "adapter.safetensors"))
     with torch.no_grad():
         for name, p in reference.named_parameters():
@@ -604,4 +603,4 @@ def test_outputs_off_the_panel_grid(tmp_path, target):
     result, ours = generated_logits(edgellm.load(out), ids, adapter="a")
     with torch.no_grad():
         theirs = reference(torch.tensor([ids + result.token_ids])).logits[0].numpy()[len(ids) - 1 : len(ids) - 1 + len(ours)]
-    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() < TOLERANCE

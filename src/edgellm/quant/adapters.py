@@ -147,14 +147,14 @@ def _write_files(adapter: LoraAdapter, tmp: Path, name: str, dtype: str, key: st
 
     tensors = {}
     for (role, layer), f in adapter.factors.items():
-        key = f"layer{layer:03d}.{role}"
+        module = f"layer{layer:03d}.{role}"
         a = np.ascontiguousarray(f.a.astype(np.float32).T)
         b = np.ascontiguousarray((np.float32(f.scale) * f.b.astype(np.float32)).T)
         if dtype == "int8":
-            tensors[f"{key}.a"], tensors[f"{key}.a.scale"] = _int8(a, axis=0)
-            tensors[f"{key}.b"], tensors[f"{key}.b.scale"] = _int8(b, axis=1)
+            tensors[f"{module}.a"], tensors[f"{module}.a.scale"] = _int8(a, axis=0)
+            tensors[f"{module}.b"], tensors[f"{module}.b.scale"] = _int8(b, axis=1)
         else:
-            tensors[f"{key}.a"], tensors[f"{key}.b"] = a, b
+            tensors[f"{module}.a"], tensors[f"{module}.b"] = a, b
     save_file(tensors, str(tmp / "adapter.safetensors"))
     info = {"name": name, "source": str(Path(adapter.path).resolve()), "format": adapter.format, "rank": adapter.rank,
             "dtype": dtype, "modules": len(adapter.factors), "layout": key, "edgellm": __version__}
