@@ -211,14 +211,13 @@ def test_cache_is_not_reused_across_adapters(llama):
     _, _, adapters, out = llama
     model = edgellm.load(out)
     ids = prompt(7, 40)
-    first = model.generate_ids(ids, max_new_tokens=2, ignore_eos=True, adapter="r8")
+    model.generate_ids(ids, max_new_tokens=2, ignore_eos=True, adapter="r8")
     again = model.generate_ids(ids, max_new_tokens=2, ignore_eos=True)
     assert again.cached_tokens > 0  # same adapter: the cache is reused
     switched, ours = generated_logits(model, ids, n=4, adapter="r16")
     assert switched.cached_tokens == 0
     theirs = reference(adapters["r16"][1], ids + switched.token_ids)[len(ids) - 1 : len(ids) + 3]
     assert np.abs(ours - theirs).max() < TOLERANCE
-    assert first.token_ids  # (the first answer ran under r8)
 
 
 def test_merged_gives_the_greedy_tokens_of_branch_mode(llama):

@@ -161,6 +161,7 @@ class NativeEngine(Engine):
         self.lib, self.handle = lib, handle
         lib.em_info.restype = ctypes.POINTER(_Info)
         self.info = lib.em_info().contents
+        self.sites = self._read_sites()
         self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
         self.session_handles: set[int] = set()  # open in C: closed with the model at the latest
         self._release = weakref.finalize(self, _release_model, lib, handle, private, self.session_handles)
@@ -170,6 +171,10 @@ class NativeEngine(Engine):
         return not self._release.alive
 
     def branch_sites(self) -> dict[str, tuple[int, int, int]]:
+        return dict(self.sites)
+
+    def _read_sites(self) -> dict[str, tuple[int, int, int]]:
+        """The library's LoRA branch sites (EM_LORA_SITE_INFO), in the order of a session's table."""
         if not hasattr(self.lib, "em_set_lora"):
             return {}
         count = ctypes.c_int.in_dll(self.lib, "EM_LORA_SITE_COUNT").value
@@ -177,7 +182,7 @@ class NativeEngine(Engine):
         return {table[i].name.decode(): (table[i].k, table[i].n, table[i].columns) for i in range(count)}
 
     def branch_arrays(self, factors) -> NativeBranches:
-        return NativeBranches(list(self.branch_sites()), factors)
+        return NativeBranches(list(self.sites), factors)
 
     def forward_batch(self, calls):
         """Every call's rows through em_forward_rows, up to the verify function's rows at a time:
@@ -250,7 +255,7 @@ class NativeSession(EngineSession):
 
     def set_adapter(self, factors: NativeBranches | None, scale: float) -> None:
         self._live()
-        sites = self.engine.branch_sites()
+        sites = self.engine.sites
         if not sites:
             raise EdgeLLMError(f"{self.engine.program_dir}: this build has no LoRA branches")
         for i in range(len(sites)):

@@ -2,7 +2,8 @@
    in edgellm_kernels.h.
 
    Compiled for the target: the SIMD path follows the compiler's target macros (-march), see
-   edgellm_simd.h. Matmuls are threaded over output rows with OpenMP. Nothing here allocates:
+   edgellm_simd.h. Matmuls are threaded over output rows with OpenMP. Nothing here allocates but
+   em_lora_rows (a LoRA branch over several rows: its widened factors; without memory, row by row);
    scratch lives on the stack (one weight row, one row of attention scores).
 */
 #include <stdlib.h>
