@@ -58,12 +58,37 @@ def _llama3_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(factors, np.float32)
 
 
-def write_gguf(hf_dir: Path, path: Path, arch: str) -> Path:
+# Stored-block sizes (bytes, weights) of the GGUF types random_blocks makes, and where each keeps its
+# float16 scales (byte offsets in a block; ggml-common.h).
+BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32),
+               "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256)}
+_HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+                "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(rows: int, cols: int, type_name: str, rng) -> np.ndarray:
+    """A [rows, cols] weight stored as `type_name` with random values: random bytes, with the
+    float16 scale (and minimum) fields set so that weights come out within about +-0.04. gguf-py cannot
+    quantize to the K-quants, and any bytes are a valid block."""
+    nbytes, weights = BLOCK_BYTES[type_name]
+    raw = rng.integers(0, 256, (rows * cols // weights, nbytes), dtype=np.uint8)
+    # a weight is at most about scale x 15 (Q4), x 63 x 15 (K-quants' 6-bit sc), x 127 x 32 (Q6_K)
+    top = {"Q4_K": 63 * 15, "Q5_K": 63 * 31, "Q6_K": 127 * 32, "Q8_0": 127, "Q5_0": 16, "Q5_1": 31}.get(type_name, 15)
+    for at in _HALF_FIELDS[type_name]:
+        half = (rng.uniform(0.5, 1.0, raw.shape[0]) * 0.04 / top).astype(np.float16)
+        raw[:, at : at + 2] = half.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """types: GGUF tensor name (e.g. "blk.0.attn_q.weight") -> a GGUF block type; those tensors are
+    written as random blocks of that type (random_blocks) instead of the model's float weights."""
     import json
 
     import gguf
     from safetensors.numpy import load_file
 
+    rng = np.random.default_rng(seed)
     config = json.loads((hf_dir / "config.json").read_text())
     tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -105,9 +130,37 @@ def write_gguf(hf_dir: Path, path: Path, arch: str) -> Path:
             w = _permute(w, heads if "q_proj" in hf else kv_heads)
         if arch.startswith("gemma") and hf.endswith("norm.weight"):
             w = w + 1.0
-        writer.add_tensor(_gguf_name(hf, arch), np.ascontiguousarray(w))
+        name = _gguf_name(hf, arch)
+        if types and name in types:
+            raw = random_blocks(w.shape[0], w.shape[1], types[name], rng)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[types[name]])
+            continue
+        writer.add_tensor(name, np.ascontiguousarray(w))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# K-quants need rows of 256: a tiny llama with hidden 256 and intermediate 512, every matmul a
+# block type, fused projections of unlike types included (q/k/v of Q4_K, Q4_K and Q6_K: blocks
+# of 32 and 16, unsigned and signed, both factored; gate/up of Q5_0 and Q5_1; q/k/v of Q5_0 and
+# Q8_0: one form, two widths)
+KQUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+KQUANT_TYPES = {
+    "blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K",
+    "blk.0.attn_output.weight": "Q5_K", "blk.0.ffn_gate.weight": "Q5_0", "blk.0.ffn_up.weight": "Q5_1",
+    "blk.0.ffn_down.weight": "Q6_K",
+    "blk.1.attn_q.weight": "Q5_0", "blk.1.attn_k.weight": "Q5_0", "blk.1.attn_v.weight": "Q8_0",
+    "blk.1.attn_output.weight": "Q4_0", "blk.1.ffn_gate.weight": "Q4_K", "blk.1.ffn_up.weight": "Q4_K",
+    "blk.1.ffn_down.weight": "Q4_1",
+    "output.weight": "Q6_K",
+}
+
+
+def write_kquant_model(root: Path) -> Path:
+    """A tiny llama GGUF with every matmul in a block type (KQUANT_TYPES): root/tiny-kquants.gguf."""
+    from tiny_models import save_tiny
+
+    return write_gguf(save_tiny("llama", root / "hf", **KQUANT_SHAPE), root / "tiny-kquants.gguf", "llama", KQUANT_TYPES)

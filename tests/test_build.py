@@ -44,7 +44,7 @@ def test_killed_compile_resumes_to_identical_artifacts(tiny, tmp_path):
     reference = build(tiny, tmp_path / "ref", **OPTIONS)
     out = tmp_path / "killed"
     args = CLI + ["compile", str(tiny), "-o", str(out), "--max_num_tokens", "128",
-                  "--language_group_size", "16", "--future_token_mask_size", "32"]
+                  "--language_group_size", "16", "--future_token_mask_size", "32", "--target", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.json"
     deadline = time.time() + 120
@@ -215,7 +215,8 @@ def test_single_stages_run_one_after_another(tiny, tmp_path):
     """--onnx, then --quantize, then --compile (no --resume) build on each other, and rerunning an
     early stage leaves the build incomplete until the later ones run again."""
     out = tmp_path / "o"
-    args = ["compile", tiny, "-o", out, "--max_num_tokens", 128, "--language_group_size", 16, "--future_token_mask_size", 32]
+    args = ["compile", tiny, "-o", out, "--max_num_tokens", 128, "--language_group_size", 16, "--future_token_mask_size", 32,
+            "--target", "cpu"]
     for stage in ("--devkit", "--onnx", "--quantize", "--compile"):
         result = run_cli(*args, stage)
         assert result.returncode == 0, (stage, result.stderr)

@@ -282,8 +282,16 @@ def _prompt_logits(model, tokens):
 
 
 def _tiny_native(tmp_path, family="llama", preset="int4", **options):
+    if preset == "kquants":  # a GGUF of every block type, compiled as it is (tests/test_gguf_blocks.py)
+        return build(_kquant_gguf(tmp_path), tmp_path / "out", None, **{"target": "native", **OPTIONS, **options})
     model_dir = save_tiny(family, tmp_path / "hf")
     return build(model_dir, tmp_path / "out", preset, **{"target": "native", **OPTIONS, **options})
+
+
+def _kquant_gguf(tmp_path):
+    from gguf_writer import write_kquant_model
+
+    return write_kquant_model(tmp_path)
 
 
 def _model_main(program_dir, runner=(), gen=STEPS):
@@ -362,7 +370,7 @@ def test_a_program_for_an_extension_this_cpu_lacks_refuses_to_load_naming_it(tmp
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni"])  # portable C; AVX2; AVX-VNNI
 @pytest.mark.parametrize("preset,int8_activations,kv_cache_dtype", [
     ("int4", False, "float32"), ("int4", True, "float32"), ("int8", True, "float32"), ("int8", False, "float32"),
-    ("int4", True, "float16"), ("codebooks", False, "float32")])
+    ("int4", True, "float16"), ("codebooks", False, "float32"), ("kquants", False, "float32")])
 def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset, int8_activations, kv_cache_dtype):
     if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
         pytest.skip("x86-64 instruction sets need an x86-64 machine")
@@ -390,17 +398,20 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     ("integer", True, "float32"),  # dot-product kernels
     ("integer", False, "float32"),  # float-activation NEON kernels
     ("integer", True, "float16"),
-    ("codebooks", False, "float32")])  # table-lookup kernel
+    ("codebooks", False, "float32"),  # table-lookup kernel
+    ("kquants", False, "float32"), ("kquants", True, "float32")])  # GGUF block types as they are
 def test_aarch64_cross_compile_runs_under_qemu(tmp_path, weights, int8_activations, kv_cache_dtype):
     toolchain = TOOLCHAINS["aarch64-linux"]
     missing = [tool for tool in (toolchain.compiler, toolchain.emulator[0]) if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (scripts/setup.sh installs gcc-aarch64-linux-gnu and qemu-user)")
     model_dir = save_tiny("qwen3", tmp_path / "hf")
-    # int4 and int8 weights, or the three codebook widths
+    # int4 and int8 weights, the three codebook widths, or a GGUF's own block types (no plan)
     plan = tmp_path / "plan.json"
     plan.write_text(CODEBOOKS if weights == "codebooks" else '{"default": {"precision": "A_BF16_W_INT4"}, "rules": '
                     '[{"match": {"part": "POST"}, "set": {"precision": "A_BF16_W_INT8"}}]}')
+    if weights == "kquants":
+        model_dir, plan = _kquant_gguf(tmp_path), None
     settings = dict(int8_activations=int8_activations, kv_cache_dtype=kv_cache_dtype, **OPTIONS)
     native = build(model_dir, tmp_path / "native", plan, target="native", **settings)
     arm = build(model_dir, tmp_path / "arm", plan, target="aarch64-linux", **settings)

@@ -149,7 +149,8 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     units = plan_units(cfg.num_layers, options.buckets)
     # the plan, asked once for every unit (a .py plan runs once per build), and the adapters,
     # checked against it before anything in the output directory changes
-    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings).resolve(units)
+    plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings,
+                         source.default_precision).resolve(units)
     adapters = _read_adapters(options, cfg)
     layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.configuration_file)
     merged = next(iter(adapters.values())).path if layout.mode == "LORA_MERGED" else None
@@ -285,7 +286,7 @@ def _source_blocks(ctx: _Context):
         if role in FUSED and not ctx.cfg.has(role):  # a projection the emitter fused (graph/segments.py)
             names = [ctx.cfg.tensor_name(part, layer) for part in FUSED[role][0]]
             storage = {source.storage(n) for n in names}
-            return concat_rows([source.packed(n) for n in names]), storage.pop() if len(storage) == 1 else "mixed"
+            return concat_rows([source.packed(n) for n in names]), "+".join(sorted(storage))
         name = ctx.cfg.tensor_name(role, layer)
         return (source.packed(name), source.storage(name)) if name else (None, "float")
 

@@ -39,7 +39,7 @@ def compile(
     quantize: bool = typer.Option(False, "--quantize", help="run only the quantize stage"),
     compile_: bool = typer.Option(False, "--compile", help="run only the compile stage"),
     devkit: bool = typer.Option(False, "--devkit", help="run only the devkit (runtime files) stage"),
-    target: str = typer.Option("cpu", "--target", help="cpu (ONNX Runtime), native (C for this CPU) or aarch64-linux (cross-compiled C)"),
+    target: Optional[str] = typer.Option(None, "--target", help="native (C for this CPU; the default where a C compiler is installed), cpu (ONNX Runtime; the default without one) or aarch64-linux (cross-compiled C)"),
     block_size: int = typer.Option(32, "--block_size", help="weights per block of the integer precisions"),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="integer blocks spanning each block's own range, with a float16 minimum (as GGUF Q4_1) instead of symmetric ones"),
     quantize_embeddings: bool = typer.Option(False, "--quantize_embeddings", help="int8 embedding table and LM head"),
@@ -61,6 +61,7 @@ def compile(
     from .build import STAGES, BuildOptions, compile_model
 
     _logging(log_level)
+    target = target or _default_target()
     chosen = tuple(s for s, flag in zip(STAGES, (devkit, onnx, quantize, compile_)) if flag) or STAGES
     out = output or Path(model.stem if model.is_file() else model.name)
     options = BuildOptions(
@@ -159,7 +160,8 @@ def inspect(
         name = cfg.tensor_name(role, layer)
         tensors.add_row(role, name, str(tuple(source.tensor_shape(name))), source.storage(name))
     console.print(tensors)
-    plan = PrecisionPlan(configuration_file, cfg.num_layers, _embedding_width(quantize_embeddings, lm_head_bits))
+    plan = PrecisionPlan(configuration_file, cfg.num_layers, _embedding_width(quantize_embeddings, lm_head_bits),
+                         source.default_precision)
     units = Table(title=f"units (buckets {options.buckets[0]}..{options.buckets[-1]} step {future_token_mask_size})")
     for col in ("variant", "part", "units", "precision"):
         units.add_column(col)
@@ -452,6 +454,20 @@ def _drafter(model, draft, draft_max: int, lookup, threads):
     if draft_max < 1:
         raise EdgeLLMError(f"--draft-max {draft_max}: draft at least 1 token")
     return model.drafter(draft, lookup, threads=threads)
+
+
+def _default_target() -> str:
+    """The fastest target this machine can build: native C where its compiler is installed."""
+    import shutil
+
+    from .targets.native.toolchain import TOOLCHAINS
+
+    native = TOOLCHAINS["native"]
+    if shutil.which(native.compiler):
+        return "native"
+    err.print(f"note: no C compiler ('{native.compiler}') found, so this build runs on ONNX Runtime (--target cpu); "
+              f"install {native.package} for the faster native target")
+    return "cpu"
 
 
 def _embedding_width(quantize_embeddings: bool, lm_head_bits: int) -> str | None:

@@ -7,6 +7,12 @@ zero_point is absent for symmetric blocks (signed q); minimum is present for GGU
 for re-quantized blocks of the "minimum" scheme: a per-block float minimum, which no integer zero
 point can express exactly. order is only present for
 act-order checkpoints (GPTQ desc_act): column c of q holds the weight's input column order[c].
+
+bits is 4, 5, 6 or 8: GGUF's Q5_0/Q5_1/Q5_K and Q6_K keep 5- and 6-bit values, held here in a byte.
+GGUF's K-quants keep a block's scale (and minimum) as a float16 unit per super-block of 256
+weights times a small integer per block: float32 holds the product exactly, float16 does not. Such
+a weight carries its factors as well (scale_factors, minimum_factors), so that a target can store
+them at the file's size; scale and minimum then hold the exact products.
 """
 
 from __future__ import annotations
@@ -14,6 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass
+class Factored:
+    """A per-block float kept as unit * integer (GGUF K-quants' d * sc and dmin * m)."""
+    integer: np.ndarray  # int8 [rows, nblocks]
+    unit: np.ndarray  # float32 [rows, nblocks] of float16 values, constant over a super-block
+
+    def product(self) -> np.ndarray:
+        return (self.unit * self.integer.astype(np.float32)).astype(np.float32)
 
 
 @dataclass
@@ -26,6 +42,8 @@ class BlockQuantized:
     minimum: np.ndarray | None = None  # float32 [rows, nblocks]
     origin: str = "quantized"  # where the blocks came from, for the compile log (e.g. "GGUF Q4_1")
     order: np.ndarray | None = None  # input column held by each column of q (act-order), int64 [cols]
+    scale_factors: Factored | None = None  # K-quants: scale == scale_factors.product()
+    minimum_factors: Factored | None = None  # K-quants: minimum == minimum_factors.product()
 
     @property
     def signed(self) -> bool:
@@ -46,28 +64,74 @@ class BlockQuantized:
             w[:, self.order] = w.copy()
         return w.astype(np.float32)
 
+    def general(self, block: int) -> "BlockQuantized":
+        """The same values as unsigned blocks of `block` (a divisor of self.block) with factored
+        scale and minimum: value = scale * q + minimum, every factor an int8 times a float16
+        unit. Signed values move up by 2^(bits-1), their minimum becoming -2^(bits-1) * scale;
+        a plain float16 scale or minimum is the unit itself, times 1. Every product stays exact
+        in float32, so the dequantized values do not change."""
+        assert self.zero_point is None and self.order is None and self.block % block == 0
+        shift = (1 << (self.bits - 1)) if self.signed else 0
+        ones = np.ones(self.scale.shape, np.int8)
+        scale = self.scale_factors or Factored(ones, self.scale)
+        if self.minimum_factors is not None:
+            minimum = self.minimum_factors
+        elif self.minimum is not None:
+            minimum = Factored(ones, self.minimum)
+        else:  # symmetric: -shift * scale (0 for unsigned values without a minimum)
+            minimum = Factored(scale.integer, (scale.unit * -shift).astype(np.float32))
+        repeat = self.block // block
+        spread = lambda f: Factored(np.repeat(f.integer, repeat, axis=1), np.repeat(f.unit, repeat, axis=1))  # noqa: E731
+        scale, minimum = spread(scale), spread(minimum)
+        q = (self.q.astype(np.int16) + shift).astype(np.uint8)
+        return BlockQuantized(q, scale.product(), self.bits, block, minimum=minimum.product(), origin=self.origin,
+                              scale_factors=scale, minimum_factors=minimum)
+
     def rows(self, index: np.ndarray) -> "BlockQuantized":
         """The same weight with its rows reordered (GGUF's q/k row permutation)."""
         pick = lambda a: None if a is None else np.ascontiguousarray(a[index])  # noqa: E731
+        pick_factors = lambda f: None if f is None else Factored(pick(f.integer), pick(f.unit))  # noqa: E731
         return BlockQuantized(pick(self.q), pick(self.scale), self.bits, self.block, pick(self.zero_point),
-                              pick(self.minimum), self.origin, self.order)
+                              pick(self.minimum), self.origin, self.order, pick_factors(self.scale_factors),
+                              pick_factors(self.minimum_factors))
 
 
 def concat_rows(parts: list[BlockQuantized | None]) -> BlockQuantized | None:
-    """Blocks of several weights stacked along rows (a fused projection), if they are stored alike.
+    """Blocks of several weights stacked along rows (a fused projection), exactly, or None.
+
+    Parts stored alike stack as they are; parts of one form but different widths (GGUF Q5_0 and
+    Q8_0) take the widest; parts of different forms (Q4_K and Q6_K, whose blocks differ in length,
+    sign and scales) are first brought to the form every kind shares (BlockQuantized.general).
     Act-order weights stack when their column orders agree (GPTQ orders the columns by the shared
-    input's statistics, so q/k/v and gate/up do agree)."""
+    input's statistics, so q/k/v and gate/up do agree); zero-point weights only when alike."""
     if any(p is None for p in parts):
         return None
     first = parts[0]
-    key = lambda p: (p.bits, p.block, p.q.dtype, p.zero_point is None, p.minimum is None, p.origin)  # noqa: E731
     same_order = all((p.order is None and first.order is None) or
                      (p.order is not None and first.order is not None and np.array_equal(p.order, first.order)) for p in parts)
-    if not same_order or any(key(p) != key(first) for p in parts):
+    if not same_order:
         return None
+    form = lambda p: (p.block, p.signed, p.zero_point is None, p.minimum is None, p.scale_factors is None,  # noqa: E731
+                      p.minimum_factors is None)
+    if len({form(p) for p in parts}) > 1:
+        block = min(p.block for p in parts)
+        if any(p.zero_point is not None or p.order is not None or p.block % block for p in parts):
+            return None
+        parts = [p.general(block) for p in parts]
+        first = parts[0]
+    if first.zero_point is not None and len({p.bits for p in parts}) > 1:
+        return None
+    bits = max(p.bits for p in parts)
     stack = lambda field: None if getattr(first, field) is None else np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
-    return BlockQuantized(stack("q"), stack("scale"), first.bits, first.block, stack("zero_point"), stack("minimum"),
-                          first.origin, first.order)
+
+    def stack_factors(field):
+        if getattr(first, field) is None:
+            return None
+        return Factored(*(np.concatenate([getattr(getattr(p, field), f) for p in parts]) for f in ("integer", "unit")))
+
+    origin = "+".join(dict.fromkeys(p.origin for p in parts))
+    return BlockQuantized(stack("q"), stack("scale"), bits, first.block, stack("zero_point"), stack("minimum"),
+                          origin, first.order, stack_factors("scale_factors"), stack_factors("minimum_factors"))
 
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # quantize this many weights at a time: bounded temporaries

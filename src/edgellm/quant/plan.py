@@ -6,9 +6,12 @@ as rules in JSON or TOML (no code executed): {"default": {...}, "rules": [{"matc
 where a rule applies when every key in "match" equals the layer's value; later rules win.
 A bare name (-c int4) picks one of the presets shipped in quant/presets/.
 
+Without a plan every layer gets the source's default: BF16 for a Hugging Face model (the
+manual's default), SOURCE for a GGUF (its own types, "quantization already applied").
+
 The plan speaks for the transformer layers (parts PRE, CACHE, POST), as in the manual. The
-embedding table and the LM head are not layers: they stay float (FP32 when every layer is FP32,
-otherwise BF16) unless --quantize_embeddings makes them integer: int8 for both, or with
+embedding table and the LM head are not layers: they follow the layers when all are FP32 or all
+SOURCE, and are otherwise BF16, unless --quantize_embeddings makes them integer: int8 for both, or with
 --quantize_embeddings int4 an int4 LM head (the table stays int8: a lookup reads one row, so its
 width costs memory, not speed, and int4 rows would need an int4 Gather).
 """
@@ -53,8 +56,10 @@ class ResolvedPlan:
 
 
 class PrecisionPlan:
-    def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: str | None = None):
+    def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: str | None = None,
+                 default: str = DEFAULT_PRECISION):
         self.path = path
+        self.default = default  # every layer's precision without a plan
         self.props = {"num_hidden_layers": num_layers}
         self.quantize_embeddings = quantize_embeddings
         self._float_embeddings: str | None = None  # FP32 or BF16, decided once from the layers
@@ -97,7 +102,7 @@ class PrecisionPlan:
             return LayerChoice(self._embedding_precision(unit.part))
         layer = {"part": unit.part, "is_group": unit.is_group, "index": unit.index}
         if self.path is None:
-            raw = {"precision": DEFAULT_PRECISION}
+            raw = {"precision": self.default}
         elif self._fn is not None:
             try:
                 raw = self._fn(dict(self.props), dict(layer))
@@ -115,7 +120,8 @@ class PrecisionPlan:
             return EMBEDDING_WIDTHS[self.quantize_embeddings if part == "HEAD" else "int8"]
         if self._float_embeddings is None:  # asks the plan about every layer: once per plan
             layers = [Unit(g, p, i) for g in (True, False) for p in ("PRE", "POST") for i in range(self.props["num_hidden_layers"])]
-            self._float_embeddings = "FP32" if layers and all(self.choice(u).precision == "FP32" for u in layers) else "BF16"
+            precisions = {self.choice(u).precision for u in layers}
+            self._float_embeddings = precisions.pop() if precisions in ({"FP32"}, {"SOURCE"}) else "BF16"
         return self._float_embeddings
 
     def _validate(self, raw, layer) -> LayerChoice:

@@ -7,6 +7,9 @@ as a float32 [V, H] Gather input. A precision rewrites how such a weight is stor
                  MatMul, so the Cast is constant-folded at load (FP32 speed and memory)
   A_BF16_W_INT8  int8 blocks along K: DequantizeLinear(axis=0, block_size) -> MatMul
   A_BF16_W_INT4  int4 blocks along K, the same pattern
+  SOURCE         every weight as the model file stores it: a GGUF's own types (Q4_K, Q6_K, Q5_0,
+                 ... mapped exactly, mixed per tensor as the file has them), float tensors FP32;
+                 what a GGUF compiles to without a plan ("quantization already applied")
   A_BF16_W_CB4/3/2  per-block K-means codebooks of 16/8/4 float16 entries and an index per weight
                  (quant/codebooks.py): GatherElements over the codebooks -> Transpose -> MatMul
 ONNX Runtime fuses DequantizeLinear + MatMul into its MatMulNBits kernel, which reads the integer
@@ -18,6 +21,12 @@ quant/blocks.py) carry a float minimum per block: value = d * q + m. An integer 
 express m, so such weights are emitted exactly as
     y = x @ DequantizeLinear(q, d) + blocksum(x) @ m,    blocksum(x)[b] = sum of x over block b
 which is the same sum, regrouped.
+
+Values of 5 and 6 bits (GGUF Q5_*, Q6_K) are INT8 / UINT8 tensors in the IR (ONNX has no narrower
+byte-aligned types); a target stores them in as few bits as hold them. A K-quant's scale (and
+minimum) is unit * integer per block (quant/blocks.py Factored), written as such:
+    scale = Mul(Cast(integer: INT8 [blocks, N]), unit: float [blocks, N])
+ONNX Runtime folds it at load; the native target stores the factors at the file's size.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from ..graph.io import to_array
 from .blocks import BlockQuantized, pack_int4, quantize
 from .codebooks import Codebooked, quantize_codebooks
 
-PRECISIONS = ("FP32", "BF16", "A_BF16_W_INT8", "A_BF16_W_INT4", "A_BF16_W_CB4", "A_BF16_W_CB3", "A_BF16_W_CB2")
+PRECISIONS = ("FP32", "BF16", "SOURCE", "A_BF16_W_INT8", "A_BF16_W_INT4", "A_BF16_W_CB4", "A_BF16_W_CB3", "A_BF16_W_CB2")
 INTEGER_BITS = {"A_BF16_W_INT8": 8, "A_BF16_W_INT4": 4}
 CODEBOOK_BITS = {"A_BF16_W_CB4": 4, "A_BF16_W_CB3": 3, "A_BF16_W_CB2": 2}
 WEIGHT_CONSUMERS = {"MatMul": 1, "Gather": 0}  # op -> input slot holding the weight
@@ -101,14 +110,19 @@ def apply_precision(
             rewriter.drop(init)
             _codebook_matmul(rewriter, node, init.name, quantize_codebooks(np.ascontiguousarray(w.T, dtype=np.float32), bits))
             continue
-        bits = INTEGER_BITS[precision]
         hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
         source_blocks, stored = packed(init.name) if packed else (None, "float")
+        if precision == "SOURCE" and source_blocks is None:  # a float tensor: float32 holds F32, F16 and BF16 exactly
+            report[init.name] = "float32"
+            continue
+        bits = source_blocks.bits if precision == "SOURCE" else INTEGER_BITS[precision]
         exact = source_blocks is not None and source_blocks.bits == bits
-        # a lookup reads blocks as stored; act-order columns and Q4_1 minimums only fit a matmul
-        if exact and (node.op_type == "MatMul" or (source_blocks.order is None and source_blocks.minimum is None)):
+        # a lookup reads blocks as stored: act-order columns, minimums and factored scales only fit a matmul
+        if exact and (node.op_type == "MatMul" or _plain(source_blocks)):
             blocks, report[init.name] = source_blocks, f"{stored} mapped exactly"
         else:
+            if precision == "SOURCE":  # a table the lookup cannot read as stored: int8 keeps it closest
+                bits = 8
             scheme = options.scheme
             if scheme == "minimum" and (node.op_type != "MatMul" or hf_layout.shape[1] % options.block_size):
                 scheme = "zero_point"  # a lookup, or blocks not tiling K, cannot carry a float minimum
@@ -131,6 +145,7 @@ class _Rewriter:
         self.model = model
         self.spill = spill  # graph.io.Spill: new weights go to a scratch file, not into memory
         self.before: dict[str, list[onnx.NodeProto]] = {}
+        self.leading: list[onnx.NodeProto] = []  # computed from initializers alone: placed first
         self.after: dict[str, list[onnx.NodeProto]] = {}
 
     def drop(self, init: onnx.TensorProto) -> None:
@@ -162,7 +177,7 @@ class _Rewriter:
         self.after.setdefault(node.name, []).append(new)
 
     def finish(self) -> onnx.ModelProto:
-        ordered = []
+        ordered = list(self.leading)
         for node in self.model.graph.node:
             ordered += self.before.get(node.name, []) + [node] + self.after.get(node.name, [])
         del self.model.graph.node[:]
@@ -178,16 +193,34 @@ def _to_bf16(rw: _Rewriter, node, slot, init, w) -> str:
     return "bfloat16"
 
 
+def _plain(blocks: BlockQuantized) -> bool:
+    """Blocks a lookup (Gather of q and scale rows, then DequantizeLinear) can read as stored."""
+    return blocks.order is None and blocks.minimum is None and blocks.scale_factors is None
+
+
 def _tag(blocks: BlockQuantized) -> str:
     """Names say how a weight is stored, so a group and a single unit share a weight exactly when
     they store it the same way."""
     kind = "s" if blocks.signed else ("m" if blocks.minimum is not None else "a")
-    return f"w{blocks.bits}{kind}{blocks.block}" + ("o" if blocks.order is not None else "")
+    return (f"w{blocks.bits}{kind}{blocks.block}" + ("o" if blocks.order is not None else "")
+            + ("k" if blocks.scale_factors is not None else ""))
+
+
+def _per_block(rw: _Rewriter, name: str, values: np.ndarray, factors, t) -> str:
+    """A per-block float (scale or minimum): an initializer, or unit * integer for factored ones."""
+    if factors is None:
+        return rw.array(name, t(values))
+    integer = rw.array(f"{name}.integer", t(factors.integer))
+    unit = rw.array(f"{name}.unit", t(factors.unit))
+    rw.leading.append(helper.make_node("Cast", [integer], [f"{name}.integer.f32"], name=f"{name}/Cast", to=TensorProto.FLOAT))
+    rw.leading.append(helper.make_node("Mul", [f"{name}.integer.f32", unit], [name], name=f"{name}/Mul"))
+    return name
 
 
 def _quantized_inputs(rw: _Rewriter, base: str, blocks: BlockQuantized, transpose: bool) -> list[str]:
     t = (lambda a: a.T) if transpose else (lambda a: a)  # noqa: E731
-    inputs = [rw.integers(f"{base}.q", t(blocks.q), blocks.bits), rw.array(f"{base}.scale", t(blocks.scale))]
+    inputs = [rw.integers(f"{base}.q", t(blocks.q), blocks.bits),
+              _per_block(rw, f"{base}.scale", blocks.scale, blocks.scale_factors, t)]
     if blocks.zero_point is not None:
         inputs.append(rw.integers(f"{base}.zero_point", t(blocks.zero_point), blocks.bits))
     return inputs
@@ -212,7 +245,7 @@ def _integer_matmul(rw: _Rewriter, node: onnx.NodeProto, name: str, blocks: Bloc
     node.output[0] = y + ".unshifted"
     shape = rw.array(f"{base}.blockshape", np.array([0, 0, k // blocks.block, blocks.block], np.int64))
     last = rw.array(f"{base}.lastaxis", np.array([-1], np.int64))
-    minimum = rw.array(f"{base}.minimum", blocks.minimum.T)
+    minimum = _per_block(rw, f"{base}.minimum", blocks.minimum, blocks.minimum_factors, lambda a: a.T)
     x = node.input[0]
     steps = [
         helper.make_node("Reshape", [x, shape], [base + ".xblocks"], name=base + "/Reshape"),

@@ -34,6 +34,9 @@ class ModelSource(Protocol):
     # The model's configuration as a Hugging Face config.json dict. GGUF sources synthesize it from
     # their metadata so that one adapter per architecture family serves both formats.
     raw_config: dict
+    # Each layer's precision when no plan is given (quant/plan.py): BF16, or SOURCE for a file that
+    # is quantized already (GGUF).
+    default_precision: str
 
     def tensor_names(self) -> list[str]:
         """Hugging Face tensor names (e.g. model.layers.0.self_attn.q_proj.weight)."""
@@ -46,7 +49,7 @@ class ModelSource(Protocol):
 
     def packed(self, name: str) -> "BlockQuantized | None":
         """The tensor's own integer blocks when the source stores it in a block format edgellm
-        runs without re-quantizing (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
+        runs without re-quantizing (GGUF types, sources/gguf_blocks.py; GPTQ/AWQ); None otherwise."""
 
     def storage(self, name: str) -> str:
         """How the source stores the tensor, for the compile log: "float", "GGUF Q6_K", "GPTQ", ..."""

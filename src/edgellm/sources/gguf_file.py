@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
+from .gguf_blocks import LAYOUTS, read_blocks
 from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
 
@@ -47,9 +48,6 @@ LAYER_NAMES = {
     "gemma2": _GEMMA,
     "gemma3": {**_GEMMA, **_QK_NORMS},
 }
-# GGUF block types taken as they are: type -> (bits, has a per-block minimum). Each block holds 32
-# weights and an fp16 scale (and fp16 minimum), see ggml-common.h.
-_BLOCK_LAYOUTS = {"Q4_0": (4, False), "Q4_1": (4, True), "Q8_0": (8, False)}
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -59,6 +57,8 @@ def llama_row_permutation(rows: int, heads: int) -> np.ndarray:
 
 
 class GGUFSource:
+    default_precision = "SOURCE"  # a GGUF runs as it is stored
+
     def __init__(self, path: Path):
         import gguf
 
@@ -199,30 +199,15 @@ class GGUFSource:
 
     def packed(self, name: str) -> BlockQuantized | None:
         """The tensor's own integer blocks when its GGUF type is one edgellm runs as it is
-        (Q4_0, Q4_1, Q8_0); None for every other type, which is then read as float."""
+        (sources/gguf_blocks.py LAYOUTS: Q4_0 ... Q8_0 and the K-quants); None for every other
+        type, which is then read as float."""
         t = self._tensors.get(name)
-        layout = _BLOCK_LAYOUTS.get(t.tensor_type.name) if t is not None else None
-        if layout is None:
+        if t is None or t.tensor_type.name not in LAYOUTS:
             return None
         rows = int(t.shape[1]) if len(t.shape) == 2 else 1
-        bits, has_min = layout
-        raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1)
-        nblocks = raw.shape[1] // (2 + 2 * has_min + 32 * bits // 8)
-        blocks = raw.reshape(rows, nblocks, -1)
-        scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        minimum = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else None
-        payload = blocks[:, :, 2 + 2 * has_min :]
-        if bits == 8:
-            q = payload.view(np.int8)
-        else:  # byte j holds element j (low nibble) and element j + 16 (high nibble)
-            q = np.concatenate([payload & 0x0F, payload >> 4], axis=2)
-            q = q.astype(np.int8) - 8 if not has_min else q  # Q4_0 is (q - 8) * d: signed int4
-        blocks_q = BlockQuantized(
-            np.ascontiguousarray(q.reshape(rows, nblocks * 32)), scale, bits, 32, minimum=minimum,
-            origin=f"GGUF {t.tensor_type.name}",
-        )
+        blocks = read_blocks(np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1), t.tensor_type.name)
         permutation = self._row_permutation(name, rows)
-        return blocks_q if permutation is None else blocks_q.rows(permutation)
+        return blocks if permutation is None else blocks.rows(permutation)
 
     def storage(self, name: str) -> str:
         t = self._tensors[name].tensor_type.name

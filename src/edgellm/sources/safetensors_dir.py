@@ -73,6 +73,8 @@ class SafetensorsFile:
 
 
 class SafetensorsDirSource:
+    default_precision = "BF16"  # the compile manual's default
+
     def __init__(self, path: Path):
         self.path = path
         config_path = path / "config.json"

@@ -29,6 +29,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
     """spill: a graph.io.Spill that takes the repacked weights out of memory as they are made."""
     make = spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
     graph = model.graph
+    _fold_factored_scales(graph, make)
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -69,6 +70,31 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def _fold_factored_scales(graph: onnx.GraphProto, make) -> None:
+    """K-quant scales and minimums are Mul(Cast(integer factors), units) in the IR
+    (quant/precision.py); MatMulNBits takes float scales: each becomes its float32 product, which
+    holds it exactly."""
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    folded = set()
+    for node in graph.node:
+        cast = producer.get(node.input[0]) if node.op_type == "Mul" else None
+        if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits or node.input[1] not in inits:
+            continue
+        product = integer_values(inits[cast.input[0]]).astype(np.float32) * to_array(inits[node.input[1]])
+        graph.initializer.append(make(node.output[0], product.astype(np.float32)))
+        folded.update([cast.name, node.name])
+    if not folded:
+        return
+    kept = [n for n in graph.node if n.name not in folded]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for n in graph.node for name in n.input}
+    for t in list(graph.initializer):
+        if t.name not in used:
+            graph.initializer.remove(t)
 
 
 def _packed_weight(inits, dq: onnx.NodeProto, bits: int, signed: bool, block: int, new_inits: dict, make) -> list[str]:

@@ -77,11 +77,12 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         f'{weights_size}ULL, "{digest}", {max(arena, 64)}, '
         "(size_t)EM_LAYERS * 2 * EM_CACHE_TOKENS * EM_KV_WIDTH * sizeof(em_kv_value)};",
         "",
-        "/* kind, rows, columns, block, int8 activations, shift, float32 minimums, byte offsets of data, scale, minimum */",
+        "/* kind, rows, columns, block, int8 activations, shift, float32 minimums, byte offsets of data, scale, minimum,"
+        " scale unit, minimum unit; blocks per unit */",
         f"const em_weight_record EM_RECORDS[{max(len(records), 1)}] = {{",
     ]
     lines += [f"    {{{KINDS[r.kind]}, {r.n}, {r.k}, {r.block}, {r.int8_activations}, {r.shift}, {r.minimum_f32}, {r.data}, "
-              f"{r.scale}, {r.minimum}}},"
+              f"{r.scale}, {r.minimum}, {r.scale_unit}, {r.minimum_unit}, {r.unit_blocks}}},"
               for r in records]
     lines += ["};", f"const int EM_RECORD_COUNT = {len(records)};"]
     lines += ["", "/* LoRA branch sites: name, input and output width, columns (rank x parts) */",

@@ -33,6 +33,7 @@ from onnx import helper
 
 from ...errors import EdgeLLMError
 from ...graph.io import INTEGER_TYPES, integer_values, to_array
+from ...quant.blocks import Factored
 from .weights import WeightsFile
 
 # How many chunks a decode step's attention splits the context into, at most: the kernels' constant.
@@ -231,14 +232,25 @@ class Lowering:
             a = _attrs(node)
             if a.get("axis") != 0:
                 raise EdgeLLMError(f"{self.where}: {node.name}: a MatMul weight must be dequantized along axis 0")
-            q, scale, zero = (self.inits.get(i) if i else None for i in (list(node.input) + [""])[:3])
+            q, zero = (self.inits.get(i) if i else None for i in (list(node.input) + [""])[0:3:2])
             return self.weights.integer_matrix(
-                node.input[0], integer_values(q).T, INTEGER_TYPES[q.data_type], self._const(scale.name).T,
-                None if zero is None else integer_values(zero).T, None if minimum is None else self._const(minimum).T,
+                node.input[0], integer_values(q).T, INTEGER_TYPES[q.data_type], self._per_block(node.input[1]),
+                None if zero is None else integer_values(zero).T, None if minimum is None else self._per_block(minimum),
                 a.get("block_size", 0), self.int8_activations)
         if node.op_type == "Transpose":
             return self._codebook_weight(node)
         raise EdgeLLMError(f"{self.where}: {node.name}: unsupported weight expression {node.op_type}")
+
+    def _per_block(self, name: str):
+        """A MatMul weight's per-block scale or minimum, [N, blocks]: an initializer, or a K-quant's
+        Mul(Cast(integer factors), units) (quant/precision.py) as Factored."""
+        if name in self.inits:
+            return self._const(name).T
+        mul = self.producer.get(name)
+        cast = self.producer.get(mul.input[0]) if mul is not None and mul.op_type == "Mul" else None
+        if cast is None or cast.op_type != "Cast" or cast.input[0] not in self.inits or mul.input[1] not in self.inits:
+            raise EdgeLLMError(f"{self.where}: {name}: unsupported block scale expression")
+        return Factored(integer_values(self.inits[cast.input[0]]).T, self._const(mul.input[1]).T)
 
     def _codebook_weight(self, transpose: onnx.NodeProto) -> str:
         """Transpose(GatherElements(codebooks, Add(Cast(index), block offsets))): quant/precision.py."""
@@ -423,7 +435,7 @@ class Lowering:
             return None
         add = users[0]
         other = self.producer.get(next(i for i in add.input if i != node.output[0]))
-        if other is None or other.op_type != "MatMul" or other.input[1] not in self.inits:
+        if other is None or other.op_type != "MatMul" or not self._is_weight(other.input[1]):
             return None
         total = self.producer.get(other.input[0])
         if total is None or total.op_type != "ReduceSum":

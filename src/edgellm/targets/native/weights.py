@@ -22,12 +22,14 @@ import numpy as np
 
 from ...errors import EdgeLLMError
 from ...graph.io import tensor_bytes
+from ...quant.blocks import Factored
 
 MAGIC = b"EDGELLMW"
 VERSION = 1
 HEADER = 64
 ALIGN = 64
-KINDS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3, "cb2": 4, "cb3": 5, "cb4": 6}
+KINDS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3, "cb2": 4, "cb3": 5, "cb4": 6, "q5": 7, "q6": 8}
+UNIT_RUNS = (16, 8, 4, 2, 1)  # blocks sharing a factored scale's unit, longest first (a K-quant: 256 weights)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class WeightRecord:
     data: int  # byte offsets into the file
     scale: int = 0
     minimum: int = 0
+    scale_unit: int = 0  # factored scales (GGUF K-quants): int8 factors in scale / minimum, float16 units here
+    minimum_unit: int = 0
+    unit_blocks: int = 1
 
 
 class WeightsFile:
@@ -87,13 +92,14 @@ class WeightsFile:
 
     # ---- matrices --------------------------------------------------------------------------
 
-    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, arrays: list[np.ndarray],
-                int8_activations: int = 0, shift: int = 0) -> str:
-        offsets = [self._write(a) for a in arrays]
-        nbytes = sum(a.nbytes for a in arrays)
-        minimum_f32 = int(len(arrays) == 3 and arrays[2].dtype == np.float32)
+    def _record(self, key: tuple, kind: str, n: int, k: int, block: int, arrays: list[np.ndarray | None],
+                int8_activations: int = 0, shift: int = 0, unit_blocks: int = 1) -> str:
+        """arrays: data, then scale, minimum, scale unit, minimum unit as the kind has them (None: absent)."""
+        offsets = [0 if a is None else self._write(a) for a in arrays]
+        nbytes = sum(a.nbytes for a in arrays if a is not None)
+        minimum_f32 = int(len(arrays) >= 3 and arrays[2] is not None and arrays[2].dtype == np.float32)
         record = WeightRecord(f"EMW[{len(self.records)}]", kind, n, k, block, int8_activations, shift, minimum_f32,
-                              nbytes, *offsets)
+                              nbytes, *offsets, unit_blocks=unit_blocks)
         self.records.append(record)
         self.by_key[key] = record
         return record.symbol
@@ -126,26 +132,34 @@ class WeightsFile:
             self._record(key, "bf16", bits.shape[0], bits.shape[1], 0, [bits])
         return self.by_key[key].symbol
 
-    def integer_matrix(self, name: str, q: np.ndarray, bits_signed: tuple[int, bool], scale: np.ndarray,
-                       zero_point: np.ndarray | None, minimum: np.ndarray | None, block: int,
-                       int8_activations: bool = False) -> str:
+    def integer_matrix(self, name: str, q: np.ndarray, bits_signed: tuple[int, bool], scale, zero_point: np.ndarray | None,
+                       minimum, block: int, int8_activations: bool = False) -> str:
         """Blocks along K of an [N, K] weight: value = scale * (q - zero_point) + minimum, the IR's
-        DequantizeLinear (and Q4_1 shift) semantics; scale, zero_point, minimum [N, blocks]."""
+        DequantizeLinear (and Q4_1 shift) semantics; scale, zero_point, minimum [N, blocks], scale
+        and minimum as arrays or (K-quants) Factored. Bytes holding values of 5 or 6 bits (GGUF
+        Q5_*, Q6_K) are stored in as few bits as hold them."""
         bits, signed = bits_signed
+        if bits == 8:
+            bits = _narrowest(q, signed)
         key = (name, f"q{bits}", int8_activations)
         if key in self.by_key:
             return self.by_key[key].symbol
         n, k = q.shape
-        run = 8 if bits == 4 else 4  # columns per 64-byte load of a 16-row panel (edgellm_kernels.h)
+        run = 8 if bits < 8 else 4  # columns per group of a 16-row panel (edgellm_kernels.h)
         if block <= 0 or block % run or k % run:
             raise EdgeLLMError(f"{name}: the native target packs int{bits} weights in runs of {run} columns; "
                                f"block {block} and K {k} must be multiples of {run}")
         # Kernels read unsigned values: a signed one is stored shifted up by 2^(bits-1).
         shift = (1 << (bits - 1)) if signed else 0
         stored = (q.astype(np.int16) + shift).astype(np.uint8)
+        arrays = [_panels(stored, bits)]
+        if isinstance(scale, Factored) or isinstance(minimum, Factored):
+            if zero_point is not None:
+                raise EdgeLLMError(f"{name}: factored scales with a zero point are not a GGUF form")
+            return self._factored(key, n, k, block, arrays, scale, minimum, shift, int8_activations)
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         offset = np.zeros_like(scale) if zero_point is None else zero_point.astype(np.float32)
-        arrays = [_panels(stored, bits), _panel_blocks(_half(scale, name, "scale"))]
+        arrays.append(_panel_blocks(_half(scale, name, "scale")))
         if zero_point is not None or minimum is not None:
             # scale * (stored - shift - zero_point) + minimum = scale * stored + new minimum
             new_minimum = -scale * (offset + shift)
@@ -154,6 +168,29 @@ class WeightsFile:
             arrays.append(_panel_blocks(_exact_minimums(new_minimum, name)))
         # symmetric blocks store no minimum: the kernels derive it, -shift * scale
         return self._record(key, f"q{bits}", n, k, block, arrays, int(int8_activations), shift)
+
+    def _factored(self, key, n, k, block, arrays, scale, minimum, shift, int8_activations) -> str:
+        """Factored scale and minimum: int8 factors per block, float16 units per run of blocks."""
+        name = key[0]
+        factors = [f if isinstance(f, Factored) or f is None else Factored(np.ones(f.shape, np.int8), f)
+                   for f in (scale, minimum)]
+        if shift and factors[1] is not None:
+            raise EdgeLLMError(f"{name}: signed blocks with a stored minimum are not a GGUF form")
+        blocks = factors[0].integer.shape[1]
+        runs = next(r for r in UNIT_RUNS if blocks % r == 0 and all(
+            f is None or (f.unit.reshape(n, -1, r) == f.unit.reshape(n, -1, r)[..., :1]).all() for f in factors))
+        arrays.append(_panel_blocks(factors[0].integer.astype(np.int8)))
+        arrays.append(None if factors[1] is None else _panel_blocks(factors[1].integer.astype(np.int8)))
+        for f, what in zip(factors, ("scale", "minimum")):
+            if f is None:
+                arrays.append(None)
+                continue
+            unit = f.unit[:, ::runs]
+            half = _half(unit, name, f"{what} unit")
+            if not np.array_equal(half.astype(np.float32), unit):
+                raise EdgeLLMError(f"{name}: a factored {what}'s unit is not a float16 value")
+            arrays.append(_panel_blocks(half))
+        return self._record(key, key[1], n, k, block, arrays, int(int8_activations), shift, runs)
 
     def codebook_matrix(self, name: str, index: np.ndarray, codebook: np.ndarray, bits: int, block: int) -> str:
         """index [N, K] (values < 2^bits), codebook [N, blocks, 2^bits]: bit-packed indices in
@@ -220,17 +257,32 @@ def _padded_rows(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
+def _narrowest(q: np.ndarray, signed: bool) -> int:
+    """8, or 5 / 6 when every value fits that many bits (signed: -2^(b-1) .. 2^(b-1) - 1)."""
+    low, high = (int(q.min()), int(q.max())) if q.size else (0, 0)
+    for bits in (5, 6):
+        if (signed and -(1 << (bits - 1)) <= low and high < (1 << (bits - 1))) or (not signed and high < (1 << bits)):
+            return bits
+    return 8
+
+
 def _panels(stored: np.ndarray, bits: int) -> np.ndarray:
-    """[N, K] unsigned values -> the panel layout of edgellm_kernels.h, one 64-byte run per
-    (panel, 8 columns) for q4 or (panel, 4 columns) for q8. Blocks are whole runs, so runs in
-    column order are runs block by block."""
+    """[N, K] unsigned values -> the panel layout of edgellm_kernels.h, one group per (panel, 8
+    columns) for q4/q5/q6 or (panel, 4 columns) for q8. Blocks are whole groups, so groups in
+    column order are groups block by block."""
     v = _padded_rows(stored)
     panels, k = v.shape[0] // PANEL, v.shape[1]
     if bits == 8:  # byte 4j + i = row j, column 4g + i
         return v.reshape(panels, PANEL, k // 4, 4).transpose(0, 2, 1, 3)
     # byte 4j + i = row j: column 8g + i (low nibble), column 8g + 4 + i (high nibble)
-    v = v.reshape(panels, PANEL, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)
-    return v[..., 0] | (v[..., 1] << 4)
+    v = v.reshape(panels, PANEL, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)  # [panel, group, row j, i, half]
+    nibbles = (v[..., 0] & 15) | ((v[..., 1] & 15) << 4)
+    if bits == 4:
+        return nibbles
+    # then per high bit e (4, 5) and half: a 64-bit mask, bit 4j + i
+    masks = [np.packbits(((v[..., half] >> (4 + e)) & 1).reshape(panels, k // 8, 64), axis=2, bitorder="little")
+             for e in range(bits - 4) for half in (0, 1)]
+    return np.concatenate([nibbles.reshape(panels, k // 8, 64), *masks], axis=2)
 
 
 def _panel_blocks(per_block: np.ndarray) -> np.ndarray:

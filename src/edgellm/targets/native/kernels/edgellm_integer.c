@@ -1,4 +1,4 @@
-/* Integer-weight matmuls (q4, q8) on the panel layout of edgellm_kernels.h.
+/* Integer-weight matmuls (q4, q5, q6, q8) on the panel layout of edgellm_kernels.h.
 
    Two arithmetics, chosen per weight at compile time (em_weight.int8_activations):
    - float activations (exact: the dequantized weight times the float activations, as the IR
@@ -8,7 +8,10 @@
      and a block's dot products run as integer dot-product instructions (AVX-512 VNNI vpdpbusd:
      64 multiply-adds per instruction), then
          y += scale_w * scale_x * (q . xq) + minimum_w * scale_x * sum(xq)
-     which is exactly the dequantized weight times the quantized activations.
+     which is exactly the dequantized weight times the quantized activations. Symmetric blocks
+     (stored shifted up by 2^(bits-1)) take the shift off in integers, (q - shift) . xq, rather
+     than as a float minimum: the two float terms would nearly cancel, and their rounding
+     would then differ between instruction sets (measured: 4e-3 of the largest logit, Q6_K).
    Threads split the panels (16 output rows each).
 */
 #include "edgellm_simd.h"
@@ -21,9 +24,13 @@
 #define EM_PREFETCH 8192
 #endif
 
-static inline int is_q4(const em_weight *w) { return w->kind == EM_Q4; }
-static inline size_t panel_bytes(const em_weight *w) { return (size_t)w->k * (is_q4(w) ? 8 : 16); }
-static inline size_t block_bytes(const em_weight *w) { return (size_t)w->block * (is_q4(w) ? 8 : 16); }
+/* q4, q5, q6: 8 columns per group of 16 rows (nibbles, then the high-bit masks); q8: 4 columns. */
+static inline int nibbles(const em_weight *w) { return w->kind != EM_Q8; }
+static inline int high_bits(const em_weight *w) { return w->kind == EM_Q5 ? 1 : w->kind == EM_Q6 ? 2 : 0; }
+static inline int group_bytes(const em_weight *w) { return 64 + 16 * high_bits(w); }
+static inline int group_columns(const em_weight *w) { return nibbles(w) ? 8 : 4; }
+static inline size_t panel_bytes(const em_weight *w) { return (size_t)w->k / group_columns(w) * group_bytes(w); }
+static inline size_t block_bytes(const em_weight *w) { return (size_t)w->block / group_columns(w) * group_bytes(w); }
 static inline int block_len(const em_weight *w, int b) {
     const int rest = w->k - b * w->block;
     return rest < w->block ? rest : w->block;
@@ -34,20 +41,57 @@ static inline const uint8_t *block_data(const em_weight *w, int p, int b) {
     return (const uint8_t *)w->data + (size_t)p * panel_bytes(w) + (size_t)b * block_bytes(w);
 }
 
+/* A group's high-bit mask e (0: bit 4, 1: bit 5) of its low (half 0) or high (half 1) nibbles. */
+static inline uint64_t high_mask(const uint8_t *group, int e, int half) {
+    uint64_t m;
+    memcpy(&m, group + 64 + 16 * e + 8 * half, 8);
+    return m;
+}
+
 static inline size_t scale_index(const em_weight *w, int p, int b) { return ((size_t)p * em_blocks(w) + b) * PANEL; }
+static inline size_t unit_index(const em_weight *w, int p, int b) {
+    return ((size_t)p * (em_blocks(w) / w->unit_blocks) + b / w->unit_blocks) * PANEL;
+}
+
+/* 16 float16 units times 16 int8 factors (a factored scale or minimum). */
+static inline void factored(const uint16_t *unit, const int8_t *factor, float *out) {
+    float u[PANEL];
+    halves(unit, PANEL, u);
+    for (int j = 0; j < PANEL; j++) out[j] = u[j] * (float)factor[j];
+}
+
+/* A (panel, block)'s 16 scales. */
+static inline void block_scales(const em_weight *w, int p, int b, float *d) {
+    if (w->scale_unit) factored(w->scale_unit + unit_index(w, p, b), (const int8_t *)w->scale + scale_index(w, p, b), d);
+    else halves(w->scale + scale_index(w, p, b), PANEL, d);
+}
 
 /* A (panel, block)'s 16 minimums: stored, or for symmetric blocks (no minimum array: the
    weights file leaves it out) minus the storage shift times the scale. */
 static inline void block_minimums(const em_weight *w, int p, int b, const float *d, float *m) {
     if (!w->minimum)
         for (int j = 0; j < PANEL; j++) m[j] = -w->shift * d[j];
+    else if (w->minimum_unit)
+        factored(w->minimum_unit + unit_index(w, p, b), (const int8_t *)w->minimum + scale_index(w, p, b), m);
     else if (w->minimum_f32) memcpy(m, (const float *)w->minimum + scale_index(w, p, b), sizeof(float) * PANEL);
     else halves((const uint16_t *)w->minimum + scale_index(w, p, b), PANEL, m);
 }
 
 #if EM_AVX512
+static inline __m512 factored16(const uint16_t *unit, const int8_t *factor) {
+    const __m512 u = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    return _mm512_mul_ps(u, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)factor))));
+}
+
+static inline __m512 scales16(const em_weight *w, int p, int b) {
+    if (w->scale_unit) return factored16(w->scale_unit + unit_index(w, p, b), (const int8_t *)w->scale + scale_index(w, p, b));
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
+}
+
 static inline __m512 minimums16(const em_weight *w, int p, int b, __m512 d) {
     if (!w->minimum) return _mm512_mul_ps(d, _mm512_set1_ps(-w->shift));
+    if (w->minimum_unit)
+        return factored16(w->minimum_unit + unit_index(w, p, b), (const int8_t *)w->minimum + scale_index(w, p, b));
     if (w->minimum_f32) return _mm512_loadu_ps((const float *)w->minimum + scale_index(w, p, b));
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->minimum + scale_index(w, p, b))));
 }
@@ -55,16 +99,19 @@ static inline __m512 minimums16(const em_weight *w, int p, int b, __m512 d) {
 
 /* Stored (unsigned) value of row j of a panel block, at column c of the block. */
 static inline int stored_value(const em_weight *w, const uint8_t *blk, int j, int c) {
-    if (!is_q4(w)) return blk[(c / 4) * 64 + 4 * j + c % 4];
-    const uint8_t byte = blk[(c / 8) * 64 + 4 * j + c % 4];
-    return c % 8 < 4 ? byte & 15 : byte >> 4;
+    if (!nibbles(w)) return blk[(c / 4) * 64 + 4 * j + c % 4];
+    const uint8_t *group = blk + (size_t)(c / 8) * group_bytes(w);
+    const int i = 4 * j + c % 4, half = c % 8 >= 4;
+    int v = half ? group[i] >> 4 : group[i] & 15;
+    for (int e = 0; e < high_bits(w); e++) v |= (int)((high_mask(group, e, half) >> i) & 1) << (4 + e);
+    return v;
 }
 
 void em_integer_row(const em_weight *w, int n, float *out) {
     const int p = n / PANEL, j = n % PANEL;
     for (int b = 0; b < em_blocks(w); b++) {
         float ds[PANEL], ms[PANEL];
-        halves(w->scale + scale_index(w, p, b), PANEL, ds);
+        block_scales(w, p, b, ds);
         block_minimums(w, p, b, ds, ms);
         const float d = ds[j], m = ms[j];
         const uint8_t *blk = block_data(w, p, b);
@@ -83,21 +130,26 @@ static void store_panel(const float *values, int p, int n, float *y) {
    16 little-endian words holds row j in word j (edgellm_kernels.h), so each column is one shift
    and mask across the 16 words: loops over the rows the compiler vectorizes for any target. */
 static void panel_floats(const em_weight *w, int p, float *wf) {
-    const int columns = is_q4(w) ? 8 : 4; /* per 64-byte group */
+    const int columns = group_columns(w), G = group_bytes(w);
     for (int b = 0; b < em_blocks(w); b++) {
         float d[PANEL], m[PANEL];
-        halves(w->scale + scale_index(w, p, b), PANEL, d);
+        block_scales(w, p, b, d);
         block_minimums(w, p, b, d, m);
         const uint8_t *blk = block_data(w, p, b);
         float *dst = wf + (size_t)b * w->block * PANEL;
         const int len = block_len(w, b), whole = len / columns;
         for (int g = 0; g < whole; g++) {
             uint32_t word[PANEL];
-            memcpy(word, blk + 64 * g, 64);
+            memcpy(word, blk + (size_t)G * g, 64);
             float *out = dst + (size_t)g * columns * PANEL;
+            if (high_bits(w)) { /* q5, q6: nibbles and the bits of the group's masks */
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < PANEL; j++) out[c * PANEL + j] = d[j] * (float)stored_value(w, blk + (size_t)G * g, j, c) + m[j];
+                continue;
+            }
             for (int i = 0; i < 4; i++) {
                 const int shift = 8 * i;
-                if (is_q4(w)) {
+                if (nibbles(w)) {
                     for (int j = 0; j < PANEL; j++) out[i * PANEL + j] = d[j] * (float)((word[j] >> shift) & 15) + m[j];
                     for (int j = 0; j < PANEL; j++) out[(4 + i) * PANEL + j] = d[j] * (float)((word[j] >> (shift + 4)) & 15) + m[j];
                 } else {
@@ -176,7 +228,35 @@ static void panel_times_rows(const float *wf, int K, const float *x, int S, int 
 }
 
 #if EM_AVX512
-/* Decode, float activations: 16 rows x 8 columns (q4) or x 4 (q8) per 64 bytes, in registers.
+/* One block of a nibble kind (H high-bit masks per group: 0 q4, 1 q5, 2 q6) against float
+   activations, into panel_decode_f32's accumulators. Byte i of a group is lane i % 16 of load
+   i / 16, so mask bits 16r.. are that load's lanes. */
+static inline __attribute__((always_inline)) void nibbles_f32(const uint8_t *blk, int len, const float *xb, int H,
+                                                              __m512 *bacc) {
+    const __m512i low = _mm512_set1_epi32(15);
+    const size_t G = 64 + 16 * (size_t)H;
+    for (int g = 0; g < len / 8; g++) {
+        const uint8_t *group = blk + G * g;
+        _mm_prefetch((const char *)group + EM_PREFETCH, _MM_HINT_T0);
+        const __m512 xlo = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g));
+        const __m512 xhi = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g + 4));
+        uint64_t mask[2][2] = {{0, 0}, {0, 0}};
+        for (int e = 0; e < H; e++) mask[e][0] = high_mask(group, e, 0), mask[e][1] = high_mask(group, e, 1);
+        for (int r = 0; r < 4; r++) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group + 16 * r)));
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+            for (int e = 0; e < H; e++) {
+                const __m512i bit = _mm512_set1_epi32(16 << e);
+                lo = _mm512_mask_add_epi32(lo, (__mmask16)(mask[e][0] >> (16 * r)), lo, bit);
+                hi = _mm512_mask_add_epi32(hi, (__mmask16)(mask[e][1] >> (16 * r)), hi, bit);
+            }
+            bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), xlo, bacc[r]);
+            bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), xhi, bacc[r]);
+        }
+    }
+}
+
+/* Decode, float activations: 16 rows x 8 columns (q4, q5, q6) or x 4 (q8) per group, in registers.
    Accumulator r holds rows 4r..4r+3, lane 4i + c for row 4r + i and column c mod 4. */
 static void panel_decode_f32(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
     const int nb = em_blocks(w), B = w->block;
@@ -187,22 +267,16 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
         spread[r] = _mm512_setr_epi32(4 * r, 4 * r, 4 * r, 4 * r, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 2,
                                       4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3);
     }
-    const __m512i low = _mm512_set1_epi32(15);
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = block_data(w, p, b);
         const float *xb = x + (size_t)b * B;
         const int len = block_len(w, b);
         __m512 bacc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        if (is_q4(w)) {
-            for (int g = 0; g < len / 8; g++) {
-                _mm_prefetch((const char *)blk + 64 * g + EM_PREFETCH, _MM_HINT_T0);
-                const __m512 xlo = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g));
-                const __m512 xhi = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g + 4));
-                for (int r = 0; r < 4; r++) {
-                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * g + 16 * r)));
-                    bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), xlo, bacc[r]);
-                    bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), xhi, bacc[r]);
-                }
+        if (nibbles(w)) {
+            switch (high_bits(w)) { /* a constant per case: q4 pays nothing for the masks */
+            case 0: nibbles_f32(blk, len, xb, 0, bacc); break;
+            case 1: nibbles_f32(blk, len, xb, 1, bacc); break;
+            default: nibbles_f32(blk, len, xb, 2, bacc);
             }
         } else {
             for (int g = 0; g < len / 4; g++) {
@@ -214,7 +288,7 @@ static void panel_decode_f32(const em_weight *w, int p, const float *x, const fl
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
+        const __m512 d = scales16(w, p, b);
         const __m512 m = minimums16(w, p, b, d);
         for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(bacc[r], _mm512_permutexvar_ps(spread[r], d), acc[r]);
         macc = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[b]), macc);
@@ -234,29 +308,55 @@ static inline __m256 broadcast4(const float *p) {
     return _mm256_set_m128(v, v);
 }
 
+/* 8 mask bits -> 8 lanes of `value` or 0 (lane i: bit i). */
+static inline __m256i bits_to_lanes(uint32_t bits, int value) {
+    const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), select), select);
+    return _mm256_and_si256(set, _mm256_set1_epi32(value));
+}
+
+/* One block of a nibble kind (H high-bit masks per group) against float activations, AVX2. */
+static inline __attribute__((always_inline)) void nibbles_f32_avx2(const uint8_t *blk, int len, const float *xb, int H,
+                                                                   __m256 *acc) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const size_t G = 64 + 16 * (size_t)H;
+    for (int g = 0; g < len / 8; g++) {
+        const uint8_t *group = blk + G * g;
+        __builtin_prefetch(group + EM_PREFETCH);
+        const __m256 xlo = broadcast4(xb + 8 * g);
+        const __m256 xhi = broadcast4(xb + 8 * g + 4);
+        uint64_t mask[2][2] = {{0, 0}, {0, 0}};
+        for (int e = 0; e < H; e++) mask[e][0] = high_mask(group, e, 0), mask[e][1] = high_mask(group, e, 1);
+        for (int h = 0; h < 8; h++) {
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(group + 8 * h)));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi32(v, 4);
+            for (int e = 0; e < H; e++) {
+                lo = _mm256_add_epi32(lo, bits_to_lanes((uint32_t)(mask[e][0] >> (8 * h)) & 255, 16 << e));
+                hi = _mm256_add_epi32(hi, bits_to_lanes((uint32_t)(mask[e][1] >> (8 * h)) & 255, 16 << e));
+            }
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), xlo, acc[h]);
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), xhi, acc[h]);
+        }
+    }
+}
+
 /* Decode, float activations, AVX2: each 8 bytes of a 64-byte group are two rows x 4 columns (q8)
    or two rows x 8 columns as nibbles (q4): accumulator h holds rows 2h and 2h + 1, lane
    4 * (row - 2h) + column mod 4. */
 static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
     const int nb = em_blocks(w), B = w->block;
     float total[8 * 8] = {0}, minimum_total[PANEL] = {0};
-    const __m256i low = _mm256_set1_epi32(15);
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = block_data(w, p, b);
         const float *xb = x + (size_t)b * B;
         const int len = block_len(w, b);
         __m256 acc[8];
         for (int h = 0; h < 8; h++) acc[h] = _mm256_setzero_ps();
-        if (is_q4(w)) {
-            for (int g = 0; g < len / 8; g++) {
-                __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
-                const __m256 xlo = broadcast4(xb + 8 * g);
-                const __m256 xhi = broadcast4(xb + 8 * g + 4);
-                for (int h = 0; h < 8; h++) {
-                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h)));
-                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xlo, acc[h]);
-                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xhi, acc[h]);
-                }
+        if (nibbles(w)) {
+            switch (high_bits(w)) {
+            case 0: nibbles_f32_avx2(blk, len, xb, 0, acc); break;
+            case 1: nibbles_f32_avx2(blk, len, xb, 1, acc); break;
+            default: nibbles_f32_avx2(blk, len, xb, 2, acc);
             }
         } else {
             for (int g = 0; g < len / 4; g++) {
@@ -269,7 +369,7 @@ static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, con
             }
         }
         float d[PANEL], m[PANEL];
-        halves(w->scale + scale_index(w, p, b), PANEL, d);
+        block_scales(w, p, b, d);
         block_minimums(w, p, b, d, m);
         for (int h = 0; h < 8; h++) {
             const __m256 dh = _mm256_setr_m128(_mm_set1_ps(d[2 * h]), _mm_set1_ps(d[2 * h + 1]));
@@ -287,6 +387,20 @@ static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, con
 #endif
 
 #if EM_NEON
+/* Bits 16r.. of a group's high-bit masks of one half (0: low nibbles, 1: high), as 16 bytes
+   holding the bits' values (16, 32) to add to the load's nibbles. */
+static inline uint8x16_t neon_high_bits(const uint8_t *group, int H, int half, int r) {
+    static const uint8_t select_bits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t select = vld1q_u8(select_bits);
+    uint8x16_t out = vdupq_n_u8(0);
+    for (int e = 0; e < H; e++) {
+        const uint64_t m = high_mask(group, e, half) >> (16 * r);
+        const uint8x16_t b = vcombine_u8(vdup_n_u8((uint8_t)m), vdup_n_u8((uint8_t)(m >> 8)));
+        out = vorrq_u8(out, vandq_u8(vtstq_u8(b, select), vdupq_n_u8((uint8_t)(16 << e))));
+    }
+    return out;
+}
+
 /* Decode, float activations, NEON: each 16 bytes of a 64-byte group are four rows x 4 columns
    (q8) or four rows x 8 columns as nibbles (q4); accumulator j holds row j's 4 columns. */
 static void panel_decode_f32_neon(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
@@ -300,19 +414,23 @@ static void panel_decode_f32_neon(const em_weight *w, int p, const float *x, con
         const int len = block_len(w, b);
         float32x4_t acc[PANEL];
         for (int j = 0; j < PANEL; j++) acc[j] = vdupq_n_f32(0.0f);
-        const int step = is_q4(w) ? 8 : 4;
+        const int step = group_columns(w), H = high_bits(w);
+        const size_t G = group_bytes(w);
         for (int g = 0; g < len / step; g++) {
-            __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
-            const float32x4_t xlo = vld1q_f32(xb + step * g), xhi = is_q4(w) ? vld1q_f32(xb + 8 * g + 4) : xlo;
+            const uint8_t *group = blk + G * g;
+            __builtin_prefetch(group + EM_PREFETCH);
+            const float32x4_t xlo = vld1q_f32(xb + step * g), xhi = nibbles(w) ? vld1q_f32(xb + 8 * g + 4) : xlo;
             for (int r = 0; r < 4; r++) {
-                const uint8x16_t v = vld1q_u8(blk + 64 * g + 16 * r);
-                const uint8x16_t lo = is_q4(w) ? vandq_u8(v, vdupq_n_u8(15)) : v;
+                const uint8x16_t v = vld1q_u8(group + 16 * r);
+                uint8x16_t lo = nibbles(w) ? vandq_u8(v, vdupq_n_u8(15)) : v;
+                if (H) lo = vorrq_u8(lo, neon_high_bits(group, H, 0, r));
                 const uint16x8_t lo01 = vmovl_u8(vget_low_u8(lo)), lo23 = vmovl_u8(vget_high_u8(lo));
                 const uint16x4_t rows_lo[4] = {vget_low_u16(lo01), vget_high_u16(lo01), vget_low_u16(lo23), vget_high_u16(lo23)};
                 for (int i = 0; i < 4; i++)
                     acc[4 * r + i] = vfmaq_f32(acc[4 * r + i], vcvtq_f32_u32(vmovl_u16(rows_lo[i])), xlo);
-                if (is_q4(w)) {
-                    const uint8x16_t hi = vshrq_n_u8(v, 4);
+                if (nibbles(w)) {
+                    uint8x16_t hi = vshrq_n_u8(v, 4);
+                    if (H) hi = vorrq_u8(hi, neon_high_bits(group, H, 1, r));
                     const uint16x8_t hi01 = vmovl_u8(vget_low_u8(hi)), hi23 = vmovl_u8(vget_high_u8(hi));
                     const uint16x4_t rows_hi[4] = {vget_low_u16(hi01), vget_high_u16(hi01), vget_low_u16(hi23), vget_high_u16(hi23)};
                     for (int i = 0; i < 4; i++)
@@ -321,7 +439,7 @@ static void panel_decode_f32_neon(const em_weight *w, int p, const float *x, con
             }
         }
         float d[PANEL], m[PANEL];
-        halves(w->scale + scale_index(w, p, b), PANEL, d);
+        block_scales(w, p, b, d);
         block_minimums(w, p, b, d, m);
         for (int j = 0; j < PANEL; j++) {
             total[j] = vfmaq_n_f32(total[j], acc[j], d[j]);
@@ -419,7 +537,8 @@ static inline int32_t four_bytes(const int8_t *p) {
 #if defined(__AVX512VNNI__) && EM_AVX512
 /* T activation rows (T <= 8, a compile-time constant after inlining) against panel p. */
 static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weight *w, int p, const int8_t *xq,
-                                                                   const float *dx, const float *xs, int s0, int T,
+                                                                   const float *dx, const int32_t *xn, const float *xs,
+                                                                   int s0, int T,
                                                                    float *y) {
     const int K = w->k, nb = em_blocks(w), B = w->block;
     const __m512i low = _mm512_set1_epi8(15);
@@ -430,11 +549,19 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
         const int len = block_len(w, b);
         __m512i bacc[8];
         for (int t = 0; t < T; t++) bacc[t] = _mm512_setzero_si512();
-        if (is_q4(w)) {
+        if (nibbles(w)) {
+            const int H = high_bits(w);
+            const size_t G = group_bytes(w);
             for (int g = 0; g < len / 8; g++) {
-                _mm_prefetch((const char *)blk + 64 * g + EM_PREFETCH, _MM_HINT_T0);
-                const __m512i v = _mm512_loadu_si512(blk + 64 * g);
-                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                const uint8_t *group = blk + G * g;
+                _mm_prefetch((const char *)group + EM_PREFETCH, _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512(group);
+                __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                for (int e = 0; e < H; e++) { /* q5, q6: byte i's bits 4 (and 5) from the masks */
+                    const __m512i bit = _mm512_set1_epi8((char)(16 << e));
+                    lo = _mm512_mask_add_epi8(lo, (__mmask64)high_mask(group, e, 0), lo, bit);
+                    hi = _mm512_mask_add_epi8(hi, (__mmask64)high_mask(group, e, 1), hi, bit);
+                }
                 for (int t = 0; t < T; t++) {
                     const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B + 8 * g;
                     bacc[t] = _mm512_dpbusd_epi32(bacc[t], lo, _mm512_set1_epi32(four_bytes(xr)));
@@ -451,12 +578,14 @@ static inline __attribute__((always_inline)) void panel_int8_vnni(const em_weigh
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + scale_index(w, p, b))));
-        const __m512 m = minimums16(w, p, b, d);
+        const __m512 d = scales16(w, p, b);
+        const __m512 m = w->minimum ? minimums16(w, p, b, d) : _mm512_setzero_ps();
         for (int t = 0; t < T; t++) {
             const size_t i = (size_t)(s0 + t) * nb + b;
+            if (!w->minimum) /* symmetric: the signed values' dot product, exactly */
+                bacc[t] = _mm512_sub_epi32(bacc[t], _mm512_set1_epi32((int32_t)w->shift * xn[i]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bacc[t]), _mm512_mul_ps(d, _mm512_set1_ps(dx[i])), acc[t]);
-            acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i]), acc[t]);
+            if (w->minimum) acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i]), acc[t]);
         }
     }
     for (int t = 0; t < T; t++) {
@@ -479,15 +608,23 @@ static void panel_int8_neon(const em_weight *w, int p, const int8_t *xq, const f
             const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
             const size_t i = (size_t)(s0 + t) * nb + b;
             int32x4_t bacc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
-            if (is_q4(w)) { /* values 0..15 are valid signed bytes */
+            if (nibbles(w)) { /* values 0..63 are valid signed bytes */
+                const int H = high_bits(w);
+                const size_t G = group_bytes(w);
                 for (int g = 0; g < block_len(w, b) / 8; g++) {
-                    __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
+                    const uint8_t *group = blk + G * g;
+                    __builtin_prefetch(group + EM_PREFETCH);
                     const int8x16_t lo_x = vreinterpretq_s8_s32(vdupq_n_s32(four_bytes(xr + 8 * g)));
                     const int8x16_t hi_x = vreinterpretq_s8_s32(vdupq_n_s32(four_bytes(xr + 8 * g + 4)));
                     for (int r = 0; r < 4; r++) {
-                        const uint8x16_t v = vld1q_u8(blk + 64 * g + 16 * r);
-                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), lo_x);
-                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), hi_x);
+                        const uint8x16_t v = vld1q_u8(group + 16 * r);
+                        uint8x16_t lo = vandq_u8(v, vdupq_n_u8(15)), hi = vshrq_n_u8(v, 4);
+                        if (H) {
+                            lo = vorrq_u8(lo, neon_high_bits(group, H, 0, r));
+                            hi = vorrq_u8(hi, neon_high_bits(group, H, 1, r));
+                        }
+                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(lo), lo_x);
+                        bacc[r] = vdotq_s32(bacc[r], vreinterpretq_s8_u8(hi), hi_x);
                     }
                 }
             } else { /* u = (u - 128) + 128: signed bytes, then 128 * sum(xq) back */
@@ -502,12 +639,13 @@ static void panel_int8_neon(const em_weight *w, int p, const int8_t *xq, const f
                 for (int r = 0; r < 4; r++) bacc[r] = vaddq_s32(bacc[r], vdupq_n_s32(128 * xn[i]));
             }
             float d[PANEL], m[PANEL];
-            halves(w->scale + scale_index(w, p, b), PANEL, d);
+            block_scales(w, p, b, d);
             block_minimums(w, p, b, d, m);
             for (int r = 0; r < 4; r++) {
                 const float32x4_t dr = vld1q_f32(d + 4 * r), mr = vld1q_f32(m + 4 * r);
+                if (!w->minimum) bacc[r] = vsubq_s32(bacc[r], vdupq_n_s32((int32_t)w->shift * xn[i])); /* signed, exactly */
                 acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(bacc[r]), vmulq_n_f32(dr, dx[i]));
-                acc[r] = vfmaq_n_f32(acc[r], mr, xs[i]);
+                if (w->minimum) acc[r] = vfmaq_n_f32(acc[r], mr, xs[i]);
             }
         }
         float out[PANEL];
@@ -530,6 +668,15 @@ static inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
+/* 32 mask bits -> 32 bytes of `value` or 0 (byte i: bit i). */
+static inline __m256i bits_to_bytes(uint32_t bits, int value) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                                            3, 3, 3, 3, 3); /* byte i <- source byte i / 8 */
+    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select), _mm256_set1_epi8((char)value));
+}
+
 static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const float *dx, const int32_t *xn,
                             const float *xs, int s0, int T, float *y) {
     const int K = w->k, nb = em_blocks(w), B = w->block;
@@ -541,14 +688,22 @@ static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const f
             const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
             const size_t i = (size_t)(s0 + t) * nb + b;
             __m256i bacc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            if (is_q4(w)) {
+            if (nibbles(w)) { /* q5, q6 values (< 64) keep vpmaddubsw's pair sums in range too */
+                const int H = high_bits(w);
+                const size_t G = group_bytes(w);
                 for (int g = 0; g < block_len(w, b) / 8; g++) {
-                    __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
+                    const uint8_t *group = blk + G * g;
+                    __builtin_prefetch(group + EM_PREFETCH);
                     const __m256i lo_x = _mm256_set1_epi32(four_bytes(xr + 8 * g)), hi_x = _mm256_set1_epi32(four_bytes(xr + 8 * g + 4));
                     for (int h = 0; h < 2; h++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * h));
-                        bacc[h] = dot_u8_s8(bacc[h], _mm256_and_si256(v, low), lo_x);
-                        bacc[h] = dot_u8_s8(bacc[h], _mm256_and_si256(_mm256_srli_epi16(v, 4), low), hi_x);
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(group + 32 * h));
+                        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        for (int e = 0; e < H; e++) {
+                            lo = _mm256_add_epi8(lo, bits_to_bytes((uint32_t)(high_mask(group, e, 0) >> (32 * h)), 16 << e));
+                            hi = _mm256_add_epi8(hi, bits_to_bytes((uint32_t)(high_mask(group, e, 1) >> (32 * h)), 16 << e));
+                        }
+                        bacc[h] = dot_u8_s8(bacc[h], lo, lo_x);
+                        bacc[h] = dot_u8_s8(bacc[h], hi, hi_x);
                     }
                 }
             } else {
@@ -570,12 +725,14 @@ static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const f
 #endif
             }
             float ds[PANEL], ms[PANEL];
-            halves(w->scale + scale_index(w, p, b), PANEL, ds);
+            block_scales(w, p, b, ds);
             block_minimums(w, p, b, ds, ms);
             for (int h = 0; h < 2; h++) {
                 const __m256 d = _mm256_loadu_ps(ds + 8 * h), m = _mm256_loadu_ps(ms + 8 * h);
+                if (!w->minimum) /* symmetric: the signed values' dot product, exactly */
+                    bacc[h] = _mm256_sub_epi32(bacc[h], _mm256_set1_epi32((int32_t)w->shift * xn[i]));
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bacc[h]), _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[h]);
-                acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[i]), acc[h]);
+                if (w->minimum) acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[i]), acc[h]);
             }
         }
         float out[PANEL];
@@ -587,7 +744,8 @@ static void panel_int8_avx2(const em_weight *w, int p, const int8_t *xq, const f
 #endif
 
 /* The same arithmetic in portable C (and the reference for the SIMD paths). */
-__attribute__((unused)) static void panel_int8_portable(const em_weight *w, int p, const int8_t *xq, const float *dx, const float *xs, int s0,
+__attribute__((unused)) static void panel_int8_portable(const em_weight *w, int p, const int8_t *xq, const float *dx,
+                                                        const int32_t *xn, const float *xs, int s0,
                                 int T, float *y) {
     const int K = w->k, nb = em_blocks(w), B = w->block;
     for (int t = 0; t < T; t++) {
@@ -596,13 +754,16 @@ __attribute__((unused)) static void panel_int8_portable(const em_weight *w, int 
             const uint8_t *blk = block_data(w, p, b);
             const int8_t *xr = xq + (size_t)(s0 + t) * K + (size_t)b * B;
             float d[PANEL], m[PANEL];
-            halves(w->scale + scale_index(w, p, b), PANEL, d);
+            block_scales(w, p, b, d);
             block_minimums(w, p, b, d, m);
             const size_t i = (size_t)(s0 + t) * nb + b;
             for (int j = 0; j < PANEL; j++) {
                 int32_t dot = 0;
                 for (int c = 0; c < block_len(w, b); c++) dot += stored_value(w, blk, j, c) * xr[c];
-                acc[j] += d[j] * dx[i] * (float)dot + m[j] * xs[i];
+                /* fused multiply-adds, rounded as the SIMD paths round them */
+                if (!w->minimum) dot -= (int32_t)w->shift * xn[i]; /* symmetric: signed, exactly */
+                acc[j] = fmaf((float)dot, d[j] * dx[i], acc[j]);
+                if (w->minimum) acc[j] = fmaf(m[j], xs[i], acc[j]);
             }
         }
         store_panel(acc, p, w->n, y + (size_t)(s0 + t) * w->n);
@@ -614,24 +775,23 @@ __attribute__((unused)) static void panel_int8_portable(const em_weight *w, int 
 static inline __attribute__((always_inline)) void panel_int8(const em_weight *w, int p, const int8_t *xq,
                                                              const float *dx, const int32_t *xn, const float *xs,
                                                              int s0, int T, float *y) {
-    (void)xn;
 #if defined(__AVX512VNNI__) && EM_AVX512
     switch (T) { /* constant T per case: the accumulators stay in registers */
-    case 1: panel_int8_vnni(w, p, xq, dx, xs, s0, 1, y); break;
-    case 2: panel_int8_vnni(w, p, xq, dx, xs, s0, 2, y); break;
-    case 3: panel_int8_vnni(w, p, xq, dx, xs, s0, 3, y); break;
-    case 4: panel_int8_vnni(w, p, xq, dx, xs, s0, 4, y); break;
-    case 5: panel_int8_vnni(w, p, xq, dx, xs, s0, 5, y); break;
-    case 6: panel_int8_vnni(w, p, xq, dx, xs, s0, 6, y); break;
-    case 7: panel_int8_vnni(w, p, xq, dx, xs, s0, 7, y); break;
-    default: panel_int8_vnni(w, p, xq, dx, xs, s0, 8, y);
+    case 1: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 1, y); break;
+    case 2: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 2, y); break;
+    case 3: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 3, y); break;
+    case 4: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 4, y); break;
+    case 5: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 5, y); break;
+    case 6: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 6, y); break;
+    case 7: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 7, y); break;
+    default: panel_int8_vnni(w, p, xq, dx, xn, xs, s0, 8, y);
     }
 #elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
     panel_int8_neon(w, p, xq, dx, xn, xs, s0, T, y);
 #elif EM_AVX2
     panel_int8_avx2(w, p, xq, dx, xn, xs, s0, T, y);
 #else
-    panel_int8_portable(w, p, xq, dx, xs, s0, T, y);
+    panel_int8_portable(w, p, xq, dx, xn, xs, s0, T, y);
 #endif
 }
 

@@ -219,7 +219,7 @@ static float cb_dot(const em_weight *w, int n, const float *x) {
 /* Row n of a float or codebook weight (prefill and embedding lookups). */
 static void float_row(const em_weight *w, int n, float *out) {
     const int K = w->k;
-    if (w->kind >= EM_CB2) {
+    if ((w->kind >= EM_CB2 && w->kind <= EM_CB4)) {
         cb_row(w, n, out);
         return;
     }
@@ -242,7 +242,7 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
         em_team_matmul(x, w, y, &plain);
         return;
     }
-    if (w->kind == EM_Q4 || w->kind == EM_Q8) {
+    if (em_integer_kind(w->kind)) {
         em_matmul_integer(x, S, w, y);
         return;
     }
@@ -266,7 +266,7 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
 }
 
 void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusion *f) {
-    if (w->kind == EM_Q4 || w->kind == EM_Q8) {
+    if (em_integer_kind(w->kind)) {
         em_team_matmul_integer(x, w, y, f);
         return;
     }
@@ -283,7 +283,7 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
 #if !EM_CB_DOT
-        if (w->kind >= EM_CB2) cb_row(w, n, row);
+        if ((w->kind >= EM_CB2 && w->kind <= EM_CB4)) cb_row(w, n, row);
 #endif
         for (int s = 0; s < rows; s++) { /* the weight row stays in cache for every row */
             const float *xs = xp + (size_t)s * K;
@@ -311,7 +311,7 @@ void em_team_matmul(const float *x, const em_weight *w, float *y, const em_fusio
 void em_embed(const int64_t *ids, int S, const em_weight *w, float *out) {
     for (int s = 0; s < S; s++) {
         if (ids[s] < 0) continue; /* an embedding row the caller gives (em_embedding_rows) */
-        if (w->kind == EM_Q4 || w->kind == EM_Q8) em_integer_row(w, (int)ids[s], out + (size_t)s * w->k);
+        if (em_integer_kind(w->kind)) em_integer_row(w, (int)ids[s], out + (size_t)s * w->k);
         else float_row(w, (int)ids[s], out + (size_t)s * w->k);
     }
 }

@@ -6,16 +6,22 @@
 
      f32   [N][K] float32 (a MatMul weight transposed: one output row is contiguous)
      bf16  [N][K] bfloat16 bits
-   Integer weights (q4, q8) are unsigned and repacked in panels of 16 rows (the last panel padded
-   with zero rows), block by block along K, so that one 64-byte load feeds a 16-row dot-product
-   instruction (AVX-512 VNNI vpdpbusd) or four 16-lane float FMAs:
+   Integer weights (q4, q5, q6, q8) are unsigned and repacked in panels of 16 rows (the last
+   panel padded with zero rows), block by block along K, so that one 64-byte load feeds a 16-row
+   dot-product instruction (AVX-512 VNNI vpdpbusd) or four 16-lane float FMAs:
      q8    per panel, per block, per 4 columns: 64 bytes, byte 4j + i = row j, column 4g + i
      q4    per panel, per block, per 8 columns: 64 bytes, byte 4j + i holds row j's column
            8g + i in its low nibble and column 8g + 4 + i in its high nibble
-   with scale and minimum arrays [panels][blocks][16] (float16 bits): a weight is
-   scale * q + minimum over its block. That one form holds symmetric blocks (minimum = -8 scale
-   for q4, -128 scale for q8: not stored, derived from the scale), zero points
-   (minimum = -scale * zero_point) and GGUF Q4_1's float minimums.
+     q5    as q4, then two 8-byte bit masks (64-bit little-endian): bit i of the first is bit 4
+           of byte i's low-nibble value, of the second of its high-nibble value (80 bytes)
+     q6    as q5, then two more masks with bit 5 of each (96 bytes)
+   (GGUF's Q5_0, Q5_1, Q5_K and Q6_K keep their 5 and 6 bits at their own size.) With scale and
+   minimum arrays [panels][blocks][16] (float16 bits): a weight is scale * q + minimum over its
+   block. That one form holds symmetric blocks (minimum = -2^(bits-1) scale: not stored,
+   derived from the scale), zero points (minimum = -scale * zero_point) and GGUF Q4_1's float
+   minimums. Factored scales (GGUF K-quants: a float16 unit per super-block times an integer per
+   block, which float16 alone cannot hold): scale (and minimum) are then int8 factors
+   [panels][blocks][16] and scale_unit (minimum_unit) float16 [panels][blocks / unit_blocks][16].
 
    Codebook weights (cb2, cb3, cb4: K-means codebooks of 2^bits float16 entries per row and block,
    weight = codebook[index]) keep one row per output, indices bit-packed in groups of 16:
@@ -28,19 +34,24 @@
 
 #include <stdint.h>
 
-enum em_weight_kind { EM_F32 = 0, EM_BF16 = 1, EM_Q4 = 2, EM_Q8 = 3, EM_CB2 = 4, EM_CB3 = 5, EM_CB4 = 6 };
+enum em_weight_kind { EM_F32 = 0, EM_BF16 = 1, EM_Q4 = 2, EM_Q8 = 3, EM_CB2 = 4, EM_CB3 = 5, EM_CB4 = 6, EM_Q5 = 7, EM_Q6 = 8 };
 
 typedef struct {
     int kind;            /* em_weight_kind */
-    int n, k, block;     /* rows (outputs), columns (inputs), block length along K (q4, q8) */
+    int n, k, block;     /* rows (outputs), columns (inputs), block length along K (integer kinds) */
     const void *data;    /* as above */
-    const uint16_t *scale; /* q4, q8: [panels][blocks][16], float16; cb*: the codebooks */
-    const void *minimum;     /* [panels][blocks][16], float16 (float32 if minimum_f32); NULL for
-                                symmetric blocks: minimum = -shift * scale */
+    const uint16_t *scale; /* integer kinds: [panels][blocks][16], float16 (int8 factors if
+                              scale_unit); cb*: the codebooks */
+    const void *minimum;     /* [panels][blocks][16], float16 (float32 if minimum_f32, int8 factors if
+                                minimum_unit); NULL for symmetric blocks: minimum = -shift * scale */
     int minimum_f32;
-    float shift;             /* 8 (q4) or 128 (q8): what storing signed values as unsigned added */
-    int int8_activations;  /* q4, q8: quantize activations to int8 per block (integer dot products) */
+    float shift;             /* 2^(bits-1): what storing signed values as unsigned added */
+    int int8_activations;  /* integer kinds: quantize activations to int8 per block (integer dot products) */
+    const uint16_t *scale_unit, *minimum_unit; /* factored scales: [panels][blocks / unit_blocks][16] */
+    int unit_blocks;
 } em_weight;
+
+static inline int em_integer_kind(int kind) { return kind == EM_Q4 || kind == EM_Q5 || kind == EM_Q6 || kind == EM_Q8; }
 
 /* y[S, N] = x[S, K] @ W^T; threaded over output rows. */
 void em_matmul(const float *x, int S, const em_weight *w, float *y);

@@ -21,6 +21,8 @@ typedef struct {
     int kind, n, k, block, int8_activations, shift; /* shift: symmetric blocks store no minimum */
     int minimum_f32;                                /* minimums a float16 cannot hold exactly */
     unsigned long long data, scale, minimum; /* byte offsets into the weights file */
+    unsigned long long scale_unit, minimum_unit; /* factored scales' units (0: none) */
+    int unit_blocks;
 } em_weight_record;
 
 typedef struct em_model em_model;

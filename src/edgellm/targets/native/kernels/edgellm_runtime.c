@@ -167,11 +167,13 @@ const em_model_info *em_info(void) { return &EM_MODEL; }
 
 em_weight em_bind_weight(const em_weight_record *r, const unsigned char *base) {
     em_weight w = {r->kind, r->n, r->k, r->block, base + r->data, NULL, NULL, r->minimum_f32, (float)r->shift,
-                   r->int8_activations};
-    if (r->kind >= EM_CB2) w.scale = (const uint16_t *)(base + r->scale);
-    if (r->kind == EM_Q4 || r->kind == EM_Q8) {
+                   r->int8_activations, NULL, NULL, r->unit_blocks};
+    if (r->kind >= EM_CB2 && r->kind <= EM_CB4) w.scale = (const uint16_t *)(base + r->scale);
+    if (em_integer_kind(r->kind)) {
         w.scale = (const uint16_t *)(base + r->scale);
         w.minimum = r->minimum ? base + r->minimum : NULL;
+        w.scale_unit = r->scale_unit ? (const uint16_t *)(base + r->scale_unit) : NULL;
+        w.minimum_unit = r->minimum_unit ? (const uint16_t *)(base + r->minimum_unit) : NULL;
     }
     return w;
 }
