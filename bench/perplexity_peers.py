@@ -4,10 +4,9 @@
 Protocol (the one of src/edgellm/measure/accuracy.py `evaluate`, with window=512):
 
 - text: Python's pydoc topics in name order (`accuracy.default_text()`);
-- ids: the whole text tokenized with the model's tokenizer *without* special tokens, then the
-  first --max-tokens (4096) ids. (`edgellm eval` calls `codec.encode(text)` with
-  add_special_tokens=True, but SmolLM2's post-processor adds nothing, so it is the same; this
-  script checks that on every build);
+- ids: the whole text tokenized with the model's tokenizer and its special tokens (as `edgellm
+  eval`'s `codec.encode(text)`: Gemma's BOS first, nothing for SmolLM2), then the first
+  --max-tokens (4096) ids; this script checks that every build's own tokenizer gives them;
 - cut into windows of --window (512) tokens (`accuracy.windows`), each evaluated from an empty
   cache; perplexity = exp(mean NLL of tokens 2..n of every window given the ones before it).
 
@@ -61,6 +60,7 @@ from edgellm.measure.accuracy import default_text, log_softmax, precision_summar
 # (name, source, compile flags): source "gguf" or "hf". The first one is the CLI's --reference.
 EDGELLM_BUILDS = [
     ("gguf-fp32", "gguf", ["-c", "fp32"]),
+    ("gguf-default", "gguf", []),  # no flags: the GGUF's own types (SOURCE), native where cc exists
     ("gguf-int4", "gguf", ["-c", "int4"]),
     ("gguf-int8", "gguf", ["-c", "int8"]),
     ("gguf-int4-qemb", "gguf", ["-c", "int4", "--quantize_embeddings"]),
@@ -156,7 +156,7 @@ def run_transformers(hf_dir: Path, text: str, ids, wins, threads, checks):
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    check_ids("transformers", AutoTokenizer.from_pretrained(hf_dir)(text, add_special_tokens=False)["input_ids"], ids, checks)
+    check_ids("transformers", AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"], ids, checks)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ref_logps = []
 
@@ -186,7 +186,7 @@ def run_llama_cpp(gguf: Path, text: str, ids, wins, threads, ref_logps, checks) 
                               logits_all=True, n_threads=threads, n_threads_batch=threads,
                               verbose=False, **kw)
         if kv is None:
-            check_ids("llama.cpp", llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), ids, checks)
+            check_ids("llama.cpp", llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), ids, checks)
 
         def logits_of(w, llm=llm):
             llm.reset()  # n_tokens = 0: the window overwrites the KV cache from position 0
@@ -291,7 +291,8 @@ def run_edgellm(gguf: Path, hf_dir: Path, text: str, ids, wins, args, ref_logps,
 
         fp32_dir = fp32_dir or out  # the first build is the fp32 one: the CLI's reference
         cmd = edgellm_cmd() + ["eval", str(out), "--max-tokens", str(args.max_tokens), "--window", str(args.window),
-                               "--reference", str(fp32_dir), "--json", "--threads", str(args.threads)]
+                               "--reference", str(fp32_dir), "--json", "--threads", str(args.threads),
+                               *(["--text", str(args.text)] if args.text else [])]
         log("evaluating: " + " ".join(cmd))
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -369,6 +370,8 @@ def git_state() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path, help="the GGUF (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--text", type=Path, help="a UTF-8 text file instead of the pydoc topics")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=1024, help="edgellm --max_num_tokens of the builds")
@@ -384,16 +387,17 @@ def main() -> int:
     engines = set(args.engines.split(","))
 
     git = git_state()  # at the start: in a shared checkout src/ may move on during the run
-    gguf = ref.smollm2_gguf()
+    gguf = args.gguf or ref.smollm2_gguf()
     hf_dir = ref.hf_dir_from_gguf(gguf, ref.DEFAULT_CACHE_DIR / f"{gguf.stem}-hf")
-    text, source = default_text()
+    text, source = (args.text.read_text(), str(args.text)) if args.text else default_text()
 
     # The ids every engine is scored on: the HF tokenizer.json, no special tokens, then cut
     # (edgellm eval tokenizes the whole text and cuts too; cutting the text first could differ
     # at the last token).
     from tokenizers import Tokenizer  # noqa: PLC0415
 
-    ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids[: args.max_tokens]
+    # with the tokenizer's own special tokens, as `edgellm eval` encodes (Gemma's BOS; SmolLM2 adds none)
+    ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text).ids[: args.max_tokens]
     wins = windows(ids, args.window)
     log(f"{len(ids)} ids, {len(wins)} windows of {[len(w) for w in wins]}")
     checks: dict[str, str] = {}

@@ -61,9 +61,9 @@ def _llama3_factors(rope: dict, head_dim: int) -> np.ndarray:
 # Stored-block sizes (bytes, weights) of the GGUF types random_blocks makes, and where each keeps its
 # float16 scales (byte offsets in a block; ggml-common.h).
 BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32),
-               "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256)}
+               "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256), "IQ4_NL": (18, 32)}
 _HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
-                "Q5_K": (0, 2), "Q6_K": (208,)}
+                "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,)}
 
 
 def random_blocks(rows: int, cols: int, type_name: str, rng) -> np.ndarray:
@@ -73,7 +73,8 @@ def random_blocks(rows: int, cols: int, type_name: str, rng) -> np.ndarray:
     nbytes, weights = BLOCK_BYTES[type_name]
     raw = rng.integers(0, 256, (rows * cols // weights, nbytes), dtype=np.uint8)
     # a weight is at most about scale x 15 (Q4), x 63 x 15 (K-quants' 6-bit sc), x 127 x 32 (Q6_K)
-    top = {"Q4_K": 63 * 15, "Q5_K": 63 * 31, "Q6_K": 127 * 32, "Q8_0": 127, "Q5_0": 16, "Q5_1": 31}.get(type_name, 15)
+    top = {"Q4_K": 63 * 15, "Q5_K": 63 * 31, "Q6_K": 127 * 32, "Q8_0": 127, "Q5_0": 16, "Q5_1": 31,
+           "IQ4_NL": 127}.get(type_name, 15)
     for at in _HALF_FIELDS[type_name]:
         half = (rng.uniform(0.5, 1.0, raw.shape[0]) * 0.04 / top).astype(np.float16)
         raw[:, at : at + 2] = half.view(np.uint8).reshape(-1, 2)
@@ -131,6 +132,15 @@ def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None
         if arch.startswith("gemma") and hf.endswith("norm.weight"):
             w = w + 1.0
         name = _gguf_name(hf, arch)
+        if types and types.get(name) in ("F16", "BF16"):
+            dtype = np.float16 if types[name] == "F16" else None
+            if dtype is None:  # bfloat16 bits, as uint16
+                raw = (w.view(np.uint32) >> 16).astype(np.uint16)
+                writer.add_tensor(name, raw.view(np.uint8), raw_shape=raw.view(np.uint8).shape,
+                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                writer.add_tensor(name, w.astype(dtype))
+            continue
         if types and name in types:
             raw = random_blocks(w.shape[0], w.shape[1], types[name], rng)
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[types[name]])

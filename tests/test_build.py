@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import build
+from edgellm.errors import EdgeLLMError
 from tiny_models import save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
@@ -266,3 +267,12 @@ def test_the_build_record_holds_the_resolved_plan_and_a_py_plan_runs_once(tiny, 
     assert_clean_error(result, "no build.json", "--resume")
     build(tiny, out, plan, resume=True, **OPTIONS)  # writes it again, running nothing else
     assert BuildRecord.load(out) == record
+
+
+def test_a_build_that_would_not_fit_in_memory_stops_before_writing(tiny, tmp_path, monkeypatch):
+    """The estimate (footprint.py) against a machine of 16 kB: a clear error, the output untouched."""
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 4 if name == "SC_PHYS_PAGES" else real(name))
+    with pytest.raises(EdgeLLMError, match=r"would need about .* of memory to run .* more than this machine's"):
+        build(tiny, tmp_path / "o", **OPTIONS)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

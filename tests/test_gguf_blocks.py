@@ -15,7 +15,7 @@ from conftest import build
 from edgellm.build import Manifest
 from edgellm.quant.blocks import concat_rows
 from edgellm.sources.gguf_blocks import LAYOUTS, read_blocks
-from gguf_writer import random_blocks, write_kquant_model
+from gguf_writer import random_blocks, write_gguf, write_kquant_model
 from tiny_models import VOCAB
 
 PROMPT = [int(t) for t in np.random.default_rng(5).integers(1, VOCAB, 40)]
@@ -98,3 +98,18 @@ def test_int8_activations_on_gguf_types_stay_close_to_the_float_build(kquant_ggu
     out = build(kquant_gguf, tmp_path / "out", None, target="native", int8_activations=True, **OPTIONS)
     ours, theirs = np.stack(_generate(out).logits), np.stack(_generate(float_build).logits)
     assert np.abs(ours - theirs).max() < 2e-2 * np.abs(theirs).max()
+
+
+def test_types_a_gguf_cannot_keep_are_converted_and_said_so(tmp_path):
+    """Without a plan, an IQ type becomes int4 and an F16 tensor bfloat16 (never float32 at twice
+    or eight times the file's size), and the compile log names both."""
+    from gguf_writer import KQUANT_SHAPE
+    from tiny_models import save_tiny
+
+    types = {"blk.0.attn_output.weight": "IQ4_NL", "blk.1.attn_output.weight": "F16", "blk.0.ffn_down.weight": "Q6_K"}
+    model = write_gguf(save_tiny("llama", tmp_path / "hf", **KQUANT_SHAPE), tmp_path / "mixed.gguf", "llama", types)
+    out = build(model, tmp_path / "out", None, target="native", **OPTIONS)
+    report = Manifest.open(out / "manifest.json", fresh=False).weight_report()
+    assert report.get("GGUF IQ4_NL converted to int4") == 1 and report.get("GGUF F16 as bfloat16") == 1, report
+    assert report.get("GGUF Q6_K mapped exactly") == 1 and report.get("float32"), report
+    assert len(_generate(out).token_ids) == STEPS

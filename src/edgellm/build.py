@@ -26,6 +26,7 @@ from pathlib import Path
 from . import __version__
 from .config import ModelConfig, build_model_config
 from .errors import EdgeLLMError
+from .footprint import check_fits
 from .graph.segments import BRANCH_SITES, SEGMENT_FORMAT, branch_parts
 from .graph.units import Unit, plan_units
 from .quant.adapters import LoraLayout, check_name, lora_layout, write_adapter
@@ -151,6 +152,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     # checked against it before anything in the output directory changes
     plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings,
                          source.default_precision).resolve(units)
+    check_fits(str(model_path), source, cfg, plan, options)
     adapters = _read_adapters(options, cfg)
     layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.configuration_file)
     merged = next(iter(adapters.values())).path if layout.mode == "LORA_MERGED" else None
@@ -282,7 +284,7 @@ def _source_blocks(ctx: _Context):
         if ctx.merged_adapter is not None and (layer, role) in ctx.lora.sites:
             adapter = _open_adapter_cached(ctx.merged_adapter, ctx.cfg)
             if any((part, layer) in adapter.factors for part in branch_parts(ctx.cfg, role)):
-                return None, "float"  # merged weights are new values: quantized, not the source's blocks
+                return None, "merged adapter"  # new values: quantized, not the source's blocks
         if role in FUSED and not ctx.cfg.has(role):  # a projection the emitter fused (graph/segments.py)
             names = [ctx.cfg.tensor_name(part, layer) for part in FUSED[role][0]]
             storage = {source.storage(n) for n in names}

@@ -131,7 +131,7 @@ class PrecisionPlan:
         unknown = set(raw) - {"precision", "compile", "lora"}
         if unknown:
             raise EdgeLLMError(f"{where}: unknown keys {sorted(unknown)}")
-        precision = raw.get("precision", DEFAULT_PRECISION)
+        precision = raw.get("precision", self.default)
         if precision not in PRECISIONS:
             raise EdgeLLMError(f"{where}: unknown precision {precision!r} (supported: {', '.join(PRECISIONS)})")
         compile_ = raw.get("compile", True)

@@ -112,16 +112,24 @@ def apply_precision(
             continue
         hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
         source_blocks, stored = packed(init.name) if packed else (None, "float")
-        if precision == "SOURCE" and source_blocks is None:  # a float tensor: float32 holds F32, F16 and BF16 exactly
-            report[init.name] = "float32"
-            continue
-        bits = source_blocks.bits if precision == "SOURCE" else INTEGER_BITS[precision]
+        if precision == "SOURCE" and source_blocks is None:
+            if stored == "float":  # float32 in the file: kept
+                report[init.name] = "float32"
+                continue
+            if stored in ("GGUF F16", "GGUF BF16"):  # half the bytes of float32 (F16 loses 3 mantissa bits)
+                report[init.name] = f"{stored} as {_to_bf16(rewriter, node, slot, init, w)}"
+                continue
+        if precision == "SOURCE":  # the source's own blocks, or for a type edgellm cannot run as it is
+            # (IQ types, Q2_K / Q3_K; a merged adapter's new values) the nearest integer width
+            bits = source_blocks.bits if source_blocks is not None else (4 if _low_bit(stored) else 8)
+        else:
+            bits = INTEGER_BITS[precision]
         exact = source_blocks is not None and source_blocks.bits == bits
         # a lookup reads blocks as stored: act-order columns, minimums and factored scales only fit a matmul
         if exact and (node.op_type == "MatMul" or _plain(source_blocks)):
             blocks, report[init.name] = source_blocks, f"{stored} mapped exactly"
         else:
-            if precision == "SOURCE":  # a table the lookup cannot read as stored: int8 keeps it closest
+            if precision == "SOURCE" and source_blocks is not None:  # a table the lookup cannot read as stored
                 bits = 8
             scheme = options.scheme
             if scheme == "minimum" and (node.op_type != "MatMul" or hf_layout.shape[1] % options.block_size):
@@ -191,6 +199,11 @@ def _to_bf16(rw: _Rewriter, node, slot, init, w) -> str:
     rw.insert_before(node, helper.make_node("Cast", [name], [init.name + ".f32"], name=init.name + "/Cast", to=TensorProto.FLOAT))
     node.input[slot] = init.name + ".f32"
     return "bfloat16"
+
+
+def _low_bit(stored: str) -> bool:
+    """A GGUF type of about 4 bits or fewer per weight (converted to int4 under SOURCE)."""
+    return stored.startswith(("GGUF IQ", "GGUF Q2_", "GGUF Q3_", "GGUF TQ"))
 
 
 def _plain(blocks: BlockQuantized) -> bool:

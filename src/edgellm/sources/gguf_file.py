@@ -209,9 +209,13 @@ class GGUFSource:
         permutation = self._row_permutation(name, rows)
         return blocks if permutation is None else blocks.rows(permutation)
 
+    def stored_bytes(self, name: str) -> int:
+        """The tensor's bytes in the file (what SOURCE keeps)."""
+        return int(self._tensors[name].n_bytes)
+
     def storage(self, name: str) -> str:
         t = self._tensors[name].tensor_type.name
-        return "float" if t in ("F32", "F16", "BF16") else f"GGUF {t}"
+        return "float" if t == "F32" else f"GGUF {t}"
 
     def _row_permutation(self, name: str, rows: int) -> np.ndarray | None:
         """llama.cpp interleaves the rotary halves of q/k rows for its rope kernel; this undoes it."""

@@ -81,7 +81,8 @@ def _fold_factored_scales(graph: onnx.GraphProto, make) -> None:
     folded = set()
     for node in graph.node:
         cast = producer.get(node.input[0]) if node.op_type == "Mul" else None
-        if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits or node.input[1] not in inits:
+        if (cast is None or cast.op_type != "Cast" or cast.input[0] not in inits or node.input[1] not in inits
+                or helper.get_attribute_value(cast.attribute[0]) != onnx.TensorProto.FLOAT):
             continue
         product = integer_values(inits[cast.input[0]]).astype(np.float32) * to_array(inits[node.input[1]])
         graph.initializer.append(make(node.output[0], product.astype(np.float32)))

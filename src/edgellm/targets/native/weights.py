@@ -25,7 +25,7 @@ from ...graph.io import tensor_bytes
 from ...quant.blocks import Factored
 
 MAGIC = b"EDGELLMW"
-VERSION = 1
+VERSION = 2  # 2: q5/q6 kinds and factored scales
 HEADER = 64
 ALIGN = 64
 KINDS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3, "cb2": 4, "cb3": 5, "cb4": 6, "q5": 7, "q6": 8}

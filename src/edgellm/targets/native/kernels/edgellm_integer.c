@@ -142,9 +142,20 @@ static void panel_floats(const em_weight *w, int p, float *wf) {
             uint32_t word[PANEL];
             memcpy(word, blk + (size_t)G * g, 64);
             float *out = dst + (size_t)g * columns * PANEL;
-            if (high_bits(w)) { /* q5, q6: nibbles and the bits of the group's masks */
-                for (int c = 0; c < 8; c++)
-                    for (int j = 0; j < PANEL; j++) out[c * PANEL + j] = d[j] * (float)stored_value(w, blk + (size_t)G * g, j, c) + m[j];
+            if (high_bits(w)) { /* q5, q6: nibbles, and bit 4j + i of the group's masks */
+                uint64_t mask[2][2] = {{0, 0}, {0, 0}};
+                for (int e = 0; e < high_bits(w); e++)
+                    for (int half = 0; half < 2; half++) mask[e][half] = high_mask(blk + (size_t)G * g, e, half);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < PANEL; j++) {
+                        const int bit = 4 * j + i;
+                        const uint32_t lo = ((word[j] >> (8 * i)) & 15) | (uint32_t)((mask[0][0] >> bit) & 1) << 4 |
+                                            (uint32_t)((mask[1][0] >> bit) & 1) << 5;
+                        const uint32_t hi = ((word[j] >> (8 * i + 4)) & 15) | (uint32_t)((mask[0][1] >> bit) & 1) << 4 |
+                                            (uint32_t)((mask[1][1] >> bit) & 1) << 5;
+                        out[i * PANEL + j] = d[j] * (float)lo + m[j];
+                        out[(4 + i) * PANEL + j] = d[j] * (float)hi + m[j];
+                    }
                 continue;
             }
             for (int i = 0; i < 4; i++) {
