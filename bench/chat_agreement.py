@@ -3,8 +3,8 @@
 For each of the 20 questions in tests/data/chat_questions.json, the question is rendered with the
 build's chat template, and the build's greedy answer (first N tokens, stopping at end of turn) is
 compared with transformers' greedy answer on the same GGUF dequantized to float32 (the reference,
-computed independently of edgellm). A question agrees when the answers' first N tokens are equal
-(an answer that ends earlier must end at the same place).
+computed independently of edgellm). A question agrees when the answers' first N tokens are equal,
+up to the end of turn (an answer that ends earlier must end at the same place).
 
     python bench/chat_agreement.py --build default=out/smollm2 [--build int8=out/x] [--gguf G] [--tokens 16]
 
@@ -28,14 +28,15 @@ def _name_value(s: str) -> tuple[str, str]:
     return name, value
 
 
+def until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """The answer's tokens before its end of turn (engines differ in whether they return it)."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
 def reference_answer(gguf: Path, prompt: list[int], n: int, stops: set[int]) -> list[int]:
     from edgellm.reference import transformers_greedy
 
-    out = transformers_greedy(gguf, prompt, n)
-    for i, t in enumerate(out):
-        if t in stops:
-            return out[: i + 1]
-    return out
+    return until_stop(transformers_greedy(gguf, prompt, n), stops)
 
 
 def main(argv=None) -> int:
@@ -60,8 +61,7 @@ def main(argv=None) -> int:
             references = [reference_answer(gguf, p, args.tokens, stops) for p in prompts]
         rows = []
         for question, prompt, expected in zip(questions, prompts, references):
-            got = model.generate_ids(prompt, max_new_tokens=args.tokens).token_ids
-            got = got[: len(expected)] if len(got) >= len(expected) else got
+            got = until_stop(model.generate_ids(prompt, max_new_tokens=args.tokens).token_ids, stops)
             agree = got == expected
             rows.append({"question": question, "agree": agree, "ours": model.codec.decode(got),
                          "reference": model.codec.decode(expected)})

@@ -193,7 +193,7 @@ def run_llama_cpp(gguf: Path, text: str, ids, wins, threads, ref_logps, checks) 
             llm.eval(w)  # one batch (n_batch = window); logits_all fills .scores for every row
             return np.array(llm.scores[: len(w)])
 
-        row = score(f"llama.cpp, KV {kv_name}", f"GGUF as is (Q4_1 layers, Q8_0 embeddings), KV cache {kv_name}",
+        row = score(f"llama.cpp, KV {kv_name}", f"GGUF as is, KV cache {kv_name}",
                     logits_of, wins, ref_logps)
         row.extra["version"] = f"llama-cpp-python {llama_cpp.__version__}"
         rows.append(row)
@@ -307,7 +307,7 @@ def run_edgellm(gguf: Path, hf_dir: Path, text: str, ids, wins, args, ref_logps,
         model = edgellm.load(out, threads=args.threads)
         assert model.max_num_tokens >= len(wins[0])
         row = score(f"edgellm {name}", precision_summary(out) + f" ({source.upper()} source)",
-                    model.engine.prompt_logits, wins, ref_logps)
+                    model.engine.open_session().prompt_logits, wins, ref_logps)
         model.reset()
         del model
         gc.collect()

@@ -74,7 +74,8 @@ class BuildRecord:
 
     def summary(self) -> str:
         """What the build stored, e.g. "int4.json + int8 embeddings, int8 LM head + native target"."""
-        label = Path(self.plan).name if self.plan else "default (BF16)"
+        layers = {v for k, v in self.precisions.items() if "/layer" in k}
+        label = Path(self.plan).name if self.plan else f"default ({', '.join(sorted(layers)) or 'BF16'})"
         extras = []
         if self.asymmetric:
             extras.append("asymmetric")
