@@ -25,12 +25,11 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 def _tensor_bytes(source, name: str, count: int, precision: str, target: str) -> float:
     if precision == "SOURCE":
-        stored = getattr(source, "stored_bytes", None)
-        packed = source.packed(name) is not None if stored else False
-        if not packed:
+        stored = source.stored_bytes(name) if hasattr(source, "stored_bytes") else None
+        if stored is None:  # converted (or a source without its own blocks): about 8 bits
             return BYTES_PER_WEIGHT["A_BF16_W_INT8"] * count
         # the cpu target runs 5-, 6- and 8-bit blocks as 8-bit MatMulNBits
-        return max(stored(name), BYTES_PER_WEIGHT["A_BF16_W_INT8"] * count) if target == "cpu" else stored(name)
+        return max(stored, BYTES_PER_WEIGHT["A_BF16_W_INT8"] * count) if target == "cpu" else stored
     if precision == "BF16" and target == "cpu":
         return 4.0 * count
     return BYTES_PER_WEIGHT[precision] * count

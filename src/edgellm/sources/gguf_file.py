@@ -209,9 +209,11 @@ class GGUFSource:
         permutation = self._row_permutation(name, rows)
         return blocks if permutation is None else blocks.rows(permutation)
 
-    def stored_bytes(self, name: str) -> int:
-        """The tensor's bytes in the file (what SOURCE keeps)."""
-        return int(self._tensors[name].n_bytes)
+    def stored_bytes(self, name: str) -> int | None:
+        """The tensor's bytes in the file when edgellm keeps its type as it is (SOURCE), else None;
+        read from the tensor's header, nothing decoded."""
+        t = self._tensors[name]
+        return int(t.n_bytes) if t.tensor_type.name in LAYOUTS or t.tensor_type.name == "F32" else None
 
     def storage(self, name: str) -> str:
         t = self._tensors[name].tensor_type.name

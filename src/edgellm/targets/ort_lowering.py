@@ -59,13 +59,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
         lowered.append(node.input)
     if not lowered:
         return model
-    kept = [n for n in graph.node if n.name not in dead]
-    del graph.node[:]
-    graph.node.extend(kept)
-    still_used = {name for n in graph.node for name in n.input}
-    for t in list(graph.initializer):
-        if t.name not in still_used:
-            graph.initializer.remove(t)
+    _drop_nodes(graph, dead)
     graph.initializer.extend(new_inits.values())
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -87,9 +81,13 @@ def _fold_factored_scales(graph: onnx.GraphProto, make) -> None:
         product = integer_values(inits[cast.input[0]]).astype(np.float32) * to_array(inits[node.input[1]])
         graph.initializer.append(make(node.output[0], product.astype(np.float32)))
         folded.update([cast.name, node.name])
-    if not folded:
-        return
-    kept = [n for n in graph.node if n.name not in folded]
+    if folded:
+        _drop_nodes(graph, folded)
+
+
+def _drop_nodes(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Removes the named nodes, then every initializer no node reads any more."""
+    kept = [n for n in graph.node if n.name not in names]
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for n in graph.node for name in n.input}
