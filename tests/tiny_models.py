@@ -93,3 +93,40 @@ def reference_with_stored_weights(model_dir: Path, bits: int, scheme: str = "sym
                 p.copy_(torch.from_numpy(quantize(p.numpy(), bits, 32, scheme).dequantize()))
     round_embeddings_to_bf16(ref)
     return ref
+
+
+# A tiny LLaVA-1.5: CLIP vision tower (32 px images in 8 px patches: 16 image tokens), the
+# two-layer projector, the llama text model above; "<image>" is token IMAGE_TOKEN.
+IMAGE_TOKEN = VOCAB - 1
+LLAVA_IMAGE = 32
+
+
+def save_tiny_llava(path: Path, seed: int = 0, **vision_overrides) -> Path:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=LLAVA_IMAGE, patch_size=8,
+                                           **vision_overrides)
+    text = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False})
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                                      image_seq_length=(LLAVA_IMAGE // 8) ** 2)
+    model = transformers.LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "embedding" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("weight"):  # weights large enough that the image changes the answer
+                p.mul_(3.0)
+    model = model.float().eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(IMAGE_TOKEN)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<image>"])
+    tok.save(str(path / "tokenizer.json"))
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": LLAVA_IMAGE},
+                                       crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}).save_pretrained(path)
+    return path

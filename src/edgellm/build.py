@@ -28,7 +28,7 @@ from .config import ModelConfig, build_model_config
 from .errors import EdgeLLMError
 from .footprint import check_fits
 from .graph.segments import BRANCH_SITES, SEGMENT_FORMAT, branch_parts
-from .graph.units import Unit, plan_units
+from .graph.units import VISION_PARTS, Unit, plan_units
 from .quant.adapters import LoraLayout, check_name, lora_layout, write_adapter
 from .quant.plan import PrecisionPlan, ResolvedPlan
 from .record import BuildRecord
@@ -145,13 +145,13 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     out = Path(out)
     _check_writable(out)
     source = _SOURCES[str(model_path)] = open_source(model_path)
-    cfg = build_model_config(source.raw_config, str(getattr(source, "config_path", model_path)))
+    cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
-    units = plan_units(cfg.num_layers, options.buckets)
+    units = plan_units(cfg.num_layers, options.buckets, cfg.vision.num_layers if cfg.vision else None)
     # the plan, asked once for every unit (a .py plan runs once per build), and the adapters,
     # checked against it before anything in the output directory changes
     plan = PrecisionPlan(options.configuration_file, cfg.num_layers, options.quantize_embeddings,
-                         source.default_precision).resolve(units)
+                         source.default_precision, cfg.vision.num_layers if cfg.vision else 0).resolve(units)
     check_fits(str(model_path), source, cfg, plan, options)
     adapters = _read_adapters(options, cfg)
     layout = lora_layout({u.name: plan.choice(u).lora for u in units}, cfg, adapters, options.configuration_file)
@@ -187,6 +187,10 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
             compile_native(out, cfg, options, units, plan, manifest, progress)
         else:
             _run_units(stage, units, context, manifest, progress)
+        if stage == "compile" and cfg.vision is not None:
+            from .targets.vision import compile_vision
+
+            compile_vision(out, units, plan, options, manifest)
         # a stage run again makes the later stages' outputs stale until they run again too
         earlier = [s for s in manifest.data.get("stages_done", []) if STAGES.index(s) < STAGES.index(stage)]
         manifest.data["stages_done"] = earlier + [stage]
@@ -253,8 +257,10 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             cfg = ctx.cfg
             adapter = _open_adapter_cached(ctx.merged_adapter, cfg) if ctx.merged(unit) else None
 
+            names = cfg.vision if unit.part in VISION_PARTS else cfg  # whose role -> tensor name map
+
             def weights(role, layer):
-                w = _open_source_cached(ctx.model_path).tensor(cfg.tensor_name(role, layer))
+                w = _open_source_cached(ctx.model_path).tensor(names.tensor_name(role, layer))
                 factors = adapter.factors.get((role, layer)) if adapter is not None else None
                 return w if factors is None else w + factors.delta()  # LORA_MERGED: before quantization
 
@@ -280,6 +286,8 @@ def _source_blocks(ctx: _Context):
 
     def packed(initializer: str):
         scope, role = initializer.split(".", 1)
+        if scope.startswith(("vision", "projector")):  # the image encoder's weights: float in every source so far
+            return None, "float"
         layer = int(scope.removeprefix("layer")) if scope.startswith("layer") else None
         if ctx.merged_adapter is not None and (layer, role) in ctx.lora.sites:
             adapter = _open_adapter_cached(ctx.merged_adapter, ctx.cfg)
@@ -376,6 +384,14 @@ def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
     _atomic_write(runtime / "runtime_config.json", json.dumps(settings, indent=1, sort_keys=True))
 
 
+def read_model_config(source) -> ModelConfig:
+    """The source's ModelConfig; a vision-language family also reads the tensor names and the
+    image processor's settings."""
+    where = str(getattr(source, "config_path", source.path))
+    processor = getattr(source, "image_processor", None)
+    return build_model_config(source.raw_config, where, set(source.tensor_names()), processor)
+
+
 def check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
     """Every tensor the config asks for exists with the shape the config implies, so a config
     that contradicts its weights fails here, naming the fields, not deep inside graph emission."""
@@ -394,6 +410,10 @@ def check_tensors(source, cfg: ModelConfig, config_where: str) -> None:
         actual = tuple(source.tensor_shape(name))
         if actual != shape:
             raise EdgeLLMError(f"{config_where}: {fields} = {shape}, but {name} has shape {actual} in {source.path}")
+    if cfg.vision is not None:
+        from .graph.vision import check_vision_tensors
+
+        check_vision_tensors(source, cfg, config_where)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:

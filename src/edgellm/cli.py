@@ -22,6 +22,7 @@ err = Console(stderr=True)
 DRAFT_HELP = "speculative decoding: a smaller edgellm build with the same vocabulary drafts tokens"
 DRAFT_MAX_HELP = "with --draft or --lookup: at most this many drafted tokens per verify call (adapts down)"
 LOOKUP_HELP = "speculative decoding without a model: drafts from n-gram matches (up to N tokens) in the context"
+IMAGE_HELP = "an image for a vision-language build (repeatable); placed at the prompt's image markers, or before it"
 ADAPTER_HELP = "answer with this compiled LoRA adapter, NAME or NAME:SCALE (see `edgellm inspect MODEL_DIR`)"
 
 
@@ -138,8 +139,7 @@ def inspect(
         _inspect_build(model)
         return
 
-    from .build import BuildOptions, check_tensors
-    from .config import build_model_config
+    from .build import BuildOptions, check_tensors, read_model_config
     from .graph.units import plan_units
     from .quant.plan import PrecisionPlan
     from .sources import open_source
@@ -148,7 +148,7 @@ def inspect(
     options.validate()
     source = open_source(model)
     where = str(getattr(source, "config_path", model))
-    cfg = build_model_config(source.raw_config, where)
+    cfg = read_model_config(source)
     check_tensors(source, cfg, where)
     console = Console()
     console.print_json(cfg.to_json())
@@ -160,13 +160,14 @@ def inspect(
         name = cfg.tensor_name(role, layer)
         tensors.add_row(role, name, str(tuple(source.tensor_shape(name))), source.storage(name))
     console.print(tensors)
+    vision_layers = cfg.vision.num_layers if cfg.vision else None
     plan = PrecisionPlan(configuration_file, cfg.num_layers, _embedding_width(quantize_embeddings, lm_head_bits),
-                         source.default_precision)
+                         source.default_precision, vision_layers or 0)
     units = Table(title=f"units (buckets {options.buckets[0]}..{options.buckets[-1]} step {future_token_mask_size})")
     for col in ("variant", "part", "units", "precision"):
         units.add_column(col)
     groups: dict[tuple[str, str], list[str]] = {}
-    for unit in plan_units(cfg.num_layers, options.buckets):
+    for unit in plan_units(cfg.num_layers, options.buckets, vision_layers):
         groups.setdefault((unit.variant, unit.part), []).append(plan.choice(unit).precision)
     for (variant, part), precisions in groups.items():
         shown = "-" if part in ("MASK", "CACHE") else ", ".join(sorted(set(precisions)))  # no weights
@@ -215,6 +216,7 @@ def generate(
     draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
     lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help=IMAGE_HELP),
 ):
     """Complete PROMPT (or answer it with --chat), streaming, then print TTFT and tokens/s."""
     import edgellm
@@ -232,9 +234,10 @@ def generate(
     on_text = None if as_json else _stream
     result = model.generate(prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
                             sampling=sampling, stop=tuple(stop or ()),
-                            on_text=on_text, drafter=drafter, draft_max=draft_max)
+                            on_text=on_text, drafter=drafter, draft_max=draft_max, images=image or ())
     if as_json:
-        keys = ("text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb", "speculation")
+        keys = ("text", "prompt_tokens", "gen_tokens", "ttft_s", "decode_tps", "peak_rss_mb", "speculation",
+                "image_tokens", "encode_s")
         print(json.dumps({k: v for k, v in result.metrics().items() if k in keys}))
     else:
         sys.stdout.write("\n")
@@ -254,10 +257,11 @@ def chat(
     draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
     lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help=IMAGE_HELP + " (with the first message)"),
 ):
     """Talk to a compiled model; history is kept (and its KV cache reused) across turns.
     /reset clears the history, /adapter NAME[:SCALE] or /adapter none switches the LoRA adapter,
-    /quit or Ctrl-D leaves."""
+    /image PATH adds an image to the next message (a vision-language build), /quit or Ctrl-D leaves."""
     import edgellm
 
     from .runtime.sampling import SamplingParams
@@ -271,8 +275,10 @@ def chat(
         model.set_adapter(*choice)
     drafter = _drafter(model, draft, draft_max, lookup, threads)
     adapters = f" Adapters: {', '.join(model.adapters.names)}; /adapter NAME|none." if model.adapters.names else ""
-    err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens.{adapters} "
+    images = " /image PATH adds an image to the next message." if model.config.vision else ""
+    err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens.{adapters}{images} "
               "/reset, /quit[/dim]")
+    pending = list(image or ())  # images for the next message
     while True:
         try:
             line = input("> ")
@@ -286,6 +292,20 @@ def chat(
             return
         if line.strip() == "/reset":
             model.reset()
+            pending = []
+            continue
+        if line.strip() == "/image" or line.strip().startswith("/image "):
+            path = Path(line.strip().removeprefix("/image").strip())
+            try:  # checked now, so a bad path is reported before the message is typed
+                if model.config.vision is None:
+                    raise EdgeLLMError(f"{model_dir}: this build is a text model; it takes no images")
+                from .runtime.images import load_image
+
+                load_image(path)
+                pending.append(path)
+                err.print(f"[dim]{path}: with the next message[/dim]", highlight=False)
+            except EdgeLLMError as e:
+                err.print(f"[red]error:[/red] {e}", highlight=False)
             continue
         if line.strip() == "/adapter" or line.strip().startswith("/adapter "):
             try:  # the conversation goes on under the new adapter (its cache is computed again)
@@ -299,11 +319,13 @@ def chat(
             continue
         try:
             result = model.chat(line, max_new_tokens=max_new_tokens, sampling=sampling, on_text=_stream,
-                                drafter=drafter, draft_max=draft_max)
+                                drafter=drafter, draft_max=draft_max, images=pending)
         except EdgeLLMError as e:
             err.print(f"[red]error:[/red] {e}")
             model.reset()
+            pending = []
             continue
+        pending = []
         sys.stdout.write("\n")
         _report(result)
 
@@ -482,7 +504,9 @@ def _stream(piece: str) -> None:
 
 
 def _report(result) -> None:
-    err.print(f"[dim]TTFT {result.ttft_s * 1000:.0f} ms ({result.prompt_tokens} prompt tokens) | "
+    images = (f", of which {result.image_tokens} image rows, encoded in {result.encode_s * 1000:.0f} ms"
+              if result.image_tokens else "")
+    err.print(f"[dim]TTFT {result.ttft_s * 1000:.0f} ms ({result.prompt_tokens} prompt tokens{images}) | "
               f"{result.decode_tps:.1f} tokens/s ({result.gen_tokens} tokens) | peak RSS {result.peak_rss_mb:.0f} MB[/dim]")
 
 

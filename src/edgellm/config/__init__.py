@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from . import gemma2, gemma3, llama, mistral, phi3, qwen
+from . import gemma2, gemma3, llama, llava, mistral, phi3, qwen
 from .model_config import ModelConfig, RopeConfig
 
 # model_type in config.json -> build(raw, where) -> ModelConfig. Adding a family: see
@@ -18,16 +18,23 @@ ADAPTERS = {
     "gemma3_text": gemma3.build,
     "gemma3": gemma3.build,
 }
+# Vision-language families also read the tensor names (checkpoints place the parts under
+# different prefixes) and the image processor's settings (preprocessor_config.json).
+VISION_ADAPTERS = {
+    "llava": llava.build,
+}
 
 
-def build_model_config(raw: dict, where: str) -> ModelConfig:
+def build_model_config(raw: dict, where: str, names: set[str] | None = None, processor: dict | None = None) -> ModelConfig:
     """where: the file the raw config came from, named in every error."""
     model_type = raw.get("model_type")
     if model_type is None:
         raise EdgeLLMError(f"{where}: no 'model_type' field; cannot tell the architecture")
+    if model_type in VISION_ADAPTERS:
+        return VISION_ADAPTERS[model_type](raw, where, names or set(), processor)
     build = ADAPTERS.get(model_type)
     if build is None:
-        supported = ", ".join(sorted(ADAPTERS))
+        supported = ", ".join(sorted([*ADAPTERS, *VISION_ADAPTERS]))
         raise EdgeLLMError(f"{where}: unsupported architecture '{model_type}' (supported: {supported})")
     return build(raw, where)
 

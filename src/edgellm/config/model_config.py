@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .vision import VisionConfig
+
 # Roles of per-layer tensors. Adapters map each role to the source's tensor name.
 LAYER_ROLES = (
     "attn_norm", "q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm",
@@ -55,6 +57,7 @@ class ModelConfig:
     # role -> tensor name template ("{i}" is the layer index); absent roles are unused.
     layer_tensors: dict[str, str] = field(default_factory=dict)
     global_tensors: dict[str, str] = field(default_factory=dict)
+    vision: VisionConfig | None = None  # a vision-language model's encoder and projector (config/vision.py)
 
     def tensor_name(self, role: str, layer: int | None = None) -> str | None:
         if layer is None:
@@ -72,6 +75,8 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> "ModelConfig":
         data = dict(data)
         data["ropes"] = {k: RopeConfig(**v) for k, v in data["ropes"].items()}
+        if data.get("vision"):
+            data["vision"] = VisionConfig.from_dict(data["vision"])
         return cls(**data)
 
     @classmethod

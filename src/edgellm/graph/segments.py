@@ -29,6 +29,7 @@ from ..config.model_config import ModelConfig
 from .builder import BOOL, FLOAT, INT64, GraphBuilder
 from .rope import rope_tables
 from .units import Unit
+from .vision import emitters as vision_emitters
 
 # Changes when the segments' interface changes, so --resume does not reuse segments of the old one
 # (2: every group HEAD returns the rows logits_index names; EMBED takes embedding rows;
@@ -51,7 +52,8 @@ class Shapes:
 
 def emit(unit: Unit, cfg: ModelConfig, weights: WeightFn, shapes: Shapes, spill=None) -> onnx.ModelProto:
     """spill: a graph.io.Spill for the weights, so a unit's weights are not held in memory twice."""
-    emitter = {"EMBED": _embed, "MASK": _mask, "PRE": _pre, "CACHE": _cache, "POST": _post, "HEAD": _head}[unit.part]
+    emitter = {"EMBED": _embed, "MASK": _mask, "PRE": _pre, "CACHE": _cache, "POST": _post, "HEAD": _head,
+               **vision_emitters()}[unit.part]
     g = GraphBuilder(unit.name.replace("/", "_"), prefix=unit.name.replace("/", "."), weight_scope=unit.weight_scope,
                      spill=spill)
     emitter(g, unit, cfg, weights, shapes)

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PARTS = ("EMBED", "MASK", "PRE", "CACHE", "POST", "HEAD")
+# A vision-language model's image encoder (graph/vision.py): the patch embedding, the encoder's
+# layers (part "VISION" in the precision plan, as in the compile manual) and the projector. They
+# make one program of their own, the "vision" variant, run once per image.
+VISION_PARTS = ("VISION_EMBED", "VISION", "PROJECTOR")
 
 
 @dataclass(frozen=True, order=True)
@@ -19,10 +23,18 @@ class Unit:
 
     @property
     def variant(self) -> str:
+        if self.part in VISION_PARTS:
+            return "vision"
         return "group" if self.is_group else "single"
 
     @property
     def name(self) -> str:
+        if self.part == "VISION_EMBED":
+            return "vision/embed"
+        if self.part == "PROJECTOR":
+            return "vision/projector"
+        if self.part == "VISION":
+            return f"vision/layer{self.index:03d}"
         if self.part in ("EMBED", "HEAD"):
             return f"{self.variant}/{self.part.lower()}"
         if self.part == "MASK":
@@ -35,11 +47,18 @@ class Unit:
     def weight_scope(self) -> str:
         """Weights are named by scope, not variant: the group and single units of a layer at the
         same precision then hold identical initializers, which linking stores once."""
+        if self.part == "VISION":
+            return f"vision{self.index:03d}"
         return f"layer{self.index:03d}" if self.index >= 0 else self.part.lower()
 
 
-def plan_units(num_layers: int, buckets: list[int]) -> list[Unit]:
+def plan_units(num_layers: int, buckets: list[int], vision_layers: int | None = None) -> list[Unit]:
+    """vision_layers: the image encoder's layers, for a vision-language model."""
     units = []
+    if vision_layers is not None:
+        units.append(Unit(True, "VISION_EMBED"))
+        units += [Unit(True, "VISION", i) for i in range(vision_layers)]
+        units.append(Unit(True, "PROJECTOR"))
     for is_group in (True, False):
         units.append(Unit(is_group, "EMBED"))
         units += [Unit(is_group, "MASK", bucket=b) for b in buckets]

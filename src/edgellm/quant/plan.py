@@ -57,12 +57,15 @@ class ResolvedPlan:
 
 class PrecisionPlan:
     def __init__(self, path: Path | None = None, num_layers: int = 0, quantize_embeddings: str | None = None,
-                 default: str = DEFAULT_PRECISION):
+                 default: str = DEFAULT_PRECISION, vision_layers: int = 0):
         self.path = path
         self.default = default  # every layer's precision without a plan
         self.props = {"num_hidden_layers": num_layers}
+        if vision_layers:
+            self.props["vision_layers"] = vision_layers
         self.quantize_embeddings = quantize_embeddings
         self._float_embeddings: str | None = None  # FP32 or BF16, decided once from the layers
+        self._vision: str | None = None  # the image encoder's embedding and projector, decided once
         self._fn = None
         self._rules: dict | None = None
         if path is None:
@@ -98,7 +101,9 @@ class PrecisionPlan:
         return ResolvedPlan({unit.name: self.choice(unit) for unit in units})
 
     def choice(self, unit: Unit) -> LayerChoice:
-        if unit.part not in ("PRE", "CACHE", "POST"):
+        if unit.part in ("VISION_EMBED", "PROJECTOR"):
+            return LayerChoice(self._vision_precision())
+        if unit.part not in ("PRE", "CACHE", "POST", "VISION"):
             return LayerChoice(self._embedding_precision(unit.part))
         layer = {"part": unit.part, "is_group": unit.is_group, "index": unit.index}
         if self.path is None:
@@ -123,6 +128,14 @@ class PrecisionPlan:
             precisions = {self.choice(u).precision for u in layers}
             self._float_embeddings = precisions.pop() if precisions in ({"FP32"}, {"SOURCE"}) else "BF16"
         return self._float_embeddings
+
+    def _vision_precision(self) -> str:
+        """The patch embedding and the projector follow the image encoder's layers when those agree,
+        and are BF16 otherwise."""
+        if self._vision is None:
+            precisions = {self.choice(Unit(True, "VISION", i)).precision for i in range(self.props["vision_layers"])}
+            self._vision = precisions.pop() if len(precisions) == 1 else "BF16"
+        return self._vision
 
     def _validate(self, raw, layer) -> LayerChoice:
         where = f"{self.path}: layer {layer}"

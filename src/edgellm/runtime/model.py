@@ -21,12 +21,25 @@ __all__ = ["Model", "Generation"]
 
 
 class Model:
-    def __init__(self, path: Path, engine: Engine, codec: TextCodec, cfg: ModelConfig):
+    def __init__(self, path: Path, engine: Engine, codec: TextCodec, cfg: ModelConfig, threads: int | None = None):
         self.path, self.engine, self.codec, self.config = path, engine, codec, cfg
         self.adapters = AdapterStore(path, cfg, engine)
         self.tokenizer = codec.tokenizer
         self.max_num_tokens = engine.spec.max_num_tokens
+        self.threads = threads
         self._default: Session | None = None
+        self._image_encoder = None
+        if cfg.vision is not None:
+            codec.image_marker = codec.tokenizer.id_to_token(cfg.vision.image_token_id)
+
+    @property
+    def image_encoder(self):
+        """The image encoder (runtime/images.py), loaded with the first image."""
+        if self._image_encoder is None:
+            from .images import ImageEncoder
+
+            self._image_encoder = ImageEncoder(self.path / "compiled" / "vision", self.config.vision, self.threads)
+        return self._image_encoder
 
     @classmethod
     def load(cls, path, threads: int | None = None) -> "Model":
@@ -64,7 +77,7 @@ class Model:
         else:
             raise EdgeLLMError(f"{path}: built for {target}; its programs run on that machine "
                                f"(compiled/{target}/model_main), not in this runtime")
-        return cls(path, engine, codec, cfg)
+        return cls(path, engine, codec, cfg, threads)
 
     def session(self) -> Session:
         """A new conversation: its own KV cache; the weights are shared."""

@@ -39,6 +39,8 @@ class Generation:
     logits: list = field(default_factory=list, repr=False)
     speculation: dict | None = None  # SpeculationStats.as_dict() when a drafter was used
     cached_tokens: int = 0  # prompt tokens whose K/V were already in the session's cache
+    image_tokens: int = 0  # prompt rows that are image features
+    encode_s: float = 0.0  # of ttft_s: encoding the images (those not already in the session)
 
     def metrics(self) -> dict:
         d = asdict(self)
@@ -46,7 +48,43 @@ class Generation:
             d.pop(k)
         if d["speculation"] is None:
             d.pop("speculation")
+        if not self.image_tokens:
+            d.pop("image_tokens")
+            d.pop("encode_s")
         return d
+
+
+class ImageRows:
+    """A session's images as prompt rows: each distinct image (by its pixels) gets image_tokens
+    negative ids, unique in the session, and their embedding vectors (the encoder's output)."""
+
+    def __init__(self):
+        self.by_pixels: dict[str, list[int]] = {}
+        self.vectors: dict[int, np.ndarray] = {}
+        self.in_order: list[list[int]] = []  # the chat's images, turn by turn
+
+    def rows(self, pixels: np.ndarray, encoder) -> list[int]:
+        import hashlib
+
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        if key not in self.by_pixels:
+            features = encoder.encode_pixels(pixels)
+            first = len(self.vectors) + 1
+            ids = [-(first + j) for j in range(len(features))]
+            self.vectors.update(zip(ids, features))
+            self.by_pixels[key] = ids
+        return self.by_pixels[key]
+
+    def embeddings(self, ids: list[int]) -> np.ndarray | None:
+        """[len(ids), hidden] for a call whose rows include image rows (zeros for the tokens); None without."""
+        if min(ids) >= 0:
+            return None
+        width = len(next(iter(self.vectors.values())))
+        out = np.zeros((len(ids), width), np.float32)
+        for i, token in enumerate(ids):
+            if token < 0:
+                out[i] = self.vectors[token]
+        return out
 
 
 class Constraint(Protocol):
@@ -75,6 +113,7 @@ class Session:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.messages: list[dict] = []
         self.adapter: tuple[str, float] | None = None  # the LoRA adapter and its scale (LORA_BRANCH builds)
+        self.images = ImageRows()  # the images of this conversation, as prompt rows
 
     def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Answer with LoRA adapter `name` (None or "none": the base model) at `scale` from now on.
@@ -96,18 +135,79 @@ class Session:
     def reset(self) -> None:
         self.tokens = []
         self.messages = []
+        self.images = ImageRows()
 
-    def generate(self, prompt: str, chat: bool = False, **kw) -> Generation:
-        """Complete prompt (raw text), or answer it as one user turn in the chat template."""
-        ids = self.codec.encode_chat([{"role": "user", "content": prompt}]) if chat else self.codec.encode(prompt)
-        return self.generate_ids(ids, **kw)
+    def generate(self, prompt: str, chat: bool = False, images=(), **kw) -> Generation:
+        """Complete prompt (raw text), or answer it as one user turn in the chat template.
+        images: paths, bytes or PIL images, placed at the prompt's image markers (the image
+        token's text, e.g. "<image>"), or before the prompt where it has none."""
+        started = time.perf_counter()
+        rows, encode_s = self._encode(images)
+        if chat:
+            ids = self.codec.encode_chat([self._user_turn(prompt, len(rows))])
+        else:
+            ids = self.codec.encode(self._with_markers(prompt, len(rows)))
+        return self.generate_ids(self._spliced(ids, rows), started=started, encode_s=encode_s, **kw)
 
-    def chat(self, message: str, **kw) -> Generation:
-        """One turn of a multi-turn conversation; the KV cache of earlier turns is reused."""
-        self.messages.append({"role": "user", "content": message})
-        result = self.generate_ids(self.codec.encode_chat(self.messages), **kw)
+    def chat(self, message: str, images=(), **kw) -> Generation:
+        """One turn of a multi-turn conversation; the KV cache of earlier turns is reused, and so
+        are the images of earlier turns (not encoded again)."""
+        started = time.perf_counter()
+        rows, encode_s = self._encode(images)
+        self.messages.append(self._user_turn(message, len(rows)))
+        self.images.in_order += rows
+        try:
+            ids = self._spliced(self.codec.encode_chat(self.messages), self.images.in_order)
+            result = self.generate_ids(ids, started=started, encode_s=encode_s, **kw)
+        except BaseException:
+            self.messages.pop()  # the turn did not happen
+            del self.images.in_order[len(self.images.in_order) - len(rows):]
+            raise
         self.messages.append({"role": "assistant", "content": result.text})
         return result
+
+    # images: each becomes image_tokens prompt rows whose ids are negative and unique in the
+    # session (the engine takes their embedding vectors instead of a table row), so the prompt
+    # cache treats an image like tokens: the same image again is the same ids, already cached
+    def _encode(self, images) -> tuple[list[list[int]], float]:
+        if not images:
+            return [], 0.0
+        vision = self.model.config.vision
+        if vision is None:
+            raise EdgeLLMError(f"{self.model.path}: this build is a text model; it takes no images")
+        from .images import load_image, preprocess
+
+        t0 = time.perf_counter()
+        rows = []
+        for image in images:
+            pixels = preprocess(load_image(image), vision.processing)
+            rows.append(self.images.rows(pixels, self.model.image_encoder))
+        return rows, time.perf_counter() - t0
+
+    def _marker(self) -> str:
+        return self.codec.image_marker
+
+    def _user_turn(self, text: str, images: int) -> dict:
+        """A user message; with images, as the content parts vision-language chat templates read."""
+        if not images:
+            return {"role": "user", "content": text}
+        return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+    def _with_markers(self, prompt: str, images: int) -> str:
+        if images and self._marker() not in prompt:
+            return f"{self._marker()}\n" * images + prompt
+        return prompt
+
+    def _spliced(self, ids: list[int], rows: list[list[int]]) -> list[int]:
+        """Each image token in ids replaced by its image's rows, in order."""
+        if self.model.config.vision is None:
+            return ids
+        marker = self.model.config.vision.image_token_id
+        found = ids.count(marker)
+        if found != len(rows):
+            raise EdgeLLMError(f"the prompt has {found} image markers ({self._marker()}) for {len(rows)} images")
+        images = iter(rows)
+        return [row for token in ids for row in (next(images) if token == marker else [token])]
 
     def generate_ids(self, prompt_ids: list[int], **kw) -> Generation:
         """Prefill (reusing the cached prefix), then decode to the end (Decoding's arguments)."""
@@ -146,8 +246,11 @@ class Decoding:
         draft_max: int = 4,
         constraint: Constraint | None = None,
         whole_chunks: bool = False,
+        started: float | None = None,
+        encode_s: float = 0.0,
     ):
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if started is None else started  # a request with images: before encoding
+        self.encode_s = encode_s
         n = len(prompt_ids)
         if n == 0:
             raise EdgeLLMError("the prompt is empty")
@@ -158,6 +261,8 @@ class Decoding:
             raise EdgeLLMError(f"max_new_tokens {max_new_tokens}: generate at least 1 token")
         if drafter is not None and constraint is not None:
             raise EdgeLLMError("speculative decoding and a constrained answer cannot be combined")
+        if drafter is not None and min(prompt_ids) < 0:
+            raise EdgeLLMError("speculative decoding of a prompt with images is not supported")
         self.session, self.prompt_ids = session, list(prompt_ids)
         self.max_new_tokens, self.ignore_eos, self.stop = max_new_tokens, ignore_eos, tuple(s for s in stop if s)
         self.on_text, self.return_logits = on_text, return_logits
@@ -206,7 +311,7 @@ class Decoding:
             self.cached = reuse
             self._chunks = prefill_chunks(ids, reuse, group, engine_session.full_group_calls)
         start, chunk, _ = next(self._chunks)
-        logits = session.engine_session.forward(chunk, start)[-1]
+        logits = session.engine_session.forward(chunk, start, embeddings=session.images.embeddings(chunk))[-1]
         if start + len(chunk) < len(ids):
             return False
         session.tokens = list(ids)
@@ -329,4 +434,6 @@ class Decoding:
             logits=self.all_logits,
             speculation=self.stats.as_dict() if self.drafter else None,
             cached_tokens=self.cached,
+            image_tokens=sum(1 for t in self.prompt_ids if t < 0),
+            encode_s=self.encode_s,
         )

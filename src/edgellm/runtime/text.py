@@ -17,6 +17,7 @@ class TextCodec:
         self.tokenizer = Tokenizer.from_file(str(runtime_dir / "tokenizer.json"))
         self.settings = json.loads((runtime_dir / "runtime_config.json").read_text())
         self.eos_ids = set(self.settings.get("eos_token_ids") or [])
+        self.image_marker: str | None = None  # a vision-language model's image token, as text
         template = self.settings.get("chat_template")
         self._template = None
         if template:
@@ -39,13 +40,20 @@ class TextCodec:
     def render_chat(self, messages: list[dict]) -> str:
         if self._template is None:
             # No template in the model: plain role-prefixed turns, so chat still works.
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return "".join(f"{m['role']}: {self._plain(m['content'])}\n" for m in messages) + "assistant:"
         return self._template.render(
             messages=messages,
             add_generation_prompt=True,
             bos_token=self.settings.get("bos_token") or "",
             eos_token=self.settings.get("eos_token") or "",
         )
+
+    def _plain(self, content) -> str:
+        """A message's content as text: content parts (a message with images) joined, each image
+        as the image marker on a line of its own."""
+        if isinstance(content, str):
+            return content
+        return "".join(f"{self.image_marker}\n" if part["type"] == "image" else part["text"] for part in content)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template writes BOS itself where the model wants it (as transformers does).

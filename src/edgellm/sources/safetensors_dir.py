@@ -101,6 +101,11 @@ class SafetensorsDirSource:
                 st = SafetensorsFile(shard)
                 self._where.update({name: st for name in st.entries})
         self.files = sorted({st.path for st in self._where.values()}) + [config_path]
+        # a vision-language model's image processor settings (config/vision.py), if it has one
+        processor = path / "preprocessor_config.json"
+        self.image_processor = _read_json(processor) if processor.is_file() else None
+        if self.image_processor is not None:
+            self.files.append(processor)
         self.prequantized = None
         if "quantization_config" in self.raw_config:
             from .prequantized import PrequantizedReader
@@ -142,8 +147,11 @@ class SafetensorsDirSource:
         gen = _read_json(self.path / "generation_config.json")
         template = cfg.get("chat_template")
         jinja = self.path / "chat_template.jinja"
+        processor_template = _read_json(self.path / "chat_template.json").get("chat_template")  # a processor's (VLMs)
         if jinja.is_file():
             template = jinja.read_text()
+        elif processor_template and not template:
+            template = processor_template
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tok_path))

@@ -13,11 +13,22 @@ from onnx import helper
 from ..errors import EdgeLLMError
 from ..graph.builder import OPSET
 from ..graph.io import load_lazy, tensor_bytes
+from ..graph.units import VISION_PARTS
 
 
 def link_quantized(out, units, is_group: bool, plan, options, manifest, name: str, seq_dim: str | None = None) -> onnx.ModelProto:
     """One variant's quantized segments (smallest cache bucket), linked, weights left in their files."""
-    chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, options.buckets[0])]
+    chosen = [u for u in units if u.is_group == is_group and u.bucket in (0, options.buckets[0]) and u.part not in VISION_PARTS]
+    return link(_quantized(out, chosen, plan, options, manifest), name, kv_dim="kv_len", seq_dim=seq_dim)
+
+
+def link_vision(out, units, plan, options, manifest):
+    """The image encoder's quantized segments, linked: pixel_patches -> image_features."""
+    chosen = [u for u in units if u.part in VISION_PARTS]
+    return link(_quantized(out, chosen, plan, options, manifest), "edgellm_vision", outputs=("image_features",))
+
+
+def _quantized(out, chosen, plan, options, manifest) -> list[onnx.ModelProto]:
     for u in chosen:
         if f"quantize:{u.name}" in manifest.data.get("units", {}):
             continue
@@ -25,13 +36,14 @@ def link_quantized(out, units, is_group: bool, plan, options, manifest, name: st
             raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
                                f"to reuse in {out} (the {options.target} target runs every unit; build it once, then --resume)")
         raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
-    segments = [load_lazy(out / "quant" / f"{u.name}.onnx") for u in chosen]
-    return link(segments, name, kv_dim="kv_len", seq_dim=seq_dim)
+    return [load_lazy(out / "quant" / f"{u.name}.onnx") for u in chosen]
 
 
-def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, seq_dim: str | None = None) -> onnx.ModelProto:
+def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, seq_dim: str | None = None,
+         outputs: tuple[str, ...] = ("logits",)) -> onnx.ModelProto:
     """kv_dim / seq_dim: if given, the cache length / the tokens per call become symbolic
-    dimensions of the program's inputs and outputs (shape-generic programs)."""
+    dimensions of the program's inputs and outputs (shape-generic programs). outputs: the
+    program's outputs besides the updated caches."""
     nodes, inits, inputs, produced = [], {}, {}, set()
     for seg in segments:
         for t in seg.graph.initializer:
@@ -47,7 +59,7 @@ def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, 
             produced.update(node.output)
     graph_inputs = [vi for n, vi in inputs.items() if n not in produced]
     outputs = {vi.name: vi for seg in segments for vi in seg.graph.output}
-    graph_outputs = [vi for n, vi in outputs.items() if n == "logits" or n.startswith("present.")]
+    graph_outputs = [vi for n, vi in outputs.items() if n in outputs or n.startswith("present.")]
     for vi in graph_inputs + graph_outputs:
         dims = vi.type.tensor_type.shape.dim
         if kv_dim and vi.name.startswith(("cache.", "present.")):

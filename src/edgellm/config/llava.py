@@ -1,0 +1,72 @@
+"""LLaVA-1.5 (llava-hf layout): a CLIP vision tower, a two-layer MLP projector, and a text model
+of any supported family. The processor expands each `<image>` placeholder to image_seq_length
+tokens (576 at 336 px); their embedding rows become the projected patch features."""
+
+from __future__ import annotations
+
+from ..errors import EdgeLLMError
+from .fields import require
+from .model_config import ModelConfig
+from .vision import ACTIVATIONS, VisionConfig, clip_encoder, image_processing
+
+# Where the parts' tensors live, in the layouts checkpoints are published in (the hub's
+# llava-hf files, and what transformers 5 writes).
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
+HEAD_NAMES = ("language_model.lm_head.weight", "lm_head.weight")
+VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower.")
+PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def build(raw: dict, where: str, names: set[str], processor: dict | None) -> ModelConfig:
+    from . import ADAPTERS
+
+    text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
+    if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
+        raise EdgeLLMError(f"{where}: a llava config needs text_config and vision_config objects")
+    text_raw = {"model_type": "llama", **text_raw}
+    if text_raw["model_type"] not in ADAPTERS or text_raw["model_type"] in ("llava", "gemma3"):
+        raise EdgeLLMError(f"{where}: text_config model_type '{text_raw['model_type']}' is not supported")
+    vision_type = vision_raw.get("model_type", "clip_vision_model")
+    if vision_type != "clip_vision_model":
+        raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for llava (supported: clip_vision_model)")
+    feature_layer = raw.get("vision_feature_layer", -2)
+    if not isinstance(feature_layer, int):
+        raise EdgeLLMError(f"{where}: vision_feature_layer {feature_layer!r}: only one layer's features are supported")
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise EdgeLLMError(f"{where}: vision_feature_select_strategy '{strategy}' is not supported (default, full)")
+    act = raw.get("projector_hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise EdgeLLMError(f"{where}: projector_hidden_act '{act}' is not supported")
+
+    cfg = ADAPTERS[text_raw["model_type"]](text_raw, f"{where} (text_config)")
+    text_prefix = _prefix(TEXT_PREFIXES, "embed_tokens.weight", names, where, "the language model's embedding table")
+    rename = {name: text_prefix + name.removeprefix("model.") for name in cfg.layer_tensors.values()}
+    cfg.layer_tensors = {role: rename[name] for role, name in cfg.layer_tensors.items()}
+    head = next((n for n in HEAD_NAMES if n in names), None) if not cfg.tie_word_embeddings else None
+    cfg.global_tensors = {role: (head if role == "lm_head" and head else text_prefix + name.removeprefix("model."))
+                          for role, name in cfg.global_tensors.items()}
+    cfg.family = "llava"
+
+    vision_prefix = _prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight", names, where, "the vision tower")
+    projector = _prefix(PROJECTOR_PREFIXES, "linear_1.weight", names, where, "the projector")
+    fields = clip_encoder(vision_raw, where, vision_prefix, feature_layer)
+    fields["tensors"].update(proj1=projector + "linear_1.weight", proj1_bias=projector + "linear_1.bias",
+                             proj2=projector + "linear_2.weight", proj2_bias=projector + "linear_2.bias")
+    tokens = fields["image_size"] // fields["patch_size"]
+    tokens = tokens * tokens + (strategy == "full")
+    seq_length = raw.get("image_seq_length", tokens)
+    if seq_length != tokens:
+        raise EdgeLLMError(f"{where}: image_seq_length {seq_length} contradicts the encoder's {tokens} patches")
+    cfg.vision = VisionConfig(
+        **fields, drop_class_token=strategy == "default", projector="mlp", projector_activation=ACTIVATIONS[act],
+        image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where),
+        image_tokens=tokens, processing=image_processing(processor, fields["image_size"], where))
+    return cfg
+
+
+def _prefix(candidates, suffix: str, names: set[str], where: str, what: str) -> str:
+    found = next((p for p in candidates if p + suffix in names), None)
+    if found is None:
+        raise EdgeLLMError(f"{where}: no tensors of {what} (looked for {candidates[0]}{suffix} and similar)")
+    return found

@@ -1,0 +1,137 @@
+"""The vision part of a vision-language model's configuration: the encoder (a ViT: CLIP or
+SigLIP), the projector into the language model's embedding space, and the image preprocessing.
+
+Like the text part, family differences are data: a class token or not, a LayerNorm before the
+encoder or after it, which layer's output feeds the projector, which activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import EdgeLLMError
+from .fields import require
+
+# vision encoder hidden_act -> the name the emitter knows (graph/vision.py)
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# PIL resampling filter numbers as Hugging Face image processors store them
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+ENCODER_TENSORS = {  # per encoder layer, after the encoder's prefix (CLIP and SigLIP name them alike)
+    "ln1_w": "encoder.layers.{i}.layer_norm1.weight", "ln1_b": "encoder.layers.{i}.layer_norm1.bias",
+    "q_proj": "encoder.layers.{i}.self_attn.q_proj.weight", "q_bias": "encoder.layers.{i}.self_attn.q_proj.bias",
+    "k_proj": "encoder.layers.{i}.self_attn.k_proj.weight", "k_bias": "encoder.layers.{i}.self_attn.k_proj.bias",
+    "v_proj": "encoder.layers.{i}.self_attn.v_proj.weight", "v_bias": "encoder.layers.{i}.self_attn.v_proj.bias",
+    "o_proj": "encoder.layers.{i}.self_attn.out_proj.weight", "o_bias": "encoder.layers.{i}.self_attn.out_proj.bias",
+    "ln2_w": "encoder.layers.{i}.layer_norm2.weight", "ln2_b": "encoder.layers.{i}.layer_norm2.bias",
+    "fc1": "encoder.layers.{i}.mlp.fc1.weight", "fc1_bias": "encoder.layers.{i}.mlp.fc1.bias",
+    "fc2": "encoder.layers.{i}.mlp.fc2.weight", "fc2_bias": "encoder.layers.{i}.mlp.fc2.bias",
+}
+
+
+@dataclass
+class ImageProcessing:
+    """What the model's Hugging Face image processor does to a picture (runtime/images.py)."""
+    height: int  # the encoder's input
+    width: int
+    resize_shortest_edge: int | None  # CLIP: the shorter side to this, then a center crop; None: resize to height x width
+    resample: str
+    rescale_factor: float
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class VisionConfig:
+    encoder: str  # "clip" | "siglip"
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int  # the encoder layers that run: those up to the one whose output is used
+    num_heads: int
+    layer_norm_eps: float
+    activation: str  # "quick_gelu" | "gelu" | "gelu_tanh"
+    class_token: bool  # CLIP prepends a learned class embedding to the patches
+    pre_norm: bool  # CLIP's pre_layrnorm on the embeddings
+    post_norm: bool  # the encoder's final LayerNorm applies to the features used
+    drop_class_token: bool  # the projector sees the patches only
+    projector: str  # "mlp": linear, activation, linear (LLaVA); "linear"
+    projector_activation: str
+    image_token_id: int  # the placeholder token the image's rows replace
+    image_tokens: int  # rows one image becomes in the prompt
+    processing: ImageProcessing
+    # role -> tensor name ("{i}": the encoder layer)
+    tensors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def sequence(self) -> int:
+        """Rows through the encoder: the patches and the class token."""
+        return self.num_patches + int(self.class_token)
+
+    @property
+    def patch_values(self) -> int:
+        return self.num_channels * self.patch_size ** 2
+
+    def tensor_name(self, role: str, layer: int | None = None) -> str | None:
+        template = self.tensors.get(role)
+        return None if template is None else template.format(i=layer)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VisionConfig":
+        return cls(**{**data, "processing": ImageProcessing(**data["processing"])})
+
+
+def clip_encoder(raw: dict, where: str, prefix: str, feature_layer: int) -> dict:
+    """The VisionConfig fields of a CLIP vision tower (config.json's vision_config), tensors under prefix.
+    feature_layer: which hidden state the projector reads (LLaVA: -2, the second to last layer's output)."""
+    where = f"{where} (vision_config)"
+    layers = require(raw, "num_hidden_layers", where)
+    used = feature_layer + 1 if feature_layer >= 0 else layers + 1 + feature_layer  # hidden_states[0] is the embeddings
+    if not 0 <= used <= layers:
+        raise EdgeLLMError(f"{where}: vision_feature_layer {feature_layer} is not one of the encoder's {layers} layers")
+    act = raw.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+        raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+    hidden, heads = require(raw, "hidden_size", where), require(raw, "num_attention_heads", where)
+    if heads < 1 or hidden % heads:
+        raise EdgeLLMError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    image, patch = require(raw, "image_size", where), require(raw, "patch_size", where)
+    if patch < 1 or image % patch:
+        raise EdgeLLMError(f"{where}: image_size {image} is not a multiple of patch_size {patch}")
+    tensors = {role: prefix + name for role, name in ENCODER_TENSORS.items()}
+    tensors.update(patch_embed=prefix + "embeddings.patch_embedding.weight",
+                   class_embed=prefix + "embeddings.class_embedding",
+                   position_embed=prefix + "embeddings.position_embedding.weight",
+                   pre_norm_w=prefix + "pre_layrnorm.weight", pre_norm_b=prefix + "pre_layrnorm.bias",
+                   post_norm_w=prefix + "post_layernorm.weight", post_norm_b=prefix + "post_layernorm.bias")
+    return dict(encoder="clip", image_size=image, patch_size=patch, num_channels=int(raw.get("num_channels", 3)),
+                hidden_size=hidden, intermediate_size=require(raw, "intermediate_size", where), num_layers=used,
+                num_heads=heads, layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)), activation=ACTIVATIONS[act],
+                class_token=True, pre_norm=True, post_norm=False, tensors=tensors)
+
+
+def image_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
+    """From preprocessor_config.json (None: CLIP's defaults at the encoder's size)."""
+    p = processor or {}
+    where = f"{where} (preprocessor_config.json)"
+    crop = p.get("crop_size", image_size) if p.get("do_center_crop", True) else p.get("size", image_size)
+    height, width = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+    size = p.get("size", {"shortest_edge": image_size})
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
+    if (height, width) != (image_size, image_size):
+        raise EdgeLLMError(f"{where}: crop size {height}x{width} differs from the encoder's image_size {image_size}")
+    resample = RESAMPLE.get(p.get("resample", 3))
+    if resample is None:
+        raise EdgeLLMError(f"{where}: unknown resample filter {p.get('resample')!r}")
+    mean = p.get("image_mean", [0.48145466, 0.4578275, 0.40821073]) if p.get("do_normalize", True) else [0.0] * 3
+    std = p.get("image_std", [0.26862954, 0.26130258, 0.27577711]) if p.get("do_normalize", True) else [1.0] * 3
+    return ImageProcessing(height=int(height), width=int(width),
+                           resize_shortest_edge=int(shortest) if p.get("do_center_crop", True) else None,
+                           resample=resample, rescale_factor=float(p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1.0),
+                           mean=[float(m) for m in mean], std=[float(s) for s in std])

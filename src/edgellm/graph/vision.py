@@ -1,0 +1,122 @@
+"""ONNX segments of a vision-language model's image encoder and projector.
+
+    pixel_patches [1, P, C*p*p]   -> VISION_EMBED -> vision.0 [1, S, D]   (S = P patches [+ class token])
+    vision.i                      -> VISION i     -> vision.{i+1}         (one ViT encoder layer)
+    vision.L                      -> PROJECTOR    -> image_features [1, T, H]  (T rows spliced into the prompt)
+
+The patches come cut and flattened (channel, row, column), the order of the patch convolution's
+weights, so the convolution is a MatMul (runtime/images.py cuts them): no Conv or Transpose for
+a target to lower, and every weight is a [K, N] MatMul constant the precision plan can rewrite.
+Attention is over the whole image (no mask, no cache); shapes are static, from the image size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config.model_config import ModelConfig
+from ..errors import EdgeLLMError
+from .builder import FLOAT, GraphBuilder
+
+
+def emitters() -> dict:
+    return {"VISION_EMBED": _embed, "VISION": _layer, "PROJECTOR": _projector}
+
+
+def _embed(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
+    v = cfg.vision
+    patches = g.input("pixel_patches", FLOAT, [1, v.num_patches, v.patch_values])
+    conv = weights("patch_embed", None)  # [D, C, p, p]
+    x = g.op("MatMul", [patches, g.weight("patch_embed", conv.reshape(v.hidden_size, -1).T)])
+    if "patch_bias" in v.tensors:
+        x = g.op("Add", [x, g.weight("patch_bias", weights("patch_bias", None))])
+    if v.class_token:
+        token = weights("class_embed", None).reshape(1, 1, v.hidden_size)
+        x = g.op("Concat", [g.weight("class_embed", token), x], axis=1)
+    x = g.op("Add", [x, g.weight("position_embed", weights("position_embed", None))])
+    if v.pre_norm:
+        x = _layer_norm(g, x, v, "pre_norm", None, weights)
+    g.output(x, "vision.0", FLOAT, [1, v.sequence, v.hidden_size])
+
+
+def _layer(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
+    v, i = cfg.vision, unit.index
+    h = g.input(f"vision.{i}", FLOAT, [1, v.sequence, v.hidden_size])
+    x = _layer_norm(g, h, v, "ln1", i, weights)
+    qkv = np.concatenate([weights(r, i) for r in ("q_proj", "k_proj", "v_proj")])
+    bias = np.concatenate([weights(r, i) for r in ("q_bias", "k_bias", "v_bias")])
+    y = g.op("Add", [g.op("MatMul", [x, g.weight("qkv_proj", qkv.T)]), g.weight("qkv_bias", bias)])
+    q, k, val = g.op("Split", [y, g.shape_const([v.hidden_size] * 3)], axis=-1, n_out=3)
+    head_dim = v.hidden_size // v.num_heads
+    attn = g.op("Attention", [q, k, val], q_num_heads=v.num_heads, kv_num_heads=v.num_heads, scale=head_dim ** -0.5)
+    h = g.op("Add", [h, _linear(g, attn, "o_proj", "o_bias", i, weights)])
+    x = _layer_norm(g, h, v, "ln2", i, weights)
+    x = _activation(g, _linear(g, x, "fc1", "fc1_bias", i, weights), v.activation)
+    g.output(g.op("Add", [h, _linear(g, x, "fc2", "fc2_bias", i, weights)]), f"vision.{i + 1}", FLOAT,
+             [1, v.sequence, v.hidden_size])
+
+
+def _projector(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
+    v = cfg.vision
+    x = g.input(f"vision.{v.num_layers}", FLOAT, [1, v.sequence, v.hidden_size])
+    if v.post_norm:
+        x = _layer_norm(g, x, v, "post_norm", None, weights)
+    if v.drop_class_token:
+        x = g.op("Slice", [x, g.shape_const([1]), g.shape_const([v.sequence]), g.shape_const([1])])
+    x = _linear(g, x, "proj1", "proj1_bias", None, weights)
+    if v.projector == "mlp":
+        x = _linear(g, _activation(g, x, v.projector_activation), "proj2", "proj2_bias", None, weights)
+    g.output(x, "image_features", FLOAT, [1, v.image_tokens, cfg.hidden_size])
+
+
+def _linear(g, x, role, bias_role, layer, weights):
+    y = g.op("MatMul", [x, g.weight(role, weights(role, layer).T)])
+    return g.op("Add", [y, g.weight(bias_role, weights(bias_role, layer))])
+
+
+def _layer_norm(g, x, v, role, layer, weights):
+    scale, bias = weights(f"{role}_w", layer), weights(f"{role}_b", layer)
+    return g.op("LayerNormalization", [x, g.weight(f"{role}_w", scale), g.weight(f"{role}_b", bias)], axis=-1,
+                epsilon=v.layer_norm_eps)
+
+
+def _activation(g, x, kind: str):
+    if kind == "quick_gelu":  # CLIP's x * sigmoid(1.702 x)
+        return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.const("const.quick_gelu", np.array(1.702, np.float32))])])])
+    return g.op("Gelu", [x], approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def expected_vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """role -> HF shape, from the vision config's fields."""
+    v = cfg.vision
+    d, f, p, c = v.hidden_size, v.intermediate_size, v.patch_size, v.num_channels
+    shapes = {"patch_embed": (d, c, p, p), "class_embed": (d,), "position_embed": (v.sequence, d),
+              "pre_norm_w": (d,), "pre_norm_b": (d,), "post_norm_w": (d,), "post_norm_b": (d,),
+              "fc1": (f, d), "fc1_bias": (f,), "fc2": (d, f), "fc2_bias": (d,), "ln1_w": (d,), "ln1_b": (d,),
+              "ln2_w": (d,), "ln2_b": (d,), "proj1_bias": (cfg.hidden_size,), "proj2": (cfg.hidden_size, cfg.hidden_size),
+              "proj2_bias": (cfg.hidden_size,), "proj1": (cfg.hidden_size, d)}
+    for r in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        shapes[r] = (d, d)
+        shapes[r[0] + "_bias"] = (d,)
+    return shapes
+
+
+def check_vision_tensors(source, cfg: ModelConfig, where: str) -> None:
+    """The encoder's and projector's tensors exist with the shapes the vision config implies."""
+    v = cfg.vision
+    names = set(source.tensor_names())
+    needed = {"patch_embed", "position_embed", "proj1", "proj1_bias", *([] if v.projector != "mlp" else ["proj2", "proj2_bias"]),
+              *(["class_embed"] if v.class_token else []), *(["pre_norm_w", "pre_norm_b"] if v.pre_norm else []),
+              *(["post_norm_w", "post_norm_b"] if v.post_norm else [])}
+    layer_roles = {"ln1_w", "ln1_b", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj", "o_bias",
+                   "ln2_w", "ln2_b", "fc1", "fc1_bias", "fc2", "fc2_bias"}
+    wanted = [(r, None) for r in sorted(needed)] + [(r, i) for i in range(v.num_layers) for r in sorted(layer_roles)]
+    shapes = expected_vision_shapes(cfg)
+    for role, layer in wanted:
+        name = v.tensor_name(role, layer)
+        if name not in names:
+            raise EdgeLLMError(f"{source.path}: the vision config needs tensor {name}, which is missing")
+        actual = tuple(source.tensor_shape(name))
+        if actual != shapes[role]:
+            raise EdgeLLMError(f"{where}: the vision config implies shape {shapes[role]} for {name}, which has shape "
+                               f"{actual} in {source.path}")

@@ -1,0 +1,29 @@
+"""A vision-language model's image encoder, for every target: its segments linked into one
+program that ONNX Runtime runs once per image (compiled/vision/encoder.onnx + encoder.bin).
+
+The encoder runs once per image and not per token, so the C targets keep it on ONNX Runtime for
+now; lowering its ops (LayerNorm, GELU, unmasked attention) to the native kernels is future work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..graph.io import Spill, save_models
+from .link import link_vision
+from .ort_lowering import lower_integer_matmuls
+
+PROGRAM = "encoder.onnx"
+
+
+def compile_vision(out: Path, units, plan, options, manifest) -> Path:
+    target_dir = out / "compiled" / "vision"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    spill = Spill(target_dir / f".repacked.tmp{os.getpid()}")
+    try:
+        program = lower_integer_matmuls(link_vision(out, units, plan, options, manifest), options.int8_activations, spill)
+        save_models({PROGRAM: program}, target_dir, weights_name="encoder.bin")
+    finally:
+        spill.close()
+    return target_dir

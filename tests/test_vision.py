@@ -1,0 +1,266 @@
+"""Vision-language models: the image encoder compiled with the language model, images spliced into
+the prompt, checked against transformers (tiny random-weight LLaVA, tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import build
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.images import load_image, preprocess
+from edgellm.runtime.model import Model
+from tiny_models import IMAGE_TOKEN, LLAVA_IMAGE, save_tiny_llava
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+OPTIONS = dict(max_num_tokens=128, language_group_size=32, future_token_mask_size=64)
+PROMPT = "w5 w6 w7 w8"
+# (width, height): square, landscape, portrait, a wide strip, a tall one
+ASPECTS = [(32, 32), (56, 40), (40, 56), (120, 33), (25, 97)]
+
+
+def _picture(width: int, height: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)  # smooth gradients plus noise: resampling filters matter
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    noisy = base + rng.normal(0, 40, base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(llava):
+    return transformers.LlavaForConditionalGeneration.from_pretrained(llava, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(llava):
+    return transformers.CLIPImageProcessorPil.from_pretrained(llava)
+
+
+@pytest.fixture(scope="module", params=["cpu", "native"])
+def fp32_build(request, llava, fp32_plan, tmp_path_factory):
+    if request.param == "native":
+        from edgellm.targets.native.toolchain import TOOLCHAINS
+
+        try:
+            TOOLCHAINS["native"].find()
+        except EdgeLLMError as e:
+            pytest.skip(f"no C compiler for the native target: {e}")
+    return build(llava, tmp_path_factory.mktemp(f"llava-{request.param}") / "out", fp32_plan, target=request.param,
+                 **OPTIONS)
+
+
+@pytest.mark.parametrize("size", [LLAVA_IMAGE, 336])
+@pytest.mark.parametrize("width,height", ASPECTS)
+def test_preprocessing_matches_the_hugging_face_processor(size, width, height):
+    from edgellm.config.vision import image_processing
+
+    hf = transformers.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image = _picture(width * size // 32, height * size // 32)
+    expected = hf(image, return_tensors="np")["pixel_values"][0]
+    ours = preprocess(image, image_processing(hf.to_dict(), size, "preprocessor_config.json"))
+    assert ours.shape == expected.shape == (3, size, size)
+    np.testing.assert_allclose(ours, expected, atol=1e-3)
+
+
+def test_image_features_match_transformers(fp32_build, reference, processor):
+    model = Model.load(fp32_build)
+    for width, height in ASPECTS:
+        pixels = processor(_picture(width, height), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            expected = reference.get_image_features(pixels).pooler_output[0].numpy()
+        ours = model.image_encoder.encode_pixels(pixels[0].numpy())
+        assert ours.shape == expected.shape == (16, 64)
+        np.testing.assert_allclose(ours, expected, atol=1e-4)
+    model.close()
+
+
+def _reference_ids(model: Model, prompt: str) -> list[int]:
+    """What the Hugging Face processor feeds the model: the image token repeated image_seq_length times."""
+    return [IMAGE_TOKEN] * model.config.vision.image_tokens + model.codec.encode(prompt)
+
+
+def test_logits_and_greedy_tokens_match_transformers(fp32_build, reference, processor):
+    model = Model.load(fp32_build)
+    image = _picture(56, 40)
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    ours = model.generate(PROMPT, images=[image], max_new_tokens=32, ignore_eos=True, return_logits=True)
+    ids = torch.tensor([_reference_ids(model, "\n" + PROMPT)])
+    with torch.no_grad():
+        logits = reference(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
+        expected = reference.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=32, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    np.testing.assert_allclose(ours.logits[0], logits, atol=1e-4)
+    assert ours.token_ids == expected
+    assert ours.image_tokens == 16 and ours.prompt_tokens == 16 + 4
+    # the image changes the answer: another picture gives other logits
+    other = Model.load(fp32_build).generate(PROMPT, images=[_picture(56, 40, seed=5)], max_new_tokens=1,
+                                            return_logits=True)
+    assert np.abs(other.logits[0] - ours.logits[0]).max() > 1e-2
+    model.close()
+
+
+def test_a_second_question_reuses_the_image(fp32_build):
+    model = Model.load(fp32_build)
+    encoded = []
+    encode = model.image_encoder.encode_pixels
+    model.image_encoder.encode_pixels = lambda pixels: encoded.append(1) or encode(pixels)
+    image = _picture(40, 56)
+    first = model.chat("w9 w10", images=[image], max_new_tokens=4, ignore_eos=True)
+    second = model.chat("w11 w12", max_new_tokens=4, ignore_eos=True)
+    assert len(encoded) == 1 and second.cached_tokens >= 16 and second.image_tokens == 16
+    # the same conversation in a fresh session gives the same answer
+    fresh = model.session()
+    fresh.chat("w9 w10", images=[image], max_new_tokens=4, ignore_eos=True)
+    assert fresh.chat("w11 w12", max_new_tokens=4, ignore_eos=True).token_ids == second.token_ids
+    assert first.image_tokens == 16
+    model.close()
+
+
+def test_image_markers_in_the_prompt_place_the_images(fp32_build):
+    model = Model.load(fp32_build)
+    a, b = _picture(32, 32, seed=1), _picture(32, 32, seed=2)
+    placed = model.session().generate(f"w3 <image> w4 <image> {PROMPT}", images=[a, b], max_new_tokens=3,
+                                      ignore_eos=True, return_logits=True)
+    swapped = model.session().generate(f"w3 <image> w4 <image> {PROMPT}", images=[b, a], max_new_tokens=3,
+                                       ignore_eos=True, return_logits=True)
+    assert placed.prompt_tokens == 2 * 16 + 2 + 4
+    assert np.abs(placed.logits[0] - swapped.logits[0]).max() > 1e-3
+    with pytest.raises(EdgeLLMError, match="2 image markers .* for 1 images"):
+        model.session().generate("<image> <image> w1", images=[a])
+    model.close()
+
+
+def test_bad_images_and_too_many_images_fail_clearly(fp32_build, tmp_path):
+    model = Model.load(fp32_build)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    with pytest.raises(EdgeLLMError, match=r"notes\.png: not an image"):
+        model.generate(PROMPT, images=[not_image])
+    truncated = tmp_path / "cut.png"
+    _picture(64, 64).save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:300])
+    with pytest.raises(EdgeLLMError, match=r"cut\.png: the image cannot be decoded"):
+        model.generate(PROMPT, images=[truncated])
+    with pytest.raises(EdgeLLMError, match="context holds 128"):  # 8 images of 16 rows
+        model.generate(PROMPT, images=[_picture(32, 32, seed=s) for s in range(8)])
+    with pytest.raises(EdgeLLMError, match="speculative decoding of a prompt with images"):
+        model.generate(PROMPT, images=[_picture(32, 32)], lookup=2)
+    model.close()
+
+
+def test_a_text_build_refuses_images(tmp_path, fp32_plan):
+    from tiny_models import save_tiny
+
+    out = build(save_tiny("llama", tmp_path / "llama"), tmp_path / "out", fp32_plan, **OPTIONS)
+    with pytest.raises(EdgeLLMError, match="text model; it takes no images"):
+        Model.load(out).generate(PROMPT, images=[_picture(32, 32)])
+
+
+def test_pixel_limit(tmp_path, monkeypatch):
+    from edgellm.runtime import images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    _picture(40, 40).save(tmp_path / "big.png")
+    with pytest.raises(EdgeLLMError, match=r"big\.png: 40x40 pixels is more than"):
+        load_image(tmp_path / "big.png")
+
+
+def test_config_errors_name_the_problem(llava, tmp_path):
+    import shutil
+
+    from edgellm.build import read_model_config
+    from edgellm.sources import open_source
+
+    def broken(edit, name):
+        copy = tmp_path / name
+        shutil.copytree(llava, copy)
+        raw = json.loads((copy / "config.json").read_text())
+        edit(raw)
+        (copy / "config.json").write_text(json.dumps(raw))
+        return copy
+
+    missing = broken(lambda raw: raw.pop("vision_config"), "no-vision")
+    with pytest.raises(EdgeLLMError, match="needs text_config and vision_config"):
+        read_model_config(open_source(missing))
+    siglip = broken(lambda raw: raw["vision_config"].update(model_type="siglip_vision_model"), "siglip")
+    with pytest.raises(EdgeLLMError, match="vision encoder 'siglip_vision_model' is not supported"):
+        read_model_config(open_source(siglip))
+    wider = broken(lambda raw: raw["vision_config"].update(intermediate_size=64), "wider")
+    with pytest.raises(EdgeLLMError, match=r"config\.json: the vision config implies shape \(64, 32\) for .*fc1"):
+        build(wider, tmp_path / "out")
+
+
+def test_cli_generate_with_an_image(fp32_build, tmp_path):
+    _picture(50, 30).save(tmp_path / "a.png")
+    run = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(fp32_build), "--image", str(tmp_path / "a.png"),
+                          "-p", PROMPT, "-n", "4", "--ignore-eos", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["image_tokens"] == 16 and result["prompt_tokens"] == 20 and 0 < result["encode_s"] < result["ttft_s"]
+    bad = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(fp32_build), "--image", str(tmp_path),
+                          "-p", PROMPT], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(tmp_path) in bad.stderr
+
+
+def _bf16(p) -> None:
+    from edgellm.quant.precision import to_bfloat16_bits
+
+    bits = to_bfloat16_bits(p.detach().numpy()).astype(np.uint32) << 16
+    p.copy_(torch.from_numpy(bits.view(np.float32).copy()))
+
+
+@pytest.mark.parametrize("target", ["cpu", "native"])
+def test_int4_language_model_matches_transformers_on_the_stored_weights(llava, reference, processor, tmp_path, target):
+    """The int4 preset: language-model matmuls in int4 blocks, the encoder BF16 (the compile
+    manual's advice, kept by the presets); transformers runs the same dequantized weights."""
+    import copy
+
+    from edgellm.quant.blocks import quantize
+
+    if target == "native":
+        from edgellm.targets.native.toolchain import TOOLCHAINS
+
+        try:
+            TOOLCHAINS["native"].find()
+        except EdgeLLMError as e:
+            pytest.skip(f"no C compiler for the native target: {e}")
+    out = build(llava, tmp_path / "out", "int4", target=target, **OPTIONS)
+    stored = copy.deepcopy(reference)
+    with torch.no_grad():
+        for name, p in stored.named_parameters():
+            if "language_model" in name and name.endswith("proj.weight"):
+                p.copy_(torch.from_numpy(quantize(p.numpy(), 4, 32, "symmetric").dequantize()))
+            elif "embed_tokens" in name or "lm_head" in name:
+                _bf16(p)
+            elif ("vision_tower" in name or "projector" in name) and name.endswith("weight") and p.dim() >= 2 \
+                    and "position_embedding" not in name:
+                _bf16(p)  # the encoder's matmul weights (the patch convolution's too)
+    model = Model.load(out)
+    image = _picture(40, 56, seed=3)
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    ours = model.generate(PROMPT, images=[image], max_new_tokens=32, ignore_eos=True, return_logits=True)
+    ids = torch.tensor([_reference_ids(model, "\n" + PROMPT)])
+    with torch.no_grad():
+        logits = stored(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
+        expected = stored.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=32, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    np.testing.assert_allclose(ours.logits[0], logits, atol=1e-3 * np.abs(logits).max())
+    assert ours.token_ids == expected
+    units = json.loads((out / "manifest.json").read_text())["units"]
+    assert set(units["quantize:vision/layer000"]["weights"].values()) == {"bfloat16"}
+    assert "int4" in json.dumps(units["quantize:group/layer000_pre"]["weights"])
+    model.close()
