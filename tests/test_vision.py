@@ -71,7 +71,7 @@ def test_preprocessing_matches_the_hugging_face_processor(size, width, height):
     hf = transformers.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     image = _picture(width * size // 32, height * size // 32)
     expected = hf(image, return_tensors="np")["pixel_values"][0]
-    ours = preprocess(image, image_processing(hf.to_dict(), size, "preprocessor_config.json"))
+    ours = preprocess(image, image_processing(hf.to_dict(), size, "preprocessor_config.json")).tiles[0]
     assert ours.shape == expected.shape == (3, size, size)
     np.testing.assert_allclose(ours, expected, atol=1e-3)
 
@@ -263,4 +263,73 @@ def test_int4_language_model_matches_transformers_on_the_stored_weights(llava, r
     units = json.loads((out / "manifest.json").read_text())["units"]
     assert set(units["quantize:vision/layer000"]["weights"].values()) == {"bfloat16"}
     assert "int4" in json.dumps(units["quantize:group/layer000_pre"]["weights"])
+    model.close()
+
+
+# Idefics3 / SmolVLM: tiles, pixel shuffle, marker tokens around each tile (the processor's prompt)
+
+def _idefics3_processor(model_dir):
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
+    return transformers.Idefics3Processor(image_processor=transformers.Idefics3ImageProcessorPil.from_pretrained(model_dir),
+                                          tokenizer=tok, image_seq_len=4)
+
+
+@pytest.mark.parametrize("width,height", ASPECTS)
+def test_tiles_match_the_hugging_face_processor(width, height):
+    """SmolVLM-256M's processor settings (512 px tiles, longest edge 2048, LANCZOS): the same
+    tile grid and pixel values."""
+    from edgellm.config.vision import tiled_processing
+
+    hf = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
+    image = _picture(width * 9, height * 9)
+    expected = hf(image, return_tensors="np", return_row_col_info=True)
+    ours = preprocess(image, tiled_processing(hf.to_dict(), 512, "preprocessor_config.json"))
+    assert (ours.rows, ours.cols) == (expected["rows"][0][0], expected["cols"][0][0])
+    pixels = expected["pixel_values"][0]
+    assert len(ours.tiles) == len(pixels) == ours.rows * ours.cols + 1
+    np.testing.assert_allclose(np.stack(ours.tiles), pixels, atol=1e-3)
+
+
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def tiled_model(request, tmp_path_factory):
+    from tiny_models import save_tiny_idefics3
+
+    return request.param, save_tiny_idefics3(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+@pytest.mark.parametrize("target", ["cpu", "native"])
+def test_tiled_models_match_transformers(tiled_model, fp32_plan, tmp_path, target):
+    model_type, model_dir = tiled_model
+    if target == "native":
+        from edgellm.targets.native.toolchain import TOOLCHAINS
+
+        try:
+            TOOLCHAINS["native"].find()
+        except EdgeLLMError as e:
+            pytest.skip(f"no C compiler for the native target: {e}")
+    out = build(model_dir, tmp_path / "out", fp32_plan, target=target, **OPTIONS)
+    reference_class = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
+    reference = getattr(transformers, reference_class[model_type]).from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = _idefics3_processor(model_dir)
+    model = Model.load(out)
+    # a single tile, a 1 x 2 grid, a 2 x 1 grid, 2 x 2: every tile and the global view
+    for width, height in [(30, 30), (64, 20), (20, 64), (64, 64)]:
+        image = _picture(width, height, seed=width + height)
+        inputs = processor(text=f"<image>{PROMPT}", images=[image], return_tensors="pt")
+        session = model.session()
+        ours = session.generate(PROMPT, images=[image], max_new_tokens=32, ignore_eos=True, return_logits=True)
+        with torch.no_grad():
+            logits = reference(**inputs).logits[0, -1].numpy()
+            expected = reference.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                          pad_token_id=0)[0, inputs["input_ids"].shape[1]:].tolist()
+        assert ours.prompt_tokens == inputs["input_ids"].shape[1]
+        tiles = inputs["pixel_values"].shape[1]
+        assert ours.image_tokens == 4 * tiles
+        # the markers around the tiles are the processor's, at the same positions
+        ids = inputs["input_ids"][0].tolist()
+        ours_ids = [t if t >= 0 else model.config.vision.image_token_id for t in session.tokens[: len(ids)]]
+        assert ours_ids == ids
+        np.testing.assert_allclose(ours.logits[0], logits, atol=1e-4)
+        assert ours.token_ids == expected
+        session.close()
     model.close()

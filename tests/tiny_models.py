@@ -130,3 +130,43 @@ def save_tiny_llava(path: Path, seed: int = 0, **vision_overrides) -> Path:
     transformers.CLIPImageProcessorPil(size={"shortest_edge": LLAVA_IMAGE},
                                        crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}).save_pretrained(path)
     return path
+
+
+# A tiny Idefics3 / SmolVLM: a SigLIP-style tower over 32 px tiles of 8 px patches, pixel shuffle by 2
+# (4 rows per tile), images resized to at most 64 px: up to 2 x 2 tiles and the global view.
+TILE = 32
+TILED_MARKERS = ["<image>", "<fake_token_around_image>", "<global-img>"] + [
+    f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)]
+
+
+def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) -> Path:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    names = {"idefics3": ("Idefics3Config", "Idefics3VisionConfig", "Idefics3ForConditionalGeneration"),
+             "smolvlm": ("SmolVLMConfig", "SmolVLMVisionConfig", "SmolVLMForConditionalGeneration")}[model_type]
+    words = VOCAB - len(TILED_MARKERS)
+    vision = getattr(transformers, names[1])(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=TILE, patch_size=8)
+    text = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False})
+    config = getattr(transformers, names[0])(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                             image_token_id=words, scale_factor=2)
+    model = getattr(transformers, names[2])(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "embedding" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("weight"):
+                p.mul_(3.0)
+    model = model.float().eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(TILED_MARKERS)
+    tok.save(str(path / "tokenizer.json"))
+    transformers.Idefics3ImageProcessorPil(size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE}
+                                           ).save_pretrained(path)
+    return path

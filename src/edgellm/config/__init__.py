@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from . import gemma2, gemma3, llama, llava, mistral, phi3, qwen
+from . import gemma2, gemma3, idefics3, llama, llava, mistral, phi3, qwen
 from .model_config import ModelConfig, RopeConfig
 
 # model_type in config.json -> build(raw, where) -> ModelConfig. Adding a family: see
@@ -22,6 +22,8 @@ ADAPTERS = {
 # different prefixes) and the image processor's settings (preprocessor_config.json).
 VISION_ADAPTERS = {
     "llava": llava.build,
+    "idefics3": idefics3.build,
+    "smolvlm": idefics3.build,
 }
 
 

@@ -18,14 +18,7 @@ PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
 def build(raw: dict, where: str, names: set[str], processor: dict | None) -> ModelConfig:
-    from . import ADAPTERS
-
-    text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
-    if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
-        raise EdgeLLMError(f"{where}: a llava config needs text_config and vision_config objects")
-    text_raw = {"model_type": "llama", **text_raw}
-    if text_raw["model_type"] not in ADAPTERS or text_raw["model_type"] in ("llava", "gemma3"):
-        raise EdgeLLMError(f"{where}: text_config model_type '{text_raw['model_type']}' is not supported")
+    cfg, vision_raw = build_text(raw, where, names, TEXT_PREFIXES, HEAD_NAMES, default_text="llama")
     vision_type = vision_raw.get("model_type", "clip_vision_model")
     if vision_type != "clip_vision_model":
         raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for llava (supported: clip_vision_model)")
@@ -38,18 +31,10 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
     act = raw.get("projector_hidden_act", "gelu")
     if act not in ACTIVATIONS:
         raise EdgeLLMError(f"{where}: projector_hidden_act '{act}' is not supported")
-
-    cfg = ADAPTERS[text_raw["model_type"]](text_raw, f"{where} (text_config)")
-    text_prefix = _prefix(TEXT_PREFIXES, "embed_tokens.weight", names, where, "the language model's embedding table")
-    rename = {name: text_prefix + name.removeprefix("model.") for name in cfg.layer_tensors.values()}
-    cfg.layer_tensors = {role: rename[name] for role, name in cfg.layer_tensors.items()}
-    head = next((n for n in HEAD_NAMES if n in names), None) if not cfg.tie_word_embeddings else None
-    cfg.global_tensors = {role: (head if role == "lm_head" and head else text_prefix + name.removeprefix("model."))
-                          for role, name in cfg.global_tensors.items()}
     cfg.family = "llava"
 
-    vision_prefix = _prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight", names, where, "the vision tower")
-    projector = _prefix(PROJECTOR_PREFIXES, "linear_1.weight", names, where, "the projector")
+    vision_prefix = find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight", names, where, "the vision tower")
+    projector = find_prefix(PROJECTOR_PREFIXES, "linear_1.weight", names, where, "the projector")
     fields = clip_encoder(vision_raw, where, vision_prefix, feature_layer)
     fields["tensors"].update(proj1=projector + "linear_1.weight", proj1_bias=projector + "linear_1.bias",
                              proj2=projector + "linear_2.weight", proj2_bias=projector + "linear_2.bias")
@@ -65,7 +50,28 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
     return cfg
 
 
-def _prefix(candidates, suffix: str, names: set[str], where: str, what: str) -> str:
+def build_text(raw: dict, where: str, names: set[str], text_prefixes, head_names, default_text: str):
+    """The text part of a vision-language config (text_config, built by its family's adapter) with
+    its tensors renamed to where the checkpoint keeps them; and the raw vision_config."""
+    from . import ADAPTERS
+
+    text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
+    if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
+        raise EdgeLLMError(f"{where}: a {raw.get('model_type')} config needs text_config and vision_config objects")
+    text_raw = {"model_type": default_text, **text_raw}
+    if text_raw["model_type"] not in ADAPTERS or text_raw["model_type"] == "gemma3":
+        raise EdgeLLMError(f"{where}: text_config model_type '{text_raw['model_type']}' is not supported")
+    cfg = ADAPTERS[text_raw["model_type"]](text_raw, f"{where} (text_config)")
+    text_prefix = find_prefix(text_prefixes, "embed_tokens.weight", names, where, "the language model's embedding table")
+    rename = {name: text_prefix + name.removeprefix("model.") for name in cfg.layer_tensors.values()}
+    cfg.layer_tensors = {role: rename[name] for role, name in cfg.layer_tensors.items()}
+    head = next((n for n in head_names if n in names), None) if not cfg.tie_word_embeddings else None
+    cfg.global_tensors = {role: (head if role == "lm_head" and head else text_prefix + name.removeprefix("model."))
+                          for role, name in cfg.global_tensors.items()}
+    return cfg, vision_raw
+
+
+def find_prefix(candidates, suffix: str, names: set[str], where: str, what: str) -> str:
     found = next((p for p in candidates if p + suffix in names), None)
     if found is None:
         raise EdgeLLMError(f"{where}: no tensors of {what} (looked for {candidates[0]}{suffix} and similar)")

@@ -31,14 +31,21 @@ ENCODER_TENSORS = {  # per encoder layer, after the encoder's prefix (CLIP and S
 
 @dataclass
 class ImageProcessing:
-    """What the model's Hugging Face image processor does to a picture (runtime/images.py)."""
-    height: int  # the encoder's input
+    """What the model's Hugging Face image processor does to a picture (runtime/images.py).
+
+    kind "crop" (CLIP): the shorter side resized to resize_edge, then a center crop to the
+    encoder's size. kind "tiles" (Idefics3 / SmolVLM): the longer side resized to resize_edge,
+    then to whole tiles of the encoder's size, cut into those tiles plus the whole image at one
+    tile's size (a "global" view); split False: the global view alone."""
+    kind: str
+    height: int  # the encoder's input (one tile)
     width: int
-    resize_shortest_edge: int | None  # CLIP: the shorter side to this, then a center crop; None: resize to height x width
+    resize_edge: int
     resample: str
     rescale_factor: float
     mean: list[float]
     std: list[float]
+    split: bool = False
 
 
 @dataclass
@@ -57,11 +64,15 @@ class VisionConfig:
     pre_norm: bool  # CLIP's pre_layrnorm on the embeddings
     post_norm: bool  # the encoder's final LayerNorm applies to the features used
     drop_class_token: bool  # the projector sees the patches only
-    projector: str  # "mlp": linear, activation, linear (LLaVA); "linear"
+    projector: str  # "mlp": linear, activation, linear (LLaVA); "shuffle": pixel shuffle, linear (Idefics3)
     projector_activation: str
     image_token_id: int  # the placeholder token the image's rows replace
-    image_tokens: int  # rows one image becomes in the prompt
+    image_tokens: int  # rows one tile (one encoder pass) becomes in the prompt
     processing: ImageProcessing
+    shuffle: int = 1  # pixel shuffle factor: scale x scale neighbouring patches become one row
+    # how an image appears in the prompt: "repeat" (the image token, image_tokens times: LLaVA) or
+    # "tiles" (Idefics3: each tile's rows between <fake_token_around_image> and a row/column tag)
+    prompt: str = "repeat"
     # role -> tensor name ("{i}": the encoder layer)
     tensors: dict[str, str] = field(default_factory=dict)
 
@@ -116,22 +127,54 @@ def clip_encoder(raw: dict, where: str, prefix: str, feature_layer: int) -> dict
                 class_token=True, pre_norm=True, post_norm=False, tensors=tensors)
 
 
+def siglip_encoder(raw: dict, where: str, prefix: str) -> dict:
+    """The VisionConfig fields of a SigLIP-style vision tower (Idefics3 / SmolVLM, PaliGemma): no
+    class token, a bias on the patch embedding, the final LayerNorm applied, every layer used."""
+    fields = clip_encoder({"hidden_act": "gelu_pytorch_tanh", **raw}, where, prefix, -1)
+    fields["tensors"].update(patch_bias=prefix + "embeddings.patch_embedding.bias")
+    for role in ("class_embed", "pre_norm_w", "pre_norm_b"):
+        fields["tensors"].pop(role)
+    fields.update(encoder="siglip", class_token=False, pre_norm=False, post_norm=True,
+                  layer_norm_eps=float(raw.get("layer_norm_eps", 1e-6)))
+    return fields
+
+
 def image_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
-    """From preprocessor_config.json (None: CLIP's defaults at the encoder's size)."""
+    """A CLIP processor from preprocessor_config.json (None: CLIP's defaults at the encoder's size)."""
     p = processor or {}
     where = f"{where} (preprocessor_config.json)"
-    crop = p.get("crop_size", image_size) if p.get("do_center_crop", True) else p.get("size", image_size)
+    if not p.get("do_center_crop", True):
+        raise EdgeLLMError(f"{where}: a CLIP processor without its center crop is not supported")
+    crop = p.get("crop_size", image_size)
     height, width = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
     size = p.get("size", {"shortest_edge": image_size})
     shortest = size.get("shortest_edge") if isinstance(size, dict) else size
     if (height, width) != (image_size, image_size):
         raise EdgeLLMError(f"{where}: crop size {height}x{width} differs from the encoder's image_size {image_size}")
-    resample = RESAMPLE.get(p.get("resample", 3))
-    if resample is None:
+    return ImageProcessing("crop", int(height), int(width), int(shortest), **_pixels(p, where, 3, [0.48145466, 0.4578275, 0.40821073],
+                                                                                      [0.26862954, 0.26130258, 0.27577711]))
+
+
+def tiled_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
+    """An Idefics3 / SmolVLM processor from preprocessor_config.json."""
+    p = processor or {}
+    where = f"{where} (preprocessor_config.json)"
+    tile = (p.get("max_image_size") or {}).get("longest_edge", image_size)
+    if tile != image_size:
+        raise EdgeLLMError(f"{where}: max_image_size {tile} differs from the encoder's image_size {image_size}")
+    edge = (p.get("size") or {}).get("longest_edge", 4 * image_size) if p.get("do_resize", True) else None
+    if edge is None:
+        raise EdgeLLMError(f"{where}: do_resize false is not supported")
+    return ImageProcessing("tiles", image_size, image_size, int(edge), split=bool(p.get("do_image_splitting", True)),
+                           **_pixels(p, where, 1, [0.5] * 3, [0.5] * 3))
+
+
+def _pixels(p: dict, where: str, resample: int, mean: list[float], std: list[float]) -> dict:
+    """Resampling filter, rescale and normalization settings."""
+    filter_ = RESAMPLE.get(p.get("resample", resample))
+    if filter_ is None:
         raise EdgeLLMError(f"{where}: unknown resample filter {p.get('resample')!r}")
-    mean = p.get("image_mean", [0.48145466, 0.4578275, 0.40821073]) if p.get("do_normalize", True) else [0.0] * 3
-    std = p.get("image_std", [0.26862954, 0.26130258, 0.27577711]) if p.get("do_normalize", True) else [1.0] * 3
-    return ImageProcessing(height=int(height), width=int(width),
-                           resize_shortest_edge=int(shortest) if p.get("do_center_crop", True) else None,
-                           resample=resample, rescale_factor=float(p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1.0),
-                           mean=[float(m) for m in mean], std=[float(s) for s in std])
+    normalize = p.get("do_normalize", True)
+    return dict(resample=filter_, rescale_factor=float(p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1.0),
+                mean=[float(m) for m in (p.get("image_mean", mean) if normalize else [0.0] * 3)],
+                std=[float(s) for s in (p.get("image_std", std) if normalize else [1.0] * 3)])

@@ -2,13 +2,16 @@
 numpy (no torch, no transformers at run time), and the image encoder that turns the pixels into
 the rows spliced into the prompt.
 
-    pixels = preprocess(load_image(path), processing)     [C, H, W] float32, as the HF processor
-    rows = ImageEncoder(...).encode(pixels)               [image_tokens, hidden] float32
+    prepared = preprocess(load_image(path), processing)   tiles [C, H, W] float32, as the HF processor
+    rows = ImageEncoder(...).encode_pixels(tile)          [image_tokens, hidden] float32 per tile
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from ..errors import EdgeLLMError
 # Above this many pixels an image is refused before it is decoded (Pillow's own guard against
 # decompression bombs warns at 89 M and fails at twice that; 64 M is an 8K x 8K photo).
 MAX_PIXELS = 64_000_000
+MAX_SIDE = 4096  # the Idefics3 processor's bound on a resized image's longer side
 _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
@@ -46,28 +50,106 @@ def load_image(source, where: str | None = None):
         raise EdgeLLMError(f"{where}: the image cannot be decoded ({e})") from None
 
 
-def preprocess(image, p: ImageProcessing) -> np.ndarray:
-    """[C, H, W] float32 pixel values as the model's image processor computes them: the shorter
-    side resized to resize_shortest_edge (the longer one scaled and truncated) and a center crop,
-    or a resize to the encoder's size; then rescale and normalize."""
+@dataclass
+class Prepared:
+    """An image as the encoder takes it: one or more tiles ([C, H, W] float32 each, in the order
+    the prompt lists them) and the grid the tiles were cut in (0 x 0: not cut)."""
+    tiles: list[np.ndarray]
+    rows: int = 0
+    cols: int = 0
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for tile in self.tiles:
+            h.update(tile.tobytes())
+        return h.hexdigest()
+
+
+def preprocess(image, p: ImageProcessing) -> Prepared:
+    """The pixel values the model's image processor computes (see ImageProcessing), resizing the
+    8-bit image with the processor's filter and size arithmetic, then rescaling and normalizing
+    each tile."""
+    if p.kind == "crop":
+        frames, rows, cols = [_resize_and_crop(image, p)], 0, 0
+    else:
+        frames, rows, cols = _tiles(image, p)
+    mean, std = np.array(p.mean).reshape(-1, 1, 1), np.array(p.std).reshape(-1, 1, 1)
+    tiles = [((np.asarray(f, dtype=np.float64).transpose(2, 0, 1) * p.rescale_factor - mean) / std).astype(np.float32)
+             for f in frames]
+    return Prepared(tiles, rows, cols)
+
+
+def _resized(image, width: int, height: int, p: ImageProcessing):
     from PIL import Image
 
-    if p.resize_shortest_edge is not None:
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(p.resize_shortest_edge * long / short)
-        size = (p.resize_shortest_edge, new_long) if w <= h else (new_long, p.resize_shortest_edge)
-        image = image.resize(size, resample=Image.Resampling(_FILTERS[p.resample]))
-        w, h = image.size
-        if w < p.width or h < p.height:  # (only for a crop larger than the resize; not in any known model)
-            raise EdgeLLMError(f"image resized to {w}x{h} is smaller than the {p.width}x{p.height} crop")
-        top, left = (h - p.height) // 2, (w - p.width) // 2
-        image = image.crop((left, top, left + p.width, top + p.height))
+    return image.resize((width, height), resample=Image.Resampling(_FILTERS[p.resample]))
+
+
+def _resize_and_crop(image, p: ImageProcessing):
+    """CLIP: the shorter side to resize_edge (the longer one scaled, truncated), a center crop."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(p.resize_edge * long / short)
+    image = _resized(image, *((p.resize_edge, new_long) if w <= h else (new_long, p.resize_edge)), p)
+    w, h = image.size
+    if w < p.width or h < p.height:  # (only for a crop larger than the resize; not in any known model)
+        raise EdgeLLMError(f"image resized to {w}x{h} is smaller than the {p.width}x{p.height} crop")
+    top, left = (h - p.height) // 2, (w - p.width) // 2
+    return image.crop((left, top, left + p.width, top + p.height))
+
+
+def _tiles(image, p: ImageProcessing):
+    """Idefics3 / SmolVLM: the longer side to resize_edge (the shorter one scaled, made even), then
+    both up to whole tiles; the tiles row by row, then the whole image at one tile's size."""
+    w, h = image.size
+    aspect = w / h
+    if w >= h:
+        w, h = p.resize_edge, int(p.resize_edge / aspect)
+        h += h % 2
     else:
-        image = image.resize((p.width, p.height), resample=Image.Resampling(_FILTERS[p.resample]))
-    pixels = np.asarray(image, dtype=np.float64).transpose(2, 0, 1) * p.rescale_factor
-    mean, std = np.array(p.mean).reshape(-1, 1, 1), np.array(p.std).reshape(-1, 1, 1)
-    return ((pixels - mean) / std).astype(np.float32)
+        w, h = int(p.resize_edge * aspect), p.resize_edge
+        w += w % 2
+    w, h = max(w, 1), max(h, 1)
+    if max(w, h) > MAX_SIDE:  # (the processor's 4k bound; resize_edge above it is not in any known model)
+        w, h = (MAX_SIDE, max(int(MAX_SIDE / (w / h)), 1)) if w >= h else (max(int(MAX_SIDE * (w / h)), 1), MAX_SIDE)
+    image = _resized(image, w, h, p)
+    tile = p.width
+    if not p.split:
+        return [_resized(image, tile, tile, p)], 0, 0
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
+    image = _resized(image, w, h, p)
+    if w <= tile and h <= tile:
+        return [image], 0, 0
+    rows, cols = (h - tile) // tile + 1, (w - tile) // tile + 1
+    frames = [image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    return frames + [_resized(image, tile, tile, p)], rows, cols
+
+
+def image_prompt(vision: VisionConfig, image: Prepared, tiles: list[list[int]], codec) -> list[int]:
+    """The prompt rows one image becomes, given each tile's ids: the tiles' rows one after the other
+    (LLaVA), or, for Idefics3 / SmolVLM, with the processor's markers around them: per tile
+    <fake_token_around_image><row_R_col_C> and its rows, a newline after each row of tiles, then
+    the global view between <fake_token_around_image><global-img> and <fake_token_around_image>."""
+    if vision.prompt == "repeat":
+        return [row for tile in tiles for row in tile]
+    around, marker = "<fake_token_around_image>", codec.image_marker
+    if image.rows == 0:
+        text = f"{around}<global-img>{marker}{around}"
+    else:
+        grid = "\n".join("".join(f"{around}<row_{r + 1}_col_{c + 1}>{marker}" for c in range(image.cols))
+                         for r in range(image.rows))
+        text = f"{grid}\n\n{around}<global-img>{marker}{around}"
+    ids = codec.encode(text, special=False)
+    if ids.count(vision.image_token_id) != len(tiles) or codec.tokenizer.token_to_id(around) is None:
+        raise EdgeLLMError(f"the tokenizer does not have the image markers {around}, <global-img>, <row_R_col_C>")
+    rows = iter(tiles)
+    return [row for token in ids for row in (next(rows) if token == vision.image_token_id else [token])]
 
 
 def patches(pixels: np.ndarray, patch: int) -> np.ndarray:
@@ -103,6 +185,7 @@ class ImageEncoder:
         (features,) = self.program.run(["image_features"], {"pixel_patches": patches(pixels, v.patch_size)[None]})
         return features[0]
 
-    def encode(self, image) -> np.ndarray:
-        return self.encode_pixels(preprocess(load_image(image), self.vision.processing))
+    def encode(self, image) -> list[np.ndarray]:
+        """Each tile's rows."""
+        return [self.encode_pixels(tile) for tile in preprocess(load_image(image), self.vision.processing).tiles]
 

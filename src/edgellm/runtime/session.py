@@ -59,19 +59,19 @@ class ImageRows:
     negative ids, unique in the session, and their embedding vectors (the encoder's output)."""
 
     def __init__(self):
-        self.by_pixels: dict[str, list[int]] = {}
+        self.by_pixels: dict[str, list[list[int]]] = {}
         self.vectors: dict[int, np.ndarray] = {}
         self.in_order: list[list[int]] = []  # the chat's images, turn by turn
 
-    def rows(self, pixels: np.ndarray, encoder) -> list[int]:
-        import hashlib
-
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+    def rows(self, image, encoder) -> list[list[int]]:
+        """A prepared image's (runtime/images.py Prepared) rows: ids per tile, encoded once."""
+        key = image.key()
         if key not in self.by_pixels:
-            features = encoder.encode_pixels(pixels)
+            tiles = [encoder.encode_pixels(tile) for tile in image.tiles]
             first = len(self.vectors) + 1
-            ids = [-(first + j) for j in range(len(features))]
-            self.vectors.update(zip(ids, features))
+            ids = [[-(first + t * len(features) + j) for j in range(len(features))] for t, features in enumerate(tiles)]
+            for tile_ids, features in zip(ids, tiles):
+                self.vectors.update(zip(tile_ids, features))
             self.by_pixels[key] = ids
         return self.by_pixels[key]
 
@@ -175,13 +175,14 @@ class Session:
         vision = self.model.config.vision
         if vision is None:
             raise EdgeLLMError(f"{self.model.path}: this build is a text model; it takes no images")
-        from .images import load_image, preprocess
+        from .images import image_prompt, load_image, preprocess
 
         t0 = time.perf_counter()
         rows = []
         for image in images:
-            pixels = preprocess(load_image(image), vision.processing)
-            rows.append(self.images.rows(pixels, self.model.image_encoder))
+            prepared = preprocess(load_image(image), vision.processing)
+            tiles = self.images.rows(prepared, self.model.image_encoder)
+            rows.append(image_prompt(vision, prepared, tiles, self.codec))
         return rows, time.perf_counter() - t0
 
     def _marker(self) -> str:
