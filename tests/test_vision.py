@@ -333,3 +333,46 @@ def test_tiled_models_match_transformers(tiled_model, fp32_plan, tmp_path, targe
         assert ours.token_ids == expected
         session.close()
     model.close()
+
+
+def test_serve_answers_image_url_content_parts(llava, fp32_plan, tmp_path):
+    """OpenAI chat content parts with data: URLs; the answer is what generate() gives for the same
+    image; bad images are JSON errors and the server keeps serving."""
+    import base64
+    import io
+
+    import httpx
+    from test_serve import _serve
+
+    out = build(llava, tmp_path / "out", fp32_plan, target="cpu", **OPTIONS)
+    image = _picture(48, 40, seed=11)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    local = Model.load(out).generate(PROMPT, chat=True, images=[image], max_new_tokens=8, ignore_eos=True)
+    proc, base = _serve(out, "--parallel", "2")
+    try:
+        def ask(content):
+            return httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+                "model": "smol", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": content}]})
+
+        good = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
+        answer = ask(good)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == local.text
+        assert answer.json()["usage"]["prompt_tokens"] == local.prompt_tokens
+        for content, needle in [
+            ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "only data: URLs"),
+            ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], "not valid base64"),
+            ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"text").decode()}}],
+             "not an image"),
+        ]:
+            bad = ask(content)
+            assert bad.status_code == 400 and needle in bad.json()["error"]["message"], bad.text
+        again = ask(good)  # still serving, and the image is cached: the same answer
+        assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == local.text
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert "Traceback" not in stderr, stderr

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +191,57 @@ class ImageEncoder:
         """Each tile's rows."""
         return [self.encode_pixels(tile) for tile in preprocess(load_image(image), self.vision.processing).tiles]
 
+
+
+class ImageStore:
+    """The images a loaded model has seen, as prompt rows: each distinct image (by its pixels)
+    gets image_tokens negative ids per tile, unique in the model, and their embedding vectors (the
+    encoder's output). Negative ids make the engine take the vector instead of a table row, and
+    let the prompt cache treat an image like tokens: the same image again is the same ids, in any
+    session. The least recently used images go beyond `limit_bytes` of vectors; their ids are
+    never given out again."""
+
+    def __init__(self, limit_bytes: int = 256 << 20):
+        self.limit_bytes = limit_bytes
+        self.by_pixels: OrderedDict[str, list[list[int]]] = OrderedDict()
+        self.vectors: dict[int, np.ndarray] = {}
+        self._next = 1
+        self._lock = threading.Lock()  # the server encodes in its request handlers
+
+    def rows(self, image: Prepared, encoder) -> list[list[int]]:
+        """A prepared image's ids, per tile; encoded the first time it is seen."""
+        key = image.key()
+        with self._lock:
+            if key in self.by_pixels:
+                self.by_pixels.move_to_end(key)
+                return self.by_pixels[key]
+        tiles = [encoder.encode_pixels(tile) for tile in image.tiles]
+        with self._lock:
+            ids = []
+            for features in tiles:
+                ids.append(list(range(-self._next, -self._next - len(features), -1)))
+                self._next += len(features)
+                self.vectors.update(zip(ids[-1], features))
+            self.by_pixels[key] = ids
+            row_bytes = tiles[0].nbytes // len(tiles[0])
+            while len(self.by_pixels) > 1 and len(self.vectors) * row_bytes > self.limit_bytes:
+                _, dropped = self.by_pixels.popitem(last=False)
+                for tile in dropped:
+                    for row in tile:
+                        self.vectors.pop(row, None)
+        return ids
+
+    def embeddings(self, ids: list[int]) -> np.ndarray | None:
+        """[len(ids), hidden] for a call whose rows include image rows (zeros for the tokens); None without."""
+        if min(ids) >= 0:
+            return None
+        with self._lock:
+            rows = {token: self.vectors.get(token) for token in ids if token < 0}
+        if any(v is None for v in rows.values()):
+            raise EdgeLLMError("an image's rows left the image store before its prompt ran; send the image again")
+        width = len(next(iter(rows.values())))
+        out = np.zeros((len(ids), width), np.float32)
+        for i, token in enumerate(ids):
+            if token < 0:
+                out[i] = rows[token]
+        return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from ..config.model_config import ModelConfig
@@ -13,6 +14,7 @@ from ..errors import EdgeLLMError
 from ..record import BuildRecord
 from .adapters import AdapterStore
 from .engine import Engine, EngineSpec
+from .images import ImageStore, image_prompt, load_image, preprocess
 from .session import Generation, Session
 from .strategies import Drafter, DraftModel, PromptLookup
 from .text import TextCodec
@@ -29,6 +31,7 @@ class Model:
         self.threads = threads
         self._default: Session | None = None
         self._image_encoder = None
+        self.images = ImageStore()  # every session's images, as prompt rows
         if cfg.vision is not None:
             codec.image_marker = codec.tokenizer.id_to_token(cfg.vision.image_token_id)
 
@@ -78,6 +81,33 @@ class Model:
             raise EdgeLLMError(f"{path}: built for {target}; its programs run on that machine "
                                f"(compiled/{target}/model_main), not in this runtime")
         return cls(path, engine, codec, cfg, threads)
+
+    def encode_images(self, images) -> tuple[list[list[int]], float]:
+        """Each image (a path, bytes or a PIL image) as its prompt rows, and the seconds it took.
+        An image seen before (the same pixels) is not encoded again."""
+        if not images:
+            return [], 0.0
+        vision = self.config.vision
+        if vision is None:
+            raise EdgeLLMError(f"{self.path}: this build is a text model; it takes no images")
+        t0 = time.perf_counter()
+        prompts = []
+        for image in images:
+            prepared = preprocess(load_image(image), vision.processing)
+            prompts.append(image_prompt(vision, prepared, self.images.rows(prepared, self.image_encoder), self.codec))
+        return prompts, time.perf_counter() - t0
+
+    def splice(self, ids: list[int], prompts: list[list[int]]) -> list[int]:
+        """Each image token in ids (one per image, as the chat template or the prompt placed it)
+        replaced by its image's prompt rows, in order."""
+        if self.config.vision is None:
+            return ids
+        marker = self.config.vision.image_token_id
+        found = ids.count(marker)
+        if found != len(prompts):
+            raise EdgeLLMError(f"the prompt has {found} image markers ({self.codec.image_marker}) for {len(prompts)} images")
+        images = iter(prompts)
+        return [row for token in ids for row in (next(images) if token == marker else [token])]
 
     def session(self) -> Session:
         """A new conversation: its own KV cache; the weights are shared."""

@@ -54,39 +54,6 @@ class Generation:
         return d
 
 
-class ImageRows:
-    """A session's images as prompt rows: each distinct image (by its pixels) gets image_tokens
-    negative ids, unique in the session, and their embedding vectors (the encoder's output)."""
-
-    def __init__(self):
-        self.by_pixels: dict[str, list[list[int]]] = {}
-        self.vectors: dict[int, np.ndarray] = {}
-        self.in_order: list[list[int]] = []  # the chat's images, turn by turn
-
-    def rows(self, image, encoder) -> list[list[int]]:
-        """A prepared image's (runtime/images.py Prepared) rows: ids per tile, encoded once."""
-        key = image.key()
-        if key not in self.by_pixels:
-            tiles = [encoder.encode_pixels(tile) for tile in image.tiles]
-            first = len(self.vectors) + 1
-            ids = [[-(first + t * len(features) + j) for j in range(len(features))] for t, features in enumerate(tiles)]
-            for tile_ids, features in zip(ids, tiles):
-                self.vectors.update(zip(tile_ids, features))
-            self.by_pixels[key] = ids
-        return self.by_pixels[key]
-
-    def embeddings(self, ids: list[int]) -> np.ndarray | None:
-        """[len(ids), hidden] for a call whose rows include image rows (zeros for the tokens); None without."""
-        if min(ids) >= 0:
-            return None
-        width = len(next(iter(self.vectors.values())))
-        out = np.zeros((len(ids), width), np.float32)
-        for i, token in enumerate(ids):
-            if token < 0:
-                out[i] = self.vectors[token]
-        return out
-
-
 class Constraint(Protocol):
     """What an answer may be (a grammar; serve/structured.py): which tokens may come next."""
 
@@ -113,7 +80,7 @@ class Session:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.messages: list[dict] = []
         self.adapter: tuple[str, float] | None = None  # the LoRA adapter and its scale (LORA_BRANCH builds)
-        self.images = ImageRows()  # the images of this conversation, as prompt rows
+        self.image_prompts: list[list[int]] = []  # the chat's images, turn by turn, as prompt rows
 
     def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Answer with LoRA adapter `name` (None or "none": the base model) at `scale` from now on.
@@ -135,80 +102,40 @@ class Session:
     def reset(self) -> None:
         self.tokens = []
         self.messages = []
-        self.images = ImageRows()
+        self.image_prompts = []
 
     def generate(self, prompt: str, chat: bool = False, images=(), **kw) -> Generation:
         """Complete prompt (raw text), or answer it as one user turn in the chat template.
         images: paths, bytes or PIL images, placed at the prompt's image markers (the image
         token's text, e.g. "<image>"), or before the prompt where it has none."""
         started = time.perf_counter()
-        rows, encode_s = self._encode(images)
+        model = self.model
+        prompts, encode_s = model.encode_images(images)
         if chat:
-            ids = self.codec.encode_chat([self._user_turn(prompt, len(rows))])
+            ids = self.codec.encode_chat([user_turn(prompt, len(prompts))])
         else:
-            ids = self.codec.encode(self._with_markers(prompt, len(rows)))
-        return self.generate_ids(self._spliced(ids, rows), started=started, encode_s=encode_s, **kw)
+            marker = self.codec.image_marker
+            if prompts and marker not in prompt:
+                prompt = f"{marker}\n" * len(prompts) + prompt
+            ids = self.codec.encode(prompt)
+        return self.generate_ids(model.splice(ids, prompts), started=started, encode_s=encode_s, **kw)
 
     def chat(self, message: str, images=(), **kw) -> Generation:
         """One turn of a multi-turn conversation; the KV cache of earlier turns is reused, and so
         are the images of earlier turns (not encoded again)."""
         started = time.perf_counter()
-        rows, encode_s = self._encode(images)
-        self.messages.append(self._user_turn(message, len(rows)))
-        self.images.in_order += rows
+        prompts, encode_s = self.model.encode_images(images)
+        self.messages.append(user_turn(message, len(prompts)))
+        self.image_prompts += prompts
         try:
-            ids = self._spliced(self.codec.encode_chat(self.messages), self.images.in_order)
+            ids = self.model.splice(self.codec.encode_chat(self.messages), self.image_prompts)
             result = self.generate_ids(ids, started=started, encode_s=encode_s, **kw)
         except BaseException:
             self.messages.pop()  # the turn did not happen
-            del self.images.in_order[len(self.images.in_order) - len(rows):]
+            del self.image_prompts[len(self.image_prompts) - len(prompts):]
             raise
         self.messages.append({"role": "assistant", "content": result.text})
         return result
-
-    # images: each becomes image_tokens prompt rows whose ids are negative and unique in the
-    # session (the engine takes their embedding vectors instead of a table row), so the prompt
-    # cache treats an image like tokens: the same image again is the same ids, already cached
-    def _encode(self, images) -> tuple[list[list[int]], float]:
-        if not images:
-            return [], 0.0
-        vision = self.model.config.vision
-        if vision is None:
-            raise EdgeLLMError(f"{self.model.path}: this build is a text model; it takes no images")
-        from .images import image_prompt, load_image, preprocess
-
-        t0 = time.perf_counter()
-        rows = []
-        for image in images:
-            prepared = preprocess(load_image(image), vision.processing)
-            tiles = self.images.rows(prepared, self.model.image_encoder)
-            rows.append(image_prompt(vision, prepared, tiles, self.codec))
-        return rows, time.perf_counter() - t0
-
-    def _marker(self) -> str:
-        return self.codec.image_marker
-
-    def _user_turn(self, text: str, images: int) -> dict:
-        """A user message; with images, as the content parts vision-language chat templates read."""
-        if not images:
-            return {"role": "user", "content": text}
-        return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
-
-    def _with_markers(self, prompt: str, images: int) -> str:
-        if images and self._marker() not in prompt:
-            return f"{self._marker()}\n" * images + prompt
-        return prompt
-
-    def _spliced(self, ids: list[int], rows: list[list[int]]) -> list[int]:
-        """Each image token in ids replaced by its image's rows, in order."""
-        if self.model.config.vision is None:
-            return ids
-        marker = self.model.config.vision.image_token_id
-        found = ids.count(marker)
-        if found != len(rows):
-            raise EdgeLLMError(f"the prompt has {found} image markers ({self._marker()}) for {len(rows)} images")
-        images = iter(rows)
-        return [row for token in ids for row in (next(images) if token == marker else [token])]
 
     def generate_ids(self, prompt_ids: list[int], **kw) -> Generation:
         """Prefill (reusing the cached prefix), then decode to the end (Decoding's arguments)."""
@@ -218,6 +145,13 @@ class Session:
             ids, position = decoding.next_call()
             decoding.take(self.engine_session.forward(ids, position, logits_from=0))
         return decoding.result()
+
+
+def user_turn(text: str, images: int = 0) -> dict:
+    """A user message; with images, as the content parts vision-language chat templates read."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
 
 
 class Decoding:
@@ -312,7 +246,7 @@ class Decoding:
             self.cached = reuse
             self._chunks = prefill_chunks(ids, reuse, group, engine_session.full_group_calls)
         start, chunk, _ = next(self._chunks)
-        logits = session.engine_session.forward(chunk, start, embeddings=session.images.embeddings(chunk))[-1]
+        logits = session.engine_session.forward(chunk, start, embeddings=session.model.images.embeddings(chunk))[-1]
         if start + len(chunk) < len(ids):
             return False
         session.tokens = list(ids)

@@ -136,7 +136,9 @@ class Server:
         if limit is not None and len(ids) + limit > context:
             raise ApiError(400, f"the prompt's {len(ids)} tokens and max_tokens {limit} exceed this model's context of "
                            f"{context} tokens", "max_tokens", "context_length_exceeded")
-        if any(t < 0 or t >= self.model.engine.spec.vocab_size for t in ids):
+        # a chat prompt's negative ids are its images' rows (the server made them); a client's never are
+        lowest = -(1 << 62) if isinstance(request, ChatRequest) else 0
+        if any(t < lowest or t >= self.model.engine.spec.vocab_size for t in ids):
             raise ApiError(400, f"a prompt token id is outside the vocabulary (0..{self.model.engine.spec.vocab_size - 1})",
                            "prompt")
         constrained, schema = request.schema()
@@ -201,10 +203,15 @@ def create_app(server: Server) -> Starlette:
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, ChatRequest, options.max_body_bytes)
         server.check_model(body.model)
-        messages = body.chat_messages()
+        model = server.model
+        messages, images = body.chat_messages(vision=model.config.vision is not None)
+        try:  # off the event loop: encoding an image takes a while, and other requests are being answered
+            prompts, _ = await asyncio.to_thread(model.encode_images, images) if images else ([], 0.0)
+        except EdgeLLMError as e:  # not an image, too large, ...
+            raise ApiError(400, f"messages: {e}", "messages") from None
         try:
-            ids = server.model.codec.encode_chat(messages)
-        except EdgeLLMError as e:  # text that is not UTF-8
+            ids = model.splice(model.codec.encode_chat(messages), prompts)
+        except EdgeLLMError as e:  # text that is not UTF-8; markers that do not match the images
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # the model's own chat template failed on these messages
             raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None

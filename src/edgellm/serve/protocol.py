@@ -7,6 +7,8 @@ send some that do not matter here (user, metadata, store)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -110,22 +112,59 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+    def data(self, where: str) -> bytes:
+        """The image's bytes: only data: URLs (base64), as llama.cpp's server takes them; the
+        server fetches nothing from the network."""
+        url = self.image_url.url
+        head, comma, payload = url.partition(",")
+        if not url.startswith("data:") or not comma:
+            raise ApiError(400, f"{where}: only data: URLs are accepted (data:image/png;base64,...); the server "
+                                f"does not fetch {url[:40]!r}", where)
+        if not head.endswith(";base64"):
+            raise ApiError(400, f"{where}: the data: URL must be base64 (data:image/...;base64,...)", where)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"{where}: the image is not valid base64 ({e})", where) from None
+
+
 class OtherPart(_Strict):
-    type: Literal["image_url", "input_audio", "file", "refusal"]
+    type: Literal["input_audio", "file", "refusal"]
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | OtherPart] | None = None
+    content: str | list[TextPart | ImagePart | OtherPart] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            for part in self.content:
-                if isinstance(part, OtherPart):
-                    raise ApiError(400, f"this model reads text only; a content part of type {part.type} cannot be used",
-                                   "messages")
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def template_content(self, index: int, images: list[bytes] | None) -> str | list[dict]:
+        """The content as a chat template reads it: text, or with images (a vision-language build
+        passes `images`, which collects their bytes) the parts {"type": "image"} and {"type":
+        "text"} in their order."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        parts = []
+        for k, part in enumerate(self.content):
+            if isinstance(part, ImagePart) and images is not None:
+                images.append(part.data(f"messages.{index}.content.{k}"))
+                parts.append({"type": "image"})
+            elif isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                what = "a text model" if isinstance(part, ImagePart) else "text and images"
+                raise ApiError(400, f"this model reads {what} only; a content part of type {part.type} cannot be used",
+                               "messages")
+        if all(part["type"] == "text" for part in parts):
+            return "".join(part["text"] for part in parts)
+        return parts
 
 
 class ChatRequest(_Common):
@@ -133,9 +172,13 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: Annotated[list | None, _unsupported("tool calls are")] = None
 
-    def chat_messages(self) -> list[dict]:
+    def chat_messages(self, vision: bool = False) -> tuple[list[dict], list[bytes]]:
+        """The messages for the chat template, and the images they carry (a vision build only)."""
+        images: list[bytes] | None = [] if vision else None
         # "developer" is OpenAI's newer name for the system role; chat templates know "system"
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.template_content(i, images)}
+                    for i, m in enumerate(self.messages)]
+        return messages, images or []
 
     @property
     def answer_limit(self) -> int | None:
@@ -163,7 +206,7 @@ class CompletionRequest(_Common):
         return self.max_tokens
 
 
-_BRANCH_TAGS = {"str", "int", "bool", "float", "list", "dict", "none", "TextPart", "OtherPart"}
+_BRANCH_TAGS = {"str", "int", "bool", "float", "list", "dict", "none", "TextPart", "ImagePart", "OtherPart"}
 
 
 def describe(error: ValidationError) -> ApiError:

@@ -196,7 +196,9 @@ class Scheduler:
             slot.decoding = Decoding(slot.session, job.prompt_ids, max_new_tokens=job.max_new_tokens,
                                      sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,
                                      on_text=job.text,
-                                     drafter=None if constraint else slot.drafter, draft_max=self.draft_max,
+                                     # (a drafter reads token ids: not a prompt with image rows)
+                                     drafter=None if constraint or min(job.prompt_ids) < 0 else slot.drafter,
+                                     draft_max=self.draft_max,
                                      constraint=constraint, whole_chunks=True)
         except EdgeLLMError as e:
             self._finish(slot, error=str(e))
