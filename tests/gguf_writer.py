@@ -81,9 +81,11 @@ def random_blocks(rows: int, cols: int, type_name: str, rng) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None = None, seed: int = 0) -> Path:
+def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None = None, seed: int = 0,
+               special: list[str] = ()) -> Path:
     """types: GGUF tensor name (e.g. "blk.0.attn_q.weight") -> a GGUF block type; those tensors are
-    written as random blocks of that type (random_blocks) instead of the model's float weights."""
+    written as random blocks of that type (random_blocks) instead of the model's float weights.
+    special: control tokens that end the vocabulary (a vision-language model's image markers)."""
     import json
 
     import gguf
@@ -120,8 +122,9 @@ def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None
         writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     vocab = config["vocab_size"]
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"w{i}" for i in range(vocab)])
-    writer.add_token_types([1] * vocab)
+    words = vocab - len(special)
+    writer.add_token_list([f"w{i}" for i in range(words)] + list(special))
+    writer.add_token_types([1] * words + [3] * len(special))  # 3: control tokens
     writer.add_token_merges([])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -174,3 +177,68 @@ def write_kquant_model(root: Path) -> Path:
     from tiny_models import save_tiny
 
     return write_gguf(save_tiny("llama", root / "hf", **KQUANT_SHAPE), root / "tiny-kquants.gguf", "llama", KQUANT_TYPES)
+
+
+def text_part(vlm_dir: Path, out: Path) -> Path:
+    """The text model of a tiny Idefics3 / SmolVLM directory as a Hugging Face llama directory (what
+    llama.cpp's converter writes to the text GGUF of the pair)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    config = json.loads((vlm_dir / "config.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config["text_config"]))
+    tensors = load_file(str(vlm_dir / "model.safetensors"))
+    save_file({name.replace("model.text_model.", "model."): w for name, w in tensors.items()
+               if name.startswith("model.text_model.") or name == "lm_head.weight"}, str(out / "model.safetensors"))
+    return out
+
+
+def write_mmproj(vlm_dir: Path, path: Path, types: dict[str, str] | None = None) -> Path:
+    """The vision tower and connector of a tiny Idefics3 / SmolVLM directory as llama.cpp's mmproj
+    GGUF: the tensor names from gguf-py's own name map (the converter's), its clip.* keys.
+    types: GGUF tensor name -> "F16" or "Q8_0" (gguf-py quantizes those itself)."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((vlm_dir / "config.json").read_text())
+    vision = config["vision_config"]
+    processor = json.loads((vlm_dir / "preprocessor_config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision["num_hidden_layers"])
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type("idefics3")
+    writer.add_vision_projection_dim(config["text_config"]["hidden_size"])
+    writer.add_vision_image_size(vision["image_size"])
+    writer.add_vision_patch_size(vision["patch_size"])
+    writer.add_vision_embedding_length(vision["hidden_size"])
+    writer.add_vision_feed_forward_length(vision["intermediate_size"])
+    writer.add_vision_block_count(vision["num_hidden_layers"])
+    writer.add_vision_head_count(vision["num_attention_heads"])
+    writer.add_vision_image_mean(processor["image_mean"])
+    writer.add_vision_image_std(processor["image_std"])
+    writer.add_vision_attention_layernorm_eps(vision.get("layer_norm_eps", 1e-6))
+    writer.add_vision_projector_scale_factor(config["scale_factor"])
+    writer.add_vision_use_gelu(True)
+    writer.add_vision_preproc_image_size(processor["size"]["longest_edge"])
+    for hf, w in load_file(str(vlm_dir / "model.safetensors")).items():
+        if "text_model" in hf or hf == "lm_head.weight":
+            continue
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        kind = (types or {}).get(name)
+        w = w.astype(np.float32)
+        if kind == "F16":
+            writer.add_tensor(name, w.astype(np.float16))
+        elif kind == "Q8_0":
+            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -376,3 +376,76 @@ def test_serve_answers_image_url_content_parts(llava, fp32_plan, tmp_path):
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
     assert "Traceback" not in stderr, stderr
+
+
+# llama.cpp's two files: the text GGUF and the mmproj
+
+MMPROJ_TYPES = {  # what llama.cpp's converter does with --outtype q8_0: matmuls Q8_0, embeddings F16/F32
+    "v.blk.0.attn_q.weight": "Q8_0", "v.blk.0.attn_k.weight": "Q8_0", "v.blk.0.attn_v.weight": "Q8_0",
+    "v.blk.0.ffn_up.weight": "Q8_0", "v.blk.1.attn_out.weight": "Q8_0", "mm.model.fc.weight": "Q8_0",
+    "v.patch_embd.weight": "F16"}
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    from gguf_writer import text_part, write_gguf, write_mmproj
+    from tiny_models import TILED_MARKERS, save_tiny_idefics3
+
+    root = tmp_path_factory.mktemp("pair")
+    model = save_tiny_idefics3(root / "model", "idefics3")
+    text = write_gguf(text_part(model, root / "text"), root / "text.gguf", "llama", special=TILED_MARKERS)
+    return model, text, write_mmproj(model, root / "mmproj.gguf"), write_mmproj(model, root / "mmproj-q8.gguf", MMPROJ_TYPES)
+
+
+def _first_tokens(out, image, n=16):
+    model = Model.load(out)
+    result = model.generate("<image>", images=[image], max_new_tokens=n, ignore_eos=True, return_logits=True)
+    model.close()
+    return result
+
+
+def test_a_gguf_text_model_and_its_mmproj_run_as_the_safetensors_model(gguf_pair, fp32_plan, tmp_path):
+    model_dir, text, mmproj, _ = gguf_pair
+    image = _picture(64, 20, seed=4)
+    expected = _first_tokens(build(model_dir, tmp_path / "st", fp32_plan, **OPTIONS), image)
+    ours = _first_tokens(build(text, tmp_path / "pair", mmproj=str(mmproj), **OPTIONS), image)  # no plan: SOURCE
+    assert ours.prompt_tokens == expected.prompt_tokens and ours.image_tokens == expected.image_tokens == 12
+    np.testing.assert_allclose(ours.logits[0], expected.logits[0], atol=1e-4)
+    assert ours.token_ids == expected.token_ids
+
+
+def test_an_mmproj_in_q8_0_keeps_its_blocks(gguf_pair, tmp_path):
+    """Q8_0 vision matmuls run as the file's int8 blocks (SOURCE), F16 ones as bfloat16; the same
+    build with every value dequantized into float32 (FP32 plan) agrees within what the int8
+    activations of ONNX Runtime's int8 matmuls cost (targets/ort_lowering.py)."""
+    _, text, _, mmproj = gguf_pair
+    out = build(text, tmp_path / "q8", mmproj=str(mmproj), **OPTIONS)
+    units = json.loads((out / "manifest.json").read_text())["units"]
+    stored = units["quantize:vision/layer000"]["weights"]
+    assert any("GGUF Q8_0" in how and "exactly" in how for how in stored.values()), stored
+    assert any("float16" in how or "bfloat16" in how for how in units["quantize:vision/embed"]["weights"].values())
+    image = _picture(30, 30, seed=6)
+    float_build = tmp_path / "q8-fp32"
+    (tmp_path / "fp32.json").write_text('{"default": {"precision": "FP32"}}')
+    exact = _first_tokens(out, image, 4)
+    dequantized = _first_tokens(build(text, float_build, tmp_path / "fp32.json", mmproj=str(mmproj), **OPTIONS), image, 4)
+    np.testing.assert_allclose(exact.logits[0], dequantized.logits[0], atol=1e-2 * np.abs(dequantized.logits[0]).max())
+    assert exact.token_ids[0] == dequantized.token_ids[0]
+
+
+def test_mmproj_errors_name_the_file(gguf_pair, tmp_path):
+    from gguf_writer import write_gguf
+    from tiny_models import save_tiny
+
+    model_dir, text, mmproj, _ = gguf_pair
+    with pytest.raises(EdgeLLMError, match="--mmproj goes with a GGUF text model"):
+        build(model_dir, tmp_path / "a", mmproj=str(mmproj), **OPTIONS)
+    with pytest.raises(EdgeLLMError, match=r"text\.gguf.*not 'llama'|architecture 'clip'"):
+        build(text, tmp_path / "b", mmproj=str(text), **OPTIONS)
+    wider = write_gguf(save_tiny("llama", tmp_path / "wide", hidden_size=32, num_attention_heads=2,
+                                 num_key_value_heads=1), tmp_path / "wide.gguf", "llama")
+    with pytest.raises(EdgeLLMError, match=r"mmproj\.gguf: the projector writes 64 values per row; the text model .* takes 32"):
+        build(wider, tmp_path / "c", mmproj=str(mmproj), **OPTIONS)
+    run = subprocess.run([sys.executable, "-m", "edgellm.cli", "compile", str(text), "--mmproj", str(tmp_path / "none.gguf"),
+                          "-o", str(tmp_path / "d")], capture_output=True, text=True)
+    assert run.returncode == 2 and "none.gguf: no such file (--mmproj)" in run.stderr

@@ -30,6 +30,7 @@ from .footprint import check_fits
 from .graph.segments import BRANCH_SITES, SEGMENT_FORMAT, branch_parts
 from .graph.units import VISION_PARTS, Unit, plan_units
 from .quant.adapters import LoraLayout, check_name, lora_layout, write_adapter
+from .quant.blocks import concat_rows
 from .quant.plan import PrecisionPlan, ResolvedPlan
 from .record import BuildRecord
 from .sources.lora import adapter_fingerprint
@@ -63,6 +64,7 @@ class BuildOptions:
     kv_cache_dtype: str = "float32"  # float16: the native targets keep the KV cache in float16
     lora: tuple[tuple[str, str], ...] = ()  # (--lora_name, --lora_path) pairs compiled with the build
     lora_dtype: str = "int8"  # how compiled adapters store their factors (quant/adapters.py)
+    mmproj: str | None = None  # llama.cpp's vision projector GGUF beside a GGUF text model
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
@@ -144,7 +146,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     options.validate()
     out = Path(out)
     _check_writable(out)
-    source = _SOURCES[str(model_path)] = open_source(model_path)
+    source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
     units = plan_units(cfg.num_layers, options.buckets, cfg.vision.num_layers if cfg.vision else None)
@@ -260,7 +262,7 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             names = cfg.vision if unit.part in VISION_PARTS else cfg  # whose role -> tensor name map
 
             def weights(role, layer):
-                w = _open_source_cached(ctx.model_path).tensor(names.tensor_name(role, layer))
+                w = _open_source_cached(ctx.model_path, ctx.options.mmproj).tensor(names.tensor_name(role, layer))
                 factors = adapter.factors.get((role, layer)) if adapter is not None else None
                 return w if factors is None else w + factors.delta()  # LORA_MERGED: before quantization
 
@@ -280,14 +282,13 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
 def _source_blocks(ctx: _Context):
     """initializer name (scope.role, see graph/units.py) -> the source's own integer blocks, if any."""
     from .graph.segments import FUSED
-    from .quant.blocks import concat_rows
 
-    source = _open_source_cached(ctx.model_path)
+    source = _open_source_cached(ctx.model_path, ctx.options.mmproj)
 
     def packed(initializer: str):
         scope, role = initializer.split(".", 1)
-        if scope.startswith(("vision", "projector")):  # the image encoder's weights: float in every source so far
-            return None, "float"
+        if scope.startswith(("vision", "projector")):  # the image encoder's (graph/vision.py roles)
+            return _vision_blocks(source, ctx.cfg.vision, scope, role)
         layer = int(scope.removeprefix("layer")) if scope.startswith("layer") else None
         if ctx.merged_adapter is not None and (layer, role) in ctx.lora.sites:
             adapter = _open_adapter_cached(ctx.merged_adapter, ctx.cfg)
@@ -303,6 +304,16 @@ def _source_blocks(ctx: _Context):
     return packed
 
 
+def _vision_blocks(source, vision, scope: str, role: str):
+    layer = int(scope.removeprefix("vision")) if scope.removeprefix("vision").isdigit() else None
+    parts = ("q_proj", "k_proj", "v_proj") if role == "qkv_proj" else (role,)
+    names = [vision.tensor_name(part, layer) for part in parts]
+    storage = "+".join(sorted({source.storage(n) for n in names}))
+    if role == "patch_embed":  # the convolution's weight, reshaped: as float (llama.cpp keeps it F16/F32)
+        return None, storage
+    return concat_rows([source.packed(n) for n in names]), storage
+
+
 _SOURCES: dict = {}
 _ADAPTERS: dict = {}
 
@@ -315,13 +326,13 @@ def _open_adapter_cached(path: str, cfg: ModelConfig):
     return _ADAPTERS[path]
 
 
-def _open_source_cached(path: str):
+def _open_source_cached(path: str, mmproj: str | None = None):
     """One open source per process: parsing a GGUF header costs seconds (its token list)."""
     from .sources import open_source
 
-    if path not in _SOURCES:
-        _SOURCES[path] = open_source(path)
-    return _SOURCES[path]
+    if (path, mmproj) not in _SOURCES:
+        _SOURCES[(path, mmproj)] = open_source(path, mmproj)
+    return _SOURCES[(path, mmproj)]
 
 
 def stage_dir_name(stage: str) -> str:

@@ -8,10 +8,20 @@ from ..errors import EdgeLLMError
 from .base import ModelSource, TokenizerFiles
 
 
-def open_source(path: str | Path) -> ModelSource:
+def open_source(path: str | Path, mmproj: str | Path | None = None) -> ModelSource:
+    """mmproj: llama.cpp's vision projector GGUF beside a GGUF text model (a vision-language pair)."""
     path = Path(path)
     if not path.exists():
         raise EdgeLLMError(f"{path}: no such file or directory")
+    if mmproj is not None:
+        if not Path(mmproj).is_file():
+            raise EdgeLLMError(f"{mmproj}: no such file (--mmproj)")
+        if path.is_dir():
+            raise EdgeLLMError(f"{mmproj}: --mmproj goes with a GGUF text model; {path} is a directory, whose "
+                               f"vision tower comes from its own safetensors")
+        from .mmproj import VisionPairSource
+
+        return VisionPairSource(path, Path(mmproj))
     if path.is_dir():
         from .safetensors_dir import SafetensorsDirSource
 

@@ -56,21 +56,27 @@ def llama_row_permutation(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
+def open_gguf(path: Path):
+    """The gguf package's reader of the file, and its metadata as plain values."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = gguf_fields(reader)
+        # The reader keeps a numpy view per part of every metadata value: for a 262k-token
+        # vocabulary that is 0.6 GB, held by every compile worker. The values are in fields.
+        reader.fields.clear()
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise EdgeLLMError(f"{path}: not a readable GGUF file ({e})") from None
+    return reader, fields
+
+
 class GGUFSource:
     default_precision = "SOURCE"  # a GGUF runs as it is stored
 
     def __init__(self, path: Path):
-        import gguf
-
         self.path = path
-        try:
-            self.reader = gguf.GGUFReader(path)
-            self.fields = gguf_fields(self.reader)
-            # The reader keeps a numpy view per part of every metadata value: for a 262k-token
-            # vocabulary that is 0.6 GB, held by every compile worker. The values are in self.fields.
-            self.reader.fields.clear()
-        except (ValueError, OSError, IndexError, KeyError) as e:
-            raise EdgeLLMError(f"{path}: not a readable GGUF file ({e})") from None
+        self.reader, self.fields = open_gguf(path)
         arch = self.fields.get("general.architecture")
         if arch not in MODEL_TYPES:
             raise EdgeLLMError(

@@ -1,0 +1,130 @@
+"""llama.cpp's two-file vision-language layout: a text model GGUF and an mmproj GGUF (the vision
+encoder and projector, architecture "clip"), read as one source.
+
+The mmproj's metadata becomes the vision_config of a Hugging Face style config and its tensors get
+Hugging Face names, so the same family adapter (config/idefics3.py) serves the GGUF pair and the
+safetensors directory. The image processor's settings come from the mmproj's keys as llama.cpp's
+converter writes them (clip.vision.image_mean/std, preproc_image_size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from ..quant.blocks import BlockQuantized
+from .gguf_file import GGUFSource, open_gguf
+from .safetensors_dir import _fingerprint
+
+# clip.projector_type -> the Hugging Face model_type whose adapter reads the pair
+PROJECTORS = {"idefics3": "idefics3"}
+VISION = "model.vision_model."
+_LAYER = {"ln1": "layer_norm1", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_out": "self_attn.out_proj", "ln2": "layer_norm2", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
+_GLOBAL = {"v.patch_embd": VISION + "embeddings.patch_embedding", "v.position_embd": VISION + "embeddings.position_embedding",
+           "v.post_ln": VISION + "post_layernorm", "mm.model.fc": "model.connector.modality_projection.proj"}
+# llama.cpp keeps the text model's tensors under these Hugging Face names (gguf_file.py)
+TEXT_PREFIX = "model."
+
+
+class MmprojFile(GGUFSource):
+    """The mmproj GGUF: its tensors under Hugging Face names, read like a GGUF model's."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reader, self.fields = open_gguf(path)
+        self.arch = self.fields.get("general.architecture")
+        if self.arch != "clip":
+            raise EdgeLLMError(f"{path}: --mmproj takes llama.cpp's vision projector file (architecture 'clip'), "
+                               f"not '{self.arch}'")
+        self.raw_config = {}
+        self._tensors = {name: t for t in self.reader.tensors if (name := self._hf_name(t.name)) is not None}
+
+    def _hf_name(self, name: str) -> str | None:
+        base, _, kind = name.rpartition(".")
+        if base.startswith("v.blk."):
+            _, _, index, suffix = base.split(".", 3)
+            hf = _LAYER.get(suffix)
+            return None if hf is None else f"{VISION}encoder.layers.{index}.{hf}.{kind}"
+        hf = _GLOBAL.get(base)
+        return None if hf is None else f"{hf}.{kind}"
+
+    def key(self, name: str, default=None, required: bool = True):
+        value = self.fields.get(f"clip.vision.{name}", self.fields.get(f"clip.{name}", default))
+        if value is None and required:
+            raise EdgeLLMError(f"{self.path}: mmproj metadata 'clip.vision.{name}' is missing")
+        return value
+
+
+class VisionPairSource:
+    """A GGUF text model and its mmproj as one model source."""
+
+    default_precision = "SOURCE"
+
+    def __init__(self, text_path: Path, mmproj_path: Path):
+        self.text = GGUFSource(text_path)
+        self.mmproj = MmprojFile(mmproj_path)
+        self.path = text_path
+        projector = self.mmproj.key("projector_type")
+        if projector not in PROJECTORS:
+            raise EdgeLLMError(f"{mmproj_path}: projector type '{projector}' is not supported (supported: "
+                               f"{', '.join(PROJECTORS)})")
+        hidden = self.text.raw_config["hidden_size"]
+        if int(self.mmproj.key("projection_dim")) != hidden:
+            raise EdgeLLMError(f"{mmproj_path}: the projector writes {self.mmproj.key('projection_dim')} values per row; "
+                               f"the text model {text_path} takes {hidden}: not this model's mmproj")
+        tokens = self.text.fields.get("tokenizer.ggml.tokens") or []
+        if "<image>" not in tokens:
+            raise EdgeLLMError(f"{text_path}: the vocabulary has no <image> token; not the text model of {mmproj_path}")
+        m = self.mmproj
+        self.raw_config = {
+            "model_type": PROJECTORS[projector], "text_config": self.text.raw_config,
+            "vision_config": {"model_type": "idefics3_vision", "image_size": m.key("image_size"),
+                              "patch_size": m.key("patch_size"), "hidden_size": m.key("embedding_length"),
+                              "intermediate_size": m.key("feed_forward_length"), "num_hidden_layers": m.key("block_count"),
+                              "num_attention_heads": m.key("attention.head_count"),
+                              "layer_norm_eps": m.key("attention.layer_norm_epsilon", 1e-6, required=False),
+                              "hidden_act": "gelu_pytorch_tanh"},
+            "scale_factor": m.key("projector.scale_factor", 2, required=False),
+            "image_token_id": tokens.index("<image>"),
+        }
+        image = int(m.key("image_size"))
+        self.image_processor = {
+            "size": {"longest_edge": int(m.key("preproc_image_size", image, required=False))},
+            "max_image_size": {"longest_edge": image}, "resample": 1,
+            "image_mean": [float(x) for x in m.key("image_mean")], "image_std": [float(x) for x in m.key("image_std")],
+        }
+        self._parts = {name: self.mmproj for name in self.mmproj._tensors}
+        self._parts.update({name: self.text for name in self.text.tensor_names()})
+
+    def _part(self, name: str):
+        part = self._parts.get(name)
+        if part is None:
+            raise EdgeLLMError(f"{self.path}: tensor for '{name}' not found in the text model or the mmproj")
+        return part
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._parts)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._part(name).tensor_shape(name)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self._part(name).tensor(name)
+
+    def packed(self, name: str) -> BlockQuantized | None:
+        return self._part(name).packed(name)
+
+    def stored_bytes(self, name: str) -> int | None:
+        return self._part(name).stored_bytes(name)
+
+    def storage(self, name: str) -> str:
+        return self._part(name).storage(name)
+
+    def tokenizer(self):
+        return self.text.tokenizer()
+
+    def fingerprint(self) -> str:
+        return _fingerprint([self.text.path, self.mmproj.path])
