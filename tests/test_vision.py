@@ -449,3 +449,23 @@ def test_mmproj_errors_name_the_file(gguf_pair, tmp_path):
     run = subprocess.run([sys.executable, "-m", "edgellm.cli", "compile", str(text), "--mmproj", str(tmp_path / "none.gguf"),
                           "-o", str(tmp_path / "d")], capture_output=True, text=True)
     assert run.returncode == 2 and "none.gguf: no such file (--mmproj)" in run.stderr
+
+
+def test_vision_units_build_in_parallel_and_resume_to_the_same_files(llava, tmp_path):
+    """-j and --resume hold for the encoder's units as for the language model's: a parallel build,
+    a resumed one (nothing left to do) and a serial one write the same encoder program."""
+    import hashlib
+
+    def digest(out):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "compiled" / "vision").iterdir())}
+
+    parallel = build(llava, tmp_path / "parallel", "int8", jobs=2, **OPTIONS)
+    first = digest(parallel)
+    units = json.loads((parallel / "manifest.json").read_text())["units"]
+    assert {"onnx:vision/embed", "onnx:vision/layer001", "quantize:vision/projector"} <= set(units)
+    assert "onnx:vision/layer002" not in units  # LLaVA reads the second to last layer: the last is not compiled
+    before = {p: p.stat().st_mtime_ns for p in (parallel / "quant" / "vision").iterdir()}
+    build(llava, tmp_path / "parallel", "int8", jobs=2, resume=True, **OPTIONS)
+    assert {p: p.stat().st_mtime_ns for p in (parallel / "quant" / "vision").iterdir()} == before
+    assert digest(parallel) == first
+    assert digest(build(llava, tmp_path / "serial", "int8", **OPTIONS)) == first
