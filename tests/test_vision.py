@@ -274,13 +274,15 @@ def _idefics3_processor(model_dir):
                                           tokenizer=tok, image_seq_len=4)
 
 
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("width,height", ASPECTS)
-def test_tiles_match_the_hugging_face_processor(width, height):
-    """SmolVLM-256M's processor settings (512 px tiles, longest edge 2048, LANCZOS): the same
-    tile grid and pixel values."""
+def test_tiles_match_the_hugging_face_processor(width, height, split):
+    """SmolVLM-256M's processor settings (512 px tiles, longest edge 2048, LANCZOS), with and
+    without splitting: the same tile grid and pixel values."""
     from edgellm.config.vision import tiled_processing
 
-    hf = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
+    hf = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512},
+                                               do_image_splitting=split)
     image = _picture(width * 9, height * 9)
     expected = hf(image, return_tensors="np", return_row_col_info=True)
     ours = preprocess(image, tiled_processing(hf.to_dict(), 512, "preprocessor_config.json"))
