@@ -110,3 +110,55 @@ def test_malformed_rules_are_user_errors(tmp_path, body):
     path.write_text(body)
     with pytest.raises(EdgeLLMError, match="plan.json: expected"):
         PrecisionPlan(path, 3)
+
+
+def test_a_python_plan_that_never_answers_is_stopped(tmp_path, monkeypatch):
+    from edgellm.quant import plan
+
+    monkeypatch.setattr(plan, "PLAN_SECONDS", 2)
+    path = tmp_path / "loop.py"
+    path.write_text("def get_layer_configuration(p, layer):\n    while True:\n        pass\n")
+    with pytest.raises(EdgeLLMError, match=r"loop\.py: the configuration file did not answer within 2 s"):
+        PrecisionPlan(path, 3)
+
+
+def test_a_python_plan_that_eats_memory_is_stopped(tmp_path):
+    path = tmp_path / "greedy.py"
+    path.write_text("x = 'a' * (10 ** 10)\n")
+    with pytest.raises(EdgeLLMError, match=r"greedy\.py: configuration file raised MemoryError"):
+        PrecisionPlan(path, 3)
+
+
+def test_a_python_plan_runs_once_per_build(tmp_path):
+    from conftest import build
+    from tiny_models import save_tiny
+
+    count = tmp_path / "runs.txt"
+    path = tmp_path / "counting.py"
+    path.write_text(f"open({str(count)!r}, 'a').write('x')\n"
+                    "def get_layer_configuration(p, layer):\n    return {'precision': 'FP32'}\n")
+    build(save_tiny("llama", tmp_path / "model"), tmp_path / "out", path, max_num_tokens=64, language_group_size=16,
+          future_token_mask_size=64)
+    assert count.read_text() == "x"
+
+
+@pytest.mark.parametrize("name,body,needle", [
+    ("plan.txt", "def get_layer_configuration(p, l):\n    return {}", "unsupported configuration file type '.txt'"),
+    ("plan.yaml", "default: {}", "unsupported configuration file type '.yaml'"),
+    ("plan.json", '{"defualt": {"precision": "FP32"}}', "unknown keys ['defualt']"),
+    ("plan.json", '{"rules": [{"when": {"is_group": true}, "set": {}}]}', "rule 0 has unknown keys ['when']"),
+    ("plan.json", '{"rules": [{"match": {"layer": 1}, "set": {}}]}', "rule 0 matches unknown keys ['layer']"),
+    ("plan.toml", '[defualt]\nprecision = "FP32"', "unknown keys ['defualt']"),
+])
+def test_plans_with_unknown_keys_or_types_are_refused(tmp_path, name, body, needle):
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(EdgeLLMError) as info:
+        PrecisionPlan(path, 3)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_a_file_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "int4").write_text("import os; os._exit(3)")  # would be run as Python before
+    assert set(_choices(PrecisionPlan("int4", 3)).values()) >= {"A_BF16_W_INT4"}

@@ -19,7 +19,6 @@ width costs memory, not speed, and int4 rows would need an int4 Gather).
 from __future__ import annotations
 
 import json
-import runpy
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,36 +65,27 @@ class PrecisionPlan:
         self.quantize_embeddings = quantize_embeddings
         self._float_embeddings: str | None = None  # FP32 or BF16, decided once from the layers
         self._vision: str | None = None  # the image encoder's embedding and projector, decided once
-        self._fn = None
+        self._answers: dict | None = None  # a .py plan's answer per layer (_run_python_plan)
         self._rules: dict | None = None
         if path is None:
             return
         path = Path(path)
-        if not path.is_file() and path.name == str(path) and str(path) in presets():
+        if path.name == str(path) and str(path) in presets():  # a bare preset name is the preset, whatever cwd holds
             path = self.path = PRESETS_DIR / f"{path}.json"
         if not path.is_file():
             raise EdgeLLMError(f"{path}: configuration file not found (presets: {', '.join(presets())})")
         if path.suffix in (".json", ".toml"):
-            try:
-                self._rules = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-            except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-                raise EdgeLLMError(f"{path}: malformed {path.suffix[1:].upper()} ({e})") from None
-            rules = self._rules.get("rules", []) if isinstance(self._rules, dict) else None
-            well_formed = (
-                isinstance(rules, list) and isinstance(self._rules.get("default", {}), dict)
-                and all(isinstance(r, dict) and isinstance(r.get("match", {}), dict) and isinstance(r.get("set", {}), dict)
-                        for r in rules)
-            )
-            if not well_formed:
-                raise EdgeLLMError(f"{path}: expected {{\"default\": {{...}}, \"rules\": [{{\"match\": {{...}}, \"set\": {{...}}}}]}}")
+            self._rules = _read_rules(path)
+        elif path.suffix == ".py":
+            self._answers = _run_python_plan(path, self.props, self._layers(vision_layers))
         else:
-            try:
-                namespace = runpy.run_path(str(path))
-            except Exception as e:  # the user's code: any failure is their input's problem
-                raise EdgeLLMError(f"{path}: configuration file raised {type(e).__name__}: {e}") from None
-            self._fn = namespace.get("get_layer_configuration")
-            if not callable(self._fn):
-                raise EdgeLLMError(f"{path}: defines no get_layer_configuration(model_properties, layer)")
+            raise EdgeLLMError(f"{path}: unsupported configuration file type '{path.suffix}' (use .py, .json or .toml)")
+
+    def _layers(self, vision_layers: int) -> list[dict]:
+        """Every layer the plan is asked about, as the manual's dicts."""
+        layers = [{"part": part, "is_group": group, "index": i} for group in (True, False)
+                  for part in ("PRE", "CACHE", "POST") for i in range(self.props["num_hidden_layers"])]
+        return layers + [{"part": "VISION", "is_group": True, "index": i} for i in range(vision_layers)]
 
     def resolve(self, units: list[Unit]) -> ResolvedPlan:
         return ResolvedPlan({unit.name: self.choice(unit) for unit in units})
@@ -108,11 +98,11 @@ class PrecisionPlan:
         layer = {"part": unit.part, "is_group": unit.is_group, "index": unit.index}
         if self.path is None:
             raw = {"precision": self.default}
-        elif self._fn is not None:
-            try:
-                raw = self._fn(dict(self.props), dict(layer))
-            except Exception as e:
-                raise EdgeLLMError(f"{self.path}: get_layer_configuration raised {type(e).__name__}: {e} for layer {layer}") from None
+        elif self._answers is not None:
+            answer = self._answers[_layer_key(layer)]
+            if "raised" in answer:
+                raise EdgeLLMError(f"{self.path}: get_layer_configuration raised {answer['raised']} for layer {layer}")
+            raw = answer["value"]
         else:
             raw = dict(self._rules.get("default", {}))
             for rule in self._rules.get("rules", []):
@@ -154,3 +144,87 @@ class PrecisionPlan:
         if lora not in LORA_MODES:
             raise EdgeLLMError(f"{where}: unsupported lora mode {lora!r} (supported: {', '.join(LORA_MODES)})")
         return LayerChoice(precision, compile_, lora)
+
+
+def _layer_key(layer: dict) -> str:
+    return f"{layer['part']}:{layer['is_group']}:{layer['index']}"
+
+
+RULE_KEYS = {"match", "set", "_comment"}
+MATCH_KEYS = {"part", "is_group", "index"}
+
+
+def _read_rules(path: Path) -> dict:
+    """A JSON / TOML plan, its shape checked: unknown keys are errors, not silently ignored."""
+    try:
+        rules = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"{path}: malformed {path.suffix[1:].upper()} ({e})") from None
+    listed = rules.get("rules", []) if isinstance(rules, dict) else None
+    well_formed = (
+        isinstance(listed, list) and isinstance(rules.get("default", {}), dict)
+        and all(isinstance(r, dict) and isinstance(r.get("match", {}), dict) and isinstance(r.get("set", {}), dict)
+                for r in listed)
+    )
+    if not well_formed:
+        raise EdgeLLMError(f"{path}: expected {{\"default\": {{...}}, \"rules\": [{{\"match\": {{...}}, \"set\": {{...}}}}]}}")
+    unknown = set(rules) - {"default", "rules", "_comment"}
+    if unknown:
+        raise EdgeLLMError(f"{path}: unknown keys {sorted(unknown)} (a plan has \"default\" and \"rules\")")
+    for k, rule in enumerate(listed):
+        if set(rule) - RULE_KEYS:
+            raise EdgeLLMError(f"{path}: rule {k} has unknown keys {sorted(set(rule) - RULE_KEYS)} (use \"match\" and \"set\")")
+        if set(rule.get("match", {})) - MATCH_KEYS:
+            raise EdgeLLMError(f"{path}: rule {k} matches unknown keys {sorted(set(rule['match']) - MATCH_KEYS)} "
+                               f"(a layer has {', '.join(sorted(MATCH_KEYS))})")
+    return rules
+
+
+# A .py plan is the user's code: it runs in a child process, once per build, with a time and a
+# memory limit, and answers for every layer at once (the answers must be plain data).
+PLAN_SECONDS = 60
+PLAN_MEMORY = 2 << 30
+_PLAN_RUNNER = """
+import json, runpy, sys
+request = json.load(sys.stdin)
+try:
+    function = runpy.run_path(request["path"]).get("get_layer_configuration")
+except BaseException as e:
+    print(json.dumps({"failed": f"configuration file raised {type(e).__name__}: {e}"})); sys.exit()
+if not callable(function):
+    print(json.dumps({"failed": "defines no get_layer_configuration(model_properties, layer)"})); sys.exit()
+answers = {}
+for layer in request["layers"]:
+    key = f"{layer['part']}:{layer['is_group']}:{layer['index']}"
+    try:
+        value = function(dict(request["props"]), dict(layer))
+        json.dumps(value)
+        answers[key] = {"value": value}
+    except BaseException as e:
+        answers[key] = {"raised": f"{type(e).__name__}: {e}"}
+print(json.dumps({"answers": answers}))
+"""
+
+
+def _run_python_plan(path: Path, props: dict, layers: list[dict]) -> dict:
+    import resource
+    import subprocess
+    import sys
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (PLAN_MEMORY, PLAN_MEMORY))
+
+    request = json.dumps({"path": str(path), "props": props, "layers": layers})
+    try:
+        run = subprocess.run([sys.executable, "-c", _PLAN_RUNNER], input=request, capture_output=True, text=True,
+                             timeout=PLAN_SECONDS, preexec_fn=limits)
+    except subprocess.TimeoutExpired:
+        raise EdgeLLMError(f"{path}: the configuration file did not answer within {PLAN_SECONDS} s") from None
+    try:
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeLLMError(f"{path}: the configuration file ended without an answer ({last[:200]})") from None
+    if "failed" in result:
+        raise EdgeLLMError(f"{path}: {result['failed']}")
+    return result["answers"]
