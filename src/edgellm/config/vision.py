@@ -66,13 +66,23 @@ class VisionConfig:
     drop_class_token: bool  # the projector sees the patches only
     projector: str  # "mlp": linear, activation, linear (LLaVA); "shuffle": pixel shuffle, linear (Idefics3)
     projector_activation: str
-    image_token_id: int  # the placeholder token the image's rows replace
+    image_token_id: int  # the token each tile's rows replace (the processor's "image token")
     image_tokens: int  # rows one tile (one encoder pass) becomes in the prompt
     processing: ImageProcessing
     shuffle: int = 1  # pixel shuffle factor: scale x scale neighbouring patches become one row
-    # how an image appears in the prompt: "repeat" (the image token, image_tokens times: LLaVA) or
-    # "tiles" (Idefics3: each tile's rows between <fake_token_around_image> and a row/column tag)
+    # how an image appears in the prompt (runtime/images.py image_text): "repeat" (the image token,
+    # image_tokens times: LLaVA), "tiles" (Idefics3: each tile's rows between
+    # <fake_token_around_image> and a row/column tag) or "gemma3" (between <start_of_image> and
+    # <end_of_image>, blank lines around)
     prompt: str = "repeat"
+    # the token a chat template or a prompt places where an image goes (None: the image token)
+    marker_token_id: int | None = None
+    # image rows attend to each other's whole image, not only to earlier rows (Gemma 3)
+    bidirectional: bool = False
+
+    @property
+    def marker(self) -> int:
+        return self.image_token_id if self.marker_token_id is None else self.marker_token_id
     # role -> tensor name ("{i}": the encoder layer)
     tensors: dict[str, str] = field(default_factory=dict)
 

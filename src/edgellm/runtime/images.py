@@ -53,6 +53,13 @@ def load_image(source, where: str | None = None):
 
 
 @dataclass
+class ImagePrompt:
+    """One image in a prompt: its text (image_text) and each tile's row ids (ImageStore)."""
+    text: str
+    tiles: list[list[int]]
+
+
+@dataclass
 class Prepared:
     """An image as the encoder takes it: one or more tiles ([C, H, W] float32 each, in the order
     the prompt lists them) and the grid the tiles were cut in (0 x 0: not cut)."""
@@ -133,25 +140,24 @@ def _tiles(image, p: ImageProcessing):
     return frames + [_resized(image, tile, tile, p)], rows, cols
 
 
-def image_prompt(vision: VisionConfig, image: Prepared, tiles: list[list[int]], codec) -> list[int]:
-    """The prompt rows one image becomes, given each tile's ids: the tiles' rows one after the other
-    (LLaVA), or, for Idefics3 / SmolVLM, with the processor's markers around them: per tile
-    <fake_token_around_image><row_R_col_C> and its rows, a newline after each row of tiles, then
-    the global view between <fake_token_around_image><global-img> and <fake_token_around_image>."""
+def image_text(vision: VisionConfig, image: Prepared, tokenizer) -> str:
+    """The text one image becomes in the prompt before tokenization, as the model's processor
+    writes it, with the image token once per tile (each later replaced by that tile's rows):
+    the token alone (LLaVA); Idefics3 / SmolVLM's markers: per tile
+    <fake_token_around_image><row_R_col_C>, a newline after each row of tiles, then the global view
+    between <fake_token_around_image><global-img> and <fake_token_around_image>; Gemma 3's
+    "\n\n<start_of_image>" ... "<end_of_image>\n\n"."""
+    token = tokenizer.id_to_token(vision.image_token_id)
     if vision.prompt == "repeat":
-        return [row for tile in tiles for row in tile]
-    around, marker = "<fake_token_around_image>", codec.image_marker
+        return token * len(image.tiles)
+    if vision.prompt == "gemma3":
+        return f"\n\n{tokenizer.id_to_token(vision.marker)}{token}<end_of_image>\n\n"
+    around = "<fake_token_around_image>"
     if image.rows == 0:
-        text = f"{around}<global-img>{marker}{around}"
-    else:
-        grid = "\n".join("".join(f"{around}<row_{r + 1}_col_{c + 1}>{marker}" for c in range(image.cols))
-                         for r in range(image.rows))
-        text = f"{grid}\n\n{around}<global-img>{marker}{around}"
-    ids = codec.encode(text, special=False)
-    if ids.count(vision.image_token_id) != len(tiles) or codec.tokenizer.token_to_id(around) is None:
-        raise EdgeLLMError(f"the tokenizer does not have the image markers {around}, <global-img>, <row_R_col_C>")
-    rows = iter(tiles)
-    return [row for token in ids for row in (next(rows) if token == vision.image_token_id else [token])]
+        return f"{around}<global-img>{token}{around}"
+    grid = "\n".join("".join(f"{around}<row_{r + 1}_col_{c + 1}>{token}" for c in range(image.cols))
+                     for r in range(image.rows))
+    return f"{grid}\n\n{around}<global-img>{token}{around}"
 
 
 def patches(pixels: np.ndarray, patch: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from ..errors import EdgeLLMError
 from ..record import BuildRecord
 from .adapters import AdapterStore
 from .engine import Engine, EngineSpec
-from .images import ImageStore, image_prompt, load_image, preprocess
+from .images import ImagePrompt, ImageStore, image_text, load_image, preprocess
 from .session import Generation, Session
 from .strategies import Drafter, DraftModel, PromptLookup
 from .text import TextCodec
@@ -33,7 +33,7 @@ class Model:
         self._image_encoder = None
         self.images = ImageStore()  # every session's images, as prompt rows
         if cfg.vision is not None:
-            codec.image_marker = codec.tokenizer.id_to_token(cfg.vision.image_token_id)
+            codec.image_marker = codec.tokenizer.id_to_token(cfg.vision.marker)
 
     @property
     def image_encoder(self):
@@ -82,9 +82,9 @@ class Model:
                                f"(compiled/{target}/model_main), not in this runtime")
         return cls(path, engine, codec, cfg, threads)
 
-    def encode_images(self, images) -> tuple[list[list[int]], float]:
-        """Each image (a path, bytes or a PIL image) as its prompt rows, and the seconds it took.
-        An image seen before (the same pixels) is not encoded again."""
+    def encode_images(self, images) -> tuple[list[ImagePrompt], float]:
+        """Each image (a path, bytes or a PIL image) as its prompt text and each tile's rows, and
+        the seconds it took. An image seen before (the same pixels) is not encoded again."""
         if not images:
             return [], 0.0
         vision = self.config.vision
@@ -94,20 +94,30 @@ class Model:
         prompts = []
         for image in images:
             prepared = preprocess(load_image(image), vision.processing)
-            prompts.append(image_prompt(vision, prepared, self.images.rows(prepared, self.image_encoder), self.codec))
+            prompts.append(ImagePrompt(image_text(vision, prepared, self.tokenizer),
+                                       self.images.rows(prepared, self.image_encoder)))
         return prompts, time.perf_counter() - t0
 
-    def splice(self, ids: list[int], prompts: list[list[int]]) -> list[int]:
-        """Each image token in ids (one per image, as the chat template or the prompt placed it)
-        replaced by its image's prompt rows, in order."""
-        if self.config.vision is None:
-            return ids
-        marker = self.config.vision.image_token_id
-        found = ids.count(marker)
-        if found != len(prompts):
-            raise EdgeLLMError(f"the prompt has {found} image markers ({self.codec.image_marker}) for {len(prompts)} images")
-        images = iter(prompts)
-        return [row for token in ids for row in (next(images) if token == marker else [token])]
+    def encode(self, text: str, images: list[ImagePrompt] = (), special: bool = True) -> list[int]:
+        """Token ids of text whose image markers (one per image, as the chat template or the prompt
+        placed them) stand for `images`: each marker becomes its image's text, as the model's
+        processor writes it, before tokenization; then each image token in the ids becomes that
+        tile's rows."""
+        marker = self.codec.image_marker
+        if marker is None:
+            return self.codec.encode(text, special)
+        pieces = text.split(marker)
+        if len(pieces) - 1 != len(images):
+            raise EdgeLLMError(f"the prompt has {len(pieces) - 1} image markers ({marker}) for {len(images)} images")
+        text = pieces[0] + "".join(image.text + rest for image, rest in zip(images, pieces[1:]))
+        ids = self.codec.encode(text, special)
+        tiles = iter([tile for image in images for tile in image.tiles])
+        token = self.config.vision.image_token_id
+        out = [row for t in ids for row in (next(tiles, [t]) if t == token else [t])]
+        if next(tiles, None) is not None or len(out) - len(ids) != sum(len(t) - 1 for i in images for t in i.tiles):
+            raise EdgeLLMError(f"{self.path}: the tokenizer does not read the image markers of {self.config.family} "
+                               f"as its special tokens")
+        return out
 
     def session(self) -> Session:
         """A new conversation: its own KV cache; the weights are shared."""

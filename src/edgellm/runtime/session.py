@@ -80,7 +80,7 @@ class Session:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.messages: list[dict] = []
         self.adapter: tuple[str, float] | None = None  # the LoRA adapter and its scale (LORA_BRANCH builds)
-        self.image_prompts: list[list[int]] = []  # the chat's images, turn by turn, as prompt rows
+        self.image_prompts: list = []  # the chat's images, turn by turn (runtime/images.py ImagePrompt)
 
     def set_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Answer with LoRA adapter `name` (None or "none": the base model) at `scale` from now on.
@@ -112,13 +112,13 @@ class Session:
         model = self.model
         prompts, encode_s = model.encode_images(images)
         if chat:
-            ids = self.codec.encode_chat([user_turn(prompt, len(prompts))])
+            ids = model.encode(self.codec.render_chat([user_turn(prompt, len(prompts))]), prompts, special=False)
         else:
             marker = self.codec.image_marker
             if prompts and marker not in prompt:
                 prompt = f"{marker}\n" * len(prompts) + prompt
-            ids = self.codec.encode(prompt)
-        return self.generate_ids(model.splice(ids, prompts), started=started, encode_s=encode_s, **kw)
+            ids = model.encode(prompt, prompts)
+        return self.generate_ids(ids, started=started, encode_s=encode_s, **kw)
 
     def chat(self, message: str, images=(), **kw) -> Generation:
         """One turn of a multi-turn conversation; the KV cache of earlier turns is reused, and so
@@ -128,7 +128,7 @@ class Session:
         self.messages.append(user_turn(message, len(prompts)))
         self.image_prompts += prompts
         try:
-            ids = self.model.splice(self.codec.encode_chat(self.messages), self.image_prompts)
+            ids = self.model.encode(self.codec.render_chat(self.messages), self.image_prompts, special=False)
             result = self.generate_ids(ids, started=started, encode_s=encode_s, **kw)
         except BaseException:
             self.messages.pop()  # the turn did not happen

@@ -210,7 +210,7 @@ def create_app(server: Server) -> Starlette:
         except EdgeLLMError as e:  # not an image, too large, ...
             raise ApiError(400, f"messages: {e}", "messages") from None
         try:
-            ids = model.splice(model.codec.encode_chat(messages), prompts)
+            ids = model.encode(model.codec.render_chat(messages), prompts, special=False)
         except EdgeLLMError as e:  # text that is not UTF-8; markers that do not match the images
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # the model's own chat template failed on these messages
