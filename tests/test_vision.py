@@ -471,3 +471,19 @@ def test_vision_units_build_in_parallel_and_resume_to_the_same_files(llava, tmp_
     assert {p: p.stat().st_mtime_ns for p in (parallel / "quant" / "vision").iterdir()} == before
     assert digest(parallel) == first
     assert digest(build(llava, tmp_path / "serial", "int8", **OPTIONS)) == first
+
+
+def test_linked_programs_output_only_logits_caches_and_features(llava, fp32_plan, tmp_path):
+    """A linked program's outputs are its results, not the tensors between its segments (ONNX
+    Runtime neither reuses nor fuses across a graph output)."""
+    import onnx
+
+    out = build(llava, tmp_path / "out", fp32_plan, target="cpu", **OPTIONS)
+
+    def outputs(path):
+        return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+    caches = [f"present.{i}.{kv}" for i in range(2) for kv in "kv"]
+    for program in ("group.onnx", "single.onnx"):
+        assert sorted(outputs(out / "compiled" / "cpu" / program)) == sorted(["logits", *caches])
+    assert outputs(out / "compiled" / "vision" / "encoder.onnx") == ["image_features"]

@@ -58,8 +58,8 @@ def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, 
             nodes.append(node)
             produced.update(node.output)
     graph_inputs = [vi for n, vi in inputs.items() if n not in produced]
-    outputs = {vi.name: vi for seg in segments for vi in seg.graph.output}
-    graph_outputs = [vi for n, vi in outputs.items() if n in outputs or n.startswith("present.")]
+    declared = {vi.name: vi for seg in segments for vi in seg.graph.output}
+    graph_outputs = [vi for n, vi in declared.items() if n in outputs or n.startswith("present.")]
     for vi in graph_inputs + graph_outputs:
         dims = vi.type.tensor_type.shape.dim
         if kv_dim and vi.name.startswith(("cache.", "present.")):
