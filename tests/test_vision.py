@@ -105,7 +105,7 @@ def test_logits_and_greedy_tokens_match_transformers(fp32_build, reference, proc
                                       eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     np.testing.assert_allclose(ours.logits[0], logits, atol=1e-4)
     assert ours.token_ids == expected
-    assert ours.image_tokens == 16 and ours.prompt_tokens == 16 + 4
+    assert ours.image_tokens == 16 and ours.prompt_tokens == 16 + 1 + 4  # the image, its line break, the words
     # the image changes the answer: another picture gives other logits
     other = Model.load(fp32_build).generate(PROMPT, images=[_picture(56, 40, seed=5)], max_new_tokens=1,
                                             return_logits=True)
@@ -210,7 +210,7 @@ def test_cli_generate_with_an_image(fp32_build, tmp_path):
                           "-p", PROMPT, "-n", "4", "--ignore-eos", "--json"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert result["image_tokens"] == 16 and result["prompt_tokens"] == 20 and 0 < result["encode_s"] < result["ttft_s"]
+    assert result["image_tokens"] == 16 and result["prompt_tokens"] == 21 and 0 < result["encode_s"] < result["ttft_s"]
     bad = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(fp32_build), "--image", str(tmp_path),
                           "-p", PROMPT], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(tmp_path) in bad.stderr
@@ -319,7 +319,8 @@ def test_tiled_models_match_transformers(tiled_model, fp32_plan, tmp_path, targe
         image = _picture(width, height, seed=width + height)
         inputs = processor(text=f"<image>{PROMPT}", images=[image], return_tensors="pt")
         session = model.session()
-        ours = session.generate(PROMPT, images=[image], max_new_tokens=32, ignore_eos=True, return_logits=True)
+        ours = session.generate(f"<image>{PROMPT}", images=[image], max_new_tokens=32, ignore_eos=True,
+                                return_logits=True)
         with torch.no_grad():
             logits = reference(**inputs).logits[0, -1].numpy()
             expected = reference.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None,
@@ -391,11 +392,11 @@ MMPROJ_TYPES = {  # what llama.cpp's converter does with --outtype q8_0: matmuls
 @pytest.fixture(scope="module")
 def gguf_pair(tmp_path_factory):
     from gguf_writer import text_part, write_gguf, write_mmproj
-    from tiny_models import TILED_MARKERS, save_tiny_idefics3
+    from tiny_models import NEWLINES, TILED_MARKERS, save_tiny_idefics3
 
     root = tmp_path_factory.mktemp("pair")
     model = save_tiny_idefics3(root / "model", "idefics3")
-    text = write_gguf(text_part(model, root / "text"), root / "text.gguf", "llama", special=TILED_MARKERS)
+    text = write_gguf(text_part(model, root / "text"), root / "text.gguf", "llama", special=NEWLINES + TILED_MARKERS)
     return model, text, write_mmproj(model, root / "mmproj.gguf"), write_mmproj(model, root / "mmproj-q8.gguf", MMPROJ_TYPES)
 
 
@@ -442,7 +443,8 @@ def test_mmproj_errors_name_the_file(gguf_pair, tmp_path):
     model_dir, text, mmproj, _ = gguf_pair
     with pytest.raises(EdgeLLMError, match="--mmproj goes with a GGUF text model"):
         build(model_dir, tmp_path / "a", mmproj=str(mmproj), **OPTIONS)
-    with pytest.raises(EdgeLLMError, match=r"text\.gguf.*not 'llama'|architecture 'clip'"):
+    with pytest.raises(EdgeLLMError, match=r"text\.gguf: --mmproj takes llama\.cpp's vision projector file "
+                                           r"\(architecture 'clip'\), not 'llama'"):
         build(text, tmp_path / "b", mmproj=str(text), **OPTIONS)
     wider = write_gguf(save_tiny("llama", tmp_path / "wide", hidden_size=32, num_attention_heads=2,
                                  num_key_value_heads=1), tmp_path / "wide.gguf", "llama")
@@ -487,3 +489,125 @@ def test_linked_programs_output_only_logits_caches_and_features(llava, fp32_plan
     for program in ("group.onnx", "single.onnx"):
         assert sorted(outputs(out / "compiled" / "cpu" / program)) == sorted(["logits", *caches])
     assert outputs(out / "compiled" / "vision" / "encoder.onnx") == ["image_features"]
+
+
+def test_mmproj_with_missing_keys_or_tensors_names_the_mmproj(gguf_pair, tmp_path):
+    import gguf
+
+    from gguf_writer import write_mmproj
+
+    model_dir, text, _, _ = gguf_pair
+    partial = tmp_path / "partial.gguf"
+    writer = gguf.GGUFWriter(str(partial), "clip")
+    writer.add_clip_projector_type("idefics3")
+    writer.add_vision_projection_dim(64)
+    writer.add_tensor("v.patch_embd.weight", np.zeros((32, 3, 8, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(EdgeLLMError, match=r"partial\.gguf: mmproj metadata 'clip\.vision\.image_size' is missing"):
+        build(text, tmp_path / "a", mmproj=str(partial), **OPTIONS)
+    full = write_mmproj(model_dir, tmp_path / "full.gguf")
+    reader_bytes = full.read_bytes()
+    assert b"v.blk.1.ffn_down.weight" in reader_bytes
+    trimmed = tmp_path / "trimmed.gguf"  # the same file without one encoder tensor
+    source = gguf.GGUFReader(full)
+    writer = gguf.GGUFWriter(str(trimmed), "clip")
+    for field in source.fields.values():
+        if field.name.startswith("clip."):
+            value = field.contents()
+            writer.add_key_value(field.name, value, field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in source.tensors:
+        if t.name != "v.blk.1.ffn_down.weight":
+            writer.add_tensor(t.name, np.array(t.data).reshape([int(d) for d in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(EdgeLLMError, match=r"trimmed\.gguf: the vision config needs tensor .*layers\.1\.mlp\.fc2\.weight"):
+        build(text, tmp_path / "b", mmproj=str(trimmed), **OPTIONS)
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"crop_size": {"height": None}}, "crop_size.height must be a whole number"),
+    ({"size": {"height": 32, "width": 32}, "crop_size": 32}, None),  # no shortest_edge: the encoder's size
+    ({"image_mean": [0.5, 0.5]}, "image_mean must be 3 numbers"),
+    ({"image_std": [0.5, 0, 0.5]}, "image_std [0.5, 0, 0.5] has a zero"),
+    ({"size": {"shortest_edge": 16}}, "size.shortest_edge 16 is smaller than the 32 px crop"),
+    ({"resample": "bicubic"}, "unknown resample filter 'bicubic'"),
+    ({"rescale_factor": -1}, "rescale_factor must be a positive number"),
+    ({"image_mean": 0.5}, None),  # one number for every channel, as Hugging Face allows
+])
+def test_odd_processor_settings_are_errors_naming_the_field(settings, needle):
+    from edgellm.config.vision import image_processing
+
+    if needle is None:
+        assert image_processing(settings, 32, "config.json").height == 32
+        return
+    with pytest.raises(EdgeLLMError) as info:
+        image_processing(settings, 32, "model/config.json")
+    assert "model/config.json (preprocessor_config.json)" in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"max_image_size": 32, "size": 64}, None),
+    ({"max_image_size": {"longest_edge": 64}}, "max_image_size 64 differs from the encoder's image_size 32"),
+    ({"size": {"longest_edge": 0}}, "size.longest_edge must be a whole number"),
+])
+def test_odd_tiled_processor_settings(settings, needle):
+    from edgellm.config.vision import tiled_processing
+
+    if needle is None:
+        assert tiled_processing(settings, 32, "c").resize_edge == 64
+        return
+    with pytest.raises(EdgeLLMError, match=needle):
+        tiled_processing(settings, 32, "c")
+
+
+def test_image_store_encodes_an_image_once_however_many_ask(tmp_path):
+    import threading
+    import time
+
+    from edgellm.runtime.images import ImageStore, Prepared
+
+    calls = []
+
+    class SlowEncoder:
+        def encode_pixels(self, tile):
+            calls.append(1)
+            time.sleep(0.2)  # both requests are inside the encoder at once
+            return np.ones((4, 8), np.float32) * tile.sum()
+
+    store, image = ImageStore(), Prepared([np.full((3, 4, 4), 0.5, np.float32)])
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.rows(image, SlowEncoder()))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] and len(store.vectors) == 4 and len(store.by_pixels) == 1
+    # past the limit the least recently used image goes; its ids are not given out again
+    small = ImageStore(limit_bytes=2 * 4 * 8 * 4)
+    first = small.rows(Prepared([np.zeros((3, 4, 4), np.float32)]), SlowEncoder())
+    second = small.rows(Prepared([np.ones((3, 4, 4), np.float32)]), SlowEncoder())
+    small.rows(Prepared([np.full((3, 4, 4), 2, np.float32)]), SlowEncoder())
+    assert small.embeddings(second[0]) is not None
+    with pytest.raises(EdgeLLMError, match="left the image store before its prompt ran"):
+        small.embeddings(first[0])
+    third = small.rows(Prepared([np.zeros((3, 4, 4), np.float32)]), SlowEncoder())
+    assert set(third[0]).isdisjoint(first[0])
+
+
+def test_a_template_that_cannot_take_image_parts_is_one_clear_error(fp32_build, tmp_path):
+    import shutil
+
+    out = tmp_path / "build"
+    shutil.copytree(fp32_build, out)
+    settings = json.loads((out / "runtime" / "runtime_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ 'USER: ' + m['content'] }}{% endfor %}"
+    (out / "runtime" / "runtime_config.json").write_text(json.dumps(settings))
+    model = Model.load(out)
+    with pytest.raises(EdgeLLMError, match=r"chat template failed on these messages \(with image parts\): TypeError"):
+        model.generate(PROMPT, chat=True, images=[_picture(32, 32)])
+    assert model.generate(PROMPT, chat=True, max_new_tokens=2).gen_tokens >= 1  # text only still works

@@ -95,6 +95,9 @@ def reference_with_stored_weights(model_dir: Path, bits: int, scheme: str = "sym
     return ref
 
 
+NEWLINES = ["\n\n", "\n"]  # tokens of the tiny vision-language tokenizers (the word-level ones drop line breaks)
+
+
 # A tiny LLaVA-1.5: CLIP vision tower (32 px images in 8 px patches: 16 image tokens), the
 # two-layer projector, the llama text model above; "<image>" is token IMAGE_TOKEN.
 IMAGE_TOKEN = VOCAB - 1
@@ -123,8 +126,9 @@ def save_tiny_llava(path: Path, seed: int = 0, **vision_overrides) -> Path:
     model = model.float().eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(IMAGE_TOKEN)}, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(IMAGE_TOKEN - len(NEWLINES))}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_tokens(NEWLINES)  # so that a prompt's line breaks are tokens a test can see
     tok.add_special_tokens(["<image>"])
     tok.save(str(path / "tokenizer.json"))
     transformers.CLIPImageProcessorPil(size={"shortest_edge": LLAVA_IMAGE},
@@ -147,12 +151,12 @@ def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) 
     torch.manual_seed(seed)
     names = {"idefics3": ("Idefics3Config", "Idefics3VisionConfig", "Idefics3ForConditionalGeneration"),
              "smolvlm": ("SmolVLMConfig", "SmolVLMVisionConfig", "SmolVLMForConditionalGeneration")}[model_type]
-    words = VOCAB - len(TILED_MARKERS)
+    words = VOCAB - len(TILED_MARKERS) - len(NEWLINES)
     vision = getattr(transformers, names[1])(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                              num_attention_heads=4, image_size=TILE, patch_size=8)
     text = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False})
     config = getattr(transformers, names[0])(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                             image_token_id=words, scale_factor=2)
+                                             image_token_id=words + len(NEWLINES), scale_factor=2)
     model = getattr(transformers, names[2])(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -165,6 +169,7 @@ def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) 
     model.save_pretrained(path, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_tokens(NEWLINES)
     tok.add_special_tokens(TILED_MARKERS)
     tok.save(str(path / "tokenizer.json"))
     transformers.Idefics3ImageProcessorPil(size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE}

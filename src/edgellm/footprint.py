@@ -38,13 +38,27 @@ def _tensor_bytes(source, name: str, count: int, precision: str, target: str) ->
 def run_bytes(source, cfg, plan, target: str, max_tokens: int, kv_bytes: int, shared: bool) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) of the build when it runs."""
     by_scope: dict[str, set[str]] = {}
+    vision_precisions: set[str] = set()  # an image encoder's units: one program, one copy
     for unit_name, choice in plan.choices.items():
+        if unit_name.startswith("vision/"):
+            vision_precisions.add(choice.precision)
+            continue
         layer = re.search(r"layer(\d+)", unit_name)
         key = str(int(layer.group(1))) if layer else unit_name.split("/")[-1].upper()
         by_scope.setdefault(key, set()).add(choice.precision)
-    weights = 0.0
+    vision = _vision_tensors(cfg)
+    text = {cfg.tensor_name(role, i) for role in cfg.layer_tensors for i in range(cfg.num_layers)}
+    text |= set(cfg.global_tensors.values())
+    weights = vision_weights = 0.0
     for name in source.tensor_names():
+        if name not in text and name not in vision:  # not compiled (LLaVA's last encoder layer, ...)
+            continue
         shape = source.tensor_shape(name)
+        count = math.prod(shape)
+        if name in vision:
+            vision_weights += max(_tensor_bytes(source, name, count, p if len(shape) >= 2 else "FP32", target)
+                                  for p in vision_precisions or {"FP32"})
+            continue
         layer = _LAYER.search(name)
         if len(shape) < 2:  # norms, biases: float
             precisions = {"FP32"}
@@ -56,12 +70,20 @@ def run_bytes(source, cfg, plan, target: str, max_tokens: int, kv_bytes: int, sh
             precisions = by_scope.get("HEAD", {"FP32"})
         else:
             precisions = {"FP32"}
-        count = math.prod(shape)
         weights += max(_tensor_bytes(source, name, count, p, target) for p in precisions)
     if target == "cpu" and not shared:
         weights *= 2
+    weights += vision_weights
     cache = cfg.num_layers * 2 * max_tokens * cfg.num_kv_heads * cfg.head_dim * kv_bytes
     return int(weights), cache
+
+
+def _vision_tensors(cfg) -> set[str]:
+    v = cfg.vision
+    if v is None:
+        return set()
+    layers = [None] + list(range(v.num_layers))
+    return {name for role in v.tensors for i in layers if (name := v.tensor_name(role, i)) is not None}
 
 
 def check_fits(model: str, source, cfg, plan, options) -> None:

@@ -7,6 +7,7 @@ encoder or after it, which layer's output feeds the projector, which activation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
@@ -151,40 +152,67 @@ def siglip_encoder(raw: dict, where: str, prefix: str) -> dict:
 
 def image_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
     """A CLIP processor from preprocessor_config.json (None: CLIP's defaults at the encoder's size)."""
-    p = processor or {}
-    where = f"{where} (preprocessor_config.json)"
+    p, where = _processor(processor, where)
     if not p.get("do_center_crop", True):
         raise EdgeLLMError(f"{where}: a CLIP processor without its center crop is not supported")
-    crop = p.get("crop_size", image_size)
-    height, width = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
-    size = p.get("size", {"shortest_edge": image_size})
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
+    height = _edge(p, where, "crop_size", "height", image_size)
+    width = _edge(p, where, "crop_size", "width", image_size)
+    shortest = _edge(p, where, "size", "shortest_edge", image_size)
     if (height, width) != (image_size, image_size):
         raise EdgeLLMError(f"{where}: crop size {height}x{width} differs from the encoder's image_size {image_size}")
-    return ImageProcessing("crop", int(height), int(width), int(shortest), **_pixels(p, where, 3, [0.48145466, 0.4578275, 0.40821073],
-                                                                                      [0.26862954, 0.26130258, 0.27577711]))
+    if shortest < image_size:
+        raise EdgeLLMError(f"{where}: size.shortest_edge {shortest} is smaller than the {image_size} px crop")
+    return ImageProcessing("crop", height, width, shortest, **_pixels(p, where, 3, [0.48145466, 0.4578275, 0.40821073],
+                                                                     [0.26862954, 0.26130258, 0.27577711]))
 
 
 def tiled_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
     """An Idefics3 / SmolVLM processor from preprocessor_config.json."""
-    p = processor or {}
-    where = f"{where} (preprocessor_config.json)"
-    tile = (p.get("max_image_size") or {}).get("longest_edge", image_size)
+    p, where = _processor(processor, where)
+    tile = _edge(p, where, "max_image_size", "longest_edge", image_size)
     if tile != image_size:
         raise EdgeLLMError(f"{where}: max_image_size {tile} differs from the encoder's image_size {image_size}")
-    edge = (p.get("size") or {}).get("longest_edge", 4 * image_size) if p.get("do_resize", True) else None
-    if edge is None:
+    if not p.get("do_resize", True):
         raise EdgeLLMError(f"{where}: do_resize false is not supported")
-    return ImageProcessing("tiles", image_size, image_size, int(edge), split=bool(p.get("do_image_splitting", True)),
+    edge = _edge(p, where, "size", "longest_edge", 4 * image_size)
+    return ImageProcessing("tiles", image_size, image_size, edge, split=bool(p.get("do_image_splitting", True)),
                            **_pixels(p, where, 1, [0.5] * 3, [0.5] * 3))
+
+
+def _processor(processor, where: str) -> tuple[dict, str]:
+    where = f"{where} (preprocessor_config.json)"
+    if processor is not None and not isinstance(processor, dict):
+        raise EdgeLLMError(f"{where}: expected a JSON object")
+    return processor or {}, where
+
+
+def _edge(p: dict, where: str, field_: str, key: str, default: int) -> int:
+    """A size field: a number, or {key: number} (Hugging Face writes both)."""
+    value = p.get(field_, default)
+    if isinstance(value, dict):
+        value = value.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
+        raise EdgeLLMError(f"{where}: {field_}.{key} must be a whole number of pixels (1 to 16384), got {value!r}")
+    return value
 
 
 def _pixels(p: dict, where: str, resample: int, mean: list[float], std: list[float]) -> dict:
     """Resampling filter, rescale and normalization settings."""
-    filter_ = RESAMPLE.get(p.get("resample", resample))
+    filter_ = RESAMPLE.get(p.get("resample", resample)) if isinstance(p.get("resample", resample), int) else None
     if filter_ is None:
         raise EdgeLLMError(f"{where}: unknown resample filter {p.get('resample')!r}")
     normalize = p.get("do_normalize", True)
-    return dict(resample=filter_, rescale_factor=float(p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1.0),
-                mean=[float(m) for m in (p.get("image_mean", mean) if normalize else [0.0] * 3)],
-                std=[float(s) for s in (p.get("image_std", std) if normalize else [1.0] * 3)])
+    values = {}
+    for name, given, identity in (("image_mean", mean, 0.0), ("image_std", std, 1.0)):
+        v = p.get(name, given) if normalize else [identity] * 3
+        v = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                              and math.isfinite(x) for x in v)):
+            raise EdgeLLMError(f"{where}: {name} must be 3 numbers (one per colour channel), got {v!r}")
+        if name == "image_std" and any(x == 0 for x in v):
+            raise EdgeLLMError(f"{where}: image_std {v} has a zero")
+        values[name] = [float(x) for x in v]
+    factor = p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise EdgeLLMError(f"{where}: rescale_factor must be a positive number, got {factor!r}")
+    return dict(resample=filter_, rescale_factor=float(factor), mean=values["image_mean"], std=values["image_std"])

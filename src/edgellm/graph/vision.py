@@ -116,6 +116,7 @@ def check_vision_tensors(source, cfg: ModelConfig, where: str) -> None:
     """The encoder's and projector's tensors exist with the shapes the vision config implies."""
     v = cfg.vision
     names = set(source.tensor_names())
+    path = getattr(source, "vision_path", source.path)  # an mmproj beside a GGUF text model
     needed = {"patch_embed", "position_embed", "proj1", *([] if v.projector == "shuffle" else ["proj1_bias"]),
               *([] if v.projector != "mlp" else ["proj2", "proj2_bias"]), *(["patch_bias"] if "patch_bias" in v.tensors else []),
               *(["class_embed"] if v.class_token else []), *(["pre_norm_w", "pre_norm_b"] if v.pre_norm else []),
@@ -127,8 +128,8 @@ def check_vision_tensors(source, cfg: ModelConfig, where: str) -> None:
     for role, layer in wanted:
         name = v.tensor_name(role, layer)
         if name not in names:
-            raise EdgeLLMError(f"{source.path}: the vision config needs tensor {name}, which is missing")
+            raise EdgeLLMError(f"{path}: the vision config needs tensor {name}, which is missing")
         actual = tuple(source.tensor_shape(name))
         if actual != shapes[role]:
             raise EdgeLLMError(f"{where}: the vision config implies shape {shapes[role]} for {name}, which has shape "
-                               f"{actual} in {source.path}")
+                               f"{actual} in {path}")

@@ -193,11 +193,6 @@ class ImageEncoder:
         (features,) = self.program.run(["image_features"], {"pixel_patches": patches(pixels, v.patch_size)[None]})
         return features[0]
 
-    def encode(self, image) -> list[np.ndarray]:
-        """Each tile's rows."""
-        return [self.encode_pixels(tile) for tile in preprocess(load_image(image), self.vision.processing).tiles]
-
-
 
 class ImageStore:
     """The images a loaded model has seen, as prompt rows: each distinct image (by its pixels)
@@ -221,8 +216,11 @@ class ImageStore:
             if key in self.by_pixels:
                 self.by_pixels.move_to_end(key)
                 return self.by_pixels[key]
-        tiles = [encoder.encode_pixels(tile) for tile in image.tiles]
+        tiles = [encoder.encode_pixels(tile) for tile in image.tiles]  # (unlocked: seconds of work)
         with self._lock:
+            if key in self.by_pixels:  # another request encoded the same image meanwhile: one set of ids
+                self.by_pixels.move_to_end(key)
+                return self.by_pixels[key]
             ids = []
             for features in tiles:
                 ids.append(list(range(-self._next, -self._next - len(features), -1)))
@@ -244,7 +242,8 @@ class ImageStore:
         with self._lock:
             rows = {token: self.vectors.get(token) for token in ids if token < 0}
         if any(v is None for v in rows.values()):
-            raise EdgeLLMError("an image's rows left the image store before its prompt ran; send the image again")
+            raise EdgeLLMError(f"an image's rows left the image store before its prompt ran (more than "
+                               f"{self.limit_bytes >> 20} MB of other images came in between); try again")
         width = len(next(iter(rows.values())))
         out = np.zeros((len(ids), width), np.float32)
         for i, token in enumerate(ids):

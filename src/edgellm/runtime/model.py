@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Model:
         self.threads = threads
         self._default: Session | None = None
         self._image_encoder = None
+        self._encoder_lock = threading.Lock()
         self.images = ImageStore()  # every session's images, as prompt rows
         if cfg.vision is not None:
             codec.image_marker = codec.tokenizer.id_to_token(cfg.vision.marker)
@@ -38,10 +40,11 @@ class Model:
     @property
     def image_encoder(self):
         """The image encoder (runtime/images.py), loaded with the first image."""
-        if self._image_encoder is None:
-            from .images import ImageEncoder
+        with self._encoder_lock:  # the server's request handlers may ask at once
+            if self._image_encoder is None:
+                from .images import ImageEncoder
 
-            self._image_encoder = ImageEncoder(self.path / "compiled" / "vision", self.config.vision, self.threads)
+                self._image_encoder = ImageEncoder(self.path / "compiled" / "vision", self.config.vision, self.threads)
         return self._image_encoder
 
     @classmethod

@@ -40,7 +40,7 @@ class Generation:
     speculation: dict | None = None  # SpeculationStats.as_dict() when a drafter was used
     cached_tokens: int = 0  # prompt tokens whose K/V were already in the session's cache
     image_tokens: int = 0  # prompt rows that are image features
-    encode_s: float = 0.0  # of ttft_s: encoding the images (those not already in the session)
+    encode_s: float = 0.0  # of ttft_s: preparing and encoding the images (an image seen before is not encoded again)
 
     def metrics(self) -> dict:
         d = asdict(self)

@@ -41,12 +41,17 @@ class TextCodec:
         if self._template is None:
             # No template in the model: plain role-prefixed turns, so chat still works.
             return "".join(f"{m['role']}: {self._plain(m['content'])}\n" for m in messages) + "assistant:"
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.settings.get("bos_token") or "",
-            eos_token=self.settings.get("eos_token") or "",
-        )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.settings.get("bos_token") or "",
+                eos_token=self.settings.get("eos_token") or "",
+            )
+        except Exception as e:  # the model's own template: e.g. one that cannot take image content parts
+            images = any(not isinstance(m.get("content"), str) for m in messages)
+            raise EdgeLLMError(f"the model's chat template failed on these messages{' (with image parts)' if images else ''}: "
+                               f"{type(e).__name__}: {e}") from None
 
     def _plain(self, content) -> str:
         """A message's content as text: content parts (a message with images) joined, each image

@@ -159,7 +159,7 @@ class Message(_Strict):
             elif isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
             else:
-                what = "a text model" if isinstance(part, ImagePart) else "text and images"
+                what = "text and images" if images is not None else "text"
                 raise ApiError(400, f"this model reads {what} only; a content part of type {part.type} cannot be used",
                                "messages")
         if all(part["type"] == "text" for part in parts):

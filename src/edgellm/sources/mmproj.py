@@ -67,6 +67,8 @@ class VisionPairSource:
         self.text = GGUFSource(text_path)
         self.mmproj = MmprojFile(mmproj_path)
         self.path = text_path
+        self.vision_path = mmproj_path  # what errors about the vision part name
+        self.config_path = f"{mmproj_path} (with {text_path})"
         projector = self.mmproj.key("projector_type")
         if projector not in PROJECTORS:
             raise EdgeLLMError(f"{mmproj_path}: projector type '{projector}' is not supported (supported: "
@@ -94,7 +96,7 @@ class VisionPairSource:
         self.image_processor = {
             "size": {"longest_edge": int(m.key("preproc_image_size", image, required=False))},
             "max_image_size": {"longest_edge": image}, "resample": 1,
-            "image_mean": [float(x) for x in m.key("image_mean")], "image_std": [float(x) for x in m.key("image_std")],
+            "image_mean": m.key("image_mean"), "image_std": m.key("image_std"),  # checked by config/vision.py
         }
         self._parts = {name: self.mmproj for name in self.mmproj._tensors}
         self._parts.update({name: self.text for name in self.text.tensor_names()})

@@ -103,7 +103,7 @@ class SafetensorsDirSource:
         self.files = sorted({st.path for st in self._where.values()}) + [config_path]
         # a vision-language model's image processor settings (config/vision.py), if it has one
         processor = path / "preprocessor_config.json"
-        self.image_processor = _read_json(processor) if processor.is_file() else None
+        self.image_processor = _read_json(processor) if processor.is_file() else None  # (config/vision.py checks it)
         if self.image_processor is not None:
             self.files.append(processor)
         self.prequantized = None
@@ -148,6 +148,8 @@ class SafetensorsDirSource:
         template = cfg.get("chat_template")
         jinja = self.path / "chat_template.jinja"
         processor_template = _read_json(self.path / "chat_template.json").get("chat_template")  # a processor's (VLMs)
+        if processor_template is not None and not isinstance(processor_template, str):
+            raise EdgeLLMError(f"{self.path / 'chat_template.json'}: chat_template must be a string")
         if jinja.is_file():
             template = jinja.read_text()
         elif processor_template and not template:
@@ -202,9 +204,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgeLLMError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EdgeLLMError(f"{path}: expected a JSON object")
+    return data
 
 
 def _fingerprint(files) -> str:
