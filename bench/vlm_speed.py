@@ -91,7 +91,8 @@ class Edgellm:
         self.model = edgellm.load(out, threads=threads)
 
     def ttft(self, image: bytes) -> tuple[float, float, int, int]:
-        self.model.reset()  # a new conversation: nothing cached
+        self.model.reset()  # a new conversation: nothing cached, not even the image's encoding
+        self.model.images.clear()
         g = self.model.generate("<image>" + QUESTION, images=[image], max_new_tokens=1)
         return g.ttft_s, g.encode_s, g.prompt_tokens, g.token_ids[0] if g.token_ids else -1
 

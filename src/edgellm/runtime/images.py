@@ -209,6 +209,12 @@ class ImageStore:
         self._next = 1
         self._lock = threading.Lock()  # the server encodes in its request handlers
 
+    def clear(self) -> None:
+        """Forget every image (their ids are not given out again)."""
+        with self._lock:
+            self.by_pixels.clear()
+            self.vectors.clear()
+
     def rows(self, image: Prepared, encoder) -> list[list[int]]:
         """A prepared image's ids, per tile; encoded the first time it is seen."""
         key = image.key()
