@@ -7,10 +7,29 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 CLI = [sys.executable, "-m", "edgellm.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory, fp32_plan):
+    from conftest import build
+    from tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("tiny-cli")
+    return build(save_tiny("llama", root / "model"), root / "out", fp32_plan, target="cpu", max_num_tokens=64,
+                 language_group_size=16, future_token_mask_size=64)
+
+
+@pytest.fixture
+def tiny_build_copy(tiny_build, tmp_path):
+    """A complete build to damage."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_build, tmp_path / "build"))
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -69,3 +88,43 @@ def test_ctrl_c_during_a_build_exits_130_with_a_message(smollm2_gguf, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (("manifest.json", "{not json"), "manifest.json: unreadable"),
+    (("model_config.json", '{"family": "llama"}'), "model_config.json: not a model configuration this edgellm reads"),
+    (("runtime/tokenizer.json", "[1, 2]"), "tokenizer.json: not a tokenizer"),
+    (("runtime/runtime_config.json", "[]"), "runtime_config.json: unreadable"),
+])
+def test_a_damaged_build_is_one_line_naming_the_file(tiny_build_copy, damage, needle):
+    """Outputs are read with the care inputs are (issue 15, group 6): a damaged file is one line."""
+    name, text = damage
+    (tiny_build_copy / name).write_text(text)
+    run = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(tiny_build_copy), "-p", "w1 w2", "-n", "2"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and needle in run.stderr, run.stderr
+
+
+def test_a_chat_template_that_does_not_parse_fails_chat_not_generate(tiny_build_copy):
+    import json
+
+    settings = json.loads((tiny_build_copy / "runtime" / "runtime_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}"
+    (tiny_build_copy / "runtime" / "runtime_config.json").write_text(json.dumps(settings))
+    plain = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(tiny_build_copy), "-p", "w1", "-n", "2"],
+                           capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    chat = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", str(tiny_build_copy), "-p", "w1", "-n", "2",
+                           "--chat"], capture_output=True, text=True)
+    assert chat.returncode == 2 and "the chat template does not parse" in chat.stderr and "Traceback" not in chat.stderr
+
+
+def test_compile_never_writes_into_the_model_directory(tiny_build, tmp_path):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_build.parent / "model", tmp_path / "model"))
+    before = sorted(p.name for p in model.iterdir())
+    for args in ([], ["-o", str(model)], ["-o", str(model / "out")]):
+        run = subprocess.run(CLI + ["compile", "model", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 2 and "inside the model directory" in run.stderr, run.stderr
+    assert sorted(p.name for p in model.iterdir()) == before

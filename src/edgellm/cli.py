@@ -66,6 +66,8 @@ def compile(
     target = target or _default_target()
     chosen = tuple(s for s, flag in zip(STAGES, (devkit, onnx, quantize, compile_)) if flag) or STAGES
     out = output or Path(model.stem if model.is_file() else model.name)
+    if model.is_dir() and (out.resolve() == model.resolve() or model.resolve() in out.resolve().parents):
+        raise EdgeLLMError(f"{out}: the output would be inside the model directory {model}; name another with -o")
     options = BuildOptions(
         max_num_tokens=max_num_tokens, language_group_size=language_group_size,
         future_token_mask_size=future_token_mask_size, jobs=jobs, resume=resume, stages=chosen,

@@ -56,10 +56,18 @@ class Model:
         manifest = path / "manifest.json"
         if not manifest.is_file():
             raise EdgeLLMError(f"{path}: not an edgellm output directory (no manifest.json)")
-        if not json.loads(manifest.read_text()).get("complete"):
+        try:
+            complete = json.loads(manifest.read_text()).get("complete")
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise EdgeLLMError(f"{manifest}: unreadable ({type(e).__name__}); run `edgellm compile ... --resume`") from None
+        if not complete:
             raise EdgeLLMError(f"{path}: the build is incomplete; run `edgellm compile ... --resume`")
         built = BuildRecord.load(path)
-        cfg = ModelConfig.load(path / "model_config.json")
+        try:
+            cfg = ModelConfig.load(path / "model_config.json")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise EdgeLLMError(f"{path / 'model_config.json'}: not a model configuration this edgellm reads "
+                               f"({type(e).__name__}: {e}); run `edgellm compile ... --resume`") from None
         codec = TextCodec(path / "runtime")
         spec = EngineSpec(
             num_layers=cfg.num_layers,

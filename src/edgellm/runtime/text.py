@@ -14,17 +14,34 @@ from ..errors import EdgeLLMError
 
 class TextCodec:
     def __init__(self, runtime_dir: Path):
-        self.tokenizer = Tokenizer.from_file(str(runtime_dir / "tokenizer.json"))
-        self.settings = json.loads((runtime_dir / "runtime_config.json").read_text())
+        try:
+            self.tokenizer = Tokenizer.from_file(str(runtime_dir / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library reports a missing or malformed file as a plain Exception
+            raise EdgeLLMError(f"{runtime_dir / 'tokenizer.json'}: not a tokenizer ({str(e)[:200]}); "
+                               f"run `edgellm compile ... --devkit`") from None
+        try:
+            self.settings = json.loads((runtime_dir / "runtime_config.json").read_text())
+            if not isinstance(self.settings, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise EdgeLLMError(f"{runtime_dir / 'runtime_config.json'}: unreadable ({e}); "
+                               f"run `edgellm compile ... --devkit`") from None
         self.eos_ids = set(self.settings.get("eos_token_ids") or [])
         self.image_marker: str | None = None  # a vision-language model's image token, as text
         template = self.settings.get("chat_template")
         self._template = None
+        self._template_error: str | None = None  # a template that does not parse: chat fails, generate works
         if template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(template)
+            try:
+                if not isinstance(template, str):
+                    raise TypeError(f"a {type(template).__name__}, not text")
+                self._template = env.from_string(template)
+            except Exception as e:
+                self._template_error = (f"{runtime_dir / 'runtime_config.json'}: the chat template does not parse "
+                                        f"({type(e).__name__}: {e})")
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         try:
@@ -38,6 +55,8 @@ class TextCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def render_chat(self, messages: list[dict]) -> str:
+        if self._template_error:
+            raise EdgeLLMError(self._template_error)
         if self._template is None:
             # No template in the model: plain role-prefixed turns, so chat still works.
             return "".join(f"{m['role']}: {self._plain(m['content'])}\n" for m in messages) + "assistant:"
