@@ -611,3 +611,74 @@ def test_a_template_that_cannot_take_image_parts_is_one_clear_error(fp32_build, 
     with pytest.raises(EdgeLLMError, match=r"chat template failed on these messages \(with image parts\): TypeError"):
         model.generate(PROMPT, chat=True, images=[_picture(32, 32)])
     assert model.generate(PROMPT, chat=True, max_new_tokens=2).gen_tokens >= 1  # text only still works
+
+
+# Gemma 3: SigLIP, average pooling, and image rows that attend to each other
+
+@pytest.fixture(scope="module")
+def gemma3_vlm(tmp_path_factory):
+    from tiny_models import save_tiny_gemma3_vlm
+
+    return save_tiny_gemma3_vlm(tmp_path_factory.mktemp("gemma3") / "model")
+
+
+def _gemma3_reference(model_dir, image, ids):
+    """transformers on the ids the processor makes (the image token where our rows are), with the
+    token types that give image rows their bidirectional attention."""
+    config = json.loads((model_dir / "config.json").read_text())
+    reference = transformers.Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pixels = transformers.Gemma3ImageProcessorPil.from_pretrained(model_dir)(image, return_tensors="pt")["pixel_values"]
+    inputs = torch.tensor([[t if t >= 0 else config["image_token_index"] for t in ids]])
+    return reference, dict(input_ids=inputs, pixel_values=pixels, token_type_ids=(inputs == config["image_token_index"]).long())
+
+
+@pytest.mark.parametrize("group", [32, 8])  # 8: the first call would end inside the image; it ends before it
+def test_gemma3_images_match_transformers(gemma3_vlm, fp32_plan, tmp_path, group):
+    from edgellm.runtime.session import attend_until, image_blocks
+
+    out = build(gemma3_vlm, tmp_path / "out", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=group,
+                future_token_mask_size=64)
+    model = Model.load(out)
+    image = _picture(40, 56, seed=8)
+    session = model.session()
+    prompt = "w1 w2 w3 w4 w5 <start_of_image> w6 w7"
+    ours = session.generate(prompt, images=[image], max_new_tokens=32, ignore_eos=True, return_logits=True)
+    ids = session.tokens[: ours.prompt_tokens]
+    assert ours.image_tokens == 4 and image_blocks(ids) == [(7, 11)]  # "\n\n" and <start_of_image> before it
+    reference, inputs = _gemma3_reference(gemma3_vlm, image, ids)
+    with torch.no_grad():
+        every_row = reference(**inputs).logits[0].numpy()
+        expected = reference.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(ids):].tolist()
+    np.testing.assert_allclose(ours.logits[0], every_row[-1], atol=1e-4)
+    assert ours.token_ids == expected
+    if group == 32:  # every row's logits, and what the image rows' attention changes
+        rows = model.images.embeddings(ids)
+        bidirectional = model.session().engine_session.forward(ids, 0, 0, rows, attend_until(image_blocks(ids), 0, len(ids)))
+        causal = model.session().engine_session.forward(ids, 0, 0, rows)
+        np.testing.assert_allclose(bidirectional, every_row, atol=1e-4)
+        assert np.abs(causal[7:11] - every_row[7:11]).max() > 1e-2
+    model.close()
+
+
+def test_gemma3_images_need_the_cpu_target_and_a_group_that_holds_them(gemma3_vlm, fp32_plan, tmp_path):
+    # refused before anything is written (no C compiler needed to see it)
+    with pytest.raises(EdgeLLMError, match="image rows attend to each other.*compile with --target cpu"):
+        build(gemma3_vlm, tmp_path / "native", fp32_plan, target="native", max_num_tokens=64, language_group_size=8,
+              future_token_mask_size=64)
+    assert not (tmp_path / "native" / "manifest.json").exists()
+    out = build(gemma3_vlm, tmp_path / "small", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=2,
+                future_token_mask_size=64)
+    with pytest.raises(EdgeLLMError, match="an image's 4 rows do not fit one prefill call of 2 rows"):
+        Model.load(out).generate("<start_of_image>", images=[_picture(32, 32)])
+
+
+def test_gemma3_preprocessing_matches_the_hugging_face_processor():
+    from edgellm.config.vision import resized_processing
+
+    hf = transformers.Gemma3ImageProcessorPil(size={"height": 896, "width": 896})
+    for width, height in ASPECTS:
+        image = _picture(width * 9, height * 9)
+        expected = hf(image, return_tensors="np")["pixel_values"][0]
+        ours = preprocess(image, resized_processing(hf.to_dict(), 896, "preprocessor_config.json")).tiles[0]
+        np.testing.assert_allclose(ours, expected, atol=1e-3)

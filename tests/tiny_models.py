@@ -175,3 +175,43 @@ def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) 
     transformers.Idefics3ImageProcessorPil(size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE}
                                            ).save_pretrained(path)
     return path
+
+
+# A tiny Gemma 3 with its vision tower: SigLIP over 32 px images in 4 px patches (8 x 8), pooled
+# 4 x 4 to 2 x 2 = 4 rows per image; the text model a Gemma 3 with a sliding layer and a global one.
+GEMMA3_MARKERS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def save_tiny_gemma3_vlm(path: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    words = VOCAB - len(NEWLINES) - len(GEMMA3_MARKERS)
+    boi, eoi, image = (words + len(NEWLINES) + i for i in range(3))
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=32, patch_size=4)
+    text = transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 2}, head_dim=16, query_pre_attn_scalar=16,
+                                         sliding_window=24, layer_types=["sliding_attention", "full_attention"])
+    config = transformers.Gemma3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=4,
+                                       boi_token_index=boi, eoi_token_index=eoi, image_token_index=image)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and "language_model" in name:  # (1 + w) norms start at w = 0
+                p.normal_(0, 0.3)
+            elif "norm" in name or name.endswith("bias") or "embedding" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith(("weight", "projection_weight")):
+                p.mul_(3.0)
+    model = model.float().eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_tokens(NEWLINES)
+    tok.add_special_tokens(GEMMA3_MARKERS)
+    tok.save(str(path / "tokenizer.json"))
+    transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

@@ -16,7 +16,6 @@ ADAPTERS = {
     "qwen3": qwen.build_qwen3,
     "gemma2": gemma2.build,
     "gemma3_text": gemma3.build,
-    "gemma3": gemma3.build,
 }
 # Vision-language families also read the tensor names (checkpoints place the parts under
 # different prefixes) and the image processor's settings (preprocessor_config.json).
@@ -24,6 +23,7 @@ VISION_ADAPTERS = {
     "llava": llava.build,
     "idefics3": idefics3.build,
     "smolvlm": idefics3.build,
+    "gemma3": gemma3.build_vision,
 }
 
 

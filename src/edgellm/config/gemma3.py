@@ -31,8 +31,6 @@ LAYER_KINDS = {"sliding_attention": "sliding", "full_attention": "full"}
 
 
 def build(raw: dict, where: str) -> ModelConfig:
-    if "text_config" in raw:  # the multimodal wrapper: its language model is a gemma3_text
-        raw = {**raw["text_config"], "model_type": "gemma3_text"}
     return gemma(raw, where, "gemma3", qk_norm=True, sliding_every=6, local_rope=True)
 
 
@@ -94,3 +92,40 @@ def gemma(raw: dict, where: str, family: str, qk_norm: bool, sliding_every: int,
             "lm_head": "model.embed_tokens.weight" if tied else "lm_head.weight",
         },
     )
+
+
+# Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, 4B and up): SigLIP at 896 px,
+# its 64 x 64 patches average-pooled to 16 x 16 = 256 rows, an RMSNorm (1 + w) and one projection
+# (a [vision, text] matrix, not a linear layer's [out, in]); each image's rows see each other.
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
+HEAD_NAMES = ("language_model.lm_head.weight", "lm_head.weight")
+VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower.")
+PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def build_vision(raw: dict, where: str, names: set[str], processor: dict | None) -> ModelConfig:
+    from .llava import build_text, find_prefix
+    from .vision import VisionConfig, resized_processing, siglip_encoder
+
+    raw = {**raw, "text_config": {"model_type": "gemma3_text", **(raw.get("text_config") or {})}}
+    cfg, vision_raw = build_text(raw, where, names, TEXT_PREFIXES, HEAD_NAMES, default_text="gemma3_text")
+    vision_type = vision_raw.get("model_type", "siglip_vision_model")
+    if vision_type != "siglip_vision_model":
+        raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for gemma3")
+    fields = siglip_encoder(vision_raw, where, find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight", names,
+                                                           where, "the vision tower"))
+    tokens = int(raw.get("mm_tokens_per_image", 256))
+    side, per_side = fields["image_size"] // fields["patch_size"], int(round(tokens ** 0.5))
+    if per_side * per_side != tokens or side % per_side:
+        raise EdgeLLMError(f"{where}: mm_tokens_per_image {tokens} does not pool the encoder's {side} x {side} patches")
+    projector = find_prefix(PROJECTOR_PREFIXES, "mm_input_projection_weight", names, where, "the projector")
+    fields["tensors"].update(proj1=projector + "mm_input_projection_weight",
+                             soft_norm=projector + "mm_soft_emb_norm.weight")
+    cfg.vision = VisionConfig(
+        **fields, drop_class_token=False, projector="gemma3", projector_activation="none", shuffle=side // per_side,
+        image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where),
+        marker_token_id=require(raw, "boi_token_index" if "boi_token_index" in raw else "boi_token_id", where),
+        image_tokens=tokens, processing=resized_processing(processor, fields["image_size"], where), prompt="gemma3",
+        bidirectional=True)
+    cfg.family = "gemma3"
+    return cfg

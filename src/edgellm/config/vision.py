@@ -35,7 +35,7 @@ class ImageProcessing:
     """What the model's Hugging Face image processor does to a picture (runtime/images.py).
 
     kind "crop" (CLIP): the shorter side resized to resize_edge, then a center crop to the
-    encoder's size. kind "tiles" (Idefics3 / SmolVLM): the longer side resized to resize_edge,
+    encoder's size. kind "resize" (Gemma 3): resized to the encoder's size. kind "tiles" (Idefics3 / SmolVLM): the longer side resized to resize_edge,
     then to whole tiles of the encoder's size, cut into those tiles plus the whole image at one
     tile's size (a "global" view); split False: the global view alone."""
     kind: str
@@ -65,12 +65,14 @@ class VisionConfig:
     pre_norm: bool  # CLIP's pre_layrnorm on the embeddings
     post_norm: bool  # the encoder's final LayerNorm applies to the features used
     drop_class_token: bool  # the projector sees the patches only
-    projector: str  # "mlp": linear, activation, linear (LLaVA); "shuffle": pixel shuffle, linear (Idefics3)
+    # "mlp": linear, activation, linear (LLaVA); "shuffle": pixel shuffle, linear (Idefics3);
+    # "gemma3": average pooling of shuffle x shuffle patches, RMSNorm (1 + w), projection
+    projector: str
     projector_activation: str
     image_token_id: int  # the token each tile's rows replace (the processor's "image token")
     image_tokens: int  # rows one tile (one encoder pass) becomes in the prompt
     processing: ImageProcessing
-    shuffle: int = 1  # pixel shuffle factor: scale x scale neighbouring patches become one row
+    shuffle: int = 1  # pixel shuffle (or pooling) factor: scale x scale neighbouring patches become one row
     # how an image appears in the prompt (runtime/images.py image_text): "repeat" (the image token,
     # image_tokens times: LLaVA), "tiles" (Idefics3: each tile's rows between
     # <fake_token_around_image> and a row/column tag) or "gemma3" (between <start_of_image> and
@@ -177,6 +179,19 @@ def tiled_processing(processor: dict | None, image_size: int, where: str) -> Ima
     edge = _edge(p, where, "size", "longest_edge", 4 * image_size)
     return ImageProcessing("tiles", image_size, image_size, edge, split=bool(p.get("do_image_splitting", True)),
                            **_pixels(p, where, 1, [0.5] * 3, [0.5] * 3))
+
+
+def resized_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
+    """A processor that resizes to the encoder's size (Gemma 3: 896 x 896, bilinear), without
+    pan-and-scan crops."""
+    p, where = _processor(processor, where)
+    if p.get("do_pan_and_scan"):
+        raise EdgeLLMError(f"{where}: do_pan_and_scan is not supported")
+    height = _edge(p, where, "size", "height", image_size)
+    width = _edge(p, where, "size", "width", image_size)
+    if (height, width) != (image_size, image_size):
+        raise EdgeLLMError(f"{where}: size {height}x{width} differs from the encoder's image_size {image_size}")
+    return ImageProcessing("resize", height, width, image_size, **_pixels(p, where, 2, [0.5] * 3, [0.5] * 3))
 
 
 def _processor(processor, where: str) -> tuple[dict, str]:

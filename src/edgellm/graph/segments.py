@@ -4,7 +4,7 @@ Segments talk through tensors with fixed names, so linking is a union of graphs:
     input_ids, position_ids [1, S],
     embeddings [1, S, H]                  -> EMBED -> hidden.0 [1, S, H]  (a row whose id is < 0 takes its
                                                       embedding vector: image features, later)
-    position_ids, cache.0.k               -> MASK  -> mask.full / mask.sliding [S, KV], write_index [1]
+    position_ids, attend_until, cache.0.k -> MASK  -> mask.full / mask.sliding [S, KV], write_index [1]
     hidden.i, position_ids                -> PRE   -> q.i, k.i, v.i (rotated)
     q.i, k.i, v.i, cache.i.k/v, masks     -> CACHE -> attn.i, present.i.k/v (cache updated in place)
     hidden.i, attn.i                      -> POST  -> hidden.{i+1}
@@ -33,8 +33,8 @@ from .vision import emitters as vision_emitters
 
 # Changes when the segments' interface changes, so --resume does not reuse segments of the old one
 # (2: every group HEAD returns the rows logits_index names; EMBED takes embedding rows;
-# 3: LoRA branch inputs).
-SEGMENT_FORMAT = 3
+# 3: LoRA branch inputs; 4: MASK takes attend_until).
+SEGMENT_FORMAT = 4
 
 # (role, layer or None) -> float32 tensor in the source's (Hugging Face) layout
 WeightFn = Callable[[str, "int | None"], np.ndarray]
@@ -160,10 +160,13 @@ def _mask(g, unit, cfg, weights, shapes):
     # program (see targets/cpu) reuse this graph for every bucket.
     kv_len = g.op("Gather", [g.op("Shape", [cache]), g.const("const.one", np.array(1, np.int64))], axis=0)
     keys = g.op("Range", [g.const("const.zero", np.array(0, np.int64)), kv_len, g.const("const.one", np.array(1, np.int64))])
-    queries = g.op("Reshape", [pos, g.shape_const([-1, 1])])
-    causal = g.op("LessOrEqual", [keys, queries])  # [S, KV]
+    # Each row sees the keys before its attend_until: position + 1 (causal), or, for the rows of one
+    # image in a model whose image rows see each other (Gemma 3), the end of that image's rows.
+    until = g.op("Reshape", [g.input("attend_until", INT64, [1, s]), g.shape_const([-1, 1])])
+    causal = g.op("Less", [keys, until])  # [S, KV]
     g.output(causal, "mask.full", BOOL, [s, kv])
     if "sliding" in cfg.layer_types:
+        queries = g.op("Reshape", [pos, g.shape_const([-1, 1])])
         window = g.const(f"{g.prefix}.window", np.array(cfg.sliding_window, np.int64))
         recent = g.op("Greater", [keys, g.op("Sub", [queries, window])])
         g.output(g.op("And", [causal, recent]), "mask.sliding", BOOL, [s, kv])

@@ -63,20 +63,33 @@ def _projector(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None
         x = _layer_norm(g, x, v, "post_norm", None, weights)
     if v.drop_class_token:
         x = g.op("Slice", [x, g.shape_const([1]), g.shape_const([v.sequence]), g.shape_const([1])])
-    if v.projector == "shuffle":
+    if v.projector == "gemma3":
+        # average pooling: each output row the mean of a shuffle x shuffle block of patches
+        x = g.op("Gather", [x, g.const(f"{g.prefix}.pool", _blocks(v))], axis=1)
+        x = g.op("Reshape", [x, g.shape_const([1, v.image_tokens, v.shuffle * v.shuffle, v.hidden_size])])
+        x = g.op("ReduceMean", [x, g.shape_const([2])], keepdims=0)
+        norm = weights("soft_norm", None).astype(np.float32) + np.float32(1.0)  # Gemma's (1 + w)
+        x = g.op("RMSNormalization", [x, g.weight("soft_norm", norm)], axis=-1, epsilon=v.layer_norm_eps)
+        x = g.op("MatMul", [x, g.weight("proj1", weights("proj1", None))])  # stored [vision, text]: no transpose
+    elif v.projector == "shuffle":
         # pixel shuffle: each output row is the shuffle x shuffle block of neighbouring patches
         # (row by row, column by column), side by side: a fixed gather of rows, then a reshape
-        side, s = v.image_size // v.patch_size, v.shuffle
-        order = [(by * s + a) * side + bx * s + b for by in range(side // s) for bx in range(side // s)
-                 for a in range(s) for b in range(s)]
-        x = g.op("Gather", [x, g.const(f"{g.prefix}.shuffle", np.array(order, np.int64))], axis=1)
-        x = g.op("Reshape", [x, g.shape_const([1, v.image_tokens, v.hidden_size * s * s])])
+        x = g.op("Gather", [x, g.const(f"{g.prefix}.shuffle", _blocks(v))], axis=1)
+        x = g.op("Reshape", [x, g.shape_const([1, v.image_tokens, v.hidden_size * v.shuffle * v.shuffle])])
         x = g.op("MatMul", [x, g.weight("proj1", weights("proj1", None).T)])
     else:
         x = _linear(g, x, "proj1", "proj1_bias", None, weights)
     if v.projector == "mlp":
         x = _linear(g, _activation(g, x, v.projector_activation), "proj2", "proj2_bias", None, weights)
     g.output(x, "image_features", FLOAT, [1, v.image_tokens, cfg.hidden_size])
+
+
+def _blocks(v) -> np.ndarray:
+    """Patch rows in the order of shuffle x shuffle blocks: block by block (row by row of blocks),
+    each block's patches row by row."""
+    side, s = v.image_size // v.patch_size, v.shuffle
+    return np.array([(by * s + a) * side + bx * s + b for by in range(side // s) for bx in range(side // s)
+                     for a in range(s) for b in range(s)], np.int64)
 
 
 def _linear(g, x, role, bias_role, layer, weights):
@@ -105,7 +118,9 @@ def expected_vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
               "fc1": (f, d), "fc1_bias": (f,), "fc2": (d, f), "fc2_bias": (d,), "ln1_w": (d,), "ln1_b": (d,),
               "ln2_w": (d,), "ln2_b": (d,), "proj1_bias": (cfg.hidden_size,), "proj2": (cfg.hidden_size, cfg.hidden_size),
               "proj2_bias": (cfg.hidden_size,), "proj1": (cfg.hidden_size, d * v.shuffle ** 2),
-              "patch_bias": (d,)}
+              "patch_bias": (d,), "soft_norm": (d,)}
+    if v.projector == "gemma3":
+        shapes["proj1"] = (d, cfg.hidden_size)
     for r in ("q_proj", "k_proj", "v_proj", "o_proj"):
         shapes[r] = (d, d)
         shapes[r[0] + "_bias"] = (d,)
@@ -117,7 +132,8 @@ def check_vision_tensors(source, cfg: ModelConfig, where: str) -> None:
     v = cfg.vision
     names = set(source.tensor_names())
     path = getattr(source, "vision_path", source.path)  # an mmproj beside a GGUF text model
-    needed = {"patch_embed", "position_embed", "proj1", *([] if v.projector == "shuffle" else ["proj1_bias"]),
+    needed = {"patch_embed", "position_embed", "proj1", *([] if v.projector in ("shuffle", "gemma3") else ["proj1_bias"]),
+              *(["soft_norm"] if v.projector == "gemma3" else []),
               *([] if v.projector != "mlp" else ["proj2", "proj2_bias"]), *(["patch_bias"] if "patch_bias" in v.tensors else []),
               *(["class_embed"] if v.class_token else []), *(["pre_norm_w", "pre_norm_b"] if v.pre_norm else []),
               *(["post_norm_w", "post_norm_b"] if v.post_norm else [])}

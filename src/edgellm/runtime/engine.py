@@ -49,10 +49,13 @@ class EngineSession(ABC):
     full_group_calls = True  # a call of fewer rows than the group costs a whole group (prefill_chunks)
 
     @abstractmethod
-    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None,
+                until: np.ndarray | None = None) -> np.ndarray:
         """Run len(ids) rows at positions start.. (start <= length); return the logits of rows
         logits_from (default: the last)..n-1 as a fresh [rows, vocab] array. The session then
-        holds start + n positions."""
+        holds start + n positions. until: per row, the position before which it sees the keys
+        (default position + 1: causal); a row may see later rows of the same call (the rows of one
+        image, in Gemma 3), never rows past the call."""
 
     @abstractmethod
     def truncate(self, length: int) -> None:
@@ -78,6 +81,16 @@ class EngineSession(ABC):
         if embeddings is not None and np.shape(embeddings) != (n, self.spec.hidden_size):
             raise EdgeLLMError(f"bad call: embeddings of shape {np.shape(embeddings)}, expected ({n}, "
                                f"{self.spec.hidden_size})")
+
+    def _check_until(self, until, n: int, start: int) -> np.ndarray | None:
+        """until as int64, checked: within this call, never before a row's own position + 1."""
+        if until is None:
+            return None
+        until = np.asarray(until, np.int64)
+        own = np.arange(start + 1, start + n + 1)
+        if until.shape != (n,) or (until < own).any() or (until > start + n).any():
+            raise EdgeLLMError(f"bad call: attend_until {until.tolist()} for {n} rows at position {start}")
+        return None if (until == own).all() else until
 
     def prefill(self, tokens: list[int], cached: int) -> np.ndarray:
         """Fill the cache for tokens[cached:], given tokens[:cached] are in it; return the logits
@@ -154,16 +167,25 @@ class Engine(ABC):
         self._free()
 
 
-def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool = True):
+def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool = True, blocks=()):
     """(start position, chunk of at most `group` tokens, index of its first new token) covering
     tokens[cached:]. With move_back (a target whose group call costs as much for fewer rows), a
-    short last chunk is moved back to end at the last token instead of padded past it."""
+    short last chunk is moved back to end at the last token instead of padded past it. blocks:
+    (first, end) of rows that see each other (an image's, in Gemma 3): no chunk ends inside one,
+    so each such row's call holds the rest of its block."""
     end, pos = len(tokens), cached
     while pos < end:
         start = pos if end - pos >= group or not move_back else max(0, end - group)
-        chunk = tokens[start : min(start + group, end)]
+        stop = min(start + group, end)
+        inside = next(((a, b) for a, b in blocks if a < stop < b), None)
+        if inside is not None:
+            if inside[0] <= pos:  # from here the block's end does not fit one call
+                raise EdgeLLMError(f"an image's {inside[1] - inside[0]} rows do not fit one prefill call of {group} rows; "
+                                   f"compile with a --language_group_size of {inside[1] - inside[0] + 1} or more")
+            stop = inside[0]
+        chunk = tokens[start:stop]
         yield start, chunk, pos - start
-        pos = start + len(chunk)
+        pos = stop
 
 
 def physical_cores() -> int:

@@ -80,6 +80,8 @@ def preprocess(image, p: ImageProcessing) -> Prepared:
     each tile."""
     if p.kind == "crop":
         frames, rows, cols = [_resize_and_crop(image, p)], 0, 0
+    elif p.kind == "resize":
+        frames, rows, cols = [_resized(image, p.width, p.height, p)], 0, 0
     else:
         frames, rows, cols = _tiles(image, p)
     mean, std = np.array(p.mean).reshape(-1, 1, 1), np.array(p.std).reshape(-1, 1, 1)

@@ -277,11 +277,15 @@ class NativeSession(EngineSession):
             raise EdgeLLMError(self.engine.lib.em_last_error().decode())
         self.length = length
 
-    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None,
+                until: np.ndarray | None = None) -> np.ndarray:
         self._live()
         n = len(ids)
         logits_from = n - 1 if logits_from is None else logits_from
         self._check(n, start, logits_from, embeddings)
+        if self._check_until(until, n, start) is not None:  # the C attention derives causality from the positions
+            raise EdgeLLMError(f"{self.engine.program_dir}: rows that see later rows (Gemma 3's images) run on the "
+                               f"cpu target only, for now")
         self.ids[:n] = ids
         ids_p, logits_p = self._pointers
         rows = None

@@ -90,11 +90,13 @@ class OrtSession(EngineSession):
         self.spec = spec = engine.spec
         self.length = 0
         self.tokens = np.zeros(spec.max_num_tokens, np.int64)  # the ids at each position (negative: an embedding row)
+        self.until = np.arange(1, spec.max_num_tokens + 1)  # the attend_until each held position was computed with
         shape = (1, spec.max_num_tokens, spec.kv_width)
         self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(spec.num_layers)]
         # Small inputs live in fixed buffers bound once; a call writes into them.
         self.inputs = {
             v: {"input_ids": np.zeros((1, s), np.int64), "position_ids": np.zeros((1, s), np.int64),
+                "attend_until": np.zeros((1, s), np.int64),
                 "embeddings": np.zeros((1, s, spec.hidden_size), np.float32),
                 "logits_index": np.zeros(s, np.int64)}
             for v, s in (("group", spec.group_size), ("single", 1))
@@ -153,19 +155,21 @@ class OrtSession(EngineSession):
             self._bindings[key] = io
         return self._bindings[key]
 
-    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None,
+                until: np.ndarray | None = None) -> np.ndarray:
         if self.closed:
             raise EdgeLLMError(f"{self.engine.program_dir}: this session was closed (or its model was)")
         n = len(ids)
         logits_from = n - 1 if logits_from is None else logits_from
         self._check(n, start, logits_from, embeddings)
+        until = self._check_until(until, n, start)
         ids = np.asarray(ids, np.int64)
         if (ids >= self.spec.vocab_size).any():
             raise EdgeLLMError(f"token id outside the vocabulary of {self.spec.vocab_size}: {ids.tolist()}")
         if (ids < 0).any() and embeddings is None:
             raise EdgeLLMError("a row with a negative id takes an embedding vector, and no embeddings were given")
         ids = np.maximum(ids, -1)  # any negative id is an embedding row (and a valid Gather index)
-        if 1 < n <= VERIFY_ROWS:
+        if 1 < n <= VERIFY_ROWS and until is None:
             # a few rows (a speculative verify call): one decode step each, so that every row's
             # logits are a decode step's, as on the native targets (the group program's differ
             # at int8 rounding); ONNX Runtime has no program that reads the weights once for them
@@ -180,6 +184,7 @@ class OrtSession(EngineSession):
             raise EdgeLLMError(f"bad call: {n} rows at position {start} cannot be padded to the group of {size} within "
                                f"the context of {self.spec.max_num_tokens}")
         self.tokens[start : start + n] = ids
+        self.until[start : start + n] = np.arange(start + 1, start + n + 1) if until is None else until
         buf = self.inputs[variant]
         rows = np.concatenate([self.tokens[first:start], ids])
         buf["input_ids"][0, : len(rows)] = rows
@@ -187,6 +192,8 @@ class OrtSession(EngineSession):
         if embeddings is not None:
             buf["embeddings"][0, start - first : start - first + n] = embeddings
         buf["position_ids"][0, :size] = np.arange(first, first + size)
+        buf["attend_until"][0, : start + n - first] = self.until[first : start + n]  # held rows: as computed
+        buf["attend_until"][0, start + n - first : size] = np.arange(start + n + 1, first + size + 1)  # padding
         count = n - logits_from
         buf["logits_index"][:count] = np.arange(logits_from, n) + (start - first)
         io = self._binding(variant, self._bucket(first + size), size, count if variant == "group" else 1)

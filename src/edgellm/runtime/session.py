@@ -147,6 +147,30 @@ class Session:
         return decoding.result()
 
 
+def image_blocks(ids: list[int]) -> list[tuple[int, int]]:
+    """(first, end) of each run of image rows (negative ids): the rows that see each other in a
+    model whose image attention is bidirectional (Gemma 3)."""
+    blocks, first = [], None
+    for i, token in enumerate([*ids, 0]):
+        if token < 0 and first is None:
+            first = i
+        elif token >= 0 and first is not None:
+            blocks.append((first, i))
+            first = None
+    return blocks
+
+
+def attend_until(blocks: list[tuple[int, int]], start: int, n: int) -> list[int] | None:
+    """Per row of a call at start: its block's end for image rows, position + 1 otherwise; None
+    when no block touches the call (a causal call)."""
+    until = list(range(start + 1, start + n + 1))
+    touched = False
+    for a, b in blocks:
+        for p in range(max(a, start), min(b, start + n)):
+            until[p - start], touched = b, True
+    return until if touched else None
+
+
 def user_turn(text: str, images: int = 0) -> dict:
     """A user message; with images, as the content parts vision-language chat templates read."""
     if not images:
@@ -244,9 +268,12 @@ class Decoding:
             session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
             engine_session.truncate(reuse)
             self.cached = reuse
-            self._chunks = prefill_chunks(ids, reuse, group, engine_session.full_group_calls)
+            vision = session.model.config.vision
+            self._blocks = image_blocks(ids) if vision is not None and vision.bidirectional else []
+            self._chunks = prefill_chunks(ids, reuse, group, engine_session.full_group_calls, self._blocks)
         start, chunk, _ = next(self._chunks)
-        logits = session.engine_session.forward(chunk, start, embeddings=session.model.images.embeddings(chunk))[-1]
+        logits = session.engine_session.forward(chunk, start, embeddings=session.model.images.embeddings(chunk),
+                                                until=attend_until(self._blocks, start, len(chunk)))[-1]
         if start + len(chunk) < len(ids):
             return False
         session.tokens = list(ids)
