@@ -149,9 +149,6 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
-    if cfg.vision is not None and cfg.vision.bidirectional and options.target != "cpu":
-        raise EdgeLLMError(f"{model_path}: {cfg.family}'s image rows attend to each other, which the {options.target} "
-                           f"target's attention does not do yet; compile with --target cpu")
     units = plan_units(cfg.num_layers, options.buckets, cfg.vision.num_layers if cfg.vision else None)
     # the plan, asked once for every unit (a .py plan runs once per build), and the adapters,
     # checked against it before anything in the output directory changes

@@ -67,7 +67,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.em_session_open.argtypes = [ctypes.c_void_p]
     lib.em_session_open.restype = ctypes.c_void_p
     lib.em_session_close.argtypes = [ctypes.c_void_p]
-    lib.em_forward.argtypes = [ctypes.c_void_p, _INT64_P, _FLOAT_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P]
+    lib.em_forward.argtypes = [ctypes.c_void_p, _INT64_P, _FLOAT_P, _INT64_P, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               _FLOAT_P]
     if hasattr(lib, "em_forward_rows"):  # builds before batched rows lack it (forward_batch then loops)
         lib.em_forward_rows.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), _INT64_P,
                                         ctypes.c_int, _FLOAT_P]
@@ -283,15 +284,16 @@ class NativeSession(EngineSession):
         n = len(ids)
         logits_from = n - 1 if logits_from is None else logits_from
         self._check(n, start, logits_from, embeddings)
-        if self._check_until(until, n, start) is not None:  # the C attention derives causality from the positions
-            raise EdgeLLMError(f"{self.engine.program_dir}: rows that see later rows (Gemma 3's images) run on the "
-                               f"cpu target only, for now")
+        until = self._check_until(until, n, start)
+        if until is not None:
+            until = np.ascontiguousarray(until, np.int64)
         self.ids[:n] = ids
         ids_p, logits_p = self._pointers
         rows = None
         if embeddings is not None:
             rows = np.ascontiguousarray(embeddings, np.float32)
         status = self.engine.lib.em_forward(self.handle, ids_p, None if rows is None else rows.ctypes.data_as(_FLOAT_P),
+                                            None if until is None else until.ctypes.data_as(_INT64_P),
                                             n, start, logits_from, logits_p)
         if status != 0:
             raise EdgeLLMError(self.engine.lib.em_last_error().decode())

@@ -100,10 +100,10 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         else:
             lines += ["", f"static void em_model_{variant}(const unsigned char *em_base, const em_weight *EMW, float *A, "
                       "em_kv_value *em_kv, const em_lora *em_loras, int S, int start, const int64_t *ids, "
-                      "const float *embeddings, int logits_from, float *logits) {",
+                      "const float *embeddings, const int64_t *until, int logits_from, float *logits) {",
                       "    const int R = S - logits_from; /* the rows whose logits are returned */",
                       "    (void)em_base; (void)EMW; (void)em_kv; (void)em_loras; (void)ids; (void)embeddings; (void)R; "
-                      "(void)start;"]
+                      "(void)start; (void)until;"]
         lines += _body(lowered, offsets, Rows(lowered, shape) if variant == "verify" else None)
         lines.append("}")
     rows = {"single": 1, "verify": shape.verify_rows, "group": shape.group_size}

@@ -598,7 +598,7 @@ class Lowering:
             return
         out = self._new(node.output[0], x)
         self._emit(f"em_attention({{{q}}}, S, start, {self.caches[k]}, {self.caches[v]}, {heads}, {kv_heads}, {head_dim}, EM_CACHE_TOKENS, "
-                   f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, {{{out.name}}});",
+                   f"{float(scale)!r}f, {float(a.get('softcap', 0.0))!r}f, {self.windows[mask]}, until, {{{out.name}}});",
                    [q], [out.name], node)
 
     def _decode_attention(self, node, x: Activation, heads: int, kv_heads: int, head_dim: int, scale: float) -> None:

@@ -723,7 +723,7 @@ void em_team_attention(const float *q, const float *k, const float *v, const flo
 
 void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, const em_kv_value *v_cache,
                   int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
-                  int window, float *out) {
+                  int window, const int64_t *until, float *out) {
     /* Prefill: items of (a tile of tokens, KV head), each token's heads of the group together. */
     const int group = heads / kv_heads;
     int rows = group <= EM_MAX_QUERIES ? (EM_MAX_QUERIES / group < 8 ? EM_MAX_QUERIES / group : 8) : 1;
@@ -740,7 +740,7 @@ void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, 
                     for (int g = 0; g < per; g++, R++) {
                         qs[R] = q + ((size_t)s * heads + (size_t)kh * group + h0 + g) * head_dim;
                         lo[R] = first_position(start + s, window);
-                        hi[R] = start + s + 1;
+                        hi[R] = until ? (int)until[s] : start + s + 1;
                     }
                 float m[EM_MAX_QUERIES], l[EM_MAX_QUERIES], o[EM_MAX_QUERIES * head_dim];
                 attend(qs, R, lo, hi, head_dim, k_cache + (size_t)kh * cache_tokens * head_dim,

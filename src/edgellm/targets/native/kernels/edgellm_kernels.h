@@ -131,9 +131,11 @@ void em_cache_write_values(em_kv_value *cache, const float *rows, int S, int sta
                            int cache_tokens);
 /* Attention of q[S, heads * head_dim] at positions start + s over cache positions 0..start + s
    (window > 0: only the last `window`), grouped-query heads, optional tanh soft-capping. */
+/* until: per row, the position before which it sees the keys (NULL: start + s + 1, causal; a row
+   of an image whose rows see each other, Gemma 3: the image's end, within this call) */
 void em_attention(const float *q, int S, int start, const em_kv_value *k_cache, const em_kv_value *v_cache,
                   int heads, int kv_heads, int head_dim, int cache_tokens, float scale, float softcap,
-                  int window, float *out);
+                  int window, const int64_t *until, float *out);
 
 /* Team kernels. A decode step (em_model_single) runs as one OpenMP parallel region: every thread
    of the team calls these with the same arguments; they share the work among the team and end

@@ -40,7 +40,8 @@ void em_session_close(em_session *session);
    embedding vector embeddings[i * hidden_size ..] (the hidden state entering layer 0). Writes the
    logits of rows logits_from..n-1 to logits ([n - logits_from][vocab]). The session's length becomes
    start + n. 0 on success, -1 on bad arguments (em_last_error). */
-int em_forward(em_session *session, const int64_t *ids, const float *embeddings, int n, int start, int logits_from,
+int em_forward(em_session *session, const int64_t *ids, const float *embeddings, const int64_t *until, int n,
+               int start, int logits_from,
                float *logits);
 /* One row each of several sessions, or several rows of some (row i: token ids[i] at position
    positions[i] of sessions[i]; a session's rows in this call follow each other at consecutive
@@ -65,7 +66,7 @@ extern const int EM_RECORD_COUNT;
 /* A program variant runs up to max_rows rows per call; em_forward takes the first that fits. */
 typedef void (*em_program)(const unsigned char *base, const em_weight *weights, float *arena, em_kv_value *kv,
                            const em_lora *loras, int S, int start, const int64_t *ids, const float *embeddings,
-                           int logits_from, float *logits);
+                           const int64_t *until, int logits_from, float *logits);
 /* The verify variant: row s at position positions[s] of the KV cache kvs[s] (its rows share loras) */
 typedef void (*em_rows_program)(const unsigned char *base, const em_weight *weights, float *arena,
                                 em_kv_value *const *kvs, const em_lora *loras, const int *positions, int S,

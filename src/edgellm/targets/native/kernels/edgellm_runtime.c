@@ -294,8 +294,8 @@ int em_truncate(em_session *s, int length) {
 
 int em_length(const em_session *s) { return s->length; }
 
-int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n, int start, int logits_from,
-               float *logits) {
+int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const int64_t *until, int n, int start,
+               int logits_from, float *logits) {
     if (n < 1 || n > EM_MODEL.group_size || start < 0 || start > s->length || start + n > EM_MODEL.max_tokens ||
         logits_from < 0 || logits_from >= n) {
         fail("bad call: %d rows at position %d of a session holding %d, logits from row %d (at most %d rows per call, "
@@ -312,9 +312,16 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n
             return -1;
         }
     }
+    for (int i = 0; until && i < n; i++)
+        if (until[i] < start + i + 1 || until[i] > start + n) {
+            fail("row %d: attend_until %lld outside its call (positions %d..%d)", i, (long long)until[i], start + i + 1,
+                 start + n);
+            return -1;
+        }
     const em_variant *variant = NULL;
+    /* rows that see later rows need the prefill program's attention (em_attention's until) */
     for (int i = 0; i < EM_VARIANT_COUNT && !variant; i++)
-        if (n <= EM_VARIANTS[i].max_rows) variant = &EM_VARIANTS[i];
+        if (n <= EM_VARIANTS[i].max_rows && !(until && EM_VARIANTS[i].run_rows)) variant = &EM_VARIANTS[i];
     em_set_threads(s->model->threads); /* the OpenMP team size is per calling thread */
     float *out = variant->all_logits && logits_from > 0 ? s->logits : logits;
     if (variant->run_rows) {
@@ -325,7 +332,7 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, int n
                           embeddings, logits_from, out);
     } else {
         variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, s->loras, n, start, ids, embeddings,
-                     logits_from, out);
+                     until, logits_from, out);
     }
     if (out != logits)
         memcpy(logits, out + (size_t)logits_from * EM_MODEL.vocab_size,
