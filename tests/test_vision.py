@@ -670,10 +670,17 @@ def test_gemma3_images_match_transformers(gemma3_vlm, fp32_plan, tmp_path, group
 
 
 def test_gemma3_images_need_a_group_that_holds_them(gemma3_vlm, fp32_plan, tmp_path):
-    out = build(gemma3_vlm, tmp_path / "small", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=2,
-                future_token_mask_size=64)
+    with pytest.raises(EdgeLLMError, match="images are 4 rows that must be prefilled in one call; compile with "
+                                           "--language_group_size 4 or more"):
+        build(gemma3_vlm, tmp_path / "small", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=2,
+              future_token_mask_size=64)
+    assert not (tmp_path / "small" / "manifest.json").exists()
+    from edgellm.runtime.engine import prefill_chunks  # and the runtime's own guard, for a call that could not hold one
+
     with pytest.raises(EdgeLLMError, match="an image's 4 rows do not fit one prefill call of 2 rows"):
-        Model.load(out).generate("<start_of_image>", images=[_picture(32, 32)])
+        list(prefill_chunks([1, -1, -2, -3, -4, 2], 0, 2, blocks=[(1, 5)]))
+    assert [(start, len(chunk)) for start, chunk, _ in prefill_chunks([1, 2, -1, -2, -3, -4, 3], 0, 4, blocks=[(2, 6)])] \
+        == [(0, 2), (2, 4), (3, 4)]
 
 
 def test_gemma3_preprocessing_matches_the_hugging_face_processor():

@@ -149,6 +149,10 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
+    if cfg.vision is not None and cfg.vision.bidirectional and options.language_group_size < cfg.vision.image_tokens:
+        # an image's rows see each other: each image is prefilled in one call (runtime/engine.py prefill_chunks)
+        raise EdgeLLMError(f"{model_path}: {cfg.family}'s images are {cfg.vision.image_tokens} rows that must be prefilled "
+                           f"in one call; compile with --language_group_size {cfg.vision.image_tokens} or more")
     units = plan_units(cfg.num_layers, options.buckets, cfg.vision.num_layers if cfg.vision else None)
     # the plan, asked once for every unit (a .py plan runs once per build), and the adapters,
     # checked against it before anything in the output directory changes
