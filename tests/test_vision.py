@@ -692,3 +692,16 @@ def test_gemma3_preprocessing_matches_the_hugging_face_processor():
         expected = hf(image, return_tensors="np")["pixel_values"][0]
         ours = preprocess(image, resized_processing(hf.to_dict(), 896, "preprocessor_config.json")).tiles[0]
         np.testing.assert_allclose(ours, expected, atol=1e-3)
+
+
+def test_the_default_group_holds_a_gemma3_image(gemma3_vlm, fp32_plan, tmp_path, monkeypatch):
+    """Without --language_group_size a build takes the default, or an image's rows where a model's
+    image must be prefilled in one call (Gemma 3 4B: 256 > 128)."""
+    from edgellm import build as build_module
+    from edgellm.record import BuildRecord
+
+    monkeypatch.setattr(build_module, "DEFAULT_GROUP_SIZE", 2)  # the tiny model's images are 4 rows
+    out = build(gemma3_vlm, tmp_path / "out", fp32_plan, target="cpu", max_num_tokens=64, future_token_mask_size=64)
+    assert BuildRecord.load(out).group_size == 4
+    result = Model.load(out).generate("<start_of_image> w1", images=[_picture(32, 32)], max_new_tokens=2)
+    assert result.image_tokens == 4

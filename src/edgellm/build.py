@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
@@ -36,6 +36,7 @@ from .record import BuildRecord
 from .sources.lora import adapter_fingerprint
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
+DEFAULT_GROUP_SIZE = 128
 TARGETS = ("cpu", "native", "aarch64-linux")  # cpu: ONNX Runtime; the others: generated C (targets/native)
 log = logging.getLogger("edgellm.build")
 
@@ -43,7 +44,7 @@ log = logging.getLogger("edgellm.build")
 @dataclass
 class BuildOptions:
     max_num_tokens: int = 1024
-    language_group_size: int = 128
+    language_group_size: int | None = None  # None: DEFAULT_GROUP_SIZE, or an image's rows where they must be one call
     future_token_mask_size: int = 128
     jobs: int = 1
     resume: bool = False
@@ -68,13 +69,13 @@ class BuildOptions:
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EdgeLLMError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_num_tokens % self.future_token_mask_size:
             raise EdgeLLMError(
                 f"--max_num_tokens {self.max_num_tokens} is not a multiple of --future_token_mask_size {self.future_token_mask_size}"
             )
-        if self.language_group_size > self.max_num_tokens:
+        if (self.language_group_size or 0) > self.max_num_tokens:
             raise EdgeLLMError(f"--language_group_size {self.language_group_size} exceeds --max_num_tokens {self.max_num_tokens}")
         if self.quantize_embeddings not in (None, "int8", "int4"):
             raise EdgeLLMError(f"--quantize_embeddings {self.quantize_embeddings}: use int8 or int4")
@@ -149,8 +150,12 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
-    if cfg.vision is not None and cfg.vision.bidirectional and options.language_group_size < cfg.vision.image_tokens:
-        # an image's rows see each other: each image is prefilled in one call (runtime/engine.py prefill_chunks)
+    # an image whose rows see each other is prefilled in one call (runtime/engine.py prefill_chunks)
+    whole_images = cfg.vision is not None and cfg.vision.bidirectional
+    if options.language_group_size is None:  # (a copy: the caller's options stay as given)
+        options = replace(options, language_group_size=max(DEFAULT_GROUP_SIZE, cfg.vision.image_tokens if whole_images else 0))
+        options.validate()
+    if whole_images and options.language_group_size < cfg.vision.image_tokens:
         raise EdgeLLMError(f"{model_path}: {cfg.family}'s images are {cfg.vision.image_tokens} rows that must be prefilled "
                            f"in one call; compile with --language_group_size {cfg.vision.image_tokens} or more")
     units = plan_units(cfg.num_layers, options.buckets, cfg.vision.num_layers if cfg.vision else None)

@@ -32,7 +32,7 @@ def compile(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output directory (default: the model's name)"),
     configuration_file: Optional[Path] = typer.Option(None, "-c", "--configuration_file", help="per-layer precision plan (.py or .json)"),
     max_num_tokens: int = typer.Option(1024, "--max_num_tokens", help="context length"),
-    language_group_size: int = typer.Option(128, "--language_group_size", help="prefill group size"),
+    language_group_size: Optional[int] = typer.Option(None, "--language_group_size", help="prefill group size (default 128; for Gemma 3 images, the 256 rows of an image)"),
     future_token_mask_size: int = typer.Option(128, "--future_token_mask_size", help="KV cache bucket size"),
     jobs: int = typer.Option(1, "-j", "--jobs", help="parallel worker processes"),
     resume: bool = typer.Option(False, "--resume", help="skip units already built with the same inputs"),
