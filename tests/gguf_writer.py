@@ -35,6 +35,15 @@ def _gguf_name(hf: str, arch: str) -> str:
     return f"blk.{index}.{name}.{kind}"
 
 
+def finish(writer, path: Path) -> Path:
+    """Write a gguf.GGUFWriter's file out: header, metadata, tensors."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute: interleave the rotary halves of each head's rows."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -149,11 +158,7 @@ def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[types[name]])
             continue
         writer.add_tensor(name, np.ascontiguousarray(w))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)
 
 
 # K-quants need rows of 256: a tiny llama with hidden 256 and intermediate 512, every matmul a
@@ -237,8 +242,4 @@ def write_mmproj(vlm_dir: Path, path: Path, types: dict[str, str] | None = None)
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(name, np.ascontiguousarray(w))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)

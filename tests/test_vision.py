@@ -35,6 +35,16 @@ def _picture(width: int, height: int, seed: int = 0):
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+def _skip_without_compiler(target: str) -> None:
+    if target == "native":
+        from edgellm.targets.native.toolchain import TOOLCHAINS
+
+        try:
+            TOOLCHAINS["native"].find()
+        except EdgeLLMError as e:
+            pytest.skip(f"no C compiler for the native target: {e}")
+
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("llava") / "model")
@@ -52,13 +62,7 @@ def processor(llava):
 
 @pytest.fixture(scope="module", params=["cpu", "native"])
 def fp32_build(request, llava, fp32_plan, tmp_path_factory):
-    if request.param == "native":
-        from edgellm.targets.native.toolchain import TOOLCHAINS
-
-        try:
-            TOOLCHAINS["native"].find()
-        except EdgeLLMError as e:
-            pytest.skip(f"no C compiler for the native target: {e}")
+    _skip_without_compiler(request.param)
     return build(llava, tmp_path_factory.mktemp(f"llava-{request.param}") / "out", fp32_plan, target=request.param,
                  **OPTIONS)
 
@@ -231,13 +235,7 @@ def test_int4_language_model_matches_transformers_on_the_stored_weights(llava, r
 
     from edgellm.quant.blocks import quantize
 
-    if target == "native":
-        from edgellm.targets.native.toolchain import TOOLCHAINS
-
-        try:
-            TOOLCHAINS["native"].find()
-        except EdgeLLMError as e:
-            pytest.skip(f"no C compiler for the native target: {e}")
+    _skip_without_compiler(target)
     out = build(llava, tmp_path / "out", "int4", target=target, **OPTIONS)
     stored = copy.deepcopy(reference)
     with torch.no_grad():
@@ -302,13 +300,7 @@ def tiled_model(request, tmp_path_factory):
 @pytest.mark.parametrize("target", ["cpu", "native"])
 def test_tiled_models_match_transformers(tiled_model, fp32_plan, tmp_path, target):
     model_type, model_dir = tiled_model
-    if target == "native":
-        from edgellm.targets.native.toolchain import TOOLCHAINS
-
-        try:
-            TOOLCHAINS["native"].find()
-        except EdgeLLMError as e:
-            pytest.skip(f"no C compiler for the native target: {e}")
+    _skip_without_compiler(target)
     out = build(model_dir, tmp_path / "out", fp32_plan, target=target, **OPTIONS)
     reference_class = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
     reference = getattr(transformers, reference_class[model_type]).from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -494,7 +486,7 @@ def test_linked_programs_output_only_logits_caches_and_features(llava, fp32_plan
 def test_mmproj_with_missing_keys_or_tensors_names_the_mmproj(gguf_pair, tmp_path):
     import gguf
 
-    from gguf_writer import write_mmproj
+    from gguf_writer import finish, write_mmproj
 
     model_dir, text, _, _ = gguf_pair
     partial = tmp_path / "partial.gguf"
@@ -502,10 +494,7 @@ def test_mmproj_with_missing_keys_or_tensors_names_the_mmproj(gguf_pair, tmp_pat
     writer.add_clip_projector_type("idefics3")
     writer.add_vision_projection_dim(64)
     writer.add_tensor("v.patch_embd.weight", np.zeros((32, 3, 8, 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer, partial)
     with pytest.raises(EdgeLLMError, match=r"partial\.gguf: mmproj metadata 'clip\.vision\.image_size' is missing"):
         build(text, tmp_path / "a", mmproj=str(partial), **OPTIONS)
     full = write_mmproj(model_dir, tmp_path / "full.gguf")
@@ -521,10 +510,7 @@ def test_mmproj_with_missing_keys_or_tensors_names_the_mmproj(gguf_pair, tmp_pat
     for t in source.tensors:
         if t.name != "v.blk.1.ffn_down.weight":
             writer.add_tensor(t.name, np.array(t.data).reshape([int(d) for d in reversed(t.shape)]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer, trimmed)
     with pytest.raises(EdgeLLMError, match=r"trimmed\.gguf: the vision config needs tensor .*layers\.1\.mlp\.fc2\.weight"):
         build(text, tmp_path / "b", mmproj=str(trimmed), **OPTIONS)
 
@@ -637,13 +623,7 @@ def _gemma3_reference(model_dir, image, ids):
 def test_gemma3_images_match_transformers(gemma3_vlm, fp32_plan, tmp_path, group, target):
     from edgellm.runtime.session import attend_until, image_blocks
 
-    if target == "native":
-        from edgellm.targets.native.toolchain import TOOLCHAINS
-
-        try:
-            TOOLCHAINS["native"].find()
-        except EdgeLLMError as e:
-            pytest.skip(f"no C compiler for the native target: {e}")
+    _skip_without_compiler(target)
     out = build(gemma3_vlm, tmp_path / "out", fp32_plan, target=target, max_num_tokens=64, language_group_size=group,
                 future_token_mask_size=64)
     model = Model.load(out)

@@ -95,6 +95,23 @@ def reference_with_stored_weights(model_dir: Path, bits: int, scheme: str = "sym
     return ref
 
 
+def _spread(model, zero_centred_norms: str | None = None):
+    """A tiny vision-language model's random weights, made so that the image changes the answer:
+    norms, biases and embeddings spread, matmul weights x3; norms stored as w in (1 + w) (Gemma's,
+    in modules whose names contain zero_centred_norms) drawn around 0."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if zero_centred_norms and "norm" in name and zero_centred_norms in name:
+                p.normal_(0, 0.3)
+            elif "norm" in name or name.endswith("bias") or "embedding" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("weight"):
+                p.mul_(3.0)
+    return model.float().eval()
+
+
 NEWLINES = ["\n\n", "\n"]  # tokens of the tiny vision-language tokenizers (the word-level ones drop line breaks)
 
 
@@ -116,14 +133,7 @@ def save_tiny_llava(path: Path, seed: int = 0, **vision_overrides) -> Path:
     text = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False})
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                       image_seq_length=(LLAVA_IMAGE // 8) ** 2)
-    model = transformers.LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias") or "embedding" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("weight"):  # weights large enough that the image changes the answer
-                p.mul_(3.0)
-    model = model.float().eval()
+    model = _spread(transformers.LlavaForConditionalGeneration(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(IMAGE_TOKEN - len(NEWLINES))}, unk_token="w0"))
@@ -157,14 +167,7 @@ def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) 
     text = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False})
     config = getattr(transformers, names[0])(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                              image_token_id=words + len(NEWLINES), scale_factor=2)
-    model = getattr(transformers, names[2])(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias") or "embedding" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("weight"):
-                p.mul_(3.0)
-    model = model.float().eval()
+    model = _spread(getattr(transformers, names[2])(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
@@ -196,16 +199,7 @@ def save_tiny_gemma3_vlm(path: Path, seed: int = 0) -> Path:
                                          sliding_window=24, layer_types=["sliding_attention", "full_attention"])
     config = transformers.Gemma3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=4,
                                        boi_token_index=boi, eoi_token_index=eoi, image_token_index=image)
-    model = transformers.Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and "language_model" in name:  # (1 + w) norms start at w = 0
-                p.normal_(0, 0.3)
-            elif "norm" in name or name.endswith("bias") or "embedding" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith(("weight", "projection_weight")):
-                p.mul_(3.0)
-    model = model.float().eval()
+    model = _spread(transformers.Gemma3ForConditionalGeneration(config), zero_centred_norms="language_model")
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
