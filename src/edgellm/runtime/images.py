@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config.vision import ImageProcessing, VisionConfig
+from ..config.vision import RESAMPLE, ImageProcessing, VisionConfig
 from ..errors import EdgeLLMError
 
 # Above this many pixels an image is refused before it is decoded (Pillow's own guard against
 # decompression bombs warns at 89 M and fails at twice that; 64 M is an 8K x 8K photo).
 MAX_PIXELS = 64_000_000
 MAX_SIDE = 4096  # the Idefics3 processor's bound on a resized image's longer side
-_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_FILTERS = {name: number for number, name in RESAMPLE.items()}  # PIL's numbers, by the names configs keep
 
 
 def load_image(source, where: str | None = None):

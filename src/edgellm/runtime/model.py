@@ -122,13 +122,13 @@ class Model:
             raise EdgeLLMError(f"the prompt has {len(pieces) - 1} image markers ({marker}) for {len(images)} images")
         text = pieces[0] + "".join(image.text + rest for image, rest in zip(images, pieces[1:]))
         ids = self.codec.encode(text, special)
-        tiles = iter([tile for image in images for tile in image.tiles])
+        tiles = [tile for image in images for tile in image.tiles]
         token = self.config.vision.image_token_id
-        out = [row for t in ids for row in (next(tiles, [t]) if t == token else [t])]
-        if next(tiles, None) is not None or len(out) - len(ids) != sum(len(t) - 1 for i in images for t in i.tiles):
+        if ids.count(token) != len(tiles):  # each tile's image token must come out as that one token
             raise EdgeLLMError(f"{self.path}: the tokenizer does not read the image markers of {self.config.family} "
                                f"as its special tokens")
-        return out
+        rows = iter(tiles)
+        return [row for t in ids for row in (next(rows) if t == token else [t])]
 
     def session(self) -> Session:
         """A new conversation: its own KV cache; the weights are shared."""
