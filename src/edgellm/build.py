@@ -18,10 +18,14 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .config import ModelConfig, build_model_config
@@ -32,7 +36,7 @@ from .graph.units import VISION_PARTS, Unit, plan_units
 from .quant.adapters import LoraLayout, check_name, lora_layout, write_adapter
 from .quant.blocks import concat_rows
 from .quant.plan import PrecisionPlan, ResolvedPlan
-from .record import BuildRecord
+from .record import BuildRecord, file_sha256
 from .sources.lora import adapter_fingerprint
 
 STAGES = ("devkit", "onnx", "quantize", "compile")
@@ -121,7 +125,7 @@ class Manifest:
         entry = self.data.get("units", {}).get(key)
         if not entry or entry["hash"] != in_hash:
             return False
-        return all((out_dir / f).is_file() and _file_sha(out_dir / f) == sha for f, sha in entry["files"].items())
+        return all((out_dir / f).is_file() and file_sha256(out_dir / f) == sha for f, sha in entry["files"].items())
 
     def record(self, key: str, in_hash: str, result: dict) -> None:
         """result: {"files": {name: sha256}, and for the quantize stage "weights": {weight: how stored}}"""
@@ -147,6 +151,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     options.validate()
     out = Path(out)
     _check_writable(out)
+    _remove_stale_temporaries(out)
     source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
@@ -211,7 +216,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
         for name, adapter in adapters.items():
             write_adapter(adapter, out, name, options.lora_dtype, layout.key)
     if complete:  # the record first: a complete build always has one
-        BuildRecord.from_build(__version__, options, plan, layout).save(out)
+        BuildRecord.from_build(__version__, options, plan, layout, out).save(out)
     manifest.data["complete"] = complete
     manifest.save()
     return out
@@ -271,7 +276,11 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             names = cfg.vision if unit.part in VISION_PARTS else cfg  # whose role -> tensor name map
 
             def weights(role, layer):
-                w = _open_source_cached(ctx.model_path, ctx.options.mmproj).tensor(names.tensor_name(role, layer))
+                name = names.tensor_name(role, layer)
+                w = _open_source_cached(ctx.model_path, ctx.options.mmproj).tensor(name)
+                # (a float64 sum is NaN or infinite exactly when some weight is: float32 cannot overflow it)
+                if not np.isfinite(np.sum(w, dtype=np.float64)):
+                    raise EdgeLLMError(f"{ctx.model_path}: tensor {name} holds NaN or infinite values")
                 factors = adapter.factors.get((role, layer)) if adapter is not None else None
                 return w if factors is None else w + factors.delta()  # LORA_MERGED: before quantization
 
@@ -284,7 +293,7 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
             for weight, how in sorted(report.items()):
                 log.info("%s: %s", weight, how)
         save_segment(model, path)
-    files = {str(p.relative_to(stage_dir)): _file_sha(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
+    files = {str(p.relative_to(stage_dir)): file_sha256(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
     return {"files": files, "weights": report} if stage == "quantize" else {"files": files}
 
 
@@ -395,7 +404,11 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
 
 
 def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:
+    from .runtime.chat_template import ChatTemplate
+
     tok = source.tokenizer()
+    if tok.chat_template is not None:  # a template that does not parse would fail every chat of the build
+        ChatTemplate(tok.chat_template, str(source.path))
     runtime = out / "runtime"
     runtime.mkdir(parents=True, exist_ok=True)
     _atomic_write(runtime / "tokenizer.json", tok.tokenizer_json)
@@ -450,9 +463,40 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         "o_proj": ((h, q), qf), "gate_proj": ((f, h), ff), "up_proj": ((f, h), ff), "down_proj": ((h, f), ff),
         "q_bias": ((q,), qf), "k_bias": ((kv,), kvf), "v_bias": ((kv,), kvf),
         "q_norm": ((hd,), f"head_dim {hd}"), "k_norm": ((hd,), f"head_dim {hd}"),
+        **{norm: ((h,), f"hidden_size {h}") for norm in ("attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "final_norm")},
         "embed": ((cfg.vocab_size, h), f"vocab_size {cfg.vocab_size}, hidden_size {h}"),
         "lm_head": ((cfg.vocab_size, h), f"vocab_size {cfg.vocab_size}, hidden_size {h}"),
     }
+
+
+# the temporary names of the build's writers: ".<name>.tmp<pid>", ".<name>.spill<pid>", ".tmp<pid>-..."
+_TEMPORARY = re.compile(r"^\..*?(?:tmp|spill|old)(\d+)(?:-\w+)?$")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files and folders that a killed build left (kill -9 runs no cleanup): those of
+    processes no longer running, so a build running beside this one keeps its own."""
+    # only where a build writes: -o may name a folder that holds other things too
+    found = [*out.glob(".*"), *(p for d in ("onnx", "quant", "compiled", "runtime", "adapters") for p in (out / d).rglob(".*"))]
+    for path in sorted(found, reverse=True):  # (a folder's files before the folder)
+        match = _TEMPORARY.match(path.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        log.info("removing %s, left by an interrupted build", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # (someone else's process, or not a pid: leave it)
+    return True
 
 
 def _check_writable(out: Path) -> None:
@@ -469,11 +513,3 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -203,6 +203,23 @@ def _inspect_build(out: Path) -> None:
 
 
 @app.command()
+def verify(model_dir: Path = typer.Argument(..., help="output directory of `edgellm compile`")):
+    """Check every file of a build against the sizes and sha256 digests the build recorded."""
+    from .record import BuildRecord
+
+    if not (model_dir / "manifest.json").is_file():
+        raise EdgeLLMError(f"{model_dir}: not an edgellm output directory (no manifest.json)")
+    record = BuildRecord.load(model_dir)
+    if not record.files:
+        raise EdgeLLMError(f"{model_dir / 'build.json'}: lists no file digests (built by an older edgellm); "
+                           "compile it again to verify it")
+    start = time.perf_counter()
+    read = record.check_files(model_dir, full=True)
+    err.print(f"[green]verified[/green] {len(record.files)} files, {read / 2**20:.1f} MB in "
+              f"{time.perf_counter() - start:.2f} s: as the build wrote them", highlight=False)
+
+
+@app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help="compiled output directory"),
     prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),

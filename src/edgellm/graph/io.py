@@ -35,7 +35,7 @@ def save_models(models: dict[str, onnx.ModelProto], directory: Path, weights_nam
     external files (`load_lazy`) are copied from there without being loaded whole.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp{os.getpid()}-", dir=directory))
     try:
         placed: dict[str, tuple[int, int, str]] = {}  # name -> offset, length, sha256
         with open(tmp / weights_name, "wb") as f:

@@ -63,6 +63,7 @@ class Model:
         if not complete:
             raise EdgeLLMError(f"{path}: the build is incomplete; run `edgellm compile ... --resume`")
         built = BuildRecord.load(path)
+        built.check_files(path, full=False)  # (a truncated program or library would crash the process)
         try:
             cfg = ModelConfig.load(path / "model_config.json")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from ..errors import EdgeLLMError
+from .chat_template import ChatTemplate
 
 
 class TextCodec:
@@ -29,19 +28,13 @@ class TextCodec:
         self.eos_ids = set(self.settings.get("eos_token_ids") or [])
         self.image_marker: str | None = None  # a vision-language model's image token, as text
         template = self.settings.get("chat_template")
-        self._template = None
+        self._template: ChatTemplate | None = None
         self._template_error: str | None = None  # a template that does not parse: chat fails, generate works
         if template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             try:
-                if not isinstance(template, str):
-                    raise TypeError(f"a {type(template).__name__}, not text")
-                self._template = env.from_string(template)
-            except Exception as e:
-                self._template_error = (f"{runtime_dir / 'runtime_config.json'}: the chat template does not parse "
-                                        f"({type(e).__name__}: {e})")
+                self._template = ChatTemplate(template, str(runtime_dir / "runtime_config.json"))
+            except EdgeLLMError as e:
+                self._template_error = str(e)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         try:
@@ -60,17 +53,14 @@ class TextCodec:
         if self._template is None:
             # No template in the model: plain role-prefixed turns, so chat still works.
             return "".join(f"{m['role']}: {self._plain(m['content'])}\n" for m in messages) + "assistant:"
-        try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self.settings.get("bos_token") or "",
-                eos_token=self.settings.get("eos_token") or "",
-            )
-        except Exception as e:  # the model's own template: e.g. one that cannot take image content parts
-            images = any(not isinstance(m.get("content"), str) for m in messages)
-            raise EdgeLLMError(f"the model's chat template failed on these messages{' (with image parts)' if images else ''}: "
-                               f"{type(e).__name__}: {e}") from None
+        images = any(not isinstance(m.get("content"), str) for m in messages)
+        return self._template.render(
+            "these messages (with image parts)" if images else "these messages",
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=self.settings.get("bos_token") or "",
+            eos_token=self.settings.get("eos_token") or "",
+        )
 
     def _plain(self, content) -> str:
         """A message's content as text: content parts (a message with images) joined, each image
@@ -109,7 +99,3 @@ class StreamDecoder:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += piece
         return piece
-
-
-def _raise(message):
-    raise ValueError(message)

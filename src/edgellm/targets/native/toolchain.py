@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +71,18 @@ def build_programs(toolchain: Toolchain, directory: Path) -> None:
     }
     for name, command in outputs.items():
         tmp = directory / f".{name}.tmp{os.getpid()}"
-        result = subprocess.run([*command, str(tmp), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([*command, str(tmp), "-lm"], capture_output=True, text=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         if result.returncode != 0:
             tmp.unlink(missing_ok=True)
             raise EdgeLLMError(f"{toolchain.target}: compiling {name} failed: {_first_error(result.stderr)}")
         tmp.replace(directory / name)
+
+
+def _die_with_parent() -> None:
+    """In the compiler's process, before it starts: the kernel kills it when the build dies, even
+    by kill -9, instead of leaving it to run on (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def kernel_defines(program: dict) -> list[str]:
