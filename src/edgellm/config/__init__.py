@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import EdgeLLMError
 from . import gemma2, gemma3, idefics3, llama, llava, mistral, phi3, qwen
+from .fields import shown
 from .model_config import ModelConfig, RopeConfig
 
 # model_type in config.json -> build(raw, where) -> ModelConfig. Adding a family: see
@@ -32,13 +33,15 @@ def build_model_config(raw: dict, where: str, names: set[str] | None = None, pro
     model_type = raw.get("model_type")
     if model_type is None:
         raise EdgeLLMError(f"{where}: no 'model_type' field; cannot tell the architecture")
-    if model_type in VISION_ADAPTERS:
-        return VISION_ADAPTERS[model_type](raw, where, names or set(), processor)
-    build = ADAPTERS.get(model_type)
-    if build is None:
+    if not isinstance(model_type, str) or model_type not in {**ADAPTERS, **VISION_ADAPTERS}:
         supported = ", ".join(sorted([*ADAPTERS, *VISION_ADAPTERS]))
-        raise EdgeLLMError(f"{where}: unsupported architecture '{model_type}' (supported: {supported})")
-    return build(raw, where)
+        raise EdgeLLMError(f"{where}: unsupported architecture {shown(model_type)} (supported: {supported})")
+    if model_type in VISION_ADAPTERS:
+        cfg = VISION_ADAPTERS[model_type](raw, where, names or set(), processor)
+    else:
+        cfg = ADAPTERS[model_type](raw, where)
+    cfg.validate(where)
+    return cfg
 
 
 __all__ = ["ModelConfig", "RopeConfig", "build_model_config", "ADAPTERS"]

@@ -9,7 +9,7 @@ query_pre_attn_scalar, attention-logit and final-logit soft-capping (Gemma 2).
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from .fields import require, rope_parameters
+from .fields import COUNTS, flag, integer, layer_types, number, require, rope_parameters, section, text
 from .model_config import ModelConfig, RopeConfig
 
 LAYER = "model.layers.{i}."
@@ -38,31 +38,27 @@ def gemma(raw: dict, where: str, family: str, qk_norm: bool, sliding_every: int,
     """sliding_every: without layer_types, every sliding_every-th layer is global, the rest sliding.
     local_rope: sliding layers have their own rope base (Gemma 3)."""
     hidden = require(raw, "hidden_size", where)
-    heads = require(raw, "num_attention_heads", where)
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    head_dim = int(raw.get("head_dim") or 256)
-    layers = require(raw, "num_hidden_layers", where)
-    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    heads = require(raw, "num_attention_heads", where, high=COUNTS)
+    kv_heads = integer(raw, "num_key_value_heads", where, heads, high=COUNTS)
+    head_dim = integer(raw, "head_dim", where, 256)
+    layers = require(raw, "num_hidden_layers", where, high=COUNTS)
+    act = text(raw, "hidden_activation", where, None) or text(raw, "hidden_act", where, "gelu_pytorch_tanh")
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise EdgeLLMError(f"{where}: hidden_activation '{act}' is not supported for {family}")
-    layer_types = raw.get("layer_types")
-    if layer_types is None:
-        pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or sliding_every)
-        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
-    if len(layer_types) != layers:
-        raise EdgeLLMError(f"{where}: layer_types has {len(layer_types)} entries for {layers} layers")
-    unknown = sorted(set(layer_types) - set(LAYER_KINDS))
-    if unknown:
-        raise EdgeLLMError(f"{where}: unknown layer_types {unknown}")
+    kinds = layer_types(raw, where, layers, LAYER_KINDS)
+    if kinds is None:
+        pattern = (integer(raw, "sliding_window_pattern", where, None, high=COUNTS)
+                   or integer(raw, "_sliding_window_pattern", where, sliding_every, high=COUNTS))
+        kinds = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
     ropes = {}
     for hf_kind, kind in LAYER_KINDS.items():
-        rope = rope_parameters(raw, hf_kind)
-        if local_rope and hf_kind == "sliding_attention" and "rope_parameters" not in raw:
+        rope = rope_parameters(raw, where, hf_kind)
+        if local_rope and hf_kind == "sliding_attention" and raw.get("rope_parameters") is None:
             # Older Gemma 3 configs: the sliding layers' base is rope_local_base_freq, unscaled.
-            rope = {"rope_type": "default", "rope_theta": float(raw.get("rope_local_base_freq", 10000.0))}
-        ropes[kind] = RopeConfig(theta=float(rope.pop("rope_theta")), rotary_dim=head_dim, scaling=rope)
-    tied = bool(raw.get("tie_word_embeddings", True))
-    qpas = float(raw.get("query_pre_attn_scalar") or head_dim)
+            rope = {"rope_type": "default", "rope_theta": number(raw, "rope_local_base_freq", where, 10000.0)}
+        ropes[kind] = RopeConfig(theta=rope.pop("rope_theta"), rotary_dim=head_dim, scaling=rope)
+    tied = flag(raw, "tie_word_embeddings", where, True)
+    qpas = number(raw, "query_pre_attn_scalar", where, head_dim)
     return ModelConfig(
         family=family,
         vocab_size=require(raw, "vocab_size", where),
@@ -72,19 +68,19 @@ def gemma(raw: dict, where: str, family: str, qk_norm: bool, sliding_every: int,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=number(raw, "rms_norm_eps", where, 1e-6),
         activation="gelu_tanh",
         tie_word_embeddings=tied,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-        layer_types=[LAYER_KINDS[t] for t in layer_types],
+        max_position_embeddings=integer(raw, "max_position_embeddings", where, 32768),
+        layer_types=[LAYER_KINDS[t] for t in kinds],
         ropes=ropes,
         attention_scale=qpas ** -0.5,
-        sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
+        sliding_window=integer(raw, "sliding_window", where, None),
         norm_weight_offset=1.0,
         embedding_scale=hidden ** 0.5,
         qk_norm=qk_norm,
-        attn_logit_softcap=raw.get("attn_logit_softcapping"),
-        final_logit_softcap=raw.get("final_logit_softcapping"),
+        attn_logit_softcap=number(raw, "attn_logit_softcapping", where, None),
+        final_logit_softcap=number(raw, "final_logit_softcapping", where, None),
         layer_tensors={**TENSORS, **(QK_NORMS if qk_norm else {})},
         global_tensors={
             "embed": "model.embed_tokens.weight",
@@ -107,14 +103,14 @@ def build_vision(raw: dict, where: str, names: set[str], processor: dict | None)
     from .llava import build_text, find_prefix
     from .vision import VisionConfig, resized_processing, siglip_encoder
 
-    raw = {**raw, "text_config": {"model_type": "gemma3_text", **(raw.get("text_config") or {})}}
+    raw = {**raw, "text_config": {"model_type": "gemma3_text", **section(raw, "text_config", where)}}
     cfg, vision_raw = build_text(raw, where, names, TEXT_PREFIXES, HEAD_NAMES, default_text="gemma3_text")
     vision_type = vision_raw.get("model_type", "siglip_vision_model")
     if vision_type != "siglip_vision_model":
         raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for gemma3")
     fields = siglip_encoder(vision_raw, where, find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight", names,
                                                            where, "the vision tower"))
-    tokens = int(raw.get("mm_tokens_per_image", 256))
+    tokens = integer(raw, "mm_tokens_per_image", where, 256)
     side, per_side = fields["image_size"] // fields["patch_size"], int(round(tokens ** 0.5))
     if per_side * per_side != tokens or side % per_side:
         raise EdgeLLMError(f"{where}: mm_tokens_per_image {tokens} does not pool the encoder's {side} x {side} patches")
@@ -123,8 +119,8 @@ def build_vision(raw: dict, where: str, names: set[str], processor: dict | None)
                              soft_norm=projector + "mm_soft_emb_norm.weight")
     cfg.vision = VisionConfig(
         **fields, drop_class_token=False, projector="gemma3", projector_activation="none", shuffle=side // per_side,
-        image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where),
-        marker_token_id=require(raw, "boi_token_index" if "boi_token_index" in raw else "boi_token_id", where),
+        image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where, low=0),
+        marker_token_id=require(raw, "boi_token_index" if "boi_token_index" in raw else "boi_token_id", where, low=0),
         image_tokens=tokens, processing=resized_processing(processor, fields["image_size"], where), prompt="gemma3",
         bidirectional=True)
     cfg.family = "gemma3"

@@ -26,13 +26,13 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
     fields = siglip_encoder(vision_raw, where, find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight", names,
                                                            where, "the vision tower"))
     side = fields["image_size"] // fields["patch_size"]
-    if scale < 1 or side % scale:
+    if side % scale:
         raise EdgeLLMError(f"{where}: scale_factor {scale} does not divide the {side} patches per side")
     connector = find_prefix(CONNECTOR_PREFIXES, "modality_projection.proj.weight", names, where, "the connector")
     fields["tensors"].update(proj1=connector + "modality_projection.proj.weight")
     cfg.vision = VisionConfig(
         **fields, drop_class_token=False, projector="shuffle", projector_activation="none", shuffle=scale,
-        image_token_id=require(raw, "image_token_id", where), image_tokens=side * side // (scale * scale),
+        image_token_id=require(raw, "image_token_id", where, low=0), image_tokens=side * side // (scale * scale),
         processing=tiled_processing(processor, fields["image_size"], where), prompt="tiles")
     cfg.family = raw["model_type"]
     return cfg

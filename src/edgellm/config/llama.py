@@ -7,7 +7,7 @@ mistral): q/k/v biases, q/k RMSNorm per head, sliding-window layers.
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from .fields import require, rope_parameters
+from .fields import COUNTS, flag, integer, number, require, rope_parameters, text
 from .model_config import ModelConfig, RopeConfig
 
 LAYER = "model.layers.{i}."
@@ -33,37 +33,42 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu"}
 
 
 def build(raw: dict, where: str) -> ModelConfig:
-    return llama_like(raw, where, "llama", bias=bool(raw.get("attention_bias", False)))
+    return llama_like(raw, where, "llama", bias=flag(raw, "attention_bias", where, False))
 
 
 def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: bool = False,
-               layer_types: list[str] | None = None, tensors: dict[str, str] | None = None) -> ModelConfig:
+               layer_types: list[str] | None = None, window_everywhere: bool = False,
+               tensors: dict[str, str] | None = None) -> ModelConfig:
     """layer_types: HF names ("full_attention" / "sliding_attention") per layer; default all full.
+    window_everywhere: every layer slides when the config sets a sliding_window (Mistral, Phi-3).
     tensors: the per-layer tensor names when they are not llama's (e.g. Phi-3's fused ones)."""
     hidden = require(raw, "hidden_size", where)
-    heads = require(raw, "num_attention_heads", where)
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    head_dim = int(raw.get("head_dim") or hidden // heads)
-    layers = require(raw, "num_hidden_layers", where)
-    act = raw.get("hidden_act", "silu")
+    heads = require(raw, "num_attention_heads", where, high=COUNTS)
+    kv_heads = integer(raw, "num_key_value_heads", where, heads, high=COUNTS)
+    if raw.get("head_dim") is None and hidden % heads:
+        raise EdgeLLMError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                           "(and no head_dim is given)")
+    head_dim = integer(raw, "head_dim", where, hidden // heads)
+    layers = require(raw, "num_hidden_layers", where, high=COUNTS)
+    act = text(raw, "hidden_act", where, "silu")
     if act not in ACTIVATIONS:
         raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported for {family} (supported: silu)")
-    if heads % kv_heads:
-        raise EdgeLLMError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    tied = bool(raw.get("tie_word_embeddings", False))
-    rope = rope_parameters(raw)
-    theta = float(rope.pop("rope_theta"))
-    partial = float(rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    tied = flag(raw, "tie_word_embeddings", where, False)
+    max_positions = integer(raw, "max_position_embeddings", where, 2048)
+    rope = rope_parameters(raw, where)
+    theta = rope.pop("rope_theta")
+    # in rope_parameters (transformers 5) or at the top level (older files)
+    partial = (number(rope, "partial_rotary_factor", where, None, high=1.0)
+               or number(raw, "partial_rotary_factor", where, 1.0, high=1.0))
+    rope.pop("partial_rotary_factor", None)
     if rope.get("rope_type") in ("longrope", "su"):
         rope["rope_type"] = "longrope"
         rope.setdefault("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
-        rope.setdefault("max_position_embeddings", raw.get("max_position_embeddings"))
-    kinds = [LAYER_KINDS.get(t) for t in (layer_types or ["full_attention"] * layers)]
-    if len(kinds) != layers or None in kinds:
-        raise EdgeLLMError(f"{where}: layer_types must list {layers} of {sorted(LAYER_KINDS)}, got {layer_types}")
-    window = raw.get("sliding_window")
-    if "sliding" in kinds and not window:
-        raise EdgeLLMError(f"{where}: sliding-window layers need a 'sliding_window' size")
+        rope.setdefault("max_position_embeddings", max_positions)
+    window = integer(raw, "sliding_window", where, None)
+    if window_everywhere:
+        layer_types = ["sliding_attention" if window else "full_attention"] * layers
+    kinds = [LAYER_KINDS[t] for t in layer_types] if layer_types else ["full"] * layers
     tensors = {**(tensors or TENSORS), **(BIASES if bias else {}), **(QK_NORMS if qk_norm else {})}
     return ModelConfig(
         family=family,
@@ -74,15 +79,15 @@ def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: 
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=number(raw, "rms_norm_eps", where, 1e-6),
         activation=ACTIVATIONS[act],
         tie_word_embeddings=tied,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        max_position_embeddings=max_positions,
         layer_types=kinds,
         # one rope for every layer, named per kind because the emitter looks it up by kind
         ropes={kind: RopeConfig(theta=theta, rotary_dim=int(head_dim * partial), scaling=dict(rope)) for kind in set(kinds)},
         attention_scale=head_dim ** -0.5,
-        sliding_window=int(window) if "sliding" in kinds else None,
+        sliding_window=window if "sliding" in kinds else None,
         qk_norm=qk_norm,
         attention_bias=bias,
         layer_tensors=tensors,

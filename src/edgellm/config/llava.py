@@ -5,7 +5,7 @@ tokens (576 at 336 px); their embedding rows become the projected patch features
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from .fields import require
+from .fields import integer, require, text
 from .model_config import ModelConfig
 from .vision import ACTIVATIONS, VisionConfig, clip_encoder, image_processing
 
@@ -23,12 +23,12 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
     if vision_type != "clip_vision_model":
         raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for llava (supported: clip_vision_model)")
     feature_layer = raw.get("vision_feature_layer", -2)
-    if not isinstance(feature_layer, int):
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
         raise EdgeLLMError(f"{where}: vision_feature_layer {feature_layer!r}: only one layer's features are supported")
-    strategy = raw.get("vision_feature_select_strategy", "default")
+    strategy = text(raw, "vision_feature_select_strategy", where, "default")
     if strategy not in ("default", "full"):
         raise EdgeLLMError(f"{where}: vision_feature_select_strategy '{strategy}' is not supported (default, full)")
-    act = raw.get("projector_hidden_act", "gelu")
+    act = text(raw, "projector_hidden_act", where, "gelu")
     if act not in ACTIVATIONS:
         raise EdgeLLMError(f"{where}: projector_hidden_act '{act}' is not supported")
     cfg.family = "llava"
@@ -40,12 +40,12 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
                              proj2=projector + "linear_2.weight", proj2_bias=projector + "linear_2.bias")
     tokens = fields["image_size"] // fields["patch_size"]
     tokens = tokens * tokens + (strategy == "full")
-    seq_length = raw.get("image_seq_length", tokens)
+    seq_length = integer(raw, "image_seq_length", where, tokens)
     if seq_length != tokens:
         raise EdgeLLMError(f"{where}: image_seq_length {seq_length} contradicts the encoder's {tokens} patches")
     cfg.vision = VisionConfig(
         **fields, drop_class_token=strategy == "default", projector="mlp", projector_activation=ACTIVATIONS[act],
-        image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where),
+        image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where, low=0),
         image_tokens=tokens, processing=image_processing(processor, fields["image_size"], where))
     return cfg
 
@@ -58,10 +58,10 @@ def build_text(raw: dict, where: str, names: set[str], text_prefixes, head_names
     text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
     if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
         raise EdgeLLMError(f"{where}: a {raw.get('model_type')} config needs text_config and vision_config objects")
-    text_raw = {"model_type": default_text, **text_raw}
-    if text_raw["model_type"] not in ADAPTERS or text_raw["model_type"] == "gemma3":
-        raise EdgeLLMError(f"{where}: text_config model_type '{text_raw['model_type']}' is not supported")
-    cfg = ADAPTERS[text_raw["model_type"]](text_raw, f"{where} (text_config)")
+    model_type = text(text_raw, "model_type", f"{where} (text_config)", default_text)
+    if model_type not in ADAPTERS:
+        raise EdgeLLMError(f"{where}: text_config model_type '{model_type}' is not supported")
+    cfg = ADAPTERS[model_type](text_raw, f"{where} (text_config)")
     text_prefix = find_prefix(text_prefixes, "embed_tokens.weight", names, where, "the language model's embedding table")
     rename = {name: text_prefix + name.removeprefix("model.") for name in cfg.layer_tensors.values()}
     cfg.layer_tensors = {role: rename[name] for role, name in cfg.layer_tensors.items()}

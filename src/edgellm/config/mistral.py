@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from .fields import flag
 from .llama import llama_like
 from .model_config import ModelConfig
 
 
 def build(raw: dict, where: str) -> ModelConfig:
-    layers = int(raw.get("num_hidden_layers") or 0)
-    kind = "sliding_attention" if raw.get("sliding_window") else "full_attention"
-    return llama_like(raw, where, "mistral", bias=bool(raw.get("attention_bias", False)), layer_types=[kind] * layers)
+    return llama_like(raw, where, "mistral", bias=flag(raw, "attention_bias", where, False), window_everywhere=True)

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import EdgeLLMError
+from .fields import COUNTS, REQUIRED, SIZES, number, numbers, require, shown
 from .vision import VisionConfig
 
 # Roles of per-layer tensors. Adapters map each role to the source's tensor name.
@@ -18,6 +20,8 @@ LAYER_ROLES = (
     "o_proj", "attn_out_norm", "mlp_norm", "gate_proj", "up_proj", "down_proj", "mlp_out_norm",
 )
 GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
+# the rope scalings graph/rope.py computes
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "freq_factors")
 
 
 @dataclass
@@ -26,6 +30,36 @@ class RopeConfig:
     rotary_dim: int
     # "default", "linear", "llama3", ... with the scaling parameters as in HF rope_parameters.
     scaling: dict = field(default_factory=lambda: {"rope_type": "default"})
+
+    def validate(self, where: str, head_dim: int) -> None:
+        """The base, the rotary width and the scaling's parameters, so that the tables graph/rope.py
+        computes are finite and as wide as the heads allow."""
+        number(vars(self), "theta", where, REQUIRED)
+        if self.rotary_dim % 2 or not 2 <= self.rotary_dim <= head_dim:
+            raise EdgeLLMError(f"{where}: the rotary dimension {self.rotary_dim} (head_dim x partial_rotary_factor) must "
+                               f"be even and from 2 to head_dim {head_dim}")
+        s = self.scaling
+        kind = s.get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise EdgeLLMError(f"{where}: rope scaling type {shown(kind)} is not supported (supported: default, linear, "
+                               "llama3, longrope, and GGUF rope_freqs)")
+        if kind == "linear":
+            number(s, "factor", where, REQUIRED)
+        elif kind == "llama3":
+            low, high = (number(s, key, where, REQUIRED) for key in ("low_freq_factor", "high_freq_factor"))
+            number(s, "factor", where, REQUIRED)
+            require(s, "original_max_position_embeddings", where)
+            if high <= low:  # the smoothing divides by their difference
+                raise EdgeLLMError(f"{where}: llama3 scaling's high_freq_factor {high} must exceed low_freq_factor {low}")
+        elif kind == "longrope":
+            numbers(s, "short_factor", where, self.rotary_dim // 2)
+            numbers(s, "long_factor", where, self.rotary_dim // 2)
+            require(s, "original_max_position_embeddings", where)
+            if number(s, "factor", where, None) is None:  # then it is max / original
+                require(s, "max_position_embeddings", where)
+            number(s, "attention_factor", where, None)
+        elif kind == "freq_factors":
+            numbers(s, "factors", where, self.rotary_dim // 2)
 
 
 @dataclass
@@ -58,6 +92,27 @@ class ModelConfig:
     layer_tensors: dict[str, str] = field(default_factory=dict)
     global_tensors: dict[str, str] = field(default_factory=dict)
     vision: VisionConfig | None = None  # a vision-language model's encoder and projector (config/vision.py)
+
+    def validate(self, where: str) -> None:
+        """Checks across fields, and of the values an adapter derived, for every source (a GGUF's
+        metadata becomes a config too): a config failing one is refused here, naming where,
+        rather than emitted as a graph that computes garbage."""
+        fields = vars(self)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim", "max_position_embeddings"):
+            require(fields, name, where, high=SIZES)
+        for name in ("num_layers", "num_heads", "num_kv_heads"):
+            require(fields, name, where, high=COUNTS)
+        if self.num_heads % self.num_kv_heads:
+            raise EdgeLLMError(f"{where}: num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
+                               f"{self.num_kv_heads}")
+        number(fields, "rms_norm_eps", where, REQUIRED)
+        number(fields, "attention_scale", where, REQUIRED)
+        for name in ("embedding_scale", "attn_logit_softcap", "final_logit_softcap"):
+            number(fields, name, where, None)
+        if "sliding" in self.layer_types and self.sliding_window is None:
+            raise EdgeLLMError(f"{where}: sliding-window layers need a 'sliding_window' size")
+        for kind, rope in self.ropes.items():
+            rope.validate(f"{where} (rope of the {kind} layers)", self.head_dim)
 
     def tensor_name(self, role: str, layer: int | None = None) -> str | None:
         if layer is None:

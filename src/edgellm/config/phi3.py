@@ -15,6 +15,4 @@ FUSED_TENSORS = {
 
 
 def build(raw: dict, where: str) -> ModelConfig:
-    layers = int(raw.get("num_hidden_layers") or 0)
-    kind = "sliding_attention" if raw.get("sliding_window") else "full_attention"
-    return llama_like(raw, where, "phi3", layer_types=[kind] * layers, tensors=FUSED_TENSORS)
+    return llama_like(raw, where, "phi3", window_everywhere=True, tensors=FUSED_TENSORS)

@@ -11,10 +11,11 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
-from .fields import require
+from .fields import COUNTS, integer, number, require, text
 
 # vision encoder hidden_act -> the name the emitter knows (graph/vision.py)
 ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+PIXELS = 16384  # the longest image edge, in pixels, a config may give
 # PIL resampling filter numbers as Hugging Face image processors store them
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -111,22 +112,23 @@ class VisionConfig:
         return cls(**{**data, "processing": ImageProcessing(**data["processing"])})
 
 
-def clip_encoder(raw: dict, where: str, prefix: str, feature_layer: int) -> dict:
+def clip_encoder(raw: dict, where: str, prefix: str, feature_layer: int, activation: str = "quick_gelu") -> dict:
     """The VisionConfig fields of a CLIP vision tower (config.json's vision_config), tensors under prefix.
-    feature_layer: which hidden state the projector reads (LLaVA: -2, the second to last layer's output)."""
+    feature_layer: which hidden state the projector reads (LLaVA: -2, the second to last layer's output).
+    activation: hidden_act where the config gives none."""
     where = f"{where} (vision_config)"
-    layers = require(raw, "num_hidden_layers", where)
+    layers = require(raw, "num_hidden_layers", where, high=COUNTS)
     used = feature_layer + 1 if feature_layer >= 0 else layers + 1 + feature_layer  # hidden_states[0] is the embeddings
     if not 0 <= used <= layers:
         raise EdgeLLMError(f"{where}: vision_feature_layer {feature_layer} is not one of the encoder's {layers} layers")
-    act = raw.get("hidden_act", "quick_gelu")
+    act = text(raw, "hidden_act", where, activation)
     if act not in ACTIVATIONS:
         raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
-    hidden, heads = require(raw, "hidden_size", where), require(raw, "num_attention_heads", where)
-    if heads < 1 or hidden % heads:
+    hidden, heads = require(raw, "hidden_size", where), require(raw, "num_attention_heads", where, high=COUNTS)
+    if hidden % heads:
         raise EdgeLLMError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    image, patch = require(raw, "image_size", where), require(raw, "patch_size", where)
-    if patch < 1 or image % patch:
+    image, patch = require(raw, "image_size", where, high=PIXELS), require(raw, "patch_size", where, high=PIXELS)
+    if image % patch:
         raise EdgeLLMError(f"{where}: image_size {image} is not a multiple of patch_size {patch}")
     tensors = {role: prefix + name for role, name in ENCODER_TENSORS.items()}
     tensors.update(patch_embed=prefix + "embeddings.patch_embedding.weight",
@@ -134,21 +136,21 @@ def clip_encoder(raw: dict, where: str, prefix: str, feature_layer: int) -> dict
                    position_embed=prefix + "embeddings.position_embedding.weight",
                    pre_norm_w=prefix + "pre_layrnorm.weight", pre_norm_b=prefix + "pre_layrnorm.bias",
                    post_norm_w=prefix + "post_layernorm.weight", post_norm_b=prefix + "post_layernorm.bias")
-    return dict(encoder="clip", image_size=image, patch_size=patch, num_channels=int(raw.get("num_channels", 3)),
+    return dict(encoder="clip", image_size=image, patch_size=patch, num_channels=integer(raw, "num_channels", where, 3),
                 hidden_size=hidden, intermediate_size=require(raw, "intermediate_size", where), num_layers=used,
-                num_heads=heads, layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)), activation=ACTIVATIONS[act],
+                num_heads=heads, layer_norm_eps=number(raw, "layer_norm_eps", where, 1e-5), activation=ACTIVATIONS[act],
                 class_token=True, pre_norm=True, post_norm=False, tensors=tensors)
 
 
 def siglip_encoder(raw: dict, where: str, prefix: str) -> dict:
     """The VisionConfig fields of a SigLIP-style vision tower (Idefics3 / SmolVLM, PaliGemma): no
     class token, a bias on the patch embedding, the final LayerNorm applied, every layer used."""
-    fields = clip_encoder({"hidden_act": "gelu_pytorch_tanh", **raw}, where, prefix, -1)
+    fields = clip_encoder(raw, where, prefix, -1, activation="gelu_pytorch_tanh")
     fields["tensors"].update(patch_bias=prefix + "embeddings.patch_embedding.bias")
     for role in ("class_embed", "pre_norm_w", "pre_norm_b"):
         fields["tensors"].pop(role)
     fields.update(encoder="siglip", class_token=False, pre_norm=False, post_norm=True,
-                  layer_norm_eps=float(raw.get("layer_norm_eps", 1e-6)))
+                  layer_norm_eps=number(raw, "layer_norm_eps", f"{where} (vision_config)", 1e-6))
     return fields
 
 
@@ -206,8 +208,8 @@ def _edge(p: dict, where: str, field_: str, key: str, default: int) -> int:
     value = p.get(field_, default)
     if isinstance(value, dict):
         value = value.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
-        raise EdgeLLMError(f"{where}: {field_}.{key} must be a whole number of pixels (1 to 16384), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PIXELS:
+        raise EdgeLLMError(f"{where}: {field_}.{key} must be a whole number of pixels (1 to {PIXELS}), got {value!r}")
     return value
 
 
