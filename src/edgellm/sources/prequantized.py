@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config.fields import REQUIRED, integer, section, shown
 from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
 
@@ -39,33 +40,45 @@ class PrequantizedReader:
     """Integer blocks of the linear weights a pre-quantized checkpoint stores."""
 
     def __init__(self, config: dict, arrays, names: set[str], where: str):
+        if not isinstance(config, dict):
+            raise EdgeLLMError(f"{where}: field 'quantization_config' must be a JSON object, got {shown(config)}")
         self.cfg = config
         self.method = config.get("quant_method")
         self.arrays = arrays  # name -> numpy array as stored
         self.where = where
+        fields = f"{where} (quantization_config)"
+        # self.group: the config's group size; None for one group of all K (a channel strategy, GPTQ's -1)
         if self.method == "compressed-tensors":
             fmt = config.get("format")
-            groups = list(config.get("config_groups", {}).values())
+            groups = list(section(config, "config_groups", fields).values())
+            if not all(isinstance(g, dict) for g in groups):
+                raise EdgeLLMError(f"{fields}: each of config_groups must be a JSON object")
             if fmt != "pack-quantized" and not all(g.get("format") == "pack-quantized" for g in groups):
                 raise EdgeLLMError(f"{where}: compressed-tensors format {fmt!r} is not supported (supported: pack-quantized)")
             if len(groups) != 1:
                 raise EdgeLLMError(f"{where}: compressed-tensors with {len(groups)} config groups is not supported (one)")
-            self.weights = groups[0]["weights"]
-            if self.weights.get("type", "int") != "int" or self.weights.get("num_bits") not in (4, 8):
+            self.weights = section(groups[0], "weights", fields)
+            if self.weights.get("type", "int") != "int" or integer(self.weights, "num_bits", fields, None) not in (4, 8):
                 raise EdgeLLMError(f"{where}: compressed-tensors weights {self.weights} are not int4/int8")
             suffix = ".weight_packed"
             strategy = self.weights.get("strategy", "group")
             if strategy not in ("group", "channel"):
                 raise EdgeLLMError(f"{where}: compressed-tensors strategy {strategy!r} is not supported (group, channel)")
+            self.group = integer(self.weights, "group_size", fields, REQUIRED) if strategy == "group" else None
         elif self.method in ("gptq", "awq"):
             if self.method == "gptq" and config.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
                 raise EdgeLLMError(f"{where}: GPTQ checkpoint_format {config.get('checkpoint_format')!r} is not supported "
                                    "(gptq, gptq_v2)")
-            if config.get("bits") not in (4, 8) or (self.method == "awq" and config.get("bits") != 4):
-                raise EdgeLLMError(f"{where}: {self.method} with {config.get('bits')} bits is not supported (gptq: 4, 8; awq: 4)")
+            bits = integer(config, "bits", fields, None)
+            if bits not in (4, 8) or (self.method == "awq" and bits != 4):
+                raise EdgeLLMError(f"{where}: {self.method} with {bits} bits is not supported (gptq: 4, 8; awq: 4)")
             if self.method == "awq" and str(config.get("version", "gemm")).lower() != "gemm":
                 raise EdgeLLMError(f"{where}: AWQ version {config.get('version')!r} is not supported (gemm)")
             suffix = ".qweight"
+            if self.method == "awq":
+                self.group = integer(config, "group_size", fields, None) or integer(config, "q_group_size", fields, 128)
+            else:
+                self.group = None if config.get("group_size") == -1 else integer(config, "group_size", fields, None)
         else:
             raise EdgeLLMError(f"{where}: quantization method {self.method!r} is not supported "
                                "(supported: compressed-tensors pack-quantized, gptq, awq)")
@@ -117,7 +130,7 @@ class PrequantizedReader:
             zero = unpack_int32(self.arrays[f"{prefix}.weight_zero_point"], bits, n, axis=0)[:, :groups]
         g_idx = self.arrays.get(f"{prefix}.weight_g_idx")
         # the group size is the config's: the last group of a K that it does not divide is short
-        group = int(self.weights["group_size"]) if self.weights.get("strategy", "group") == "group" else k
+        group = self.group or k
         if groups != -(-k // group):
             raise EdgeLLMError(f"{self.where}: {prefix}.weight_scale has {groups} groups; K {k} in groups of {group} needs "
                                f"{-(-k // group)}")
@@ -132,8 +145,7 @@ class PrequantizedReader:
         zeros = unpack_int32(self.arrays[f"{prefix}.qzeros"], bits, n, axis=1).astype(np.int16)  # [G, N]
         if self.cfg.get("checkpoint_format", "gptq") == "gptq":
             zeros = (zeros + 1) & ((1 << bits) - 1)  # AutoGPTQ v1 stores zero - 1
-        group = self.cfg.get("group_size", -1)
-        group = k if group in (-1, None) else group
+        group = self.group or k
         g_idx = self.arrays.get(f"{prefix}.g_idx")
         return _grouped(q.T, scales.T, zeros.T.astype(np.uint8), bits, group, g_idx, "GPTQ", self.where, prefix)
 
@@ -151,8 +163,7 @@ class PrequantizedReader:
 
         q = unshuffle(self.arrays[f"{prefix}.qweight"])  # [K, N]
         zeros = unshuffle(self.arrays[f"{prefix}.qzeros"])  # [G, N]
-        group = self.cfg.get("group_size", self.cfg.get("q_group_size", 128))
-        return _grouped(q.T, scales.T, zeros.T, bits, group, None, "AWQ", self.where, prefix)
+        return _grouped(q.T, scales.T, zeros.T, bits, self.group, None, "AWQ", self.where, prefix)
 
 
 def _grouped(q, scale, zero, bits, group, g_idx, origin, where, prefix) -> BlockQuantized:

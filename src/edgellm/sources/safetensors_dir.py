@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ..config.fields import shown
 from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
@@ -26,6 +28,10 @@ _DTYPES = {
 }
 # integer tensors of pre-quantized checkpoints (packed weights, zero points, group indices)
 _INTEGER_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+# bytes per value of the format's whole-byte dtypes, to check each entry's length; a file may hold
+# types edgellm does not read, as long as no tensor the model needs is one
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "U16": 2, "I16": 2, "F16": 2,
+                "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 
 class SafetensorsFile:
@@ -37,22 +43,52 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        if not path.is_file():  # opening a FIFO waits for a writer; a device never ends
+            raise EdgeLLMError(f"{path}: {'not a regular file' if path.exists() else 'missing'}")
         size = path.stat().st_size
         try:
             with open(path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > size - 8:
+                if header_len > size - 8:  # (so a huge length is never allocated)
                     raise ValueError("header length beyond end of file")
                 header = json.loads(f.read(header_len))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+        except (struct.error, ValueError, RecursionError) as e:  # (JSON and UTF-8 errors are ValueErrors)
             raise EdgeLLMError(f"{path}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise EdgeLLMError(f"{path}: the safetensors header must be a JSON object, got {shown(header)}")
         self.data_start = 8 + header_len
         header.pop("__metadata__", None)
+        for name, entry in header.items():
+            self._check(name, entry)
+        # tensors may not share bytes: one tensor's offsets pointing into another's (or, negative,
+        # into the header) would be read as weights
+        spans = sorted((*e["data_offsets"], name) for name, e in header.items() if e["data_offsets"][0] < e["data_offsets"][1])
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise EdgeLLMError(f"{path}: tensors {shown(first)} and {shown(second)} overlap in the file")
         self.entries = header
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > size:
             raise EdgeLLMError(f"{path}: truncated safetensors file ({size} bytes, header needs {self.data_start + end})")
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def _check(self, name: str, entry) -> None:
+        """One header entry: a known dtype, a shape, and offsets whose span holds exactly that tensor."""
+        where = f"{self.path}: tensor {shown(name)}"
+        if not isinstance(entry, dict):
+            raise EdgeLLMError(f"{where}: the header entry must be a JSON object, got {shown(entry)}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise EdgeLLMError(f"{where}: unknown dtype {shown(dtype)}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise EdgeLLMError(f"{where}: shape must be a list of whole numbers, got {shown(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise EdgeLLMError(f"{where}: data_offsets must be two whole numbers 0 <= begin <= end, got {shown(offsets)}")
+        needed = math.prod(shape) * _DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != needed:
+            raise EdgeLLMError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes; shape {shown(shape)} "
+                               f"of {dtype} takes {needed}")
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor as stored: integers as they are, floats as float32."""
@@ -80,19 +116,12 @@ class SafetensorsDirSource:
         config_path = path / "config.json"
         if not config_path.is_file():
             raise EdgeLLMError(f"{config_path}: missing (a Hugging Face model directory needs config.json)")
-        try:
-            self.raw_config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgeLLMError(f"{config_path}: malformed JSON ({e})") from None
-        if not isinstance(self.raw_config, dict):
-            raise EdgeLLMError(f"{config_path}: expected a JSON object")
+        self.raw_config = _read_json(config_path)
         self.config_path = config_path
         self._where: dict[str, SafetensorsFile] = {}
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
-            self._where = {name: files[f] for name, f in weight_map.items()}
+            self._where = _indexed(path, index)
         else:
             shards = sorted(path.glob("*.safetensors"))
             if not shards:
@@ -107,7 +136,7 @@ class SafetensorsDirSource:
         if self.image_processor is not None:
             self.files.append(processor)
         self.prequantized = None
-        if "quantization_config" in self.raw_config:
+        if self.raw_config.get("quantization_config") is not None:  # (null: not quantized, as transformers reads it)
             from .prequantized import PrequantizedReader
 
             self.prequantized = PrequantizedReader(
@@ -200,12 +229,31 @@ class _LazyArrays:
         return self[name] if name in self._where else default
 
 
+def _indexed(model: Path, index: Path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> its shard, from model.safetensors.index.json. The index is input like the
+    weights: it may name only files in the model directory (not /dev/zero, not ../../elsewhere).
+    A shard that is a link is followed (the Hugging Face cache links each file to a blob)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise EdgeLLMError(f"{index}: 'weight_map' must map each tensor name to a shard file name, got {shown(weight_map)}")
+    shards = {}
+    for name in sorted(set(weight_map.values())):
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise EdgeLLMError(f"{index}: shard {name!r} is not a file in the model directory")
+        shards[name] = SafetensorsFile(model / relative)
+    for tensor, name in weight_map.items():
+        if tensor not in shards[name].entries:
+            raise EdgeLLMError(f"{index}: tensor {shown(tensor)} is in {name} by the index, but that file does not hold it")
+    return {tensor: shards[name] for tensor, name in weight_map.items()}
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (JSON and UTF-8 errors are ValueErrors)
         raise EdgeLLMError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(data, dict):
         raise EdgeLLMError(f"{path}: expected a JSON object")
