@@ -14,6 +14,7 @@ from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
 from .gguf_blocks import LAYOUTS, read_blocks
+from .gguf_check import check_gguf
 from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
 
@@ -60,6 +61,7 @@ def open_gguf(path: Path):
     """The gguf package's reader of the file, and its metadata as plain values."""
     import gguf
 
+    check_gguf(path)  # GGUFReader trusts the file's counts: bound them by its size first
     try:
         reader = gguf.GGUFReader(path)
         fields = gguf_fields(reader)
