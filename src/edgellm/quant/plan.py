@@ -182,7 +182,7 @@ def _read_rules(path: Path) -> dict:
 
 # A .py plan is the user's code: it runs in a child process, once per build, with a time and a
 # memory limit, and answers for every layer at once (the answers must be plain data).
-PLAN_SECONDS = 60
+PLAN_SECONDS = 20  # (a plan answers a few hundred questions: seconds would be generous)
 PLAN_MEMORY = 2 << 30
 _PLAN_RUNNER = """
 import json, runpy, sys

@@ -177,6 +177,7 @@ class ImageEncoder:
         import onnxruntime as ort
 
         from .engine import physical_cores
+        from .ort import open_program
 
         self.vision = vision
         opts = ort.SessionOptions()
@@ -185,7 +186,7 @@ class ImageEncoder:
         path = Path(program_dir) / "encoder.onnx"
         if not path.is_file():
             raise EdgeLLMError(f"{path}: missing; the build has no image encoder (compile it again)")
-        self.program = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.program = open_program(path, opts)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         v = self.vision

@@ -28,6 +28,16 @@ from ..errors import EdgeLLMError
 from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores
 
 
+def open_program(path: Path, opts) -> ort.InferenceSession:
+    """ONNX Runtime's session of a build's program; a program it cannot load is one line."""
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own classes, one per status code)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EdgeLLMError(f"{path}: ONNX Runtime cannot load it ({first}); `edgellm verify` checks a build's "
+                           "files") from None
+
+
 class OrtEngine(Engine):
     def __init__(self, program_dir: Path, spec: EngineSpec, threads: int | None = None):
         self.spec = spec
@@ -40,12 +50,11 @@ class OrtEngine(Engine):
         # activations quantized to int8 per block inside the kernel (4, ONNX Runtime's default).
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4" if spec.int8_activations else "1")
         if (self.program_dir / "shared.onnx").is_file():  # filter sharing: one program serves both
-            shared = ort.InferenceSession(str(self.program_dir / "shared.onnx"), opts, providers=["CPUExecutionProvider"])
+            shared = open_program(self.program_dir / "shared.onnx", opts)
             self.programs = {"group": shared, "single": shared}
             self.rows = {"group": None, "single": 1}  # None: generic in the rows per call
         else:
-            self.programs = {v: ort.InferenceSession(str(self.program_dir / f"{v}.onnx"), opts,
-                                                     providers=["CPUExecutionProvider"]) for v in ("group", "single")}
+            self.programs = {v: open_program(self.program_dir / f"{v}.onnx", opts) for v in ("group", "single")}
             self.rows = {"group": spec.group_size, "single": 1}
         self.sessions: weakref.WeakSet[OrtSession] = weakref.WeakSet()
         self._closed = False

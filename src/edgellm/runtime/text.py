@@ -40,8 +40,10 @@ class TextCodec:
         try:
             text.encode("utf-8")  # a command line's invalid bytes arrive as lone surrogates
         except UnicodeEncodeError as e:
-            raw = text[e.start : e.end].encode("utf-8", "surrogateescape")
-            raise EdgeLLMError(f"the text is not valid UTF-8 (byte {raw[:1].hex()} at character {e.start})") from None
+            bad = ord(text[e.start])
+            # a command line's invalid bytes are U+DC80..U+DCFF; other lone surrogates come from elsewhere (a template)
+            what = f"byte {bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"a lone surrogate U+{bad:04X}"
+            raise EdgeLLMError(f"the text is not valid UTF-8 ({what} at character {e.start})") from None
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
