@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..config.fields import shown
+from ..config.fields import flag, shown
 from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
@@ -187,28 +187,41 @@ class SafetensorsDirSource:
 
         tok = Tokenizer.from_file(str(tok_path))
 
-        def token_id(token):
+        def token_id(key):
+            token = cfg.get(key)
             if isinstance(token, dict):
                 token = token.get("content")
+            if token is not None and not isinstance(token, str):
+                raise EdgeLLMError(f"{self.path / 'tokenizer_config.json'}: {key} must be a string or "
+                                   f"{{\"content\": string}}, got {shown(token)}")
             return (tok.token_to_id(token) if token else None), token
 
-        bos_id, bos = token_id(cfg.get("bos_token"))
-        eos_id, eos = token_id(cfg.get("eos_token"))
-        eos_ids = gen.get("eos_token_id", self.raw_config.get("eos_token_id"))
-        eos_ids = list(eos_ids) if isinstance(eos_ids, list) else ([eos_ids] if eos_ids is not None else [])
+        bos_id, bos = token_id("bos_token")
+        eos_id, eos = token_id("eos_token")
+        eos_ids = self._token_ids(gen, "eos_token_id")
         if eos_id is not None and eos_id not in eos_ids:
             eos_ids.append(eos_id)
         if bos_id is None:
-            bos_id = gen.get("bos_token_id", self.raw_config.get("bos_token_id"))
+            bos_id = next(iter(self._token_ids(gen, "bos_token_id")), None)
         return TokenizerFiles(
             tokenizer_json=tok_path.read_text(),
             chat_template=template,
             bos_token_id=bos_id,
             eos_token_ids=eos_ids,
-            add_bos=bool(cfg.get("add_bos_token", False)),
+            add_bos=flag(cfg, "add_bos_token", str(self.path / "tokenizer_config.json"), False),
             bos_token=bos,
             eos_token=eos,
         )
+
+    def _token_ids(self, generation: dict, key: str) -> list[int]:
+        """key's token id, or list of ids, from generation_config.json, else config.json (as
+        transformers reads them); ids the runtime compares with the tokens it samples."""
+        where, value = ((self.path / "generation_config.json", generation[key]) if key in generation
+                        else (self.config_path, self.raw_config.get(key)))
+        ids = list(value) if isinstance(value, list) else [] if value is None else [value]
+        if not all(type(i) is int and i >= 0 for i in ids):
+            raise EdgeLLMError(f"{where}: {key} must be a token id or a list of them, got {shown(value)}")
+        return ids
 
     def fingerprint(self) -> str:
         return _fingerprint(self.files)
