@@ -432,3 +432,41 @@ def test_token_ids_and_special_tokens_of_the_wrong_type_are_one_error_naming_the
         original = {"generation_config.json": generation, "config.json": config, "tokenizer_config.json": {}}[file]
         (model / file).write_text(json.dumps({**original, **fields}))
         assert_error(lambda: SafetensorsDirSource(model).tokenizer(), f"{model / file}: ", needle)
+
+
+@pytest.mark.parametrize("text, needle", [("{not json", "not a tokenizer the tokenizers library reads"),
+                                          ('{"model": 5}', "not a tokenizer the tokenizers library reads"),
+                                          (b"\xff\xfe{}", "tokenizer.json: not UTF-8 text")])
+def test_a_tokenizer_file_the_library_cannot_read_is_one_line_at_compile(models, tmp_path, text, needle):
+    model = copy_model(models["llama"], tmp_path / "m")
+    path = model / "tokenizer.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert_one_line_error(run_cli("compile", model, "-o", tmp_path / "out", "--target", "cpu"), needle)
+
+
+def test_a_list_of_named_chat_templates_gives_the_default_one(models, tmp_path):
+    model = copy_model(models["llama"], tmp_path / "m")
+    templates = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": "{{ messages }}"}]
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    assert SafetensorsDirSource(model).tokenizer().chat_template == "{{ messages }}"
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates[:1]}))
+    assert_error(lambda: SafetensorsDirSource(model).tokenizer(), "tokenizer_config.json", "none named 'default'")
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": 7}))
+    assert_error(lambda: SafetensorsDirSource(model).tokenizer(), "tokenizer_config.json", "chat_template must be text")
+
+
+def test_an_edit_in_place_that_keeps_size_and_mtime_is_seen_by_resume(models, tmp_path):
+    model = copy_model(models["llama"], tmp_path / "m")
+    before = SafetensorsDirSource(model).fingerprint()
+    path = model / "config.json"
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 2e-06'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same modification time
+    assert path.stat().st_size == stat.st_size
+    assert SafetensorsDirSource(model).fingerprint() != before
+
+
+def test_an_error_naming_a_file_with_brackets_is_printed_as_it_is(tmp_path):
+    odd = tmp_path / "x[/red]y[bold]"
+    result = run_cli("generate", odd, "-p", "hi")
+    assert_one_line_error(result, f"{odd}: not an edgellm output directory")

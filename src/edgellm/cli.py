@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import EdgeLLMError
 
@@ -92,7 +93,7 @@ def compile(
     stored = Manifest.open(out / "manifest.json", fresh=False).weight_report()
     if stored:
         err.print("weights: " + ", ".join(f"{n} {how}" for how, n in sorted(stored.items())))
-    err.print(f"[green]compiled[/green] {model} -> {out}")
+    err.print(f"[green]compiled[/green] {escape(str(model))} -> {escape(str(out))}")
 
 
 @app.command("compile-lora")
@@ -297,7 +298,7 @@ def chat(
     drafter = _drafter(model, draft, draft_max, lookup, threads)
     adapters = f" Adapters: {', '.join(model.adapters.names)}; /adapter NAME|none." if model.adapters.names else ""
     images = " /image PATH adds an image to the next message." if model.config.vision else ""
-    err.print(f"[dim]{model_dir}: {model.config.family}, context {model.max_num_tokens} tokens.{adapters}{images} "
+    err.print(f"[dim]{escape(str(model_dir))}: {model.config.family}, context {model.max_num_tokens} tokens.{adapters}{images} "
               "/reset, /quit[/dim]")
     pending = list(image or ())  # images for the next message
     while True:
@@ -307,7 +308,7 @@ def chat(
             sys.stdout.write("\n")
             return
         except UnicodeDecodeError as e:  # this line only; the conversation goes on
-            err.print(f"[red]error:[/red] the line is not valid UTF-8 ({e.reason} at byte {e.start})", highlight=False)
+            _error(f"the line is not valid UTF-8 ({e.reason} at byte {e.start})")
             continue
         if line.strip() in ("/quit", "/exit"):
             return
@@ -324,9 +325,9 @@ def chat(
 
                 load_image(path)
                 pending.append(path)
-                err.print(f"[dim]{path}: with the next message[/dim]", highlight=False)
+                err.print(f"[dim]{escape(str(path))}: with the next message[/dim]", highlight=False)
             except EdgeLLMError as e:
-                err.print(f"[red]error:[/red] {e}", highlight=False)
+                _error(e)
             continue
         if line.strip() == "/adapter" or line.strip().startswith("/adapter "):
             try:  # the conversation goes on under the new adapter (its cache is computed again)
@@ -334,7 +335,7 @@ def chat(
                 shown = model.default_session.adapter
                 err.print(f"[dim]adapter: {'none' if shown is None else f'{shown[0]} (scale {shown[1]:g})'}[/dim]")
             except EdgeLLMError as e:
-                err.print(f"[red]error:[/red] {e}", highlight=False)
+                _error(e)
             continue
         if not line.strip():
             continue
@@ -342,7 +343,7 @@ def chat(
             result = model.chat(line, max_new_tokens=max_new_tokens, sampling=sampling, on_text=_stream,
                                 drafter=drafter, draft_max=draft_max, images=pending)
         except EdgeLLMError as e:
-            err.print(f"[red]error:[/red] {e}")
+            _error(e)
             model.reset()
             pending = []
             continue
@@ -538,6 +539,11 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=name, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _error(message) -> None:
+    """One line on stderr; the message is text, never markup (a tensor named "[/x]" stays as it is)."""
+    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)  # never wrapped
+
+
 def main() -> None:
     try:
         # typer turns Ctrl-C (and an explicit Exit) into a returned exit code when not standalone
@@ -547,7 +553,7 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except EdgeLLMError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        _error(e)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
         hint = "; `edgellm compile ... --resume` continues the build" if sys.argv[1:2] == ["compile"] else ""
@@ -561,8 +567,7 @@ def main() -> None:
             print(context.get_help())
         else:
             command = f"edgellm {context.info_name} " if context is not None and context.parent else "edgellm "
-            err.print(f"[red]error:[/red] {e.format_message()} (see `{command.strip()} --help`)", highlight=False,
-                      soft_wrap=True)
+            _error(f"{e.format_message()} (see `{command.strip()} --help`)")
         sys.exit(2)
 
 

@@ -174,18 +174,22 @@ class SafetensorsDirSource:
             raise EdgeLLMError(f"{tok_path}: missing (edgellm needs the fast tokenizer file)")
         cfg = _read_json(self.path / "tokenizer_config.json")
         gen = _read_json(self.path / "generation_config.json")
-        template = cfg.get("chat_template")
+        template = _chosen_template(cfg.get("chat_template"), self.path / "tokenizer_config.json")
         jinja = self.path / "chat_template.jinja"
         processor_template = _read_json(self.path / "chat_template.json").get("chat_template")  # a processor's (VLMs)
         if processor_template is not None and not isinstance(processor_template, str):
             raise EdgeLLMError(f"{self.path / 'chat_template.json'}: chat_template must be a string")
         if jinja.is_file():
-            template = jinja.read_text()
+            template = _read_text(jinja)
         elif processor_template and not template:
             template = processor_template
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(tok_path))
+        tokenizer_json = _read_text(tok_path)
+        try:
+            tok = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exceptions)
+            raise EdgeLLMError(f"{tok_path}: not a tokenizer the tokenizers library reads ({shown(str(e))})") from None
 
         def token_id(key):
             token = cfg.get(key)
@@ -204,7 +208,7 @@ class SafetensorsDirSource:
         if bos_id is None:
             bos_id = next(iter(self._token_ids(gen, "bos_token_id")), None)
         return TokenizerFiles(
-            tokenizer_json=tok_path.read_text(),
+            tokenizer_json=tokenizer_json,
             chat_template=template,
             bos_token_id=bos_id,
             eos_token_ids=eos_ids,
@@ -274,8 +278,31 @@ def _read_json(path: Path) -> dict:
 
 
 def _fingerprint(files) -> str:
+    """What --resume compares: name, size and times of each file. The change time and inode are in
+    it because an edit in place can keep the size and set the modification time back (a copy of
+    the model elsewhere rebuilds everything: the price of not hashing gigabytes)."""
     h = hashlib.sha256()
     for f in files:
         st = Path(f).stat()
-        h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
     return h.hexdigest()[:16]
+
+
+def _chosen_template(template, where: Path):
+    """tokenizer_config.json's chat_template: text, or a list of named templates (transformers
+    takes the one named "default")."""
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+        named = {t.get("name"): t["template"] for t in template}
+        if "default" in named:
+            return named["default"]
+        raise EdgeLLMError(f"{where}: chat_template lists templates {sorted(map(str, named))} but none named 'default'")
+    raise EdgeLLMError(f"{where}: chat_template must be text or a list of {{\"name\", \"template\"}}, got {shown(template)}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeLLMError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at {e.start})") from None
