@@ -4,6 +4,7 @@ gguf_file.py, gguf_tokenizer.py and mmproj.py check the values they read)."""
 
 from __future__ import annotations
 
+import math
 import resource
 import struct
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -88,6 +90,17 @@ def test_a_huge_array_in_a_tiny_file_is_refused_at_once_through_the_cli(tmp_path
     result = run_cli_bounded("compile", path, "-o", tmp_path / "out", "--target", "cpu")
     assert result.returncode == 2, result.stderr
     assert_one_line(result.stderr, path, "tokenizer.ggml.scores", "1000000000")
+
+
+def test_block_count_beyond_the_tensors_is_refused_through_the_cli(tmp_path):
+    # llama metadata claiming 2^32 - 1 layers in a file with no tensors: it ended in MemoryError
+    meta = [ARCH] + [kv_u32(f"llama.{key}", value) for key, value in
+                     (("block_count", 2**32 - 1), ("embedding_length", 8), ("feed_forward_length", 16),
+                      ("attention.head_count", 2))]
+    path = raw_gguf(tmp_path / "layers.gguf", meta)
+    result = run_cli_bounded("compile", path, "-o", tmp_path / "out", "--target", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, path, "llama.block_count", "4294967295")
 
 
 def header_cases():
@@ -173,6 +186,131 @@ def test_a_broken_tensor_table_names_the_tensor(tmp_path, name, tensors, data, t
     assert_one_line(error, path, tensor, needle)
 
 
+# --- 2. metadata values of the wrong kind ---------------------------------------------------------
+
+GOOD = {"block_count": 1, "embedding_length": 8, "feed_forward_length": 16, "attention.head_count": 2,
+        "attention.head_count_kv": 2, "context_length": 64, "attention.key_length": 4, "rope.dimension_count": 4}
+
+
+def add_value(writer, key: str, value) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif value < 0:
+        writer.add_int32(key, value)
+    else:
+        writer.add_uint64(key, value) if value >= 2**32 else writer.add_uint32(key, value)
+
+
+def small_gguf(path: Path, arch: str = "llama", tensors=("blk.0.attn_q.weight",), tokens=("a", "b", "c"),
+               **metadata) -> Path:
+    """A little GGUF: GOOD's metadata (a key given as None is left out), a gpt2 tokenizer, 8x8 tensors."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in {**GOOD, **{k.replace("__", "."): v for k, v in metadata.items()}}.items():
+        if value is not None:
+            add_value(writer, key if key.startswith(("tokenizer.", "general.")) else f"{arch}.{key}", value)
+    if tokens is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(list(tokens))
+    for name in ("token_embd.weight", "output_norm.weight", *tensors):
+        writer.add_tensor(name, np.ones((8, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+BAD_VALUES = [
+    ("block_count", "three"), ("block_count", -1), ("block_count", 0), ("block_count", 1.5), ("block_count", [1, 2]),
+    ("block_count", 4), ("block_count", 2**40),  # more layers than the file has tensors
+    ("embedding_length", float("nan")), ("embedding_length", 0), ("feed_forward_length", -5),
+    ("feed_forward_length", [16, 16]), ("attention.head_count", 0), ("attention.head_count", "2"),
+    ("attention.head_count_kv", [1, 2]), ("attention.head_count_kv", 0), ("context_length", float("inf")),
+    ("context_length", -1), ("vocab_size", -1), ("vocab_size", "big"), ("rope.freq_base", float("nan")),
+    ("rope.freq_base", -10000.0), ("attention.layer_norm_rms_epsilon", "tiny"),
+    ("attention.layer_norm_rms_epsilon", float("-inf")), ("attention.key_length", 0.5),
+    ("attention.sliding_window", -3), ("attention.sliding_window", "4"), ("rope.dimension_count", "x"),
+    ("rope.dimension_count", 0), ("rope.scaling.factor", float("nan")), ("embedding_length", True),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_a_metadata_value_of_the_wrong_kind_is_one_line(tmp_path, key, value):
+    extra = {"rope.scaling.type": "linear"} if key.startswith("rope.scaling") else {}
+    path = small_gguf(tmp_path / "m.gguf", **{key.replace(".", "__"): value, **{k.replace(".", "__"): v for k, v in extra.items()}})
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, f"llama.{key}", value)
+
+
+@pytest.mark.parametrize("key, value", [("attn_logit_softcapping", float("inf")), ("final_logit_softcapping", "30"),
+                                        ("final_logit_softcapping", -1.0)])
+def test_gemma2_softcapping_of_the_wrong_kind_is_one_line(tmp_path, key, value):
+    path = small_gguf(tmp_path / "g.gguf", "gemma2", **{key: value})
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, f"gemma2.{key}", value)
+
+
+def test_a_missing_key_is_named(tmp_path):
+    path = small_gguf(tmp_path / "m.gguf", embedding_length=None)
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, "llama.embedding_length", "missing")
+
+
+def test_rope_scaling_type_must_be_text(tmp_path):
+    path = small_gguf(tmp_path / "m.gguf", rope__scaling__type=3)
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, "llama.rope.scaling.type", "3")
+
+
+def test_good_metadata_reads_as_before(tmp_path):
+    source = GGUFSource(small_gguf(tmp_path / "m.gguf", vocab_size=3, rope__freq_base=500000.0,
+                                   attention__layer_norm_rms_epsilon=1e-5, attention__sliding_window=16))
+    cfg = source.raw_config
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]) == (1, 8, 16)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 2, 4)
+    assert (cfg["max_position_embeddings"], cfg["vocab_size"], cfg["sliding_window"]) == (64, 3, 16)
+    assert cfg["rope_theta"] == 500000.0 and math.isclose(cfg["rms_norm_eps"], 1e-5, rel_tol=1e-6)
+    assert all(type(cfg[k]) is int for k in ("num_hidden_layers", "hidden_size", "head_dim", "vocab_size"))
+    assert type(cfg["rope_theta"]) is float and type(cfg["rms_norm_eps"]) is float
+    assert source.tensor_names() == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"]
+
+
+@pytest.mark.parametrize("name", ["blk.0.weight", "blk.weight", "blk.x.attn_q.weight", "blk.01.attn_q.weight"])
+def test_a_layer_tensor_name_without_its_parts_is_one_line(tmp_path, name):
+    path = small_gguf(tmp_path / "m.gguf", tensors=("blk.0.attn_q.weight", name))
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, name)
+
+
+def test_one_longrope_factor_tensor_without_the_other_is_one_line(tmp_path):
+    path = small_gguf(tmp_path / "m.gguf", "phi3", tensors=("blk.0.attn_qkv.weight", "rope_factors_long.weight"))
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, "rope_factors_short.weight")
+
+
+@pytest.mark.parametrize("arch, tensors, name", [
+    ("llama", ("blk.0.attn_q.weight", "rope_freqs.weight"), "rope_freqs.weight"),  # 8x8: two dimensions
+    ("phi3", ("blk.0.attn_qkv.weight", "rope_factors_long.weight", "rope_factors_short.weight"), "rope_factors_short.weight"),
+])
+def test_rope_factor_tensors_must_be_one_row_of_floats(tmp_path, arch, tensors, name):
+    path = small_gguf(tmp_path / "m.gguf", arch, tensors=tensors)
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, name, "F32")
+
+
 # --- 5. the mmproj file ---------------------------------------------------------------------------
 
 
@@ -184,6 +322,73 @@ def test_the_mmproj_file_gets_the_same_header_check(tmp_path):
     assert_one_line(error, path, "clip.vision.image_mean", str(2**62))
 
 
+def test_an_mmproj_layer_tensor_without_its_parts_is_one_line(tmp_path):
+    path = tmp_path / "mmproj.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.blk.0.weight", np.ones((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(EdgeLLMError) as error:
+        MmprojFile(path)
+    assert_one_line(error, path, "v.blk.0.weight")
+
+
+@pytest.fixture(scope="module")
+def vision_pair(tmp_path_factory):
+    """A tiny SmolVLM as llama.cpp's two files: its directory, the text GGUF, the mmproj."""
+    from gguf_writer import text_part, write_gguf, write_mmproj
+    from tiny_models import NEWLINES, TILED_MARKERS, save_tiny_idefics3
+
+    root = tmp_path_factory.mktemp("pair")
+    model = save_tiny_idefics3(root / "model", "idefics3")
+    text = write_gguf(text_part(model, root / "text"), root / "text.gguf", "llama", special=NEWLINES + TILED_MARKERS)
+    return model, text, write_mmproj(model, root / "mmproj.gguf")
+
+
+def test_a_good_mmproj_reads_as_before(vision_pair):
+    import json
+
+    from edgellm.sources.mmproj import VisionPairSource
+
+    model, text, mmproj = vision_pair
+    vision = json.loads((model / "config.json").read_text())["vision_config"]
+    source = VisionPairSource(text, mmproj)
+    got = source.raw_config["vision_config"]
+    for key in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert got[key] == vision[key] and type(got[key]) is int, key
+    assert math.isclose(got["layer_norm_eps"], vision.get("layer_norm_eps", 1e-6), rel_tol=1e-6)
+    assert source.raw_config["scale_factor"] == 2 and source.image_processor["size"]["longest_edge"] > 0
+
+
+@pytest.mark.parametrize("key, value", [("clip.vision.image_size", "512"), ("clip.vision.block_count", -1),
+                                        ("clip.vision.projection_dim", float("nan")), ("clip.projector_type", ["idefics3"])])
+def test_an_mmproj_value_of_the_wrong_kind_is_one_line(vision_pair, tmp_path, key, value):
+    from edgellm.sources.mmproj import VisionPairSource
+
+    _, text, mmproj = vision_pair
+    source = gguf.GGUFReader(mmproj)
+    path = tmp_path / "bad-mmproj.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    for field in source.fields.values():
+        if field.name.startswith("clip."):
+            if field.name == key:
+                add_value(writer, key, value)
+            else:
+                sub = field.types[-1] if len(field.types) > 1 else None
+                writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+    for t in source.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(EdgeLLMError) as error:
+        VisionPairSource(text, path)
+    assert_one_line(error, path, key if key != "clip.projector_type" else "projector type", value)
+
+
 # --- valid files still read -----------------------------------------------------------------------
 
 
@@ -191,3 +396,9 @@ def test_the_real_smollm2_file_passes_the_check(smollm2_gguf):
     start = time.perf_counter()
     check_gguf(smollm2_gguf)
     assert time.perf_counter() - start < 5
+
+
+def test_a_file_written_by_gguf_py_passes_the_check(tmp_path):
+    path = small_gguf(tmp_path / "m.gguf", tokens=[f"w{i}" for i in range(100)] + ["é", ""])
+    check_gguf(path)
+    assert GGUFSource(path).raw_config["vocab_size"] == 102

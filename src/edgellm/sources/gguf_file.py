@@ -6,10 +6,13 @@ so the per-family adapters serve GGUF and safetensors alike. Tensors are dequant
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 
+from ..config.fields import COUNTS, SIZES, shown
 from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
 from .base import TokenizerFiles
@@ -50,6 +53,7 @@ LAYER_NAMES = {
     "gemma3": {**_GEMMA, **_QK_NORMS},
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_INDEX = re.compile(r"0|[1-9][0-9]*")  # as llama.cpp writes it: blk.0, blk.12
 
 
 def llama_row_permutation(rows: int, heads: int) -> np.ndarray:
@@ -75,6 +79,7 @@ def open_gguf(path: Path):
 
 class GGUFSource:
     default_precision = "SOURCE"  # a GGUF runs as it is stored
+    metadata = "GGUF metadata"  # what errors call the file's key/values
 
     def __init__(self, path: Path):
         self.path = path
@@ -92,48 +97,71 @@ class GGUFSource:
             if hf is not None:
                 self._tensors[hf] = t
 
-    def _meta(self, key, default=None):
-        return self.fields.get(f"{self.arch}.{key}", default)
+    def _lookup(self, key: str):
+        """The metadata key's full name, and its value (None where the file has none)."""
+        name = f"{self.arch}.{key}"
+        return name, self.fields.get(name)
+
+    def _number(self, key: str, kind: type = int, default=None, *, required: bool = False, high: int = SIZES):
+        """A number of the metadata, or default where the file has none: kind int, a whole number
+        from 1 to high; kind float, a finite number above 0. Text, an array, a bool, NaN, an
+        infinity, 0 or less: the file's error, one line naming the key and the value."""
+        name, value = self._lookup(key)
+        if value is None:
+            if required:
+                raise EdgeLLMError(f"{self.path}: {self.metadata} '{name}' is missing")
+            return default
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise EdgeLLMError(f"{self.path}: {self.metadata} '{name}' must be a whole number from 1 to {high}, "
+                                   f"got {shown(value)}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise EdgeLLMError(f"{self.path}: {self.metadata} '{name}' must be a finite number above 0, got {shown(value)}")
+        return kind(value)
 
     def _hf_config(self) -> dict:
         where = str(self.path)
-        need = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count"]
-        for key in need:
-            if self._meta(key) is None:
-                raise EdgeLLMError(f"{where}: GGUF metadata '{self.arch}.{key}' is missing")
-        heads = int(self._meta("attention.head_count"))
-        hidden = int(self._meta("embedding_length"))
+        layers = self._number("block_count", required=True, high=COUNTS)
+        if layers > len(self.reader.tensors):  # a layer has a tensor at least: a bound before anything loops over layers
+            raise EdgeLLMError(f"{where}: GGUF metadata '{self.arch}.block_count' = {layers} is more layers than the "
+                               f"file has tensors ({len(self.reader.tensors)})")
+        hidden = self._number("embedding_length", required=True)
+        intermediate = self._number("feed_forward_length", required=True)
+        heads = self._number("attention.head_count", required=True, high=COUNTS)
         tokens = self.fields.get("tokenizer.ggml.tokens") or []
         cfg = {
             "model_type": MODEL_TYPES[self.arch],
-            "num_hidden_layers": int(self._meta("block_count")),
+            "num_hidden_layers": layers,
             "hidden_size": hidden,
-            "intermediate_size": int(self._meta("feed_forward_length")),
+            "intermediate_size": intermediate,
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self._meta("attention.head_count_kv", heads)),
-            "rms_norm_eps": float(self._meta("attention.layer_norm_rms_epsilon", 1e-6)),
-            "max_position_embeddings": int(self._meta("context_length", 2048)),
-            "vocab_size": int(self._meta("vocab_size", len(tokens))),
-            "rope_theta": float(self._meta("rope.freq_base", 10000.0)),
+            "num_key_value_heads": self._number("attention.head_count_kv", default=heads, high=COUNTS),
+            "rms_norm_eps": self._number("attention.layer_norm_rms_epsilon", float, 1e-6),
+            "max_position_embeddings": self._number("context_length", default=2048),
+            "vocab_size": self._number("vocab_size", default=len(tokens)),
+            "rope_theta": self._number("rope.freq_base", float, 10000.0),
             "tie_word_embeddings": not any(t.name == "output.weight" for t in self.reader.tensors),
         }
-        head_dim = self._meta("attention.key_length")
+        head_dim = self._number("attention.key_length")
         if head_dim is not None:
-            cfg["head_dim"] = int(head_dim)
-        scaling = self._meta("rope.scaling.type")
+            cfg["head_dim"] = head_dim
+        name, scaling = self._lookup("rope.scaling.type")
+        if scaling is not None and not isinstance(scaling, str):
+            raise EdgeLLMError(f"{where}: GGUF metadata '{name}' must be text, got {shown(scaling)}")
         if scaling and scaling != "none" and self.arch != "llama":
             # e.g. Gemma 3 4B+ scales only its global layers; not mapped yet: refuse rather than guess
             raise EdgeLLMError(f"{where}: rope scaling '{scaling}' in a {self.arch} GGUF is not supported yet")
         if self.arch == "llama":
-            cfg["head_dim"] = int(self._meta("rope.dimension_count", hidden // heads))
+            cfg["head_dim"] = self._number("rope.dimension_count", default=hidden // heads)
             if scaling and scaling != "none":
-                cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(self._meta("rope.scaling.factor", 1.0))}
+                cfg["rope_scaling"] = {"rope_type": scaling, "factor": self._number("rope.scaling.factor", float, 1.0)}
             freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
             if freqs is not None:  # Llama 3.1+: llama.cpp stores the llama3 scaling as per-frequency divisors
                 cfg["rope_parameters"] = {"rope_type": "freq_factors", "rope_theta": cfg["rope_theta"],
-                                          "factors": [float(x) for x in freqs.data]}
-        if self._meta("attention.sliding_window") is not None:
-            cfg["sliding_window"] = int(self._meta("attention.sliding_window"))
+                                          "factors": self._factors(freqs)}
+        window = self._number("attention.sliding_window")
+        if window is not None:
+            cfg["sliding_window"] = window
         if self.arch in ("gemma2", "gemma3"):
             # GGUF has no query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(head_dim),
             # except for the 27B sizes (46 / 62 layers), where it uses hidden / heads as HF does.
@@ -143,34 +171,49 @@ class GGUFSource:
             cfg["rope_local_base_freq"] = 10000.0
         if self.arch == "gemma2":
             for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-                if self._meta(key) is not None:
-                    cfg[key] = float(self._meta(key))
+                cap = self._number(key, float)
+                if cap is not None:
+                    cfg[key] = cap
         if self.arch == "phi3":
             self._phi3_rope(cfg, hidden // heads)
         return cfg
 
     def _phi3_rope(self, cfg: dict, head_dim: int) -> None:
         """Partial rotary from rope.dimension_count; LongRoPE factors are tensors in GGUF."""
-        rotary = int(self._meta("rope.dimension_count", head_dim))
+        rotary = self._number("rope.dimension_count", default=head_dim)
         params = {"rope_type": "default", "rope_theta": cfg["rope_theta"], "partial_rotary_factor": rotary / head_dim}
         factors = {t.name: t for t in self.reader.tensors if t.name.startswith("rope_factors_")}
         if factors:
-            original = int(self._meta("rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+            for name in ("rope_factors_short.weight", "rope_factors_long.weight"):
+                if name not in factors:
+                    raise EdgeLLMError(f"{self.path}: LongRoPE factor tensors without '{name}'")
+            original = self._number("rope.scaling.original_context_length", default=cfg["max_position_embeddings"])
             params.update(
                 rope_type="longrope", original_max_position_embeddings=original,
-                short_factor=[float(x) for x in factors["rope_factors_short.weight"].data],
-                long_factor=[float(x) for x in factors["rope_factors_long.weight"].data],
+                short_factor=self._factors(factors["rope_factors_short.weight"]),
+                long_factor=self._factors(factors["rope_factors_long.weight"]),
             )
-            if self._meta("rope.scaling.attn_factor") is not None:
-                params["attention_factor"] = float(self._meta("rope.scaling.attn_factor"))
+            attention_factor = self._number("rope.scaling.attn_factor", float)
+            if attention_factor is not None:
+                params["attention_factor"] = attention_factor
         cfg["rope_parameters"] = params
+
+    def _factors(self, t) -> list[float]:
+        """A rope factor tensor's values: llama.cpp writes one row of F32 (another type's bytes
+        would read as garbage factors)."""
+        if t.tensor_type.name != "F32" or len(t.shape) != 1:
+            raise EdgeLLMError(f"{self.path}: tensor '{t.name}' should be one row of F32 values, "
+                               f"not {t.tensor_type.name} of shape {[int(d) for d in t.shape]}")
+        return [float(x) for x in t.data]
 
     def _hf_name(self, name: str) -> str | None:
         base, _, kind = name.rpartition(".")
-        if base.startswith("blk."):
-            _, index, suffix = base.split(".", 2)
-            hf = LAYER_NAMES[self.arch].get(suffix)
-            return None if hf is None else f"model.layers.{index}.{hf}.{kind}"
+        if name.startswith("blk."):
+            parts = base.split(".", 2)
+            if len(parts) != 3 or not LAYER_INDEX.fullmatch(parts[1]):
+                raise EdgeLLMError(f"{self.path}: tensor '{name}' is not named blk.<layer>.<part>.<kind>")
+            hf = LAYER_NAMES[self.arch].get(parts[2])
+            return None if hf is None else f"model.layers.{parts[1]}.{hf}.{kind}"
         hf = GLOBAL_NAMES.get(base)
         return None if hf is None else f"{hf}.{kind}"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.fields import COUNTS
 from ..errors import EdgeLLMError
 from ..quant.blocks import BlockQuantized
-from .gguf_file import GGUFSource, open_gguf
+from .gguf_file import LAYER_INDEX, GGUFSource, open_gguf
 from .safetensors_dir import _fingerprint
 
 # clip.projector_type -> the Hugging Face model_type whose adapter reads the pair
@@ -32,6 +33,8 @@ TEXT_PREFIX = "model."
 class MmprojFile(GGUFSource):
     """The mmproj GGUF: its tensors under Hugging Face names, read like a GGUF model's."""
 
+    metadata = "mmproj metadata"
+
     def __init__(self, path: Path):
         self.path = path
         self.reader, self.fields = open_gguf(path)
@@ -44,17 +47,27 @@ class MmprojFile(GGUFSource):
 
     def _hf_name(self, name: str) -> str | None:
         base, _, kind = name.rpartition(".")
-        if base.startswith("v.blk."):
-            _, _, index, suffix = base.split(".", 3)
-            hf = _LAYER.get(suffix)
-            return None if hf is None else f"{VISION}encoder.layers.{index}.{hf}.{kind}"
+        if name.startswith("v.blk."):
+            parts = base.split(".", 3)
+            if len(parts) != 4 or not LAYER_INDEX.fullmatch(parts[2]):
+                raise EdgeLLMError(f"{self.path}: tensor '{name}' is not named v.blk.<layer>.<part>.<kind>")
+            hf = _LAYER.get(parts[3])
+            return None if hf is None else f"{VISION}encoder.layers.{parts[2]}.{hf}.{kind}"
         hf = _GLOBAL.get(base)
         return None if hf is None else f"{hf}.{kind}"
 
-    def key(self, name: str, default=None, required: bool = True):
-        value = self.fields.get(f"clip.vision.{name}", self.fields.get(f"clip.{name}", default))
-        if value is None and required:
-            raise EdgeLLMError(f"{self.path}: mmproj metadata 'clip.vision.{name}' is missing")
+    def _lookup(self, key: str):
+        """llama.cpp's converter writes most keys under clip.vision., a few under clip."""
+        for name in (f"clip.vision.{key}", f"clip.{key}"):
+            if name in self.fields:
+                return name, self.fields[name]
+        return f"clip.vision.{key}", None
+
+    def key(self, name: str):
+        """A value the caller checks itself (text, lists); numbers are _number's."""
+        full, value = self._lookup(name)
+        if value is None:
+            raise EdgeLLMError(f"{self.path}: {self.metadata} '{full}' is missing")
         return value
 
 
@@ -69,32 +82,35 @@ class VisionPairSource:
         self.path = text_path
         self.vision_path = mmproj_path  # what errors about the vision part name
         self.config_path = f"{mmproj_path} (with {text_path})"
-        projector = self.mmproj.key("projector_type")
-        if projector not in PROJECTORS:
+        m = self.mmproj
+        projector = m.key("projector_type")
+        if not isinstance(projector, str) or projector not in PROJECTORS:
             raise EdgeLLMError(f"{mmproj_path}: projector type '{projector}' is not supported (supported: "
                                f"{', '.join(PROJECTORS)})")
         hidden = self.text.raw_config["hidden_size"]
-        if int(self.mmproj.key("projection_dim")) != hidden:
-            raise EdgeLLMError(f"{mmproj_path}: the projector writes {self.mmproj.key('projection_dim')} values per row; "
+        projection = m._number("projection_dim", required=True)
+        if projection != hidden:
+            raise EdgeLLMError(f"{mmproj_path}: the projector writes {projection} values per row; "
                                f"the text model {text_path} takes {hidden}: not this model's mmproj")
-        tokens = self.text.fields.get("tokenizer.ggml.tokens") or []
-        if "<image>" not in tokens:
+        tokens = self.text.fields.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or "<image>" not in tokens:
             raise EdgeLLMError(f"{text_path}: the vocabulary has no <image> token; not the text model of {mmproj_path}")
-        m = self.mmproj
+        image = m._number("image_size", required=True)
         self.raw_config = {
             "model_type": PROJECTORS[projector], "text_config": self.text.raw_config,
-            "vision_config": {"model_type": "idefics3_vision", "image_size": m.key("image_size"),
-                              "patch_size": m.key("patch_size"), "hidden_size": m.key("embedding_length"),
-                              "intermediate_size": m.key("feed_forward_length"), "num_hidden_layers": m.key("block_count"),
-                              "num_attention_heads": m.key("attention.head_count"),
-                              "layer_norm_eps": m.key("attention.layer_norm_epsilon", 1e-6, required=False),
+            "vision_config": {"model_type": "idefics3_vision", "image_size": image,
+                              "patch_size": m._number("patch_size", required=True),
+                              "hidden_size": m._number("embedding_length", required=True),
+                              "intermediate_size": m._number("feed_forward_length", required=True),
+                              "num_hidden_layers": m._number("block_count", required=True, high=COUNTS),
+                              "num_attention_heads": m._number("attention.head_count", required=True, high=COUNTS),
+                              "layer_norm_eps": m._number("attention.layer_norm_epsilon", float, 1e-6),
                               "hidden_act": "gelu_pytorch_tanh"},
-            "scale_factor": m.key("projector.scale_factor", 2, required=False),
+            "scale_factor": m._number("projector.scale_factor", default=2),
             "image_token_id": tokens.index("<image>"),
         }
-        image = int(m.key("image_size"))
         self.image_processor = {
-            "size": {"longest_edge": int(m.key("preproc_image_size", image, required=False))},
+            "size": {"longest_edge": m._number("preproc_image_size", default=image)},
             "max_image_size": {"longest_edge": image}, "resample": 1,
             "image_mean": m.key("image_mean"), "image_std": m.key("image_std"),  # checked by config/vision.py
         }
