@@ -19,6 +19,7 @@ import pytest
 from edgellm.errors import EdgeLLMError
 from edgellm.sources.gguf_check import check_gguf
 from edgellm.sources.gguf_file import GGUFSource
+from edgellm.sources.gguf_tokenizer import _derive_merges, tokenizer_from_gguf
 from edgellm.sources.mmproj import MmprojFile
 
 CLI = [sys.executable, "-m", "edgellm.cli"]
@@ -309,6 +310,104 @@ def test_rope_factor_tensors_must_be_one_row_of_floats(tmp_path, arch, tensors, 
     with pytest.raises(EdgeLLMError) as error:
         GGUFSource(path)
     assert_one_line(error, path, name, "F32")
+
+
+# --- 4. tokenizer metadata ------------------------------------------------------------------------
+
+
+def tokenizer_fields(**changes) -> dict:
+    fields = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1], "tokenizer.ggml.bos_token_id": 0,
+              "tokenizer.ggml.eos_token_id": 1}
+    fields.update({key.replace("__", "."): value for key, value in changes.items()})
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+BAD_TOKENIZERS = [
+    ("tokenizer.ggml.tokens", [1, 2, 3]), ("tokenizer.ggml.tokens", "abc"), ("tokenizer.ggml.tokens", []),
+    ("tokenizer.ggml.scores", [0.0, 1.0]), ("tokenizer.ggml.scores", ["x", "y", "z"]),
+    ("tokenizer.ggml.token_type", [1, 1]), ("tokenizer.ggml.token_type", [1.5, 1, 1]),
+    ("tokenizer.ggml.merges", [1, 2]), ("tokenizer.ggml.merges", "a b"), ("tokenizer.ggml.merges", ["a c"]),
+    ("tokenizer.ggml.bos_token_id", 3), ("tokenizer.ggml.eos_token_id", -2), ("tokenizer.ggml.eos_token_id", "1"),
+    ("tokenizer.ggml.pre", ["llama-bpe"]), ("tokenizer.ggml.model", ["gpt2"]), ("tokenizer.chat_template", 7),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_TOKENIZERS, ids=[f"{k}={v}" for k, v in BAD_TOKENIZERS])
+def test_bad_tokenizer_metadata_names_the_file(tmp_path, key, value):
+    path = tmp_path / "model.gguf"
+    with pytest.raises(EdgeLLMError) as error:
+        tokenizer_from_gguf(tokenizer_fields(**{key.replace(".", "__"): value}), path)
+    assert_one_line(error, path, key)
+
+
+def test_a_missing_tokenizer_names_the_file(tmp_path):
+    path = small_gguf(tmp_path / "m.gguf", tokens=None)
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path).tokenizer()
+    assert_one_line(error, path, "tokenizer.ggml.model")
+
+
+def test_a_tokenizer_read_from_a_file_names_it(tmp_path):
+    path = small_gguf(tmp_path / "m.gguf", tokenizer__ggml__bos_token_id=7)
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path).tokenizer()
+    assert_one_line(error, path, "tokenizer.ggml.bos_token_id", "7")
+
+
+def _derive_merges_quadratic(vocab, scores):
+    """The implementation before it was made linear in a token's length: the reference."""
+    reverse = scores is not None
+    ranked = scores if scores is not None else vocab
+    entries = []
+    for token, rank in ranked.items():
+        size = len(token)
+        for i in range(1, size):
+            left = token[:i]
+            if left in vocab:
+                right = token[i:]
+                if right in vocab:
+                    entries.append((rank, i, size - i, left, right))
+    entries.sort(key=lambda e: (e[0], e[1], e[2]), reverse=reverse)
+    return [(e[3], e[4]) for e in entries]
+
+
+@pytest.fixture(scope="module")
+def trained_vocab() -> dict[str, int]:
+    """A byte-level BPE vocabulary of 3000 tokens trained on this repository's own source."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    root = Path(__file__).resolve().parents[1] / "src" / "edgellm"
+    corpus = [p.read_text() for p in sorted(root.rglob("*.py"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=3000, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok.get_vocab()
+
+
+def test_derived_merges_are_the_same_as_before(trained_vocab):
+    vocab = dict(sorted(trained_vocab.items(), key=lambda item: item[1]))
+    assert _derive_merges(vocab, None) == _derive_merges_quadratic(vocab, None)
+    rng = np.random.default_rng(0)
+    scores = {t: float(s) for t, s in zip(vocab, -rng.integers(0, 200, len(vocab)))}  # many ties
+    merges = _derive_merges(vocab, scores)
+    assert len(merges) > len(vocab) // 2 and merges == _derive_merges_quadratic(vocab, scores)
+    gemma_like = {t: -i for i, t in enumerate(vocab)}
+    assert _derive_merges(vocab, gemma_like) == _derive_merges_quadratic(vocab, gemma_like)
+    with_empty = {"": len(vocab), **vocab}  # an empty token is no piece of a split
+    assert _derive_merges(with_empty, None) == _derive_merges_quadratic(with_empty, None)
+
+
+def test_a_very_long_token_does_not_stall_the_merges(trained_vocab):
+    vocab = dict(trained_vocab)
+    vocab["x" * 100_000] = len(vocab)
+    vocab["y" * 50_000] = len(vocab)
+    vocab["y" * 100_000] = len(vocab)
+    start = time.perf_counter()
+    merges = _derive_merges(vocab, None)
+    assert time.perf_counter() - start < 2
+    assert ("y" * 50_000, "y" * 50_000) in merges
 
 
 # --- 5. the mmproj file ---------------------------------------------------------------------------

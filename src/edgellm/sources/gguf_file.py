@@ -280,7 +280,7 @@ class GGUFSource:
     def tokenizer(self) -> TokenizerFiles:
         from .gguf_tokenizer import tokenizer_from_gguf
 
-        return tokenizer_from_gguf(self.fields)
+        return tokenizer_from_gguf(self.fields, self.path)
 
     def fingerprint(self) -> str:
         return _fingerprint([self.path])

@@ -18,10 +18,13 @@ Supported `tokenizer.ggml.model` values:
 from __future__ import annotations
 
 import logging
+import math
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from ..config.fields import shown
 from ..errors import EdgeLLMError
 from .base import TokenizerFiles
 
@@ -131,13 +134,23 @@ def _field_contents_lenient(field: Any) -> Any:
 # --- building the tokenizer -----------------------------------------------------------------------
 
 
-def tokenizer_from_gguf(fields: dict) -> TokenizerFiles:
-    """Build the tokenizer a GGUF file describes from its metadata (see `gguf_fields`)."""
+def tokenizer_from_gguf(fields: dict, path: Path | str | None = None) -> TokenizerFiles:
+    """Build the tokenizer a GGUF file describes from its metadata (see `gguf_fields`); errors
+    name the file at `path`."""
+    try:
+        return _tokenizer(fields)
+    except EdgeLLMError as e:
+        if path is None:
+            raise
+        raise EdgeLLMError(f"{path}: {e}") from None
+
+
+def _tokenizer(fields: dict) -> TokenizerFiles:
     model_type = fields.get("tokenizer.ggml.model")
     tokens = fields.get("tokenizer.ggml.tokens")
     if model_type is None:
         raise EdgeLLMError("GGUF file has no tokenizer (metadata key tokenizer.ggml.model is missing)")
-    if model_type not in _SUPPORTED_MODELS:
+    if not isinstance(model_type, str) or model_type not in _SUPPORTED_MODELS:
         raise EdgeLLMError(
             f"GGUF tokenizer model {model_type!r} (tokenizer.ggml.model) is not supported; "
             f"supported: {', '.join(_SUPPORTED_MODELS)}"
@@ -145,11 +158,14 @@ def tokenizer_from_gguf(fields: dict) -> TokenizerFiles:
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise EdgeLLMError("GGUF tokenizer.ggml.tokens is missing or is not a list of strings")
     n = len(tokens)
-    token_types = _optional_list(fields, "tokenizer.ggml.token_type", n)
-    scores = _optional_list(fields, "tokenizer.ggml.scores", n)
+    token_types = _optional_list(fields, "tokenizer.ggml.token_type", n, _is_integer, "whole numbers")
+    scores = _optional_list(fields, "tokenizer.ggml.scores", n, _is_score, "numbers")
     merges = fields.get("tokenizer.ggml.merges")
     if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
         raise EdgeLLMError("GGUF tokenizer.ggml.merges is not a list of strings")
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if not isinstance(fields.get(key, ""), str):
+            raise EdgeLLMError(f"GGUF {key} is not text: {shown(fields[key])}")
     arch = fields.get("general.architecture")
 
     bos_id = _token_id(fields, "tokenizer.ggml.bos_token_id", n)
@@ -219,21 +235,34 @@ def tokenizer_from_gguf(fields: dict) -> TokenizerFiles:
     )
 
 
-def _optional_list(fields: dict, key: str, n: int) -> list | None:
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_score(value) -> bool:
+    # NaN would leave the merge order, which sorts by score, undefined
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _optional_list(fields: dict, key: str, n: int, valid, kind: str) -> list | None:
     value = fields.get(key)
     if value is None:
         return None
     if not isinstance(value, list) or len(value) != n:
-        raise EdgeLLMError(f"GGUF {key} should be a list of {n} entries, one per token")
+        got = f"a list of {len(value)}" if isinstance(value, list) else shown(value)
+        raise EdgeLLMError(f"GGUF {key} should be a list of {n} entries, one per token, got {got}")
+    for v in value:
+        if not valid(v):
+            raise EdgeLLMError(f"GGUF {key} should hold {kind}, got {shown(v)}")
     return value
 
 
 def _token_id(fields: dict, key: str, n: int) -> int | None:
     value = fields.get(key)
-    if value is None or value in (-1, 0xFFFFFFFF):  # llama.cpp's "no such token"
+    if value is None or (_is_integer(value) and value in (-1, 0xFFFFFFFF)):  # llama.cpp's "no such token"
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
-        raise EdgeLLMError(f"GGUF {key} = {value!r} is not a token id (the vocabulary has {n} tokens)")
+    if not _is_integer(value) or not 0 <= value < n:
+        raise EdgeLLMError(f"GGUF {key} = {shown(value)} is not a token id (the vocabulary has {n} tokens)")
     return value
 
 
@@ -264,15 +293,13 @@ def _byte_level(
         merge_pairs = [_split_merge(m) for m in merges]
     else:
         merge_pairs = _derive_merges(vocab, None)
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merge_pairs,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
+    tok = _bpe(
+        vocab=vocab,
+        merges=merge_pairs,
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
     )
     if pre in _PRE_SPLITS:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -287,6 +314,13 @@ def _byte_level(
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok, vocab
+
+
+def _bpe(**options) -> Tokenizer:
+    try:
+        return Tokenizer(models.BPE(**options))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of a token not in the vocabulary
+        raise EdgeLLMError(f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})") from None
 
 
 def _split_merge(merge: str) -> tuple[str, str]:
@@ -325,15 +359,13 @@ def _sentencepiece(
         if merge_scores is None:
             merge_scores = dict(zip(tokens, scores))
         merge_pairs = _derive_merges(vocab, merge_scores)
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merge_pairs,
-            dropout=None,
-            fuse_unk=True,
-            byte_fallback=True,
-            unk_token=unk if unk in vocab else None,
-        )
+    tok = _bpe(
+        vocab=vocab,
+        merges=merge_pairs,
+        dropout=None,
+        fuse_unk=True,
+        byte_fallback=True,
+        unk_token=unk if unk in vocab else None,
     )
     steps = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if gemma_shape:
@@ -357,19 +389,29 @@ def _derive_merges(vocab: dict[str, int], scores: dict[str, float] | None) -> li
     The same order as transformers' `generate_merges`: by score (descending) when scores are given,
     otherwise by token id (ascending); ties by the length of the left, then right, piece in the
     same direction, then by the token's position (stable sort).
+
+    A split is tried only where both pieces have the length of some token: without that, each
+    token cost the square of its length (a 100,000-character token took minutes); with it, a
+    token costs one step per distinct token length below its own, and a slice only where both
+    lengths occur.
     """
     reverse = scores is not None
     ranked = scores if scores is not None else vocab
+    present = {len(t) for t in vocab}
+    lengths = sorted(present - {0})  # an empty token is no piece of a split
     entries = []
     append = entries.append
     for token, rank in ranked.items():
         size = len(token)
-        for i in range(1, size):
-            left = token[:i]
-            if left in vocab:
-                right = token[i:]
-                if right in vocab:
-                    append((rank, i, size - i, left, right))
+        for i in lengths:
+            if i >= size:
+                break
+            if size - i in present:
+                left = token[:i]
+                if left in vocab:
+                    right = token[i:]
+                    if right in vocab:
+                        append((rank, i, size - i, left, right))
     entries.sort(key=lambda e: (e[0], e[1], e[2]), reverse=reverse)
     return [(e[3], e[4]) for e in entries]
 
