@@ -5,6 +5,7 @@ gguf_file.py, gguf_tokenizer.py and mmproj.py check the values they read)."""
 from __future__ import annotations
 
 import math
+import os
 import resource
 import struct
 import subprocess
@@ -102,6 +103,15 @@ def test_block_count_beyond_the_tensors_is_refused_through_the_cli(tmp_path):
     result = run_cli_bounded("compile", path, "-o", tmp_path / "out", "--target", "cpu")
     assert result.returncode == 2, result.stderr
     assert_one_line(result.stderr, path, "llama.block_count", "4294967295")
+
+
+def test_a_fifo_as_the_text_model_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "text.gguf"
+    os.mkfifo(fifo)
+    mmproj = raw_gguf(tmp_path / "mmproj.gguf", [kv("general.architecture", STRING, string("clip"))])
+    result = run_cli_bounded("compile", fifo, "--mmproj", mmproj, "-o", tmp_path / "out", "--target", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, fifo, "not a regular file")
 
 
 def header_cases():
@@ -259,6 +269,21 @@ def test_gemma2_softcapping_of_the_wrong_kind_is_one_line(tmp_path, key, value):
     assert_one_line(error, path, f"gemma2.{key}", value)
 
 
+def test_an_architecture_that_is_not_text_is_one_line(tmp_path):
+    path = raw_gguf(tmp_path / "arch.gguf", [kv_array("general.architecture", STRING, 1, string("llama"))])
+    with pytest.raises(EdgeLLMError) as error:
+        GGUFSource(path)
+    assert_one_line(error, path, "['llama']")
+
+
+def test_q_rows_that_are_not_rotary_pairs_per_head_are_one_line(tmp_path):
+    # ModelConfig refuses this shape before a build reads the tensor; a caller that did not ask it is answered too
+    source = GGUFSource(small_gguf(tmp_path / "m.gguf", attention__head_count=3, attention__head_count_kv=3))
+    with pytest.raises(EdgeLLMError) as error:
+        source.tensor("model.layers.0.self_attn.q_proj.weight")
+    assert_one_line(error, source.path, "q_proj", "3 heads")
+
+
 def test_a_missing_key_is_named(tmp_path):
     path = small_gguf(tmp_path / "m.gguf", embedding_length=None)
     with pytest.raises(EdgeLLMError) as error:
@@ -330,6 +355,7 @@ BAD_TOKENIZERS = [
     ("tokenizer.ggml.merges", [1, 2]), ("tokenizer.ggml.merges", "a b"), ("tokenizer.ggml.merges", ["a c"]),
     ("tokenizer.ggml.bos_token_id", 3), ("tokenizer.ggml.eos_token_id", -2), ("tokenizer.ggml.eos_token_id", "1"),
     ("tokenizer.ggml.pre", ["llama-bpe"]), ("tokenizer.ggml.model", ["gpt2"]), ("tokenizer.chat_template", 7),
+    ("general.architecture", ["llama"]),
 ]
 
 

@@ -43,6 +43,8 @@ def _type_name(kind: int) -> str:
 
 def check_gguf(path: Path) -> None:
     """Raise EdgeLLMError, naming the file and the key or tensor, where the header does not fit it."""
+    if Path(path).exists() and not Path(path).is_file():  # opening a FIFO would wait for a writer forever
+        raise EdgeLLMError(f"{path}: not a GGUF file (not a regular file)")
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)

@@ -85,7 +85,7 @@ class GGUFSource:
         self.path = path
         self.reader, self.fields = open_gguf(path)
         arch = self.fields.get("general.architecture")
-        if arch not in MODEL_TYPES:
+        if not isinstance(arch, str) or arch not in MODEL_TYPES:
             raise EdgeLLMError(
                 f"{path}: unsupported architecture '{arch}' (supported: {', '.join(sorted(MODEL_TYPES))})"
             )
@@ -275,6 +275,8 @@ class GGUFSource:
         if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
             return None
         heads = self.raw_config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+        if rows % (2 * heads):  # ModelConfig checks the shapes first; this guards a caller that did not
+            raise EdgeLLMError(f"{self.path}: tensor for '{name}' has {rows} rows: not pairs of rotary rows for {heads} heads")
         return llama_row_permutation(rows, heads)
 
     def tokenizer(self) -> TokenizerFiles:

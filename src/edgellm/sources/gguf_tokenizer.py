@@ -163,7 +163,7 @@ def _tokenizer(fields: dict) -> TokenizerFiles:
     merges = fields.get("tokenizer.ggml.merges")
     if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
         raise EdgeLLMError("GGUF tokenizer.ggml.merges is not a list of strings")
-    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+    for key in ("general.architecture", "tokenizer.ggml.pre", "tokenizer.chat_template"):
         if not isinstance(fields.get(key, ""), str):
             raise EdgeLLMError(f"GGUF {key} is not text: {shown(fields[key])}")
     arch = fields.get("general.architecture")
