@@ -105,6 +105,24 @@ def test_block_count_beyond_the_tensors_is_refused_through_the_cli(tmp_path):
     assert_one_line(result.stderr, path, "llama.block_count", "4294967295")
 
 
+def test_a_fifo_as_the_model_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    result = run_cli_bounded("compile", fifo, "-o", tmp_path / "out", "--target", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, fifo, "not a regular file")
+
+
+def test_a_lora_gguf_gets_the_header_check(tmp_path):
+    from edgellm.sources.lora import _read_gguf
+
+    path = raw_gguf(tmp_path / "lora.gguf", [kv("general.type", STRING, string("adapter")),
+                                             kv_array("adapter.lora.alpha", UINT8, 10**9, b"\1")])
+    with pytest.raises(EdgeLLMError) as error:
+        _read_gguf(path, None)
+    assert_one_line(error, path, "adapter.lora.alpha", "1000000000")
+
+
 def test_a_fifo_as_the_text_model_is_refused_without_waiting(tmp_path):
     fifo = tmp_path / "text.gguf"
     os.mkfifo(fifo)
@@ -355,7 +373,7 @@ BAD_TOKENIZERS = [
     ("tokenizer.ggml.merges", [1, 2]), ("tokenizer.ggml.merges", "a b"), ("tokenizer.ggml.merges", ["a c"]),
     ("tokenizer.ggml.bos_token_id", 3), ("tokenizer.ggml.eos_token_id", -2), ("tokenizer.ggml.eos_token_id", "1"),
     ("tokenizer.ggml.pre", ["llama-bpe"]), ("tokenizer.ggml.model", ["gpt2"]), ("tokenizer.chat_template", 7),
-    ("general.architecture", ["llama"]),
+    ("general.architecture", ["llama"]), ("tokenizer.ggml.add_bos_token", "false"), ("tokenizer.ggml.add_eos_token", 2),
 ]
 
 

@@ -26,6 +26,8 @@ def open_source(path: str | Path, mmproj: str | Path | None = None) -> ModelSour
         from .safetensors_dir import SafetensorsDirSource
 
         return SafetensorsDirSource(path)
+    if not path.is_file():  # (opening a named pipe would wait for a writer forever)
+        raise EdgeLLMError(f"{path}: not a regular file, a directory or a GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":

@@ -175,13 +175,13 @@ def _tokenizer(fields: dict) -> TokenizerFiles:
 
     if model_type == "llama":
         # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
-        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))
+        add_bos = _flag(fields, "tokenizer.ggml.add_bos_token", True)
     elif model_type == "gemma4":
         # transformers follows the reference tokenizer here: the chat template writes <bos> itself.
         add_bos = False
     else:
-        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False))
+        add_bos = _flag(fields, "tokenizer.ggml.add_bos_token", False)
+    add_eos = _flag(fields, "tokenizer.ggml.add_eos_token", False)
 
     if model_type == "gpt2":
         tok, vocab = _byte_level(tokens, merges, fields.get("tokenizer.ggml.pre"))
@@ -198,7 +198,7 @@ def _tokenizer(fields: dict) -> TokenizerFiles:
         elif gemma_shape:
             tok, vocab = _sentencepiece(tokens, merges, scores, unk, gemma_shape=True)
         else:
-            add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+            add_prefix = _flag(fields, "tokenizer.ggml.add_space_prefix", True)
             tok, vocab = _sentencepiece(tokens, merges, scores, unk, add_prefix_space=add_prefix)
             if arch == "phi3":
                 # Phi-3 prepends the space with a normalizer rather than Metaspace.
@@ -381,6 +381,15 @@ def _sentencepiece(
             steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
     return tok, vocab
+
+
+def _flag(fields: dict, key: str, default: bool) -> bool:
+    """A true/false setting: GGUF's bool (or an integer 0 or 1); text such as "false" is refused,
+    not read as true."""
+    value = fields.get(key, default)
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise EdgeLLMError(f"GGUF {key} is not true or false: {shown(value)}")
 
 
 def _derive_merges(vocab: dict[str, int], scores: dict[str, float] | None) -> list[tuple[str, str]]:

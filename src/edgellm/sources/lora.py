@@ -209,9 +209,11 @@ def _pattern_value(patterns: dict, module: str, default):
 def _read_gguf(path: Path, cfg: ModelConfig) -> LoraAdapter:
     import gguf
 
+    from .gguf_check import check_gguf
     from .gguf_file import GLOBAL_NAMES, LAYER_NAMES, MODEL_TYPES, llama_row_permutation
     from .gguf_tokenizer import gguf_fields
 
+    check_gguf(path)  # (GGUFReader trusts the header's counts)
     try:
         reader = gguf.GGUFReader(path)
         fields = gguf_fields(reader)
