@@ -128,3 +128,10 @@ def test_compile_never_writes_into_the_model_directory(tiny_build, tmp_path):
         run = subprocess.run(CLI + ["compile", "model", *args], capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 2 and "inside the model directory" in run.stderr, run.stderr
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_an_error_quoting_control_characters_stays_one_line(tmp_path):
+    odd = tmp_path / "a\nb\tc\x1b[31m"
+    result = subprocess.run(CLI + ["generate", str(odd), "-p", "hi"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "a\\nb\\tc\\x1b[31m: not an edgellm output directory" in result.stderr

@@ -540,8 +540,10 @@ def _logging(level: str) -> None:
 
 
 def _error(message) -> None:
-    """One line on stderr; the message is text, never markup (a tensor named "[/x]" stays as it is)."""
-    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)  # never wrapped
+    """One line on stderr; the message is text, never markup (a tensor named "[/x]" stays as it is),
+    and what it quotes from a file cannot break the line (control characters are shown escaped)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+    err.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)  # never wrapped
 
 
 def main() -> None:
