@@ -135,3 +135,15 @@ def test_an_error_quoting_control_characters_stays_one_line(tmp_path):
     result = subprocess.run(CLI + ["generate", str(odd), "-p", "hi"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "a\\nb\\tc\\x1b[31m: not an edgellm output directory" in result.stderr
+
+
+def test_a_tokenizer_that_fails_on_the_prompt_is_one_line(tiny_build_copy):
+    import json
+
+    path = tiny_build_copy / "runtime" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["model"]["unk_token"] = "[NOT IN THE VOCABULARY]"  # (found by the fuzz suite)
+    path.write_text(json.dumps(tokenizer))
+    run = subprocess.run(CLI + ["generate", str(tiny_build_copy), "-p", "zzz", "-n", "2"], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "tokenizer.json: the tokenizer cannot encode this text" in run.stderr

@@ -13,8 +13,9 @@ from .chat_template import ChatTemplate
 
 class TextCodec:
     def __init__(self, runtime_dir: Path):
+        self.path = runtime_dir / "tokenizer.json"
         try:
-            self.tokenizer = Tokenizer.from_file(str(runtime_dir / "tokenizer.json"))
+            self.tokenizer = Tokenizer.from_file(str(self.path))
         except Exception as e:  # the tokenizers library reports a missing or malformed file as a plain Exception
             raise EdgeLLMError(f"{runtime_dir / 'tokenizer.json'}: not a tokenizer ({str(e)[:200]}); "
                                f"run `edgellm compile ... --devkit`") from None
@@ -44,10 +45,16 @@ class TextCodec:
             # a command line's invalid bytes are U+DC80..U+DCFF; other lone surrogates come from elsewhere (a template)
             what = f"byte {bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"a lone surrogate U+{bad:04X}"
             raise EdgeLLMError(f"the text is not valid UTF-8 ({what} at character {e.start})") from None
-        return self.tokenizer.encode(text, add_special_tokens=special).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=special).ids
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exceptions)
+            raise EdgeLLMError(f"{self.path}: the tokenizer cannot encode this text ({str(e)[:200]})") from None
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except Exception as e:  # noqa: BLE001 (as encode)
+            raise EdgeLLMError(f"{self.path}: the tokenizer cannot decode tokens {ids[:8]} ({str(e)[:200]})") from None
 
     def render_chat(self, messages: list[dict]) -> str:
         if self._template_error:
