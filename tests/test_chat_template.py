@@ -21,21 +21,21 @@ CLI = [sys.executable, "-m", "edgellm.cli"]
 CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|im_start|>system\\n' + m['content'] "
           "+ '<|im_end|>\\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}"
           "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}{% endfor %}"
-          "{{ '%-6s|%3d' % ('n', messages|length) }}{{ '{:>4}'.format(loop_count|default(7)) }}")
+          "{{ '%-6s|%3d' % ('n', messages|length) }}{{ '{:>4}'.format(loop_count|default(7)) }}{{ big * 3 }}")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hi "},
             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
 
 
 def test_a_normal_template_renders_as_jinja_renders_it():
-    values = dict(messages=MESSAGES, add_generation_prompt=True, bos_token="<s>")
+    values = dict(messages=MESSAGES, add_generation_prompt=True, bos_token="<s>", big=10**12)
     expected = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(CHATML).render(**values)
     assert ChatTemplate(CHATML, "t.json").render(**values) == expected
 
 
 @pytest.mark.parametrize("source, needle", [
-    ("{{ 'a' * 10**10 }}", "the number 10000000000"),
+    ("{{ 'a' * 10**10 }}", "10000000000 x 1 items"),
     ("{{ 'a' * 1000000 * 1000 }}", "1000 x 1000000 items"),
-    ("{{ [0] * 100000000 }}", "the number 100000000"),
+    ("{{ [0] * 100000000 }}", "100000000 x 1 items"),
     ("{{ 7 ** 100000 }}", "7 ** 100000"),
     ("{{ 'x'|center(1000000000) }}", "filter center the number 1000000000"),
     ("{{ 'x'.ljust(1000000000) }}", "ljust the number 1000000000"),
@@ -106,3 +106,19 @@ def test_a_failing_render_ends_the_turn_not_the_chat(tiny_model, tmp_path, fp32_
     assert run.returncode == 0, run.stderr
     assert "failed on these messages: ValueError: no boom" in run.stderr and "Traceback" not in run.stderr
     assert "tokens/s" in run.stderr  # the second turn was answered
+
+
+def test_a_forked_process_measures_its_own_memory():
+    """The memory limit reads /proc/self/statm through a descriptor kept open; a process forked
+    after it was opened (a compile worker, a server's) must read its own, not its parent's."""
+    import os
+
+    before = chat_template._resident()
+    if before is None:
+        pytest.skip("no /proc/self/statm on this system: the memory limit is off here")
+    pid = os.fork()
+    if pid == 0:
+        grown = bytearray(300 << 20)  # resident: bytearray writes its zeros
+        os._exit(0 if chat_template._resident() - before > 250 << 20 and grown else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -74,8 +74,7 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         self.filters = {name: _checked(name, f) for name, f in self.filters.items()}
 
     def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            _check_arguments("*", (left, right))
+        if operator == "*":  # (a repetition; numbers multiply freely)
             for count, item in ((left, right), (right, left)):
                 if isinstance(count, int) and hasattr(item, "__len__") and count * len(item) > LARGEST_ARGUMENT:
                     raise _LimitExceeded(f"asked for {count} x {len(item)} items (limit {LARGEST_ARGUMENT})")
@@ -148,14 +147,14 @@ def _resident() -> int | None:
     """This process's resident bytes (Linux: one read of a file kept open); None without /proc."""
     global _statm
     try:
-        if _statm is None:
-            _statm = os.open("/proc/self/statm", os.O_RDONLY)
-        return int(os.pread(_statm, 128, 0).split()[1]) * _PAGE
+        if _statm is None or _statm[0] != os.getpid():  # (a forked process must read its own)
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
     except OSError:
         return None
 
 
-_statm: int | None = None
+_statm: tuple[int, int] | None = None  # (pid, file descriptor)
 
 
 def _short(e: Exception) -> str:
