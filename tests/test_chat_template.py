@@ -113,12 +113,16 @@ def test_a_forked_process_measures_its_own_memory():
     after it was opened (a compile worker, a server's) must read its own, not its parent's."""
     import os
 
-    before = chat_template._resident()
-    if before is None:
+    if chat_template._resident() is None:  # (opens the descriptor in this process)
         pytest.skip("no /proc/self/statm on this system: the memory limit is off here")
     pid = os.fork()
     if pid == 0:
-        grown = bytearray(300 << 20)  # resident: bytearray writes its zeros
-        os._exit(0 if chat_template._resident() - before > 250 << 20 and grown else 1)
+        import mmap
+
+        before = chat_template._resident()
+        grown = mmap.mmap(-1, 300 << 20)  # fresh pages (not free heap the parent left resident), each touched
+        for offset in range(0, len(grown), mmap.PAGESIZE):
+            grown[offset] = 1
+        os._exit(0 if chat_template._resident() - before > 250 << 20 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
