@@ -13,7 +13,7 @@ run (safetensors, its GGUF, a cpu and a native build); each is reproducible from
 tests/test_fuzz.py runs a short, fixed budget of it in the test suite.
 
 Cases run in processes forked from this one after it has imported edgellm, so a case costs the
-command's work, not Python's start; each runs with one thread and an address-space limit.
+command's work, not Python's start; each runs with OMP_NUM_THREADS=1 and an address-space limit.
 """
 
 from __future__ import annotations

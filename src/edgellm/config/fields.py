@@ -58,20 +58,20 @@ def number(raw: dict, key: str, where: str, default, high: float = math.inf):
 
 
 def flag(raw: dict, key: str, where: str, default: bool) -> bool:
-    value = _value(raw, key, where, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise EdgeLLMError(f"{where}: field '{key}' must be true or false, got {shown(value)}")
-    return value
+    return _of_type(raw, key, where, default, bool, "true or false")
 
 
 def text(raw: dict, key: str, where: str, default):
+    return _of_type(raw, key, where, default, str, "a string")
+
+
+def _of_type(raw: dict, key: str, where: str, default, kind: type, described: str):
+    """The field if it is a JSON value of kind, default if it is absent or null."""
     value = _value(raw, key, where, default)
     if value is None:
         return default
-    if not isinstance(value, str):
-        raise EdgeLLMError(f"{where}: field '{key}' must be a string, got {shown(value)}")
+    if not isinstance(value, kind):
+        raise EdgeLLMError(f"{where}: field '{key}' must be {described}, got {shown(value)}")
     return value
 
 
