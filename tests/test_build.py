@@ -165,7 +165,7 @@ def test_json_output_is_one_line(tiny, tmp_path):
 def test_every_segment_and_program_passes_the_onnx_checker(tiny, tmp_path):
     import onnx
 
-    out = build(tiny, tmp_path / "o", **OPTIONS)
+    out = build(tiny, tmp_path / "o", keep_intermediates=True, **OPTIONS)
     files = sorted((out / "onnx").rglob("*.onnx")) + sorted((out / "quant").rglob("*.onnx"))
     files += sorted((out / "compiled" / "cpu").glob("*.onnx"))
     assert len(files) > 2 * 2 * 3 * 4
@@ -178,7 +178,7 @@ def test_integer_segments_pass_the_onnx_checker(tiny, tmp_path):
     target's program uses ONNX Runtime's MatMulNBits."""
     import onnx
 
-    out = build(tiny, tmp_path / "o", plan="int4", **OPTIONS)
+    out = build(tiny, tmp_path / "o", plan="int4", keep_intermediates=True, **OPTIONS)
     files = sorted((out / "quant").rglob("*.onnx"))
     ops = set()
     for f in files:
@@ -202,10 +202,10 @@ def test_compile_false_keeps_the_earlier_build_of_a_unit(tiny, tmp_path):
     result = run_cli("compile", tiny, "-o", fresh, "-c", plan, "--max_num_tokens", 128,
                      "--language_group_size", 16, "--future_token_mask_size", 32)
     assert_clean_error(result, "single/layer001_pre has compile: False and no earlier build")
-    out = build(tiny, tmp_path / "out", plan=None, **OPTIONS)  # everything, BF16
+    out = build(tiny, tmp_path / "out", plan=None, keep_intermediates=True, **OPTIONS)  # everything, BF16
     kept = out / "quant" / "single" / "layer001_post.onnx"
     before = kept.read_bytes()
-    build(tiny, out, plan=plan, resume=True, **OPTIONS)
+    build(tiny, out, plan=plan, resume=True, keep_intermediates=True, **OPTIONS)
     assert kept.read_bytes() == before  # not rebuilt as int4
     rebuilt = (out / "quant" / "single" / "layer002_post.onnx").read_bytes()
     assert b"DequantizeLinear" in rebuilt
@@ -276,3 +276,143 @@ def test_a_build_that_would_not_fit_in_memory_stops_before_writing(tiny, tmp_pat
     with pytest.raises(EdgeLLMError, match=r"would need about .* of memory to run .* more than this machine's"):
         build(tiny, tmp_path / "o", **OPTIONS)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def _target_files(out: Path, target: str) -> dict:
+    """What a build's target reads, byte for byte (the native target's binaries aside: they are
+    compiled from model.c, and the linker may record where)."""
+    names = ("model.c", "weights.bin", "program.json") if target == "native" else ("group.onnx", "single.onnx", "weights.bin")
+    return {name: (out / "compiled" / target / name).read_bytes() for name in names}
+
+
+@pytest.mark.parametrize("target", ["cpu", "native"])
+def test_a_build_keeps_no_intermediates_unless_asked(tiny, tmp_path, target):
+    """Without --keep-intermediates no float segment is written and quant/ is gone once the build
+    is complete: the target's files are byte for byte those of a build that keeps them, the
+    manifest still says how each weight is stored, and --resume makes the same build again."""
+    lean = build(tiny, tmp_path / "lean", "int4", target=target, **OPTIONS)
+    kept = build(tiny, tmp_path / "kept", "int4", target=target, keep_intermediates=True, **OPTIONS)
+    assert not (lean / "onnx").exists() and not (lean / "quant").exists()
+    assert any((kept / "onnx").rglob("*.onnx")) and any((kept / "quant").rglob("*.data"))
+    assert _target_files(lean, target) == _target_files(kept, target)
+    units = json.loads((lean / "manifest.json").read_text())["units"]
+    assert not any(key.startswith("onnx:") for key in units)  # made inside each quantize job
+    assert units and all(entry["dropped"] for entry in units.values())
+    assert {k: v["files"] for k, v in units.items()} == {k: v for k, v in artifact_hashes(kept).items() if k.startswith("quantize:")}
+    # --resume over it: up to date (its units hash as recorded, its files are intact), nothing made
+    stamps = {p: p.stat().st_mtime_ns for p in (lean / "compiled").rglob("*")}
+    build(tiny, lean, "int4", target=target, resume=True, **OPTIONS)
+    assert {p: p.stat().st_mtime_ns for p in (lean / "compiled").rglob("*")} == stamps
+    # a damaged file is not up to date: the build is made again, from the source
+    weights = lean / "compiled" / target / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    build(tiny, lean, "int4", target=target, resume=True, **OPTIONS)
+    assert _target_files(lean, target) == _target_files(kept, target)
+    assert not (lean / "quant").exists()
+
+
+def test_the_native_compile_removes_each_quantized_file_once_it_is_read(tiny, tmp_path, monkeypatch):
+    """quant/ shrinks while weights.bin grows: by the time the weights are written no weights file
+    of the language model's segments is left (one copy of the weights on disk, not two). A compile
+    that fails after that, or halfway through the removals, resumes to the same build."""
+    from edgellm.errors import EdgeLLMError
+    from edgellm.targets import native, stage_files
+
+    reference = _target_files(build(tiny, tmp_path / "ref", "int4", target="native", **OPTIONS), "native")
+    left = {}
+
+    def no_compiler(toolchain, target_dir):
+        left["data"] = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "out" / "quant").rglob("*.data")
+                              if p.stat().st_size)  # (units without weights have an empty one)
+        raise EdgeLLMError("cc: killed (test)")
+
+    monkeypatch.setattr(native, "build_programs", no_compiler)
+    with pytest.raises(EdgeLLMError, match="killed"):
+        build(tiny, tmp_path / "out", "int4", target="native", **OPTIONS)
+    assert left["data"] == []
+    units = json.loads((tmp_path / "out" / "manifest.json").read_text())["units"]
+    for key, entry in units.items():  # the manifest vouches for no file that is gone
+        assert entry.get("dropped") or all((tmp_path / "out" / "quant" / name).is_file() for name in entry["files"]), key
+    monkeypatch.undo()
+    build(tiny, tmp_path / "out", "int4", target="native", resume=True, **OPTIONS)
+    assert _target_files(tmp_path / "out", "native") == reference
+
+    release, calls = stage_files.StageFiles.release, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        release(self)
+
+    monkeypatch.setattr(stage_files.StageFiles, "release", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny, tmp_path / "half", "int4", target="native", **OPTIONS)
+    # some read and removed (their units dropped), some not yet
+    assert any(p.stat().st_size for p in (tmp_path / "half" / "quant").rglob("*.data"))
+    assert any(e.get("dropped") for e in json.loads((tmp_path / "half" / "manifest.json").read_text())["units"].values())
+    monkeypatch.undo()
+    build(tiny, tmp_path / "half", "int4", target="native", resume=True, **OPTIONS)
+    assert _target_files(tmp_path / "half", "native") == reference
+
+
+def test_resume_over_a_complete_build_still_writes_what_its_hashes_do_not_cover(tiny, tmp_path):
+    """Up to date, --resume makes no unit again, but the runtime files (a chat template added to
+    tokenizer_config.json is in no unit's hash) are written as a build writes them."""
+    import shutil
+
+    model = Path(shutil.copytree(tiny, tmp_path / "hf"))
+    out = build(model, tmp_path / "o", "int4", target="native", **OPTIONS)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "compiled").rglob("*")}
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    build(model, out, "int4", target="native", resume=True, **OPTIONS)
+    assert {p: p.stat().st_mtime_ns for p in (out / "compiled").rglob("*")} == stamps
+    assert json.loads((out / "runtime" / "runtime_config.json").read_text())["chat_template"] == "{{ messages[0]['content'] }}"
+    from edgellm.record import BuildRecord
+
+    BuildRecord.load(out).check_files(out, full=True)  # the record follows the new runtime files
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_a_compile_stage_alone_after_the_intermediates_went_says_so(tiny, tmp_path):
+    out = build(tiny, tmp_path / "o", "int4", **OPTIONS)
+    args = ["compile", tiny, "-o", out, "--max_num_tokens", 128, "--language_group_size", 16, "--future_token_mask_size", 32,
+            "--target", "cpu", "-c", "int4"]
+    assert_clean_error(run_cli(*args, "--compile"), "quantized segment was removed once it was compiled",
+                       "--keep-intermediates")
+
+
+def test_kept_intermediates_compiled_without_keeping_are_removed_as_read(tiny, tmp_path, monkeypatch):
+    """quant/ kept by one build (separate group and single files, no hard links) and compiled by a
+    later run without --keep-intermediates: a file goes when its initializers are read, whichever
+    variant's file they were read from."""
+    from edgellm.errors import EdgeLLMError
+    from edgellm.targets import native
+
+    out = build(tiny, tmp_path / "o", "int4", target="native", keep_intermediates=True, **OPTIONS)
+    assert (out / "quant" / "group" / "layer001_post.data").stat().st_nlink == 1
+    left = {}
+
+    def no_compiler(toolchain, target_dir):
+        left["data"] = sorted(p.name for p in (out / "quant").rglob("*.data") if p.stat().st_size)
+        raise EdgeLLMError("cc: killed (test)")
+
+    monkeypatch.setattr(native, "build_programs", no_compiler)
+    with pytest.raises(EdgeLLMError, match="killed"):
+        build(tiny, out, "int4", target="native", stages=("compile",), **OPTIONS)
+    assert left["data"] == []
+
+
+def test_a_layers_group_and_single_files_are_one_file_on_disk(tiny, tmp_path):
+    """Until the build completes, a layer's two variants at one precision share their weights file
+    (a hard link); the kept intermediates stay separate files (onnx's checker refuses hard links)."""
+    out = tmp_path / "o"
+    args = ["compile", tiny, "-o", out, "--max_num_tokens", 128, "--language_group_size", 16, "--future_token_mask_size", 32,
+            "--target", "cpu", "-c", "int4"]
+    assert run_cli(*args, "--devkit", "--onnx", "--quantize").returncode == 0
+    group, single = (out / "quant" / variant / "layer001_post.data" for variant in ("group", "single"))
+    assert group.stat().st_ino == single.stat().st_ino and group.stat().st_nlink == 2
+    assert run_cli(*args, "--compile").returncode == 0
+    assert not (out / "quant").exists()
+    kept = build(tiny, tmp_path / "kept", "int4", keep_intermediates=True, **OPTIONS)
+    assert (kept / "quant" / "group" / "layer001_post.data").stat().st_nlink == 1

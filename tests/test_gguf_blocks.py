@@ -14,6 +14,7 @@ import edgellm
 from conftest import build
 from edgellm.build import Manifest
 from edgellm.quant.blocks import concat_rows
+from edgellm.sources import gguf_blocks
 from edgellm.sources.gguf_blocks import LAYOUTS, read_blocks
 from gguf_writer import random_blocks, write_gguf, write_kquant_model
 from tiny_models import VOCAB
@@ -25,8 +26,12 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
+@pytest.mark.parametrize("slab", [None, 3], ids=["whole", "slabs-of-3"])
 @pytest.mark.parametrize("type_name", sorted(LAYOUTS))
-def test_each_type_reads_bit_exactly_as_gguf_dequantizes_it(type_name):
+def test_each_type_reads_bit_exactly_as_gguf_dequantizes_it(type_name, slab, monkeypatch):
+    """Also read 3 stored blocks at a time (a last slab shorter), as a large tensor is read."""
+    if slab is not None:
+        monkeypatch.setattr(gguf_blocks, "SLAB", slab)
     raw = random_blocks(8, 512, type_name, np.random.default_rng(1))
     blocks = read_blocks(raw, type_name)
     expected = dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(8, 512)

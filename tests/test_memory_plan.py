@@ -22,7 +22,7 @@ def _decode_program(out, layers):
 
 
 def test_plan_never_overlaps_live_tensors_and_lies_between_bound_and_total(tmp_path):
-    out = build(save_tiny("gemma3", tmp_path / "hf"), tmp_path / "out", "int4", **OPTIONS)
+    out = build(save_tiny("gemma3", tmp_path / "hf"), tmp_path / "out", "int4", keep_intermediates=True, **OPTIONS)
     plan = plan_memory(_decode_program(out, 3), {"kv_len": 64})
     assert len(plan.placements) > 50
     for a, b in itertools.combinations(plan.placements, 2):
@@ -34,6 +34,6 @@ def test_plan_never_overlaps_live_tensors_and_lies_between_bound_and_total(tmp_p
 
 
 def test_symbolic_dimensions_need_values(tmp_path):
-    out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", "int4", **OPTIONS)
+    out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", "int4", keep_intermediates=True, **OPTIONS)
     with pytest.raises(ValueError, match="kv_len"):
         plan_memory(_decode_program(out, 3), {})

@@ -455,13 +455,13 @@ def test_vision_units_build_in_parallel_and_resume_to_the_same_files(llava, tmp_
     def digest(out):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "compiled" / "vision").iterdir())}
 
-    parallel = build(llava, tmp_path / "parallel", "int8", jobs=2, **OPTIONS)
+    parallel = build(llava, tmp_path / "parallel", "int8", jobs=2, keep_intermediates=True, **OPTIONS)
     first = digest(parallel)
     units = json.loads((parallel / "manifest.json").read_text())["units"]
     assert {"onnx:vision/embed", "onnx:vision/layer001", "quantize:vision/projector"} <= set(units)
     assert "onnx:vision/layer002" not in units  # LLaVA reads the second to last layer: the last is not compiled
     before = {p: p.stat().st_mtime_ns for p in (parallel / "quant" / "vision").iterdir()}
-    build(llava, tmp_path / "parallel", "int8", jobs=2, resume=True, **OPTIONS)
+    build(llava, tmp_path / "parallel", "int8", jobs=2, resume=True, keep_intermediates=True, **OPTIONS)
     assert {p: p.stat().st_mtime_ns for p in (parallel / "quant" / "vision").iterdir()} == before
     assert digest(parallel) == first
     assert digest(build(llava, tmp_path / "serial", "int8", **OPTIONS)) == first

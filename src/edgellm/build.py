@@ -1,7 +1,7 @@
 """The compile pipeline: stages, work units, the manifest, --resume and -j.
 
     devkit    runtime files: tokenizer, chat template, generation settings, model_config.json
-    onnx      one float segment per unit            -> onnx/<variant>/<unit>.onnx
+    onnx      one float segment per unit            -> onnx/<variant>/<unit>.onnx (kept only when asked)
     quantize  the precision plan applied per unit   -> quant/<variant>/<unit>.onnx
     compile   segments linked per variant, target   -> compiled/cpu/{group,single}.onnx + weights.bin
                                                        compiled/native/ model.c, libmodel.so, model_main
@@ -10,10 +10,17 @@ Every unit's output is written atomically and recorded in manifest.json with the
 everything it was made from; --resume skips units whose recorded hash and files still match, so an
 interrupted build resumed gives the same files as an uninterrupted one. The manifest says
 "complete": true only after the last stage.
+
+The onnx/ and quant/ files are intermediates: a full build makes each unit's float segment inside
+its quantize job (a scratch file, gone when the job ends) and removes quant/ once the build is
+complete, unless --keep-intermediates keeps both (for --resume after a plan change, `compile:
+False`, inspecting segments). A stage run alone (--onnx) writes its files: they are its output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +77,7 @@ class BuildOptions:
     lora: tuple[tuple[str, str], ...] = ()  # (--lora_name, --lora_path) pairs compiled with the build
     lora_dtype: str = "int8"  # how compiled adapters store their factors (quant/adapters.py)
     mmproj: str | None = None  # llama.cpp's vision projector GGUF beside a GGUF text model
+    keep_intermediates: bool = False  # keep onnx/ and quant/ after a complete build (see the module's docstring)
 
     def validate(self) -> None:
         for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
@@ -122,10 +130,16 @@ class Manifest:
         _atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
     def unit_done(self, key: str, in_hash: str, out_dir: Path) -> bool:
+        """The unit was made from these inputs and its files are as it left them (read whole)."""
+        return self.unit_recorded(key, in_hash, out_dir) and all(
+            file_sha256(out_dir / f) == sha for f, sha in self.data["units"][key]["files"].items())
+
+    def unit_recorded(self, key: str, in_hash: str, out_dir: Path) -> bool:
+        """The unit was made from these inputs and its files are there (for files this run wrote)."""
         entry = self.data.get("units", {}).get(key)
-        if not entry or entry["hash"] != in_hash:
+        if not entry or entry["hash"] != in_hash or entry.get("dropped"):
             return False
-        return all((out_dir / f).is_file() and file_sha256(out_dir / f) == sha for f, sha in entry["files"].items())
+        return all((out_dir / f).is_file() for f in entry["files"])
 
     def record(self, key: str, in_hash: str, result: dict) -> None:
         """result: {"files": {name: sha256}, and for the quantize stage "weights": {weight: how stored}}"""
@@ -175,23 +189,30 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     # A full build without --resume starts over (with --resume, unit hashes decide what is kept).
     # Single stages (--onnx, --quantize, ...) build on what earlier runs recorded, unless those
     # were made from another model or with other options: the stages not run now would be stale.
-    recorded = {k: v for k, v in asdict(options).items() if k not in ("jobs", "resume", "stages")}
+    recorded = {k: v for k, v in asdict(options).items() if k not in ("jobs", "resume", "stages", "keep_intermediates")}
     recorded = json.loads(json.dumps(recorded))  # as manifest.json gives it back (tuples are lists)
     manifest = Manifest.open(out / "manifest.json", fresh=not options.resume and set(options.stages) == set(STAGES))
     identity = dict(edgellm=__version__, model=str(Path(model_path).resolve()), source_fingerprint=source.fingerprint(),
                     options=recorded)
     if set(options.stages) != set(STAGES) and any(manifest.data.get(k) != v for k, v in identity.items()):
         manifest = Manifest(manifest.path, {})
-    manifest.data.update(identity, complete=False)
-    manifest.save()
-    _atomic_write(out / "model_config.json", cfg.to_json())
     context = _Context(str(model_path), out, options, cfg, source.fingerprint(), plan, layout,
                        None if merged is None else str(merged))
+    # --resume over a complete build of the same inputs: its units need no making again (the
+    # devkit files, compiled adapters and the record are still written: their inputs are not all hashed)
+    up_to_date = (options.resume and set(options.stages) == set(STAGES) and manifest.data.get("complete")
+                  and all(manifest.data.get(k) == v for k, v in identity.items())
+                  and manifest.data.get("code") == _code_digest() and _up_to_date(manifest, units, context))
+    manifest.data.update(identity, complete=False, code=_code_digest())
+    manifest.save()
+    _atomic_write(out / "model_config.json", cfg.to_json())
     for stage in STAGES:
         if stage not in options.stages:
             continue
-        log.info("stage %s", stage)
-        if stage == "devkit":
+        log.info("stage %s%s", stage, ": up to date" if up_to_date and stage != "devkit" else "")
+        if up_to_date and stage != "devkit":
+            pass  # (recorded as done below: its outputs stand)
+        elif stage == "devkit":
             _devkit(source, cfg, options, out)
         elif stage == "compile" and options.target == "cpu":
             from .targets.cpu import compile_cpu
@@ -203,7 +224,7 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
             compile_native(out, cfg, options, units, plan, manifest, progress)
         else:
             _run_units(stage, units, context, manifest, progress)
-        if stage == "compile" and cfg.vision is not None:
+        if stage == "compile" and cfg.vision is not None and not up_to_date:
             from .targets.vision import compile_vision
 
             compile_vision(out, units, plan, options, manifest)
@@ -219,7 +240,32 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
         BuildRecord.from_build(__version__, options, plan, layout, out).save(out)
     manifest.data["complete"] = complete
     manifest.save()
+    if complete and not options.keep_intermediates:
+        _drop_intermediates(out, manifest)
     return out
+
+
+def _drop_intermediates(out: Path, manifest: Manifest) -> None:
+    """A complete build needs none of onnx/ and quant/: the manifest keeps their entries (what was
+    built, how each weight is stored) marked dropped, so --resume makes them again if asked to."""
+    for key, entry in manifest.data.get("units", {}).items():
+        if key.startswith(("onnx:", "quantize:")):
+            entry["dropped"] = True
+    manifest.save()  # first: a crash in between leaves files that no entry vouches for, never the reverse
+    for stage in ("onnx", "quantize"):
+        # the segments (of this build or an older one), not dotfiles: a running build's temporaries
+        # are its own, and anything else there is not the build's to remove
+        stage_dir = out / stage_dir_name(stage)
+        for path in sorted(stage_dir.rglob("*"), reverse=True):  # (a folder's files before the folder)
+            if path.name.startswith("."):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):  # (not empty)
+                    path.rmdir()
+            elif path.suffix in (".onnx", ".data"):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            stage_dir.rmdir()
 
 
 def _read_adapters(options: BuildOptions, cfg: ModelConfig) -> dict:
@@ -256,8 +302,9 @@ def unit_hash(stage: str, unit: Unit, ctx: _Context, extra: str = "") -> str:
     return hashlib.sha256(basis.encode()).hexdigest()[:24]
 
 
-def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> dict:
-    """One unit of the onnx or quantize stage (runs in a worker process with -j)."""
+def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None, float_file: bool = False) -> dict:
+    """One unit of the onnx or quantize stage (runs in a worker process with -j). float_file: the
+    quantize stage reads the unit's float segment from onnx/ instead of making it here."""
     from .graph.io import Spill, load_lazy, save_segment
 
     report = {}
@@ -268,33 +315,38 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None) -> 
     # weights go to a scratch file as they are made and are copied from there by save_segment
     with Spill(path.parent / f".{path.stem}.spill{os.getpid()}") as spill:
         if stage == "onnx":
-            from .graph.segments import Shapes, emit
-
-            cfg = ctx.cfg
-            adapter = _open_adapter_cached(ctx.merged_adapter, cfg) if ctx.merged(unit) else None
-
-            names = cfg.vision if unit.part in VISION_PARTS else cfg  # whose role -> tensor name map
-
-            def weights(role, layer):
-                name = names.tensor_name(role, layer)
-                w = _open_source_cached(ctx.model_path, ctx.options.mmproj).tensor(name)
-                # (a float64 sum is NaN or infinite exactly when some weight is: float32 cannot overflow it)
-                if not np.isfinite(np.sum(w, dtype=np.float64)):
-                    raise EdgeLLMError(f"{ctx.model_path}: tensor {name} holds NaN or infinite values")
-                factors = adapter.factors.get((role, layer)) if adapter is not None else None
-                return w if factors is None else w + factors.delta()  # LORA_MERGED: before quantization
-
-            model = emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, ctx.branch_rank(unit)), spill)
+            model = _float_segment(unit, ctx, spill)
         else:
             from .quant.precision import QuantOptions, apply_precision
 
-            model, report = apply_precision(load_lazy(ctx.out / "onnx" / f"{unit.name}.onnx"), precision,
-                                            QuantOptions(o.block_size, o.block_scheme), _source_blocks(ctx), spill)
+            floats = load_lazy(ctx.out / "onnx" / f"{unit.name}.onnx") if float_file else _float_segment(unit, ctx, spill)
+            model, report = apply_precision(floats, precision, QuantOptions(o.block_size, o.block_scheme),
+                                            _source_blocks(ctx), spill)
             for weight, how in sorted(report.items()):
                 log.info("%s: %s", weight, how)
         save_segment(model, path)
     files = {str(p.relative_to(stage_dir)): file_sha256(p) for p in (path, path.with_suffix(".data")) if p.is_file()}
     return {"files": files, "weights": report} if stage == "quantize" else {"files": files}
+
+
+def _float_segment(unit: Unit, ctx: _Context, spill):
+    """The unit's float ONNX segment, its weights in the spill file."""
+    from .graph.segments import Shapes, emit
+
+    o, cfg = ctx.options, ctx.cfg
+    adapter = _open_adapter_cached(ctx.merged_adapter, cfg) if ctx.merged(unit) else None
+    names = cfg.vision if unit.part in VISION_PARTS else cfg  # whose role -> tensor name map
+
+    def weights(role, layer):
+        name = names.tensor_name(role, layer)
+        w = _open_source_cached(ctx.model_path, o.mmproj).tensor(name)
+        # (a float64 sum is NaN or infinite exactly when some weight is: float32 cannot overflow it)
+        if not np.isfinite(np.sum(w, dtype=np.float64)):
+            raise EdgeLLMError(f"{ctx.model_path}: tensor {name} holds NaN or infinite values")
+        factors = adapter.factors.get((role, layer)) if adapter is not None else None
+        return w if factors is None else w + factors.delta()  # LORA_MERGED: before quantization
+
+    return emit(unit, cfg, weights, Shapes(o.language_group_size, o.max_num_tokens, ctx.branch_rank(unit)), spill)
 
 
 def _source_blocks(ctx: _Context):
@@ -360,47 +412,132 @@ def stage_dir_name(stage: str) -> str:
 def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest, progress) -> None:
     o = ctx.options
     plan = ctx.plan
+    if stage == "onnx" and "quantize" in o.stages and not o.keep_intermediates:
+        log.info("float segments are made inside each quantize job and not kept (--keep-intermediates keeps them)")
+        return
     stage_dir = ctx.out / stage_dir_name(stage)
     todo = []
     for unit in units:
         choice = plan.choice(unit)
         if not choice.compile:  # the plan keeps this unit as an earlier build left it (targets check it exists)
             continue
-        precision = choice.precision if stage == "quantize" else None
-        upstream = manifest.data.get("units", {}).get(f"onnx:{unit.name}", {}).get("files", {}) if stage == "quantize" else {}
-        if stage == "quantize" and not upstream:
-            raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without --quantize)")
-        quant = [precision, o.block_size, o.block_scheme] if stage == "quantize" else []
-        lora = [ctx.branch_rank(unit), adapter_fingerprint(ctx.merged_adapter) if ctx.merged(unit) else None]
-        h = unit_hash(stage, unit, ctx, extra=json.dumps([quant, upstream, lora], sort_keys=True))
+        float_hash, quant_hash = _unit_hashes(unit, ctx)
+        h = quant_hash if stage == "quantize" else float_hash
         key = f"{stage}:{unit.name}"
-        if ctx.options.resume and manifest.unit_done(key, h, stage_dir):
+        if o.resume and manifest.unit_done(key, h, stage_dir):
             continue
-        todo.append((unit, precision, h, key))
+        float_file = False
+        if stage == "quantize":
+            # a float segment from the onnx stage is read when it is still the same (a full build
+            # makes it inside the quantize job instead; one the onnx stage wrote in this run is)
+            floats = f"onnx:{unit.name}"
+            float_file = (manifest.unit_recorded(floats, float_hash, ctx.out / "onnx") if "onnx" in o.stages
+                          else manifest.unit_done(floats, float_hash, ctx.out / "onnx"))
+            if not float_file and "onnx" not in o.stages:
+                raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without "
+                                   f"--quantize), or run both stages together")
+        todo.append((unit, choice.precision if stage == "quantize" else None, h, key, float_file))
+    # The vocabulary-sized units first: each makes a float scratch file as large as the whole table
+    # (float32), which is best made while quant/ is still nearly empty (the stage's disk peak);
+    # with -j it also keeps the longest jobs from starting last.
+    todo.sort(key=lambda job: job[0].part not in ("EMBED", "HEAD"))
     done = len(units) - len(todo)
     if progress:
         progress(stage, done, len(units))
-    if ctx.options.jobs > 1 and len(todo) > 1:
+
+    def finished(unit: Unit, h: str, key: str, result: dict) -> None:
+        nonlocal done
+        manifest.record(key, h, result)
+        # (onnx's checker refuses hard-linked data: kept files, and the onnx stage's output, stay copies)
+        if stage == "quantize" and not o.keep_intermediates:
+            _share_with_twin(stage_dir, unit, manifest, stage)
+        done += 1
+        if progress:
+            progress(stage, done, len(units))
+
+    if o.jobs > 1 and len(todo) > 1:
         failure = None
-        with ProcessPoolExecutor(max_workers=ctx.options.jobs) as pool:
-            futures = [(pool.submit(_stage_job, stage, u, ctx, p), h, k) for u, p, h, k in todo]
-            for future, h, key in futures:
+        with ProcessPoolExecutor(max_workers=o.jobs) as pool:
+            futures = [(pool.submit(_stage_job, stage, u, ctx, p, f), u, h, k) for u, p, h, k, f in todo]
+            for future, unit, h, key in futures:
                 try:  # record every unit that finished, so --resume keeps them after one fails
-                    manifest.record(key, h, future.result())
+                    finished(unit, h, key, future.result())
                 except Exception as e:  # noqa: BLE001 (re-raised below)
                     failure = failure or e
-                    continue
-                done += 1
-                if progress:
-                    progress(stage, done, len(units))
         if failure is not None:
             raise failure
     else:
-        for unit, precision, h, key in todo:
-            manifest.record(key, h, _stage_job(stage, unit, ctx, precision))
-            done += 1
-            if progress:
-                progress(stage, done, len(units))
+        for unit, precision, h, key, float_file in todo:
+            finished(unit, h, key, _stage_job(stage, unit, ctx, precision, float_file))
+
+
+def _unit_hashes(unit: Unit, ctx: _Context) -> tuple[str, str]:
+    """The unit's input hashes in the onnx and the quantize stage. The float segment is a function
+    of its inputs, so its hash stands for it in the quantize stage's, whether or not its file was kept."""
+    o = ctx.options
+    lora = [ctx.branch_rank(unit), adapter_fingerprint(ctx.merged_adapter) if ctx.merged(unit) else None]
+    float_hash = unit_hash("onnx", unit, ctx, extra=json.dumps([[], {}, lora], sort_keys=True))
+    precision = ctx.plan.choice(unit).precision
+    quant_hash = unit_hash("quantize", unit, ctx, extra=json.dumps(
+        [[precision, o.block_size, o.block_scheme], float_hash, lora], sort_keys=True))
+    return float_hash, quant_hash
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """edgellm's own code (Python, the C kernels, presets): a build made by other code than this is
+    not up to date, even where the version string is the same (a development tree)."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".c", ".h", ".json") and path.is_file():
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _up_to_date(manifest: Manifest, units: list[Unit], ctx: _Context) -> bool:
+    """--resume over a complete build of the same inputs: every unit hashes to what was recorded
+    (dropped intermediates included: the compiled files were made from them) and every file of
+    the build is intact, so nothing needs making again."""
+    recorded = manifest.data.get("units", {})
+    for unit in units:
+        entry = recorded.get(f"quantize:{unit.name}", {})
+        if ctx.plan.choice(unit).compile and entry.get("hash") != _unit_hashes(unit, ctx)[1]:
+            return False
+        if ctx.options.keep_intermediates and entry.get("dropped"):  # asked to keep what is gone: make it again
+            return False
+    try:
+        BuildRecord.load(ctx.out).check_files(ctx.out, full=True)
+    except EdgeLLMError as e:
+        log.info("--resume: %s", e)
+        return False
+    return True
+
+
+def _share_with_twin(stage_dir: Path, unit: Unit, manifest: Manifest, stage: str) -> None:
+    """A layer's group and single units at the same precision hold the same weights, so their .data
+    files are the same bytes: the second is made a hard link of the first (half the stage's disk;
+    only edgellm reads these files). Replacing either later (os.replace) leaves the other as it was."""
+    if unit.part in VISION_PARTS:
+        return
+    twin = Unit(not unit.is_group, unit.part, unit.index, unit.bucket)
+    units = manifest.data.get("units", {})
+    mine, theirs = units.get(f"{stage}:{unit.name}", {}), units.get(f"{stage}:{twin.name}", {})
+    data = f"{unit.name}.data"
+    other = f"{twin.name}.data"
+    if data not in mine.get("files", {}) or mine["files"][data] != theirs.get("files", {}).get(other) or theirs.get("dropped"):
+        return
+    path, source = stage_dir / data, stage_dir / other
+    try:
+        # the twin's file itself, read: its entry may predate it (a run killed between a worker's
+        # write and its record) or the file may have changed since
+        if path.stat().st_ino == source.stat().st_ino or file_sha256(source) != mine["files"][data]:
+            return
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a file system without hard links: both copies stay
+        log.info("%s: not linked to %s (%s)", path, source, e)
 
 
 def _devkit(source, cfg: ModelConfig, options: BuildOptions, out: Path) -> None:

@@ -56,6 +56,7 @@ def compile(
     lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="PEFT adapter directory or GGUF LoRA file (repeatable)"),
     lora_dtype: str = typer.Option("int8", "--lora_dtype", help="how compiled adapters store their factors: int8 or float32"),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="llama.cpp's vision projector GGUF for a GGUF text model (a vision-language model in two files)"),
+    keep_intermediates: bool = typer.Option(False, "--keep-intermediates", help="keep the float (onnx/) and quantized (quant/) segments after the build: --resume then rebuilds only what a changed plan changes"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
 ):
     """Compile MODEL into an output directory that `edgellm chat` runs."""
@@ -76,7 +77,7 @@ def compile(
         block_size=block_size, asymmetric=asymmetric, quantize_embeddings=_embedding_width(quantize_embeddings, lm_head_bits),
         int8_activations=int8_activations, enable_filter_sharing=enable_filter_sharing,
         kv_cache_dtype=kv_cache_dtype, lora=_lora_pairs(lora_name or [], lora_path or []), lora_dtype=lora_dtype,
-        mmproj=str(mmproj) if mmproj else None,
+        mmproj=str(mmproj) if mmproj else None, keep_intermediates=keep_intermediates,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:

@@ -97,9 +97,8 @@ def apply_precision(
     rewriter = _Rewriter(model, spill)
     report = {}
     for node, slot, init in weight_initializers(model):
-        w = to_array(init)
         if precision == "BF16":
-            report[init.name] = _to_bf16(rewriter, node, slot, init, w)
+            report[init.name] = _to_bf16(rewriter, node, slot, init, to_array(init))
             continue
         if precision in CODEBOOK_BITS:
             if node.op_type != "MatMul":
@@ -108,16 +107,16 @@ def apply_precision(
             stored = packed(init.name)[1] if packed else "float"
             report[init.name] = f"{stored} {'quantized' if stored == 'float' else 'converted'} to {bits}-bit codebooks"
             rewriter.drop(init)
+            w = to_array(init)
             _codebook_matmul(rewriter, node, init.name, quantize_codebooks(np.ascontiguousarray(w.T, dtype=np.float32), bits))
             continue
-        hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
         source_blocks, stored = packed(init.name) if packed else (None, "float")
         if precision == "SOURCE" and source_blocks is None:
             if stored == "float":  # float32 in the file: kept
                 report[init.name] = "float32"
                 continue
             if stored in ("GGUF F16", "GGUF BF16"):  # half the bytes of float32 (F16 loses 3 mantissa bits)
-                report[init.name] = f"{stored} as {_to_bf16(rewriter, node, slot, init, w)}"
+                report[init.name] = f"{stored} as {_to_bf16(rewriter, node, slot, init, to_array(init))}"
                 continue
         if precision == "SOURCE":  # the source's own blocks, or for a type edgellm cannot run as it is
             # (IQ types, Q2_K / Q3_K; a merged adapter's new values) the nearest integer width
@@ -131,6 +130,9 @@ def apply_precision(
         else:
             if precision == "SOURCE" and source_blocks is not None:  # a table the lookup cannot read as stored
                 bits = 8
+            # (the float values are read only here: the source's own blocks never need them)
+            w = to_array(init)
+            hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
             scheme = options.scheme
             if scheme == "minimum" and (node.op_type != "MatMul" or hf_layout.shape[1] % options.block_size):
                 scheme = "zero_point"  # a lookup, or blocks not tiling K, cannot carry a float minimum

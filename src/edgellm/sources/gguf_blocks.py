@@ -103,6 +103,26 @@ def _q6_k(b):
     return (q.astype(np.int8) - 32).reshape(n, SUPER), scale, None
 
 
+SLAB = 1 << 14  # stored blocks per reader call: bounds its temporaries (whole, a Q6_K LM head's took 1.2 GB)
+
+
+def _read_slabs(stored: np.ndarray, reader):
+    """reader(stored) run on slabs of blocks, filling arrays of the whole's size (q, scale, minimum:
+    arrays, Factored or None), so the reader's temporaries are a slab's, not the tensor's."""
+    first = reader(stored[:SLAB])
+    leaves = [None if x is None else (x.integer, x.unit) if isinstance(x, Factored) else (x,) for x in first]
+    whole = [None if group is None else tuple(np.empty((len(stored), *a.shape[1:]), a.dtype) for a in group)
+             for group in leaves]
+    for start in range(0, len(stored), SLAB):
+        part = first if start == 0 else reader(stored[start : start + SLAB])
+        for x, target in zip(part, whole):
+            if target is not None:
+                for a, t in zip((x.integer, x.unit) if isinstance(x, Factored) else (x,), target):
+                    t[start : start + len(a)] = a
+    return [None if group is None else Factored(*group) if isinstance(x, Factored) else group[0]
+            for x, group in zip(first, whole)]
+
+
 # type -> (bits, weights per block, weights per stored block, stored block bytes, reader)
 LAYOUTS = {
     "Q4_0": (4, 32, 32, 18, _q4_0),
@@ -124,8 +144,7 @@ def read_blocks(raw: np.ndarray, type_name: str) -> BlockQuantized | None:
         return None
     bits, block, stored_block, nbytes, reader = layout
     rows = raw.shape[0]
-    stored = raw.reshape(-1, nbytes)
-    q, scale, minimum = reader(stored)
+    q, scale, minimum = _read_slabs(raw.reshape(-1, nbytes), reader)
     per_row = raw.shape[1] // nbytes * (stored_block // block)  # blocks per row
 
     def shaped(a):

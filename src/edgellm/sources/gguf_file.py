@@ -7,6 +7,7 @@ so the per-family adapters serve GGUF and safetensors alike. Tensors are dequant
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from pathlib import Path
 
@@ -241,6 +242,7 @@ class GGUFSource:
         except (NotImplementedError, ValueError) as e:
             raise EdgeLLMError(f"{self.path}: tensor {t.name} of type {t.tensor_type.name} cannot be read ({e})") from None
         w = w.reshape(shape)
+        self._release(t)
         permutation = self._row_permutation(name, w.shape[0])
         if permutation is not None:
             w = w[permutation]
@@ -257,8 +259,23 @@ class GGUFSource:
             return None
         rows = int(t.shape[1]) if len(t.shape) == 2 else 1
         blocks = read_blocks(np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1), t.tensor_type.name)
+        self._release(t)
         permutation = self._row_permutation(name, rows)
         return blocks if permutation is None else blocks.rows(permutation)
+
+    def _release(self, t) -> None:
+        """Take a tensor's pages of the memory-mapped file out of this process once it is read (a
+        view of them still reads correctly: they come back from the page cache). A compile reads
+        each tensor once or twice; without this every page it ever read stays in its RSS."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)  # (not on every platform)
+        if mapping is None or advice is None or t.n_bytes <= 0:
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        try:
+            mapping.madvise(advice, start, min(len(mapping), t.data_offset + t.n_bytes) - start)
+        except (OSError, ValueError):  # advice only: a platform without it keeps the pages
+            pass
 
     def stored_bytes(self, name: str) -> int | None:
         """The tensor's bytes in the file when edgellm keeps its type as it is (SOURCE), else None;

@@ -30,11 +30,16 @@ def link_vision(out, units, plan, options, manifest):
 
 def _quantized(out, chosen, plan, options, manifest) -> list[onnx.ModelProto]:
     for u in chosen:
-        if f"quantize:{u.name}" in manifest.data.get("units", {}):
+        entry = manifest.data.get("units", {}).get(f"quantize:{u.name}")
+        if entry is not None and not entry.get("dropped"):
             continue
+        if entry is not None and plan.choice(u).compile:
+            raise EdgeLLMError(f"{out}: {u.name}'s quantized segment was removed once it was compiled (the build keeps "
+                               f"them with --keep-intermediates); run the quantize stage again")
         if not plan.choice(u).compile:
             raise EdgeLLMError(f"{options.configuration_file}: {u.name} has compile: False and no earlier build of it "
-                               f"to reuse in {out} (the {options.target} target runs every unit; build it once, then --resume)")
+                               f"to reuse in {out} (the {options.target} target runs every unit; build it once with --keep-intermediates, "
+                               f"then --resume)")
         raise EdgeLLMError(f"{out}: {u.name} has not been quantized; run the quantize stage first")
     return [load_lazy(out / "quant" / f"{u.name}.onnx") for u in chosen]
 

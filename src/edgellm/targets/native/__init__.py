@@ -19,6 +19,7 @@ from ...config.model_config import ModelConfig
 from ...errors import EdgeLLMError
 from ...runtime.engine import VERIFY_ROWS
 from ..link import link_quantized
+from ..stage_files import StageFiles
 from .codegen import ModelShape, generate, plan_arena
 from .lower import Lowering
 from .toolchain import TOOLCHAINS, build_programs
@@ -38,14 +39,15 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
     weights = WeightsFile(target_dir / "weights.bin")
     variants = {}
     try:
-        lora_sites: list[str] | None = None
-        for variant, is_group, tokens in (("group", True, options.language_group_size), ("single", False, 1)):
-            program = link_quantized(out, units, is_group, plan, options, manifest, f"edgellm_{variant}")
-            if lora_sites is None:  # one order for every variant: the session's branch table (em_set_lora)
-                lora_sites = sorted({i.name[len("lora."):-len(".a")] for i in program.graph.input
-                                     if i.name.startswith("lora.") and i.name.endswith(".a")})
+        programs = {variant: (link_quantized(out, units, is_group, plan, options, manifest, f"edgellm_{variant}"), tokens)
+                    for variant, is_group, tokens in (("group", True, options.language_group_size), ("single", False, 1))}
+        # one order for every variant: the session's branch table (em_set_lora)
+        lora_sites = sorted({i.name[len("lora."):-len(".a")] for i in programs["group"][0].graph.input
+                             if i.name.startswith("lora.") and i.name.endswith(".a")})
+        files = None if options.keep_intermediates else StageFiles(out / "quant", manifest, [p for p, _ in programs.values()])
+        for variant, (program, tokens) in programs.items():
             lowered = Lowering(program, weights, f"{out}/quant/{variant}", options.int8_activations, tokens,
-                               lora_sites).run()
+                               lora_sites, files).run()
             variants[variant] = (lowered, plan_arena(lowered, tokens))
             log.info("%s: %d kernel calls; %s", variant, len(lowered.calls), variants[variant][1].report())
             if progress:

@@ -34,6 +34,7 @@ from onnx import helper
 from ...errors import EdgeLLMError
 from ...graph.io import INTEGER_TYPES, integer_values, to_array
 from ...quant.blocks import Factored
+from ..stage_files import StageFiles
 from .weights import WeightsFile
 
 # How many chunks a decode step's attention splits the context into, at most: the kernels' constant.
@@ -112,7 +113,7 @@ class Lowering:
     """One variant's program -> calls; weights go to the shared WeightsFile (deduplicated by name)."""
 
     def __init__(self, model: onnx.ModelProto, weights: WeightsFile, where: str, int8_activations: bool = False,
-                 tokens: int = 0, lora_sites: list[str] = ()):
+                 tokens: int = 0, lora_sites: list[str] = (), files: StageFiles | None = None):
         self.int8_activations = int8_activations  # integer matmuls quantize their activations to int8
         self.lora_sites = list(lora_sites)  # LoRA branch sites, in the order of the session's branch table
         self.one_token = tokens == 1  # the decode variant: a token's columns are contiguous, so a Split is a view
@@ -120,6 +121,7 @@ class Lowering:
         self.weights = weights
         self.where = where
         self.inits = {t.name: t for t in self.graph.initializer}
+        self.files = files  # the quant/ files this program's weights are read from, removed once read (--keep-intermediates: None)
         self.graph_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in self.graph.input}
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -158,6 +160,8 @@ class Lowering:
                 handler(node)
             except (KeyError, ValueError, IndexError, TypeError) as e:  # an IR shape this lowering does not expect
                 raise EdgeLLMError(f"{self.where}: cannot lower {node.op_type} node {node.name} ({type(e).__name__}: {e})") from e
+            if self.files is not None:  # (between nodes: no read is under way)
+                self.files.release()
         return self.out
 
     def _skip_mask(self) -> None:
@@ -171,7 +175,7 @@ class Lowering:
             todo += [self.producer[i] for i in node.input if i in self.producer]
             for name in node.input:
                 if name.endswith(".window") and name in self.inits:
-                    self.windows["mask.sliding"] = int(to_array(self.inits[name]).reshape(-1)[0])
+                    self.windows["mask.sliding"] = int(self._const(name).reshape(-1)[0])
 
     def _from_constants(self, node: onnx.NodeProto) -> bool:
         """Nodes computing from weights alone (dequantize, widen) are read by their consumer."""
@@ -212,7 +216,17 @@ class Lowering:
         self.out.calls.append(Call(code, *in_arena, [n.name for n in nodes], team))
 
     def _const(self, name: str) -> np.ndarray:
-        return to_array(self.inits[name])
+        return to_array(self._read(name))
+
+    def _integers(self, name: str) -> np.ndarray:
+        return integer_values(self._read(name))
+
+    def _read(self, name: str) -> onnx.TensorProto:
+        """An initializer whose bytes are about to be read. Every read of a large one is inside a
+        WeightsFile.once, so it happens once per build (both variants), and its file can go after."""
+        if self.files is not None:
+            self.files.read(self.inits[name])
+        return self.inits[name]
 
     def _scalar(self, name: str) -> float | None:
         if name in self.inits and int(np.prod(self.inits[name].dims)) == 1:
@@ -223,22 +237,24 @@ class Lowering:
 
     def _matmul_weight(self, name: str, minimum: str | None = None) -> str:
         """A MatMul's [K, N] weight operand (initializer, Cast of bf16, or DequantizeLinear)."""
+        once = self.weights.once
         if name in self.inits:
-            return self.weights.float_matrix(name, self._const(name).T)
+            return once(("f32", name, True), lambda: self.weights.float_matrix(name, self._const(name).T))
         node = self.producer[name]
         if node.op_type == "Cast":
-            return self.weights.bf16_matrix(node.input[0], self.inits[node.input[0]], transpose=True)
+            bits = node.input[0]
+            return once(("bf16", bits, True), lambda: self.weights.bf16_matrix(bits, self._read(bits), transpose=True))
         if node.op_type == "DequantizeLinear":
             a = _attrs(node)
             if a.get("axis") != 0:
                 raise EdgeLLMError(f"{self.where}: {node.name}: a MatMul weight must be dequantized along axis 0")
-            q, zero = (self.inits.get(i) if i else None for i in (list(node.input) + [""])[0:3:2])
-            return self.weights.integer_matrix(
-                node.input[0], integer_values(q).T, INTEGER_TYPES[q.data_type], self._per_block(node.input[1]),
-                None if zero is None else integer_values(zero).T, None if minimum is None else self._per_block(minimum),
-                a.get("block_size", 0), self.int8_activations)
+            q, zero = (i if i else None for i in (list(node.input) + [""])[0:3:2])
+            return once(("integer", q, self.int8_activations), lambda: self.weights.integer_matrix(
+                q, self._integers(q).T, INTEGER_TYPES[self.inits[q].data_type], self._per_block(node.input[1]),
+                None if zero is None else self._integers(zero).T, None if minimum is None else self._per_block(minimum),
+                a.get("block_size", 0), self.int8_activations))
         if node.op_type == "Transpose":
-            return self._codebook_weight(node)
+            return once(("codebook", name), lambda: self._codebook_weight(node))
         raise EdgeLLMError(f"{self.where}: {node.name}: unsupported weight expression {node.op_type}")
 
     def _per_block(self, name: str):
@@ -250,7 +266,7 @@ class Lowering:
         cast = self.producer.get(mul.input[0]) if mul is not None and mul.op_type == "Mul" else None
         if cast is None or cast.op_type != "Cast" or cast.input[0] not in self.inits or mul.input[1] not in self.inits:
             raise EdgeLLMError(f"{self.where}: {name}: unsupported block scale expression")
-        return Factored(integer_values(self.inits[cast.input[0]]).T, self._const(mul.input[1]).T)
+        return Factored(self._integers(cast.input[0]).T, self._const(mul.input[1]).T)
 
     def _codebook_weight(self, transpose: onnx.NodeProto) -> str:
         """Transpose(GatherElements(codebooks, Add(Cast(index), block offsets))): quant/precision.py."""
@@ -259,7 +275,7 @@ class Lowering:
         cast = self.producer.get(entry.input[0]) if entry is not None and entry.op_type == "Add" else None
         if cast is None or cast.op_type != "Cast" or lookup.input[0] not in self.inits:
             raise EdgeLLMError(f"{self.where}: {transpose.name}: unsupported weight expression")
-        index = integer_values(self.inits[cast.input[0]])
+        index = self._integers(cast.input[0])
         offsets = self._const(entry.input[1]).reshape(-1)
         codebook = self._const(lookup.input[0])
         n, k = index.shape
@@ -280,11 +296,11 @@ class Lowering:
             return self._embed(node)
         x = self._act(data)
         if index in self.inits:  # act-order: the input columns in the order the weight's blocks hold them
-            order = self._const(index).astype(np.int64).reshape(-1)
-            offset = self.weights.constant(index, order)
-            out = self._new(node.output[0], x, len(order))
+            offset = self._constant(index, np.int64)
+            columns = int(np.prod(self.inits[index].dims))
+            out = self._new(node.output[0], x, columns)
             self._emit(f"em_gather_columns({{{data}}}, {x.rows_expr()}, {x.cols}, (const int64_t *)(em_base + {offset}), "
-                       f"{len(order)}, {{{out.name}}});", [data], [out.name], node)
+                       f"{columns}, {{{out.name}}});", [data], [out.name], node)
             return
         if _attrs(node).get("axis", 0) != 1 or index != "logits_index":
             raise EdgeLLMError(f"{self.where}: {node.name}: unsupported Gather")
@@ -317,19 +333,24 @@ class Lowering:
 
     def _table(self, data: str) -> str:
         if data in self.inits:
-            return self.weights.float_matrix(data, self._const(data))
-        cast = self.producer[data]
-        return self.weights.bf16_matrix(cast.input[0], self.inits[cast.input[0]], transpose=False)
+            return self.weights.once(("f32", data, False), lambda: self.weights.float_matrix(data, self._const(data)))
+        bits = self.producer[data].input[0]
+        return self.weights.once(("bf16", bits, False), lambda: self.weights.bf16_matrix(bits, self._read(bits), transpose=False))
+
+    def _constant(self, name: str, dtype=np.float32) -> int:
+        """A small tensor a kernel reads as it is (norm weights, rope tables, biases): its offset."""
+        return self.weights.once(("constant", name), lambda: self.weights.constant(
+            name, self._const(name).astype(dtype).reshape(-1)))
 
     def _op_DequantizeLinear(self, node):
         """An integer embedding lookup: Gather each of q / scale / zero point, then this."""
         gathers = [self.producer.get(i) for i in node.input if i]
         if not all(g is not None and g.op_type == "Gather" and g.input[0] in self.inits for g in gathers):
             raise EdgeLLMError(f"{self.where}: {node.name}: unsupported DequantizeLinear")
-        q, scale, zero = ([self.inits[g.input[0]] for g in gathers] + [None])[:3]
-        weight = self.weights.integer_matrix(
-            q.name, integer_values(q), INTEGER_TYPES[q.data_type], self._const(scale.name),
-            None if zero is None else integer_values(zero), None, _attrs(node).get("block_size", 0))
+        q, scale, zero = ([g.input[0] for g in gathers] + [None])[:3]
+        weight = self.weights.once(("integer", q, False), lambda: self.weights.integer_matrix(
+            q, self._integers(q), INTEGER_TYPES[self.inits[q].data_type], self._const(scale),
+            None if zero is None else self._integers(zero), None, _attrs(node).get("block_size", 0)))
         ids_node = gathers[0]
         self._new(node.output[0], self.shapes["input_ids"], cols=self.weights.cols(weight))
         self._emit(f"em_embed(ids, S, &{weight}, {{{node.output[0]}}});", [], [node.output[0]], ids_node, node)
@@ -448,7 +469,7 @@ class Lowering:
         if a.get("axis", -1) != -1:
             raise EdgeLLMError(f"{self.where}: {node.name}: RMSNormalization over axis {a['axis']}")
         x = self._act(node.input[0])
-        w = self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32))
+        w = self._constant(node.input[1])
         out = self._new(node.output[0], x)
         if self._feeds_one_matmul(out.name):
             self.deferred[out.name] = Deferred("EM_RMSNORM", f"F({w}), {a.get('epsilon', 1e-5)!r}f, NULL", node.input[0],
@@ -533,8 +554,7 @@ class Lowering:
         heads = a["num_heads"]
         head_dim = x.cols // heads
         rotary = Rotary(node.input[0], heads, head_dim, a.get("rotary_embedding_dim", 0) or head_dim,
-                        self.weights.constant(node.input[1], self._const(node.input[1]).astype(np.float32)),
-                        self.weights.constant(node.input[2], self._const(node.input[2]).astype(np.float32)), node)
+                        self._constant(node.input[1]), self._constant(node.input[2]), node)
         if self.one_token and self._only_into_attention(node.output[0]):
             self.rotary[node.output[0]] = rotary  # the decode attention rotates the row itself
             self.shapes[node.output[0]] = x
@@ -660,7 +680,7 @@ class Lowering:
             return
         if b in self.inits and node.op_type == "Add":  # a bias row
             x = self._act(a)
-            row = self.weights.constant(b, self._const(b).astype(np.float32).reshape(-1))
+            row = self._constant(b)
             out = self._new(node.output[0], x)
             self._emit(f"em_add_row({{{a}}}, {x.rows_expr()}, {x.cols}, F({row}), {{{out.name}}});", [a], [out.name], node)
             return

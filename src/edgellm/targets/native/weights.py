@@ -65,6 +65,15 @@ class WeightsFile:
         self.by_key: dict[tuple, WeightRecord] = {}
         self.constants: dict[str, int] = {}
         self.blobs: dict[bytes, int] = {}  # sha256 of bytes -> offset
+        self.packed: dict[tuple, object] = {}  # WeightsFile.once
+
+    def once(self, key: tuple, pack):
+        """What pack() stores (a weight's symbol, a constant's offset), packed the first time key is
+        asked for: the lowering reads a weight from its file once per build, however many
+        programs use it (the group and single variants name a weight alike)."""
+        if key not in self.packed:
+            self.packed[key] = pack()
+        return self.packed[key]
 
     # ---- raw tensors -----------------------------------------------------------------------
 
