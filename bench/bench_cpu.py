@@ -48,6 +48,7 @@ SRC = REPO / "src"
 # "edgellm" stands for every edgellm build of the run (see --edgellm / --edgellm-plan); each
 # becomes its own engine, named "edgellm" or "edgellm:NAME".
 ENGINES = ("edgellm", "llama.cpp", "onnxruntime-genai", "transformers")
+BUSY = "+busy"  # a case run next to a busy process (--neighbour)
 
 # A fixed English text. Prompts are prefixes of its token ids (it is cycled if a prompt needs
 # more tokens than it has). Changing it changes the benchmark: don't.
@@ -774,22 +775,29 @@ def build_prompts(tokenizer_json: Path, lengths: dict[str, int]) -> tuple[dict, 
 
 
 def timed_run(workers: dict, e: str, prompt_ids: list[int], n: int, args, retry: dict,
-              label: str) -> dict:
+              label: str, neighbour: bool = False) -> dict:
     """One timed run of engine e, rerun while other processes were busy (args.retry_noisy
-    times at most, all reruns together within args.retry_budget s, tracked in retry["spent"])."""
+    times at most, all reruns together within args.retry_budget s, tracked in retry["spent"]).
+    neighbour: run it next to one busy process (`--neighbour`), which is then the point."""
     attempt = 0
     while True:
         attempt += 1
         waited = _wait_idle(args.wait_idle)
-        mon = _LoadMonitor(workers, e)
-        r = workers[e].run(prompt_ids, n)
-        r.update(mon.stop())
+        busy = _busy_process() if neighbour else None
+        try:
+            mon = _LoadMonitor(workers, e)
+            r = workers[e].run(prompt_ids, n)
+            r.update(mon.stop())
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
         r["waited_s"] = waited
         r["attempt"] = attempt
         if not r.get("ok"):
             raise RuntimeError(f"{e} {label} failed: {r.get('error')}\n"
                                f"{_tail(workers[e].log_path)}")
-        bg = r.get("foreign_cpu_pct")
+        bg = None if neighbour else r.get("foreign_cpu_pct")
         if (bg is not None and bg > NOISY_PCT and attempt <= args.retry_noisy
                 and retry["spent"] < args.retry_budget):
             retry["spent"] += waited + r.get("run_wall_s", 0.0)
@@ -815,6 +823,14 @@ def timed_run(workers: dict, e: str, prompt_ids: list[int], n: int, args, retry:
     return r
 
 
+def _busy_process() -> subprocess.Popen:
+    """A CPU-bound neighbour at the same priority (the issue's `python3 -c "while True: pass"`),
+    given a moment to be running before the timed run starts."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.5)
+    return busy
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict:
     """Medians (and min-max) per case of TTFT and decode tok/s, and the background load."""
     s = {}
@@ -828,8 +844,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     setup = [r["t_setup"] * 1000 for rs in runs.values() for r in rs if "t_setup" in r]
     if setup:
         s["setup_ms"] = _median(setup)
-    bg = [r["foreign_cpu_pct"] for rs in runs.values() for r in rs
-          if r.get("foreign_cpu_pct") is not None]
+    bg = [r["foreign_cpu_pct"] for case, rs in runs.items() for r in rs
+          if r.get("foreign_cpu_pct") is not None and not case.endswith(BUSY)]
     s["bg_load_pct_median"] = _median(bg) if bg else None
     s["bg_load_pct_max"] = max(bg) if bg else None
     s["noisy_runs"] = sum(1 for x in bg if x > NOISY_PCT)
@@ -975,6 +991,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long-prompt", type=int, default=880)
     ap.add_argument("--long-gen", type=int, default=64)
     ap.add_argument("--no-long", action="store_true", help="skip the long-context case")
+    ap.add_argument("--neighbour", action="store_true", help="also run every case next to one busy process "
+                    "(a Python busy loop at the same priority), interleaved with the quiet runs, and report each "
+                    "engine's share of its quiet speed")
     ap.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation")
     add_timing_arguments(ap)
     ap.add_argument("--markdown", action="store_true", help="also print a markdown section to paste "
@@ -1100,7 +1119,8 @@ def main(argv=None) -> int:
                         raise RuntimeError(f"{e} warmup failed: {r.get('error')}\n"
                                            f"{_tail(workers[e].log_path)}")
 
-        results = {e: {case: [] for case in cases} for e in engines}
+        runs = [(case, False) for case in cases] + ([(case, True) for case in cases] if args.neighbour else [])
+        results = {e: {case + (BUSY if busy else ""): [] for case, busy in runs} for e in engines}
         retry = {"spent": 0.0}
         probe = membw_program(work)
         decode_positions = range(args.short_prompt, args.short_prompt + args.short_gen - 1)  # after the first token
@@ -1108,12 +1128,13 @@ def main(argv=None) -> int:
                       if specs[e].get("artifact")}  # read now: the work dir goes at the end
         bandwidth: list[float] = []
         for rep in range(1, args.reps + 1):
-            for case, (_, gen) in cases.items():
+            for case, busy in runs:
+                gen = cases[case][1]
                 for e in engines:
-                    if probe and case == "short" and e in read_bytes:  # the machine's read bandwidth, sampled
-                        bandwidth.append(measure_membw(probe, args.threads))  # as often as edgellm decodes
-                    results[e][case].append(timed_run(workers, e, prompts[case], gen, args, retry,
-                                                      f"rep {rep} {case:5s}"))
+                    if probe and case == "short" and not busy and e in read_bytes:  # the machine's read
+                        bandwidth.append(measure_membw(probe, args.threads))  # bandwidth, as often as edgellm decodes
+                    results[e][case + (BUSY if busy else "")].append(timed_run(
+                        workers, e, prompts[case], gen, args, retry, f"rep {rep} {case + (BUSY if busy else ''):5s}", busy))
     finally:
         bye = {e: w.close() for e, w in workers.items()}
         if not args.keep:
@@ -1148,6 +1169,7 @@ def main(argv=None) -> int:
         "reps": args.reps,
         "ctx": args.ctx,
         "cases": list(cases),
+        "busy_cases": [case + BUSY for case, busy in runs if busy],
         "elapsed_s": time.perf_counter() - t_start,
         "compile_s": compile_s,
         "ortgenai_build_s": ortgenai_build_s,
@@ -1324,11 +1346,30 @@ def _text_report(engines, summary, meta, args) -> str:
     bgl = _bg_line(engines, summary)
     if bgl:
         lines.append(bgl)
+    lines += _neighbour_lines(engines, summary, meta)
     lines += _bandwidth_lines(engines, summary, meta)
     m = meta["machine"]
     lines.append(f"machine: {m['cpu']}, {m.get('logical_cores')} logical cores, "
                  f"{m.get('ram_gb', '?')} GB RAM, {m['os']}; total bench time {meta['elapsed_s']:.0f}s")
     return "\n".join(lines)
+
+
+def _neighbour_lines(engines, summary, meta) -> list[str]:
+    """Each engine next to a busy process, as a share of its quiet speed (decode tok/s) and as the
+    growth of its TTFT (time), from the medians of the interleaved quiet and busy runs."""
+    lines = []
+    for case in meta["cases"]:
+        if case + BUSY not in meta.get("busy_cases", []):
+            continue
+        lines.append(f"next to one busy process ({case}): decode tok/s busy / quiet, TTFT busy / quiet")
+        for e in engines:
+            s = summary[e]
+            tps, ttft = s.get(f"{case}_tps"), s.get(f"{case}_ttft_ms")
+            btps, bttft = s.get(f"{case}{BUSY}_tps"), s.get(f"{case}{BUSY}_ttft_ms")
+            if tps and btps and ttft and bttft:
+                lines.append(f"  {e}: decode {_fmt(btps)} / {_fmt(tps)} tok/s = {100 * btps / tps:.0f}% kept; "
+                             f"TTFT {_fmt(bttft)} / {_fmt(ttft)} ms = {bttft / ttft:.2f}x")
+    return lines
 
 
 def _bg_line(engines, summary) -> str:
@@ -1389,6 +1430,7 @@ def _markdown(engines, summary, meta, args) -> str:
         out.append("- G" + _greedy_line(meta, args)[1:])
     lines = _bandwidth_lines(engines, summary, meta)
     out += ["- " + line[0].upper() + line[1:] if i == 0 else "- " + line for i, line in enumerate(lines)]
+    out += ["- " + line.strip() for line in _neighbour_lines(engines, summary, meta)]
     out += [
         "",
         "| engine | " + " | ".join(hs) + " |",

@@ -479,12 +479,16 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
 #endif
 }
 
+/* Prefill matmuls hand out panels as threads ask for them (EM_PREFILL_SCHEDULE): a thread that
+   other work on the core deschedules holds up one panel, not its half of the matrix. */
+#define EM_PREFILL_SCHEDULE schedule(dynamic, 2)
+
 static void matmul_float_activations(const float *x, int S, const em_weight *w, float *y) {
     const int K = w->k;
 #pragma omp parallel
     {
         float wf[(size_t)K * PANEL];
-#pragma omp for schedule(static)
+#pragma omp for EM_PREFILL_SCHEDULE
         for (int p = 0; p < panels(w); p++) {
             panel_floats(w, p, wf);
             panel_times_rows(wf, K, x, S, p, w->n, y);
@@ -812,7 +816,7 @@ static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y
     float dx[(size_t)S * nb], xs[(size_t)S * nb];
     int32_t xn[(size_t)S * nb];
     quantize_rows(x, S, w, xq, dx, xn, xs);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for EM_PREFILL_SCHEDULE
     for (int p = 0; p < panels(w); p++)
         for (int s0 = 0; s0 < S; s0 += 8) panel_int8(w, p, xq, dx, xn, xs, s0, S - s0 < 8 ? S - s0 : 8, y);
 }

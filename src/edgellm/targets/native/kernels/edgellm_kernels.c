@@ -17,6 +17,14 @@ void em_set_threads(int threads) {
 #endif
 }
 
+int em_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 /* Four activation rows against one weight row: the weight row is loaded once per four dots. */
 static inline void fdot4(const float *w, const float *x, int ldx, int n, float out[4]) {
     int i = 0;

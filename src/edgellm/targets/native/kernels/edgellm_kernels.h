@@ -177,5 +177,6 @@ void em_gather_columns(const float *x, int rows, int cols, const int64_t *index,
 void em_copy(const float *x, int n, float *y);
 
 void em_set_threads(int threads);
+int em_max_threads(void); /* OpenMP's default team size */
 
 #endif

@@ -1,25 +1,143 @@
 /* The fixed part of every compiled model: map and check the weights file, open sessions, dispatch calls. */
-#define _DEFAULT_SOURCE
+#define _GNU_SOURCE /* sched_getaffinity */
 #include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "edgellm_model.h"
+
+/* The team size, chosen by measurement. Other work on the cores (a camera pipeline, a UI, a build)
+   deschedules one of the team's threads now and then, and every barrier of a decode step (5 per
+   layer) then waits for it: next to one busy process on 2 cores the full team kept 36% of its quiet
+   decode speed. So the model times its decode steps (one-row calls of any session) and runs them
+   with the full team or with one thread fewer, whichever stepped faster when last compared.
+   (Prefill keeps the full team: its matmuls hand out panels as threads ask, so a descheduled
+   thread holds up little, and a choice made under a neighbour that has since gone would otherwise
+   cost the next prompt half its speed.) A comparison (a probe) runs the other team for two steps (the full team for
+   three, the first not counting: it may wake sleeping threads) and sets their mean against the
+   moving average of the team in use, which it must beat by 10% to take over (one lucky step on a
+   busy machine is not a faster team). The full team in use is probed against the smaller one at
+   its 8th step, whenever its steps have slowed by a third from what they were when it last won,
+   and every 256 steps. The smaller team's own steps do not tell when the neighbour has gone (it
+   had a core of its own), so while it is in use the idle time of the CPUs this process may run on
+   is read (/proc/stat) every 100 ms: half a core idle starts a probe of the full team, as do 16
+   steps, the interval doubling to 256 while the smaller team keeps winning. Quiet, all this costs
+   two slower steps early in a process and two per 256 steps after. The measurements belong to the model, so a new session (the next
+   request) starts with what earlier ones learned; sessions may run calls at once, so they are
+   taken under a lock. */
+typedef struct {
+    double ns[2];      /* a decode step's time: [0] the full team, [1] one thread fewer (moving average) */
+    double usual;      /* the full team's step time when it last won: what its slowdowns are measured against */
+    double probed;     /* the probe's counted steps' time so far */
+    int counted;       /* and how many */
+    unsigned steps;    /* decode steps so far */
+    unsigned probe_at; /* the step at which the next periodic probe starts */
+    unsigned interval; /* steps from one probe of the full team to the next, while the smaller one wins */
+    int probing;       /* probe steps still to run */
+    int choice;        /* the team in use: 0 or 1 */
+    double idle, read_at; /* while the smaller team is in use: the CPUs' idle seconds, read at (ns; 0: not yet) */
+} em_team;
+
+#define EM_TEAM_FIRST_PROBE 8
+#define EM_TEAM_INTERVAL 16
+#define EM_TEAM_MAX_INTERVAL 256
+#define EM_TEAM_SLOWED 1.33
+
+static int team_threads(int full, int which) { return which && full > 1 ? full - 1 : full; }
+
+/* Which team a call takes: the full one but for decode steps, which may be (or start) a probe. */
+static int team_pick(em_team *t, int full, int decode) {
+    if (full <= 1 || !decode) return 0;
+    if (!t->probing) {
+        const int slowed = t->choice == 0 && t->usual > 0 && t->ns[0] > EM_TEAM_SLOWED * t->usual;
+        if (t->steps >= t->probe_at || slowed) t->probing = t->choice == 0 ? 2 : 3;
+    }
+    return t->probing ? 1 - t->choice : t->choice;
+}
+
+/* Idle seconds so far of the CPUs this process may run on (/proc/stat: idle + iowait), or -1. */
+static double idle_seconds(void) {
+#if defined(__linux__)
+    cpu_set_t allowed;
+    FILE *f = sched_getaffinity(0, sizeof allowed, &allowed) == 0 ? fopen("/proc/stat", "r") : NULL;
+    if (!f) return -1;
+    char line[512];
+    unsigned long long total = 0, user, nice, sys, idle, iowait;
+    int cpu, found = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "cpu%d %llu %llu %llu %llu %llu", &cpu, &user, &nice, &sys, &idle, &iowait) == 6 &&
+            cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &allowed))
+            total += idle + iowait, found = 1;
+    fclose(f);
+    return found ? (double)total / (double)sysconf(_SC_CLK_TCK) : -1;
+#else
+    return -1;
+#endif
+}
+
+/* While the smaller team is in use: has a core gone idle (the neighbour left)? */
+static void watch_idle_cores(em_team *t, double now) {
+    if (t->read_at && now - t->read_at < 1e8) return;
+    const double idle = idle_seconds();
+    if (idle >= 0 && t->read_at && (idle - t->idle) / ((now - t->read_at) / 1e9) >= 0.5) t->probe_at = t->steps;
+    t->idle = idle;
+    t->read_at = idle >= 0 ? now : 0;
+}
+
+static void team_record(em_team *t, int used, double ns, double now) {
+    t->steps++;
+    if (used == t->choice) {
+        t->ns[used] = t->ns[used] == 0 ? ns : t->ns[used] + (ns - t->ns[used]) / 4;
+        if (used == 0 && (t->usual == 0 || t->ns[0] < t->usual)) t->usual = t->ns[0];
+        if (used == 1) watch_idle_cores(t, now);
+        return;
+    }
+    if (!(used == 0 && t->probing == 3)) /* (the full team's first probe step may wake its threads) */
+        t->probed += ns, t->counted++;
+    if (--t->probing > 0) return;
+    const double probe = t->probed / t->counted;
+    t->probed = 0;
+    t->counted = 0;
+    t->ns[used] = probe;
+    if (probe < 0.9 * t->ns[t->choice]) { /* the other team is faster now (by more than noise) */
+        t->choice = used;
+        t->interval = EM_TEAM_INTERVAL;
+        t->read_at = 0;
+        t->usual = used == 0 ? probe : t->usual;
+    } else if (t->choice == 0) { /* the full team won: its present pace is the new usual */
+        t->interval = EM_TEAM_MAX_INTERVAL;
+        t->usual = t->ns[0];
+    } else if (t->interval < EM_TEAM_MAX_INTERVAL) {
+        t->interval *= 2;
+    }
+    t->probe_at = t->steps + t->interval;
+}
+
+static double now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
 
 struct em_model {
     const unsigned char *mapped;
     size_t mapped_size;
     int threads;
     em_weight *weights; /* EM_RECORDS bound to the mapping */
+    pthread_mutex_t team_lock;
+    em_team team; /* the team size its calls take (above) */
 };
 
 struct em_session {
-    const em_model *model;
+    em_model *model; /* (not const: its team is updated) */
     float *arena;    /* activations of one call */
     float *logits;   /* every row's logits, for variants that write them all (em_variant.all_logits) */
     em_kv_value *kv; /* the KV cache: zeroed pages, touched only as the context fills */
@@ -222,14 +340,18 @@ em_model *em_open(const char *path, int threads) {
     for (int i = 0; i < EM_RECORD_COUNT; i++) weights[i] = em_bind_weight(&EM_RECORDS[i], h);
     m->mapped = h;
     m->mapped_size = (size_t)st.st_size;
-    m->threads = threads;
+    m->threads = threads > 0 ? threads : em_max_threads();
     m->weights = weights;
+    pthread_mutex_init(&m->team_lock, NULL);
+    m->team.probe_at = EM_TEAM_FIRST_PROBE;
+    m->team.interval = EM_TEAM_INTERVAL;
     return m;
 }
 
 void em_close(em_model *m) {
     if (!m) return;
     munmap((void *)m->mapped, m->mapped_size);
+    pthread_mutex_destroy(&m->team_lock);
     free(m->weights);
     free(m);
 }
@@ -322,7 +444,13 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const
     /* rows that see later rows need the prefill program's attention (em_attention's until) */
     for (int i = 0; i < EM_VARIANT_COUNT && !variant; i++)
         if (n <= EM_VARIANTS[i].max_rows && !(until && EM_VARIANTS[i].run_rows)) variant = &EM_VARIANTS[i];
-    em_set_threads(s->model->threads); /* the OpenMP team size is per calling thread */
+    em_model *model = s->model;
+    const int decode = n == 1 && !embeddings;
+    pthread_mutex_lock(&model->team_lock);
+    const int team = team_pick(&model->team, model->threads, decode);
+    pthread_mutex_unlock(&model->team_lock);
+    em_set_threads(team_threads(s->model->threads, team)); /* the OpenMP team size is per calling thread */
+    const double started = decode ? now_ns() : 0;
     float *out = variant->all_logits && logits_from > 0 ? s->logits : logits;
     if (variant->run_rows) {
         em_kv_value *kvs[n];
@@ -333,6 +461,12 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const
     } else {
         variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, s->loras, n, start, ids, embeddings,
                      until, logits_from, out);
+    }
+    if (decode && model->threads > 1) {
+        const double now = now_ns();
+        pthread_mutex_lock(&model->team_lock);
+        team_record(&model->team, team, now - started, now);
+        pthread_mutex_unlock(&model->team_lock);
     }
     if (out != logits)
         memcpy(logits, out + (size_t)logits_from * EM_MODEL.vocab_size,
@@ -369,7 +503,7 @@ int em_forward_rows(em_session *const *sessions, const int *positions, const int
     }
     em_kv_value *kvs[n];
     for (int i = 0; i < n; i++) kvs[i] = sessions[i]->kv;
-    em_set_threads(model->threads);
+    em_set_threads(team_threads(model->threads, model->team.choice)); /* (one int: read without the lock) */
     rows->run_rows(model->mapped, model->weights, sessions[0]->arena, kvs, sessions[0]->loras, positions, n, ids, NULL,
                    0, logits);
     for (int i = 0; i < n; i++) sessions[i]->length = positions[i] + 1;
