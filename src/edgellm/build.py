@@ -437,10 +437,11 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
                 raise EdgeLLMError(f"{ctx.out}: the onnx stage has not produced {unit.name}; run it first (without "
                                    f"--quantize), or run both stages together")
         todo.append((unit, choice.precision if stage == "quantize" else None, h, key, float_file))
-    # The vocabulary-sized units first: each makes a float scratch file as large as the whole table
-    # (float32), which is best made while quant/ is still nearly empty (the stage's disk peak);
-    # with -j it also keeps the longest jobs from starting last.
+    # The vocabulary-sized units first, one at a time even with -j: each makes a float scratch file
+    # as large as the whole table (float32), which is best made while quant/ is still nearly empty
+    # and never two at once (the stage's disk and memory peaks).
     todo.sort(key=lambda job: job[0].part not in ("EMBED", "HEAD"))
+    tables = sum(job[0].part in ("EMBED", "HEAD") for job in todo)
     done = len(units) - len(todo)
     if progress:
         progress(stage, done, len(units))
@@ -458,12 +459,13 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
     if o.jobs > 1 and len(todo) > 1:
         failure = None
         with ProcessPoolExecutor(max_workers=o.jobs) as pool:
-            futures = [(pool.submit(_stage_job, stage, u, ctx, p, f), u, h, k) for u, p, h, k, f in todo]
-            for future, unit, h, key in futures:
-                try:  # record every unit that finished, so --resume keeps them after one fails
-                    finished(unit, h, key, future.result())
-                except Exception as e:  # noqa: BLE001 (re-raised below)
-                    failure = failure or e
+            for jobs in [[job] for job in todo[:tables]] + [todo[tables:]]:  # (the tables one at a time)
+                futures = [(pool.submit(_stage_job, stage, u, ctx, p, f), u, h, k) for u, p, h, k, f in jobs]
+                for future, unit, h, key in futures:
+                    try:  # record every unit that finished, so --resume keeps them after one fails
+                        finished(unit, h, key, future.result())
+                    except Exception as e:  # noqa: BLE001 (re-raised below)
+                        failure = failure or e
         if failure is not None:
             raise failure
     else:
