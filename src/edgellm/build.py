@@ -451,7 +451,7 @@ def _run_units(stage: str, units: list[Unit], ctx: _Context, manifest: Manifest,
         manifest.record(key, h, result)
         # (onnx's checker refuses hard-linked data: kept files, and the onnx stage's output, stay copies)
         if stage == "quantize" and not o.keep_intermediates:
-            _share_with_twin(stage_dir, unit, manifest, stage)
+            _share_with_twin(stage_dir, unit, manifest)
         done += 1
         if progress:
             progress(stage, done, len(units))
@@ -516,7 +516,7 @@ def _up_to_date(manifest: Manifest, units: list[Unit], ctx: _Context) -> bool:
     return True
 
 
-def _share_with_twin(stage_dir: Path, unit: Unit, manifest: Manifest, stage: str) -> None:
+def _share_with_twin(stage_dir: Path, unit: Unit, manifest: Manifest) -> None:
     """A layer's group and single units at the same precision hold the same weights, so their .data
     files are the same bytes: the second is made a hard link of the first (half the stage's disk;
     only edgellm reads these files). Replacing either later (os.replace) leaves the other as it was."""
@@ -524,7 +524,7 @@ def _share_with_twin(stage_dir: Path, unit: Unit, manifest: Manifest, stage: str
         return
     twin = Unit(not unit.is_group, unit.part, unit.index, unit.bucket)
     units = manifest.data.get("units", {})
-    mine, theirs = units.get(f"{stage}:{unit.name}", {}), units.get(f"{stage}:{twin.name}", {})
+    mine, theirs = units.get(f"quantize:{unit.name}", {}), units.get(f"quantize:{twin.name}", {})
     data = f"{unit.name}.data"
     other = f"{twin.name}.data"
     if data not in mine.get("files", {}) or mine["files"][data] != theirs.get("files", {}).get(other) or theirs.get("dropped"):
