@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.quants import Q4_K
 
-from ..quant.blocks import BlockQuantized, Factored
+from ..quant.blocks import BlockQuantized, Factored, in_slabs
 
 SUPER = 256  # weights per K-quant super-block
 
@@ -107,20 +107,15 @@ SLAB = 1 << 14  # stored blocks per reader call: bounds its temporaries (whole, 
 
 
 def _read_slabs(stored: np.ndarray, reader):
-    """reader(stored) run on slabs of blocks, filling arrays of the whole's size (q, scale, minimum:
-    arrays, Factored or None), so the reader's temporaries are a slab's, not the tensor's."""
-    first = reader(stored[:SLAB])
-    leaves = [None if x is None else (x.integer, x.unit) if isinstance(x, Factored) else (x,) for x in first]
-    whole = [None if group is None else tuple(np.empty((len(stored), *a.shape[1:]), a.dtype) for a in group)
-             for group in leaves]
-    for start in range(0, len(stored), SLAB):
-        part = first if start == 0 else reader(stored[start : start + SLAB])
-        for x, target in zip(part, whole):
-            if target is not None:
-                for a, t in zip((x.integer, x.unit) if isinstance(x, Factored) else (x,), target):
-                    t[start : start + len(a)] = a
-    return [None if group is None else Factored(*group) if isinstance(x, Factored) else group[0]
-            for x, group in zip(first, whole)]
+    """reader(stored) (q, scale, minimum: arrays, Factored or None) run a slab of blocks at a time."""
+    kinds = [None if x is None else isinstance(x, Factored) for x in reader(stored[:1])]
+
+    def flat(start, end):
+        return [a for x in reader(stored[start:end]) for a in ([None] if x is None else (x.integer, x.unit)
+                                                                if isinstance(x, Factored) else [x])]
+
+    arrays = iter(in_slabs(len(stored), SLAB, flat))
+    return [next(arrays) if kind is None or not kind else Factored(next(arrays), next(arrays)) for kind in kinds]
 
 
 # type -> (bits, weights per block, weights per stored block, stored block bytes, reader)
