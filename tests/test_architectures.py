@@ -20,7 +20,7 @@ from edgellm.errors import EdgeLLMError
 from tiny_models import VOCAB, reference_with_stored_weights, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
 PROMPT = [int(t) for t in np.random.default_rng(21).integers(1, VOCAB, 40)]  # longer than the windows (24)
 
 
@@ -136,7 +136,7 @@ LLAMA3_ROPE = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
 GGUF_CASES = [("llama", "llama", {}), ("llama", "llama", LLAMA3_ROPE), ("qwen2", "qwen2", {"use_sliding_window": False}),
               ("qwen3", "qwen3", {}),
-              ("phi3", "phi3", {}), ("gemma2", "gemma2", {}),
+              ("phi3", "phi3", {}), ("gemma", "gemma", {}), ("gemma2", "gemma2", {}),
               ("gemma3", "gemma3", {"layer_types": ["sliding_attention"] * 3})]
 CONFIG_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size",
                  "layer_types", "sliding_window", "attention_scale", "qk_norm", "attention_bias",

@@ -30,6 +30,7 @@ FAMILIES = {
         "num_key_value_heads": 2, "original_max_position_embeddings": 128, "max_position_embeddings": 512, "pad_token_id": 0,
         "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                             "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 4.0, 6.0]}}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
         "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
         # small caps, so that the soft-capping actually bends these tiny models' logits

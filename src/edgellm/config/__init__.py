@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from . import gemma2, gemma3, idefics3, llama, llava, mistral, phi3, qwen
+from . import gemma, gemma2, gemma3, idefics3, llama, llava, mistral, phi3, qwen
 from .fields import shown
 from .model_config import ModelConfig, RopeConfig
 
@@ -15,6 +15,7 @@ ADAPTERS = {
     "phi3": phi3.build,
     "qwen2": qwen.build_qwen2,
     "qwen3": qwen.build_qwen3,
+    "gemma": gemma.build,
     "gemma2": gemma2.build,
     "gemma3_text": gemma3.build,
 }

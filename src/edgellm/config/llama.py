@@ -38,10 +38,11 @@ def build(raw: dict, where: str) -> ModelConfig:
 
 def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: bool = False,
                layer_types: list[str] | None = None, window_everywhere: bool = False,
-               tensors: dict[str, str] | None = None) -> ModelConfig:
+               tensors: dict[str, str] | None = None, activations: dict[str, str] = ACTIVATIONS) -> ModelConfig:
     """layer_types: HF names ("full_attention" / "sliding_attention") per layer; default all full.
     window_everywhere: every layer slides when the config sets a sliding_window (Mistral, Phi-3).
-    tensors: the per-layer tensor names when they are not llama's (e.g. Phi-3's fused ones)."""
+    tensors: the per-layer tensor names when they are not llama's (e.g. Phi-3's fused ones).
+    activations: hidden_act values the family accepts -> the emitter's names."""
     hidden = require(raw, "hidden_size", where)
     heads = require(raw, "num_attention_heads", where, high=COUNTS)
     kv_heads = integer(raw, "num_key_value_heads", where, heads, high=COUNTS)
@@ -51,8 +52,8 @@ def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: 
     head_dim = integer(raw, "head_dim", where, hidden // heads)
     layers = require(raw, "num_hidden_layers", where, high=COUNTS)
     act = text(raw, "hidden_act", where, "silu")
-    if act not in ACTIVATIONS:
-        raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported for {family} (supported: silu)")
+    if act not in activations:
+        raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported for {family} (supported: {', '.join(activations)})")
     tied = flag(raw, "tie_word_embeddings", where, False)
     max_positions = integer(raw, "max_position_embeddings", where, 2048)
     rope = rope_parameters(raw, where)
@@ -80,7 +81,7 @@ def llama_like(raw: dict, where: str, family: str, bias: bool = False, qk_norm: 
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=number(raw, "rms_norm_eps", where, 1e-6),
-        activation=ACTIVATIONS[act],
+        activation=activations[act],
         tie_word_embeddings=tied,
         max_position_embeddings=max_positions,
         layer_types=kinds,

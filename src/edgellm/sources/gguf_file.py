@@ -23,7 +23,8 @@ from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
 
 # GGUF architecture (llama.cpp's name) -> HF model_type. Mistral's GGUFs say "llama".
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2",
+               "gemma3": "gemma3_text"}
 
 # GGUF per-layer tensor suffix -> HF per-layer tensor suffix, per family.
 _COMMON = {
@@ -50,6 +51,7 @@ LAYER_NAMES = {
     "qwen3": {**_LLAMA, **_QK_NORMS},
     # Phi-3 keeps its fused tensors; llama.cpp names the fused gate/up "ffn_up"
     "phi3": {**_LLAMA, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma": _LLAMA,
     "gemma2": _GEMMA,
     "gemma3": {**_GEMMA, **_QK_NORMS},
 }
@@ -246,7 +248,7 @@ class GGUFSource:
         permutation = self._row_permutation(name, w.shape[0])
         if permutation is not None:
             w = w[permutation]
-        if self.arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+        if self.arch in ("gemma", "gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norm weights; undo it
         return w
 
