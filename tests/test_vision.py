@@ -657,7 +657,7 @@ def test_gemma3_images_need_a_group_that_holds_them(gemma3_vlm, fp32_plan, tmp_p
     assert not (tmp_path / "small" / "manifest.json").exists()
     from edgellm.runtime.engine import prefill_chunks  # and the runtime's own guard, for a call that could not hold one
 
-    with pytest.raises(EdgeLLMError, match="an image's 4 rows do not fit one prefill call of 2 rows"):
+    with pytest.raises(EdgeLLMError, match="an image's 4 rows, which see each other, do not fit one prefill call of 2 rows"):
         list(prefill_chunks([1, -1, -2, -3, -4, 2], 0, 2, blocks=[(1, 5)]))
     assert [(start, len(chunk)) for start, chunk, _ in prefill_chunks([1, 2, -1, -2, -3, -4, 3], 0, 4, blocks=[(2, 6)])] \
         == [(0, 2), (2, 4), (3, 4)]
@@ -685,3 +685,116 @@ def test_the_default_group_holds_a_gemma3_image(gemma3_vlm, fp32_plan, tmp_path,
     assert BuildRecord.load(out).group_size == 4
     result = Model.load(out).generate("<start_of_image> w1", images=[_picture(32, 32)], max_new_tokens=2)
     assert result.image_tokens == 4
+
+
+# PaliGemma: SigLIP, one linear projection, and a prompt (image, <bos>, text, newline) whose rows
+# all see each other; PaliGemma 2's text model is a Gemma 2
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2"])
+def paligemma(request, tmp_path_factory):
+    from tiny_models import save_tiny_paligemma
+
+    return save_tiny_paligemma(tmp_path_factory.mktemp(f"paligemma-{request.param}") / "model", text=request.param)
+
+
+def _paligemma_processor(model_dir):
+    """transformers' own PaliGemma processor over the tiny tokenizer: the reference for the layout."""
+    from tiny_models import PALIGEMMA_IMAGE
+
+    pixels = transformers.SiglipImageProcessorPil.from_pretrained(model_dir)
+    pixels.image_seq_length = (PALIGEMMA_IMAGE // 4) ** 2
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"), bos_token="<bos>")
+    return transformers.PaliGemmaProcessor(image_processor=pixels, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("target", ["cpu", "native"])
+def test_paligemma_matches_transformers(paligemma, fp32_plan, tmp_path, target):
+    from edgellm.runtime.session import attend_until, attention_blocks
+
+    _skip_without_compiler(target)
+    out = build(paligemma, tmp_path / "out", fp32_plan, target=target, max_num_tokens=64, language_group_size=32,
+                future_token_mask_size=64)
+    model = Model.load(out)
+    image = _picture(40, 56, seed=3)
+    session = model.session()
+    ours = session.generate("w1 w2 w3 w4", images=[image], max_new_tokens=32, ignore_eos=True, return_logits=True)
+    ids = session.tokens[: ours.prompt_tokens]
+    expected_inputs = _paligemma_processor(paligemma)(text="<image>w1 w2 w3 w4", images=image, return_tensors="pt")
+    image_token = json.loads((paligemma / "config.json").read_text())["image_token_index"]
+    assert [t if t >= 0 else image_token for t in ids] == expected_inputs["input_ids"][0].tolist()
+    assert ours.image_tokens == 16 and attention_blocks(model.config.vision, ids) == [(0, len(ids))]
+
+    reference = transformers.PaliGemmaForConditionalGeneration.from_pretrained(paligemma, dtype=torch.float32).eval()
+    inputs = {k: expected_inputs[k] for k in ("input_ids", "pixel_values", "token_type_ids")}
+    with torch.no_grad():
+        features = reference.get_image_features(inputs["pixel_values"]).pooler_output[0].numpy()
+        every_row = reference(**inputs).logits[0].numpy()
+        generated = reference.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                       output_logits=True, return_dict_in_generate=True)
+    np.testing.assert_allclose(model.images.embeddings(ids)[:16], features, atol=1e-4)
+    assert ours.token_ids == generated.sequences[0, len(ids):].tolist()
+    np.testing.assert_allclose(np.stack(ours.logits), torch.cat(generated.logits).numpy(), atol=1e-4)
+    # every prompt row, and what the prefix's two-way attention changes
+    rows = model.images.embeddings(ids)
+    prefix = model.session().engine_session.forward(ids, 0, 0, rows, attend_until([(0, len(ids))], 0, len(ids)))
+    causal = model.session().engine_session.forward(ids, 0, 0, rows)
+    np.testing.assert_allclose(prefix, every_row, atol=1e-4)
+    assert np.abs(causal[:-1] - every_row[:-1]).max() > 1e-2
+    model.close()
+
+
+def test_paligemma_reuses_the_cache_only_for_the_same_prefix(paligemma, fp32_plan, tmp_path):
+    """A second question about the same image shares the image's ids, but the image's rows saw
+    the first question: nothing is reused, and the answer is a fresh session's. The same prompt
+    again reuses all but its last row."""
+    out = build(paligemma, tmp_path / "out", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=32,
+                future_token_mask_size=64)
+    model = Model.load(out)
+    image = _picture(30, 30, seed=4)
+    session = model.session()
+    session.generate("w1 w2", images=[image], max_new_tokens=4, ignore_eos=True)
+    second = session.generate("w1 w3", images=[image], max_new_tokens=4, ignore_eos=True, return_logits=True)
+    fresh = model.session().generate("w1 w3", images=[image], max_new_tokens=4, ignore_eos=True, return_logits=True)
+    assert second.cached_tokens == 0 and second.token_ids == fresh.token_ids
+    np.testing.assert_allclose(np.stack(second.logits), np.stack(fresh.logits), atol=1e-5)
+    again = session.generate("w1 w3", images=[image], max_new_tokens=4, ignore_eos=True, return_logits=True)
+    assert again.cached_tokens == fresh.prompt_tokens - 1 and again.token_ids == fresh.token_ids
+    np.testing.assert_allclose(np.stack(again.logits), np.stack(fresh.logits), atol=1e-5)
+    model.close()
+
+
+def test_paligemma_prompts_must_fit_one_call(paligemma, fp32_plan, tmp_path):
+    with pytest.raises(EdgeLLMError, match=r"paligemma's prompts \(an image's 16 rows, <bos> and the text\) are prefilled "
+                                           r"in one call; compile with --language_group_size 18 or more"):
+        build(paligemma, tmp_path / "small", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=16,
+              future_token_mask_size=64)
+    out = build(paligemma, tmp_path / "out", fp32_plan, target="cpu", max_num_tokens=64, language_group_size=20,
+                future_token_mask_size=64)
+    model = Model.load(out)
+    with pytest.raises(EdgeLLMError, match="the prompt's 22 rows, which see each other, do not fit one prefill call "
+                                           "of 20 rows; compile with a --language_group_size of 23 or more"):
+        model.generate("w1 w2 w3 w4", images=[_picture(20, 20)], max_new_tokens=2)
+    assert model.generate("w1 w2", images=[_picture(20, 20)], max_new_tokens=2).image_tokens == 16
+    model.close()
+
+
+def test_paligemma_preprocessing_and_config_checks(paligemma, tmp_path):
+    import shutil
+
+    from edgellm.build import read_model_config
+    from edgellm.config.vision import resized_processing
+    from edgellm.sources import open_source
+
+    hf = transformers.SiglipImageProcessorPil(size={"height": 224, "width": 224})
+    for width, height in ASPECTS:
+        image = _picture(width * 5, height * 5)
+        expected = hf(image, return_tensors="np")["pixel_values"][0]
+        ours = preprocess(image, resized_processing(hf.to_dict(), 224, "preprocessor_config.json", 3)).tiles[0]
+        np.testing.assert_allclose(ours, expected, atol=1e-3)
+    assert read_model_config(open_source(paligemma)).vision.processing.resample == "bicubic"
+    copy = tmp_path / "model"
+    shutil.copytree(paligemma, copy)
+    settings = json.loads((copy / "preprocessor_config.json").read_text())
+    (copy / "preprocessor_config.json").write_text(json.dumps({**settings, "image_seq_length": 256}))
+    with pytest.raises(EdgeLLMError, match="image_seq_length 256 contradicts the encoder's 16 patches"):
+        read_model_config(open_source(copy))

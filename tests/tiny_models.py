@@ -210,3 +210,42 @@ def save_tiny_gemma3_vlm(path: Path, seed: int = 0) -> Path:
     tok.save(str(path / "tokenizer.json"))
     transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+# A tiny PaliGemma: SigLIP over 16 px images in 4 px patches (16 image rows), one linear
+# projection, a Gemma text model (text "gemma2": PaliGemma 2's, with soft-capping and windows).
+PALIGEMMA_MARKERS = ["<bos>", "<image>"]
+PALIGEMMA_IMAGE = 16
+
+
+def save_tiny_paligemma(path: Path, text: str = "gemma", seed: int = 0) -> Path:
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    words = VOCAB - len(NEWLINES) - len(PALIGEMMA_MARKERS)
+    bos, image = (words + len(NEWLINES) + i for i in range(2))
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=PALIGEMMA_IMAGE, patch_size=4)
+    config_class, _, settings = FAMILIES[text]
+    text_config = getattr(transformers, config_class)(**{**COMMON, **settings, "num_hidden_layers": 2, "bos_token_id": bos})
+    config = transformers.PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text_config.to_dict(),
+                                          image_token_index=image, projection_dim=COMMON["hidden_size"],
+                                          hidden_size=COMMON["hidden_size"], vocab_size=VOCAB)
+    model = _spread(transformers.PaliGemmaForConditionalGeneration(config), zero_centred_norms="language_model")
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_tokens(NEWLINES)
+    tok.add_special_tokens(PALIGEMMA_MARKERS)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
+    transformers.SiglipImageProcessorPil(size={"height": PALIGEMMA_IMAGE, "width": PALIGEMMA_IMAGE}).save_pretrained(path)
+    settings = json.loads((path / "preprocessor_config.json").read_text())  # as PaliGemma's hub files have it
+    settings["image_seq_length"] = (PALIGEMMA_IMAGE // 4) ** 2
+    (path / "preprocessor_config.json").write_text(json.dumps(settings))
+    return path

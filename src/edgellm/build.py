@@ -169,14 +169,17 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
     check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
-    # an image whose rows see each other is prefilled in one call (runtime/engine.py prefill_chunks)
-    whole_images = cfg.vision is not None and cfg.vision.bidirectional
+    # rows that see each other are prefilled in one call (runtime/engine.py prefill_chunks): an
+    # image's (Gemma 3), or a whole prompt (PaliGemma), which by default gets room for a question
+    whole = cfg.vision.whole_calls if cfg.vision else 0
     if options.language_group_size is None:  # (a copy: the caller's options stay as given)
-        options = replace(options, language_group_size=max(DEFAULT_GROUP_SIZE, cfg.vision.image_tokens if whole_images else 0))
+        default = max(DEFAULT_GROUP_SIZE, whole + (DEFAULT_GROUP_SIZE if cfg.vision and cfg.vision.attention == "prefix" else 0))
+        options = replace(options, language_group_size=max(whole, min(default, options.max_num_tokens)))
         options.validate()
-    if whole_images and options.language_group_size < cfg.vision.image_tokens:
-        raise EdgeLLMError(f"{model_path}: {cfg.family}'s images are {cfg.vision.image_tokens} rows that must be prefilled "
-                           f"in one call; compile with --language_group_size {cfg.vision.image_tokens} or more")
+    if options.language_group_size < whole:
+        what = (f"prompts (an image's {cfg.vision.image_tokens} rows, <bos> and the text) are prefilled in one call"
+                if cfg.vision.attention == "prefix" else f"images are {whole} rows that must be prefilled in one call")
+        raise EdgeLLMError(f"{model_path}: {cfg.family}'s {what}; compile with --language_group_size {whole} or more")
     units = plan_units(cfg.num_layers, options.buckets, cfg.vision.num_layers if cfg.vision else None)
     # the plan, asked once for every unit (a .py plan runs once per build), and the adapters,
     # checked against it before anything in the output directory changes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from . import gemma, gemma2, gemma3, idefics3, llama, llava, mistral, phi3, qwen
+from . import gemma, gemma2, gemma3, idefics3, llama, llava, mistral, paligemma, phi3, qwen
 from .fields import shown
 from .model_config import ModelConfig, RopeConfig
 
@@ -26,6 +26,7 @@ VISION_ADAPTERS = {
     "idefics3": idefics3.build,
     "smolvlm": idefics3.build,
     "gemma3": gemma3.build_vision,
+    "paligemma": paligemma.build,
 }
 
 

@@ -122,6 +122,6 @@ def build_vision(raw: dict, where: str, names: set[str], processor: dict | None)
         image_token_id=require(raw, "image_token_index" if "image_token_index" in raw else "image_token_id", where, low=0),
         marker_token_id=require(raw, "boi_token_index" if "boi_token_index" in raw else "boi_token_id", where, low=0),
         image_tokens=tokens, processing=resized_processing(processor, fields["image_size"], where), prompt="gemma3",
-        bidirectional=True)
+        attention="image")
     cfg.family = "gemma3"
     return cfg

@@ -66,8 +66,9 @@ class VisionConfig:
     pre_norm: bool  # CLIP's pre_layrnorm on the embeddings
     post_norm: bool  # the encoder's final LayerNorm applies to the features used
     drop_class_token: bool  # the projector sees the patches only
-    # "mlp": linear, activation, linear (LLaVA); "shuffle": pixel shuffle, linear (Idefics3);
-    # "gemma3": average pooling of shuffle x shuffle patches, RMSNorm (1 + w), projection
+    # "mlp": linear, activation, linear (LLaVA); "linear" (PaliGemma); "shuffle": pixel shuffle,
+    # linear (Idefics3); "gemma3": average pooling of shuffle x shuffle patches, RMSNorm (1 + w),
+    # projection
     projector: str
     projector_activation: str
     image_token_id: int  # the token each tile's rows replace (the processor's "image token")
@@ -77,18 +78,28 @@ class VisionConfig:
     # how an image appears in the prompt (runtime/images.py image_text): "repeat" (the image token,
     # image_tokens times: LLaVA), "tiles" (Idefics3: each tile's rows between
     # <fake_token_around_image> and a row/column tag) or "gemma3" (between <start_of_image> and
-    # <end_of_image>, blank lines around)
+    # <end_of_image>, blank lines around); "paligemma" (the image tokens, then <bos>, before the
+    # prompt, which ends in a newline)
     prompt: str = "repeat"
     # the token a chat template or a prompt places where an image goes (None: the image token)
     marker_token_id: int | None = None
-    # image rows attend to each other's whole image, not only to earlier rows (Gemma 3)
-    bidirectional: bool = False
+    # which prompt rows see later rows in prefill: none ("causal"), an image's rows see their whole
+    # image ("image": Gemma 3), or the whole prompt sees itself ("prefix": PaliGemma's prefix-LM,
+    # the answer causal)
+    attention: str = "causal"
+
+    # role -> tensor name ("{i}": the encoder layer)
+    tensors: dict[str, str] = field(default_factory=dict)
 
     @property
     def marker(self) -> int:
         return self.image_token_id if self.marker_token_id is None else self.marker_token_id
-    # role -> tensor name ("{i}": the encoder layer)
-    tensors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def whole_calls(self) -> int:
+        """The fewest rows a prefill call must hold: an image whose rows see each other is one
+        call (with "prefix", the whole prompt is, and so at least an image and a token)."""
+        return {"causal": 0, "image": self.image_tokens, "prefix": self.image_tokens + 2}[self.attention]
 
     @property
     def num_patches(self) -> int:
@@ -183,9 +194,9 @@ def tiled_processing(processor: dict | None, image_size: int, where: str) -> Ima
                            **_pixels(p, where, 1, [0.5] * 3, [0.5] * 3))
 
 
-def resized_processing(processor: dict | None, image_size: int, where: str) -> ImageProcessing:
-    """A processor that resizes to the encoder's size (Gemma 3: 896 x 896, bilinear), without
-    pan-and-scan crops."""
+def resized_processing(processor: dict | None, image_size: int, where: str, resample: int = 2) -> ImageProcessing:
+    """A processor that resizes to the encoder's size (Gemma 3: 896 x 896, bilinear; SigLIP's for
+    PaliGemma: bicubic), without pan-and-scan crops. resample: the processor class's default."""
     p, where = _processor(processor, where)
     if p.get("do_pan_and_scan"):
         raise EdgeLLMError(f"{where}: do_pan_and_scan is not supported")
@@ -193,7 +204,7 @@ def resized_processing(processor: dict | None, image_size: int, where: str) -> I
     width = _edge(p, where, "size", "width", image_size)
     if (height, width) != (image_size, image_size):
         raise EdgeLLMError(f"{where}: size {height}x{width} differs from the encoder's image_size {image_size}")
-    return ImageProcessing("resize", height, width, image_size, **_pixels(p, where, 2, [0.5] * 3, [0.5] * 3))
+    return ImageProcessing("resize", height, width, image_size, **_pixels(p, where, resample, [0.5] * 3, [0.5] * 3))
 
 
 def _processor(processor, where: str) -> tuple[dict, str]:

@@ -172,7 +172,7 @@ def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool =
     tokens[cached:]. With move_back (a target whose group call costs as much for fewer rows), a
     short last chunk is moved back to end at the last token instead of padded past it. blocks:
     (first, end) of rows that see each other (an image's, in Gemma 3): no chunk ends inside one,
-    so each such row's call holds the rest of its block."""
+    so each such row's call holds the rest of its block (PaliGemma's: the whole prompt)."""
     end, pos = len(tokens), cached
     while pos < end:
         start = pos if end - pos >= group or not move_back else max(0, end - group)
@@ -180,8 +180,10 @@ def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool =
         inside = next(((a, b) for a, b in blocks if a < stop < b), None)
         if inside is not None:
             if inside[0] <= pos:  # from here the block's end does not fit one call
-                raise EdgeLLMError(f"an image's {inside[1] - inside[0]} rows do not fit one prefill call of {group} rows; "
-                                   f"compile with a --language_group_size of {inside[1] - inside[0] + 1} or more")
+                what = "the prompt's" if inside[0] == 0 and inside[1] == end else "an image's"  # (a prefix-LM: the prompt)
+                raise EdgeLLMError(f"{what} {inside[1] - inside[0]} rows, which see each other, do not fit one prefill "
+                                   f"call of {group} rows; compile with a --language_group_size of "
+                                   f"{inside[1] - inside[0] + 1} or more")
             stop = inside[0]
         chunk = tokens[start:stop]
         yield start, chunk, pos - start

@@ -150,7 +150,7 @@ def image_text(vision: VisionConfig, image: Prepared, tokenizer) -> str:
     between <fake_token_around_image><global-img> and <fake_token_around_image>; Gemma 3's
     "\n\n<start_of_image>" ... "<end_of_image>\n\n"."""
     token = tokenizer.id_to_token(vision.image_token_id)
-    if vision.prompt == "repeat":
+    if vision.prompt in ("repeat", "paligemma"):
         return token * len(image.tiles)
     if vision.prompt == "gemma3":
         return f"\n\n{tokenizer.id_to_token(vision.marker)}{token}<end_of_image>\n\n"
@@ -160,6 +160,27 @@ def image_text(vision: VisionConfig, image: Prepared, tokenizer) -> str:
     grid = "\n".join("".join(f"{around}<row_{r + 1}_col_{c + 1}>{token}" for c in range(image.cols))
                      for r in range(image.rows))
     return f"{grid}\n\n{around}<global-img>{token}{around}"
+
+
+def place_images(vision: VisionConfig | None, prompt: str, count: int, marker: str | None,
+                 bos: str | None) -> tuple[str, bool]:
+    """A raw prompt (not a chat) laid out for `count` images as the model's processor lays it
+    out, and whether the tokenizer is to add its special tokens: images where the prompt has
+    markers, else one marker per image on a line of its own before it; PaliGemma's: the markers
+    (before the prompt where it has none), <bos> after the last, a newline at the end, and no
+    special tokens added (the <bos> is in the text)."""
+    if vision is None or vision.prompt != "paligemma":
+        if count and marker not in prompt:
+            prompt = f"{marker}\n" * count + prompt
+        return prompt, True
+    if bos is None:
+        raise EdgeLLMError("a PaliGemma prompt starts with <bos> after its images, and this build's tokenizer "
+                           "names no bos_token (tokenizer_config.json)")
+    if count and marker not in prompt:
+        prompt = marker * count + prompt
+    last = prompt.rfind(marker)
+    after = last + len(marker) if last >= 0 else 0
+    return prompt[:after] + bos + prompt[after:] + "\n", False
 
 
 def patches(pixels: np.ndarray, patch: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from .engine import VERIFY_ROWS, prefill_chunks
+from .images import place_images
 from .sampling import Sampler, SamplingParams
 from .strategies import Drafter, DraftLength, SpeculationStats, _common_prefix, verify
 from .text import StreamDecoder
@@ -78,6 +79,7 @@ class Session:
         self.engine_session = model.engine.open_session()
         self.max_num_tokens = model.engine.spec.max_num_tokens
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
+        self.blocks: list[tuple[int, int]] = []  # the cached prompt's rows that saw each other (attention_blocks)
         self.messages: list[dict] = []
         self.adapter: tuple[str, float] | None = None  # the LoRA adapter and its scale (LORA_BRANCH builds)
         self.image_prompts: list = []  # the chat's images, turn by turn (runtime/images.py ImagePrompt)
@@ -100,24 +102,24 @@ class Session:
         self.engine_session.close()
 
     def reset(self) -> None:
-        self.tokens = []
+        self.tokens, self.blocks = [], []
         self.messages = []
         self.image_prompts = []
 
     def generate(self, prompt: str, chat: bool = False, images=(), **kw) -> Generation:
         """Complete prompt (raw text), or answer it as one user turn in the chat template.
         images: paths, bytes or PIL images, placed at the prompt's image markers (the image
-        token's text, e.g. "<image>"), or before the prompt where it has none."""
+        token's text, e.g. "<image>"), or before the prompt where it has none (images.py
+        place_images)."""
         started = time.perf_counter()
         model = self.model
         prompts, encode_s = model.encode_images(images)
         if chat:
             ids = model.encode(self.codec.render_chat([user_turn(prompt, len(prompts))]), prompts, special=False)
         else:
-            marker = self.codec.image_marker
-            if prompts and marker not in prompt:
-                prompt = f"{marker}\n" * len(prompts) + prompt
-            ids = model.encode(prompt, prompts)
+            text, special = place_images(model.config.vision, prompt, len(prompts), self.codec.image_marker,
+                                         self.codec.settings.get("bos_token"))
+            ids = model.encode(text, prompts, special)
         return self.generate_ids(ids, started=started, encode_s=encode_s, **kw)
 
     def chat(self, message: str, images=(), **kw) -> Generation:
@@ -145,6 +147,26 @@ class Session:
             ids, position = decoding.next_call()
             decoding.take(self.engine_session.forward(ids, position, logits_from=0))
         return decoding.result()
+
+
+def attention_blocks(vision, ids: list[int]) -> list[tuple[int, int]]:
+    """(first, end) of each run of prompt rows that see each other in prefill (VisionConfig
+    attention): an image's rows (Gemma 3), the whole prompt (PaliGemma), none (causal)."""
+    kind = "causal" if vision is None else vision.attention
+    return {"causal": [], "image": image_blocks(ids), "prefix": [(0, len(ids))]}[kind]
+
+
+def reusable(reuse: int, cached: list[tuple[int, int]], blocks: list[tuple[int, int]], common: int) -> int:
+    """How many of the first `reuse` cached rows stay valid for a prompt whose blocks are
+    `blocks`, when the cache was computed with blocks `cached` and the two agree on their first
+    `common` ids: a row in a block saw the whole block, so the block must be the same one, and
+    all of it within what the two share."""
+    for a, b in set(cached) ^ set(blocks):
+        reuse = min(reuse, a)
+    for a, b in blocks:
+        if b > common:
+            reuse = min(reuse, a)
+    return max(reuse, 0)
 
 
 def image_blocks(ids: list[int]) -> list[tuple[int, int]]:
@@ -262,21 +284,23 @@ class Decoding:
         if self._chunks is None:
             engine_session = session.engine_session
             group = engine_session.spec.group_size
-            reuse = min(_common_prefix(session.tokens, ids), len(ids) - 1)  # one token at least must run: logits
+            self._blocks = attention_blocks(session.model.config.vision, ids)
+            common = _common_prefix(session.tokens, ids)
+            reuse = min(common, len(ids) - 1)  # one token at least must run: logits
             if self.whole_chunks:
                 reuse -= reuse % group
+            reuse = reusable(reuse, [b for b in session.blocks if b[0] < len(session.tokens)], self._blocks, common)
             session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
+            session.blocks = [b for b in self._blocks if b[0] < reuse]
             engine_session.truncate(reuse)
             self.cached = reuse
-            vision = session.model.config.vision
-            self._blocks = image_blocks(ids) if vision is not None and vision.bidirectional else []
             self._chunks = prefill_chunks(ids, reuse, group, engine_session.full_group_calls, self._blocks)
         start, chunk, _ = next(self._chunks)
         logits = session.engine_session.forward(chunk, start, embeddings=session.model.images.embeddings(chunk),
                                                 until=attend_until(self._blocks, start, len(chunk)))[-1]
         if start + len(chunk) < len(ids):
             return False
-        session.tokens = list(ids)
+        session.tokens, session.blocks = list(ids), self._blocks
         self._decide([self._choose(logits)])
         return True
 
