@@ -10,7 +10,7 @@ image and a 20-token question; TTFT runs from the image file's bytes to the firs
 default (the image resized to 2048 px and cut into 4 x 4 tiles plus the global view: 17 encoder
 passes, 1088 image rows) and do_image_splitting off (the global view alone: 1 pass, 64 rows).
 
-    python bench/vlm_speed.py [--repeats 3] [--plan PLAN] [--threads 2] [--settings whole,split]
+    python bench/vlm_speed.py [--repeats 3] [--plan PLAN] [--target cpu|native] [--threads 2] [--settings whole,split]
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def picture() -> bytes:
 
 
 class Edgellm:
-    def __init__(self, path: Path, plan: str | None, threads: int, out: Path):
+    def __init__(self, path: Path, plan: str | None, target: str, threads: int, out: Path):
         import edgellm
         from edgellm.build import BuildOptions, compile_model
 
         t0 = time.perf_counter()
-        compile_model(path, out, BuildOptions(configuration_file=plan, max_num_tokens=2048,
+        compile_model(path, out, BuildOptions(configuration_file=plan, target=target, max_num_tokens=2048,
                                               future_token_mask_size=128))
         self.compile_s = time.perf_counter() - t0
         self.model = edgellm.load(out, threads=threads)
@@ -143,6 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plan", default=None, help="edgellm precision plan (-c); default: the source's (BF16)")
+    parser.add_argument("--target", default="cpu", choices=["cpu", "native"], help="where the language model runs "
+                        "(the image encoder runs on ONNX Runtime for both)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings", default="whole,split", help="processor settings to run: whole, split")
     args = parser.parse_args()
@@ -154,7 +156,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         for split in [name == "split" for name in args.settings.split(",")]:
             path = model_dir(split)
-            ours = Edgellm(path, args.plan, args.threads, Path(tmp) / f"out-{split}")
+            ours = Edgellm(path, args.plan, args.target, args.threads, Path(tmp) / f"out-{split}")
             theirs = Transformers(path, args.threads)
             tile = preprocess(load_image(image), tiled_processing(json.loads((path / "preprocessor_config.json").read_text()),
                                                                   512, "")).tiles[0]

@@ -264,6 +264,48 @@ def test_int4_language_model_matches_transformers_on_the_stored_weights(llava, r
     model.close()
 
 
+def test_an_int8_encoder_runs_integer_gemms_on_per_channel_weights(llava, reference, processor, tmp_path):
+    """An int8 image encoder: every matmul weight one symmetric int8 block per output channel,
+    run by ONNX Runtime's integer GEMM (DynamicQuantizeMatMul: activations quantized per call).
+    Its features are transformers' on the same dequantized weights, to within what quantizing
+    the activations costs, and far from another image's."""
+    import copy
+    from collections import Counter
+
+    import onnx
+
+    from edgellm.quant.blocks import quantize
+
+    plan = tmp_path / "vision_int8.json"
+    plan.write_text(json.dumps({"default": {"precision": "FP32"},
+                                "rules": [{"match": {"part": "VISION"}, "set": {"precision": "A_BF16_W_INT8"}}]}))
+    out = build(llava, tmp_path / "out", plan, target="cpu", **OPTIONS)
+    ops = Counter(n.op_type for n in onnx.load(out / "compiled" / "vision" / "encoder.onnx",
+                                               load_external_data=False).graph.node)
+    layers = Model.load(out).config.vision.num_layers
+    assert ops["DynamicQuantizeMatMul"] == 4 * layers + 3  # qkv, out, fc1, fc2; patches; the projector's two
+    assert not {"MatMul", "MatMulNBits", "DequantizeLinear"} & set(ops)
+    stored = copy.deepcopy(reference)
+    with torch.no_grad():
+        for name, p in stored.named_parameters():
+            if ("vision_tower" in name or "projector" in name) and name.endswith("weight") and p.dim() >= 2 \
+                    and "position_embedding" not in name:
+                w = p.numpy().reshape(p.shape[0], -1)  # [out, in]: one block spans an output channel's inputs
+                p.copy_(torch.from_numpy(quantize(w, 8, w.shape[1], "symmetric").dequantize().reshape(p.shape)))
+    model = Model.load(out)
+    for seed in (1, 2):
+        pixels = processor(_picture(40, 56, seed=seed), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            expected = stored.get_image_features(pixels).pooler_output[0].numpy()
+        ours = model.image_encoder.encode_pixels(pixels[0].numpy())
+        error = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
+        assert error < 0.03, f"relative error {error}"  # measured 0.013-0.016
+        if seed == 1:
+            first = expected
+    assert np.linalg.norm(first - expected) / np.linalg.norm(expected) > 0.2
+    model.close()
+
+
 # Idefics3 / SmolVLM: tiles, pixel shuffle, marker tokens around each tile (the processor's prompt)
 
 def _idefics3_processor(model_dir):

@@ -323,8 +323,8 @@ def _stage_job(stage: str, unit: Unit, ctx: _Context, precision: str | None, flo
             from .quant.precision import QuantOptions, apply_precision
 
             floats = load_lazy(ctx.out / "onnx" / f"{unit.name}.onnx") if float_file else _float_segment(unit, ctx, spill)
-            model, report = apply_precision(floats, precision, QuantOptions(o.block_size, o.block_scheme),
-                                            _source_blocks(ctx), spill)
+            options = QuantOptions(o.block_size, o.block_scheme, int8_per_channel=unit.part in VISION_PARTS)
+            model, report = apply_precision(floats, precision, options, _source_blocks(ctx), spill)
             for weight, how in sorted(report.items()):
                 log.info("%s: %s", weight, how)
         save_segment(model, path)
@@ -484,7 +484,7 @@ def _unit_hashes(unit: Unit, ctx: _Context) -> tuple[str, str]:
     float_hash = unit_hash("onnx", unit, ctx, extra=json.dumps([[], {}, lora], sort_keys=True))
     precision = ctx.plan.choice(unit).precision
     quant_hash = unit_hash("quantize", unit, ctx, extra=json.dumps(
-        [[precision, o.block_size, o.block_scheme], float_hash, lora], sort_keys=True))
+        [[precision, o.block_size, o.block_scheme, unit.part in VISION_PARTS], float_hash, lora], sort_keys=True))
     return float_hash, quant_hash
 
 

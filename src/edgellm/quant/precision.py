@@ -5,7 +5,8 @@ as a float32 [V, H] Gather input. A precision rewrites how such a weight is stor
   FP32           as emitted (edgellm's exact reference precision)
   BF16           bfloat16 + Cast to float: half the size; ONNX Runtime's CPU kernels have no bf16
                  MatMul, so the Cast is constant-folded at load (FP32 speed and memory)
-  A_BF16_W_INT8  int8 blocks along K: DequantizeLinear(axis=0, block_size) -> MatMul
+  A_BF16_W_INT8  int8 blocks along K: DequantizeLinear(axis=0, block_size) -> MatMul (an image
+                 encoder's: one block per output channel, QuantOptions.int8_per_channel)
   A_BF16_W_INT4  int4 blocks along K, the same pattern
   SOURCE         every weight as the model file stores it: a GGUF's own types (Q4_K, Q6_K, Q5_0,
                  ... mapped exactly, mixed per tensor as the file has them), float tensors FP32;
@@ -56,6 +57,10 @@ PackedFn = Callable[[str], "tuple[BlockQuantized | None, str]"]
 class QuantOptions:
     block_size: int = 32
     scheme: str = "symmetric"  # quant/blocks.py SCHEMES
+    # int8 matmul weights quantized per output channel (one symmetric block spanning K), not in
+    # blocks: an image encoder's, which ONNX Runtime runs as integer GEMMs with per-column
+    # scales (targets/ort_lowering.py lower_per_channel_matmuls)
+    int8_per_channel: bool = False
 
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -133,10 +138,12 @@ def apply_precision(
             # (the float values are read only here: the source's own blocks never need them)
             w = to_array(init)
             hf_layout = w.T if node.op_type == "MatMul" else w  # blocks run along the HF input dim
-            scheme = options.scheme
-            if scheme == "minimum" and (node.op_type != "MatMul" or hf_layout.shape[1] % options.block_size):
+            scheme, block = options.scheme, options.block_size
+            if options.int8_per_channel and bits == 8 and node.op_type == "MatMul":
+                scheme, block = "symmetric", hf_layout.shape[1]
+            if scheme == "minimum" and (node.op_type != "MatMul" or hf_layout.shape[1] % block):
                 scheme = "zero_point"  # a lookup, or blocks not tiling K, cannot carry a float minimum
-            blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, options.block_size, scheme)
+            blocks = quantize(np.ascontiguousarray(hf_layout, dtype=np.float32), bits, block, scheme)
             report[init.name] = f"{stored} {'quantized' if stored == 'float' else 'converted'} to int{bits}"
         rewriter.drop(init)
         if node.op_type == "MatMul":

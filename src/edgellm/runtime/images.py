@@ -204,6 +204,9 @@ class ImageEncoder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
         opts.inter_op_num_threads = 1
+        # int8 weights run as uint8 x int8 GEMMs (targets/ort_lowering.py lower_per_channel_matmuls),
+        # whose products saturate on x86 CPUs without VNNI unless ONNX Runtime widens them there
+        opts.add_session_config_entry("session.x64quantprecision", "1")
         path = Path(program_dir) / "encoder.onnx"
         if not path.is_file():
             raise EdgeLLMError(f"{path}: missing; the build has no image encoder (compile it again)")

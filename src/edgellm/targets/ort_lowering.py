@@ -66,6 +66,46 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
     return model
 
 
+def lower_per_channel_matmuls(model: onnx.ModelProto, spill=None) -> onnx.ModelProto:
+    """Int8 weights in one symmetric block per output channel (an image encoder's:
+    quant/precision.py QuantOptions.int8_per_channel), DequantizeLinear(axis=0, block_size=K)
+    -> MatMul, become ONNX Runtime's DynamicQuantizeMatMul: the activations quantized to uint8 per
+    call, the weight read as stored, one scale per column, through MLAS's integer GEMM, which at
+    an image's 1024 rows is about 1.7x MatMulNBits' int8 blocks (docs/BENCHMARKS.md). On x86
+    CPUs without VNNI, uint8 x int8 products can saturate; the session that runs such a program
+    sets session.x64quantprecision (runtime/images.py), with which ONNX Runtime widens them there."""
+    make = spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dead, scales = set(), {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 2 or node.input[0] not in inits:
+            continue
+        q, users = inits[node.input[0]], consumers.get(node.output[0], [])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (q.data_type != onnx.TensorProto.INT8 or len(q.dims) != 2 or attrs.get("axis") != 0
+                or attrs.get("block_size") != q.dims[0] or len(users) != 1 or users[0].op_type != "MatMul"
+                or users[0].input[1] != node.output[0] or node.input[1] not in inits):
+            continue
+        scale = f"{node.input[1]}.columns"
+        scales[scale] = make(scale, to_array(inits[node.input[1]]).astype(np.float32).reshape(-1))
+        matmul = users[0]
+        matmul.CopyFrom(helper.make_node("DynamicQuantizeMatMul", [matmul.input[0], node.input[0], scale],
+                                         list(matmul.output), name=matmul.name, domain="com.microsoft"))
+        dead.add(node.name)
+    if not dead:
+        return model
+    _drop_nodes(graph, dead)
+    graph.initializer.extend(scales.values())
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
 def _fold_factored_scales(graph: onnx.GraphProto, make) -> None:
     """K-quant scales and minimums are Mul(Cast(integer factors), units) in the IR
     (quant/precision.py); MatMulNBits takes float scales: each becomes its float32 product, which

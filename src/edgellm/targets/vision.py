@@ -3,6 +3,8 @@ program that ONNX Runtime runs once per image (compiled/vision/encoder.onnx + en
 
 The encoder runs once per image and not per token, so the C targets keep it on ONNX Runtime for
 now; lowering its ops (LayerNorm, GELU, unmasked attention) to the native kernels is future work.
+Its int8 weights are per output channel and run as integer GEMMs (ort_lowering.py
+lower_per_channel_matmuls); int4 and a GGUF mmproj's blocks run as MatMulNBits.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ..graph.io import Spill, save_models
 from .link import link_vision
-from .ort_lowering import lower_integer_matmuls
+from .ort_lowering import lower_integer_matmuls, lower_per_channel_matmuls
 
 PROGRAM = "encoder.onnx"
 
@@ -22,7 +24,8 @@ def compile_vision(out: Path, units, plan, options, manifest) -> Path:
     target_dir.mkdir(parents=True, exist_ok=True)
     spill = Spill(target_dir / f".repacked.tmp{os.getpid()}")
     try:
-        program = lower_integer_matmuls(link_vision(out, units, plan, options, manifest), options.int8_activations, spill)
+        program = lower_per_channel_matmuls(link_vision(out, units, plan, options, manifest), spill)
+        program = lower_integer_matmuls(program, options.int8_activations, spill)
         save_models({PROGRAM: program}, target_dir, weights_name="encoder.bin")
     finally:
         spill.close()
