@@ -73,7 +73,8 @@ def lower_per_channel_matmuls(model: onnx.ModelProto, spill=None) -> onnx.ModelP
     call, the weight read as stored, one scale per column, through MLAS's integer GEMM, which at
     an image's 1024 rows is about 1.7x MatMulNBits' int8 blocks (docs/BENCHMARKS.md). On x86
     CPUs without VNNI, uint8 x int8 products can saturate; the session that runs such a program
-    sets session.x64quantprecision (runtime/images.py), with which ONNX Runtime widens them there."""
+    sets session.x64quantprecision there (runtime/images.py integer_products_saturate), with
+    which ONNX Runtime widens them."""
     make = spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
