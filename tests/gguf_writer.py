@@ -184,9 +184,10 @@ def write_kquant_model(root: Path) -> Path:
     return write_gguf(save_tiny("llama", root / "hf", **KQUANT_SHAPE), root / "tiny-kquants.gguf", "llama", KQUANT_TYPES)
 
 
-def text_part(vlm_dir: Path, out: Path) -> Path:
-    """The text model of a tiny Idefics3 / SmolVLM directory as a Hugging Face llama directory (what
-    llama.cpp's converter writes to the text GGUF of the pair)."""
+def text_part(vlm_dir: Path, out: Path, prefix: str = "model.text_model.") -> Path:
+    """The text model of a tiny vision-language directory (its tensors under prefix: Idefics3's
+    model.text_model., Gemma 3's language_model.model.) as a Hugging Face text model directory
+    (what llama.cpp's converter writes to the text GGUF of the pair)."""
     import json
 
     from safetensors.numpy import load_file, save_file
@@ -195,14 +196,16 @@ def text_part(vlm_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config["text_config"]))
     tensors = load_file(str(vlm_dir / "model.safetensors"))
-    save_file({name.replace("model.text_model.", "model."): w for name, w in tensors.items()
-               if name.startswith("model.text_model.") or name == "lm_head.weight"}, str(out / "model.safetensors"))
+    save_file({name.replace(prefix, "model."): w for name, w in tensors.items()
+               if name.startswith(prefix) or name == "lm_head.weight"}, str(out / "model.safetensors"))
     return out
 
 
 def write_mmproj(vlm_dir: Path, path: Path, types: dict[str, str] | None = None) -> Path:
-    """The vision tower and connector of a tiny Idefics3 / SmolVLM directory as llama.cpp's mmproj
-    GGUF: the tensor names from gguf-py's own name map (the converter's), its clip.* keys.
+    """The vision tower and connector of a tiny Idefics3 / SmolVLM or Gemma 3 directory as
+    llama.cpp's mmproj GGUF: the tensor names from gguf-py's own name map (the converter's), its
+    clip.* keys, and what the converter changes (Gemma 3: the projection's name, its
+    soft-embedding norm stored as 1 + w, the pooling factor written only when it is not 4).
     types: GGUF tensor name -> "F16" or "Q8_0" (gguf-py quantizes those itself)."""
     import json
 
@@ -211,11 +214,12 @@ def write_mmproj(vlm_dir: Path, path: Path, types: dict[str, str] | None = None)
 
     config = json.loads((vlm_dir / "config.json").read_text())
     vision = config["vision_config"]
+    gemma3 = config["model_type"] == "gemma3"
     processor = json.loads((vlm_dir / "preprocessor_config.json").read_text())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision["num_hidden_layers"])
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type("idefics3")
+    writer.add_clip_projector_type("gemma3" if gemma3 else "idefics3")
     writer.add_vision_projection_dim(config["text_config"]["hidden_size"])
     writer.add_vision_image_size(vision["image_size"])
     writer.add_vision_patch_size(vision["patch_size"])
@@ -226,12 +230,23 @@ def write_mmproj(vlm_dir: Path, path: Path, types: dict[str, str] | None = None)
     writer.add_vision_image_mean(processor["image_mean"])
     writer.add_vision_image_std(processor["image_std"])
     writer.add_vision_attention_layernorm_eps(vision.get("layer_norm_eps", 1e-6))
-    writer.add_vision_projector_scale_factor(config["scale_factor"])
     writer.add_vision_use_gelu(True)
-    writer.add_vision_preproc_image_size(processor["size"]["longest_edge"])
+    if gemma3:
+        pooling = vision["image_size"] // vision["patch_size"] // round(config["mm_tokens_per_image"] ** 0.5)
+        if pooling != 4:
+            writer.add_vision_projector_scale_factor(pooling)
+    else:
+        writer.add_vision_projector_scale_factor(config["scale_factor"])
+        writer.add_vision_preproc_image_size(processor["size"]["longest_edge"])
     for hf, w in load_file(str(vlm_dir / "model.safetensors")).items():
-        if "text_model" in hf or hf == "lm_head.weight":
+        if "text_model" in hf or "language_model" in hf or hf == "lm_head.weight" or ".head." in hf:
             continue
+        if gemma3:  # transformers 5 writes the tower without its vision_model. level; the hub's files have it
+            hf = hf.replace("_weight", ".weight")
+            if hf.startswith("vision_tower.") and not hf.startswith("vision_tower.vision_model."):
+                hf = hf.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if "soft_emb_norm" in hf:
+                w = w + 1.0
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         kind = (types or {}).get(name)
         w = w.astype(np.float32)

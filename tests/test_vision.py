@@ -682,6 +682,8 @@ def test_gemma3_images_match_transformers(gemma3_vlm, fp32_plan, tmp_path, group
                                       pad_token_id=0)[0, len(ids):].tolist()
     np.testing.assert_allclose(ours.logits[0], every_row[-1], atol=1e-4)
     assert ours.token_ids == expected
+    other = model.session().generate(prompt, images=[_picture(40, 56, seed=9)], max_new_tokens=1, return_logits=True)
+    assert np.abs(other.logits[0] - ours.logits[0]).max() > 1e-2  # the image matters to the answer
     if group == 32:  # every row's logits, and what the image rows' attention changes
         rows = model.images.embeddings(ids)
         bidirectional = model.session().engine_session.forward(ids, 0, 0, rows, attend_until(image_blocks(ids), 0, len(ids)))
@@ -840,3 +842,30 @@ def test_paligemma_preprocessing_and_config_checks(paligemma, tmp_path):
     (copy / "preprocessor_config.json").write_text(json.dumps({**settings, "image_seq_length": 256}))
     with pytest.raises(EdgeLLMError, match="image_seq_length 256 contradicts the encoder's 16 patches"):
         read_model_config(open_source(copy))
+
+
+def test_a_gemma3_gguf_and_its_mmproj_run_as_the_safetensors_model(fp32_plan, tmp_path):
+    """llama.cpp's two files of a Gemma 3 VLM (projector type gemma3: the projection renamed, the
+    soft-embedding norm stored as 1 + w, the pooling factor left out at its default of 4) give
+    the safetensors directory's logits and tokens. Both layers slide: GGUF says which layers
+    slide only by llama.cpp's fixed pattern."""
+    from gguf_writer import text_part, write_gguf, write_mmproj
+    from tiny_models import GEMMA3_MARKERS, NEWLINES, save_tiny_gemma3_vlm
+
+    model_dir = save_tiny_gemma3_vlm(tmp_path / "model", layer_types=("sliding_attention",) * 2)
+    text = write_gguf(text_part(model_dir, tmp_path / "text", "language_model.model."), tmp_path / "text.gguf", "gemma3",
+                      special=NEWLINES + GEMMA3_MARKERS)
+    mmproj = write_mmproj(model_dir, tmp_path / "mmproj.gguf")
+    options = dict(target="cpu", max_num_tokens=64, language_group_size=32, future_token_mask_size=64)
+    image = _picture(40, 56, seed=8)
+    results = []
+    for out in (build(model_dir, tmp_path / "st", fp32_plan, **options),
+                build(text, tmp_path / "pair", mmproj=str(mmproj), **options)):  # no plan: SOURCE
+        model = Model.load(out)
+        results.append(model.generate("<start_of_image>", images=[image], max_new_tokens=16, ignore_eos=True,
+                                      return_logits=True))
+        model.close()
+    expected, ours = results
+    assert ours.prompt_tokens == expected.prompt_tokens and ours.image_tokens == expected.image_tokens == 4
+    np.testing.assert_allclose(np.stack(ours.logits), np.stack(expected.logits), atol=1e-4)
+    assert ours.token_ids == expected.token_ids

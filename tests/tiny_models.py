@@ -186,7 +186,7 @@ def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) 
 GEMMA3_MARKERS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 
 
-def save_tiny_gemma3_vlm(path: Path, seed: int = 0) -> Path:
+def save_tiny_gemma3_vlm(path: Path, seed: int = 0, layer_types=("sliding_attention", "full_attention")) -> Path:
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -197,10 +197,12 @@ def save_tiny_gemma3_vlm(path: Path, seed: int = 0) -> Path:
     vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                              num_attention_heads=4, image_size=32, patch_size=4)
     text = transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 2}, head_dim=16, query_pre_attn_scalar=16,
-                                         sliding_window=24, layer_types=["sliding_attention", "full_attention"])
+                                         sliding_window=24, layer_types=list(layer_types))
     config = transformers.Gemma3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=4,
                                        boi_token_index=boi, eoi_token_index=eoi, image_token_index=image)
     model = _spread(transformers.Gemma3ForConditionalGeneration(config), zero_centred_norms="language_model")
+    with torch.no_grad():  # transformers starts the projection at zeros: every image would be the same rows
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))

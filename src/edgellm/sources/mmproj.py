@@ -2,8 +2,8 @@
 encoder and projector, architecture "clip"), read as one source.
 
 The mmproj's metadata becomes the vision_config of a Hugging Face style config and its tensors get
-Hugging Face names, so the same family adapter (config/idefics3.py) serves the GGUF pair and the
-safetensors directory. The image processor's settings come from the mmproj's keys as llama.cpp's
+Hugging Face names, so the same family adapter (config/idefics3.py, config/gemma3.py) serves the
+GGUF pair and the safetensors directory. The image processor's settings come from the mmproj's keys as llama.cpp's
 converter writes them (clip.vision.image_mean/std, preproc_image_size).
 """
 
@@ -19,13 +19,19 @@ from ..quant.blocks import BlockQuantized
 from .gguf_file import LAYER_INDEX, GGUFSource, open_gguf
 from .safetensors_dir import _fingerprint
 
-# clip.projector_type -> the Hugging Face model_type whose adapter reads the pair
-PROJECTORS = {"idefics3": "idefics3"}
-VISION = "model.vision_model."
+# clip.projector_type -> the Hugging Face model_type whose adapter reads the pair, and where that
+# layout keeps the vision tower's tensors
+PROJECTORS = {"idefics3": ("idefics3", "model.vision_model."), "gemma3": ("gemma3", "vision_tower.vision_model.")}
 _LAYER = {"ln1": "layer_norm1", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_out": "self_attn.out_proj", "ln2": "layer_norm2", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
-_GLOBAL = {"v.patch_embd": VISION + "embeddings.patch_embedding", "v.position_embd": VISION + "embeddings.position_embedding",
-           "v.post_ln": VISION + "post_layernorm", "mm.model.fc": "model.connector.modality_projection.proj"}
+_TOWER = {"v.patch_embd": "embeddings.patch_embedding", "v.position_embd": "embeddings.position_embedding",
+          "v.post_ln": "post_layernorm"}
+_PROJECTOR = {"mm.model.fc.weight": "model.connector.modality_projection.proj.weight",  # idefics3
+              "mm.input_projection.weight": "multi_modal_projector.mm_input_projection_weight",  # gemma3
+              "mm.soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight"}
+# llama.cpp's converter stores Gemma 3's soft-embedding norm as (1 + w), as for the text model's norms
+_ONE_PLUS = {"multi_modal_projector.mm_soft_emb_norm.weight"}
+GEMMA3_POOLING = 4  # clip.vision.projector.scale_factor when absent (llama.cpp writes it only otherwise)
 # llama.cpp keeps the text model's tensors under these Hugging Face names (gguf_file.py)
 TEXT_PREFIX = "model."
 
@@ -43,18 +49,26 @@ class MmprojFile(GGUFSource):
             raise EdgeLLMError(f"{path}: --mmproj takes llama.cpp's vision projector file (architecture 'clip'), "
                                f"not '{self.arch}'")
         self.raw_config = {}
+        self.projector = self._lookup("projector_type")[1]  # checked by VisionPairSource
         self._tensors = {name: t for t in self.reader.tensors if (name := self._hf_name(t.name)) is not None}
 
     def _hf_name(self, name: str) -> str | None:
         base, _, kind = name.rpartition(".")
+        known = isinstance(self.projector, str) and self.projector in PROJECTORS  # (a list is no key)
+        tower = PROJECTORS[self.projector if known else "idefics3"][1]
         if name.startswith("v.blk."):
             parts = base.split(".", 3)
             if len(parts) != 4 or not LAYER_INDEX.fullmatch(parts[2]):
                 raise EdgeLLMError(f"{self.path}: tensor '{name}' is not named v.blk.<layer>.<part>.<kind>")
             hf = _LAYER.get(parts[3])
-            return None if hf is None else f"{VISION}encoder.layers.{parts[2]}.{hf}.{kind}"
-        hf = _GLOBAL.get(base)
-        return None if hf is None else f"{hf}.{kind}"
+            return None if hf is None else f"{tower}encoder.layers.{parts[2]}.{hf}.{kind}"
+        if base in _TOWER:
+            return f"{tower}{_TOWER[base]}.{kind}"
+        return _PROJECTOR.get(name)
+
+    def tensor(self, name: str) -> np.ndarray:
+        w = super().tensor(name)
+        return w - 1.0 if name in _ONE_PLUS else w
 
     def _lookup(self, key: str):
         """llama.cpp's converter writes most keys under clip.vision., a few under clip."""
@@ -83,9 +97,8 @@ class VisionPairSource:
         self.vision_path = mmproj_path  # what errors about the vision part name
         self.config_path = f"{mmproj_path} (with {text_path})"
         m = self.mmproj
-        projector = m.key("projector_type")
-        if not isinstance(projector, str) or projector not in PROJECTORS:
-            raise EdgeLLMError(f"{mmproj_path}: projector type '{projector}' is not supported (supported: "
+        if not isinstance(m.projector, str) or m.projector not in PROJECTORS:
+            raise EdgeLLMError(f"{mmproj_path}: projector type '{m.projector}' is not supported (supported: "
                                f"{', '.join(PROJECTORS)})")
         hidden = self.text.raw_config["hidden_size"]
         projection = m._number("projection_dim", required=True)
@@ -93,27 +106,36 @@ class VisionPairSource:
             raise EdgeLLMError(f"{mmproj_path}: the projector writes {projection} values per row; "
                                f"the text model {text_path} takes {hidden}: not this model's mmproj")
         tokens = self.text.fields.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or "<image>" not in tokens:
-            raise EdgeLLMError(f"{text_path}: the vocabulary has no <image> token; not the text model of {mmproj_path}")
-        image = m._number("image_size", required=True)
-        self.raw_config = {
-            "model_type": PROJECTORS[projector], "text_config": self.text.raw_config,
-            "vision_config": {"model_type": "idefics3_vision", "image_size": image,
-                              "patch_size": m._number("patch_size", required=True),
-                              "hidden_size": m._number("embedding_length", required=True),
-                              "intermediate_size": m._number("feed_forward_length", required=True),
-                              "num_hidden_layers": m._number("block_count", required=True, high=COUNTS),
-                              "num_attention_heads": m._number("attention.head_count", required=True, high=COUNTS),
-                              "layer_norm_eps": m._number("attention.layer_norm_epsilon", float, 1e-6),
-                              "hidden_act": "gelu_pytorch_tanh"},
-            "scale_factor": m._number("projector.scale_factor", default=2),
-            "image_token_id": tokens.index("<image>"),
-        }
-        self.image_processor = {
-            "size": {"longest_edge": m._number("preproc_image_size", default=image)},
-            "max_image_size": {"longest_edge": image}, "resample": 1,
-            "image_mean": m.key("image_mean"), "image_std": m.key("image_std"),  # checked by config/vision.py
-        }
+        tokens = tokens if isinstance(tokens, list) else []
+
+        def token(text: str) -> int:
+            if text not in tokens:
+                raise EdgeLLMError(f"{text_path}: the vocabulary has no {text} token; not the text model of {mmproj_path}")
+            return tokens.index(text)
+
+        image, patch = m._number("image_size", required=True), m._number("patch_size", required=True)
+        vision = {"image_size": image, "patch_size": patch,
+                  "hidden_size": m._number("embedding_length", required=True),
+                  "intermediate_size": m._number("feed_forward_length", required=True),
+                  "num_hidden_layers": m._number("block_count", required=True, high=COUNTS),
+                  "num_attention_heads": m._number("attention.head_count", required=True, high=COUNTS),
+                  "layer_norm_eps": m._number("attention.layer_norm_epsilon", float, 1e-6),
+                  "hidden_act": "gelu_pytorch_tanh"}
+        pixels = {"image_mean": m.key("image_mean"), "image_std": m.key("image_std")}  # checked by config/vision.py
+        if m.projector == "gemma3":
+            side = image // patch // m._number("projector.scale_factor", default=GEMMA3_POOLING)
+            self.raw_config = {
+                "model_type": "gemma3", "text_config": self.text.raw_config,
+                "vision_config": {"model_type": "siglip_vision_model", **vision}, "mm_tokens_per_image": side * side,
+                "image_token_index": token("<image_soft_token>"), "boi_token_index": token("<start_of_image>")}
+            self.image_processor = {"size": {"height": image, "width": image}, **pixels}
+        else:
+            self.raw_config = {
+                "model_type": "idefics3", "text_config": self.text.raw_config,
+                "vision_config": {"model_type": "idefics3_vision", **vision},
+                "scale_factor": m._number("projector.scale_factor", default=2), "image_token_id": token("<image>")}
+            self.image_processor = {"size": {"longest_edge": m._number("preproc_image_size", default=image)},
+                                    "max_image_size": {"longest_edge": image}, "resample": 1, **pixels}
         self._parts = {name: self.mmproj for name in self.mmproj._tensors}
         self._parts.update({name: self.text for name in self.text.tensor_names()})
 
