@@ -196,8 +196,9 @@ def text_part(vlm_dir: Path, out: Path, prefix: str = "model.text_model.") -> Pa
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config["text_config"]))
     tensors = load_file(str(vlm_dir / "model.safetensors"))
-    save_file({name.replace(prefix, "model."): w for name, w in tensors.items()
-               if name.startswith(prefix) or name == "lm_head.weight"}, str(out / "model.safetensors"))
+    head = {"lm_head.weight": w for name, w in tensors.items() if name.endswith("lm_head.weight")}  # (LLaVA: language_model.)
+    save_file({**{name.replace(prefix, "model."): w for name, w in tensors.items() if name.startswith(prefix)}, **head},
+              str(out / "model.safetensors"))
     return out
 
 
@@ -257,4 +258,65 @@ def write_mmproj(vlm_dir: Path, path: Path, types: dict[str, str] | None = None)
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(name, np.ascontiguousarray(w))
+    return finish(writer, path)
+
+
+# How llama.cpp's legacy LLaVA converter (examples/llava/convert_image_encoder_to_gguf.py) names a
+# CLIP tower's tensors, part by part: note fc1 -> ffn_down and fc2 -> ffn_up
+_LEGACY_LLAVA = {"embeddings.class_embedding": "class_embd", "embeddings.patch_embedding": "patch_embd",
+                 "embeddings.position_embedding": "position_embd", "pre_layrnorm": "pre_ln",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+                 "mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"}
+
+
+def write_llava_mmproj(vlm_dir: Path, path: Path, feature_layer: bool) -> Path:
+    """The CLIP tower and MLP projector of a tiny LLaVA directory as the legacy converter writes its
+    mmproj: projector type mlp, every encoder layer, no post-layernorm, CLIP's own projection_dim,
+    the two projector layers as mm.0 and mm.2, quick-GELU (use_gelu false); with feature_layer,
+    clip.vision.feature_layer as the newer versions of that script write it (hidden-state
+    indices: the second to last is num_hidden_layers - 1)."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((vlm_dir / "config.json").read_text())
+    vision = config["vision_config"]
+    processor = json.loads((vlm_dir / "preprocessor_config.json").read_text())
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_bool("clip.has_text_encoder", False)
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    for key, value in (("image_size", vision["image_size"]), ("patch_size", vision["patch_size"]),
+                       ("embedding_length", vision["hidden_size"]), ("feed_forward_length", vision["intermediate_size"]),
+                       ("projection_dim", vision.get("projection_dim", 512)),
+                       ("attention.head_count", vision["num_attention_heads"]),
+                       ("block_count", vision["num_hidden_layers"])):
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", vision.get("layer_norm_eps", 1e-5))
+    if feature_layer:
+        layer = config.get("vision_feature_layer", -2)
+        writer.add_array("clip.vision.feature_layer", [layer if layer >= 0 else vision["num_hidden_layers"] + 1 + layer])
+    writer.add_array("clip.vision.image_mean", processor["image_mean"])
+    writer.add_array("clip.vision.image_std", processor["image_std"])
+    writer.add_bool("clip.use_gelu", vision.get("hidden_act") == "gelu")
+    for hf, w in load_file(str(vlm_dir / "model.safetensors")).items():
+        if hf.startswith("multi_modal_projector."):
+            layer, kind = hf.removeprefix("multi_modal_projector.").split(".")
+            name = f"mm.{ {'linear_1': 0, 'linear_2': 2}[layer] }.{kind}"
+        elif hf.startswith("vision_tower.") and "post_layernorm" not in hf:
+            rest = hf.removeprefix("vision_tower.").removeprefix("vision_model.")
+            if rest.startswith("encoder.layers."):
+                _, _, index, part = rest.split(".", 3)
+                module, kind = part.rsplit(".", 1)
+                name = f"v.blk.{index}.{_LEGACY_LLAVA[module]}.{kind}"
+            else:
+                module, _, kind = rest.rpartition(".") if rest != "embeddings.class_embedding" else (rest, "", "")
+                name = f"v.{_LEGACY_LLAVA[module]}" + (f".{kind}" if kind else "")
+        else:
+            continue
+        w = w.astype(np.float32)
+        writer.add_tensor(name, w.astype(np.float16) if w.ndim == 4 else np.ascontiguousarray(w))  # the patch conv: F16
     return finish(writer, path)

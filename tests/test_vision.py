@@ -203,6 +203,9 @@ def test_config_errors_name_the_problem(llava, tmp_path):
     siglip = broken(lambda raw: raw["vision_config"].update(model_type="siglip_vision_model"), "siglip")
     with pytest.raises(EdgeLLMError, match="vision encoder 'siglip_vision_model' is not supported"):
         read_model_config(open_source(siglip))
+    # a positive vision_feature_layer indexes hidden_states as transformers does: [1] is the first layer's output
+    positive = broken(lambda raw: raw.update(vision_feature_layer=1), "positive")
+    assert read_model_config(open_source(positive)).vision.num_layers == 1
     wider = broken(lambda raw: raw["vision_config"].update(intermediate_size=64), "wider")
     with pytest.raises(EdgeLLMError, match=r"config\.json: the vision config implies shape \(64, 32\) for .*fc1"):
         build(wider, tmp_path / "out")
@@ -867,5 +870,41 @@ def test_a_gemma3_gguf_and_its_mmproj_run_as_the_safetensors_model(fp32_plan, tm
         model.close()
     expected, ours = results
     assert ours.prompt_tokens == expected.prompt_tokens and ours.image_tokens == expected.image_tokens == 4
+    np.testing.assert_allclose(np.stack(ours.logits), np.stack(expected.logits), atol=1e-4)
+    assert ours.token_ids == expected.token_ids
+
+
+@pytest.mark.parametrize("newer", [False, True])
+def test_a_llava_gguf_and_its_legacy_mmproj_run_as_the_safetensors_model(llava, fp32_plan, tmp_path, newer):
+    """LLaVA-1.5 as llama.cpp's legacy converter writes its mmproj (fc1 named ffn_down, every
+    encoder layer kept, CLIP's own projection_dim): the second to last layer's features, from
+    clip.vision.feature_layer where the file has it (newer) or by default (older). Older text
+    models have no <image> token: edgellm adds one past the vocabulary."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from gguf_writer import text_part, write_gguf, write_llava_mmproj
+    from tiny_models import NEWLINES
+
+    special = NEWLINES + (["<image>"] if newer else ["[PAD95]"])  # the same ids; without "<image>" in the older one
+    text = write_gguf(text_part(llava, tmp_path / "text", "language_model.model."), tmp_path / "text.gguf", "llama",
+                      special=special)
+    mmproj = write_llava_mmproj(llava, tmp_path / "mmproj.gguf", feature_layer=newer)
+    reference = shutil.copytree(llava, tmp_path / "reference")  # with the patch convolution in float16, as the mmproj has it
+    tensors = load_file(str(reference / "model.safetensors"))
+    patch = "vision_tower.embeddings.patch_embedding.weight"
+    tensors[patch] = tensors[patch].astype(np.float16).astype(np.float32)
+    save_file(tensors, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    image = _picture(56, 40, seed=6)
+    results = []
+    for out in (build(reference, tmp_path / "st", fp32_plan, target="cpu", **OPTIONS),
+                build(text, tmp_path / "pair", fp32_plan, mmproj=str(mmproj), target="cpu", **OPTIONS)):  # FP32: no
+        model = Model.load(out)  # BF16 of the F16 patch convolution
+        results.append(model.generate("<image>", images=[image], max_new_tokens=16, ignore_eos=True,
+                                      return_logits=True))
+        model.close()
+    expected, ours = results
+    assert ours.image_tokens == expected.image_tokens == 16 and ours.prompt_tokens == expected.prompt_tokens
     np.testing.assert_allclose(np.stack(ours.logits), np.stack(expected.logits), atol=1e-4)
     assert ours.token_ids == expected.token_ids

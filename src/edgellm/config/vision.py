@@ -129,7 +129,7 @@ def clip_encoder(raw: dict, where: str, prefix: str, feature_layer: int, activat
     activation: hidden_act where the config gives none."""
     where = f"{where} (vision_config)"
     layers = require(raw, "num_hidden_layers", where, high=COUNTS)
-    used = feature_layer + 1 if feature_layer >= 0 else layers + 1 + feature_layer  # hidden_states[0] is the embeddings
+    used = feature_layer if feature_layer >= 0 else layers + 1 + feature_layer  # hidden_states[0] is the embeddings
     if not 0 <= used <= layers:
         raise EdgeLLMError(f"{where}: vision_feature_layer {feature_layer} is not one of the encoder's {layers} layers")
     act = text(raw, "hidden_act", where, activation)

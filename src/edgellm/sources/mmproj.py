@@ -9,6 +9,7 @@ converter writes them (clip.vision.image_mean/std, preproc_image_size).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,20 @@ from .safetensors_dir import _fingerprint
 
 # clip.projector_type -> the Hugging Face model_type whose adapter reads the pair, and where that
 # layout keeps the vision tower's tensors
-PROJECTORS = {"idefics3": ("idefics3", "model.vision_model."), "gemma3": ("gemma3", "vision_tower.vision_model.")}
+PROJECTORS = {"idefics3": ("idefics3", "model.vision_model."), "gemma3": ("gemma3", "vision_tower.vision_model."),
+              "mlp": ("llava", "vision_tower.vision_model.")}
 _LAYER = {"ln1": "layer_norm1", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_out": "self_attn.out_proj", "ln2": "layer_norm2", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
+# Legacy LLaVA files (llama.cpp's convert_image_encoder_to_gguf.py) name fc1 ffn_down and fc2
+# ffn_up, the reverse of convert_hf_to_gguf.py: told apart by the first layer's shapes.
+_LEGACY_FFN = {"ffn_up": "mlp.fc2", "ffn_down": "mlp.fc1"}
 _TOWER = {"v.patch_embd": "embeddings.patch_embedding", "v.position_embd": "embeddings.position_embedding",
-          "v.post_ln": "post_layernorm"}
+          "v.post_ln": "post_layernorm", "v.pre_ln": "pre_layrnorm"}
 _PROJECTOR = {"mm.model.fc.weight": "model.connector.modality_projection.proj.weight",  # idefics3
               "mm.input_projection.weight": "multi_modal_projector.mm_input_projection_weight",  # gemma3
-              "mm.soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight"}
+              "mm.soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight",
+              "mm.0.weight": "multi_modal_projector.linear_1.weight", "mm.0.bias": "multi_modal_projector.linear_1.bias",
+              "mm.2.weight": "multi_modal_projector.linear_2.weight", "mm.2.bias": "multi_modal_projector.linear_2.bias"}
 # llama.cpp's converter stores Gemma 3's soft-embedding norm as (1 + w), as for the text model's norms
 _ONE_PLUS = {"multi_modal_projector.mm_soft_emb_norm.weight"}
 GEMMA3_POOLING = 4  # clip.vision.projector.scale_factor when absent (llama.cpp writes it only otherwise)
@@ -50,6 +57,10 @@ class MmprojFile(GGUFSource):
                                f"not '{self.arch}'")
         self.raw_config = {}
         self.projector = self._lookup("projector_type")[1]  # checked by VisionPairSource
+        first_down = next((t for t in self.reader.tensors if t.name == "v.blk.0.ffn_down.weight"), None)
+        # (GGUF lists dimensions innermost first: a [out, in] matrix's shape reads [in, out])
+        self._layer = {**_LAYER, **_LEGACY_FFN} if first_down is not None and len(first_down.shape) == 2 \
+            and int(first_down.shape[1]) == self._number("feed_forward_length", default=-1) else _LAYER
         self._tensors = {name: t for t in self.reader.tensors if (name := self._hf_name(t.name)) is not None}
 
     def _hf_name(self, name: str) -> str | None:
@@ -60,10 +71,12 @@ class MmprojFile(GGUFSource):
             parts = base.split(".", 3)
             if len(parts) != 4 or not LAYER_INDEX.fullmatch(parts[2]):
                 raise EdgeLLMError(f"{self.path}: tensor '{name}' is not named v.blk.<layer>.<part>.<kind>")
-            hf = _LAYER.get(parts[3])
+            hf = self._layer.get(parts[3])
             return None if hf is None else f"{tower}encoder.layers.{parts[2]}.{hf}.{kind}"
         if base in _TOWER:
             return f"{tower}{_TOWER[base]}.{kind}"
+        if name == "v.class_embd":  # a vector without a .weight
+            return f"{tower}embeddings.class_embedding"
         return _PROJECTOR.get(name)
 
     def tensor(self, name: str) -> np.ndarray:
@@ -101,17 +114,25 @@ class VisionPairSource:
             raise EdgeLLMError(f"{mmproj_path}: projector type '{m.projector}' is not supported (supported: "
                                f"{', '.join(PROJECTORS)})")
         hidden = self.text.raw_config["hidden_size"]
-        projection = m._number("projection_dim", required=True)
+        # a LLaVA file's projection_dim is CLIP's own projection (unused): its MLP's output rows say it
+        projection = (m.tensor_shape(_PROJECTOR["mm.2.weight"])[0] if m.projector == "mlp"
+                      and _PROJECTOR["mm.2.weight"] in m._tensors else m._number("projection_dim", required=True))
         if projection != hidden:
             raise EdgeLLMError(f"{mmproj_path}: the projector writes {projection} values per row; "
                                f"the text model {text_path} takes {hidden}: not this model's mmproj")
         tokens = self.text.fields.get("tokenizer.ggml.tokens")
         tokens = tokens if isinstance(tokens, list) else []
+        self.added_image_token: int | None = None  # "<image>", added to the tokenizer (LLaVA: llama.cpp has none)
 
         def token(text: str) -> int:
-            if text not in tokens:
-                raise EdgeLLMError(f"{text_path}: the vocabulary has no {text} token; not the text model of {mmproj_path}")
-            return tokens.index(text)
+            if text in tokens:
+                return tokens.index(text)
+            if m.projector == "mlp" and text == "<image>":
+                # llama.cpp's LLaVA text models have no image token: it splices the rows in itself. Its
+                # rows replace the token before any lookup, so an id past the vocabulary is no row.
+                self.added_image_token = len(tokens)
+                return self.added_image_token
+            raise EdgeLLMError(f"{text_path}: the vocabulary has no {text} token; not the text model of {mmproj_path}")
 
         image, patch = m._number("image_size", required=True), m._number("patch_size", required=True)
         vision = {"image_size": image, "patch_size": patch,
@@ -122,7 +143,16 @@ class VisionPairSource:
                   "layer_norm_eps": m._number("attention.layer_norm_epsilon", float, 1e-6),
                   "hidden_act": "gelu_pytorch_tanh"}
         pixels = {"image_mean": m.key("image_mean"), "image_std": m.key("image_std")}  # checked by config/vision.py
-        if m.projector == "gemma3":
+        if m.projector == "mlp":
+            self.raw_config = {
+                "model_type": "llava", "text_config": self.text.raw_config,
+                "vision_config": {"model_type": "clip_vision_model", **vision,
+                                  "hidden_act": "gelu" if m.fields.get("clip.use_gelu") else "quick_gelu"},
+                "vision_feature_layer": self._feature_layer(), "projector_hidden_act": "gelu",
+                "image_token_index": token("<image>")}
+            self.image_processor = {"size": {"shortest_edge": image}, "crop_size": {"height": image, "width": image},
+                                    "resample": 3, **pixels}
+        elif m.projector == "gemma3":
             side = image // patch // m._number("projector.scale_factor", default=GEMMA3_POOLING)
             self.raw_config = {
                 "model_type": "gemma3", "text_config": self.text.raw_config,
@@ -138,6 +168,30 @@ class VisionPairSource:
                                     "max_image_size": {"longest_edge": image}, "resample": 1, **pixels}
         self._parts = {name: self.mmproj for name in self.mmproj._tensors}
         self._parts.update({name: self.text for name in self.text.tensor_names()})
+
+    def _feature_layer(self) -> int:
+        """Which hidden state LLaVA's projector reads: clip.vision.feature_layer (llama.cpp writes
+        hidden-state indices, 0 the embeddings), or the second to last (LLaVA-1.5's, and what
+        llama.cpp runs for a file without the key)."""
+        name, layers = self.mmproj._lookup("feature_layer")
+        if layers is None:
+            return -2
+        if not isinstance(layers, list) or len(layers) != 1 or isinstance(layers[0], bool) or not isinstance(layers[0], int):
+            raise EdgeLLMError(f"{self.vision_path}: mmproj metadata '{name}' {layers!r}: one layer's features are "
+                               f"supported")
+        return layers[0]
+
+    def tokenizer(self):
+        files = self.text.tokenizer()
+        if self.added_image_token is None:
+            return files
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_str(files.tokenizer_json)
+        tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+        if tok.token_to_id("<image>") != self.added_image_token:
+            raise EdgeLLMError(f"{self.path}: the tokenizer cannot take an <image> token at id {self.added_image_token}")
+        return replace(files, tokenizer_json=tok.to_str())
 
     def _part(self, name: str):
         part = self._parts.get(name)
@@ -163,8 +217,6 @@ class VisionPairSource:
     def storage(self, name: str) -> str:
         return self._part(name).storage(name)
 
-    def tokenizer(self):
-        return self.text.tokenizer()
 
     def fingerprint(self) -> str:
         return _fingerprint([self.text.path, self.mmproj.path])
