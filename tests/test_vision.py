@@ -630,6 +630,29 @@ def test_image_store_encodes_an_image_once_however_many_ask(tmp_path):
     assert set(third[0]).isdisjoint(first[0])
 
 
+def test_a_known_image_file_is_not_decoded_again(fp32_build, tmp_path, monkeypatch):
+    """The same file's bytes (as a path or as bytes) find the image's rows without decoding and
+    preprocessing it again; other bytes under the same name are another image."""
+    import edgellm.runtime.model as model_module
+
+    model = Model.load(fp32_build)
+    path = tmp_path / "a.png"
+    _picture(50, 30).save(path)
+    first, _ = model.encode_images([path])
+    calls = []
+    monkeypatch.setattr(model_module, "preprocess", lambda *a: calls.append(1) or preprocess(*a))
+    again, _ = model.encode_images([str(path)])
+    as_bytes, _ = model.encode_images([path.read_bytes()])
+    assert again[0].tiles == first[0].tiles == as_bytes[0].tiles and again[0].text == first[0].text and not calls
+    _picture(50, 30, seed=1).save(path)
+    other, _ = model.encode_images([path])
+    assert calls == [1] and other[0].tiles != first[0].tiles
+    model.images.clear()  # the rows are gone: the file is prepared and encoded again
+    model.encode_images([path])
+    assert calls == [1, 1]
+    model.close()
+
+
 def test_a_template_that_cannot_take_image_parts_is_one_clear_error(fp32_build, tmp_path):
     import shutil
 

@@ -54,6 +54,21 @@ def load_image(source, where: str | None = None):
         raise EdgeLLMError(f"{where}: the image cannot be decoded ({e})") from None
 
 
+def image_bytes(source) -> tuple[bytes | None, str | None]:
+    """A path's or bytes' content and its sha256 (the image store's key for a file); (None, None)
+    for a PIL image, which has no file."""
+    if isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise EdgeLLMError(f"{source}: cannot read the image ({e.strerror})") from None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        return None, None
+    return data, hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class ImagePrompt:
     """One image in a prompt: its text (image_text) and each tile's row ids (ImageStore)."""
@@ -243,11 +258,16 @@ class ImageStore:
     encoder's output). Negative ids make the engine take the vector instead of a table row, and
     let the prompt cache treat an image like tokens: the same image again is the same ids, in any
     session. The least recently used images go beyond `limit_bytes` of vectors; their ids are
-    never given out again."""
+    never given out again. An image file seen before (the same bytes) is found by a hash of its
+    bytes, without being decoded and preprocessed again (`known`)."""
+
+    SOURCES = 4096  # file hashes remembered (each names an image that may since have left)
 
     def __init__(self, limit_bytes: int = 256 << 20):
         self.limit_bytes = limit_bytes
         self.by_pixels: OrderedDict[str, list[list[int]]] = OrderedDict()
+        # sha256 of an image file's bytes -> (its pixels' key, its prompt text)
+        self.by_source: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.vectors: dict[int, np.ndarray] = {}
         self._next = 1
         self._lock = threading.Lock()  # the server encodes in its request handlers
@@ -256,7 +276,25 @@ class ImageStore:
         """Forget every image (their ids are not given out again)."""
         with self._lock:
             self.by_pixels.clear()
+            self.by_source.clear()
             self.vectors.clear()
+
+    def known(self, source: str) -> ImagePrompt | None:
+        """The prompt of the image file whose bytes hash to `source`, if its rows are still here."""
+        with self._lock:
+            found = self.by_source.get(source)
+            if found is None or found[0] not in self.by_pixels:
+                return None
+            self.by_source.move_to_end(source)
+            self.by_pixels.move_to_end(found[0])
+            return ImagePrompt(found[1], self.by_pixels[found[0]])
+
+    def remember(self, source: str, image: "Prepared", text: str) -> None:
+        """The file whose bytes hash to `source` is `image`, whose prompt text is `text`."""
+        with self._lock:
+            self.by_source[source] = (image.key(), text)
+            while len(self.by_source) > self.SOURCES:
+                self.by_source.popitem(last=False)
 
     def rows(self, image: Prepared, encoder) -> list[list[int]]:
         """A prepared image's ids, per tile; encoded the first time it is seen."""

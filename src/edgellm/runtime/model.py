@@ -15,12 +15,17 @@ from ..errors import EdgeLLMError
 from ..record import BuildRecord
 from .adapters import AdapterStore
 from .engine import Engine, EngineSpec
-from .images import ImagePrompt, ImageStore, image_text, load_image, preprocess
+from .images import ImagePrompt, ImageStore, image_bytes, image_text, load_image, preprocess
 from .session import Generation, Session
 from .strategies import Drafter, DraftModel, PromptLookup
 from .text import TextCodec
 
 __all__ = ["Model", "Generation"]
+
+
+def _where(image) -> str | None:
+    """How errors name an image: its path, or None (load_image's "the image")."""
+    return str(image) if isinstance(image, (str, Path)) else None
 
 
 class Model:
@@ -105,9 +110,16 @@ class Model:
         t0 = time.perf_counter()
         prompts = []
         for image in images:
-            prepared = preprocess(load_image(image), vision.processing)
-            prompts.append(ImagePrompt(image_text(vision, prepared, self.tokenizer),
-                                       self.images.rows(prepared, self.image_encoder)))
+            data, source = image_bytes(image)
+            known = self.images.known(source) if source else None
+            if known is not None:  # the same file's bytes: neither decoded nor preprocessed again
+                prompts.append(known)
+                continue
+            prepared = preprocess(load_image(image if data is None else data, _where(image)), vision.processing)
+            prompt = ImagePrompt(image_text(vision, prepared, self.tokenizer), self.images.rows(prepared, self.image_encoder))
+            if source:
+                self.images.remember(source, prepared, prompt.text)
+            prompts.append(prompt)
         return prompts, time.perf_counter() - t0
 
     def encode(self, text: str, images: list[ImagePrompt] = (), special: bool = True) -> list[int]:
