@@ -272,10 +272,11 @@ _LEGACY_LLAVA = {"embeddings.class_embedding": "class_embd", "embeddings.patch_e
 
 def write_llava_mmproj(vlm_dir: Path, path: Path, feature_layer: bool) -> Path:
     """The CLIP tower and MLP projector of a tiny LLaVA directory as the legacy converter writes its
-    mmproj: projector type mlp, every encoder layer, no post-layernorm, CLIP's own projection_dim,
-    the two projector layers as mm.0 and mm.2, quick-GELU (use_gelu false); with feature_layer,
-    clip.vision.feature_layer as the newer versions of that script write it (hidden-state
-    indices: the second to last is num_hidden_layers - 1)."""
+    mmproj: projector type mlp, no post-layernorm, CLIP's own projection_dim, the two projector
+    layers as mm.0 and mm.2, quick-GELU (use_gelu false). With feature_layer, as the script's
+    later versions do: every encoder layer and clip.vision.feature_layer (hidden-state indices:
+    the second to last is num_hidden_layers - 1); without, as its earlier versions (the
+    published LLaVA-1.5 files) do: CLIP's last layer dropped and one block fewer written."""
     import json
 
     import gguf
@@ -293,7 +294,7 @@ def write_llava_mmproj(vlm_dir: Path, path: Path, feature_layer: bool) -> Path:
                        ("embedding_length", vision["hidden_size"]), ("feed_forward_length", vision["intermediate_size"]),
                        ("projection_dim", vision.get("projection_dim", 512)),
                        ("attention.head_count", vision["num_attention_heads"]),
-                       ("block_count", vision["num_hidden_layers"])):
+                       ("block_count", vision["num_hidden_layers"] - (not feature_layer))):
         writer.add_uint32(f"clip.vision.{key}", value)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", vision.get("layer_norm_eps", 1e-5))
     if feature_layer:
@@ -310,6 +311,8 @@ def write_llava_mmproj(vlm_dir: Path, path: Path, feature_layer: bool) -> Path:
             rest = hf.removeprefix("vision_tower.").removeprefix("vision_model.")
             if rest.startswith("encoder.layers."):
                 _, _, index, part = rest.split(".", 3)
+                if not feature_layer and int(index) == vision["num_hidden_layers"] - 1:
+                    continue  # the earlier converter drops the last layer (LLaVA reads the one before)
                 module, kind = part.rsplit(".", 1)
                 name = f"v.blk.{index}.{_LEGACY_LLAVA[module]}.{kind}"
             else:

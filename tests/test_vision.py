@@ -830,6 +830,10 @@ def test_paligemma_reuses_the_cache_only_for_the_same_prefix(paligemma, fp32_pla
     again = session.generate("w1 w3", images=[image], max_new_tokens=4, ignore_eos=True, return_logits=True)
     assert again.cached_tokens == fresh.prompt_tokens - 1 and again.token_ids == fresh.token_ids
     np.testing.assert_allclose(np.stack(again.logits), np.stack(fresh.logits), atol=1e-5)
+    # a prompt without an image is laid out the same way (the server's /v1/completions too); no chat
+    assert model.prompt_ids("w1 w2") == [94, 1, 2, 93]  # <bos>, the words, the newline
+    with pytest.raises(EdgeLLMError, match="paligemma takes a prompt, not a conversation"):
+        model.chat("w1", images=[image])
     model.close()
 
 
@@ -842,7 +846,7 @@ def test_paligemma_prompts_must_fit_one_call(paligemma, fp32_plan, tmp_path):
                 future_token_mask_size=64)
     model = Model.load(out)
     with pytest.raises(EdgeLLMError, match="the prompt's 22 rows, which see each other, do not fit one prefill call "
-                                           "of 20 rows; compile with a --language_group_size of 23 or more"):
+                                           "of 20 rows; compile with a --language_group_size of 22 or more"):
         model.generate("w1 w2 w3 w4", images=[_picture(20, 20)], max_new_tokens=2)
     assert model.generate("w1 w2", images=[_picture(20, 20)], max_new_tokens=2).image_tokens == 16
     model.close()
@@ -899,10 +903,11 @@ def test_a_gemma3_gguf_and_its_mmproj_run_as_the_safetensors_model(fp32_plan, tm
 
 @pytest.mark.parametrize("newer", [False, True])
 def test_a_llava_gguf_and_its_legacy_mmproj_run_as_the_safetensors_model(llava, fp32_plan, tmp_path, newer):
-    """LLaVA-1.5 as llama.cpp's legacy converter writes its mmproj (fc1 named ffn_down, every
-    encoder layer kept, CLIP's own projection_dim): the second to last layer's features, from
-    clip.vision.feature_layer where the file has it (newer) or by default (older). Older text
-    models have no <image> token: edgellm adds one past the vocabulary."""
+    """LLaVA-1.5 as llama.cpp's legacy converter writes its mmproj (fc1 named ffn_down, CLIP's own
+    projection_dim): the second to last layer's features, from clip.vision.feature_layer where
+    the file has it (newer: every layer kept) or from the last stored layer (older: CLIP's last
+    layer dropped). Older text models have no <image> token: edgellm adds one past the
+    vocabulary."""
     import shutil
 
     from safetensors.numpy import load_file, save_file

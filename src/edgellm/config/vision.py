@@ -120,6 +120,9 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VisionConfig":
+        data = dict(data)
+        if "bidirectional" in data:  # a build made before `attention` (Gemma 3's was bidirectional: True)
+            data["attention"] = "image" if data.pop("bidirectional") else "causal"
         return cls(**{**data, "processing": ImageProcessing(**data["processing"])})
 
 

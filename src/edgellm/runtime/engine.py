@@ -183,7 +183,7 @@ def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool =
                 what = "the prompt's" if inside[0] == 0 and inside[1] == end else "an image's"  # (a prefix-LM: the prompt)
                 raise EdgeLLMError(f"{what} {inside[1] - inside[0]} rows, which see each other, do not fit one prefill "
                                    f"call of {group} rows; compile with a --language_group_size of "
-                                   f"{inside[1] - inside[0] + 1} or more")
+                                   f"{inside[1] - inside[0]} or more")
             stop = inside[0]
         chunk = tokens[start:stop]
         yield start, chunk, pos - start

@@ -15,7 +15,7 @@ from ..errors import EdgeLLMError
 from ..record import BuildRecord
 from .adapters import AdapterStore
 from .engine import Engine, EngineSpec
-from .images import ImagePrompt, ImageStore, image_bytes, image_text, load_image, preprocess
+from .images import ImagePrompt, ImageStore, image_bytes, image_text, load_image, place_images, preprocess
 from .session import Generation, Session
 from .strategies import Drafter, DraftModel, PromptLookup
 from .text import TextCodec
@@ -41,6 +41,11 @@ class Model:
         self.images = ImageStore()  # every session's images, as prompt rows
         if cfg.vision is not None:
             codec.image_marker = codec.tokenizer.id_to_token(cfg.vision.marker)
+        if cfg.vision is not None and cfg.vision.prompt == "paligemma":
+            # no chat template, and a prompt its processor lays out itself: a role-prefixed
+            # conversation would be text it was never trained on, and all of it one prefix
+            codec.no_chat = (f"{path}: {cfg.family} takes a prompt, not a conversation (it has no chat format): "
+                             f"use `edgellm generate` or /v1/completions")
 
     @property
     def image_encoder(self):
@@ -121,6 +126,13 @@ class Model:
                 self.images.remember(source, prepared, prompt.text)
             prompts.append(prompt)
         return prompts, time.perf_counter() - t0
+
+    def prompt_ids(self, prompt: str, images: list[ImagePrompt] = ()) -> list[int]:
+        """Token ids of a raw prompt (not a chat) with its images placed as the model's processor
+        places them (images.py place_images)."""
+        text, special = place_images(self.config.vision, prompt, len(images), self.codec.image_marker,
+                                     self.codec.settings.get("bos_token"))
+        return self.encode(text, images, special)
 
     def encode(self, text: str, images: list[ImagePrompt] = (), special: bool = True) -> list[int]:
         """Token ids of text whose image markers (one per image, as the chat template or the prompt

@@ -21,7 +21,6 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from .engine import VERIFY_ROWS, prefill_chunks
-from .images import place_images
 from .sampling import Sampler, SamplingParams
 from .strategies import Drafter, DraftLength, SpeculationStats, _common_prefix, verify
 from .text import StreamDecoder
@@ -117,9 +116,7 @@ class Session:
         if chat:
             ids = model.encode(self.codec.render_chat([user_turn(prompt, len(prompts))]), prompts, special=False)
         else:
-            text, special = place_images(model.config.vision, prompt, len(prompts), self.codec.image_marker,
-                                         self.codec.settings.get("bos_token"))
-            ids = model.encode(text, prompts, special)
+            ids = model.prompt_ids(prompt, prompts)
         return self.generate_ids(ids, started=started, encode_s=encode_s, **kw)
 
     def chat(self, message: str, images=(), **kw) -> Generation:
@@ -154,6 +151,17 @@ def attention_blocks(vision, ids: list[int]) -> list[tuple[int, int]]:
     attention): an image's rows (Gemma 3), the whole prompt (PaliGemma), none (causal)."""
     kind = "causal" if vision is None else vision.attention
     return {"causal": [], "image": image_blocks(ids), "prefix": [(0, len(ids))]}[kind]
+
+
+def cache_reuse(session: "Session", ids: list[int], blocks: list[tuple[int, int]], group: int | None = None) -> int:
+    """How many of the session's cached rows a prompt keeps: the prefix they share, less the last
+    token (its logits must be computed), in whole prefill chunks of `group` if given, and only
+    rows whose attention block is the same (`reusable`)."""
+    common = _common_prefix(session.tokens, ids)
+    reuse = min(common, len(ids) - 1)
+    if group:
+        reuse -= reuse % group
+    return reusable(reuse, [b for b in session.blocks if b[0] < len(session.tokens)], blocks, common)
 
 
 def reusable(reuse: int, cached: list[tuple[int, int]], blocks: list[tuple[int, int]], common: int) -> int:
@@ -285,11 +293,7 @@ class Decoding:
             engine_session = session.engine_session
             group = engine_session.spec.group_size
             self._blocks = attention_blocks(session.model.config.vision, ids)
-            common = _common_prefix(session.tokens, ids)
-            reuse = min(common, len(ids) - 1)  # one token at least must run: logits
-            if self.whole_chunks:
-                reuse -= reuse % group
-            reuse = reusable(reuse, [b for b in session.blocks if b[0] < len(session.tokens)], self._blocks, common)
+            reuse = cache_reuse(session, ids, self._blocks, group if self.whole_chunks else None)
             session.tokens = ids[:reuse]  # before the cache changes: a failed prefill leaves no stale prefix
             session.blocks = [b for b in self._blocks if b[0] < reuse]
             engine_session.truncate(reuse)

@@ -28,6 +28,7 @@ class TextCodec:
                                f"run `edgellm compile ... --devkit`") from None
         self.eos_ids = set(self.settings.get("eos_token_ids") or [])
         self.image_marker: str | None = None  # a vision-language model's image token, as text
+        self.no_chat: str | None = None  # why this model takes no conversation (PaliGemma), if it takes none
         template = self.settings.get("chat_template")
         self._template: ChatTemplate | None = None
         self._template_error: str | None = None  # a template that does not parse: chat fails, generate works
@@ -57,6 +58,8 @@ class TextCodec:
             raise EdgeLLMError(f"{self.path}: the tokenizer cannot decode tokens {ids[:8]} ({str(e)[:200]})") from None
 
     def render_chat(self, messages: list[dict]) -> str:
+        if self.no_chat:
+            raise EdgeLLMError(self.no_chat)
         if self._template_error:
             raise EdgeLLMError(self._template_error)
         if self._template is None:

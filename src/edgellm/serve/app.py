@@ -222,7 +222,7 @@ def create_app(server: Server) -> Starlette:
         server.check_model(body.model)
         prompt = body.prompt
         try:
-            ids = server.model.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = server.model.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
         except EdgeLLMError as e:
             raise ApiError(400, str(e), "prompt") from None
         return await _answer(request, server, body, ids, chat=False)

@@ -22,8 +22,7 @@ from typing import Callable
 
 from ..errors import EdgeLLMError
 from ..runtime.sampling import SamplingParams
-from ..runtime.session import Decoding, Generation, Session
-from ..runtime.strategies import _common_prefix
+from ..runtime.session import Decoding, Generation, Session, attention_blocks, cache_reuse
 from .metrics import Metrics
 from .protocol import ApiError
 
@@ -176,12 +175,12 @@ class Scheduler:
         chunks, as Decoding will), else the one unused longest: a never-used one before a
         conversation worth keeping."""
         group = self.model.engine.spec.group_size
+        blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
 
         def reuse(slot: Slot) -> int:
             if slot.session.adapter != job.adapter:  # K/V computed under another adapter
                 return 0
-            common = _common_prefix(slot.session.tokens, job.prompt_ids)
-            return common - common % group
+            return cache_reuse(slot.session, job.prompt_ids, blocks, group)
 
         free = [s for s in self.slots if s.job is None]
         return max(free, key=lambda s: (reuse(s), -s.last_used))

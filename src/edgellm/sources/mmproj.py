@@ -170,12 +170,14 @@ class VisionPairSource:
         self._parts.update({name: self.text for name in self.text.tensor_names()})
 
     def _feature_layer(self) -> int:
-        """Which hidden state LLaVA's projector reads: clip.vision.feature_layer (llama.cpp writes
-        hidden-state indices, 0 the embeddings), or the second to last (LLaVA-1.5's, and what
-        llama.cpp runs for a file without the key)."""
+        """Which hidden state LLaVA's projector reads: clip.vision.feature_layer (hidden-state
+        indices, 0 the embeddings: the converter's later versions keep every layer and write it),
+        or else the last stored one (its earlier versions, which wrote the published LLaVA-1.5
+        files, drop CLIP's last layer and write one block fewer: the second to last is what is
+        left)."""
         name, layers = self.mmproj._lookup("feature_layer")
         if layers is None:
-            return -2
+            return -1
         if not isinstance(layers, list) or len(layers) != 1 or isinstance(layers[0], bool) or not isinstance(layers[0], int):
             raise EdgeLLMError(f"{self.vision_path}: mmproj metadata '{name}' {layers!r}: one layer's features are "
                                f"supported")
