@@ -116,6 +116,18 @@ def _spread(model, zero_centred_norms: str | None = None):
 NEWLINES = ["\n\n", "\n"]  # tokens of the tiny vision-language tokenizers (the word-level ones drop line breaks)
 
 
+def _vlm_tokenizer(path: Path, specials: list[str]) -> None:
+    """A tiny vision-language model's tokenizer: words w0.., the line breaks, then `specials`,
+    VOCAB tokens in all."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB - len(NEWLINES) - len(specials))}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_tokens(NEWLINES)  # so that a prompt's line breaks are tokens a test can see
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+
+
 # A tiny LLaVA-1.5: CLIP vision tower (32 px images in 8 px patches: 16 image tokens), the
 # two-layer projector, the llama text model above; "<image>" is token IMAGE_TOKEN.
 IMAGE_TOKEN = VOCAB - 1
@@ -125,7 +137,6 @@ LLAVA_IMAGE = 32
 def save_tiny_llava(path: Path, seed: int = 0, **vision_overrides) -> Path:
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(seed)
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -137,11 +148,7 @@ def save_tiny_llava(path: Path, seed: int = 0, **vision_overrides) -> Path:
     model = _spread(transformers.LlavaForConditionalGeneration(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(IMAGE_TOKEN - len(NEWLINES))}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_tokens(NEWLINES)  # so that a prompt's line breaks are tokens a test can see
-    tok.add_special_tokens(["<image>"])
-    tok.save(str(path / "tokenizer.json"))
+    _vlm_tokenizer(path, ["<image>"])
     transformers.CLIPImageProcessorPil(size={"shortest_edge": LLAVA_IMAGE},
                                        crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}).save_pretrained(path)
     return path
@@ -157,7 +164,6 @@ TILED_MARKERS = ["<image>", "<fake_token_around_image>", "<global-img>"] + [
 def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) -> Path:
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(seed)
     names = {"idefics3": ("Idefics3Config", "Idefics3VisionConfig", "Idefics3ForConditionalGeneration"),
@@ -171,11 +177,7 @@ def save_tiny_idefics3(path: Path, model_type: str = "idefics3", seed: int = 0) 
     model = _spread(getattr(transformers, names[2])(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_tokens(NEWLINES)
-    tok.add_special_tokens(TILED_MARKERS)
-    tok.save(str(path / "tokenizer.json"))
+    _vlm_tokenizer(path, TILED_MARKERS)
     transformers.Idefics3ImageProcessorPil(size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE}
                                            ).save_pretrained(path)
     return path
@@ -189,7 +191,6 @@ GEMMA3_MARKERS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 def save_tiny_gemma3_vlm(path: Path, seed: int = 0, layer_types=("sliding_attention", "full_attention")) -> Path:
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(seed)
     words = VOCAB - len(NEWLINES) - len(GEMMA3_MARKERS)
@@ -205,11 +206,7 @@ def save_tiny_gemma3_vlm(path: Path, seed: int = 0, layer_types=("sliding_attent
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_tokens(NEWLINES)
-    tok.add_special_tokens(GEMMA3_MARKERS)
-    tok.save(str(path / "tokenizer.json"))
+    _vlm_tokenizer(path, GEMMA3_MARKERS)
     transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
@@ -225,7 +222,6 @@ def save_tiny_paligemma(path: Path, text: str = "gemma", seed: int = 0) -> Path:
 
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(seed)
     words = VOCAB - len(NEWLINES) - len(PALIGEMMA_MARKERS)
@@ -240,11 +236,7 @@ def save_tiny_paligemma(path: Path, text: str = "gemma", seed: int = 0) -> Path:
     model = _spread(transformers.PaliGemmaForConditionalGeneration(config), zero_centred_norms="language_model")
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_tokens(NEWLINES)
-    tok.add_special_tokens(PALIGEMMA_MARKERS)
-    tok.save(str(path / "tokenizer.json"))
+    _vlm_tokenizer(path, PALIGEMMA_MARKERS)
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
     transformers.SiglipImageProcessorPil(size={"height": PALIGEMMA_IMAGE, "width": PALIGEMMA_IMAGE}).save_pretrained(path)
     settings = json.loads((path / "preprocessor_config.json").read_text())  # as PaliGemma's hub files have it

@@ -27,15 +27,11 @@ FLOAT_ACTIVATIONS, INT8_ACTIVATIONS = 1, 4  # MatMulNBits accuracy_level values
 
 def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=None) -> onnx.ModelProto:
     """spill: a graph.io.Spill that takes the repacked weights out of memory as they are made."""
-    make = spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
+    make = _maker(spill)
     graph = model.graph
     _fold_factored_scales(graph, make)
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    lowered, dead, new_inits = [], set(), {}
+    inits, consumers = {t.name: t for t in graph.initializer}, _consumers(graph)
+    dead, new_inits = set(), {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or inits[node.input[0]].data_type not in INTEGER_TYPES:
             continue
@@ -56,14 +52,7 @@ def lower_integer_matmuls(model: onnx.ModelProto, int8_activations: bool, spill=
             K=k, N=n, bits=bits, block_size=attrs["block_size"], accuracy_level=level,
         ))
         dead.add(node.name)
-        lowered.append(node.input)
-    if not lowered:
-        return model
-    _drop_nodes(graph, dead)
-    graph.initializer.extend(new_inits.values())
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return model
+    return _replaced(model, dead, new_inits)
 
 
 def lower_per_channel_matmuls(model: onnx.ModelProto, spill=None) -> onnx.ModelProto:
@@ -75,13 +64,8 @@ def lower_per_channel_matmuls(model: onnx.ModelProto, spill=None) -> onnx.ModelP
     CPUs without VNNI, uint8 x int8 products can saturate; the session that runs such a program
     sets session.x64quantprecision there (runtime/images.py integer_products_saturate), with
     which ONNX Runtime widens them."""
-    make = spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    make, graph = _maker(spill), model.graph
+    inits, consumers = {t.name: t for t in graph.initializer}, _consumers(graph)
     dead, scales = set(), {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) != 2 or node.input[0] not in inits:
@@ -98,10 +82,29 @@ def lower_per_channel_matmuls(model: onnx.ModelProto, spill=None) -> onnx.ModelP
         matmul.CopyFrom(helper.make_node("DynamicQuantizeMatMul", [matmul.input[0], node.input[0], scale],
                                          list(matmul.output), name=matmul.name, domain="com.microsoft"))
         dead.add(node.name)
+    return _replaced(model, dead, scales)
+
+
+def _maker(spill):
+    """How a lowering makes a new initializer: into the spill file, or in memory."""
+    return spill.tensor if spill is not None else (lambda name, value: numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _replaced(model: onnx.ModelProto, dead: set[str], new_inits: dict) -> onnx.ModelProto:
+    """The model with the DequantizeLinear nodes `dead` gone (their MatMuls rewritten into
+    com.microsoft ops), the initializers only they read dropped and `new_inits` added."""
     if not dead:
         return model
-    _drop_nodes(graph, dead)
-    graph.initializer.extend(scales.values())
+    _drop_nodes(model.graph, dead)
+    model.graph.initializer.extend(new_inits.values())
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
