@@ -835,6 +835,9 @@ def test_paligemma_reuses_the_cache_only_for_the_same_prefix(paligemma, fp32_pla
     with pytest.raises(EdgeLLMError, match="paligemma takes a prompt, not a conversation"):
         model.chat("w1", images=[image])
     model.close()
+    chat = subprocess.run([sys.executable, "-m", "edgellm.cli", "chat", str(out)], input="/quit\n", capture_output=True,
+                          text=True, timeout=120)  # refused before the first message
+    assert chat.returncode == 2 and "takes a prompt, not a conversation" in chat.stderr and ">" not in chat.stdout
 
 
 def test_paligemma_prompts_must_fit_one_call(paligemma, fp32_plan, tmp_path):

@@ -294,6 +294,8 @@ def chat(
         raise EdgeLLMError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
     choice = _adapter_choice(adapter) if adapter else None
     model = edgellm.load(model_dir, threads=threads)
+    if model.codec.no_chat:  # said before the first message, not after it
+        raise EdgeLLMError(model.codec.no_chat)
     if choice:
         model.set_adapter(*choice)
     drafter = _drafter(model, draft, draft_max, lookup, threads)
