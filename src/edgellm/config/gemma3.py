@@ -93,14 +93,11 @@ def gemma(raw: dict, where: str, family: str, qk_norm: bool, sliding_every: int,
 # Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, 4B and up): SigLIP at 896 px,
 # its 64 x 64 patches average-pooled to 16 x 16 = 256 rows, an RMSNorm (1 + w) and one projection
 # (a [vision, text] matrix, not a linear layer's [out, in]); each image's rows see each other.
-TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
-HEAD_NAMES = ("language_model.lm_head.weight", "lm_head.weight")
-VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower.")
-PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+# Its checkpoints use the llava-hf layout's prefixes (config/llava.py).
 
 
 def build_vision(raw: dict, where: str, names: set[str], processor: dict | None) -> ModelConfig:
-    from .llava import build_text, find_prefix
+    from .llava import HEAD_NAMES, PROJECTOR_PREFIXES, TEXT_PREFIXES, VISION_PREFIXES, build_text, find_prefix
     from .vision import VisionConfig, resized_processing, siglip_encoder
 
     raw = {**raw, "text_config": {"model_type": "gemma3_text", **section(raw, "text_config", where)}}

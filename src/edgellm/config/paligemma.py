@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from ..errors import EdgeLLMError
 from .fields import integer, section
-from .llava import build_text, find_prefix
+from .llava import HEAD_NAMES, PROJECTOR_PREFIXES, TEXT_PREFIXES, VISION_PREFIXES, build_text, find_prefix
 from .model_config import ModelConfig
 from .vision import VisionConfig, resized_processing, siglip_encoder
 
-TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
-HEAD_NAMES = ("language_model.lm_head.weight", "lm_head.weight")
-VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower.")
-PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+# PaliGemma's checkpoints use the llava-hf layout's prefixes (config/llava.py)
 BICUBIC = 3  # SigLIP's image processor resamples bicubic unless preprocessor_config.json says otherwise
 
 

@@ -98,7 +98,7 @@ class VisionConfig:
     @property
     def whole_calls(self) -> int:
         """The fewest rows a prefill call must hold: an image whose rows see each other is one
-        call (with "prefix", the whole prompt is, and so at least an image and a token)."""
+        call (with "prefix", the whole prompt is: at least an image, <bos> and the newline)."""
         return {"causal": 0, "image": self.image_tokens, "prefix": self.image_tokens + 2}[self.attention]
 
     @property

@@ -20,10 +20,9 @@ from ..quant.blocks import BlockQuantized
 from .gguf_file import LAYER_INDEX, GGUFSource, open_gguf
 from .safetensors_dir import _fingerprint
 
-# clip.projector_type -> the Hugging Face model_type whose adapter reads the pair, and where that
-# layout keeps the vision tower's tensors
-PROJECTORS = {"idefics3": ("idefics3", "model.vision_model."), "gemma3": ("gemma3", "vision_tower.vision_model."),
-              "mlp": ("llava", "vision_tower.vision_model.")}
+# clip.projector_type -> where the Hugging Face layout its family adapter reads (idefics3,
+# gemma3, llava) keeps the vision tower's tensors
+PROJECTORS = {"idefics3": "model.vision_model.", "gemma3": "vision_tower.vision_model.", "mlp": "vision_tower.vision_model."}
 _LAYER = {"ln1": "layer_norm1", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_out": "self_attn.out_proj", "ln2": "layer_norm2", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
 # Legacy LLaVA files (llama.cpp's convert_image_encoder_to_gguf.py) name fc1 ffn_down and fc2
@@ -66,7 +65,7 @@ class MmprojFile(GGUFSource):
     def _hf_name(self, name: str) -> str | None:
         base, _, kind = name.rpartition(".")
         known = isinstance(self.projector, str) and self.projector in PROJECTORS  # (a list is no key)
-        tower = PROJECTORS[self.projector if known else "idefics3"][1]
+        tower = PROJECTORS[self.projector if known else "idefics3"]
         if name.startswith("v.blk."):
             parts = base.split(".", 3)
             if len(parts) != 4 or not LAYER_INDEX.fullmatch(parts[2]):
