@@ -243,3 +243,32 @@ def save_tiny_paligemma(path: Path, text: str = "gemma", seed: int = 0) -> Path:
     settings["image_seq_length"] = (PALIGEMMA_IMAGE // 4) ** 2
     (path / "preprocessor_config.json").write_text(json.dumps(settings))
     return path
+
+
+# A tiny Qwen2-VL: its vision tower over 4 px patches (2 frames each, as the processor repeats a
+# picture), 2D rotary positions, 2 x 2 patches merged per row; M-RoPE in the text model, whose
+# 8 rotary frequencies are split 2 / 3 / 3 between the time, height and width positions.
+QWEN2_VL_MARKERS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+QWEN2_VL_FACTOR = 8  # pixels per merged row: patch 4 x merge 2
+
+
+def save_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    words = VOCAB - len(NEWLINES) - len(QWEN2_VL_MARKERS)
+    start, end, image = (words + len(NEWLINES) + i for i in range(3))
+    vision = dict(depth=2, embed_dim=32, hidden_size=COMMON["hidden_size"], num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = {**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None,
+            "rope_parameters": {"rope_type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=image,
+                                        vision_start_token_id=start, vision_end_token_id=end, video_token_id=0)
+    model = _spread(transformers.Qwen2VLForConditionalGeneration(config))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    _vlm_tokenizer(path, QWEN2_VL_MARKERS)
+    transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                          size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}).save_pretrained(path)
+    return path

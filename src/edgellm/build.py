@@ -36,6 +36,7 @@ import numpy as np
 
 from . import __version__
 from .config import ModelConfig, build_model_config
+from .config.vision import with_input_size
 from .errors import EdgeLLMError
 from .footprint import check_fits
 from .graph.segments import BRANCH_SITES, SEGMENT_FORMAT, branch_parts
@@ -78,9 +79,11 @@ class BuildOptions:
     lora_dtype: str = "int8"  # how compiled adapters store their factors (quant/adapters.py)
     mmproj: str | None = None  # llama.cpp's vision projector GGUF beside a GGUF text model
     keep_intermediates: bool = False  # keep onnx/ and quant/ after a complete build (see the module's docstring)
+    input_height: int | None = None  # an image encoder that takes any size runs at this size (None: the family's default)
+    input_width: int | None = None
 
     def validate(self) -> None:
-        for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs"):
+        for name in ("max_num_tokens", "language_group_size", "future_token_mask_size", "jobs", "input_height", "input_width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EdgeLLMError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_num_tokens % self.future_token_mask_size:
@@ -168,7 +171,13 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
     _remove_stale_temporaries(out)
     source = _SOURCES[(str(model_path), options.mmproj)] = open_source(model_path, options.mmproj)
     cfg = read_model_config(source)
-    check_tensors(source, cfg, str(getattr(source, "config_path", model_path)))
+    where = str(getattr(source, "config_path", model_path))
+    if options.input_height or options.input_width:
+        if cfg.vision is None:
+            raise EdgeLLMError(f"{where}: --input_height/--input_width are for vision-language models; this is a text model")
+        cfg.vision = with_input_size(cfg.vision, options.input_height or cfg.vision.processing.height,
+                                     options.input_width or cfg.vision.processing.width, where)
+    check_tensors(source, cfg, where)
     # rows that see each other are prefilled in one call (runtime/engine.py prefill_chunks): an
     # image's (Gemma 3), or a whole prompt (PaliGemma), which by default gets room for a question
     whole = cfg.vision.whole_calls if cfg.vision else 0

@@ -56,6 +56,8 @@ def compile(
     lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="PEFT adapter directory or GGUF LoRA file (repeatable)"),
     lora_dtype: str = typer.Option("int8", "--lora_dtype", help="how compiled adapters store their factors: int8 or float32"),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="llama.cpp's vision projector GGUF for a GGUF text model (a vision-language model in two files)"),
+    input_height: Optional[int] = typer.Option(None, "--input_height", help="image height in pixels for an encoder that takes any size (Qwen2-VL; default 448): every image is resized to it"),
+    input_width: Optional[int] = typer.Option(None, "--input_width", help="image width in pixels, as --input_height"),
     keep_intermediates: bool = typer.Option(False, "--keep-intermediates", help="keep the float (onnx/) and quantized (quant/) segments after the build: --resume then rebuilds only what a changed plan changes"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
 ):
@@ -77,7 +79,8 @@ def compile(
         block_size=block_size, asymmetric=asymmetric, quantize_embeddings=_embedding_width(quantize_embeddings, lm_head_bits),
         int8_activations=int8_activations, enable_filter_sharing=enable_filter_sharing,
         kv_cache_dtype=kv_cache_dtype, lora=_lora_pairs(lora_name or [], lora_path or []), lora_dtype=lora_dtype,
-        mmproj=str(mmproj) if mmproj else None, keep_intermediates=keep_intermediates,
+        mmproj=str(mmproj) if mmproj else None, keep_intermediates=keep_intermediates, input_height=input_height,
+        input_width=input_width,
     )
     with Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:

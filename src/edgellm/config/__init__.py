@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import EdgeLLMError
-from . import gemma, gemma2, gemma3, idefics3, llama, llava, mistral, paligemma, phi3, qwen
+from . import gemma, gemma2, gemma3, idefics3, llama, llava, mistral, paligemma, phi3, qwen, qwen2_vl
 from .fields import shown
 from .model_config import ModelConfig, RopeConfig
 
@@ -27,6 +27,7 @@ VISION_ADAPTERS = {
     "smolvlm": idefics3.build,
     "gemma3": gemma3.build_vision,
     "paligemma": paligemma.build,
+    "qwen2_vl": qwen2_vl.build,
 }
 
 

@@ -60,6 +60,16 @@ class RopeConfig:
             number(s, "attention_factor", where, None)
         elif kind == "freq_factors":
             numbers(s, "factors", where, self.rotary_dim // 2)
+        sections = self.sections
+        if sections is not None and sum(sections) != self.rotary_dim // 2:
+            raise EdgeLLMError(f"{where}: mrope_section {sections} must add up to the {self.rotary_dim // 2} rotary "
+                               "frequencies")
+
+    @property
+    def sections(self) -> list[int] | None:
+        """M-RoPE (Qwen2-VL): how many of the rotary frequencies, in order, turn with each of a
+        row's three positions (time, height, width); None: one position per row."""
+        return self.scaling.get("mrope_section")
 
 
 @dataclass

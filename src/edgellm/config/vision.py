@@ -8,7 +8,7 @@ encoder or after it, which layer's output feeds the projector, which activation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import EdgeLLMError
 from .fields import COUNTS, integer, number, require, text
@@ -52,8 +52,8 @@ class ImageProcessing:
 
 @dataclass
 class VisionConfig:
-    encoder: str  # "clip" | "siglip"
-    image_size: int
+    encoder: str  # "clip" | "siglip" | "qwen2_vl"
+    image_size: int  # 0: the encoder takes any size (Qwen2-VL); the build's is processing.height x width
     patch_size: int
     num_channels: int
     hidden_size: int
@@ -68,7 +68,7 @@ class VisionConfig:
     drop_class_token: bool  # the projector sees the patches only
     # "mlp": linear, activation, linear (LLaVA); "linear" (PaliGemma); "shuffle": pixel shuffle,
     # linear (Idefics3); "gemma3": average pooling of shuffle x shuffle patches, RMSNorm (1 + w),
-    # projection
+    # projection; "merger": shuffle x shuffle patches side by side, then the "mlp" (Qwen2-VL)
     projector: str
     projector_activation: str
     image_token_id: int  # the token each tile's rows replace (the processor's "image token")
@@ -79,7 +79,8 @@ class VisionConfig:
     # image_tokens times: LLaVA), "tiles" (Idefics3: each tile's rows between
     # <fake_token_around_image> and a row/column tag) or "gemma3" (between <start_of_image> and
     # <end_of_image>, blank lines around); "paligemma" (the image tokens, then <bos>, before the
-    # prompt, which ends in a newline)
+    # prompt, which ends in a newline); "qwen2_vl" (the image token between <|vision_start|> and
+    # <|vision_end|>, which chat templates write themselves)
     prompt: str = "repeat"
     # the token a chat template or a prompt places where an image goes (None: the image token)
     marker_token_id: int | None = None
@@ -87,6 +88,10 @@ class VisionConfig:
     # image ("image": Gemma 3), or the whole prompt sees itself ("prefix": PaliGemma's prefix-LM,
     # the answer causal)
     attention: str = "causal"
+    # Qwen2-VL: the patch convolution takes this many frames (a picture is repeated), and the
+    # encoder has no position table but a 2D rotary embedding of this base
+    temporal_patch: int = 1
+    rotary_theta: float = 0.0
 
     # role -> tensor name ("{i}": the encoder layer)
     tensors: dict[str, str] = field(default_factory=dict)
@@ -102,8 +107,20 @@ class VisionConfig:
         return {"causal": 0, "image": self.image_tokens, "prefix": self.image_tokens + 2}[self.attention]
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """Patches per column and per row of one encoder input."""
+        return self.processing.height // self.patch_size, self.processing.width // self.patch_size
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """An encoder input's prompt rows per column and per row (patches merged shuffle x shuffle)."""
+        rows, cols = self.grid
+        return rows // self.shuffle, cols // self.shuffle
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        rows, cols = self.grid
+        return rows * cols
 
     @property
     def sequence(self) -> int:
@@ -208,6 +225,34 @@ def resized_processing(processor: dict | None, image_size: int, where: str, resa
     if (height, width) != (image_size, image_size):
         raise EdgeLLMError(f"{where}: size {height}x{width} differs from the encoder's image_size {image_size}")
     return ImageProcessing("resize", height, width, image_size, **_pixels(p, where, resample, [0.5] * 3, [0.5] * 3))
+
+
+def any_size_processing(processor: dict | None, where: str) -> ImageProcessing:
+    """A processor that resizes to whatever size the build gives the encoder (Qwen2-VL's; it
+    would keep the aspect ratio, which one static size cannot): CLIP's normalization, bicubic."""
+    p, where = _processor(processor, where)
+    if not p.get("do_resize", True):
+        raise EdgeLLMError(f"{where}: do_resize false is not supported")
+    return ImageProcessing("resize", 0, 0, 0, **_pixels(p, where, 3, [0.48145466, 0.4578275, 0.40821073],
+                                                                [0.26862954, 0.26130258, 0.27577711]))
+
+
+def with_input_size(vision: VisionConfig, height: int, width: int, where: str) -> VisionConfig:
+    """The vision config of an encoder that takes any size, fixed at height x width pixels
+    (compile's --input_height / --input_width); one that takes one size refuses another."""
+    if vision.image_size:
+        if (height, width) == (vision.processing.height, vision.processing.width):
+            return vision
+        raise EdgeLLMError(f"{where}: the {vision.encoder} encoder takes {vision.processing.height}x"
+                           f"{vision.processing.width} images only; --input_height/--input_width are for encoders "
+                           "that take any size (Qwen2-VL)")
+    step = vision.patch_size * vision.shuffle
+    for name, value in (("--input_height", height), ("--input_width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or not step <= value <= PIXELS or value % step:
+            raise EdgeLLMError(f"{where}: {name} {value!r} must be a multiple of {step} pixels (patch {vision.patch_size} "
+                               f"x merge {vision.shuffle}) from {step} to {PIXELS}")
+    return replace(vision, image_tokens=(height // step) * (width // step),
+                   processing=replace(vision.processing, height=height, width=width))
 
 
 def _processor(processor, where: str) -> tuple[dict, str]:

@@ -70,3 +70,21 @@ def rope_tables(rope: RopeConfig, max_positions: int) -> tuple[np.ndarray, np.nd
     cos = (np.cos(freqs) * np.float32(scale)).astype(np.float32)
     sin = (np.sin(freqs) * np.float32(scale)).astype(np.float32)
     return cos, sin
+
+
+def axial_tables(theta: float, head_dim: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 2D rotary embedding's cos/sin rows (Qwen2-VL's encoder): positions [rows, 2] (patch row,
+    column); the first half of each head's rotated frequencies turn with the row, the second
+    with the column. [rows, head_dim / 2] each."""
+    dim = head_dim // 2
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    angles = np.concatenate([positions[:, :1].astype(np.float32) * inv_freq, positions[:, 1:].astype(np.float32) * inv_freq],
+                            axis=1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def section_selector(sections: list[int]) -> np.ndarray:
+    """M-RoPE: [3, 1, rotary_dim / 2], 1 where a frequency turns with that position (time, height,
+    width, as many frequencies each as sections says, in order), else 0."""
+    owner = np.repeat(np.arange(3), sections)
+    return (owner[None, None, :] == np.arange(3)[:, None, None]).astype(np.float32)

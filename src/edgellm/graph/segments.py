@@ -6,6 +6,7 @@ Segments talk through tensors with fixed names, so linking is a union of graphs:
                                                       embedding vector: image features, later)
     position_ids, attend_until, cache.0.k -> MASK  -> mask.full / mask.sliding [S, KV], write_index [1]
     hidden.i, position_ids                -> PRE   -> q.i, k.i, v.i (rotated)
+      (M-RoPE: rope_positions [3, S], each row's time, height and width positions, instead)
     q.i, k.i, v.i, cache.i.k/v, masks     -> CACHE -> attn.i, present.i.k/v (cache updated in place)
     hidden.i, attn.i                      -> POST  -> hidden.{i+1}
     hidden.L [, logits_index [R]]         -> HEAD  -> logits [1, R, V]  (R rows of the group, any of them;
@@ -27,7 +28,7 @@ import onnx
 
 from ..config.model_config import ModelConfig
 from .builder import BOOL, FLOAT, INT64, GraphBuilder
-from .rope import rope_tables
+from .rope import rope_tables, section_selector
 from .units import Unit
 from .vision import emitters as vision_emitters
 
@@ -177,7 +178,6 @@ def _mask(g, unit, cfg, weights, shapes):
 def _pre(g, unit, cfg, weights, shapes):
     i, s = unit.index, shapes.seq(unit)
     hidden = g.input(f"hidden.{i}", FLOAT, [1, s, cfg.hidden_size])
-    pos = g.input("position_ids", INT64, [1, s])
     x = _rms_norm(g, hidden, cfg, "attn_norm", i, weights)
     qw, kvw = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     q, k, v = _fused_linear(g, x, cfg, "qkv_proj", i, weights, [qw, kvw, kvw], shapes)
@@ -189,8 +189,16 @@ def _pre(g, unit, cfg, weights, shapes):
     cos, sin = rope_tables(rope, shapes.max_positions)
     cos_name, sin_name = g.const(f"rope.{kind}.cos", cos), g.const(f"rope.{kind}.sin", sin)
     partial = rope.rotary_dim if rope.rotary_dim != cfg.head_dim else 0
-    q = g.op("RotaryEmbedding", [q, cos_name, sin_name, pos], num_heads=cfg.num_heads, rotary_embedding_dim=partial)
-    k = g.op("RotaryEmbedding", [k, cos_name, sin_name, pos], num_heads=cfg.num_kv_heads, rotary_embedding_dim=partial)
+    if rope.sections:  # M-RoPE: each row's table row from its three positions, one per section of frequencies
+        positions = g.input("rope_positions", INT64, [3, s])
+        select = g.const(f"rope.{kind}.sections", section_selector(rope.sections))
+        cos_name, sin_name = (g.op("ReduceSum", [g.op("Mul", [g.op("Gather", [table, positions], axis=0), select]),
+                                                 g.shape_const([0])], keepdims=1) for table in (cos_name, sin_name))
+        tables = [cos_name, sin_name]  # [1, S, rotary_dim / 2]: per row, no position ids
+    else:
+        tables = [cos_name, sin_name, g.input("position_ids", INT64, [1, s])]
+    q = g.op("RotaryEmbedding", [q, *tables], num_heads=cfg.num_heads, rotary_embedding_dim=partial)
+    k = g.op("RotaryEmbedding", [k, *tables], num_heads=cfg.num_kv_heads, rotary_embedding_dim=partial)
     g.output(q, f"q.{i}", FLOAT, [1, s, cfg.num_heads * cfg.head_dim])
     g.output(k, f"k.{i}", FLOAT, [1, s, cfg.num_kv_heads * cfg.head_dim])
     g.output(v, f"v.{i}", FLOAT, [1, s, cfg.num_kv_heads * cfg.head_dim])

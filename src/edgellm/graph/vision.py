@@ -17,6 +17,7 @@ import numpy as np
 from ..config.model_config import ModelConfig
 from ..errors import EdgeLLMError
 from .builder import FLOAT, GraphBuilder
+from .rope import axial_tables
 
 
 def emitters() -> dict:
@@ -26,14 +27,19 @@ def emitters() -> dict:
 def _embed(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
     v = cfg.vision
     patches = g.input("pixel_patches", FLOAT, [1, v.num_patches, v.patch_values])
-    conv = weights("patch_embed", None)  # [D, C, p, p]
+    conv = weights("patch_embed", None)  # [D, C, p, p], or [D, C, frames, p, p] (Qwen2-VL)
+    if v.temporal_patch > 1:  # the processor repeats a picture in every frame: the frames' weights add up
+        conv = conv.sum(axis=2, dtype=np.float32)
     x = g.op("MatMul", [patches, g.weight("patch_embed", conv.reshape(v.hidden_size, -1).T)])
     if "patch_bias" in v.tensors:
         x = g.op("Add", [x, g.weight("patch_bias", weights("patch_bias", None))])
     if v.class_token:
         token = weights("class_embed", None).reshape(1, 1, v.hidden_size)
         x = g.op("Concat", [g.weight("class_embed", token), x], axis=1)
-    x = g.op("Add", [x, g.weight("position_embed", weights("position_embed", None))])
+    if v.rotary_theta:  # rows from here on in merge blocks, as the merger takes them (positions: _layer)
+        x = g.op("Gather", [x, g.const(f"{g.prefix}.blocks", _blocks(v))], axis=1)
+    else:
+        x = g.op("Add", [x, g.weight("position_embed", weights("position_embed", None))])
     if v.pre_norm:
         x = _layer_norm(g, x, v, "pre_norm", None, weights)
     g.output(x, "vision.0", FLOAT, [1, v.sequence, v.hidden_size])
@@ -43,11 +49,18 @@ def _layer(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
     v, i = cfg.vision, unit.index
     h = g.input(f"vision.{i}", FLOAT, [1, v.sequence, v.hidden_size])
     x = _layer_norm(g, h, v, "ln1", i, weights)
-    qkv = np.concatenate([weights(r, i) for r in ("q_proj", "k_proj", "v_proj")])
-    bias = np.concatenate([weights(r, i) for r in ("q_bias", "k_bias", "v_bias")])
+    if "qkv_proj" in v.tensors:  # stored fused (Qwen2-VL)
+        qkv, bias = weights("qkv_proj", i), weights("qkv_bias", i)
+    else:
+        qkv = np.concatenate([weights(r, i) for r in ("q_proj", "k_proj", "v_proj")])
+        bias = np.concatenate([weights(r, i) for r in ("q_bias", "k_bias", "v_bias")])
     y = g.op("Add", [g.op("MatMul", [x, g.weight("qkv_proj", qkv.T)]), g.weight("qkv_bias", bias)])
     q, k, val = g.op("Split", [y, g.shape_const([v.hidden_size] * 3)], axis=-1, n_out=3)
     head_dim = v.hidden_size // v.num_heads
+    if v.rotary_theta:  # each row's (patch row, patch column): a rotary table per row, no position ids
+        cos, sin = (g.const(f"vision.rope.{name}", table[None])
+                    for name, table in zip(("cos", "sin"), axial_tables(v.rotary_theta, head_dim, _patch_positions(v))))
+        q, k = (g.op("RotaryEmbedding", [t, cos, sin], num_heads=v.num_heads) for t in (q, k))
     attn = g.op("Attention", [q, k, val], q_num_heads=v.num_heads, kv_num_heads=v.num_heads, scale=head_dim ** -0.5)
     h = g.op("Add", [h, _linear(g, attn, "o_proj", "o_bias", i, weights)])
     x = _layer_norm(g, h, v, "ln2", i, weights)
@@ -78,8 +91,10 @@ def _projector(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None
         x = g.op("Reshape", [x, g.shape_const([1, v.image_tokens, v.hidden_size * v.shuffle * v.shuffle])])
         x = g.op("MatMul", [x, g.weight("proj1", weights("proj1", None).T)])
     else:
+        if v.projector == "merger":  # a merge block's rows side by side (they come in blocks: _embed)
+            x = g.op("Reshape", [x, g.shape_const([1, v.image_tokens, v.hidden_size * v.shuffle * v.shuffle])])
         x = _linear(g, x, "proj1", "proj1_bias", None, weights)
-    if v.projector == "mlp":
+    if v.projector in ("mlp", "merger"):
         x = _linear(g, _activation(g, x, v.projector_activation), "proj2", "proj2_bias", None, weights)
     g.output(x, "image_features", FLOAT, [1, v.image_tokens, cfg.hidden_size])
 
@@ -87,9 +102,16 @@ def _projector(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None
 def _blocks(v) -> np.ndarray:
     """Patch rows in the order of shuffle x shuffle blocks: block by block (row by row of blocks),
     each block's patches row by row."""
-    side, s = v.image_size // v.patch_size, v.shuffle
-    return np.array([(by * s + a) * side + bx * s + b for by in range(side // s) for bx in range(side // s)
+    (rows, cols), s = v.grid, v.shuffle
+    return np.array([(by * s + a) * cols + bx * s + b for by in range(rows // s) for bx in range(cols // s)
                      for a in range(s) for b in range(s)], np.int64)
+
+
+def _patch_positions(v) -> np.ndarray:
+    """[patches, 2]: each row's patch row and column, rows in _blocks' order."""
+    cols = v.grid[1]
+    order = _blocks(v)
+    return np.stack([order // cols, order % cols], axis=1)
 
 
 def _linear(g, x, role, bias_role, layer, weights):
@@ -121,9 +143,15 @@ def expected_vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
               "patch_bias": (d,), "soft_norm": (d,)}
     if v.projector == "gemma3":
         shapes["proj1"] = (d, cfg.hidden_size)
+    if v.projector == "merger":  # an MLP as wide as a merge block's rows side by side
+        wide = d * v.shuffle ** 2
+        shapes.update(proj1=(wide, wide), proj1_bias=(wide,), proj2=(cfg.hidden_size, wide))
+    if v.temporal_patch > 1:
+        shapes["patch_embed"] = (d, c, v.temporal_patch, p, p)
     for r in ("q_proj", "k_proj", "v_proj", "o_proj"):
         shapes[r] = (d, d)
         shapes[r[0] + "_bias"] = (d,)
+    shapes.update(qkv_proj=(3 * d, d), qkv_bias=(3 * d,))
     return shapes
 
 
@@ -132,13 +160,14 @@ def check_vision_tensors(source, cfg: ModelConfig, where: str) -> None:
     v = cfg.vision
     names = set(source.tensor_names())
     path = getattr(source, "vision_path", source.path)  # an mmproj beside a GGUF text model
-    needed = {"patch_embed", "position_embed", "proj1", *([] if v.projector in ("shuffle", "gemma3") else ["proj1_bias"]),
+    needed = {"patch_embed", *([] if v.rotary_theta else ["position_embed"]), "proj1", *([] if v.projector in ("shuffle", "gemma3") else ["proj1_bias"]),
               *(["soft_norm"] if v.projector == "gemma3" else []),
-              *([] if v.projector != "mlp" else ["proj2", "proj2_bias"]), *(["patch_bias"] if "patch_bias" in v.tensors else []),
+              *(["proj2", "proj2_bias"] if v.projector in ("mlp", "merger") else []), *(["patch_bias"] if "patch_bias" in v.tensors else []),
               *(["class_embed"] if v.class_token else []), *(["pre_norm_w", "pre_norm_b"] if v.pre_norm else []),
               *(["post_norm_w", "post_norm_b"] if v.post_norm else [])}
-    layer_roles = {"ln1_w", "ln1_b", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj", "o_bias",
-                   "ln2_w", "ln2_b", "fc1", "fc1_bias", "fc2", "fc2_bias"}
+    attention = (["qkv_proj", "qkv_bias"] if "qkv_proj" in v.tensors
+                 else ["q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias"])
+    layer_roles = {*attention, "o_proj", "o_bias", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "fc1", "fc1_bias", "fc2", "fc2_bias"}
     wanted = [(r, None) for r in sorted(needed)] + [(r, i) for i in range(v.num_layers) for r in sorted(layer_roles)]
     shapes = expected_vision_shapes(cfg)
     for role, layer in wanted:

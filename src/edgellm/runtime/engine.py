@@ -39,6 +39,8 @@ class EngineSpec:
     max_num_tokens: int
     buckets: list[int]
     int8_activations: bool = False
+    # M-RoPE (Qwen2-VL): an image's rows per column and per row of its grid; None: one position per row
+    rope_grid: tuple[int, int] | None = None
 
 
 class EngineSession(ABC):
@@ -188,6 +190,27 @@ def prefill_chunks(tokens: list[int], cached: int, group: int, move_back: bool =
         chunk = tokens[start:stop]
         yield start, chunk, pos - start
         pos = stop
+
+
+def rope_positions(tokens: np.ndarray, rope: np.ndarray, start: int, end: int, grid: tuple[int, int]) -> None:
+    """M-RoPE: fill rope[:, start:end] (each row's time, height and width positions) from the ids
+    tokens[:end] and the positions before start, as transformers' get_rope_index counts them:
+    a token's three positions are one past the largest position before it; an image's rows
+    (negative ids, grid[0] x grid[1] in a run) share the time position of its first row, and count
+    their row and column from it; so the row after an image is max(grid) past its first row."""
+    rows, cols = grid
+    for p in range(start, end):
+        following = int(rope[:, p - 1].max()) + 1 if p else 0
+        if tokens[p] >= 0:
+            rope[:, p] = following
+            continue
+        k, base = 0, following
+        if p and tokens[p - 1] < 0:  # within an image: the next cell of its grid, or the next image's first
+            t, h, w = rope[:, p - 1]
+            k = (h - t) * cols + (w - t) + 1
+            base = t if k < rows * cols else following
+            k %= rows * cols
+        rope[:, p] = (base, base + k // cols, base + k % cols)
 
 
 def physical_cores() -> int:

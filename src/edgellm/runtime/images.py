@@ -167,7 +167,7 @@ def image_text(vision: VisionConfig, image: Prepared, tokenizer) -> str:
     between <fake_token_around_image><global-img> and <fake_token_around_image>; Gemma 3's
     "\n\n<start_of_image>" ... "<end_of_image>\n\n"."""
     token = tokenizer.id_to_token(vision.image_token_id)
-    if vision.prompt in ("repeat", "paligemma"):
+    if vision.prompt in ("repeat", "paligemma", "qwen2_vl"):
         return token * len(image.tiles)
     if vision.prompt == "gemma3":
         return f"\n\n{tokenizer.id_to_token(vision.marker)}{token}<end_of_image>\n\n"
@@ -185,10 +185,13 @@ def place_images(vision: VisionConfig | None, prompt: str, count: int, marker: s
     out, and whether the tokenizer is to add its special tokens: images where the prompt has
     markers, else one marker per image on a line of its own before it; PaliGemma's: the markers
     (before the prompt where it has none), <bos> after the last, a newline at the end, and no
-    special tokens added (the <bos> is in the text)."""
+    special tokens added (the <bos> is in the text). Qwen2-VL's markers go between
+    <|vision_start|> and <|vision_end|>."""
     if vision is None or vision.prompt != "paligemma":
         if count and marker not in prompt:
-            prompt = f"{marker}\n" * count + prompt
+            # (Qwen2-VL's processor leaves the marker's frame to the prompt, as its chat template writes it)
+            framed = f"<|vision_start|>{marker}<|vision_end|>" if vision and vision.prompt == "qwen2_vl" else marker
+            prompt = f"{framed}\n" * count + prompt
         return prompt, True
     if bos is None:
         raise EdgeLLMError("a PaliGemma prompt starts with <bos> after its images, and this build's tokenizer "
@@ -245,7 +248,7 @@ class ImageEncoder:
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         v = self.vision
-        expected = (v.num_channels, v.image_size, v.image_size)
+        expected = (v.num_channels, v.processing.height, v.processing.width)
         if pixels.shape != expected:
             raise EdgeLLMError(f"image pixels of shape {pixels.shape}, the encoder takes {expected}")
         (features,) = self.program.run(["image_features"], {"pixel_patches": patches(pixels, v.patch_size)[None]})

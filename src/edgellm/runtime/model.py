@@ -89,6 +89,7 @@ class Model:
             max_num_tokens=built.max_num_tokens,
             buckets=list(built.buckets),
             int8_activations=built.int8_activations,
+            rope_grid=cfg.vision.token_grid if any(rope.sections for rope in cfg.ropes.values()) else None,
         )
         target = built.target
         if target == "cpu":

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores
+from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores, rope_positions
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
@@ -67,11 +67,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.em_session_open.argtypes = [ctypes.c_void_p]
     lib.em_session_open.restype = ctypes.c_void_p
     lib.em_session_close.argtypes = [ctypes.c_void_p]
+    # (rope last: a library built before M-RoPE ignores it)
     lib.em_forward.argtypes = [ctypes.c_void_p, _INT64_P, _FLOAT_P, _INT64_P, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               _FLOAT_P]
+                               _FLOAT_P, _INT64_P]
     if hasattr(lib, "em_forward_rows"):  # builds before batched rows lack it (forward_batch then loops)
         lib.em_forward_rows.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), _INT64_P,
-                                        ctypes.c_int, _FLOAT_P]
+                                        ctypes.c_int, _FLOAT_P, _INT64_P]
     if hasattr(lib, "em_set_lora"):  # builds before LoRA branches lack it
         lib.em_set_lora.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Lora)]
     lib.em_truncate.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -214,8 +215,9 @@ class NativeEngine(Engine):
             positions = (ctypes.c_int * n)(*(row[1] for row in chunk))
             ids = np.array([row[2] for row in chunk], np.int64)
             out = logits[first : first + n]
-            if self.lib.em_forward_rows(handles, positions, ids.ctypes.data_as(_INT64_P), n,
-                                        out.ctypes.data_as(_FLOAT_P)) != 0:
+            rope = np.stack([row[0].rope_rows([row[2]], row[1])[0] for row in chunk]) if self.spec.rope_grid else None
+            if self.lib.em_forward_rows(handles, positions, ids.ctypes.data_as(_INT64_P), n, out.ctypes.data_as(_FLOAT_P),
+                                        None if rope is None else rope.ctypes.data_as(_INT64_P)) != 0:
                 raise EdgeLLMError(self.lib.em_last_error().decode())
             for row in chunk:
                 row[0].length = row[1] + 1
@@ -246,6 +248,9 @@ class NativeSession(EngineSession):
         self.ids = np.zeros(self.spec.group_size, np.int64)
         self.logits = np.zeros((self.spec.group_size, self.spec.vocab_size), np.float32)
         self._pointers = self.ids.ctypes.data_as(_INT64_P), self.logits.ctypes.data_as(_FLOAT_P)  # once, not per token
+        if self.spec.rope_grid:  # M-RoPE: the ids and three positions of every held row (engine.rope_positions)
+            self.tokens = np.zeros(self.spec.max_num_tokens, np.int64)
+            self.rope = np.zeros((3, self.spec.max_num_tokens), np.int64)
         self.adapter_key = (0, 0.0)  # which branches the session runs (forward_batch groups rows by it)
         self.branches: NativeBranches | None = None
         engine.session_handles.add(handle)
@@ -267,6 +272,14 @@ class NativeSession(EngineSession):
                 raise EdgeLLMError(self.engine.lib.em_last_error().decode())
         self.branches = factors  # kept alive while the session's branches point into it
         self.adapter_key = (0, 0.0) if factors is None else (id(factors), float(scale))
+
+    def rope_rows(self, ids, start: int) -> np.ndarray:
+        """M-RoPE: the rows' three positions each, [n, 3], as the program takes them (the held rows'
+        positions kept for the next call)."""
+        end = start + len(ids)
+        self.tokens[start:end] = ids
+        rope_positions(self.tokens, self.rope, start, end, self.spec.rope_grid)
+        return np.ascontiguousarray(self.rope[:, start:end].T)
 
     def _live(self) -> None:
         if not self._release.alive or self.engine.closed:
@@ -292,9 +305,11 @@ class NativeSession(EngineSession):
         rows = None
         if embeddings is not None:
             rows = np.ascontiguousarray(embeddings, np.float32)
+        rope = self.rope_rows(ids, start) if self.spec.rope_grid else None
         status = self.engine.lib.em_forward(self.handle, ids_p, None if rows is None else rows.ctypes.data_as(_FLOAT_P),
                                             None if until is None else until.ctypes.data_as(_INT64_P),
-                                            n, start, logits_from, logits_p)
+                                            n, start, logits_from, logits_p,
+                                            None if rope is None else rope.ctypes.data_as(_INT64_P))
         if status != 0:
             raise EdgeLLMError(self.engine.lib.em_last_error().decode())
         self.length = start + n

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgeLLMError
-from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores
+from .engine import VERIFY_ROWS, Engine, EngineSession, EngineSpec, physical_cores, rope_positions
 
 
 def open_program(path: Path, opts) -> ort.InferenceSession:
@@ -100,6 +100,7 @@ class OrtSession(EngineSession):
         self.length = 0
         self.tokens = np.zeros(spec.max_num_tokens, np.int64)  # the ids at each position (negative: an embedding row)
         self.until = np.arange(1, spec.max_num_tokens + 1)  # the attend_until each held position was computed with
+        self.rope = np.zeros((3, spec.max_num_tokens), np.int64)  # M-RoPE: each held position's three
         shape = (1, spec.max_num_tokens, spec.kv_width)
         self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(spec.num_layers)]
         # Small inputs live in fixed buffers bound once; a call writes into them.
@@ -107,7 +108,7 @@ class OrtSession(EngineSession):
             v: {"input_ids": np.zeros((1, s), np.int64), "position_ids": np.zeros((1, s), np.int64),
                 "attend_until": np.zeros((1, s), np.int64),
                 "embeddings": np.zeros((1, s, spec.hidden_size), np.float32),
-                "logits_index": np.zeros(s, np.int64)}
+                "logits_index": np.zeros(s, np.int64), "rope_positions": np.zeros((3, s), np.int64)}
             for v, s in (("group", spec.group_size), ("single", 1))
         }
         self.logits = {v: np.zeros((1, s, spec.vocab_size), np.float32)
@@ -201,6 +202,10 @@ class OrtSession(EngineSession):
         if embeddings is not None:
             buf["embeddings"][0, start - first : start - first + n] = embeddings
         buf["position_ids"][0, :size] = np.arange(first, first + size)
+        if self.spec.rope_grid:
+            rope_positions(self.tokens, self.rope, start, start + n, self.spec.rope_grid)
+            buf["rope_positions"][:, : start + n - first] = self.rope[:, first : start + n]
+            buf["rope_positions"][:, start + n - first : size] = self.rope[:, start + n - 1 : start + n]  # padding
         buf["attend_until"][0, : start + n - first] = self.until[first : start + n]  # held rows: as computed
         buf["attend_until"][0, start + n - first : size] = np.arange(start + n + 1, first + size + 1)  # padding
         count = n - logits_from

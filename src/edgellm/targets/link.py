@@ -69,7 +69,7 @@ def link(segments: list[onnx.ModelProto], name: str, kv_dim: str | None = None, 
         dims = vi.type.tensor_type.shape.dim
         if kv_dim and vi.name.startswith(("cache.", "present.")):
             dims[1].dim_param = kv_dim
-        if seq_dim and vi.name in ("input_ids", "position_ids", "attend_until", "embeddings"):
+        if seq_dim and vi.name in ("input_ids", "position_ids", "attend_until", "embeddings", "rope_positions"):
             dims[1].dim_param = seq_dim
     graph = helper.make_graph(nodes, name, graph_inputs, graph_outputs, list(inits.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgellm")

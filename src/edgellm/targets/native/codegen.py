@@ -94,16 +94,17 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         if variant == "verify":  # rows with a cache and a position each (em_rows_program)
             lines += ["", "static void em_model_verify(const unsigned char *em_base, const em_weight *EMW, float *A, "
                       "em_kv_value *const *em_kvs, const em_lora *em_loras, const int *em_positions, int S, "
-                      "const int64_t *ids, const float *embeddings, int logits_from, float *logits) {",
+                      "const int64_t *ids, const float *embeddings, int logits_from, float *logits, const int64_t *rope) {",
                       "    (void)em_base; (void)EMW; (void)em_kvs; (void)em_loras; (void)em_positions; (void)ids; "
-                      "(void)embeddings; (void)logits_from;"]
+                      "(void)embeddings; (void)logits_from; (void)rope;"]
         else:
             lines += ["", f"static void em_model_{variant}(const unsigned char *em_base, const em_weight *EMW, float *A, "
                       "em_kv_value *em_kv, const em_lora *em_loras, int S, int start, const int64_t *ids, "
-                      "const float *embeddings, const int64_t *until, int logits_from, float *logits) {",
+                      "const float *embeddings, const int64_t *until, int logits_from, float *logits, "
+                      "const int64_t *rope) {",
                       "    const int R = S - logits_from; /* the rows whose logits are returned */",
                       "    (void)em_base; (void)EMW; (void)em_kv; (void)em_loras; (void)ids; (void)embeddings; (void)R; "
-                      "(void)start; (void)until;"]
+                      "(void)start; (void)until; (void)rope;"]
         lines += _body(lowered, offsets, Rows(lowered, shape) if variant == "verify" else None)
         lines.append("}")
     rows = {"single": 1, "verify": shape.verify_rows, "group": shape.group_size}
@@ -127,7 +128,8 @@ class Rows:
     computed exactly as a decode step computes it, and speculative decoding gives the plain
     decode's tokens. Rows of one activation are its per-token size apart."""
 
-    ROW = {r"\bS\b": "1", r"\bstart\b": "em_positions[s]", r"\bids\b": "(ids + s)", r"\bEM_CACHE\(": "EM_ROW_CACHE(s, "}
+    ROW = {r"\bS\b": "1", r"\bstart\b": "em_positions[s]", r"\bids\b": "(ids + s)", r"\brope\b": "(rope + 3 * s)",
+           r"\bEM_CACHE\(": "EM_ROW_CACHE(s, "}
 
     def __init__(self, lowered: Lowered, shape: ModelShape):
         self.activations = lowered.activations

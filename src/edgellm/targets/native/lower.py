@@ -42,7 +42,7 @@ DECODE_CHUNKS = int(re.search(r"#define EM_DECODE_CHUNKS (\d+)",
                               (Path(__file__).parent / "kernels" / "edgellm_kernels.h").read_text()).group(1))
 
 # Graph inputs and outputs the generated functions take as parameters.
-PARAMETERS = {"input_ids": "ids", "logits": "logits", "embeddings": "embeddings"}
+PARAMETERS = {"input_ids": "ids", "logits": "logits", "embeddings": "embeddings", "rope_positions": "rope"}
 MASK_OUTPUTS = ("mask.full", "mask.sliding", "write_index")
 
 
@@ -289,6 +289,8 @@ class Lowering:
 
     def _op_Gather(self, node):
         data, index = node.input
+        if index == "rope_positions":
+            return self._rope_rows(node)
         if self._is_weight(data):
             users = self.consumers.get(node.output[0], [])
             if users and users[0].op_type == "DequantizeLinear":
@@ -309,6 +311,24 @@ class Lowering:
         out.tokens = "R"
         self._emit(f"em_copy({{{data}}} + (size_t)logits_from * {x.cols}, R * {x.cols}, {{{out.name}}});", [data],
                    [out.name], node)
+
+    def _rope_rows(self, gather):
+        """M-RoPE's per-row tables (graph/segments.py _pre): ReduceSum(Gather(table, rope_positions)
+        * sections, axis 0) -> em_rope_rows."""
+        (mul,) = self.consumers[gather.output[0]]
+        (reduce,) = self.consumers[mul.output[0]]
+        select = next(i for i in mul.input if i != gather.output[0])
+        if mul.op_type != "Mul" or reduce.op_type != "ReduceSum" or select not in self.inits:
+            raise EdgeLLMError(f"{self.where}: {gather.name}: unsupported use of rope_positions")
+        owner = self._const(select).reshape(3, -1).argmax(axis=0)
+        counts = np.bincount(owner, minlength=3)
+        if (owner != np.repeat(np.arange(3), counts)).any():
+            raise EdgeLLMError(f"{self.where}: {mul.name}: M-RoPE sections out of order")
+        table = self._constant(gather.input[0])
+        out = self._new(reduce.output[0], self.shapes["input_ids"], cols=len(owner))
+        self._emit(f"em_rope_rows(rope, S, F({table}), {len(owner)}, {counts[0]}, {counts[1]}, {{{out.name}}});", [],
+                   [out.name], gather, mul, reduce)
+        self.done.update([mul.name, reduce.name])
 
     def _op_Where(self, node):
         """EMBED's row choice: a row whose id is negative takes the caller's embedding vector."""
@@ -553,6 +573,13 @@ class Lowering:
         x = self._act(node.input[0])
         heads = a["num_heads"]
         head_dim = x.cols // heads
+        rotary_dim = a.get("rotary_embedding_dim", 0) or head_dim
+        if node.input[1] in self.shapes:  # each row's own table (M-RoPE: _rope_rows), from its row 0
+            source, cos, sin = node.input[:3]
+            out = self._new(node.output[0], x)
+            self._emit(f"em_rope({{{source}}}, S, 0, {heads}, {head_dim}, {rotary_dim}, {{{cos}}}, {{{sin}}}, {{{out.name}}});",
+                       [source, cos, sin], [out.name], node)
+            return
         rotary = Rotary(node.input[0], heads, head_dim, a.get("rotary_embedding_dim", 0) or head_dim,
                         self._constant(node.input[1]), self._constant(node.input[2]), node)
         if self.one_token and self._only_into_attention(node.output[0]):

@@ -476,6 +476,14 @@ void em_rope(const float *x, int S, int start, int heads, int head_dim, int rota
                       y + ((size_t)s * heads + h) * head_dim);
 }
 
+void em_rope_rows(const int64_t *rope, int S, const float *table, int half, int first, int second, float *out) {
+    for (int s = 0; s < S; s++)
+        for (int d = 0; d < half; d++) {
+            const int which = d < first ? 0 : d < first + second ? 1 : 2;
+            out[(size_t)s * half + d] = table[(size_t)rope[3 * s + which] * half + d];
+        }
+}
+
 /* Both caches keep each KV head's positions together (kernels/edgellm_kernels.h): one head's
    context is one contiguous run of memory, which the prefetcher and the TLB both handle. */
 static inline void store_value(em_kv_value *cache, int h, int p, const float *row, int head_dim, int cache_tokens) {

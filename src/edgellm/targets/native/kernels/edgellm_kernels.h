@@ -110,6 +110,11 @@ void em_embed(const int64_t *ids, int S, const em_weight *w, float *out); /* row
 void em_embedding_rows(const int64_t *ids, const float *embeddings, int S, int hidden, float *out);
 
 void em_rmsnorm(const float *x, int rows, int cols, const float *weight, float eps, float *y);
+/* M-RoPE (Qwen2-VL): out[S][half], each row's rotary table row from its three positions
+   rope[3 * s + 0..2] (time, height, width): the first `first` frequencies turn with the time
+   position, the next `second` with the height, the rest with the width. table: [max_positions][half].
+   em_rope then rotates with out at start 0. */
+void em_rope_rows(const int64_t *rope, int S, const float *table, int half, int first, int second, float *out);
 /* Rotary embedding, non-interleaved halves, on x[S, heads * head_dim] at positions start + s.
    cos/sin: [max_positions][rotary_dim / 2]. Columns past rotary_dim are copied. */
 void em_rope(const float *x, int S, int start, int heads, int head_dim, int rotary_dim,

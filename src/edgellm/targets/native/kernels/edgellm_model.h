@@ -39,16 +39,19 @@ void em_session_close(em_session *session);
    length (rows already cached may be recomputed). Row i is token ids[i], or, where ids[i] < 0, the
    embedding vector embeddings[i * hidden_size ..] (the hidden state entering layer 0). Writes the
    logits of rows logits_from..n-1 to logits ([n - logits_from][vocab]). The session's length becomes
-   start + n. 0 on success, -1 on bad arguments (em_last_error). */
+   start + n. rope: an M-RoPE model's (Qwen2-VL) three positions per row, rope[3 * i + 0..2]; NULL:
+   each row's own position for all three (right for text that no image precedes); other models
+   ignore it. 0 on success, -1 on bad arguments (em_last_error). */
 int em_forward(em_session *session, const int64_t *ids, const float *embeddings, const int64_t *until, int n,
-               int start, int logits_from,
-               float *logits);
+               int start, int logits_from, float *logits, const int64_t *rope);
 /* One row each of several sessions, or several rows of some (row i: token ids[i] at position
    positions[i] of sessions[i]; a session's rows in this call follow each other at consecutive
    positions from at most its length). The weights are read once for all rows: a batched decode
    step of many conversations. n is 1 to the verify variant's rows; sessions of one model; no
-   embedding rows. Writes every row's logits ([n][vocab]). 0 on success, -1 (em_last_error). */
-int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits);
+   embedding rows. Writes every row's logits ([n][vocab]). rope: as em_forward's. 0 on success, -1
+   (em_last_error). */
+int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits,
+                    const int64_t *rope);
 /* The session's LoRA branch at site i (EM_LORA_SITE_INFO[i]) from now on; a branch of 0 columns:
    none. The factors are the caller's memory, read by every later call. 0, or -1 (em_last_error). */
 int em_set_lora(em_session *session, int site, const em_lora *branch);
@@ -66,11 +69,12 @@ extern const int EM_RECORD_COUNT;
 /* A program variant runs up to max_rows rows per call; em_forward takes the first that fits. */
 typedef void (*em_program)(const unsigned char *base, const em_weight *weights, float *arena, em_kv_value *kv,
                            const em_lora *loras, int S, int start, const int64_t *ids, const float *embeddings,
-                           const int64_t *until, int logits_from, float *logits);
+                           const int64_t *until, int logits_from, float *logits, const int64_t *rope);
 /* The verify variant: row s at position positions[s] of the KV cache kvs[s] (its rows share loras) */
 typedef void (*em_rows_program)(const unsigned char *base, const em_weight *weights, float *arena,
                                 em_kv_value *const *kvs, const em_lora *loras, const int *positions, int S,
-                                const int64_t *ids, const float *embeddings, int logits_from, float *logits);
+                                const int64_t *ids, const float *embeddings, int logits_from, float *logits,
+                                const int64_t *rope);
 /* The matmuls with a LoRA branch (LORA_BRANCH builds): name ("layer007.qkv_proj"), input and
    output width, branch columns (rank x parts) */
 typedef struct {

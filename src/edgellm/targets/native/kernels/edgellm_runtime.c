@@ -416,8 +416,16 @@ int em_truncate(em_session *s, int length) {
 
 int em_length(const em_session *s) { return s->length; }
 
+/* rope NULL: each row's own position, three times (what an M-RoPE model's text rows get when no
+   image came before them) */
+static const int64_t *own_positions(const int64_t *rope, int64_t *own, const int *positions, int start, int n) {
+    if (rope) return rope;
+    for (int i = 0; i < n; i++) own[3 * i] = own[3 * i + 1] = own[3 * i + 2] = positions ? positions[i] : start + i;
+    return own;
+}
+
 int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const int64_t *until, int n, int start,
-               int logits_from, float *logits) {
+               int logits_from, float *logits, const int64_t *rope) {
     if (n < 1 || n > EM_MODEL.group_size || start < 0 || start > s->length || start + n > EM_MODEL.max_tokens ||
         logits_from < 0 || logits_from >= n) {
         fail("bad call: %d rows at position %d of a session holding %d, logits from row %d (at most %d rows per call, "
@@ -452,15 +460,17 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const
     em_set_threads(team_threads(s->model->threads, team)); /* the OpenMP team size is per calling thread */
     const double started = decode ? now_ns() : 0;
     float *out = variant->all_logits && logits_from > 0 ? s->logits : logits;
+    int64_t own[3 * n];
+    rope = own_positions(rope, own, NULL, start, n);
     if (variant->run_rows) {
         em_kv_value *kvs[n];
         int positions[n];
         for (int i = 0; i < n; i++) kvs[i] = s->kv, positions[i] = start + i;
         variant->run_rows(s->model->mapped, s->model->weights, s->arena, kvs, s->loras, positions, n, ids,
-                          embeddings, logits_from, out);
+                          embeddings, logits_from, out, rope);
     } else {
         variant->run(s->model->mapped, s->model->weights, s->arena, s->kv, s->loras, n, start, ids, embeddings,
-                     until, logits_from, out);
+                     until, logits_from, out, rope);
     }
     if (decode && model->threads > 1) {
         const double now = now_ns();
@@ -475,7 +485,8 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const
     return 0;
 }
 
-int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits) {
+int em_forward_rows(em_session *const *sessions, const int *positions, const int64_t *ids, int n, float *logits,
+                    const int64_t *rope) {
     const em_variant *rows = NULL;
     for (int i = 0; i < EM_VARIANT_COUNT; i++)
         if (EM_VARIANTS[i].run_rows) rows = &EM_VARIANTS[i];
@@ -504,8 +515,10 @@ int em_forward_rows(em_session *const *sessions, const int *positions, const int
     em_kv_value *kvs[n];
     for (int i = 0; i < n; i++) kvs[i] = sessions[i]->kv;
     em_set_threads(team_threads(model->threads, model->team.choice)); /* (one int: read without the lock) */
+    int64_t own[3 * n];
+    rope = own_positions(rope, own, positions, 0, n);
     rows->run_rows(model->mapped, model->weights, sessions[0]->arena, kvs, sessions[0]->loras, positions, n, ids, NULL,
-                   0, logits);
+                   0, logits, rope);
     for (int i = 0; i < n; i++) sessions[i]->length = positions[i] + 1;
     return 0;
 }

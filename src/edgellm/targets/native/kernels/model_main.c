@@ -76,7 +76,7 @@ int main(int argc, char **argv) {
     for (int pos = 0; pos < n;) {
         int start = n - pos >= g ? pos : (n > g ? n - g : 0);
         int count = (start + g < n ? start + g : n) - start;
-        if (em_forward(session, ids + start, NULL, NULL, count, start, count - 1, logits) != 0) {
+        if (em_forward(session, ids + start, NULL, NULL, count, start, count - 1, logits, NULL) != 0) {
             fprintf(stderr, "%s\n", em_last_error());
             return 1;
         }
@@ -88,7 +88,7 @@ int main(int argc, char **argv) {
     int produced = 1;
     for (; produced < gen && n < info->max_tokens; produced++) {
         ids[n] = token;
-        if (em_forward(session, ids + n, NULL, NULL, 1, n, 0, logits) != 0) {
+        if (em_forward(session, ids + n, NULL, NULL, 1, n, 0, logits, NULL) != 0) {
             fprintf(stderr, "%s\n", em_last_error());
             return 1;
         }
