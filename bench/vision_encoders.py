@@ -8,6 +8,9 @@ vision configuration, beside a tiny text model (the encoder's time does not depe
     llava      LLaVA-1.5-7B's CLIP ViT-L/14 at 336 px (577 rows, the 23 layers it uses), MLP projector
     paligemma  PaliGemma-3B-224's SigLIP So400m/14 at 224 px (256 rows, 27 layers), linear projector
     gemma3     Gemma 3 4B's SigLIP So400m/14 at 896 px (4096 rows, 27 layers), 4 x 4 pooling
+    qwen2_vl   Qwen2-VL-2B's ViT (1280 wide, 32 layers, 2D rotary) at 448 px (1024 rows), the merger
+    qwen2_5_vl Qwen2.5-VL-3B's ViT (1280 wide, 32 layers, 28 of them windowed, gated MLPs) at 448 px
+    (the Qwen text models are one layer of the published width, so the merger's output is real)
     (SmolVLM-256M's SigLIP-B/16 at 512 px is bench/vlm_speed.py's, with TTFT.)
 
     python bench/vision_encoders.py [--families llava,paligemma,gemma3] [--repeats 3] [--threads 2]
@@ -81,6 +84,24 @@ def model_dir(family: str) -> Path:
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
         specials = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
         processor = transformers.Gemma3ImageProcessorPil(size={"height": 896, "width": 896})
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        width = 1536 if family == "qwen2_vl" else 2048
+        text = {**TEXT, "hidden_size": width, "num_attention_heads": width // 128, "intermediate_size": 256,
+                "rope_parameters": {"rope_type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1e6}}
+        common = dict(depth=32, num_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        if family == "qwen2_vl":
+            vision = dict(common, embed_dim=1280, mlp_ratio=4, hidden_size=width)
+            config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=vocab - 1,
+                                                vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2)
+            model = transformers.Qwen2VLForConditionalGeneration(config)
+        else:
+            vision = dict(common, hidden_size=1280, intermediate_size=3420, out_hidden_size=width, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31])
+            config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=vocab - 1,
+                                                   vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2)
+            model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+        specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+        processor = transformers.Qwen2VLImageProcessorPil()
     else:
         raise SystemExit(f"unknown family {family}")
     tmp = path.with_name(path.name + ".tmp")
@@ -124,7 +145,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     classes = {"llava": "LlavaForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
-               "gemma3": "Gemma3ForConditionalGeneration"}
+               "gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
     with tempfile.TemporaryDirectory(prefix="vision-bench-") as tmp:
         plan = Path(tmp) / "int8.json"
         plan.write_text(json.dumps(INT8))
@@ -138,9 +160,14 @@ def main() -> None:
                 model = edgellm.load(out, threads=args.threads)
                 builds[name] = (model, time.perf_counter() - t0)
             vision = builds["BF16"][0].config.vision
-            pixels = preprocess(load_image(picture(vision.image_size)), vision.processing).tiles[0]
+            image = picture(vision.processing.height)  # (Qwen: 448 px, the builds' default size)
+            pixels = preprocess(load_image(image), vision.processing).tiles[0]
             reference = getattr(transformers, classes[family]).from_pretrained(path, dtype=torch.float32).eval()
-            theirs = torch.from_numpy(pixels[None])
+            if vision.encoder == "qwen2_vl":  # its processor's patches and grid
+                inputs = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)(image, return_tensors="pt")
+                theirs = (inputs["pixel_values"], inputs["image_grid_thw"])
+            else:
+                theirs = (torch.from_numpy(pixels[None]),)
             times = {name: [] for name in [*builds, "transformers"]}
             features = {}
             for _ in range(1 + args.repeats):  # the first round warms up and is not counted
@@ -148,7 +175,7 @@ def main() -> None:
                     seconds, features[name] = _timed(lambda m=model: m.image_encoder.encode_pixels(pixels))
                     times[name].append(seconds)
                 with torch.no_grad():
-                    seconds, out = _timed(lambda: reference.get_image_features(theirs).pooler_output)
+                    seconds, out = _timed(lambda: reference.get_image_features(*theirs).pooler_output)
                 times["transformers"].append(seconds)
                 out = out[0] if isinstance(out, (list, tuple)) else out  # LLaVA: one tensor per image
                 features["transformers"] = out.reshape(-1, out.shape[-1]).numpy()
@@ -156,6 +183,8 @@ def main() -> None:
             expected = features["transformers"]
             errors = {name: round(float(np.linalg.norm(features[name] - expected) / np.linalg.norm(expected)), 4)
                       for name in builds}
+            if vision.encoder == "qwen2_vl":  # transformers': one tensor per image
+                expected = torch.cat(list(out)).numpy() if isinstance(out, (list, tuple)) else expected
             print(json.dumps({family: {"rows": vision.sequence, "layers": vision.num_layers, "pass_s": result,
                                        "feature_error": errors,
                                        "compile_s": {n: round(b[1], 1) for n, b in builds.items()}}}), flush=True)

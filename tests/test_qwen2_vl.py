@@ -15,7 +15,7 @@ from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.images import patches, preprocess
 from edgellm.runtime.model import Model
-from tiny_models import QWEN2_VL_FACTOR, save_tiny_llava, save_tiny_qwen2_vl
+from tiny_models import QWEN2_VL_FACTOR, save_tiny_llava, save_tiny_qwen2_5_vl, save_tiny_qwen2_vl
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,14 +25,19 @@ OPTIONS = dict(max_num_tokens=128, future_token_mask_size=64, input_height=HEIGH
 PROMPT = "w1 w2 <|vision_start|><|image_pad|><|vision_end|> w5 w6 w7"
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory):
-    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl") / "model")
+FAMILIES = {"qwen2_vl": (save_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration"),
+            "qwen2_5_vl": (save_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def qwen2_vl(request, tmp_path_factory):
+    return FAMILIES[request.param][0](tmp_path_factory.mktemp(request.param) / "model")
 
 
 @pytest.fixture(scope="module")
 def reference(qwen2_vl):
-    return transformers.Qwen2VLForConditionalGeneration.from_pretrained(qwen2_vl, dtype=torch.float32).eval()
+    model_type = json.loads((qwen2_vl / "config.json").read_text())["model_type"]
+    return getattr(transformers, FAMILIES[model_type][1]).from_pretrained(qwen2_vl, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +176,8 @@ def test_the_default_size_and_config_errors(qwen2_vl, fp32_plan, tmp_path):
     plain = broken(lambda raw: raw["text_config"]["rope_parameters"].pop("mrope_section"), "plain")
     with pytest.raises(EdgeLLMError, match="mrope_section must be 3 whole numbers"):
         read_model_config(open_source(plain))
-    wider = broken(lambda raw: raw["vision_config"].update(mlp_ratio=2), "wider")
-    with pytest.raises(EdgeLLMError, match=r"the vision config implies shape \(64, 32\) for visual\.blocks\.0\.mlp\.fc1"):
+    wider = broken(lambda raw: raw["vision_config"].update(mlp_ratio=2, intermediate_size=64), "wider")
+    with pytest.raises(EdgeLLMError, match=r"the vision config implies shape \((64, 32|32, 64)\) for visual\.blocks\.0\.mlp\."):
         build(wider, tmp_path / "out", fp32_plan, target="cpu", **OPTIONS)
     # the hub's flat layout (transformers 4): the text model's fields at the top level, rope_scaling "mrope"
     def flat(raw):
@@ -203,4 +208,22 @@ def test_batched_decode_rows_keep_each_sessions_positions(qwen2_vl, reference, p
         else:
             expected = _reference_logits(reference, qwen2_vl, processor, ids, [image])
         np.testing.assert_allclose(rows, expected[-2:], atol=1e-4)
+    model.close()
+
+
+def test_a_chat_about_an_image_keeps_its_positions_across_turns(qwen2_vl, reference, processor, fp32_plan, tmp_path):
+    out = build(qwen2_vl, tmp_path / "out", fp32_plan, target="cpu", language_group_size=8, **OPTIONS)
+    model = Model.load(out)
+    encoded = []
+    encode = model.image_encoder.encode_pixels
+    model.image_encoder.encode_pixels = lambda pixels: encoded.append(1) or encode(pixels)
+    image = _picture(WIDTH, HEIGHT, seed=11)
+    session = model.session()
+    first = session.chat("w9 w10", images=[image], max_new_tokens=4, ignore_eos=True)
+    assert session.tokens[1:9] == [93, -1, -2, -3, -4, -5, -6, 94]  # the template's frame around the rows
+    second = session.chat("w11 w12", max_new_tokens=4, ignore_eos=True, return_logits=True)
+    assert len(encoded) == 1 and second.cached_tokens >= 8 and first.image_tokens == second.image_tokens == 6
+    ids = session.tokens[: second.prompt_tokens]
+    expected = _reference_logits(reference, qwen2_vl, processor, ids + second.token_ids, [image])
+    np.testing.assert_allclose(np.array(second.logits), expected[len(ids) - 1 : -1], atol=1e-4)
     model.close()

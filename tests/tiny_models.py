@@ -250,6 +250,23 @@ def save_tiny_paligemma(path: Path, text: str = "gemma", seed: int = 0) -> Path:
 # 8 rotary frequencies are split 2 / 3 / 3 between the time, height and width positions.
 QWEN2_VL_MARKERS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 QWEN2_VL_FACTOR = 8  # pixels per merged row: patch 4 x merge 2
+# Qwen2-VL's chat template's shape (an image part is the marker between <|vision_start|> and
+# <|vision_end|>), with words of the tiny vocabulary for its role tags
+QWEN2_VL_TEMPLATE = ("{% for message in messages %}w90 {% if message['content'] is string %}{{ message['content'] }}"
+                     "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+                     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+                     "{% endif %} w91 {% endfor %}{% if add_generation_prompt %}w92 {% endif %}")
+
+
+def _qwen2_vl_files(path: Path) -> None:
+    import json
+
+    import transformers
+
+    _vlm_tokenizer(path, QWEN2_VL_MARKERS)
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2_VL_TEMPLATE}))
+    transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                          size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}).save_pretrained(path)
 
 
 def save_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
@@ -268,7 +285,28 @@ def save_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
     model = _spread(transformers.Qwen2VLForConditionalGeneration(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    _vlm_tokenizer(path, QWEN2_VL_MARKERS)
-    transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}).save_pretrained(path)
+    _qwen2_vl_files(path)
+    return path
+
+
+def save_tiny_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL, as the tiny Qwen2-VL, with its encoder's RMSNorms and gated MLPs, and windows of
+    2 x 2 prompt rows (16 px) in layers 0 and 2 (layer 1 sees the whole image)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    words = VOCAB - len(NEWLINES) - len(QWEN2_VL_MARKERS)
+    start, end, image = (words + len(NEWLINES) + i for i in range(3))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, out_hidden_size=COMMON["hidden_size"], num_heads=4,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                  fullatt_block_indexes=[1])
+    text = {**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None,
+            "rope_parameters": {"rope_type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=image,
+                                           vision_start_token_id=start, vision_end_token_id=end, video_token_id=0)
+    model = _spread(transformers.Qwen2_5_VLForConditionalGeneration(config))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    _qwen2_vl_files(path)
     return path

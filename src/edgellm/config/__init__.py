@@ -28,6 +28,7 @@ VISION_ADAPTERS = {
     "gemma3": gemma3.build_vision,
     "paligemma": paligemma.build,
     "qwen2_vl": qwen2_vl.build,
+    "qwen2_5_vl": qwen2_vl.build,
 }
 
 

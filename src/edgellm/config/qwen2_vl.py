@@ -1,8 +1,10 @@
-"""Qwen2-VL (model type qwen2_vl): a ViT over patches of any image size with 2D rotary positions
-(no position table), whose rows, 2 x 2 patches at a time, pass a LayerNorm and a two-layer MLP
-(the "merger"); and a Qwen2 text model with M-RoPE: each prompt row has three positions (time,
-height, width), and the rotary frequencies are split in sections, one per position. Text rows
-have the same three; an image's rows count along its grid (runtime/rope.py).
+"""Qwen2-VL and Qwen2.5-VL (model types qwen2_vl, qwen2_5_vl): a ViT over patches of any image
+size with 2D rotary positions (no position table), whose rows, 2 x 2 patches at a time, pass a
+norm and a two-layer MLP (the "merger"); and a Qwen2 text model with M-RoPE: each prompt row has
+three positions (time, height, width), and the rotary frequencies are split in sections, one per
+position. Text rows have the same three; an image's rows count along its grid
+(runtime/engine.py rope_positions). Qwen2.5-VL's encoder has RMSNorms, gated MLPs and, in all
+but its fullatt_block_indexes layers, attention within windows of window_size pixels.
 
 The encoder takes any size in multiples of patch x merge pixels. A build fixes it
 (--input_height / --input_width, default DEFAULT_SIZE square), so every picture is resized to it;
@@ -21,6 +23,11 @@ TEXT_PREFIXES = ("model.language_model.", "model.")
 HEAD_NAMES = ("lm_head.weight", "model.lm_head.weight")
 VISION_PREFIXES = ("model.visual.", "visual.")
 
+GATED_TENSORS = {  # Qwen2.5-VL's MLP: down_proj(act(gate_proj(x)) * up_proj(x)), biases included
+    "gate_proj": "blocks.{i}.mlp.gate_proj.weight", "gate_bias": "blocks.{i}.mlp.gate_proj.bias",
+    "up_proj": "blocks.{i}.mlp.up_proj.weight", "up_bias": "blocks.{i}.mlp.up_proj.bias",
+    "fc2": "blocks.{i}.mlp.down_proj.weight", "fc2_bias": "blocks.{i}.mlp.down_proj.bias",
+}
 BLOCK_TENSORS = {  # per encoder block, after the tower's prefix
     "ln1_w": "blocks.{i}.norm1.weight", "ln1_b": "blocks.{i}.norm1.bias",
     "qkv_proj": "blocks.{i}.attn.qkv.weight", "qkv_bias": "blocks.{i}.attn.qkv.bias",
@@ -46,14 +53,17 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
                                  default_text="qwen2")
     for rope in cfg.ropes.values():
         rope.scaling["mrope_section"] = sections
-    vision_type = vision_raw.get("model_type", "qwen2_vl_vision")
-    if vision_type not in ("qwen2_vl_vision", "qwen2_vl"):  # (early hub files wrote qwen2_vl)
-        raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for qwen2_vl")
-    cfg.vision = VisionConfig(**_encoder(vision_raw, where, names, cfg.hidden_size),
+    family = raw["model_type"]
+    vision_type = vision_raw.get("model_type", f"{family}_vision")
+    if vision_type not in (f"{family}_vision", family):  # (early hub files wrote the model's type)
+        raise EdgeLLMError(f"{where}: vision encoder '{vision_type}' is not supported for {family}")
+    encoder = _encoder(vision_raw, where, names, cfg.hidden_size) if family == "qwen2_vl" else \
+        _windowed_encoder(vision_raw, where, names, cfg.hidden_size)
+    cfg.vision = VisionConfig(**encoder,
                               image_token_id=require(raw, "image_token_id", where, low=0),
                               processing=any_size_processing(processor, where), prompt="qwen2_vl")
     cfg.vision = with_input_size(cfg.vision, DEFAULT_SIZE, DEFAULT_SIZE, where)
-    cfg.family = "qwen2_vl"
+    cfg.family = family
     return cfg
 
 
@@ -77,17 +87,19 @@ def _plain_rope(text_raw: dict, where: str) -> dict:
     return {key: {**plain, "rope_type": "default"}, "mrope_section": sections}
 
 
-def _encoder(raw: dict, where: str, names: set[str], text_hidden: int) -> dict:
+def _encoder(raw: dict, where: str, names: set[str], text_hidden: int, width_key: str = "embed_dim",
+             output_key: str = "hidden_size") -> dict:
+    """Qwen2-VL's tower (the ViT's width is embed_dim, the merger's output hidden_size)."""
     where = f"{where} (vision_config)"
     prefix = find_prefix(VISION_PREFIXES, "patch_embed.proj.weight", names, where, "the vision tower")
-    width, heads = require(raw, "embed_dim", where), require(raw, "num_heads", where, high=COUNTS)
+    width, heads = require(raw, width_key, where), require(raw, "num_heads", where, high=COUNTS)
     if width % heads or (width // heads) % 4:
         raise EdgeLLMError(f"{where}: embed_dim {width} over num_heads {heads} must be a multiple of 4 (a 2D rotary "
                            "embedding splits each head's dimensions in four)")
-    out = integer(raw, "hidden_size", where, text_hidden)
+    out = integer(raw, output_key, where, text_hidden)
     if out != text_hidden:
-        raise EdgeLLMError(f"{where}: hidden_size {out} (the merger's output) differs from the text model's {text_hidden}")
-    act = text(raw, "hidden_act", where, "quick_gelu")
+        raise EdgeLLMError(f"{where}: {output_key} {out} (the merger's output) differs from the text model's {text_hidden}")
+    act = text(raw, "hidden_act", where, "quick_gelu" if width_key == "embed_dim" else "silu")
     if act not in ACTIVATIONS:
         raise EdgeLLMError(f"{where}: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
     patch = require(raw, "patch_size", where, high=PIXELS)
@@ -100,3 +112,27 @@ def _encoder(raw: dict, where: str, names: set[str], text_hidden: int) -> dict:
                 drop_class_token=False, projector="merger", projector_activation="gelu", shuffle=merge,
                 temporal_patch=integer(raw, "temporal_patch_size", where, 2, low=1, high=16), rotary_theta=theta,
                 image_tokens=0, tensors={role: prefix + name for role, name in BLOCK_TENSORS.items()})
+
+
+def _windowed_encoder(raw: dict, where: str, names: set[str], text_hidden: int) -> dict:
+    """Qwen2.5-VL's tower: the ViT's width is hidden_size, the merger's output out_hidden_size;
+    RMSNorms, a gated MLP of intermediate_size, and windows in the layers not listed in
+    fullatt_block_indexes."""
+    fields = _encoder(raw, where, names, text_hidden, width_key="hidden_size", output_key="out_hidden_size")
+    where = f"{where} (vision_config)"
+    step = fields["patch_size"] * fields["shuffle"]
+    window = integer(raw, "window_size", where, 112, low=1, high=PIXELS)
+    if window % step:
+        raise EdgeLLMError(f"{where}: window_size {window} is not a whole number of merged patches ({step} px)")
+    full = raw.get("fullatt_block_indexes", [7, 15, 23, 31])
+    if not (isinstance(full, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < fields["num_layers"]
+                                           for i in full)):
+        raise EdgeLLMError(f"{where}: fullatt_block_indexes must list encoder layers (0 to {fields['num_layers'] - 1}), "
+                           f"got {full!r}")
+    prefix = fields["tensors"]["patch_embed"].removesuffix(BLOCK_TENSORS["patch_embed"])
+    for role in ("ln1_b", "ln2_b", "post_norm_b", "fc1", "fc1_bias"):
+        fields["tensors"].pop(role)
+    fields["tensors"].update({role: prefix + name for role, name in GATED_TENSORS.items()})
+    fields.update(intermediate_size=require(raw, "intermediate_size", where), norm="rms", window=window // step,
+                  full_layers=sorted(set(full)))
+    return fields

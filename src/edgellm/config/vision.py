@@ -14,7 +14,8 @@ from ..errors import EdgeLLMError
 from .fields import COUNTS, integer, number, require, text
 
 # vision encoder hidden_act -> the name the emitter knows (graph/vision.py)
-ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "silu": "silu"}
 PIXELS = 16384  # the longest image edge, in pixels, a config may give
 # PIL resampling filter numbers as Hugging Face image processors store them
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -92,6 +93,11 @@ class VisionConfig:
     # encoder has no position table but a 2D rotary embedding of this base
     temporal_patch: int = 1
     rotary_theta: float = 0.0
+    # Qwen2.5-VL: RMSNorms ("rms") instead of LayerNorms, a gated MLP (gate_proj / up_proj roles),
+    # and attention within windows of window x window prompt rows except in full_layers
+    norm: str = "layer"
+    window: int = 0
+    full_layers: list[int] = field(default_factory=list)
 
     # role -> tensor name ("{i}": the encoder layer)
     tensors: dict[str, str] = field(default_factory=dict)

@@ -61,10 +61,20 @@ def _layer(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
         cos, sin = (g.const(f"vision.rope.{name}", table[None])
                     for name, table in zip(("cos", "sin"), axial_tables(v.rotary_theta, head_dim, _patch_positions(v))))
         q, k = (g.op("RotaryEmbedding", [t, cos, sin], num_heads=v.num_heads) for t in (q, k))
-    attn = g.op("Attention", [q, k, val], q_num_heads=v.num_heads, kv_num_heads=v.num_heads, scale=head_dim ** -0.5)
+    inputs = [q, k, val]
+    if v.window and i not in v.full_layers:  # each row sees the rows of its window (Qwen2.5-VL)
+        inputs.append(g.const("vision.window_mask", _window_mask(v)))
+    attn = g.op("Attention", inputs, q_num_heads=v.num_heads, kv_num_heads=v.num_heads, scale=head_dim ** -0.5)
     h = g.op("Add", [h, _linear(g, attn, "o_proj", "o_bias", i, weights)])
     x = _layer_norm(g, h, v, "ln2", i, weights)
-    x = _activation(g, _linear(g, x, "fc1", "fc1_bias", i, weights), v.activation)
+    if "gate_proj" in v.tensors:  # gated: act(gate) * up, one matmul for both
+        w = np.concatenate([weights("gate_proj", i), weights("up_proj", i)])
+        bias = np.concatenate([weights("gate_bias", i), weights("up_bias", i)])
+        y = g.op("Add", [g.op("MatMul", [x, g.weight("gate_up_proj", w.T)]), g.weight("gate_up_bias", bias)])
+        gate, up = g.op("Split", [y, g.shape_const([v.intermediate_size] * 2)], axis=-1, n_out=2)
+        x = g.op("Mul", [_activation(g, gate, v.activation), up])
+    else:
+        x = _activation(g, _linear(g, x, "fc1", "fc1_bias", i, weights), v.activation)
     g.output(g.op("Add", [h, _linear(g, x, "fc2", "fc2_bias", i, weights)]), f"vision.{i + 1}", FLOAT,
              [1, v.sequence, v.hidden_size])
 
@@ -107,6 +117,15 @@ def _blocks(v) -> np.ndarray:
                      for a in range(s) for b in range(s)], np.int64)
 
 
+def _window_mask(v) -> np.ndarray:
+    """[patches, patches]: whether two rows (in _blocks' order) share a window of v.window x
+    v.window merge blocks, windows counted from the top left (the last ones smaller)."""
+    blocks = np.arange(v.num_patches) // (v.shuffle * v.shuffle)
+    per_row = v.token_grid[1]
+    window = (blocks // per_row) // v.window * per_row + (blocks % per_row) // v.window
+    return window[:, None] == window[None, :]
+
+
 def _patch_positions(v) -> np.ndarray:
     """[patches, 2]: each row's patch row and column, rows in _blocks' order."""
     cols = v.grid[1]
@@ -120,12 +139,17 @@ def _linear(g, x, role, bias_role, layer, weights):
 
 
 def _layer_norm(g, x, v, role, layer, weights):
+    if v.norm == "rms":
+        return g.op("RMSNormalization", [x, g.weight(f"{role}_w", weights(f"{role}_w", layer))], axis=-1,
+                    epsilon=v.layer_norm_eps)
     scale, bias = weights(f"{role}_w", layer), weights(f"{role}_b", layer)
     return g.op("LayerNormalization", [x, g.weight(f"{role}_w", scale), g.weight(f"{role}_b", bias)], axis=-1,
                 epsilon=v.layer_norm_eps)
 
 
 def _activation(g, x, kind: str):
+    if kind == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x])])
     if kind == "quick_gelu":  # CLIP's x * sigmoid(1.702 x)
         return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.const("const.quick_gelu", np.array(1.702, np.float32))])])])
     return g.op("Gelu", [x], approximate="tanh" if kind == "gelu_tanh" else "none")
@@ -151,7 +175,7 @@ def expected_vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for r in ("q_proj", "k_proj", "v_proj", "o_proj"):
         shapes[r] = (d, d)
         shapes[r[0] + "_bias"] = (d,)
-    shapes.update(qkv_proj=(3 * d, d), qkv_bias=(3 * d,))
+    shapes.update(qkv_proj=(3 * d, d), qkv_bias=(3 * d,), gate_proj=(f, d), gate_bias=(f,), up_proj=(f, d), up_bias=(f,))
     return shapes
 
 
@@ -164,10 +188,12 @@ def check_vision_tensors(source, cfg: ModelConfig, where: str) -> None:
               *(["soft_norm"] if v.projector == "gemma3" else []),
               *(["proj2", "proj2_bias"] if v.projector in ("mlp", "merger") else []), *(["patch_bias"] if "patch_bias" in v.tensors else []),
               *(["class_embed"] if v.class_token else []), *(["pre_norm_w", "pre_norm_b"] if v.pre_norm else []),
-              *(["post_norm_w", "post_norm_b"] if v.post_norm else [])}
+              *(["post_norm_w"] if v.post_norm else []), *(["post_norm_b"] if v.post_norm and v.norm == "layer" else [])}
     attention = (["qkv_proj", "qkv_bias"] if "qkv_proj" in v.tensors
                  else ["q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias"])
-    layer_roles = {*attention, "o_proj", "o_bias", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "fc1", "fc1_bias", "fc2", "fc2_bias"}
+    mlp = ["gate_proj", "gate_bias", "up_proj", "up_bias"] if "gate_proj" in v.tensors else ["fc1", "fc1_bias"]
+    norms = ["ln1_w", "ln2_w"] + (["ln1_b", "ln2_b"] if v.norm == "layer" else [])
+    layer_roles = {*attention, *mlp, *norms, "o_proj", "o_bias", "fc2", "fc2_bias"}
     wanted = [(r, None) for r in sorted(needed)] + [(r, i) for i in range(v.num_layers) for r in sorted(layer_roles)]
     shapes = expected_vision_shapes(cfg)
     for role, layer in wanted:
