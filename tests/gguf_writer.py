@@ -123,6 +123,8 @@ def write_gguf(hf_dir: Path, path: Path, arch: str, types: dict[str, str] | None
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(key):
             writer.add_float32(f"{arch}.{key}", config[key])
+    if rope.get("mrope_section"):  # Qwen2VLModel: M-RoPE's sections, padded to 4
+        writer.add_array(f"{arch}.rope.dimension_sections", list(rope["mrope_section"]) + [0])
     if rope.get("rope_type") == "llama3":  # llama.cpp's LlamaModel: the scaling as per-frequency divisors
         writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, head_dim))
     if rope.get("rope_type") == "longrope":
@@ -322,4 +324,60 @@ def write_llava_mmproj(vlm_dir: Path, path: Path, feature_layer: bool) -> Path:
             continue
         w = w.astype(np.float32)
         writer.add_tensor(name, w.astype(np.float16) if w.ndim == 4 else np.ascontiguousarray(w))  # the patch conv: F16
+    return finish(writer, path)
+
+
+def write_qwen2_vl_mmproj(vlm_dir: Path, path: Path, wa_layer_indexes: bool = False) -> Path:
+    """The vision tower and merger of a tiny Qwen2-VL / Qwen2.5-VL directory as llama.cpp's
+    converter (Qwen2VLVisionModel) writes its mmproj: projector type qwen2vl_merger or
+    qwen2.5vl_merger, the fused qkv split in three, the patch convolution's two frames as
+    v.patch_embd.weight and v.patch_embd.weight.1, the tensor names from gguf-py's name map; for
+    Qwen2.5-VL the window pattern as n_wa_pattern (or, as newer versions, wa_layer_indexes) and
+    window_size."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((vlm_dir / "config.json").read_text())
+    vision = config["vision_config"]
+    qwen2 = config["model_type"] == "qwen2_vl"
+    processor = json.loads((vlm_dir / "preprocessor_config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vision["depth"], 3))  # (the merger's mlp.2: mm.2)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type("qwen2vl_merger" if qwen2 else "qwen2.5vl_merger")
+    width = vision["embed_dim"] if qwen2 else vision["hidden_size"]
+    writer.add_vision_projection_dim(vision["hidden_size"] if qwen2 else vision["out_hidden_size"])
+    writer.add_vision_image_size(560)
+    writer.add_vision_patch_size(vision["patch_size"])
+    writer.add_vision_embedding_length(width)
+    # (the converter writes Qwen2-VL's hidden_size, the merger's output, as the feed-forward length)
+    writer.add_vision_feed_forward_length(vision["hidden_size"] if qwen2 else vision["intermediate_size"])
+    writer.add_vision_block_count(vision["depth"])
+    writer.add_vision_head_count(vision["num_heads"])
+    writer.add_vision_image_mean(processor["image_mean"])
+    writer.add_vision_image_std(processor["image_std"])
+    writer.add_vision_attention_layernorm_eps(1e-6)
+    if not qwen2:
+        writer.add_vision_use_silu(True)
+        full = vision["fullatt_block_indexes"]
+        if wa_layer_indexes:
+            writer.add_vision_wa_layer_indexes(full)
+        else:
+            writer.add_vision_n_wa_pattern(full[0] + 1)
+        writer.add_vision_window_size(vision["window_size"])
+    for hf, w in load_file(str(vlm_dir / "model.safetensors")).items():
+        if not hf.startswith("visual."):
+            continue
+        w = w.astype(np.float32)
+        if ".qkv." in hf:
+            for part, rows in zip("qkv", np.split(w, 3)):
+                writer.add_tensor(names.get_name(hf.replace("qkv", part), try_suffixes=(".weight", ".bias")),
+                                  np.ascontiguousarray(rows))
+        elif hf == "visual.patch_embed.proj.weight":
+            writer.add_tensor("v.patch_embd.weight", np.ascontiguousarray(w[:, :, 0]))
+            writer.add_tensor("v.patch_embd.weight.1", np.ascontiguousarray(w[:, :, 1]))
+        else:
+            writer.add_tensor(names.get_name(hf, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(w))
     return finish(writer, path)

@@ -227,3 +227,43 @@ def test_a_chat_about_an_image_keeps_its_positions_across_turns(qwen2_vl, refere
     expected = _reference_logits(reference, qwen2_vl, processor, ids + second.token_ids, [image])
     np.testing.assert_allclose(np.array(second.logits), expected[len(ids) - 1 : -1], atol=1e-4)
     model.close()
+
+
+def test_a_gguf_text_model_and_its_mmproj_run_as_the_safetensors_model(qwen2_vl, fp32_plan, tmp_path):
+    """llama.cpp's two files (text arch qwen2vl with rope.dimension_sections; an mmproj whose qkv and
+    patch convolution the converter split; Qwen2.5-VL's full-attention layers as n_wa_pattern, or
+    as newer converters write them, wa_layer_indexes) give the safetensors directory's logits and
+    tokens."""
+    from gguf_writer import text_part, write_gguf, write_qwen2_vl_mmproj
+    from tiny_models import NEWLINES, QWEN2_VL_MARKERS
+
+    text = write_gguf(text_part(qwen2_vl, tmp_path / "text", "model."), tmp_path / "text.gguf", "qwen2vl",
+                      special=NEWLINES + QWEN2_VL_MARKERS)
+    windows = json.loads((qwen2_vl / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    image = _picture(WIDTH, HEIGHT, seed=12)
+    builds = [build(qwen2_vl, tmp_path / "st", fp32_plan, target="cpu", language_group_size=16, **OPTIONS)]
+    for newer in [False, True] if windows else [False]:
+        mmproj = write_qwen2_vl_mmproj(qwen2_vl, tmp_path / f"mmproj-{newer}.gguf", wa_layer_indexes=newer)
+        builds.append(build(text, tmp_path / f"pair-{newer}", fp32_plan, mmproj=str(mmproj), target="cpu",
+                            language_group_size=16, **OPTIONS))
+    results = []
+    for out in builds:
+        model = Model.load(out)
+        # (markers only: the GGUF pair's tokenizer splits the tiny words otherwise)
+        results.append(model.generate("<|vision_start|><|image_pad|><|vision_end|>", images=[image], max_new_tokens=16,
+                                      ignore_eos=True, return_logits=True))
+        model.close()
+    expected = results[0]
+    for ours in results[1:]:
+        assert ours.image_tokens == expected.image_tokens == 6 and ours.prompt_tokens == expected.prompt_tokens == 8
+        np.testing.assert_allclose(np.stack(ours.logits), np.stack(expected.logits), atol=1e-4)
+        assert ours.token_ids == expected.token_ids
+    # a text GGUF without M-RoPE's sections (a plain qwen2) is not this mmproj's text model
+    plain_dir = text_part(qwen2_vl, tmp_path / "plain", "model.")
+    config = json.loads((plain_dir / "config.json").read_text())
+    config["rope_parameters"].pop("mrope_section")
+    (plain_dir / "config.json").write_text(json.dumps(config))
+    plain = write_gguf(plain_dir, tmp_path / "plain.gguf", "qwen2", special=NEWLINES + QWEN2_VL_MARKERS)
+    with pytest.raises(EdgeLLMError, match=r"plain\.gguf: GGUF metadata 'qwen2\.rope\.dimension_sections' must give "
+                                           r"M-RoPE's 3 sections"):
+        build(plain, tmp_path / "bad", fp32_plan, mmproj=str(mmproj), target="cpu", **OPTIONS)

@@ -105,13 +105,20 @@ def _encoder(raw: dict, where: str, names: set[str], text_hidden: int, width_key
     patch = require(raw, "patch_size", where, high=PIXELS)
     merge = integer(raw, "spatial_merge_size", where, 2, low=1, high=16)
     theta = number(section(raw, "rope_parameters", where), "rope_theta", where, 10000.0)
+    tensors = {role: prefix + name for role, name in BLOCK_TENSORS.items()}
+    if prefix + "blocks.0.attn.qkv.weight" not in names and prefix + "blocks.0.attn.q.weight" in names:
+        # llama.cpp's mmproj (sources/mmproj.py) splits the fused qkv in three
+        for role in ("qkv_proj", "qkv_bias"):
+            tensors.pop(role)
+        tensors.update({f"{part}_{kind}": f"{prefix}blocks.{{i}}.attn.{part}.{'weight' if kind == 'proj' else 'bias'}"
+                        for part in "qkv" for kind in ("proj", "bias")})
     return dict(encoder="qwen2_vl", image_size=0, patch_size=patch, num_channels=integer(raw, "in_channels", where, 3),
                 hidden_size=width, intermediate_size=width * integer(raw, "mlp_ratio", where, 4, low=1),
                 num_layers=require(raw, "depth", where, high=COUNTS), num_heads=heads, layer_norm_eps=1e-6,
                 activation=ACTIVATIONS[act], class_token=False, pre_norm=False, post_norm=True,
                 drop_class_token=False, projector="merger", projector_activation="gelu", shuffle=merge,
                 temporal_patch=integer(raw, "temporal_patch_size", where, 2, low=1, high=16), rotary_theta=theta,
-                image_tokens=0, tensors={role: prefix + name for role, name in BLOCK_TENSORS.items()})
+                image_tokens=0, tensors=tensors)
 
 
 def _windowed_encoder(raw: dict, where: str, names: set[str], text_hidden: int) -> dict:

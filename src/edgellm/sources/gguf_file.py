@@ -23,8 +23,10 @@ from .gguf_tokenizer import gguf_fields
 from .safetensors_dir import _fingerprint
 
 # GGUF architecture (llama.cpp's name) -> HF model_type. Mistral's GGUFs say "llama".
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2",
-               "gemma3": "gemma3_text"}
+# (qwen2vl: Qwen2-VL's text model, a Qwen2 whose M-RoPE sections matter only beside its mmproj:
+# text rows have three equal positions)
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen2vl": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma",
+               "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 # GGUF per-layer tensor suffix -> HF per-layer tensor suffix, per family.
 _COMMON = {
@@ -48,6 +50,7 @@ _GEMMA = {
 LAYER_NAMES = {
     "llama": _LLAMA,
     "qwen2": _LLAMA,  # biases come along as attn_q.bias etc.
+    "qwen2vl": _LLAMA,
     "qwen3": {**_LLAMA, **_QK_NORMS},
     # Phi-3 keeps its fused tensors; llama.cpp names the fused gate/up "ffn_up"
     "phi3": {**_LLAMA, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},

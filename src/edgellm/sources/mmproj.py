@@ -22,7 +22,21 @@ from .safetensors_dir import _fingerprint
 
 # clip.projector_type -> where the Hugging Face layout its family adapter reads (idefics3,
 # gemma3, llava) keeps the vision tower's tensors
-PROJECTORS = {"idefics3": "model.vision_model.", "gemma3": "vision_tower.vision_model.", "mlp": "vision_tower.vision_model."}
+PROJECTORS = {"idefics3": "model.vision_model.", "gemma3": "vision_tower.vision_model.", "mlp": "vision_tower.vision_model.",
+              "qwen2vl_merger": "visual.", "qwen2.5vl_merger": "visual."}
+QWEN = {"qwen2vl_merger": "qwen2_vl", "qwen2.5vl_merger": "qwen2_5_vl"}  # projector type -> model type
+# Qwen2-VL / Qwen2.5-VL towers (config/qwen2_vl.py's names). The converter splits the fused qkv in
+# three, and the patch convolution's two frames into v.patch_embd.weight and v.patch_embd.weight.1.
+_QWEN_LAYER = {"ln1": "norm1", "ln2": "norm2", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+               "attn_out": "attn.proj", "ffn_gate": "mlp.gate_proj"}
+_QWEN_FFN = {"qwen2vl_merger": {"ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
+             "qwen2.5vl_merger": {"ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}}
+_QWEN_GLOBAL = {"v.patch_embd.weight": "visual.patch_embed.proj.weight",
+                "v.patch_embd.weight.1": "visual.patch_embed.proj.weight.1",
+                "v.post_ln.weight": "visual.merger.ln_q.weight", "v.post_ln.bias": "visual.merger.ln_q.bias",
+                "mm.0.weight": "visual.merger.mlp.0.weight", "mm.0.bias": "visual.merger.mlp.0.bias",
+                "mm.2.weight": "visual.merger.mlp.2.weight", "mm.2.bias": "visual.merger.mlp.2.bias"}
+QWEN_PATCH = "visual.patch_embed.proj.weight"
 _LAYER = {"ln1": "layer_norm1", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_out": "self_attn.out_proj", "ln2": "layer_norm2", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
 # Legacy LLaVA files (llama.cpp's convert_image_encoder_to_gguf.py) name fc1 ffn_down and fc2
@@ -64,6 +78,8 @@ class MmprojFile(GGUFSource):
 
     def _hf_name(self, name: str) -> str | None:
         base, _, kind = name.rpartition(".")
+        if isinstance(self.projector, str) and self.projector in QWEN:
+            return self._qwen_name(name, base, kind)
         known = isinstance(self.projector, str) and self.projector in PROJECTORS  # (a list is no key)
         tower = PROJECTORS[self.projector if known else "idefics3"]
         if name.startswith("v.blk."):
@@ -78,9 +94,38 @@ class MmprojFile(GGUFSource):
             return f"{tower}embeddings.class_embedding"
         return _PROJECTOR.get(name)
 
+    def _qwen_name(self, name: str, base: str, kind: str) -> str | None:
+        if name.startswith("v.blk."):
+            parts = base.split(".", 3)
+            if len(parts) != 4 or not LAYER_INDEX.fullmatch(parts[2]):
+                raise EdgeLLMError(f"{self.path}: tensor '{name}' is not named v.blk.<layer>.<part>.<kind>")
+            hf = {**_QWEN_LAYER, **_QWEN_FFN[self.projector]}.get(parts[3])
+            return None if hf is None else f"visual.blocks.{parts[2]}.{hf}.{kind}"
+        return _QWEN_GLOBAL.get(name)
+
+    def tensor_names(self) -> list[str]:
+        return [n for n in super().tensor_names() if n != QWEN_PATCH + ".1"]
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        shape = super().tensor_shape(name)
+        if name == QWEN_PATCH:  # the two frames' convolutions as one, [D, C, 2, p, p]
+            return shape[:2] + (2,) + shape[2:]
+        return shape
+
     def tensor(self, name: str) -> np.ndarray:
+        if name == QWEN_PATCH:
+            if QWEN_PATCH + ".1" not in self._tensors:
+                raise EdgeLLMError(f"{self.path}: tensor v.patch_embd.weight.1 (the patch convolution's second frame) "
+                                   "is missing")
+            return np.stack([super().tensor(name), super().tensor(name + ".1")], axis=2)
         w = super().tensor(name)
         return w - 1.0 if name in _ONE_PLUS else w
+
+    def packed(self, name: str) -> BlockQuantized | None:
+        return None if name == QWEN_PATCH else super().packed(name)
+
+    def stored_bytes(self, name: str) -> int | None:
+        return None if name == QWEN_PATCH else super().stored_bytes(name)
 
     def _lookup(self, key: str):
         """llama.cpp's converter writes most keys under clip.vision., a few under clip."""
@@ -113,9 +158,11 @@ class VisionPairSource:
             raise EdgeLLMError(f"{mmproj_path}: projector type '{m.projector}' is not supported (supported: "
                                f"{', '.join(PROJECTORS)})")
         hidden = self.text.raw_config["hidden_size"]
-        # a LLaVA file's projection_dim is CLIP's own projection (unused): its MLP's output rows say it
-        projection = (m.tensor_shape(_PROJECTOR["mm.2.weight"])[0] if m.projector == "mlp"
-                      and _PROJECTOR["mm.2.weight"] in m._tensors else m._number("projection_dim", required=True))
+        # a LLaVA file's projection_dim is CLIP's own projection (unused), and Qwen's converter writes
+        # the vision config's: the MLP's output rows say it
+        last = _QWEN_GLOBAL["mm.2.weight"] if m.projector in QWEN else _PROJECTOR["mm.2.weight"]
+        projection = (m.tensor_shape(last)[0] if m.projector in ("mlp", *QWEN) and last in m._tensors
+                      else m._number("projection_dim", required=True))
         if projection != hidden:
             raise EdgeLLMError(f"{mmproj_path}: the projector writes {projection} values per row; "
                                f"the text model {text_path} takes {hidden}: not this model's mmproj")
@@ -142,7 +189,9 @@ class VisionPairSource:
                   "layer_norm_eps": m._number("attention.layer_norm_epsilon", float, 1e-6),
                   "hidden_act": "gelu_pytorch_tanh"}
         pixels = {"image_mean": m.key("image_mean"), "image_std": m.key("image_std")}  # checked by config/vision.py
-        if m.projector == "mlp":
+        if m.projector in QWEN:
+            self.raw_config, self.image_processor = self._qwen(vision, pixels, projection, token)
+        elif m.projector == "mlp":
             self.raw_config = {
                 "model_type": "llava", "text_config": self.text.raw_config,
                 "vision_config": {"model_type": "clip_vision_model", **vision,
@@ -167,6 +216,39 @@ class VisionPairSource:
                                     "max_image_size": {"longest_edge": image}, "resample": 1, **pixels}
         self._parts = {name: self.mmproj for name in self.mmproj._tensors}
         self._parts.update({name: self.text for name in self.text.tensor_names()})
+
+    def _qwen(self, vision: dict, pixels: dict, projection: int, token) -> tuple[dict, dict]:
+        """Qwen2-VL / Qwen2.5-VL: the config.json transformers would read (config/qwen2_vl.py), the
+        M-RoPE sections from the text GGUF's rope.dimension_sections."""
+        m, text = self.mmproj, dict(self.text.raw_config)
+        name, sections = self.text._lookup("rope.dimension_sections")
+        if not (isinstance(sections, list) and len(sections) >= 3 and not any(sections[3:])):
+            raise EdgeLLMError(f"{self.path}: GGUF metadata '{name}' must give M-RoPE's 3 sections (time, height, width) "
+                               f"beside a Qwen mmproj, got {sections!r}")
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [int(x) for x in sections[:3]]}
+        up = QWEN_PATCH.replace("patch_embed.proj", "blocks.0." + _QWEN_FFN[m.projector]["ffn_up"])
+        if up not in m._tensors:
+            raise EdgeLLMError(f"{self.vision_path}: tensor v.blk.0.ffn_up.weight is missing")
+        width, ffn = vision["hidden_size"], m.tensor_shape(up)[0]
+        config = {"depth": vision["num_hidden_layers"], "num_heads": vision["num_attention_heads"],
+                  "patch_size": vision["patch_size"], "spatial_merge_size": m._number("spatial_merge_size", default=2),
+                  "temporal_patch_size": 2, "in_channels": 3}
+        if m.projector == "qwen2vl_merger":
+            if ffn % width:
+                raise EdgeLLMError(f"{self.vision_path}: an MLP of {ffn} over a width of {width} is not Qwen2-VL's")
+            config.update(embed_dim=width, mlp_ratio=ffn // width, hidden_size=projection, hidden_act="quick_gelu")
+        else:
+            depth = config["depth"]
+            name, full = m._lookup("wa_layer_indexes")
+            if full is None:  # the converter's older key: every n-th layer sees the whole image
+                pattern = m._number("n_wa_pattern", required=True, high=COUNTS)
+                full = [i for i in range(depth) if (i + 1) % pattern == 0]
+            config.update(hidden_size=width, intermediate_size=ffn, out_hidden_size=projection, hidden_act="silu",
+                          window_size=m._number("window_size", default=112), fullatt_block_indexes=full)
+        raw = {"model_type": QWEN[m.projector], "text_config": text, "vision_config": config,
+               "image_token_id": token("<|image_pad|>"), "vision_start_token_id": token("<|vision_start|>"),
+               "vision_end_token_id": token("<|vision_end|>")}
+        return raw, {"resample": 3, **pixels}
 
     def _feature_layer(self) -> int:
         """Which hidden state LLaVA's projector reads: clip.vision.feature_layer (hidden-state
