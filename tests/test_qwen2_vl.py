@@ -267,3 +267,41 @@ def test_a_gguf_text_model_and_its_mmproj_run_as_the_safetensors_model(qwen2_vl,
     with pytest.raises(EdgeLLMError, match=r"plain\.gguf: GGUF metadata 'qwen2\.rope\.dimension_sections' must give "
                                            r"M-RoPE's 3 sections"):
         build(plain, tmp_path / "bad", fp32_plan, mmproj=str(mmproj), target="cpu", **OPTIONS)
+
+
+@pytest.mark.parametrize("target", ["cpu", "native"])
+def test_int4_language_model_matches_transformers_on_the_stored_weights(qwen2_vl, reference, processor, tmp_path,
+                                                                        target):
+    """The int4 preset: language-model matmuls in int4 blocks, the encoder BF16; transformers runs
+    the same dequantized weights. The rotary tables M-RoPE gathers from stay float32 (they are
+    no embedding table, though a Gather reads them)."""
+    import copy
+
+    import onnx
+    from test_vision import _bf16
+
+    from edgellm.quant.blocks import quantize
+
+    _skip_without_compiler(target)
+    out = build(qwen2_vl, tmp_path / "out", "int4", target=target, language_group_size=32, **OPTIONS)
+    stored = copy.deepcopy(reference)
+    with torch.no_grad():
+        for name, p in stored.named_parameters():
+            if "language_model" in name and name.endswith("proj.weight"):
+                p.copy_(torch.from_numpy(quantize(p.numpy(), 4, 32, "symmetric").dequantize()))
+            elif "embed_tokens" in name or "lm_head" in name or ("visual" in name and name.endswith("weight")
+                                                                 and p.dim() >= 2):
+                _bf16(p)
+    model = Model.load(out)
+    image = _picture(WIDTH, HEIGHT, seed=13)
+    session = model.session()
+    ours = session.generate(PROMPT, images=[image], max_new_tokens=16, ignore_eos=True, return_logits=True)
+    ids = session.tokens[: ours.prompt_tokens]
+    expected = _reference_logits(stored, qwen2_vl, processor, ids + ours.token_ids, [image])[len(ids) - 1 : -1]
+    np.testing.assert_allclose(np.array(ours.logits), expected, atol=1e-3 * np.abs(expected).max())
+    assert ours.token_ids == expected.argmax(-1).tolist()
+    model.close()
+    if target == "cpu":
+        program = onnx.load(str(out / "compiled" / "cpu" / "group.onnx"), load_external_data=False)
+        tables = [t for t in program.graph.initializer if t.name.startswith("rope.")]
+        assert tables and all(t.data_type == onnx.TensorProto.FLOAT for t in tables)

@@ -28,9 +28,17 @@ def _embed(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
     v = cfg.vision
     patches = g.input("pixel_patches", FLOAT, [1, v.num_patches, v.patch_values])
     conv = weights("patch_embed", None)  # [D, C, p, p], or [D, C, frames, p, p] (Qwen2-VL)
-    if v.temporal_patch > 1:  # the processor repeats a picture in every frame: the frames' weights add up
-        conv = conv.sum(axis=2, dtype=np.float32)
-    x = g.op("MatMul", [patches, g.weight("patch_embed", conv.reshape(v.hidden_size, -1).T)])
+    if v.temporal_patch > 1:
+        # the processor repeats a picture in every frame: each frame's weights apply to the same
+        # patches, one MatMul each (their sum would round to BF16 once where transformers rounds
+        # each frame's weights)
+        frames = [g.op("MatMul", [patches, g.weight(f"patch_embed_frame{t}", conv[:, :, t].reshape(v.hidden_size, -1).T)])
+                  for t in range(v.temporal_patch)]
+        x = frames[0]
+        for frame in frames[1:]:
+            x = g.op("Add", [x, frame])
+    else:
+        x = g.op("MatMul", [patches, g.weight("patch_embed", conv.reshape(v.hidden_size, -1).T)])
     if "patch_bias" in v.tensors:
         x = g.op("Add", [x, g.weight("patch_bias", weights("patch_bias", None))])
     if v.class_token:

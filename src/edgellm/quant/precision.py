@@ -85,6 +85,10 @@ def weight_initializers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, in
     found = []
     for node in model.graph.node:
         slot = WEIGHT_CONSUMERS.get(node.op_type)
+        # a Gather's table is a weight when token ids index it (the embedding), not when positions
+        # do (M-RoPE's rotary tables: graph/segments.py _pre), which stay float32
+        if node.op_type == "Gather" and node.input[1] != "input_ids":
+            continue
         if slot is not None and node.input[slot] in inits:
             found.append((node, slot, inits[node.input[slot]]))
     return found
