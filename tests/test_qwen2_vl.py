@@ -305,3 +305,25 @@ def test_int4_language_model_matches_transformers_on_the_stored_weights(qwen2_vl
         program = onnx.load(str(out / "compiled" / "cpu" / "group.onnx"), load_external_data=False)
         tables = [t for t in program.graph.initializer if t.name.startswith("rope.")]
         assert tables and all(t.data_type == onnx.TensorProto.FLOAT for t in tables)
+
+
+def test_equal_windows_run_as_a_batch_of_windows(fp32_plan, tmp_path):
+    """Qwen2.5-VL at a size whose windows tile the grid (32 x 32 px: 2 x 2 windows of 2 x 2 prompt
+    rows): the rows go window by window and windowed layers attend within a batch of windows,
+    no mask; the image's rows come back row by row."""
+    model_dir = save_tiny_qwen2_5_vl(tmp_path / "model")
+    reference = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    out = build(model_dir, tmp_path / "out", fp32_plan, target="cpu", max_num_tokens=128, future_token_mask_size=64,
+                input_height=32, input_width=32)
+    program = (out / "compiled" / "vision" / "encoder.onnx").read_bytes()
+    assert b"vision.window_mask" not in program
+    model = Model.load(out)
+    image = _picture(32, 32, seed=14)
+    with torch.no_grad():
+        pixels = processor([image], return_tensors="pt")
+        expected = reference.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output
+    ours = model.image_encoder.encode_pixels(preprocess(image, model.config.vision.processing).tiles[0])
+    assert ours.shape == (16, 64)
+    np.testing.assert_allclose(ours, torch.cat(list(expected)).numpy(), atol=1e-4)
+    model.close()

@@ -45,7 +45,7 @@ def _embed(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
         token = weights("class_embed", None).reshape(1, 1, v.hidden_size)
         x = g.op("Concat", [g.weight("class_embed", token), x], axis=1)
     if v.rotary_theta:  # rows from here on in merge blocks, as the merger takes them (positions: _layer)
-        x = g.op("Gather", [x, g.const(f"{g.prefix}.blocks", _blocks(v))], axis=1)
+        x = g.op("Gather", [x, g.const(f"{g.prefix}.blocks", _row_order(v))], axis=1)
     else:
         x = g.op("Add", [x, g.weight("position_embed", weights("position_embed", None))])
     if v.pre_norm:
@@ -69,10 +69,16 @@ def _layer(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None:
         cos, sin = (g.const(f"vision.rope.{name}", table[None])
                     for name, table in zip(("cos", "sin"), axial_tables(v.rotary_theta, head_dim, _patch_positions(v))))
         q, k = (g.op("RotaryEmbedding", [t, cos, sin], num_heads=v.num_heads) for t in (q, k))
-    inputs = [q, k, val]
-    if v.window and i not in v.full_layers:  # each row sees the rows of its window (Qwen2.5-VL)
-        inputs.append(g.const("vision.window_mask", _window_mask(v)))
-    attn = g.op("Attention", inputs, q_num_heads=v.num_heads, kv_num_heads=v.num_heads, scale=head_dim ** -0.5)
+    attrs = dict(q_num_heads=v.num_heads, kv_num_heads=v.num_heads, scale=head_dim ** -0.5)
+    windowed = v.window and i not in v.full_layers  # each row sees the rows of its window (Qwen2.5-VL)
+    if windowed and _equal_windows(v):  # the rows come window by window (_row_order): a batch of windows
+        per_window = v.window * v.window * v.shuffle * v.shuffle
+        q, k, val = (g.op("Reshape", [t, g.shape_const([-1, per_window, v.hidden_size])]) for t in (q, k, val))
+        attn = g.op("Reshape", [g.op("Attention", [q, k, val], **attrs), g.shape_const([1, -1, v.hidden_size])])
+    elif windowed:
+        attn = g.op("Attention", [q, k, val, g.const("vision.window_mask", _window_mask(v))], **attrs)
+    else:
+        attn = g.op("Attention", [q, k, val], **attrs)
     h = g.op("Add", [h, _linear(g, attn, "o_proj", "o_bias", i, weights)])
     x = _layer_norm(g, h, v, "ln2", i, weights)
     if "gate_proj" in v.tensors:  # gated: act(gate) * up, one matmul for both
@@ -114,6 +120,8 @@ def _projector(g: GraphBuilder, unit, cfg: ModelConfig, weights, shapes) -> None
         x = _linear(g, x, "proj1", "proj1_bias", None, weights)
     if v.projector in ("mlp", "merger"):
         x = _linear(g, _activation(g, x, v.projector_activation), "proj2", "proj2_bias", None, weights)
+    if v.window and _equal_windows(v):  # the prompt rows back from window by window to row by row
+        x = g.op("Gather", [x, g.const(f"{g.prefix}.raster", np.argsort(_window_blocks(v)))], axis=1)
     g.output(x, "image_features", FLOAT, [1, v.image_tokens, cfg.hidden_size])
 
 
@@ -123,6 +131,30 @@ def _blocks(v) -> np.ndarray:
     (rows, cols), s = v.grid, v.shuffle
     return np.array([(by * s + a) * cols + bx * s + b for by in range(rows // s) for bx in range(cols // s)
                      for a in range(s) for b in range(s)], np.int64)
+
+
+def _equal_windows(v) -> bool:
+    """Whether Qwen2.5-VL's windows tile the grid of merge blocks exactly (all the same size)."""
+    rows, cols = v.token_grid
+    return rows % v.window == 0 and cols % v.window == 0
+
+
+def _window_blocks(v) -> np.ndarray:
+    """The merge blocks (numbered row by row) window by window (row by row of windows), each
+    window's blocks row by row."""
+    per_row, w = v.token_grid[1], v.window
+    blocks = np.arange(v.image_tokens)
+    window = (blocks // per_row) // w * (per_row // w) + (blocks % per_row) // w
+    return np.argsort(window, kind="stable")
+
+
+def _row_order(v) -> np.ndarray:
+    """The encoder's patch rows: in merge blocks (_blocks); with equal windows (Qwen2.5-VL),
+    their blocks window by window (_window_blocks), so that a window is a run of rows."""
+    order = _blocks(v)
+    if not (v.window and _equal_windows(v)):
+        return order
+    return order.reshape(v.image_tokens, -1)[_window_blocks(v)].reshape(-1)
 
 
 def _window_mask(v) -> np.ndarray:
@@ -135,9 +167,9 @@ def _window_mask(v) -> np.ndarray:
 
 
 def _patch_positions(v) -> np.ndarray:
-    """[patches, 2]: each row's patch row and column, rows in _blocks' order."""
+    """[patches, 2]: each row's patch row and column, rows in _row_order."""
     cols = v.grid[1]
-    order = _blocks(v)
+    order = _row_order(v)
     return np.stack([order // cols, order % cols], axis=1)
 
 
