@@ -177,14 +177,12 @@ def main() -> None:
                 with torch.no_grad():
                     seconds, out = _timed(lambda: reference.get_image_features(*theirs).pooler_output)
                 times["transformers"].append(seconds)
-                out = out[0] if isinstance(out, (list, tuple)) else out  # LLaVA: one tensor per image
+                out = out[0] if isinstance(out, (list, tuple)) else out  # LLaVA, Qwen: one tensor per image
                 features["transformers"] = out.reshape(-1, out.shape[-1]).numpy()
             result = {name: round(statistics.median(t[1:]), 3) for name, t in times.items()}
             expected = features["transformers"]
             errors = {name: round(float(np.linalg.norm(features[name] - expected) / np.linalg.norm(expected)), 4)
                       for name in builds}
-            if vision.encoder == "qwen2_vl":  # transformers': one tensor per image
-                expected = torch.cat(list(out)).numpy() if isinstance(out, (list, tuple)) else expected
             print(json.dumps({family: {"rows": vision.sequence, "layers": vision.num_layers, "pass_s": result,
                                        "feature_error": errors,
                                        "compile_s": {n: round(b[1], 1) for n, b in builds.items()}}}), flush=True)

@@ -327,13 +327,14 @@ def write_llava_mmproj(vlm_dir: Path, path: Path, feature_layer: bool) -> Path:
     return finish(writer, path)
 
 
-def write_qwen2_vl_mmproj(vlm_dir: Path, path: Path, wa_layer_indexes: bool = False) -> Path:
+def write_qwen2_vl_mmproj(vlm_dir: Path, path: Path) -> Path:
     """The vision tower and merger of a tiny Qwen2-VL / Qwen2.5-VL directory as llama.cpp's
     converter (Qwen2VLVisionModel) writes its mmproj: projector type qwen2vl_merger or
     qwen2.5vl_merger, the fused qkv split in three, the patch convolution's two frames as
     v.patch_embd.weight and v.patch_embd.weight.1, the tensor names from gguf-py's name map; for
-    Qwen2.5-VL the window pattern as n_wa_pattern (or, as newer versions, wa_layer_indexes) and
-    window_size."""
+    Qwen2.5-VL the window pattern as n_wa_pattern. clip.vision.window_size is written only where
+    it is not the published models' 112 px (the tiny model's 16): the reader defaults to 112, and
+    the converter source read does not write the key."""
     import json
 
     import gguf
@@ -361,12 +362,9 @@ def write_qwen2_vl_mmproj(vlm_dir: Path, path: Path, wa_layer_indexes: bool = Fa
     writer.add_vision_attention_layernorm_eps(1e-6)
     if not qwen2:
         writer.add_vision_use_silu(True)
-        full = vision["fullatt_block_indexes"]
-        if wa_layer_indexes:
-            writer.add_vision_wa_layer_indexes(full)
-        else:
-            writer.add_vision_n_wa_pattern(full[0] + 1)
-        writer.add_vision_window_size(vision["window_size"])
+        writer.add_vision_n_wa_pattern(vision["fullatt_block_indexes"][0] + 1)
+        if vision["window_size"] != 112:
+            writer.add_vision_window_size(vision["window_size"])
     for hf, w in load_file(str(vlm_dir / "model.safetensors")).items():
         if not hf.startswith("visual."):
             continue

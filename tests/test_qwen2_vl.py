@@ -231,33 +231,28 @@ def test_a_chat_about_an_image_keeps_its_positions_across_turns(qwen2_vl, refere
 
 def test_a_gguf_text_model_and_its_mmproj_run_as_the_safetensors_model(qwen2_vl, fp32_plan, tmp_path):
     """llama.cpp's two files (text arch qwen2vl with rope.dimension_sections; an mmproj whose qkv and
-    patch convolution the converter split; Qwen2.5-VL's full-attention layers as n_wa_pattern, or
-    as newer converters write them, wa_layer_indexes) give the safetensors directory's logits and
-    tokens."""
+    patch convolution the converter split, Qwen2.5-VL's full-attention layers as n_wa_pattern),
+    compiled with the default plan (SOURCE: these float32 tensors stay float32), give the
+    safetensors directory's logits and tokens."""
     from gguf_writer import text_part, write_gguf, write_qwen2_vl_mmproj
     from tiny_models import NEWLINES, QWEN2_VL_MARKERS
 
     text = write_gguf(text_part(qwen2_vl, tmp_path / "text", "model."), tmp_path / "text.gguf", "qwen2vl",
                       special=NEWLINES + QWEN2_VL_MARKERS)
-    windows = json.loads((qwen2_vl / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    mmproj = write_qwen2_vl_mmproj(qwen2_vl, tmp_path / "mmproj.gguf")
     image = _picture(WIDTH, HEIGHT, seed=12)
-    builds = [build(qwen2_vl, tmp_path / "st", fp32_plan, target="cpu", language_group_size=16, **OPTIONS)]
-    for newer in [False, True] if windows else [False]:
-        mmproj = write_qwen2_vl_mmproj(qwen2_vl, tmp_path / f"mmproj-{newer}.gguf", wa_layer_indexes=newer)
-        builds.append(build(text, tmp_path / f"pair-{newer}", fp32_plan, mmproj=str(mmproj), target="cpu",
-                            language_group_size=16, **OPTIONS))
     results = []
-    for out in builds:
+    for out in (build(qwen2_vl, tmp_path / "st", fp32_plan, target="cpu", language_group_size=16, **OPTIONS),
+                build(text, tmp_path / "pair", mmproj=str(mmproj), target="cpu", language_group_size=16, **OPTIONS)):
         model = Model.load(out)
         # (markers only: the GGUF pair's tokenizer splits the tiny words otherwise)
         results.append(model.generate("<|vision_start|><|image_pad|><|vision_end|>", images=[image], max_new_tokens=16,
                                       ignore_eos=True, return_logits=True))
         model.close()
-    expected = results[0]
-    for ours in results[1:]:
-        assert ours.image_tokens == expected.image_tokens == 6 and ours.prompt_tokens == expected.prompt_tokens == 8
-        np.testing.assert_allclose(np.stack(ours.logits), np.stack(expected.logits), atol=1e-4)
-        assert ours.token_ids == expected.token_ids
+    expected, ours = results
+    assert ours.image_tokens == expected.image_tokens == 6 and ours.prompt_tokens == expected.prompt_tokens == 8
+    np.testing.assert_allclose(np.stack(ours.logits), np.stack(expected.logits), atol=1e-4)
+    assert ours.token_ids == expected.token_ids
     # a text GGUF without M-RoPE's sections (a plain qwen2) is not this mmproj's text model
     plain_dir = text_part(qwen2_vl, tmp_path / "plain", "model.")
     config = json.loads((plain_dir / "config.json").read_text())
@@ -326,4 +321,39 @@ def test_equal_windows_run_as_a_batch_of_windows(fp32_plan, tmp_path):
     ours = model.image_encoder.encode_pixels(preprocess(image, model.config.vision.processing).tiles[0])
     assert ours.shape == (16, 64)
     np.testing.assert_allclose(ours, torch.cat(list(expected)).numpy(), atol=1e-4)
+    model.close()
+
+
+def test_filter_sharing_binds_each_calls_positions(qwen2_vl, reference, processor, fp32_plan, tmp_path):
+    """One ONNX Runtime program for every call size (--enable_filter_sharing): two prompts of the
+    same length with the image elsewhere, in one session, each get their own positions."""
+    out = build(qwen2_vl, tmp_path / "out", fp32_plan, target="cpu", language_group_size=32, enable_filter_sharing=True,
+                **OPTIONS)
+    model = Model.load(out)
+    session = model.session()
+    image = _picture(WIDTH, HEIGHT, seed=15)
+    for prompt in ("w1 w2 <|vision_start|><|image_pad|><|vision_end|> w5 w6 w7",
+                   "w1 w2 w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7"):
+        ours = session.generate(prompt, images=[image], max_new_tokens=2, ignore_eos=True, return_logits=True)
+        ids = session.tokens[: ours.prompt_tokens]
+        expected = _reference_logits(reference, qwen2_vl, processor, ids + ours.token_ids, [image])
+        np.testing.assert_allclose(np.array(ours.logits), expected[len(ids) - 1 : -1], atol=1e-4)
+    model.close()
+
+
+def test_tied_embeddings_written_only_at_the_top_level(fp32_plan, tmp_path):
+    """transformers 5 writes tie_word_embeddings at the config's top level only (Qwen2-VL-2B and
+    Qwen2.5-VL-3B are tied): the text model reads it there, and needs no lm_head tensor."""
+    model_dir = save_tiny_qwen2_vl(tmp_path / "model", tie_word_embeddings=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["tie_word_embeddings"] and "tie_word_embeddings" not in config["text_config"]
+    reference = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    model = Model.load(build(model_dir, tmp_path / "out", fp32_plan, target="cpu", language_group_size=32, **OPTIONS))
+    image = _picture(WIDTH, HEIGHT, seed=16)
+    session = model.session()
+    ours = session.generate(PROMPT, images=[image], max_new_tokens=4, ignore_eos=True, return_logits=True)
+    ids = session.tokens[: ours.prompt_tokens]
+    expected = _reference_logits(reference, model_dir, processor, ids + ours.token_ids, [image])
+    np.testing.assert_allclose(np.array(ours.logits), expected[len(ids) - 1 : -1], atol=1e-4)
     model.close()

@@ -269,7 +269,7 @@ def _qwen2_vl_files(path: Path) -> None:
                                           size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}).save_pretrained(path)
 
 
-def save_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
+def save_tiny_qwen2_vl(path: Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
     import torch
     import transformers
 
@@ -278,10 +278,11 @@ def save_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
     start, end, image = (words + len(NEWLINES) + i for i in range(3))
     vision = dict(depth=2, embed_dim=32, hidden_size=COMMON["hidden_size"], num_heads=4, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    text = {**COMMON, "num_hidden_layers": 2, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None,
+    text = {**COMMON, "num_hidden_layers": 2, "bos_token_id": None, "eos_token_id": None,
             "rope_parameters": {"rope_type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
     config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=image,
-                                        vision_start_token_id=start, vision_end_token_id=end, video_token_id=0)
+                                        vision_start_token_id=start, vision_end_token_id=end, video_token_id=0,
+                                        tie_word_embeddings=tie_word_embeddings)
     model = _spread(transformers.Qwen2VLForConditionalGeneration(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)

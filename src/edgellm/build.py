@@ -386,13 +386,20 @@ def _source_blocks(ctx: _Context):
     return packed
 
 
+# An encoder weight role (graph/vision.py) -> the vision config's tensor roles it is made of, in row
+# order (a role not listed is its own tensor)
+FUSED_VISION_ROLES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _vision_blocks(source, vision, scope: str, role: str):
     layer = int(scope.removeprefix("vision")) if scope.removeprefix("vision").isdigit() else None
-    parts = ("q_proj", "k_proj", "v_proj") if role == "qkv_proj" else (role,)
+    if role.startswith("patch_embed"):  # the convolution's weight (or a frame's), reshaped: as float
+        return None, source.storage(vision.tensor_name("patch_embed", layer))  # (llama.cpp keeps it F16/F32)
+    parts = (role,) if role in vision.tensors else FUSED_VISION_ROLES.get(role, (role,))  # (stored fused: as it is)
     names = [vision.tensor_name(part, layer) for part in parts]
+    if None in names:
+        raise EdgeLLMError(f"encoder weight {role} of {scope} has no tensor in the vision config (an edgellm bug)")
     storage = "+".join(sorted({source.storage(n) for n in names}))
-    if role == "patch_embed":  # the convolution's weight, reshaped: as float (llama.cpp keeps it F16/F32)
-        return None, storage
     return concat_rows([source.packed(n) for n in names]), storage
 
 

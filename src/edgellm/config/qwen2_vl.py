@@ -48,6 +48,8 @@ def build(raw: dict, where: str, names: set[str], processor: dict | None) -> Mod
     text_raw = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {
         k: v for k, v in raw.items() if k not in ("vision_config", "model_type", "architectures")}
     text_raw = {**text_raw, "model_type": "qwen2", **_plain_rope(text_raw, where)}
+    if "tie_word_embeddings" not in text_raw and "tie_word_embeddings" in raw:  # (transformers 5 writes it here only)
+        text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
     sections = text_raw.pop("mrope_section")
     cfg, vision_raw = build_text({**raw, "text_config": text_raw}, where, names, TEXT_PREFIXES, HEAD_NAMES,
                                  default_text="qwen2")

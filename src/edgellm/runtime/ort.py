@@ -108,9 +108,12 @@ class OrtSession(EngineSession):
             v: {"input_ids": np.zeros((1, s), np.int64), "position_ids": np.zeros((1, s), np.int64),
                 "attend_until": np.zeros((1, s), np.int64),
                 "embeddings": np.zeros((1, s, spec.hidden_size), np.float32),
-                "logits_index": np.zeros(s, np.int64), "rope_positions": np.zeros((3, s), np.int64)}
+                "logits_index": np.zeros(s, np.int64)}
             for v, s in (("group", spec.group_size), ("single", 1))
         }
+        # M-RoPE: [3, rows] per call size, each its own array (a view of the first rows of a wider
+        # one would not be contiguous, and ONNX Runtime would bind a copy made once)
+        self.rope_inputs: dict[int, np.ndarray] = {}
         self.logits = {v: np.zeros((1, s, spec.vocab_size), np.float32)
                        for v, s in (("group", spec.group_size), ("single", 1))}
         self._bindings: dict[tuple[str, int, int], ort.IOBinding] = {}
@@ -135,6 +138,11 @@ class OrtSession(EngineSession):
             raise EdgeLLMError(f"cannot truncate a session of {self.length} positions to {length}")
         self.length = length
 
+    def _rope_input(self, size: int) -> np.ndarray:
+        if size not in self.rope_inputs:
+            self.rope_inputs[size] = np.zeros((3, size), np.int64)
+        return self.rope_inputs[size]
+
     def _bucket(self, positions_end: int) -> int:
         buckets = self.spec.buckets
         i = bisect.bisect_left(buckets, positions_end)
@@ -157,6 +165,8 @@ class OrtSession(EngineSession):
                     view = ort.OrtValue.ortvalue_from_numpy(buf[:, :bucket])
                     io.bind_ortvalue_input(f"cache.{i}.{which}", view)
                     io.bind_ortvalue_output(f"present.{i}.{which}", view)
+            if "rope_positions" in names:
+                io.bind_ortvalue_input("rope_positions", ort.OrtValue.ortvalue_from_numpy(self._rope_input(size)))
             if self.engine.branch_inputs:
                 for name, array in self.branch.items():
                     io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
@@ -204,8 +214,9 @@ class OrtSession(EngineSession):
         buf["position_ids"][0, :size] = np.arange(first, first + size)
         if self.spec.rope_grid:
             rope_positions(self.tokens, self.rope, start, start + n, self.spec.rope_grid)
-            buf["rope_positions"][:, : start + n - first] = self.rope[:, first : start + n]
-            buf["rope_positions"][:, start + n - first : size] = self.rope[:, start + n - 1 : start + n]  # padding
+            rope = self._rope_input(size)
+            rope[:, : start + n - first] = self.rope[:, first : start + n]
+            rope[:, start + n - first :] = self.rope[:, start + n - 1 : start + n]  # padding: any position
         buf["attend_until"][0, : start + n - first] = self.until[first : start + n]  # held rows: as computed
         buf["attend_until"][0, start + n - first : size] = np.arange(start + n + 1, first + size + 1)  # padding
         count = n - logits_from

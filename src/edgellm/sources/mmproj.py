@@ -238,11 +238,8 @@ class VisionPairSource:
                 raise EdgeLLMError(f"{self.vision_path}: an MLP of {ffn} over a width of {width} is not Qwen2-VL's")
             config.update(embed_dim=width, mlp_ratio=ffn // width, hidden_size=projection, hidden_act="quick_gelu")
         else:
-            depth = config["depth"]
-            name, full = m._lookup("wa_layer_indexes")
-            if full is None:  # the converter's older key: every n-th layer sees the whole image
-                pattern = m._number("n_wa_pattern", required=True, high=COUNTS)
-                full = [i for i in range(depth) if (i + 1) % pattern == 0]
+            pattern = m._number("n_wa_pattern", required=True, high=COUNTS)  # every n-th layer sees the whole image
+            full = [i for i in range(config["depth"]) if (i + 1) % pattern == 0]
             config.update(hidden_size=width, intermediate_size=ffn, out_hidden_size=projection, hidden_act="silu",
                           window_size=m._number("window_size", default=112), fullatt_block_indexes=full)
         raw = {"model_type": QWEN[m.projector], "text_config": text, "vision_config": config,
