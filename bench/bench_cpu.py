@@ -137,8 +137,17 @@ def _ensure_src_on_path() -> None:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, the worker's own high-water mark. ru_maxrss was wrong here: Linux carries the parent's
+    # into a child across fork + exec, so every worker reported this parent's size (1172 MB in one
+    # run) whenever its own peak was smaller.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 

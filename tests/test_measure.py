@@ -90,3 +90,15 @@ def test_kv_cache_bytes_count_buckets_windows_and_float16_values(tmp_path, fp32_
     record["kv_cache_dtype"] = "float16"
     (out / "build.json").write_text(json.dumps(record))
     assert kv_cache_bytes_per_token(out, range(9, 10)) == layers * 10 * per_position // 2
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A process started by a large one (a benchmark's parent, a test run) reports its own peak:
+    Linux's ru_maxrss carries the parent's across fork and exec, the memory map's VmHWM does not."""
+    from edgellm.runtime.session import peak_rss_mb
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this process
+    code = "from edgellm.runtime.session import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak_rss_mb() > 400 and child < peak_rss_mb() - 300, (child, peak_rss_mb())
+    del ballast

@@ -67,6 +67,20 @@ class Constraint(Protocol):
         """Nothing may follow (the answer is complete)."""
 
 
+def peak_rss_mb() -> float:
+    """This process's largest resident set so far, in MiB: the memory map's high-water mark
+    (VmHWM). Not ru_maxrss: Linux carries a parent's into a child across fork and exec, so a
+    process started by a large one reported the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux; elsewhere a bound)
+
+
 # A session whose adapter switch failed part way: equal to no choice, so the next one runs whole.
 HALF_SWITCHED = ("", 0.0)
 
@@ -419,7 +433,7 @@ class Decoding:
             gen_tokens=n,
             ttft_s=self.t_first - self.t0,
             decode_tps=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
-            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            peak_rss_mb=peak_rss_mb(),
             finish_reason=self.finish,
             logits=self.all_logits,
             speculation=self.stats.as_dict() if self.drafter else None,
