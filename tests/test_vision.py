@@ -853,6 +853,16 @@ def test_paligemma_prompts_must_fit_one_call(paligemma, fp32_plan, tmp_path):
         model.generate("w1 w2 w3 w4", images=[_picture(20, 20)], max_new_tokens=2)
     assert model.generate("w1 w2", images=[_picture(20, 20)], max_new_tokens=2).image_tokens == 16
     model.close()
+    # a build whose tokenizer names no <bos> cannot lay out a prompt: one line naming the file
+    import shutil
+
+    copy = shutil.copytree(out, tmp_path / "no-bos")
+    settings_file = copy / "runtime" / "runtime_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings["bos_token"] = None
+    settings_file.write_text(json.dumps(settings))
+    with pytest.raises(EdgeLLMError, match=r"no-bos/runtime/runtime_config\.json: a PaliGemma prompt starts with <bos>"):
+        Model.load(copy).generate("w1 w2", images=[_picture(20, 20)], max_new_tokens=2)
 
 
 def test_paligemma_preprocessing_and_config_checks(paligemma, tmp_path):

@@ -180,13 +180,13 @@ def image_text(vision: VisionConfig, image: Prepared, tokenizer) -> str:
 
 
 def place_images(vision: VisionConfig | None, prompt: str, count: int, marker: str | None,
-                 bos: str | None) -> tuple[str, bool]:
+                 bos: str | None, where: str) -> tuple[str, bool]:
     """A raw prompt (not a chat) laid out for `count` images as the model's processor lays it
     out, and whether the tokenizer is to add its special tokens: images where the prompt has
     markers, else one marker per image on a line of its own before it; PaliGemma's: the markers
     (before the prompt where it has none), <bos> after the last, a newline at the end, and no
     special tokens added (the <bos> is in the text). Qwen2-VL's markers go between
-    <|vision_start|> and <|vision_end|>."""
+    <|vision_start|> and <|vision_end|>. where: the file that names the tokenizer's bos_token."""
     if vision is None or vision.prompt != "paligemma":
         if count and marker not in prompt:
             # (Qwen2-VL's processor leaves the marker's frame to the prompt, as its chat template writes it)
@@ -194,8 +194,8 @@ def place_images(vision: VisionConfig | None, prompt: str, count: int, marker: s
             prompt = f"{framed}\n" * count + prompt
         return prompt, True
     if bos is None:
-        raise EdgeLLMError("a PaliGemma prompt starts with <bos> after its images, and this build's tokenizer "
-                           "names no bos_token (tokenizer_config.json)")
+        raise EdgeLLMError(f"{where}: a PaliGemma prompt starts with <bos> after its images, and this build's "
+                           "tokenizer names no bos_token (the model's tokenizer_config.json had none)")
     if count and marker not in prompt:
         prompt = marker * count + prompt
     last = prompt.rfind(marker)

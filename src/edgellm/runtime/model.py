@@ -132,7 +132,7 @@ class Model:
         """Token ids of a raw prompt (not a chat) with its images placed as the model's processor
         places them (images.py place_images)."""
         text, special = place_images(self.config.vision, prompt, len(images), self.codec.image_marker,
-                                     self.codec.settings.get("bos_token"))
+                                     self.codec.settings.get("bos_token"), str(self.path / "runtime" / "runtime_config.json"))
         return self.encode(text, images, special)
 
     def encode(self, text: str, images: list[ImagePrompt] = (), special: bool = True) -> list[int]:
