@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,12 @@ def fp32_plan(tmp_path_factory) -> Path:
 
 def build(model, out, plan=None, **options) -> Path:
     return compile_model(model, out, BuildOptions(configuration_file=str(plan) if plan else None, **options))
+
+
+def edited_copy(model_dir: Path, out: Path, edit) -> Path:
+    """A copy of a Hugging Face model directory at out whose config.json edit(raw) changed in place."""
+    shutil.copytree(model_dir, out)
+    raw = json.loads((out / "config.json").read_text())
+    edit(raw)
+    (out / "config.json").write_text(json.dumps(raw))
+    return out

@@ -5,13 +5,12 @@ tiny random-weight model (tests/tiny_models.py)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from test_vision import _picture, _skip_without_compiler
 
-from conftest import build
+from conftest import build, edited_copy
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.images import patches, preprocess
 from edgellm.runtime.model import Model
@@ -163,12 +162,7 @@ def test_the_default_size_and_config_errors(qwen2_vl, fp32_plan, tmp_path):
     assert (vision.processing.height, vision.processing.width, vision.image_tokens) == (448, 448, 56 * 56)
 
     def broken(edit, name):
-        copy = tmp_path / name
-        shutil.copytree(qwen2_vl, copy)
-        raw = json.loads((copy / "config.json").read_text())
-        edit(raw)
-        (copy / "config.json").write_text(json.dumps(raw))
-        return copy
+        return edited_copy(qwen2_vl, tmp_path / name, edit)
 
     sections = broken(lambda raw: raw["text_config"]["rope_parameters"].update(mrope_section=[2, 3, 2]), "sections")
     with pytest.raises(EdgeLLMError, match=r"mrope_section \[2, 3, 2\] must add up to the 8 rotary frequencies"):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import build
+from conftest import build, edited_copy
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.images import load_image, preprocess
 from edgellm.runtime.model import Model
@@ -184,18 +184,12 @@ def test_pixel_limit(tmp_path, monkeypatch):
 
 
 def test_config_errors_name_the_problem(llava, tmp_path):
-    import shutil
 
     from edgellm.build import read_model_config
     from edgellm.sources import open_source
 
     def broken(edit, name):
-        copy = tmp_path / name
-        shutil.copytree(llava, copy)
-        raw = json.loads((copy / "config.json").read_text())
-        edit(raw)
-        (copy / "config.json").write_text(json.dumps(raw))
-        return copy
+        return edited_copy(llava, tmp_path / name, edit)
 
     missing = broken(lambda raw: raw.pop("vision_config"), "no-vision")
     with pytest.raises(EdgeLLMError, match="needs text_config and vision_config"):

@@ -100,7 +100,8 @@ class OrtSession(EngineSession):
         self.length = 0
         self.tokens = np.zeros(spec.max_num_tokens, np.int64)  # the ids at each position (negative: an embedding row)
         self.until = np.arange(1, spec.max_num_tokens + 1)  # the attend_until each held position was computed with
-        self.rope = np.zeros((3, spec.max_num_tokens), np.int64)  # M-RoPE: each held position's three
+        if spec.rope_grid:  # M-RoPE: each held position's three (engine.rope_positions)
+            self.rope = np.zeros((3, spec.max_num_tokens), np.int64)
         shape = (1, spec.max_num_tokens, spec.kv_width)
         self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(spec.num_layers)]
         # Small inputs live in fixed buffers bound once; a call writes into them.
