@@ -14,6 +14,10 @@ vision configuration, beside a tiny text model (the encoder's time does not depe
     (SmolVLM-256M's SigLIP-B/16 at 512 px is bench/vlm_speed.py's, with TTFT.)
 
     python bench/vision_encoders.py [--families llava,paligemma,gemma3] [--repeats 3] [--threads 2]
+                                    [--targets cpu,native]
+
+--targets: where edgellm's encoders run: cpu (ONNX Runtime) and/or native (the C target's library),
+each a BF16 and an int8 build.
 
 The models are written once to ~/.cache/edgellm-models/vision-<family>; builds go to a temp dir.
 A pass is the encoder program on one image's pixels (edgellm: ImageEncoder.encode_pixels;
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--families", default="llava,paligemma,gemma3")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--targets", default="cpu")
     args = parser.parse_args()
     import torch
     import transformers
@@ -153,13 +158,15 @@ def main() -> None:
         for family in args.families.split(","):
             path = model_dir(family)
             builds = {}
-            for name, chosen in (("BF16", None), ("int8", str(plan))):
-                t0 = time.perf_counter()
-                out = compile_model(path, Path(tmp) / f"{family}-{name}", BuildOptions(configuration_file=chosen,
-                                                                                        max_num_tokens=1024))
-                model = edgellm.load(out, threads=args.threads)
-                builds[name] = (model, time.perf_counter() - t0)
-            vision = builds["BF16"][0].config.vision
+            for target in args.targets.split(","):
+                for kind, chosen in (("BF16", None), ("int8", str(plan))):
+                    name = kind if target == "cpu" else f"{target} {kind}"
+                    t0 = time.perf_counter()
+                    out = compile_model(path, Path(tmp) / f"{family}-{target}-{kind}", BuildOptions(
+                        configuration_file=chosen, max_num_tokens=1024, target=target))
+                    model = edgellm.load(out, threads=args.threads)
+                    builds[name] = (model, time.perf_counter() - t0)
+            vision = next(iter(builds.values()))[0].config.vision
             image = picture(vision.processing.height)  # (Qwen: 448 px, the builds' default size)
             pixels = preprocess(load_image(image), vision.processing).tiles[0]
             reference = getattr(transformers, classes[family]).from_pretrained(path, dtype=torch.float32).eval()

@@ -505,3 +505,38 @@ def test_bad_calls_are_refused_with_a_message(tmp_path):
 def test_unknown_target_is_refused(tmp_path):
     with pytest.raises(EdgeLLMError, match="unknown target 'riscv'.*native"):
         _tiny_native(tmp_path, target="riscv")
+
+
+def _encoder_with_mask(mask: np.ndarray):
+    """An image encoder's program of one attention over its 4 patch rows, with a constant mask."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = mask.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("Attention", ["pixel_patches", "pixel_patches", "pixel_patches", "mask"], ["attn"],
+                          name="attention", q_num_heads=2, kv_num_heads=2),
+         helper.make_node("Identity", ["attn"], ["image_features"], name="out")],
+        "encoder", [helper.make_tensor_value_info("pixel_patches", TensorProto.FLOAT, [1, rows, 8])],
+        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, [1, rows, 8])],
+        [numpy_helper.from_array(mask, "mask")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+
+
+def test_an_encoder_mask_must_split_the_rows_into_groups_that_see_each_other(tmp_path):
+    """The C encoder attends a masked attention group by group (Qwen2.5-VL's unequal windows); a
+    mask of any other shape is refused at compile, naming the node, not computed wrongly."""
+    from edgellm.targets.native.encoder import EncoderLowering
+    from edgellm.targets.native.weights import WeightsFile
+
+    groups = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], bool)  # rows {0, 2} and {1, 3}
+    weights = WeightsFile(tmp_path / "weights.bin")
+    lowered = EncoderLowering(_encoder_with_mask(groups), weights, "enc").run()
+    code = " ".join(call.code for call in lowered.calls)
+    assert code.count("em_attention_rows(") == 2 and code.count("em_scatter_rows(") == 2
+    weights.abort()
+    for bad in (np.tril(np.ones((4, 4), bool)),  # causal: row 0 sees less than row 3
+                np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]], bool)):  # overlapping windows
+        weights = WeightsFile(tmp_path / "weights.bin")
+        with pytest.raises(EdgeLLMError, match="attention: a mask whose rows do not fall into groups"):
+            EncoderLowering(_encoder_with_mask(bad), weights, "enc").run()
+        weights.abort()

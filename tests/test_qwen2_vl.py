@@ -84,6 +84,11 @@ def test_qwen2_vl_matches_transformers(qwen2_vl, reference, processor, fp32_plan
                                      return_logits=True)
     assert np.abs(other.logits[0] - ours.logits[0]).max() > 1e-2  # the image changes the answer
     model.close()
+    if target == "native" and "window_size" in (qwen2_vl / "config.json").read_text():
+        # Qwen2.5-VL at 16 x 24 px: 2 x 3 prompt rows, windows of 2 x 2 that do not tile them; the
+        # C code attends each window's rows gathered (layers 0 and 2: 2 windows each)
+        code = (out / "compiled" / "native" / "model.c").read_text()
+        assert code.count("em_scatter_rows(") == 2 * 2
 
 
 def test_two_images_a_second_question_and_image_features(qwen2_vl, reference, processor, fp32_plan, tmp_path):
@@ -296,17 +301,24 @@ def test_int4_language_model_matches_transformers_on_the_stored_weights(qwen2_vl
         assert tables and all(t.data_type == onnx.TensorProto.FLOAT for t in tables)
 
 
-def test_equal_windows_run_as_a_batch_of_windows(fp32_plan, tmp_path):
+@pytest.mark.parametrize("target", ["cpu", "native"])
+def test_equal_windows_run_as_a_batch_of_windows(fp32_plan, tmp_path, target):
     """Qwen2.5-VL at a size whose windows tile the grid (32 x 32 px: 2 x 2 windows of 2 x 2 prompt
     rows): the rows go window by window and windowed layers attend within a batch of windows,
-    no mask; the image's rows come back row by row."""
+    no mask (the native target: one attention call per window); the image's rows come back row by
+    row."""
+    _skip_without_compiler(target)
     model_dir = save_tiny_qwen2_5_vl(tmp_path / "model")
     reference = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-    out = build(model_dir, tmp_path / "out", fp32_plan, target="cpu", max_num_tokens=128, future_token_mask_size=64,
+    out = build(model_dir, tmp_path / "out", fp32_plan, target=target, max_num_tokens=128, future_token_mask_size=64,
                 input_height=32, input_width=32)
-    program = (out / "compiled" / "vision" / "encoder.onnx").read_bytes()
-    assert b"vision.window_mask" not in program
+    if target == "cpu":
+        program = (out / "compiled" / "vision" / "encoder.onnx").read_bytes()
+        assert b"vision.window_mask" not in program
+    else:  # layers 0 and 2: 4 windows each; layer 1: the whole image
+        code = (out / "compiled" / "native" / "model.c").read_text()
+        assert code.count("em_attention_rows(") == 2 * 4 + 1 and "em_scatter_rows" not in code
     model = Model.load(out)
     image = _picture(32, 32, seed=14)
     with torch.no_grad():

@@ -236,8 +236,8 @@ def compile_model(model_path: str | Path, out: str | Path, options: BuildOptions
             compile_native(out, cfg, options, units, plan, manifest, progress)
         else:
             _run_units(stage, units, context, manifest, progress)
-        if stage == "compile" and cfg.vision is not None and not up_to_date:
-            from .targets.vision import compile_vision
+        if stage == "compile" and cfg.vision is not None and not up_to_date and options.target == "cpu":
+            from .targets.vision import compile_vision  # (the C targets compile the encoder into their library)
 
             compile_vision(out, units, plan, options, manifest)
         # a stage run again makes the later stages' outputs stale until they run again too

@@ -227,15 +227,20 @@ def integer_products_saturate() -> bool:
 
 
 class ImageEncoder:
-    """compiled/vision/encoder.onnx in ONNX Runtime: pixels -> the image's prompt rows."""
+    """Pixels -> the image's prompt rows, by the build's encoder program: compiled/vision/encoder.onnx
+    in ONNX Runtime (target cpu), or the C targets' library (em_encode; runtime/native.py)."""
 
-    def __init__(self, program_dir: Path, vision: VisionConfig, threads: int | None = None):
+    def __init__(self, vision: VisionConfig, run):
+        self.vision = vision
+        self.run = run  # [patches, values per patch] float32 -> [image tokens, hidden]
+
+    @classmethod
+    def onnx(cls, program_dir: Path, vision: VisionConfig, threads: int | None = None) -> "ImageEncoder":
         import onnxruntime as ort
 
         from .engine import physical_cores
         from .ort import open_program
 
-        self.vision = vision
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
         opts.inter_op_num_threads = 1
@@ -244,15 +249,15 @@ class ImageEncoder:
         path = Path(program_dir) / "encoder.onnx"
         if not path.is_file():
             raise EdgeLLMError(f"{path}: missing; the build has no image encoder (compile it again)")
-        self.program = open_program(path, opts)
+        program = open_program(path, opts)
+        return cls(vision, lambda rows: program.run(["image_features"], {"pixel_patches": rows[None]})[0][0])
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         v = self.vision
         expected = (v.num_channels, v.processing.height, v.processing.width)
         if pixels.shape != expected:
             raise EdgeLLMError(f"image pixels of shape {pixels.shape}, the encoder takes {expected}")
-        (features,) = self.program.run(["image_features"], {"pixel_patches": patches(pixels, v.patch_size)[None]})
-        return features[0]
+        return self.run(patches(np.asarray(pixels, np.float32), v.patch_size))
 
 
 class ImageStore:

@@ -54,7 +54,9 @@ class Model:
             if self._image_encoder is None:
                 from .images import ImageEncoder
 
-                self._image_encoder = ImageEncoder(self.path / "compiled" / "vision", self.config.vision, self.threads)
+                native = getattr(self.engine, "encoder", None) is not None  # the C targets' library encodes
+                self._image_encoder = (ImageEncoder(self.config.vision, self.engine.encode_patches) if native else
+                                       ImageEncoder.onnx(self.path / "compiled" / "vision", self.config.vision, self.threads))
         return self._image_encoder
 
     @classmethod

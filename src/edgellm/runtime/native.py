@@ -121,6 +121,11 @@ class NativeBranches:
                                        offsets.ctypes.data_as(ctypes.POINTER(ctypes.c_int)) if offsets is not None else None))
 
 
+class _EncoderInfo(ctypes.Structure):  # em_encoder_info (kernels/edgellm_model.h)
+    _fields_ = [("patches", ctypes.c_int), ("patch_values", ctypes.c_int), ("tokens", ctypes.c_int),
+                ("hidden", ctypes.c_int), ("arena_bytes", ctypes.c_size_t), ("run", ctypes.c_void_p)]
+
+
 class _Info(ctypes.Structure):
     _fields_ = [("vocab_size", ctypes.c_int), ("hidden_size", ctypes.c_int), ("max_tokens", ctypes.c_int),
                 ("group_size", ctypes.c_int), ("weights_size", ctypes.c_ulonglong), ("weights_digest", ctypes.c_char_p),
@@ -164,6 +169,11 @@ class NativeEngine(Engine):
         lib.em_info.restype = ctypes.POINTER(_Info)
         self.info = lib.em_info().contents
         self.sites = self._read_sites()
+        self.encoder = None  # a vision-language build's image encoder (builds before it lack em_encode)
+        if hasattr(lib, "em_encode"):
+            lib.em_encoder.restype = ctypes.POINTER(_EncoderInfo)
+            lib.em_encode.argtypes = [ctypes.c_void_p, _FLOAT_P, _FLOAT_P]
+            self.encoder = lib.em_encoder().contents if lib.em_encoder().contents.run else None
         self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
         self.session_handles: set[int] = set()  # open in C: closed with the model at the latest
         self._release = weakref.finalize(self, _release_model, lib, handle, private, self.session_handles)
@@ -182,6 +192,19 @@ class NativeEngine(Engine):
         count = ctypes.c_int.in_dll(self.lib, "EM_LORA_SITE_COUNT").value
         table = (_LoraSite * max(count, 1)).in_dll(self.lib, "EM_LORA_SITE_INFO")
         return {table[i].name.decode(): (table[i].k, table[i].n, table[i].columns) for i in range(count)}
+
+    def encode_patches(self, patches: np.ndarray) -> np.ndarray:
+        """An image's patches [patches, values per patch] -> its prompt rows (em_encode)."""
+        info = self.encoder
+        if self.closed:
+            raise EdgeLLMError(f"{self.program_dir}: the model is closed")
+        if patches.shape != (info.patches, info.patch_values):
+            raise EdgeLLMError(f"image patches of shape {patches.shape}, the encoder takes ({info.patches}, {info.patch_values})")
+        rows = np.ascontiguousarray(patches, np.float32)
+        features = np.empty((info.tokens, info.hidden), np.float32)
+        if self.lib.em_encode(self.handle, rows.ctypes.data_as(_FLOAT_P), features.ctypes.data_as(_FLOAT_P)) != 0:
+            raise EdgeLLMError(self.lib.em_last_error().decode())
+        return features
 
     def branch_arrays(self, factors) -> NativeBranches:
         return NativeBranches(list(self.sites), factors)

@@ -1,8 +1,6 @@
-"""A vision-language model's image encoder, for every target: its segments linked into one
-program that ONNX Runtime runs once per image (compiled/vision/encoder.onnx + encoder.bin).
-
-The encoder runs once per image and not per token, so the C targets keep it on ONNX Runtime for
-now; lowering its ops (LayerNorm, GELU, unmasked attention) to the native kernels is future work.
+"""A vision-language model's image encoder for target cpu: its segments linked into one program
+that ONNX Runtime runs once per image (compiled/vision/encoder.onnx + encoder.bin). The C targets
+lower the same linked program into their library instead (targets/native/encoder.py).
 Its int8 weights are per output channel and run as integer GEMMs (ort_lowering.py
 lower_per_channel_matmuls); int4 and a GGUF mmproj's blocks run as MatMulNBits.
 """

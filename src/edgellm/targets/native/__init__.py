@@ -18,9 +18,10 @@ from pathlib import Path
 from ...config.model_config import ModelConfig
 from ...errors import EdgeLLMError
 from ...runtime.engine import VERIFY_ROWS
-from ..link import link_quantized
+from ..link import link_quantized, link_vision
 from ..stage_files import StageFiles
-from .codegen import ModelShape, generate, plan_arena
+from .codegen import EncoderShape, ModelShape, generate, plan_arena
+from .encoder import EncoderLowering
 from .lower import Lowering
 from .toolchain import TOOLCHAINS, build_programs
 from .weights import WeightsFile
@@ -44,7 +45,9 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
         # one order for every variant: the session's branch table (em_set_lora)
         lora_sites = sorted({i.name[len("lora."):-len(".a")] for i in programs["group"][0].graph.input
                              if i.name.startswith("lora.") and i.name.endswith(".a")})
-        files = None if options.keep_intermediates else StageFiles(out / "quant", manifest, [p for p, _ in programs.values()])
+        vision = link_vision(out, units, plan, options, manifest) if cfg.vision is not None else None
+        files = None if options.keep_intermediates else StageFiles(
+            out / "quant", manifest, [p for p, _ in programs.values()] + ([vision] if vision is not None else []))
         for variant, (program, tokens) in programs.items():
             lowered = Lowering(program, weights, f"{out}/quant/{variant}", options.int8_activations, tokens,
                                lora_sites, files).run()
@@ -56,6 +59,11 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
         verify_rows = min(VERIFY_ROWS, options.language_group_size)
         if verify_rows > 1:
             variants["verify"] = (variants["single"][0], plan_arena(variants["single"][0], verify_rows))
+        encoder = None
+        if vision is not None:  # the image encoder: one more function of the same library and weights file
+            lowered = EncoderLowering(vision, weights, f"{out}/quant/vision", options.int8_activations, files).run()
+            encoder = (lowered, plan_arena(lowered, 1), EncoderShape(*lowered_shape(vision)))
+            log.info("encoder: %d kernel calls; %s", len(lowered.calls), encoder[1].report())
         digest = weights.finish()
     except BaseException:
         weights.abort()
@@ -66,7 +74,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
     if set(sites) != set(lora_sites):
         raise EdgeLLMError(f"{out}: LoRA branches {sorted(set(lora_sites) - set(sites))} were not lowered")
     code = generate(variants, weights.records, shape, weights.size, digest, manifest.data.get("model", str(out)),
-                    [(site, sites[site]) for site in lora_sites])
+                    [(site, sites[site]) for site in lora_sites], encoder)
     tmp = target_dir / f".model.c.tmp{os.getpid()}"
     tmp.write_text(code)
     os.replace(tmp, target_dir / "model.c")
@@ -78,6 +86,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
         "kv_cache_dtype": options.kv_cache_dtype,
         "memory_plan": {v: {"arena": plan.arena, "no_reuse": plan.total, "lower_bound": plan.lower_bound}
                         for v, (_, plan) in variants.items()},
+        "encoder_arena": encoder[1].arena if encoder else None,
     }
     tmp = target_dir / f".program.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(facts, indent=1))
@@ -86,3 +95,12 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
     if progress:
         progress("compile", 3, 3)
     return target_dir
+
+
+def lowered_shape(program) -> tuple[int, int, int, int]:
+    """An encoder program's (patches, values per patch, image tokens, their width)."""
+    def dims(values, name):
+        return [d.dim_value for d in next(v for v in values if v.name == name).type.tensor_type.shape.dim]
+    _, patches, values = dims(program.graph.input, "pixel_patches")
+    _, tokens, hidden = dims(program.graph.output, "image_features")
+    return patches, values, tokens, hidden

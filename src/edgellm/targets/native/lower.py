@@ -42,7 +42,8 @@ DECODE_CHUNKS = int(re.search(r"#define EM_DECODE_CHUNKS (\d+)",
                               (Path(__file__).parent / "kernels" / "edgellm_kernels.h").read_text()).group(1))
 
 # Graph inputs and outputs the generated functions take as parameters.
-PARAMETERS = {"input_ids": "ids", "logits": "logits", "embeddings": "embeddings", "rope_positions": "rope"}
+PARAMETERS = {"input_ids": "ids", "logits": "logits", "embeddings": "embeddings", "rope_positions": "rope",
+              "pixel_patches": "pixels", "image_features": "features"}  # (the last two: an image encoder's)
 MASK_OUTPUTS = ("mask.full", "mask.sliding", "write_index")
 
 

@@ -181,6 +181,20 @@ void em_columns(const float *x, int rows, int cols, int first, int width, float 
 void em_gather_columns(const float *x, int rows, int cols, const int64_t *index, int n, float *y);
 void em_copy(const float *x, int n, float *y);
 
+/* An image encoder's kernels (edgellm_encoder.c); rows x cols activations as above. */
+void em_layernorm(const float *x, int rows, int cols, const float *weight, const float *bias, float eps, float *y);
+void em_gelu(const float *x, int n, float *y); /* exact: 0.5 x (1 + erf(x / sqrt 2)) */
+/* y[r] = x[index[r]] (gather) or y[index[r]] = x[r] (scatter), rows of cols floats */
+void em_gather_rows(const float *x, int cols, const int64_t *index, int count, float *y);
+void em_scatter_rows(const float *x, int cols, const int64_t *index, int count, float *y);
+/* y[g] = the mean of rows g * per_group .. (g + 1) * per_group - 1 of x */
+void em_mean_rows(const float *x, int groups, int per_group, int cols, float *y);
+/* Attention of S rows among themselves, every row seeing every row (no mask, no positions):
+   q, k, v [S, heads * head_dim]; the scratch caches hold heads x S (rounded up to 16) x head_dim
+   values each (em_attention's layout: the keys and values take the KV cache's precision). */
+void em_attention_rows(const float *q, const float *k, const float *v, int S, int heads, int head_dim, float scale,
+                       em_kv_value *k_scratch, em_kv_value *v_scratch, float *out);
+
 void em_set_threads(int threads);
 int em_max_threads(void); /* OpenMP's default team size */
 

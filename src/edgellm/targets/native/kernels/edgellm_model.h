@@ -58,6 +58,11 @@ int em_set_lora(em_session *session, int site, const em_lora *branch);
 /* Keep the first `length` positions (no more than the session holds): O(1), nothing is cleared. */
 int em_truncate(em_session *session, int length);
 int em_length(const em_session *session);
+/* A vision-language build's image encoder (em_encoder()->run is NULL in a text model): pixels
+   [patches][patch_values] (the patches cut and flattened as the patch convolution reads them) ->
+   features [tokens][hidden] (the image's prompt rows). It allocates its activations for the call
+   (encoder_info.arena_bytes) and runs on the model's threads. 0, or -1 (em_last_error). */
+int em_encode(em_model *model, const float *pixels, float *features);
 /* The last error of the calling thread. */
 const char *em_last_error(void);
 const em_model_info *em_info(void);
@@ -91,6 +96,15 @@ typedef struct {
     int all_logits; /* writes every row's logits: em_forward gives the caller rows logits_from.. */
 } em_variant;
 extern const em_variant EM_VARIANTS[];
+typedef void (*em_encoder_program)(const unsigned char *base, const em_weight *weights, float *arena,
+                                   const float *pixels, float *features);
+typedef struct {
+    int patches, patch_values, tokens, hidden;
+    size_t arena_bytes;
+    em_encoder_program run; /* NULL: no image encoder */
+} em_encoder_info;
+extern const em_encoder_info EM_ENCODER;
+const em_encoder_info *em_encoder(void);
 extern const int EM_VARIANT_COUNT;
 em_weight em_bind_weight(const em_weight_record *record, const unsigned char *base);
 

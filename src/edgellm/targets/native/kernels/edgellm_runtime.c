@@ -282,6 +282,23 @@ __attribute__((target("arch=x86-64"))) static const char *em_missing_instruction
 
 const char *em_last_error(void) { return em_error; }
 const em_model_info *em_info(void) { return &EM_MODEL; }
+const em_encoder_info *em_encoder(void) { return &EM_ENCODER; }
+
+int em_encode(em_model *m, const float *pixels, float *features) {
+    if (!EM_ENCODER.run) {
+        fail("this build has no image encoder");
+        return -1;
+    }
+    void *arena = NULL;
+    if (posix_memalign(&arena, 64, EM_ENCODER.arena_bytes > 64 ? EM_ENCODER.arena_bytes : 64) != 0) {
+        fail("cannot allocate the image encoder's %zu bytes of activations", EM_ENCODER.arena_bytes);
+        return -1;
+    }
+    em_set_threads(m->threads); /* the OpenMP team size is per calling thread */
+    EM_ENCODER.run(m->mapped, m->weights, arena, pixels, features);
+    free(arena);
+    return 0;
+}
 
 em_weight em_bind_weight(const em_weight_record *r, const unsigned char *base) {
     em_weight w = {r->kind, r->n, r->k, r->block, base + r->data, NULL, NULL, r->minimum_f32, (float)r->shift,
