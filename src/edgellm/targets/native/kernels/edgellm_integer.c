@@ -483,15 +483,131 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
    other work on the core deschedules holds up one panel, not its half of the matrix. */
 #define EM_PREFILL_SCHEDULE schedule(dynamic, 2)
 
-static void matmul_float_activations(const float *x, int S, const em_weight *w, float *y) {
-    const int K = w->k;
+#if EM_AVX512
+/* r[j] = row j of a 16 x 16 tile; afterwards r[i] = its column i. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) { /* pairs of rows interleaved */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* four rows' values of one column side by side, per 128-bit lane */
+        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) { /* then the lanes of 8 rows, then of 16 */
+        t[i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xDD);
+        t[8 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+        r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+    }
+}
+#endif
+
+/* A float32 or bfloat16 weight's panel p in panel_floats' layout: wf[k * 16 + j] = row 16p + j's
+   weight at column k (zeros past the last row). AVX-512 widens and transposes 16 x 16 tiles. */
+static void panel_widened(const em_weight *w, int p, float *wf) {
+    const int K = w->k, rows = w->n - p * PANEL < PANEL ? w->n - p * PANEL : PANEL;
+    const float *f = (const float *)w->data + (size_t)p * PANEL * K;
+    const uint16_t *h = (const uint16_t *)w->data + (size_t)p * PANEL * K;
+    int k0 = 0;
+#if EM_AVX512
+    for (; rows == PANEL && k0 + 16 <= K; k0 += 16) {
+        __m512 r[16];
+        for (int j = 0; j < PANEL; j++)
+            r[j] = w->kind == EM_F32 ? _mm512_loadu_ps(f + (size_t)j * K + k0)
+                                     : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                           _mm256_loadu_si256((const __m256i *)(h + (size_t)j * K + k0))), 16));
+        transpose16(r);
+        for (int i = 0; i < 16; i++) _mm512_storeu_ps(wf + (size_t)(k0 + i) * PANEL, r[i]);
+    }
+#endif
+    for (int j = 0; j < PANEL; j++) {
+        float *dst = wf + j;
+        for (int k = k0; k < K; k++) {
+            uint32_t bits = 0; /* bfloat16: the high half of a float */
+            if (j < rows && w->kind == EM_F32) memcpy(&bits, f + (size_t)j * K + k, 4);
+            else if (j < rows) bits = (uint32_t)h[(size_t)j * K + k] << 16;
+            memcpy(dst + (size_t)k * PANEL, &bits, 4);
+        }
+    }
+}
+
+/* Rows of x taken together against one panel: a block of them stays in the core's cache while
+   the team's panels pass over it (each panel widened or dequantized again per block, 1/256 of
+   its multiply-adds). */
+#define EM_ROW_BLOCK 256
+
+#if EM_AVX512
+/* Two panels (32 outputs) against 8 rows at a time: 16 accumulators, and per column two weight
+   loads and 8 broadcasts for 16 multiply-adds (one panel against 8 rows takes 9 for 8, which
+   the load ports, not the multipliers, then limit). */
+static void panels_times_rows(const float *wf0, const float *wf1, int K, const float *x, int S, int p, int N, float *y) {
+    int s = 0;
+    for (; s + 8 <= S; s += 8) {
+        __m512 a0[8], a1[8];
+        for (int t = 0; t < 8; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+        const float *xs = x + (size_t)s * K;
+        for (int k = 0; k < K; k++) {
+            const __m512 w0 = _mm512_loadu_ps(wf0 + (size_t)k * PANEL), w1 = _mm512_loadu_ps(wf1 + (size_t)k * PANEL);
+            for (int t = 0; t < 8; t++) {
+                const __m512 xk = _mm512_set1_ps(xs[(size_t)t * K + k]);
+                a0[t] = _mm512_fmadd_ps(w0, xk, a0[t]);
+                a1[t] = _mm512_fmadd_ps(w1, xk, a1[t]);
+            }
+        }
+        for (int t = 0; t < 8; t++) {
+            float out[PANEL];
+            _mm512_storeu_ps(out, a0[t]);
+            store_panel(out, p, N, y + (size_t)(s + t) * N);
+            _mm512_storeu_ps(out, a1[t]);
+            store_panel(out, p + 1, N, y + (size_t)(s + t) * N);
+        }
+    }
+    panel_times_rows(wf0, K, x + (size_t)s * K, S - s, p, N, y + (size_t)s * N);
+    panel_times_rows(wf1, K, x + (size_t)s * K, S - s, p + 1, N, y + (size_t)s * N);
+}
+#define EM_PANELS_PER_ITEM 2
+#else
+#define EM_PANELS_PER_ITEM 1
+#endif
+
+static void panel_of(const em_weight *w, int p, float *wf) {
+    if (em_integer_kind(w->kind)) panel_floats(w, p, wf);
+    else panel_widened(w, p, wf);
+}
+
+/* y = x @ W^T with float activations, any weight kind but the codebooks: items of (a block of
+   rows, EM_PANELS_PER_ITEM panels of 16 outputs), each panel in floats once per item. */
+void em_matmul_rows(const float *x, int S, const em_weight *w, float *y) {
+    const int K = w->k, P = panels(w), blocks = (S + EM_ROW_BLOCK - 1) / EM_ROW_BLOCK;
+    const int items = (P + EM_PANELS_PER_ITEM - 1) / EM_PANELS_PER_ITEM;
 #pragma omp parallel
     {
-        float wf[(size_t)K * PANEL];
+        float wf[(size_t)EM_PANELS_PER_ITEM * K * PANEL];
 #pragma omp for EM_PREFILL_SCHEDULE
-        for (int p = 0; p < panels(w); p++) {
-            panel_floats(w, p, wf);
-            panel_times_rows(wf, K, x, S, p, w->n, y);
+        for (int item = 0; item < blocks * items; item++) {
+            const int b = item / items, p = item % items * EM_PANELS_PER_ITEM, first = b * EM_ROW_BLOCK;
+            const int rows = S - first < EM_ROW_BLOCK ? S - first : EM_ROW_BLOCK;
+            const float *xb = x + (size_t)first * K;
+            float *yb = y + (size_t)first * w->n;
+            panel_of(w, p, wf);
+#if EM_AVX512
+            if (p + 1 < P) {
+                panel_of(w, p + 1, wf + (size_t)K * PANEL);
+                panels_times_rows(wf, wf + (size_t)K * PANEL, K, xb, rows, p, w->n, yb);
+                continue;
+            }
+#endif
+            panel_times_rows(wf, K, xb, rows, p, w->n, yb);
         }
     }
 }
@@ -898,5 +1014,5 @@ static void matmul_int8_activations(const float *x, int S, const em_weight *w, f
 
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y) {
     if (w->int8_activations) matmul_int8_activations(x, S, w, y);
-    else matmul_float_activations(x, S, w, y);
+    else em_matmul_rows(x, S, w, y);
 }

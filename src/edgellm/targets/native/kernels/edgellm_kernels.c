@@ -254,6 +254,10 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
         em_matmul_integer(x, S, w, y);
         return;
     }
+    if (S >= 8 && (w->kind == EM_F32 || w->kind == EM_BF16)) { /* a weight panel against 8 rows at a time */
+        em_matmul_rows(x, S, w, y);
+        return;
+    }
 #pragma omp parallel
     {
         float row[K];

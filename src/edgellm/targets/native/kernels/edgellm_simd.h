@@ -290,6 +290,8 @@ void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *
 /* edgellm_integer.c */
 /* S > 1 rows (one row goes through em_team_matmul). */
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
+/* Several rows with float activations against float32, bfloat16 or integer weights (edgellm_integer.c) */
+void em_matmul_rows(const float *x, int S, const em_weight *w, float *y);
 /* em_team_matmul on integer weights: the residual is added panel by panel. */
 void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_integer_row(const em_weight *w, int n, float *out);
