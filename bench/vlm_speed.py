@@ -10,7 +10,10 @@ image and a 20-token question; TTFT runs from the image file's bytes to the firs
 default (the image resized to 2048 px and cut into 4 x 4 tiles plus the global view: 17 encoder
 passes, 1088 image rows) and do_image_splitting off (the global view alone: 1 pass, 64 rows).
 
-    python bench/vlm_speed.py [--repeats 3] [--plan PLAN] [--target cpu|native] [--threads 2] [--settings whole,split]
+    python bench/vlm_speed.py [--repeats 3] [--plan PLAN] [--targets cpu,native] [--threads 2] [--settings whole,split]
+
+--targets: edgellm builds to run, interleaved with transformers and each other (cpu: ONNX Runtime,
+the encoder included; native: the C target, whose library holds the encoder too).
 """
 
 from __future__ import annotations
@@ -143,8 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plan", default=None, help="edgellm precision plan (-c); default: the source's (BF16)")
-    parser.add_argument("--target", default="cpu", choices=["cpu", "native"], help="where the language model runs "
-                        "(the image encoder runs on ONNX Runtime for both)")
+    parser.add_argument("--targets", default="cpu", help="edgellm targets, comma-separated: cpu, native")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings", default="whole,split", help="processor settings to run: whole, split")
     args = parser.parse_args()
@@ -156,33 +158,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         for split in [name == "split" for name in args.settings.split(",")]:
             path = model_dir(split)
-            ours = Edgellm(path, args.plan, args.target, args.threads, Path(tmp) / f"out-{split}")
-            theirs = Transformers(path, args.threads)
+            engines = {f"edgellm {target}": Edgellm(path, args.plan, target, args.threads, Path(tmp) / f"out-{split}-{target}")
+                       for target in args.targets.split(",")}
+            engines["transformers"] = Transformers(path, args.threads)
             tile = preprocess(load_image(image), tiled_processing(json.loads((path / "preprocessor_config.json").read_text()),
                                                                   512, "")).tiles[0]
-            for engine in (ours, theirs):  # warm-up, untimed
+            for engine in engines.values():  # warm-up, untimed
                 engine.ttft(image)
                 engine.encode_tile(tile)
-            runs = {"edgellm": [], "transformers": []}
-            tiles = {"edgellm": [], "transformers": []}
+            runs = {name: [] for name in engines}
+            tiles = {name: [] for name in engines}
             for _ in range(args.repeats):  # interleaved
-                for name, engine in (("edgellm", ours), ("transformers", theirs)):
+                for name, engine in engines.items():
                     runs[name].append(engine.ttft(image))
                     tiles[name].append(engine.encode_tile(tile))
             tokens = {name: {r[3] for r in rs} for name, rs in runs.items()}
-            results["split" if split else "whole"] = {
+            setting = "split" if split else "whole"
+            results[setting] = {
                 name: {"ttft_s": statistics.median(r[0] for r in rs), "encode_s": statistics.median(r[1] for r in rs),
                        "prompt_tokens": rs[0][2], "encode_tile_s": statistics.median(tiles[name]),
                        "first_tokens": sorted(tokens[name])}
-                for name, rs in runs.items()} | {"edgellm_compile_s": ours.compile_s}
-            ours.model.close()
-            print(json.dumps({"split" if split else "whole": results["split" if split else "whole"]}), flush=True)
+                for name, rs in runs.items()}
+            for name, engine in engines.items():
+                if name != "transformers":
+                    results[setting][name]["compile_s"] = engine.compile_s
+                    engine.model.close()
+            print(json.dumps({setting: results[setting]}), flush=True)
     for setting, r in results.items():
-        e, t = r["edgellm"], r["transformers"]
-        print(f"{setting}: prompt {e['prompt_tokens']} tokens (transformers {t['prompt_tokens']}); "
-              f"TTFT edgellm {e['ttft_s']:.2f} s (encode {e['encode_s']:.2f}) vs transformers {t['ttft_s']:.2f} s "
-              f"(encode {t['encode_s']:.2f}): {t['ttft_s'] / e['ttft_s']:.2f}x; one tile: "
-              f"{e['encode_tile_s']:.3f} vs {t['encode_tile_s']:.3f} s; compile {r['edgellm_compile_s']:.0f} s")
+        t = r["transformers"]
+        for name, e in r.items():
+            if name == "transformers":
+                continue
+            print(f"{setting}, {name}: prompt {e['prompt_tokens']} tokens (transformers {t['prompt_tokens']}); "
+                  f"TTFT {e['ttft_s']:.2f} s (encode {e['encode_s']:.2f}) vs transformers {t['ttft_s']:.2f} s "
+                  f"(encode {t['encode_s']:.2f}): {t['ttft_s'] / e['ttft_s']:.2f}x; one tile: "
+                  f"{e['encode_tile_s']:.3f} vs {t['encode_tile_s']:.3f} s; compile {e['compile_s']:.0f} s")
 
 
 if __name__ == "__main__":

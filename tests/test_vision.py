@@ -268,12 +268,12 @@ def test_int4_language_model_matches_transformers_on_the_stored_weights(llava, r
 
 @pytest.mark.parametrize("target", ["cpu", "native"])
 def test_an_int8_encoder_runs_integer_gemms_on_per_channel_weights(llava, reference, processor, tmp_path, target):
-    """An int8 image encoder: every matmul weight one symmetric int8 block per output channel.
-    Target cpu runs them by ONNX Runtime's integer GEMM (DynamicQuantizeMatMul: activations
-    quantized per call), so its features are transformers' on the same dequantized weights to
-    within what quantizing the activations costs; the native target's integer panels take float
-    activations, so its features are transformers' to float32 rounding. Both far from another
-    image's."""
+    """An int8 image encoder: every matmul weight one symmetric int8 block per output channel, run
+    as integer products on both targets: ONNX Runtime's integer GEMM (DynamicQuantizeMatMul:
+    activations quantized per call) and the native integer panels with int8 activations (per
+    row), without --int8_activations (which is the language model's choice). Its features are
+    transformers' on the same dequantized weights, to within what quantizing the activations
+    costs, and far from another image's."""
     import copy
     from collections import Counter
 
@@ -297,8 +297,9 @@ def test_an_int8_encoder_runs_integer_gemms_on_per_channel_weights(llava, refere
 
         code = (out / "compiled" / "native" / "model.c").read_text()
         assert "em_matmul(pixels" in code  # the patch embedding reads the caller's pixels
-        integer = [line for line in code.splitlines() if re.match(r"    \{(%d|%d|%d), " % tuple(KINDS[k] for k in ("q8", "q6", "q5")), line)]
-        assert len(integer) == 4 * Model.load(out).config.vision.num_layers + 3  # (the language model: FP32)
+        kinds = "|".join(str(KINDS[k]) for k in ("q8", "q6", "q5"))
+        integer = [line for line in code.splitlines() if re.match(rf"    \{{({kinds}), \d+, \d+, \d+, 1, ", line)]
+        assert len(integer) == 4 * Model.load(out).config.vision.num_layers + 3  # int8 activations; the text model FP32
     stored = copy.deepcopy(reference)
     with torch.no_grad():
         for name, p in stored.named_parameters():
@@ -313,7 +314,7 @@ def test_an_int8_encoder_runs_integer_gemms_on_per_channel_weights(llava, refere
             expected = stored.get_image_features(pixels).pooler_output[0].numpy()
         ours = model.image_encoder.encode_pixels(pixels[0].numpy())
         error = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
-        assert error < (0.03 if target == "cpu" else 1e-5), f"relative error {error}"  # measured 0.013-0.016 (cpu)
+        assert error < 0.03, f"relative error {error}"  # measured 0.013-0.016 (cpu), 0.011-0.016 (native)
         if seed == 1:
             first = expected
     assert np.linalg.norm(first - expected) / np.linalg.norm(expected) > 0.2

@@ -22,8 +22,13 @@ from .lower import Activation, Lowering, _attrs
 
 
 class EncoderLowering(Lowering):
-    def __init__(self, model: onnx.ModelProto, weights, where: str, int8_activations: bool = False, files=None):
-        super().__init__(model, weights, where, int8_activations, tokens=0, files=files)
+    """Integer weights always take int8 activations here (whatever --int8_activations says for the
+    language model): an encoder's matmuls are GEMMs of hundreds of rows, bound by arithmetic, not
+    by reading weights, so int8 weights with float products would be no faster than BF16 ones.
+    The cpu target's int8 encoder quantizes its activations too (DynamicQuantizeMatMul)."""
+
+    def __init__(self, model: onnx.ModelProto, weights, where: str, files=None):
+        super().__init__(model, weights, where, int8_activations=True, tokens=0, files=files)
         _, patches, values = self.graph_inputs["pixel_patches"]
         self.shapes = {"pixel_patches": Activation("pixel_patches", patches, values, per_token=False)}
 
