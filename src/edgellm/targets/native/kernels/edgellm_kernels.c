@@ -568,27 +568,31 @@ static inline __attribute__((always_inline)) void weighted_values(const float *a
                                                                   const em_kv_value *v, float *o, const int NV,
                                                                   const int QR, int head_dim) {
     const __mmask16 last = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : (__mmask16)0xFFFF;
-    __m512 acc[QR][NV];
+    __m512 acc[24], row[16]; /* fixed sizes (QR x NV <= 24), so that they live in registers */
+#pragma GCC unroll 8
     for (int r = 0; r < QR; r++)
-        for (int i = 0; i < NV; i++) acc[r][i] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; i++) acc[r * NV + i] = _mm512_setzero_ps();
     for (int j = 0; j < n; j++) {
         const em_kv_value *vj = v + (size_t)j * head_dim;
-        __m512 row[NV];
+#pragma GCC unroll 16
         for (int i = 0; i < NV - 1; i++) row[i] = em_kv_load16(vj + 16 * i);
 #ifdef EM_KV_FLOAT16
         row[NV - 1] = em_kv_load16(vj + 16 * (NV - 1));
 #else
         row[NV - 1] = _mm512_maskz_loadu_ps(last, vj + 16 * (NV - 1));
 #endif
+#pragma GCC unroll 8
         for (int r = 0; r < QR; r++) {
             const __m512 w = _mm512_set1_ps(a[(size_t)r * stride + j]);
-            for (int i = 0; i < NV; i++) acc[r][i] = _mm512_fmadd_ps(w, row[i], acc[r][i]);
+#pragma GCC unroll 16
+            for (int i = 0; i < NV; i++) acc[r * NV + i] = _mm512_fmadd_ps(w, row[i], acc[r * NV + i]);
         }
     }
     for (int r = 0; r < QR; r++) {
         float *out = o + (size_t)r * head_dim;
-        for (int i = 0; i < NV - 1; i++) _mm512_storeu_ps(out + 16 * i, acc[r][i]);
-        _mm512_mask_storeu_ps(out + 16 * (NV - 1), last, acc[r][NV - 1]);
+        for (int i = 0; i < NV - 1; i++) _mm512_storeu_ps(out + 16 * i, acc[r * NV + i]);
+        _mm512_mask_storeu_ps(out + 16 * (NV - 1), last, acc[r * NV + NV - 1]);
     }
 }
 
