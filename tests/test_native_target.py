@@ -540,3 +540,25 @@ def test_an_encoder_mask_must_split_the_rows_into_groups_that_see_each_other(tmp
         with pytest.raises(EdgeLLMError, match="attention: a mask whose rows do not fall into groups"):
             EncoderLowering(_encoder_with_mask(bad), weights, "enc").run()
         weights.abort()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(hidden_size=40, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2),  # heads of 10
+    dict(hidden_size=152, intermediate_size=200, num_attention_heads=2, num_key_value_heads=1),  # heads of 76
+], ids=["head-10", "head-76"])
+def test_widths_that_are_no_whole_panels_match_transformers(tmp_path, fp32_plan, overrides):
+    """Prefill (16 rows a call) through em_matmul_rows with widths that are no whole panel of 16
+    outputs nor whole 16-column tiles (40, 72, 152, 200), float32 and bfloat16 weights, and
+    attention at head sizes that are no whole vector of 16 (10, 76: the masked last one, several
+    queries per value load): float32 against transformers, the default BF16 build against the
+    cpu target on the same build's weights."""
+    model_dir = save_tiny("llama", tmp_path / "hf", **overrides)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    result = _generate(build(model_dir, tmp_path / "fp32", fp32_plan, target="native", **OPTIONS))
+    theirs = _reference_logits(reference, result.token_ids)
+    assert np.abs(np.stack(result.logits) - theirs).max() < 1e-4
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+    runs = [_generate(build(model_dir, tmp_path / f"bf16-{target}", None, target=target, **OPTIONS))
+            for target in ("cpu", "native")]
+    assert runs[0].token_ids == runs[1].token_ids
+    assert np.abs(np.stack(runs[0].logits) - np.stack(runs[1].logits)).max() < 1e-4

@@ -61,7 +61,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
             variants["verify"] = (variants["single"][0], plan_arena(variants["single"][0], verify_rows))
         encoder = None
         if vision is not None:  # the image encoder: one more function of the same library and weights file
-            lowered = EncoderLowering(vision, weights, f"{out}/quant/vision", files).run()
+            lowered = EncoderLowering(vision, weights, f"{out}/quant/vision", options.int8_activations, files).run()
             encoder = (lowered, plan_arena(lowered, 1), EncoderShape(*lowered_shape(vision)))
             log.info("encoder: %d kernel calls; %s", len(lowered.calls), encoder[1].report())
         digest = weights.finish()

@@ -22,13 +22,15 @@ from .lower import Activation, Lowering, _attrs
 
 
 class EncoderLowering(Lowering):
-    """Integer weights always take int8 activations here (whatever --int8_activations says for the
-    language model): an encoder's matmuls are GEMMs of hundreds of rows, bound by arithmetic, not
-    by reading weights, so int8 weights with float products would be no faster than BF16 ones.
-    The cpu target's int8 encoder quantizes its activations too (DynamicQuantizeMatMul)."""
+    """Per-channel int8 weights (a plan's A_BF16_W_INT8 for part VISION: one block of K) always
+    take int8 activations here, whatever --int8_activations says: an encoder's matmuls are GEMMs of
+    hundreds of rows, bound by arithmetic, so int8 weights with float products would be no faster
+    than BF16 ones, and the cpu target runs those weights as integer GEMMs
+    (DynamicQuantizeMatMul). Other integer weights (int4 blocks, a GGUF mmproj's) follow
+    --int8_activations, as the cpu target's MatMulNBits does."""
 
-    def __init__(self, model: onnx.ModelProto, weights, where: str, files=None):
-        super().__init__(model, weights, where, int8_activations=True, tokens=0, files=files)
+    def __init__(self, model: onnx.ModelProto, weights, where: str, int8_activations: bool = False, files=None):
+        super().__init__(model, weights, where, int8_activations, tokens=0, files=files)
         _, patches, values = self.graph_inputs["pixel_patches"]
         self.shapes = {"pixel_patches": Activation("pixel_patches", patches, values, per_token=False)}
 
@@ -51,6 +53,17 @@ class EncoderLowering(Lowering):
 
     def _index(self, name: str, values: np.ndarray) -> int:
         return self.weights.once(("constant", name), lambda: self.weights.constant(name, values.astype(np.int64)))
+
+    def _matmul_weight(self, name: str, minimum: str | None = None) -> str:
+        node = self.producer.get(name)
+        per_channel = (node is not None and node.op_type == "DequantizeLinear" and node.input[0] in self.inits
+                       and _attrs(node).get("block_size", 0) >= self.inits[node.input[0]].dims[0])
+        chosen = self.int8_activations
+        self.int8_activations = chosen or per_channel
+        try:
+            return super()._matmul_weight(name, minimum)
+        finally:
+            self.int8_activations = chosen
 
     # ---- ops -------------------------------------------------------------------------------
 
@@ -116,7 +129,7 @@ class EncoderLowering(Lowering):
         steps = [int(v) for v in self._const(node.input[4]).reshape(-1)] if len(node.input) > 4 and node.input[4] else [1]
         if axes != [1] or steps != [1]:
             raise EdgeLLMError(f"{self.where}: {node.name}: Slice must take a run of rows (axis 1, step 1)")
-        first, last = max(0, min(starts, x.rows)), max(0, min(ends, x.rows))
+        first, last = (max(0, min(v + x.rows if v < 0 else v, x.rows)) for v in (starts, ends))  # ONNX: negative from the end
         self._view(node.output[0], node.input[0], first * x.cols)  # rows first.. of the same buffer
         self.shapes[node.output[0]] = Activation(node.output[0], last - first, x.cols, per_token=False)
 
@@ -199,8 +212,8 @@ class EncoderLowering(Lowering):
     def _row_groups(self, node, rows: int, mask: str) -> list:
         """The sets of rows that attend among themselves: (first, count) runs, or arrays of rows."""
         if mask:
-            if mask not in self.inits:
-                raise EdgeLLMError(f"{self.where}: {node.name}: the encoder's attention mask must be a constant")
+            if mask not in self.inits or self.inits[mask].data_type != onnx.TensorProto.BOOL:
+                raise EdgeLLMError(f"{self.where}: {node.name}: the encoder's attention mask must be a constant of booleans")
             sees = self._const(mask).reshape(rows, rows).astype(bool)
             groups = []
             _, first, owner = np.unique(sees, axis=0, return_index=True, return_inverse=True)

@@ -589,19 +589,21 @@ static void panel_of(const em_weight *w, int p, float *wf) {
    rows, EM_PANELS_PER_ITEM panels of 16 outputs), each panel in floats once per item. */
 void em_matmul_rows(const float *x, int S, const em_weight *w, float *y) {
     const int K = w->k, P = panels(w), blocks = (S + EM_ROW_BLOCK - 1) / EM_ROW_BLOCK;
-    const int items = (P + EM_PANELS_PER_ITEM - 1) / EM_PANELS_PER_ITEM;
+    /* two panels per item only while they take at most 1 MB of each thread's stack (K <= 8192) */
+    const int per_item = (size_t)EM_PANELS_PER_ITEM * K * PANEL * sizeof(float) <= ((size_t)1 << 20) ? EM_PANELS_PER_ITEM : 1;
+    const int items = (P + per_item - 1) / per_item;
 #pragma omp parallel
     {
-        float wf[(size_t)EM_PANELS_PER_ITEM * K * PANEL];
+        float wf[(size_t)per_item * K * PANEL];
 #pragma omp for EM_PREFILL_SCHEDULE
         for (int item = 0; item < blocks * items; item++) {
-            const int b = item / items, p = item % items * EM_PANELS_PER_ITEM, first = b * EM_ROW_BLOCK;
+            const int b = item / items, p = item % items * per_item, first = b * EM_ROW_BLOCK;
             const int rows = S - first < EM_ROW_BLOCK ? S - first : EM_ROW_BLOCK;
             const float *xb = x + (size_t)first * K;
             float *yb = y + (size_t)first * w->n;
             panel_of(w, p, wf);
 #if EM_AVX512
-            if (p + 1 < P) {
+            if (per_item == 2 && p + 1 < P) {
                 panel_of(w, p + 1, wf + (size_t)K * PANEL);
                 panels_times_rows(wf, wf + (size_t)K * PANEL, K, xb, rows, p, w->n, yb);
                 continue;

@@ -242,6 +242,14 @@ static void float_row(const em_weight *w, int n, float *out) {
     }
 }
 
+/* Rows from which a float32 or bfloat16 matmul widens its weights into panels (em_matmul_rows):
+   without AVX-512 the widening is scalar loops, worth it only for more rows. */
+#if EM_AVX512
+#define EM_PANEL_ROWS_FROM 8
+#else
+#define EM_PANEL_ROWS_FROM 32
+#endif
+
 void em_matmul(const float *x, int S, const em_weight *w, float *y) {
     const int N = w->n, K = w->k;
     if (S == 1) {
@@ -254,7 +262,7 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
         em_matmul_integer(x, S, w, y);
         return;
     }
-    if (S >= 8 && (w->kind == EM_F32 || w->kind == EM_BF16)) { /* a weight panel against 8 rows at a time */
+    if (S >= EM_PANEL_ROWS_FROM && (w->kind == EM_F32 || w->kind == EM_BF16)) { /* a weight panel against 8 rows at a time */
         em_matmul_rows(x, S, w, y);
         return;
     }
@@ -618,8 +626,13 @@ static int weighted_values_rows(const float *a, int stride, int R, int n, const 
         EM_WEIGHTED(6, 3)
         EM_WEIGHTED(7, 2)
         EM_WEIGHTED(8, 2)
+        EM_WEIGHTED(9, 1)
         EM_WEIGHTED(10, 1)
+        EM_WEIGHTED(11, 1)
         EM_WEIGHTED(12, 1)
+        EM_WEIGHTED(13, 1)
+        EM_WEIGHTED(14, 1)
+        EM_WEIGHTED(15, 1)
         EM_WEIGHTED(16, 1)
     }
     return 0;
@@ -669,9 +682,9 @@ static void attend(const float *const *q, int R, const int *lo, const int *hi, i
         u1 = hi[r] > u1 ? hi[r] : u1;
     }
     for (int r = 0; r < R; r++) {
-        float *sr = scores + (size_t)r * n - j0;
-        for (int j = u0; j < lo[r]; j++) sr[j] = 0.0f;
-        for (int j = hi[r]; j < u1; j++) sr[j] = 0.0f;
+        float *sr = scores + (size_t)r * n;
+        for (int j = u0; j < lo[r]; j++) sr[j - j0] = 0.0f;
+        for (int j = hi[r]; j < u1; j++) sr[j - j0] = 0.0f;
     }
     if (weighted_values_rows(scores + (u0 - j0), n, R, u1 - u0, v + (size_t)u0 * head_dim, o, head_dim)) return;
 #endif
