@@ -173,7 +173,8 @@ class NativeEngine(Engine):
         if hasattr(lib, "em_encode"):
             lib.em_encoder.restype = ctypes.POINTER(_EncoderInfo)
             lib.em_encode.argtypes = [ctypes.c_void_p, _FLOAT_P, _FLOAT_P]
-            self.encoder = lib.em_encoder().contents if lib.em_encoder().contents.run else None
+            info = lib.em_encoder().contents
+            self.encoder = info if info.run else None
         self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
         self.session_handles: set[int] = set()  # open in C: closed with the model at the latest
         self._release = weakref.finalize(self, _release_model, lib, handle, private, self.session_handles)

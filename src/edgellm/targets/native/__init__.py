@@ -20,7 +20,7 @@ from ...errors import EdgeLLMError
 from ...runtime.engine import VERIFY_ROWS
 from ..link import link_quantized, link_vision
 from ..stage_files import StageFiles
-from .codegen import EncoderShape, ModelShape, generate, plan_arena
+from .codegen import ModelShape, generate, plan_arena
 from .encoder import EncoderLowering
 from .lower import Lowering
 from .toolchain import TOOLCHAINS, build_programs
@@ -61,8 +61,9 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
             variants["verify"] = (variants["single"][0], plan_arena(variants["single"][0], verify_rows))
         encoder = None
         if vision is not None:  # the image encoder: one more function of the same library and weights file
-            lowered = EncoderLowering(vision, weights, f"{out}/quant/vision", options.int8_activations, files).run()
-            encoder = (lowered, plan_arena(lowered, 1), EncoderShape(*lowered_shape(vision)))
+            lowering = EncoderLowering(vision, weights, f"{out}/quant/vision", options.int8_activations, files)
+            lowered = lowering.run()
+            encoder = (lowered, plan_arena(lowered, 1), lowering.shape)
             log.info("encoder: %d kernel calls; %s", len(lowered.calls), encoder[1].report())
         digest = weights.finish()
     except BaseException:
@@ -95,12 +96,3 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
     if progress:
         progress("compile", 3, 3)
     return target_dir
-
-
-def lowered_shape(program) -> tuple[int, int, int, int]:
-    """An encoder program's (patches, values per patch, image tokens, their width)."""
-    def dims(values, name):
-        return [d.dim_value for d in next(v for v in values if v.name == name).type.tensor_type.shape.dim]
-    _, patches, values = dims(program.graph.input, "pixel_patches")
-    _, tokens, hidden = dims(program.graph.output, "image_features")
-    return patches, values, tokens, hidden

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ...errors import EdgeLLMError
+from .codegen import EncoderShape
 from .lower import Activation, Lowering, _attrs
 
 
@@ -33,17 +34,27 @@ class EncoderLowering(Lowering):
         super().__init__(model, weights, where, int8_activations, tokens=0, files=files)
         _, patches, values = self.graph_inputs["pixel_patches"]
         self.shapes = {"pixel_patches": Activation("pixel_patches", patches, values, per_token=False)}
+        _, tokens, hidden = next([d.dim_value for d in o.type.tensor_type.shape.dim] for o in self.graph.output
+                                 if o.name == "image_features")
+        self.shape = EncoderShape(patches, values, tokens, hidden)  # what em_encode takes and gives
 
     # ---- constants -------------------------------------------------------------------------
 
-    def _values(self, name: str) -> np.ndarray:
-        """A constant operand's float32 values: an initializer, or a Cast of one (BF16 weights)."""
-        if name in self.inits:
-            return self._const(name).astype(np.float32)
+    def _values_expression(self, name: str) -> None:
+        """A constant operand must be an initializer or a Cast of one (BF16 weights)."""
         node = self.producer.get(name)
-        if node is None or node.op_type != "Cast" or node.input[0] not in self.inits:
+        if name not in self.inits and (node is None or node.op_type != "Cast" or node.input[0] not in self.inits):
             raise EdgeLLMError(f"{self.where}: {name}: unsupported constant expression")
-        return self._const(node.input[0]).astype(np.float32)
+
+    def _values(self, name: str) -> np.ndarray:
+        """A constant operand's float32 values (read once per build: through _constant)."""
+        self._values_expression(name)
+        return self._const(name if name in self.inits else self.producer[name].input[0]).astype(np.float32)
+
+    def _dims(self, name: str) -> list[int]:
+        """A constant operand's shape, from its initializer (an initializer, or the one a Cast widens)."""
+        node = self.producer.get(name)
+        return list(self.inits[name if name in self.inits else node.input[0]].dims)
 
     def _constant(self, name: str, dtype=np.float32) -> int:
         """A constant operand's offset in the weights file (norms, biases, position tables; float32)."""
@@ -89,7 +100,8 @@ class EncoderLowering(Lowering):
         if not self._is_weight(b):
             return super()._op_Add(node)
         x = self._act(a)
-        size = int(self._values(b).size)
+        self._values_expression(b)
+        size = int(np.prod(self._dims(b)))
         out = self._new(node.output[0], x)
         if size == x.cols:  # a bias row
             self._emit(f"em_add_row({{{a}}}, {x.rows}, {x.cols}, F({self._constant(b)}), {{{out.name}}});", [a], [out.name],
@@ -105,8 +117,9 @@ class EncoderLowering(Lowering):
         parts = []
         for name in node.input:
             if self._is_weight(name):
-                values = self._values(name)
-                parts.append((name, values.shape[-1], values.size // values.shape[-1], True))
+                self._values_expression(name)
+                dims = self._dims(name)
+                parts.append((name, dims[-1], int(np.prod(dims)) // dims[-1], True))
             else:
                 x = self._act(name)
                 parts.append((name, x.cols, x.rows, False))
