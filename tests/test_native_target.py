@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,14 @@ from edgellm.targets.native import codegen
 from edgellm.targets.native.codegen import plan_arena
 from edgellm.targets.native.lower import Lowering
 from edgellm.targets.native.toolchain import KERNELS, TOOLCHAINS, Toolchain, build_programs
-from tiny_models import VOCAB, reference_with_stored_weights, round_embeddings_to_bf16, save_tiny
+from tiny_models import (
+    VOCAB,
+    bf16_build_reference,
+    decode_logits,
+    reference_with_stored_weights,
+    round_embeddings_to_bf16,
+    save_tiny,
+)
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
@@ -333,6 +341,20 @@ def _cpu_flags() -> set[str]:
         return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
 
 
+def _without_tiles(program_dir: Path, tmp_path: Path) -> Path:
+    """The native program as a CPU without AMX runs it: on one with AMX-BF16 the bfloat16 LM head
+    and embedding rows of a prefill multiply activations rounded to bfloat16 (edgellm_amx.c),
+    which the other instruction sets, like every CPU without AMX, keep in float32."""
+    if "amx_bf16" not in _cpu_flags():
+        return program_dir
+    plain = tmp_path / "no-tiles"
+    plain.mkdir()
+    for name in ("model.c", "weights.bin", "program.json"):
+        shutil.copy(program_dir / name, plain)
+    build_programs(Toolchain("native", "cc", ("-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"), "gcc"), plain)
+    return plain
+
+
 # Extensions the guard must name, each with the flag that compiles for it on top of AVX2 and its
 # /proc/cpuinfo name; the test takes the first one this CPU lacks.
 MISSING_CANDIDATES = [("-mavxvnni", "avx_vnni", "AVX-VNNI"), ("-mavx512fp16", "avx512_fp16", "AVX-512 FP16"),
@@ -392,10 +414,11 @@ def test_other_instruction_sets_compute_the_same_logits(tmp_path, march, preset,
     if refusal:  # the program's own guard, run in a child process: an illegal instruction cannot end this run
         pytest.skip(f"-march={march}: this CPU cannot run it ({refusal})")
     model = edgellm.load(out)
-    expected = _prompt_logits(model, PROMPT)
+    reference = _without_tiles(native, tmp_path)
+    expected = NativeEngine(reference, model.engine.spec).open_session().prompt_logits(PROMPT)
     got = NativeEngine(other, model.engine.spec).open_session().prompt_logits(PROMPT)
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
-    assert _model_main(other) == _model_main(native)
+    assert _model_main(other) == _model_main(reference)
 
 
 @pytest.mark.parametrize("weights,int8_activations,kv_cache_dtype", [
@@ -422,7 +445,8 @@ def test_aarch64_cross_compile_runs_under_qemu(tmp_path, weights, int8_activatio
     program_dir = arm / "compiled" / "aarch64-linux"
     elf = (program_dir / "model_main").read_bytes()[:20]
     assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
-    assert _model_main(program_dir, toolchain.runner()) == _model_main(native / "compiled" / "native")
+    assert _model_main(program_dir, toolchain.runner()) == _model_main(_without_tiles(native / "compiled" / "native",
+                                                                                      tmp_path))
     with pytest.raises(EdgeLLMError, match="aarch64-linux"):
         edgellm.load(arm)
 
@@ -550,15 +574,21 @@ def test_widths_that_are_no_whole_panels_match_transformers(tmp_path, fp32_plan,
     """Prefill (16 rows a call) through em_matmul_rows with widths that are no whole panel of 16
     outputs nor whole 16-column tiles (40, 72, 152, 200), float32 and bfloat16 weights, and
     attention at head sizes that are no whole vector of 16 (10, 76: the masked last one, several
-    queries per value load): float32 against transformers, the default BF16 build against the
-    cpu target on the same build's weights."""
+    queries per value load): float32 against transformers; the default BF16 build, on both
+    targets, against transformers on the build's bfloat16 weights (with the prompt's activations
+    rounded to bfloat16 in the group calls where the native prefill runs on AMX tiles)."""
     model_dir = save_tiny("llama", tmp_path / "hf", **overrides)
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     result = _generate(build(model_dir, tmp_path / "fp32", fp32_plan, target="native", **OPTIONS))
     theirs = _reference_logits(reference, result.token_ids)
     assert np.abs(np.stack(result.logits) - theirs).max() < 1e-4
     assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
-    runs = [_generate(build(model_dir, tmp_path / f"bf16-{target}", None, target=target, **OPTIONS))
-            for target in ("cpu", "native")]
-    assert runs[0].token_ids == runs[1].token_ids
-    assert np.abs(np.stack(runs[0].logits) - np.stack(runs[1].logits)).max() < 1e-4
+    stored = bf16_build_reference(model_dir)
+    for target in ("cpu", "native"):
+        model = edgellm.load(build(model_dir, tmp_path / f"bf16-{target}", None, target=target, **OPTIONS))
+        result = model.generate_ids(PROMPT, max_new_tokens=STEPS, ignore_eos=True, return_logits=True)
+        # the prompt's 40 rows: two group calls of 16, then 8 rows, which the decode program runs
+        theirs = decode_logits(stored, PROMPT, result.token_ids, rounded_rows=32 if model.engine.bf16_tiles else 0)
+        assert np.abs(np.stack(result.logits) - theirs).max() < 1e-4, (target, model.engine.bf16_tiles)
+        assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+        model.close()

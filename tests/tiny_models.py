@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 VOCAB = 96
@@ -77,6 +78,73 @@ def round_embeddings_to_bf16(model) -> None:
             if "embed_tokens" in name or "lm_head" in name:
                 bits = to_bfloat16_bits(p.numpy()).astype(np.uint32) << 16
                 p.copy_(torch.from_numpy(bits.view(np.float32).copy()))
+
+
+def round_to_bf16(t):
+    """A float32 tensor rounded to bfloat16 (to nearest even) and back, as edgellm stores bfloat16."""
+    import numpy as np
+    import torch
+
+    from edgellm.quant.precision import to_bfloat16_bits
+
+    bits = to_bfloat16_bits(t.detach().numpy()).astype(np.uint32) << 16
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+def bf16_build_reference(model_dir: Path):
+    """transformers running a default (BF16) build's weights: every linear layer, the embedding
+    table and the LM head rounded to bfloat16; norms stay float32."""
+    import torch
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() == 2:
+                p.copy_(round_to_bf16(p))
+    return ref
+
+
+@contextlib.contextmanager
+def rounded_inputs(model, within: tuple[str, ...] = ("",), rounded: bool = True):
+    """While open: the linear layers (and patch convolutions) of model whose names contain one of within
+    take their input rounded to bfloat16, as bfloat16 weights multiply many rows on AMX tiles
+    (the native targets' prefill and image encoder, Engine.bf16_tiles). rounded=False: nothing."""
+    import torch
+
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)
+    hooks = [module.register_forward_pre_hook(lambda _, args: (round_to_bf16(args[0]),) + tuple(args[1:]))
+             for name, module in model.named_modules()
+             if rounded and isinstance(module, layers) and any(part in name for part in within)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def decode_logits(model, prompt: list[int], tokens: list[int], rounded_rows: int = 0):
+    """The logits a build gives for the prompt's last row and after each of tokens but the last
+    (one decode step each, the KV cache carried). The prompt's first rounded_rows rows go through
+    the linear layers with their input rounded to bfloat16, as bfloat16 weights multiply the rows
+    of a prefill call on AMX tiles (the native targets' group program, Engine.bf16_tiles); the
+    rest of the prompt, as rows of the decode program, and the decode steps keep float32."""
+    import numpy as np
+    import torch
+
+    def run(ids, past, rounded):
+        with rounded_inputs(model, rounded=rounded):
+            return model(torch.tensor([ids]), past_key_values=past, use_cache=True)
+
+    with torch.no_grad():
+        out = run(prompt[:rounded_rows], None, True) if rounded_rows else None
+        out = run(prompt[rounded_rows:], out.past_key_values if out else None, False)
+        rows, past = [out.logits[0, -1].numpy()], out.past_key_values
+        for token in tokens[:-1]:
+            out = run([token], past, False)
+            rows.append(out.logits[0, -1].numpy())
+            past = out.past_key_values
+    return np.stack(rows)
 
 
 def reference_with_stored_weights(model_dir: Path, bits: int, scheme: str = "symmetric"):

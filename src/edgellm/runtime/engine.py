@@ -120,6 +120,9 @@ class Engine(ABC):
     spec: EngineSpec
     program_dir: object
     sessions: MutableSet[EngineSession]  # a WeakSet: a session the caller dropped is not kept alive
+    # bfloat16 weights multiply activation rows rounded to bfloat16 where many rows meet (prefill,
+    # the image encoder): the native targets on AMX tiles. Elsewhere activations stay float32.
+    bf16_tiles = False
 
     @property
     @abstractmethod

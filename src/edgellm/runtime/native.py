@@ -175,6 +175,9 @@ class NativeEngine(Engine):
             lib.em_encode.argtypes = [ctypes.c_void_p, _FLOAT_P, _FLOAT_P]
             info = lib.em_encoder().contents
             self.encoder = info if info.run else None
+        # bfloat16 weights against many rows (prefill, the encoder) on AMX tiles, activations rounded
+        # to bfloat16 (kernels/edgellm_amx.c); builds before it lack the function
+        self.bf16_tiles = hasattr(lib, "em_bf16_tiles") and bool(lib.em_bf16_tiles())
         self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
         self.session_handles: set[int] = set()  # open in C: closed with the model at the latest
         self._release = weakref.finalize(self, _release_model, lib, handle, private, self.session_handles)

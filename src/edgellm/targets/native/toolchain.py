@@ -20,7 +20,7 @@ from pathlib import Path
 from ...errors import EdgeLLMError
 
 KERNELS = Path(__file__).parent / "kernels"
-LIBRARY_SOURCES = ("edgellm_kernels.c", "edgellm_integer.c", "edgellm_encoder.c", "edgellm_runtime.c")
+LIBRARY_SOURCES = ("edgellm_kernels.c", "edgellm_integer.c", "edgellm_amx.c", "edgellm_encoder.c", "edgellm_runtime.c")
 
 
 @dataclass(frozen=True)

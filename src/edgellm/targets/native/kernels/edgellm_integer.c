@@ -483,34 +483,6 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
    other work on the core deschedules holds up one panel, not its half of the matrix. */
 #define EM_PREFILL_SCHEDULE schedule(dynamic, 2)
 
-#if EM_AVX512
-/* r[j] = row j of a 16 x 16 tile; afterwards r[i] = its column i. */
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 8; i++) { /* pairs of rows interleaved */
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* four rows' values of one column side by side, per 128-bit lane */
-        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; i++) { /* then the lanes of 8 rows, then of 16 */
-        t[i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
-        t[4 + i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xDD);
-        t[8 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
-        t[12 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xDD);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-        r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
-        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
-        r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
-    }
-}
-#endif
 
 /* A float32 or bfloat16 weight's panel p in panel_floats' layout: wf[k * 16 + j] = row 16p + j's
    weight at column k (zeros past the last row). AVX-512 widens and transposes 16 x 16 tiles. */
@@ -526,7 +498,7 @@ static void panel_widened(const em_weight *w, int p, float *wf) {
             r[j] = w->kind == EM_F32 ? _mm512_loadu_ps(f + (size_t)j * K + k0)
                                      : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                            _mm256_loadu_si256((const __m256i *)(h + (size_t)j * K + k0))), 16));
-        transpose16(r);
+        em_transpose16(r);
         for (int i = 0; i < 16; i++) _mm512_storeu_ps(wf + (size_t)(k0 + i) * PANEL, r[i]);
     }
 #endif

@@ -263,7 +263,7 @@ void em_matmul(const float *x, int S, const em_weight *w, float *y) {
         return;
     }
     if (S >= EM_PANEL_ROWS_FROM && (w->kind == EM_F32 || w->kind == EM_BF16)) { /* a weight panel against 8 rows at a time */
-        em_matmul_rows(x, S, w, y);
+        if (!em_matmul_tiles(x, S, w, y)) em_matmul_rows(x, S, w, y);
         return;
     }
 #pragma omp parallel

@@ -63,6 +63,9 @@ int em_length(const em_session *session);
    features [tokens][hidden] (the image's prompt rows). It allocates its activations for the call
    (encoder_info.arena_bytes) and runs on the model's threads. 0, or -1 (em_last_error). */
 int em_encode(em_model *model, const float *pixels, float *features);
+/* 1 where bfloat16 weights meet many rows (prefill, the image encoder) on AMX tiles, activations
+   rounded to bfloat16 (edgellm_amx.c); 0 where they stay float32 (no AMX, or Linux refused it). */
+int em_bf16_tiles(void);
 /* The last error of the calling thread. */
 const char *em_last_error(void);
 const em_model_info *em_info(void);

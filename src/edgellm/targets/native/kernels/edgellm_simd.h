@@ -287,6 +287,39 @@ static inline void em_lora_add(const em_lora *l, const float *t, int N, int firs
 /* edgellm_kernels.c: the LoRA branch of S rows (prefill), added to y [S, N] */
 void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y);
 
+#if EM_AVX512
+/* r[j] = row j of a 16 x 16 tile; afterwards r[i] = its column i. */
+static inline void em_transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) { /* pairs of rows interleaved */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* four rows' values of one column side by side, per 128-bit lane */
+        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) { /* then the lanes of 8 rows, then of 16 */
+        t[i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xDD);
+        t[8 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+        r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+    }
+}
+#endif
+
+/* edgellm_amx.c: a bfloat16 matmul of S rows on AMX tiles; 0 when it cannot (no AMX, the kernel
+   refuses the tile state, another weight kind), and the caller runs it otherwise. */
+int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y);
+
 /* edgellm_integer.c */
 /* S > 1 rows (one row goes through em_team_matmul). */
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
