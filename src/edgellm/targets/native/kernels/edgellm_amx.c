@@ -58,6 +58,22 @@ static void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
+/* The rounded rows' buffer, one per calling thread, kept between calls and grown as needed: a
+   fresh one per call (hundreds of KB to MBs, which glibc maps and unmaps each time) cost page
+   faults comparable to the tile products themselves. */
+static __thread uint16_t *rows_buffer;
+static __thread size_t rows_buffer_bytes;
+
+static uint16_t *rows_scratch(size_t bytes) {
+    if (bytes > rows_buffer_bytes) {
+        free(rows_buffer);
+        rows_buffer_bytes = 0;
+        if (posix_memalign((void **)&rows_buffer, 64, bytes) != 0) return rows_buffer = NULL;
+        rows_buffer_bytes = bytes;
+    }
+    return rows_buffer;
+}
+
 /* Row s of x (K floats) rounded to bfloat16, zeros from K to Kp. */
 static void round_row(const float *x, int K, int Kp, uint16_t *out) {
     for (int k = 0; k < Kp; k += 32) {
@@ -86,13 +102,48 @@ static void pack_panel(const em_weight *w, int p, int Kp, uint16_t *tiles) {
     }
 }
 
-/* y rows [0, S) of panels p and p + 1 (`two`: whether p + 1 is one) from the rounded rows xb
-   (Sp rows of Kp columns) and the packed panels. */
+/* Where an accumulator tile's 16 rows x 16 outputs go: straight into y when they all lie in it,
+   else through a staging tile (the last rows, the last outputs). */
+typedef struct {
+    float *at;
+    size_t stride; /* bytes */
+    int rows, outputs;
+    float *y;      /* where its rows x outputs go */
+    size_t y_stride;
+} accumulator;
+
+static void place(accumulator *a, float *y, int S, int N, int first, int output, float *stage) {
+    a->rows = S - first < TILE ? S - first : TILE;
+    a->outputs = N - output < TILE ? N - output : TILE;
+    a->y = y + (size_t)first * N + output;
+    a->y_stride = (size_t)N;
+    if (a->rows <= 0 || a->outputs <= 0) {
+        a->at = NULL;
+    } else if (a->rows == TILE && a->outputs == TILE) {
+        a->at = a->y, a->stride = (size_t)N * sizeof(float);
+    } else {
+        a->at = stage, a->stride = TILE * sizeof(float);
+    }
+}
+
+static void unstage(const accumulator *a) {
+    if (a->at && a->at != a->y)
+        for (int t = 0; t < a->rows; t++) memcpy(a->y + t * a->y_stride, a->at + t * TILE, sizeof(float) * a->outputs);
+}
+
+/* Tile t (a constant, as the instructions need) goes to y, or to its staging tile. */
+#define FINISH(t) do { if (acc[t].at) _tile_stored(t, acc[t].at, acc[t].stride); } while (0)
+
+/* y rows [0, S) of panels p and p + 1 (`two`: whether p + 1 is one) from the rounded rows xb (Sp
+   rows of Kp columns) and the packed panels. */
 static void panels_on_tiles(const uint16_t *xb, int S, int Sp, int Kp, const uint16_t *w0, const uint16_t *w1, int two,
                             int p, int N, float *y) {
     const size_t stride = (size_t)Kp * 2;
-    float out[TILE * TILE];
+    float stage[4][TILE * TILE] __attribute__((aligned(64)));
     for (int r = 0; r < Sp; r += ROWS_PER_PASS) {
+        accumulator acc[4];
+        for (int t = 0; t < 4; t++) /* tile t: rows r + 16 (t / 2), panel p + t % 2 */
+            place(&acc[t], y, S, two || t % 2 == 0 ? N : 0, r + TILE * (t / 2), (p + t % 2) * TILE, stage[t]);
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
@@ -110,19 +161,11 @@ static void panels_on_tiles(const uint16_t *xb, int S, int Sp, int Kp, const uin
                 _tile_dpbf16ps(3, 5, 7);
             }
         }
-        for (int half = 0; half < 2; half++) {
-            const int first = r + half * TILE, rows = S - first < TILE ? S - first : TILE;
-            if (rows <= 0) break;
-            for (int q = 0; q < 1 + two; q++) {
-                if (half == 0 && q == 0) _tile_stored(0, out, 64);
-                else if (half == 0) _tile_stored(1, out, 64);
-                else if (q == 0) _tile_stored(2, out, 64);
-                else _tile_stored(3, out, 64);
-                const int count = N - (p + q) * TILE < TILE ? N - (p + q) * TILE : TILE;
-                for (int t = 0; t < rows; t++)
-                    memcpy(y + (size_t)(first + t) * N + (size_t)(p + q) * TILE, out + t * TILE, sizeof(float) * count);
-            }
-        }
+        FINISH(0);
+        FINISH(1);
+        FINISH(2);
+        FINISH(3);
+        for (int t = 0; t < 4; t++) unstage(&acc[t]);
     }
 }
 
@@ -134,8 +177,8 @@ int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y) {
     const int Sp = (S + ROWS_PER_PASS - 1) / ROWS_PER_PASS * ROWS_PER_PASS, P = (N + TILE - 1) / TILE;
     /* two packed panels per thread on its stack: at most 1 MB (K <= 8192) */
     if ((size_t)2 * Kp * TILE * 2 > ((size_t)1 << 20)) return 0;
-    uint16_t *xb = NULL;
-    if (posix_memalign((void **)&xb, 64, (size_t)Sp * Kp * 2) != 0) return 0;
+    uint16_t *xb = rows_scratch((size_t)Sp * Kp * 2);
+    if (!xb) return 0;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -154,7 +197,6 @@ int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y) {
         }
         _tile_release();
     }
-    free(xb);
     return 1;
 }
 
