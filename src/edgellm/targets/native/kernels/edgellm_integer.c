@@ -900,7 +900,20 @@ static inline __attribute__((always_inline)) void panel_int8(const em_weight *w,
 #endif
 }
 
-static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y) {
+static void add_panel_residual(const float *residual, int p, int n, float *y) {
+    const int first = p * PANEL, count = n - first < PANEL ? n - first : PANEL;
+    for (int j = first; j < first + count; j++) y[j] += residual[j];
+}
+
+/* What a prefill matmul adds to each panel of outputs while they are in cache (em_matmul_fused):
+   the LoRA branch (t [rows][columns]: its first half, em_lora_rows_down) and the residual [rows][N];
+   either may be absent. A separate pass of each over y cost as much as the branch's products. */
+typedef struct {
+    const em_lora *lora;
+    const float *t, *residual;
+} panel_additions;
+
+static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y, const panel_additions *add) {
     const int nb = em_blocks(w);
     int8_t xq[(size_t)S * w->k];
     float dx[(size_t)S * nb], xs[(size_t)S * nb];
@@ -908,12 +921,16 @@ static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y
     quantize_rows(x, S, w, xq, dx, xn, xs);
 #pragma omp parallel for EM_PREFILL_SCHEDULE
     for (int p = 0; p < panels(w); p++)
-        for (int s0 = 0; s0 < S; s0 += 8) panel_int8(w, p, xq, dx, xn, xs, s0, S - s0 < 8 ? S - s0 : 8, y);
-}
-
-static void add_panel_residual(const float *residual, int p, int n, float *y) {
-    const int first = p * PANEL, count = n - first < PANEL ? n - first : PANEL;
-    for (int j = first; j < first + count; j++) y[j] += residual[j];
+        for (int s0 = 0; s0 < S; s0 += 8) {
+            const int rows = S - s0 < 8 ? S - s0 : 8;
+            panel_int8(w, p, xq, dx, xn, xs, s0, rows, y);
+            for (int s = s0; add && s < s0 + rows; s++) {
+                float *row = y + (size_t)s * w->n;
+                if (add->t) em_lora_add(add->lora, add->t + (size_t)s * add->lora->columns, w->n, p * PANEL,
+                                        w->n - p * PANEL < PANEL ? w->n - p * PANEL : PANEL, row);
+                if (add->residual) add_panel_residual(add->residual + (size_t)s * w->n, p, w->n, row);
+            }
+        }
 }
 
 /* The panel's outputs of one row: + the LoRA branch (t: the row's em_lora_down), + the residual. */
@@ -979,14 +996,28 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
 /* Activation rows quantized at a time: bounds the scratch on the caller's stack (64 x K bytes). */
 #define EM_QUANTIZED_ROWS 64
 
-static void matmul_int8_activations(const float *x, int S, const em_weight *w, float *y) {
+static void matmul_int8_activations(const float *x, int S, const em_weight *w, float *y, const panel_additions *add) {
     for (int first = 0; first < S; first += EM_QUANTIZED_ROWS) {
         const int rows = S - first < EM_QUANTIZED_ROWS ? S - first : EM_QUANTIZED_ROWS;
-        matmul_int8_rows(x + (size_t)first * w->k, rows, w, y + (size_t)first * w->n);
+        panel_additions part;
+        if (add) {
+            part = *add;
+            if (part.t) part.t += (size_t)first * add->lora->columns;
+            if (part.residual) part.residual += (size_t)first * w->n;
+        }
+        matmul_int8_rows(x + (size_t)first * w->k, rows, w, y + (size_t)first * w->n, add ? &part : NULL);
     }
 }
 
+int em_matmul_integer_finished(const float *x, int S, const em_weight *w, float *y, const em_lora *lora, const float *t,
+                               const float *residual) {
+    if (!em_integer_kind(w->kind) || !w->int8_activations) return 0;
+    const panel_additions add = {lora, t, residual};
+    matmul_int8_activations(x, S, w, y, &add);
+    return 1;
+}
+
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y) {
-    if (w->int8_activations) matmul_int8_activations(x, S, w, y);
+    if (w->int8_activations) matmul_int8_activations(x, S, w, y, NULL);
     else em_matmul_rows(x, S, w, y);
 }

@@ -356,26 +356,28 @@ void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const 
         for (int s = 0; s < S; s++) em_prepare_row(f, x, s, w->k, f->scratch + (size_t)s * w->k);
         x = f->scratch;
     }
+    if (em_integer_kind(w->kind) && w->int8_activations) { /* branch and residual inside the panels */
+        float *t = em_lora_on(f) ? em_lora_rows_down(f->lora, x, S, w->k) : NULL;
+        if (!em_lora_on(f) || t) {
+            em_matmul_integer_finished(x, S, w, y, f->lora, t, f->residual);
+            free(t);
+            return;
+        }
+    }
     em_matmul(x, S, w, y);
     if (em_lora_on(f)) em_lora_rows(f->lora, x, S, w->k, w->n, y);
     if (f->residual) em_add(y, f->residual, S * w->n, y);
 }
 
-/* The LoRA branch of S rows (a prefill call): the factors widened to floats once for all rows,
-   T = scale A x' for every row, then each panel of 16 outputs of B, widened once, against every
-   row's t (one row at a time, as in decode, would widen the factors S times). */
-void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y) {
-    const int C = l->columns, panels = (N + 15) / 16;
+/* The LoRA branch of S rows (a prefill call), its first half: the factors widened to floats once
+   for all rows, then t = scale A x' for every row, four rows per pass over a component. */
+float *em_lora_rows_down(const em_lora *l, const float *x, int S, int K) {
+    const int C = l->columns;
     float *a = malloc(sizeof(float) * (size_t)C * K), *t = malloc(sizeof(float) * (size_t)S * C);
-    if (!a || !t) { /* no memory for the shortcut: one row at a time */
+    if (!a || !t) {
         free(a);
         free(t);
-        for (int s = 0; s < S; s++) {
-            float row[C];
-            em_lora_down(l, x + (size_t)s * K, 1, K, row);
-            em_lora_add(l, row, N, 0, N, y + (size_t)s * N);
-        }
-        return;
+        return NULL;
     }
 #pragma omp parallel
     {
@@ -387,7 +389,7 @@ void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *
                                                         : ((const float *)l->a)[(size_t)c * K + k]);
         }
 #pragma omp for schedule(static)
-        for (int c = 0; c < C; c++) { /* four rows per pass over a component's weights */
+        for (int c = 0; c < C; c++) {
             const float *ac = a + (size_t)c * K;
             int s = 0;
             for (; s + 4 <= S; s += 4) {
@@ -397,6 +399,27 @@ void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *
             }
             for (; s < S; s++) t[(size_t)s * C + c] = fdot(ac, x + (size_t)s * K, K);
         }
+    }
+    free(a);
+    return t;
+}
+
+/* The whole branch of S rows, added to y: t, then each panel of 16 outputs of B, widened once,
+   against every row's t (one row at a time, as in decode, would widen the factors S times). An
+   int8-activation integer matmul instead adds t . B inside its own panels (em_matmul_fused). */
+void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y) {
+    const int C = l->columns, panels = (N + 15) / 16;
+    float *t = em_lora_rows_down(l, x, S, K);
+    if (!t) { /* no memory for the shortcut: one row at a time */
+        for (int s = 0; s < S; s++) {
+            float row[C];
+            em_lora_down(l, x + (size_t)s * K, 1, K, row);
+            em_lora_add(l, row, N, 0, N, y + (size_t)s * N);
+        }
+        return;
+    }
+#pragma omp parallel
+    {
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
             const int PC = l->panel_offset ? l->panel_columns : C, offset = l->panel_offset ? l->panel_offset[p] : 0;
@@ -449,7 +472,6 @@ void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *
             }
         }
     }
-    free(a);
     free(t);
 }
 

@@ -286,6 +286,8 @@ static inline void em_lora_add(const em_lora *l, const float *t, int N, int firs
 
 /* edgellm_kernels.c: the LoRA branch of S rows (prefill), added to y [S, N] */
 void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y);
+/* Its first half: t [S][columns] = scale A x' (malloc'ed: the caller frees it; NULL without memory). */
+float *em_lora_rows_down(const em_lora *l, const float *x, int S, int K);
 
 #if EM_AVX512
 /* r[j] = row j of a 16 x 16 tile; afterwards r[i] = its column i. */
@@ -325,6 +327,11 @@ int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y);
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y);
 /* Several rows with float activations against float32, bfloat16 or integer weights (edgellm_integer.c) */
 void em_matmul_rows(const float *x, int S, const em_weight *w, float *y);
+/* S rows against integer weights with int8 activations, with the LoRA branch's second half (t:
+   em_lora_rows_down's, or NULL) and the residual (or NULL) added to each panel of outputs while
+   it is in cache; 0 (nothing done) for other weights. */
+int em_matmul_integer_finished(const float *x, int S, const em_weight *w, float *y, const em_lora *lora, const float *t,
+                               const float *residual);
 /* em_team_matmul on integer weights: the residual is added panel by panel. */
 void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_integer_row(const em_weight *w, int n, float *out);
