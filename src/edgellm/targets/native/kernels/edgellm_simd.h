@@ -225,15 +225,44 @@ static inline float em_int8_dot(const int8_t *a, const float *x, int K) {
     return v;
 }
 
+#if EM_AVX512
+/* em_int8_dot of four components at once: four independent sums (one component's chain of
+   multiply-adds waits on itself: its latency, not the multipliers, set the pace) and each x
+   vector loaded once. Each sum runs in em_int8_dot's order, so the values are the same. */
+static inline void em_int8_dot4(const int8_t *a, const float *x, int K, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+        for (int i = 0; i < 4; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a + (size_t)i * K + k)))),
+                                     xv, acc[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        out[i] = _mm512_reduce_add_ps(acc[i]);
+        for (int j = k; j < K; j++) out[i] += (float)a[(size_t)i * K + j] * x[j];
+    }
+}
+#endif
+
 static inline void em_lora_down(const em_lora *l, const float *xp, int rows, int K, float *t) {
     const int C = l->columns;
-    for (int s = 0; s < rows; s++)
-        for (int c = 0; c < C; c++) {
-            const float *x = xp + (size_t)s * K;
+    for (int s = 0; s < rows; s++) {
+        const float *x = xp + (size_t)s * K;
+        int c = 0;
+#if EM_AVX512
+        for (; l->int8 && c + 4 <= C; c += 4) {
+            float v[4];
+            em_int8_dot4((const int8_t *)l->a + (size_t)c * K, x, K, v);
+            for (int i = 0; i < 4; i++) t[(size_t)s * C + c + i] = l->scale * (v[i] * l->a_scale[c + i] * l->b_scale[c + i]);
+        }
+#endif
+        for (; c < C; c++) {
             const float v = l->int8 ? em_int8_dot((const int8_t *)l->a + (size_t)c * K, x, K) * l->a_scale[c] * l->b_scale[c]
                                     : fdot((const float *)l->a + (size_t)c * K, x, K);
             t[(size_t)s * C + c] = l->scale * v;
         }
+    }
 }
 
 static inline void em_lora_add(const em_lora *l, const float *t, int N, int first, int count, float *y) {
