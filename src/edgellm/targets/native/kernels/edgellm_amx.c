@@ -19,7 +19,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define EM_AMX 1
 #define TILE 16       /* rows of a tile */
 #define TILE_K 32     /* bfloat16 columns of a tile row (64 bytes) */
 #define ROWS_PER_PASS 32
