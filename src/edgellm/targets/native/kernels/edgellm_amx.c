@@ -174,7 +174,7 @@ int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y) {
     if (w->kind != EM_BF16 || !tiles_allowed()) return 0;
     const int K = w->k, N = w->n, Kp = (K + TILE_K - 1) / TILE_K * TILE_K;
     const int Sp = (S + ROWS_PER_PASS - 1) / ROWS_PER_PASS * ROWS_PER_PASS, P = (N + TILE - 1) / TILE;
-    /* two packed panels per thread on its stack: at most 1 MB (K <= 8192) */
+    /* two packed panels per thread on its stack: at most 1 MB (K <= 16384); wider stays float32 */
     if ((size_t)2 * Kp * TILE * 2 > ((size_t)1 << 20)) return 0;
     uint16_t *xb = rows_scratch((size_t)Sp * Kp * 2);
     if (!xb) return 0;
