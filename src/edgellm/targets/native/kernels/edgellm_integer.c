@@ -913,32 +913,6 @@ typedef struct {
     const float *t, *residual;
 } panel_additions;
 
-/* The LoRA branch's second half for `rows` rows of panel p: y_s += sum_c t_s[c] B[c] (as
-   em_lora_add, and in its order per row, so the same values), the panel's int8 B widened once for
-   all rows and four rows' sums kept at a time, where em_lora_add widens it again for every row. */
-static void lora_panel_rows(const em_lora *l, const float *t, int rows, int p, int n, float *y) {
-    const int first = p * PANEL, count = n - first < PANEL ? n - first : PANEL, C = l->columns;
-    int s = 0;
-#if EM_AVX512
-    const int PC = l->panel_offset ? l->panel_columns : C, offset = l->panel_offset ? l->panel_offset[p] : 0;
-    if (l->int8 && count == PANEL && PC <= 64) {
-        __m512 b[64];
-        const int8_t *bp = (const int8_t *)l->b + (size_t)p * PC * PANEL;
-        for (int c = 0; c < PC; c++) b[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bp + (size_t)c * PANEL))));
-        for (; s + 4 <= rows; s += 4) {
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int c = 0; c < PC; c++)
-                for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[(size_t)(s + i) * C + offset + c]), b[c], acc[i]);
-            for (int i = 0; i < 4; i++) {
-                float *row = y + (size_t)(s + i) * n + first;
-                _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), acc[i]));
-            }
-        }
-    }
-#endif
-    for (; s < rows; s++) em_lora_add(l, t + (size_t)s * C, n, first, count, y + (size_t)s * n);
-}
-
 static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y, const panel_additions *add) {
     const int nb = em_blocks(w);
     int8_t xq[(size_t)S * w->k];
@@ -950,7 +924,7 @@ static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y
         for (int s0 = 0; s0 < S; s0 += 8) {
             const int rows = S - s0 < 8 ? S - s0 : 8;
             panel_int8(w, p, xq, dx, xn, xs, s0, rows, y);
-            if (add && add->t) lora_panel_rows(add->lora, add->t + (size_t)s0 * add->lora->columns, rows, p, w->n,
+            if (add && add->t) em_lora_panel_rows(add->lora, add->t + (size_t)s0 * add->lora->columns, rows, p, w->n,
                                                y + (size_t)s0 * w->n);
             for (int s = s0; add && add->residual && s < s0 + rows; s++)
                 add_panel_residual(add->residual + (size_t)s * w->n, p, w->n, y + (size_t)s * w->n);

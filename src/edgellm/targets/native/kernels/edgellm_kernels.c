@@ -418,60 +418,8 @@ void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *
         }
         return;
     }
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int p = 0; p < panels; p++) {
-            const int PC = l->panel_offset ? l->panel_columns : C, offset = l->panel_offset ? l->panel_offset[p] : 0;
-            float b[PC][16];
-            const int first = p * 16, m = N - first < 16 ? N - first : 16;
-            for (int c = 0; c < PC; c++)
-                for (int i = 0; i < 16; i++)
-                    b[c][i] = l->int8 ? (float)((const int8_t *)l->b)[((size_t)p * PC + c) * 16 + i]
-                                      : ((const float *)l->b)[((size_t)p * PC + c) * 16 + i];
-            int s = 0;
-#if EM_AVX512
-            for (; m == 16 && s + 4 <= S; s += 4) { /* four rows: independent sums, each panel row loaded once */
-                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                const float *ts = t + (size_t)s * C + offset;
-                for (int c = 0; c < PC; c++) {
-                    const __m512 bc = _mm512_loadu_ps(b[c]);
-                    for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(ts[(size_t)i * C + c]), bc, acc[i]);
-                }
-                for (int i = 0; i < 4; i++) {
-                    float *ys = y + (size_t)(s + i) * N + first;
-                    _mm512_storeu_ps(ys, _mm512_add_ps(_mm512_loadu_ps(ys), acc[i]));
-                }
-            }
-#endif
-            for (; s < S; s++) {
-                const float *ts = t + (size_t)s * C + offset;
-                float *ys = y + (size_t)s * N + first;
-#if EM_AVX512
-                if (m == 16) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int c = 0; c < PC; c++) acc = _mm512_fmadd_ps(_mm512_set1_ps(ts[c]), _mm512_loadu_ps(b[c]), acc);
-                    _mm512_storeu_ps(ys, _mm512_add_ps(_mm512_loadu_ps(ys), acc));
-                    continue;
-                }
-#elif EM_AVX2
-                if (m == 16) {
-                    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-                    for (int c = 0; c < PC; c++) {
-                        const __m256 tc = _mm256_set1_ps(ts[c]);
-                        lo = _mm256_fmadd_ps(tc, _mm256_loadu_ps(b[c]), lo);
-                        hi = _mm256_fmadd_ps(tc, _mm256_loadu_ps(b[c] + 8), hi);
-                    }
-                    _mm256_storeu_ps(ys, _mm256_add_ps(_mm256_loadu_ps(ys), lo));
-                    _mm256_storeu_ps(ys + 8, _mm256_add_ps(_mm256_loadu_ps(ys + 8), hi));
-                    continue;
-                }
-#endif
-                for (int c = 0; c < PC; c++)
-                    for (int i = 0; i < m; i++) ys[i] += ts[c] * b[c][i];
-            }
-        }
-    }
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) em_lora_panel_rows(l, t, S, p, N, y);
     free(t);
 }
 

@@ -313,6 +313,36 @@ static inline void em_lora_add(const em_lora *l, const float *t, int N, int firs
     }
 }
 
+/* The LoRA branch's second half for `rows` rows of panel p: y_s += sum_c t_s[c] B[c] (as
+   em_lora_add, and in its order per row, so the same values), the panel's int8 B widened once for
+   all rows and four rows' sums kept at a time, where em_lora_add widens it again for every row
+   (prefill: em_lora_rows, and the int8 matmuls' panels). */
+static inline void em_lora_panel_rows(const em_lora *l, const float *t, int rows, int p, int n, float *y) {
+    const int first = p * 16, count = n - first < 16 ? n - first : 16, C = l->columns;
+    int s = 0;
+#if EM_AVX512
+    const int PC = l->panel_offset ? l->panel_columns : C, offset = l->panel_offset ? l->panel_offset[p] : 0;
+    if (count == 16 && PC <= 64) {
+        __m512 b[64];
+        for (int c = 0; c < PC; c++) {
+            const size_t at = ((size_t)p * PC + c) * 16;
+            b[c] = l->int8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)l->b + at))))
+                           : _mm512_loadu_ps((const float *)l->b + at);
+        }
+        for (; s + 4 <= rows; s += 4) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int c = 0; c < PC; c++)
+                for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[(size_t)(s + i) * C + offset + c]), b[c], acc[i]);
+            for (int i = 0; i < 4; i++) {
+                float *row = y + (size_t)(s + i) * n + first;
+                _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), acc[i]));
+            }
+        }
+    }
+#endif
+    for (; s < rows; s++) em_lora_add(l, t + (size_t)s * C, n, first, count, y + (size_t)s * n);
+}
+
 /* edgellm_kernels.c: the LoRA branch of S rows (prefill), added to y [S, N] */
 void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y);
 /* Its first half: t [S][columns] = scale A x' (malloc'ed: the caller frees it; NULL without memory). */
