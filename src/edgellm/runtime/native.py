@@ -82,7 +82,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 class _Lora(ctypes.Structure):  # em_lora (kernels/edgellm_kernels.h)
     _fields_ = [("columns", ctypes.c_int), ("int8", ctypes.c_int), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p),
                 ("a_scale", _FLOAT_P), ("b_scale", _FLOAT_P), ("scale", ctypes.c_float),
-                ("panel_columns", ctypes.c_int), ("panel_offset", ctypes.POINTER(ctypes.c_int))]
+                ("panel_columns", ctypes.c_int), ("panel_offset", ctypes.POINTER(ctypes.c_int)),
+                ("a_quads", ctypes.c_void_p), ("b_pairs", ctypes.c_void_p)]
 
 
 class _LoraSite(ctypes.Structure):  # em_lora_site
@@ -94,11 +95,12 @@ class NativeBranches:
     (int8 as stored, or float; B regrouped in panels of 16 outputs, kernels/edgellm_kernels.h),
     which this object keeps alive."""
 
-    def __init__(self, sites: list[str], factors: dict):
+    def __init__(self, sites: list[str], factors: dict, quads_sites: frozenset[str] = frozenset()):
         self.arrays = []
         self.branches = []
         for site in sites:
             f = factors[site]
+            int8 = f.a_scale is not None
             columns, n = f.b.shape
             panels = np.zeros(((n + 15) // 16 * 16, columns), f.b.dtype)
             panels[:n] = f.b.T
@@ -110,15 +112,35 @@ class NativeBranches:
                 part = np.searchsorted([first for first, _ in f.blocks], np.arange(len(b)) * 16, side="right") - 1
                 offsets = np.ascontiguousarray(part * rank, np.int32)
                 b = np.stack([b[p, o : o + rank] for p, o in enumerate(offsets)])
-            b = np.ascontiguousarray(b)
-            a = np.ascontiguousarray(f.a)
-            self.arrays.append((a, b, f.a_scale, f.b_scale, offsets))
-            int8 = f.a_scale is not None
-            self.branches.append(_Lora(columns, int(int8), a.ctypes.data, b.ctypes.data,
+            # where the matmul quantizes its activations, int8 factors go laid out for integer dot
+            # products (their only copy), up to the 512 columns whose sums int32 holds (edgellm_integer.c)
+            quads = int8 and site in quads_sites and columns <= 512
+            a, b, quads_a, pairs_b = ((None, None, a_quads(f.a), b_pairs(b)) if quads else
+                                      (np.ascontiguousarray(f.a), np.ascontiguousarray(b), None, None))
+            self.arrays.append((a, b, f.a_scale, f.b_scale, offsets, quads_a, pairs_b))
+            self.branches.append(_Lora(columns, int(int8), *(None if x is None else x.ctypes.data for x in (a, b)),
                                        f.a_scale.ctypes.data_as(_FLOAT_P) if int8 else None,
                                        f.b_scale.ctypes.data_as(_FLOAT_P) if int8 else None, 1.0,
                                        rank if offsets is not None else 0,
-                                       offsets.ctypes.data_as(ctypes.POINTER(ctypes.c_int)) if offsets is not None else None))
+                                       offsets.ctypes.data_as(ctypes.POINTER(ctypes.c_int)) if offsets is not None else None,
+                                       *(None if x is None else x.ctypes.data for x in (quads_a, pairs_b))))
+
+
+def a_quads(a: np.ndarray) -> np.ndarray:
+    """int8 A [C, K] as em_lora.a_quads: groups of 8 components, [C / 8][K / 4][8][4] bytes of A + 128
+    (components past C: 128, i.e. zero)."""
+    columns, k = a.shape
+    shifted = np.full(((columns + 7) // 8 * 8, k), 128, np.uint8)
+    shifted[:columns] = (a.astype(np.int16) + 128).astype(np.uint8)
+    return np.ascontiguousarray(shifted.reshape(-1, 8, k // 4, 4).transpose(0, 2, 1, 3))
+
+
+def b_pairs(panels: np.ndarray) -> np.ndarray:
+    """int8 B in panels [N / 16][C][16] as em_lora.b_pairs: [N / 16][C / 2][16][2] (components past C: 0)."""
+    count, columns, _ = panels.shape
+    padded = np.zeros((count, (columns + 1) // 2 * 2, 16), np.int8)
+    padded[:, :columns] = panels
+    return np.ascontiguousarray(padded.reshape(count, -1, 2, 16).transpose(0, 1, 3, 2))
 
 
 class _EncoderInfo(ctypes.Structure):  # em_encoder_info (kernels/edgellm_model.h)
@@ -169,6 +191,7 @@ class NativeEngine(Engine):
         lib.em_info.restype = ctypes.POINTER(_Info)
         self.info = lib.em_info().contents
         self.sites = self._read_sites()
+        self.quads_sites = self._read_quads_sites()
         self.encoder = None  # a vision-language build's image encoder (builds before it lack em_encode)
         if hasattr(lib, "em_encode"):
             lib.em_encoder.restype = ctypes.POINTER(_EncoderInfo)
@@ -197,6 +220,14 @@ class NativeEngine(Engine):
         table = (_LoraSite * max(count, 1)).in_dll(self.lib, "EM_LORA_SITE_INFO")
         return {table[i].name.decode(): (table[i].k, table[i].n, table[i].columns) for i in range(count)}
 
+    def _read_quads_sites(self) -> frozenset[str]:
+        """The sites whose int8 adapters' A the kernels take as quads (EM_LORA_SITE_QUADS; none in a
+        library built before it)."""
+        if not self.sites or not hasattr(self.lib, "EM_LORA_SITE_QUADS"):
+            return frozenset()
+        flags = (ctypes.c_ubyte * len(self.sites)).in_dll(self.lib, "EM_LORA_SITE_QUADS")
+        return frozenset(name for name, flag in zip(self.sites, flags, strict=True) if flag)
+
     def encode_patches(self, patches: np.ndarray) -> np.ndarray:
         """An image's patches [patches, values per patch] -> its prompt rows (em_encode)."""
         info = self.encoder
@@ -211,7 +242,7 @@ class NativeEngine(Engine):
         return features
 
     def branch_arrays(self, factors) -> NativeBranches:
-        return NativeBranches(list(self.sites), factors)
+        return NativeBranches(list(self.sites), factors, self.quads_sites)
 
     def forward_batch(self, calls):
         """Every call's rows through em_forward_rows, up to the verify function's rows at a time:
@@ -294,7 +325,7 @@ class NativeSession(EngineSession):
         for i in range(len(sites)):
             branch = _Lora() if factors is None else factors.branches[i]  # columns 0: none
             chosen = _Lora(branch.columns, branch.int8, branch.a, branch.b, branch.a_scale, branch.b_scale, scale,
-                           branch.panel_columns, branch.panel_offset)
+                           branch.panel_columns, branch.panel_offset, branch.a_quads, branch.b_pairs)
             if self.engine.lib.em_set_lora(self.handle, i, ctypes.byref(chosen)) != 0:
                 raise EdgeLLMError(self.engine.lib.em_last_error().decode())
         self.branches = factors  # kept alive while the session's branches point into it

@@ -53,7 +53,7 @@ class EncoderShape:
 
 
 def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[WeightRecord], shape: ModelShape,
-             weights_size: int, digest: str, source: str, lora_sites: list[tuple[str, tuple[int, int, int]]] = (),
+             weights_size: int, digest: str, source: str, lora_sites: list[tuple[str, tuple[int, int, int, int]]] = (),
              encoder: tuple[Lowered, MemoryPlan, EncoderShape] | None = None) -> str:
     arena = max(plan.arena for _, plan in variants.values())
     lines = [
@@ -96,8 +96,11 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
     lines += ["};", f"const int EM_RECORD_COUNT = {len(records)};"]
     lines += ["", "/* LoRA branch sites: name, input and output width, columns (rank x parts) */",
               f"const em_lora_site EM_LORA_SITE_INFO[{max(len(lora_sites), 1)}] = {{"]
-    lines += [f'    {{"{name}", {k}, {n}, {c}}},' for name, (k, n, c) in lora_sites] or ['    {"", 0, 0, 0},']
-    lines += ["};", f"const int EM_LORA_SITE_COUNT = {len(lora_sites)};"]
+    lines += [f'    {{"{name}", {k}, {n}, {c}}},' for name, (k, n, c, _) in lora_sites] or ['    {"", 0, 0, 0},']
+    lines += ["};", f"const int EM_LORA_SITE_COUNT = {len(lora_sites)};",
+              "/* per site: 1 where an int8 adapter's A comes as em_lora.a_quads (the matmul quantizes its activations) */",
+              f"const unsigned char EM_LORA_SITE_QUADS[{max(len(lora_sites), 1)}] = "
+              f"{{{', '.join(str(shape[3]) for _, shape in lora_sites) or '0'}}};"]
     for variant, (lowered, plan) in variants.items():
         offsets = {p.name: p.offset // 4 for p in plan.placements}
         if variant == "verify":  # rows with a cache and a position each (em_rows_program)

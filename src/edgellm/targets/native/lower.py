@@ -102,7 +102,8 @@ class Lowered:
     calls: list[Call] = field(default_factory=list)
     activations: dict[str, Activation] = field(default_factory=dict)
     matmul_weights: set[str] = field(default_factory=set)  # read whole by every call (unlike a lookup table)
-    lora_sites: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # LoRA branch site -> K, N, columns
+    # LoRA branch site -> K, N, columns, quads (1: an int8 adapter's A comes as em_lora.a_quads)
+    lora_sites: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -393,9 +394,10 @@ class Lowering:
             y = add.output[0]
             nodes += folded
             self.done.update(n.name for n in folded)
-            self.out.lora_sites[site] = shape
             lora = f"EM_LORA({self.lora_sites.index(site)})"
         weight = self._matmul_weight(w_name, minimum)
+        if branch is not None:
+            self.out.lora_sites[site] = (*shape, int(self.weights.quantizes_in_fours(weight)))
         self.out.matmul_weights.add(weight)
         x = self._act(x_name)
         residual = self._residual_add(y, x, self.weights.rows(weight))

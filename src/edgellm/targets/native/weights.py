@@ -122,6 +122,12 @@ class WeightsFile:
     def cols(self, symbol: str) -> int:
         return self._by_symbol(symbol).k
 
+    def quantizes_in_fours(self, symbol: str) -> bool:
+        """Whether the kernel quantizes this weight's activations per block, in runs of 4 inputs
+        (a LoRA branch there takes int8 dot products: em_lora_down_quads)."""
+        record = self._by_symbol(symbol)
+        return bool(record.int8_activations) and record.k % 4 == 0 and record.block % 4 == 0
+
     def _by_symbol(self, symbol: str) -> WeightRecord:
         return self.records[int(symbol[4:-1])]
 

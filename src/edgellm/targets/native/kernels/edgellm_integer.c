@@ -621,11 +621,11 @@ static int quantize_block(const float *x, int len, int8_t *xq, float *scale) {
     return total;
 }
 
-/* Every row, per weight block: xq, dx (the scale), xn = sum(xq) and xs = dx * sum(xq). */
-static void quantize_rows(const float *x, int S, const em_weight *w, int8_t *xq, float *dx, int32_t *xn, float *xs) {
+/* Rows first..first+count-1, per weight block: xq, dx (the scale), xn = sum(xq) and xs = dx * sum(xq). */
+static void quantize_rows(const float *x, int first, int count, const em_weight *w, int8_t *xq, float *dx, int32_t *xn,
+                          float *xs) {
     const int K = w->k, nb = em_blocks(w);
-#pragma omp parallel for schedule(static) if (S > 1)
-    for (int s = 0; s < S; s++)
+    for (int s = first; s < first + count; s++)
         for (int b = 0; b < nb; b++) {
             const size_t at = (size_t)s * K + (size_t)b * w->block, i = (size_t)s * nb + b;
             xn[i] = quantize_block(x + at, block_len(w, b), xq + at, &dx[i]);
@@ -637,6 +637,169 @@ static inline int32_t four_bytes(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+/* ---- a LoRA branch's down-projection on the quantized rows ------------------------------ */
+
+/* t[s][c] = scale * A[c] . x'_s for rows whose x' the matmul has quantized (xq, dx and xn = sum(xq)
+   per block), A as em_lora.a_quads: per block an exact integer sum_k A[c][k] xq[k], then
+   fma(sum, dx, total) in the order of the blocks; so every instruction set gets the same t. With
+   the activations the base already quantized, the branch costs integer dot products (4 inputs per
+   lane per instruction) instead of widening A and multiplying floats, and A is read once, in order. */
+#if EM_AVX512 || EM_AVX2
+/* 8 components' sums of 4 products (A[c][4q..4q+3] . xq[4q..4q+3]) added to acc. VNNI's vpdpbusd
+   multiplies A + 128 (unsigned) by xq: 128 * sum(xq) too much, taken off per block
+   (QUADS_SHIFTED). Without it, vpmaddubsw takes |A| and xq with A's sign; its 16-bit pair sums
+   stay below 2 x 128 x 127, no overflow. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QUADS_SHIFTED 1
+static inline __m256i quads_dot(__m256i acc, __m256i p, __m256i x4) { return _mm256_dpbusd_epi32(acc, p, x4); }
+#elif defined(__AVXVNNI__)
+#define QUADS_SHIFTED 1
+static inline __m256i quads_dot(__m256i acc, __m256i p, __m256i x4) { return _mm256_dpbusd_avx_epi32(acc, p, x4); }
+#else
+#define QUADS_SHIFTED 0
+static inline __m256i quads_dot(__m256i acc, __m256i p, __m256i x4) {
+    const __m256i a = _mm256_xor_si256(p, _mm256_set1_epi8((char)0x80)); /* A, signed */
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(x4, a));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
+/* R rows (a compile-time constant after inlining: the sums stay in registers) of one group of 8
+   components: each load of A serves every row. */
+static inline __attribute__((always_inline)) void quads_group(const uint8_t *group, int K, int B, int R, const int8_t *xq,
+                                                             const float *dx, const int32_t *xn, float *out) {
+    const int Q = K / 4, nb = (K + B - 1) / B;
+    __m256 total[4];
+    for (int r = 0; r < R; r++) total[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i sum[4];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+        const int last = (b + 1) * B / 4 < Q ? (b + 1) * B / 4 : Q;
+        for (int q = b * B / 4; q < last; q++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(group + (size_t)q * 32));
+            for (int r = 0; r < R; r++) sum[r] = quads_dot(sum[r], p, _mm256_set1_epi32(four_bytes(xq + (size_t)r * K + 4 * q)));
+        }
+        for (int r = 0; r < R; r++) {
+            if (QUADS_SHIFTED) sum[r] = _mm256_sub_epi32(sum[r], _mm256_set1_epi32(128 * xn[(size_t)r * nb + b]));
+            total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(dx[(size_t)r * nb + b]), total[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, total[r]);
+}
+#endif
+
+void em_lora_down_quads(const em_lora *l, int rows, const int8_t *xq, const float *dx, const int32_t *xn, int K, int B,
+                        float *t) {
+    const int C = l->columns, groups = (C + 7) / 8, Q = K / 4, nb = (K + B - 1) / B;
+    for (int s = 0; s < rows;) {
+        const int R = rows - s >= 4 ? 4 : 1;
+        const int8_t *x = xq + (size_t)s * K;
+        const float *d = dx + (size_t)s * nb;
+        const int32_t *n = xn + (size_t)s * nb; /* (only vpdpbusd's shifted sums need them) */
+        (void)n;
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *group = l->a_quads + (size_t)g * Q * 32;
+            float out[4 * 8]; /* row r's 8 components */
+#if EM_AVX512 || EM_AVX2
+            if (R == 4) quads_group(group, K, B, 4, x, d, n, out);
+            else quads_group(group, K, B, 1, x, d, n, out);
+#else /* (NEON too: the tests cannot run a LoRA branch on aarch64 here, so it keeps the tested C) */
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 8; j++) {
+                    float total = 0.0f;
+                    for (int b = 0; b < nb; b++) {
+                        int32_t sum = 0;
+                        const int last = (b + 1) * B / 4 < Q ? (b + 1) * B / 4 : Q;
+                        for (int q = b * B / 4; q < last; q++)
+                            for (int i = 0; i < 4; i++) sum += ((int32_t)group[((size_t)q * 8 + j) * 4 + i] - 128) * x[(size_t)r * K + 4 * q + i];
+                        total = fmaf((float)sum, d[(size_t)r * nb + b], total);
+                    }
+                    out[8 * r + j] = total;
+                }
+#endif
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 8 && 8 * g + j < C; j++) {
+                    const int c = 8 * g + j;
+                    t[(size_t)(s + r) * C + c] = l->scale * (out[8 * r + j] * l->a_scale[c] * l->b_scale[c]);
+                }
+        }
+        s += R;
+    }
+}
+
+/* The branch's second half, y += t . B: t quantized per row to int16 (one scale, max|t| / 32767:
+   int8 here doubled the branch's error against float activations, measured on the tests' models;
+   int16 keeps float's precision), then per output an exact integer sum over the components and
+   fma(sum, scale, y), so every instruction set gets the same y. B (int8) is read in pairs of
+   components per output and widened to int16 (vpdpwssd: 2 products per lane). tq rows are
+   TQ_STRIDE(columns) int16: the components rounded up to 2 and 2 spare, since a panel of a fused
+   matmul may read one pair past its part (B is 0 there). Sums stay within int32 for up to 512
+   columns (32767 x 128 x 512 = 2^31): wider branches keep float factors (runtime/native.py). */
+#define TQ_STRIDE(columns) (((columns) + 1) / 2 * 2 + 2)
+
+static void lora_quantize_t(const float *t, int rows, int C, int16_t *tq, float *st) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = t + (size_t)r * C;
+        int16_t *q = tq + (size_t)r * TQ_STRIDE(C);
+        float top = 0.0f;
+        for (int c = 0; c < C; c++) top = fabsf(row[c]) > top ? fabsf(row[c]) : top;
+        const float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+        for (int c = 0; c < TQ_STRIDE(C); c++) q[c] = c < C ? (int16_t)lrintf(row[c] * inv) : 0;
+        st[r] = top / 32767.0f;
+    }
+}
+
+static inline int32_t two_halves(const int16_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Rows r < rows (tq rows TQ_STRIDE apart, y rows n apart) of panel p: y_r[16p + j] += st_r * sum_c tq_r[c] B[c][16p + j]. */
+static void lora_up_pairs(const em_lora *l, const int16_t *tq, const float *st, int rows, int p, int n, float *y) {
+    const int first = p * 16, count = n - first < 16 ? n - first : 16, stride = TQ_STRIDE(l->columns);
+    const int PC = l->panel_offset ? l->panel_columns : l->columns, pairs = (PC + 1) / 2;
+    const int8_t *b = l->b_pairs + (size_t)p * pairs * 32;
+    tq += l->panel_offset ? l->panel_offset[p] : 0; /* this panel's components */
+    for (int r = 0; r < rows; r++) {
+        const int16_t *t = tq + (size_t)r * stride;
+        float *yr = y + (size_t)r * n + first;
+        int32_t sum[16];
+#if EM_AVX512
+        __m512i acc = _mm512_setzero_si512();
+        for (int q = 0; q < pairs; q++) {
+            const __m512i bq = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * q)));
+            const __m512i t2 = _mm512_set1_epi32(two_halves(t + 2 * q));
+#if defined(__AVX512VNNI__)
+            acc = _mm512_dpwssd_epi32(acc, t2, bq);
+#else
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(t2, bq));
+#endif
+        }
+        if (count == 16) { /* (a masked load of the outputs just stored would wait for the stores to finish) */
+            _mm512_storeu_ps(yr, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(st[r]), _mm512_loadu_ps(yr)));
+            continue;
+        }
+        _mm512_storeu_si512(sum, acc);
+#elif EM_AVX2
+        __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int q = 0; q < pairs; q++) {
+            const __m256i t2 = _mm256_set1_epi32(two_halves(t + 2 * q));
+            for (int h = 0; h < 2; h++)
+                acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(t2, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 32 * q + 16 * h)))));
+        }
+        _mm256_storeu_si256((__m256i *)sum, acc[0]);
+        _mm256_storeu_si256((__m256i *)(sum + 8), acc[1]);
+#else
+        for (int j = 0; j < 16; j++) {
+            sum[j] = 0;
+            for (int q = 0; q < pairs; q++) sum[j] += (int32_t)t[2 * q] * b[32 * q + 2 * j] + (int32_t)t[2 * q + 1] * b[32 * q + 2 * j + 1];
+        }
+#endif
+        for (int j = 0; j < count; j++) yr[j] = fmaf((float)sum[j], st[r], yr[j]);
+    }
 }
 
 #if defined(__AVX512VNNI__) && EM_AVX512
@@ -913,27 +1076,47 @@ typedef struct {
     const float *t, *residual;
 } panel_additions;
 
+/* A branch with quads (no t given) runs here on the rows as quantized for the panels. */
 static void matmul_int8_rows(const float *x, int S, const em_weight *w, float *y, const panel_additions *add) {
-    const int nb = em_blocks(w);
-    int8_t xq[(size_t)S * w->k];
-    float dx[(size_t)S * nb], xs[(size_t)S * nb];
+    const int K = w->k, nb = em_blocks(w);
+    const em_lora *lora = add && add->lora && add->lora->columns > 0 ? add->lora : NULL;
+    const int quads = lora && lora->a_quads && !add->t, C = lora ? lora->columns : 0;
+    int8_t xq[(size_t)S * K];
+    int16_t tq[quads ? (size_t)S * TQ_STRIDE(C) : 1];
+    float dx[(size_t)S * nb], xs[(size_t)S * nb], t[quads ? (size_t)S * C : 1], st[S];
     int32_t xn[(size_t)S * nb];
-    quantize_rows(x, S, w, xq, dx, xn, xs);
-#pragma omp parallel for EM_PREFILL_SCHEDULE
-    for (int p = 0; p < panels(w); p++)
-        for (int s0 = 0; s0 < S; s0 += 8) {
-            const int rows = S - s0 < 8 ? S - s0 : 8;
-            panel_int8(w, p, xq, dx, xn, xs, s0, rows, y);
-            if (add && add->t) em_lora_panel_rows(add->lora, add->t + (size_t)s0 * add->lora->columns, rows, p, w->n,
-                                               y + (size_t)s0 * w->n);
-            for (int s = s0; add && add->residual && s < s0 + rows; s++)
-                add_panel_residual(add->residual + (size_t)s * w->n, p, w->n, y + (size_t)s * w->n);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int s0 = 0; s0 < S; s0 += 4) { /* four rows at a time: what em_lora_down_quads takes together */
+            const int rows = S - s0 < 4 ? S - s0 : 4;
+            quantize_rows(x, s0, rows, w, xq, dx, xn, xs);
+            if (quads) {
+                em_lora_down_quads(lora, rows, xq + (size_t)s0 * K, dx + (size_t)s0 * nb, xn + (size_t)s0 * nb, K, w->block,
+                                   t + (size_t)s0 * C);
+                lora_quantize_t(t + (size_t)s0 * C, rows, C, tq + (size_t)s0 * TQ_STRIDE(C), st + s0);
+            }
         }
+#pragma omp for EM_PREFILL_SCHEDULE
+        for (int p = 0; p < panels(w); p++)
+            for (int s0 = 0; s0 < S; s0 += 8) {
+                const int rows = S - s0 < 8 ? S - s0 : 8;
+                panel_int8(w, p, xq, dx, xn, xs, s0, rows, y);
+                if (quads) lora_up_pairs(lora, tq + (size_t)s0 * TQ_STRIDE(C), st + s0, rows, p, w->n, y + (size_t)s0 * w->n);
+                else if (lora && add->t)
+                    em_lora_panel_rows(lora, add->t + (size_t)s0 * C, rows, p, w->n, y + (size_t)s0 * w->n);
+                for (int s = s0; add && add->residual && s < s0 + rows; s++)
+                    add_panel_residual(add->residual + (size_t)s * w->n, p, w->n, y + (size_t)s * w->n);
+            }
+    }
 }
 
-/* The panel's outputs of one row: + the LoRA branch (t: the row's em_lora_down), + the residual. */
-static void finish_panel(const em_fusion *f, const float *t, const float *residual, int p, int n, float *y) {
-    if (t) em_lora_add(f->lora, t, n, p * PANEL, n - p * PANEL < PANEL ? n - p * PANEL : PANEL, y);
+/* The panel's outputs of one row: + the LoRA branch (t: the row's em_lora_down; or, with quads, tq
+   and its scale st: lora_up_pairs), + the residual. */
+static void finish_panel(const em_fusion *f, const float *t, const int16_t *tq, const float *st, const float *residual, int p,
+                         int n, float *y) {
+    if (tq) lora_up_pairs(f->lora, tq, st, 1, p, n, y);
+    else if (t) em_lora_add(f->lora, t, n, p * PANEL, n - p * PANEL < PANEL ? n - p * PANEL : PANEL, y);
     if (residual) add_panel_residual(residual, p, n, y);
 }
 
@@ -941,24 +1124,30 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
     const int K = w->k, nb = em_blocks(w), rows = em_fusion_rows(f);
     const size_t ys = f->y_stride ? (size_t)f->y_stride : (size_t)w->n;
     const size_t rs = f->residual_stride ? (size_t)f->residual_stride : (size_t)w->n;
+    const int C = em_lora_on(f) ? f->lora->columns : 0, quads = C && f->lora->a_quads && w->int8_activations;
+#if EM_AVX512 || EM_AVX2
+    /* The branch reads all of A before any panel: asked for now, it arrives while the input is
+       prepared and quantized, rather than one cache miss at a time after. */
+    for (size_t at = 0; quads && at < (size_t)((C + 7) / 8) * (K / 4) * 32; at += 64)
+        _mm_prefetch((const char *)f->lora->a_quads + at, _MM_HINT_T0);
+#endif
     float xp[(size_t)rows * K]; /* this thread's copy of the prepared input: no barrier before the panels */
     for (int s = 0; s < rows; s++) em_prepare_row(f, x, s, K, xp + (size_t)s * K);
-    const int C = em_lora_on(f) ? f->lora->columns : 0;
     float t[(size_t)rows * C + 1];
-    if (C) em_lora_down(f->lora, xp, rows, K, t);
+    if (C && !quads) em_lora_down(f->lora, xp, rows, K, t);
     /* Each row is computed exactly as a one-row call computes it; the panel stays in cache for
        the rows after the first. */
     if (w->int8_activations) {
         int8_t xq[(size_t)rows * K];
         float dx[(size_t)rows * nb], xs[(size_t)rows * nb];
         int32_t xn[(size_t)rows * nb];
-        for (int s = 0; s < rows; s++)
-            for (int b = 0; b < nb; b++) {
-                const size_t i = (size_t)s * nb + b;
-                xn[i] = quantize_block(xp + (size_t)s * K + (size_t)b * w->block, block_len(w, b),
-                                       xq + (size_t)s * K + (size_t)b * w->block, &dx[i]);
-                xs[i] = dx[i] * (float)xn[i];
-            }
+        quantize_rows(xp, 0, rows, w, xq, dx, xn, xs);
+        int16_t tq[quads ? (size_t)rows * TQ_STRIDE(C) : 1];
+        float st[rows];
+        if (quads) {
+            em_lora_down_quads(f->lora, rows, xq, dx, xn, K, w->block, t);
+            lora_quantize_t(t, rows, C, tq, st);
+        }
         /* rows N apart: one panel call for all of them (a row's sums do not depend on how many
            rows the call has, so each is still exactly the one-row result) */
         const int together = ys == (size_t)w->n;
@@ -969,8 +1158,8 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
             for (int s = 0; s < rows; s++) {
                 const size_t i = (size_t)s * nb;
                 if (!together) panel_int8(w, p, xq + (size_t)s * K, dx + i, xn + i, xs + i, 0, 1, y + s * ys);
-                finish_panel(f, C ? t + (size_t)s * C : NULL, f->residual ? f->residual + s * rs : NULL, p, w->n,
-                             y + s * ys);
+                finish_panel(f, C ? t + (size_t)s * C : NULL, quads ? tq + (size_t)s * TQ_STRIDE(C) : NULL, st + s,
+                             f->residual ? f->residual + s * rs : NULL, p, w->n, y + s * ys);
             }
         }
     } else {
@@ -985,7 +1174,7 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
         for (int p = 0; p < panels(w); p++)
             for (int s = 0; s < rows; s++) {
                 panel_float_row(w, p, xp + (size_t)s * K, xsum + (size_t)s * nb, y + s * ys);
-                finish_panel(f, C ? t + (size_t)s * C : NULL, f->residual ? f->residual + s * rs : NULL, p, w->n,
+                finish_panel(f, C ? t + (size_t)s * C : NULL, NULL, NULL, f->residual ? f->residual + s * rs : NULL, p, w->n,
                              y + s * ys);
             }
     }

@@ -357,8 +357,9 @@ void em_matmul_fused(const float *x, int S, const em_weight *w, float *y, const 
         x = f->scratch;
     }
     if (em_integer_kind(w->kind) && w->int8_activations) { /* branch and residual inside the panels */
-        float *t = em_lora_on(f) ? em_lora_rows_down(f->lora, x, S, w->k) : NULL;
-        if (!em_lora_on(f) || t) {
+        /* (a branch with a_quads computes t from the rows the matmul quantizes) */
+        float *t = em_lora_on(f) && !f->lora->a_quads ? em_lora_rows_down(f->lora, x, S, w->k) : NULL;
+        if (!em_lora_on(f) || f->lora->a_quads || t) {
             em_matmul_integer_finished(x, S, w, y, f->lora, t, f->residual);
             free(t);
             return;

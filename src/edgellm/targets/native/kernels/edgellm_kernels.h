@@ -79,7 +79,11 @@ enum em_prologue { EM_INPUT = 0, EM_RMSNORM = 1, EM_SILU_GATE = 2, EM_GELU_GATE 
    is. int8 with one float scale per component (a_scale, b_scale), or float. columns 0: no
    adapter, the branch costs nothing. With panel_offset set, a panel lies in one part of a fused
    matmul, whose components are the only non-zero ones: B is [N / 16][panel_columns][16] and
-   panel p reads components panel_offset[p].. (a third of the work of q/k/v's block-diagonal B). */
+   panel p reads components panel_offset[p].. (a third of the work of q/k/v's block-diagonal B).
+   Where the matmul quantizes its activations (EM_LORA_SITE_QUADS), int8 factors come instead laid
+   out for integer dot products (edgellm_integer.c): a_quads, groups of 8 components,
+   [columns / 8][K / 4][8][4] bytes, each A + 128 (unsigned; 128 pads a group); b_pairs, per panel
+   of 16 outputs its components 2 at a time, [N / 16][panel columns / 2][16][2] (0 pads). */
 typedef struct {
     int columns, int8;
     const void *a, *b;
@@ -87,6 +91,8 @@ typedef struct {
     float scale;
     int panel_columns;
     const int *panel_offset;
+    const uint8_t *a_quads; /* last: a library built before them reads the fields above only */
+    const int8_t *b_pairs;
 } em_lora;
 typedef struct {
     int start, window, heads, kv_heads, head_dim; /* as em_team_attention's arguments */

@@ -91,6 +91,10 @@ typedef struct {
 } em_lora_site;
 extern const em_lora_site EM_LORA_SITE_INFO[];
 extern const int EM_LORA_SITE_COUNT;
+/* Per site, 1 where its matmul quantizes activations to int8 (K and the weight's block multiples of
+   4): there an int8 adapter's factors come as em_lora.a_quads and b_pairs, never as `a` and `b`.
+   (Its own array: the runtime reads a library built before it as having none.) */
+extern const unsigned char EM_LORA_SITE_QUADS[];
 typedef struct {
     const char *name;
     int max_rows;

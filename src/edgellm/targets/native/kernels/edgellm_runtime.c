@@ -413,7 +413,9 @@ void em_session_close(em_session *s) {
 
 int em_set_lora(em_session *s, int site, const em_lora *branch) {
     if (site < 0 || site >= EM_LORA_SITE_COUNT || branch->columns < 0 || branch->columns > EM_LORA_SITE_INFO[site].columns ||
-        (branch->columns > 0 && (!branch->a || !branch->b || (branch->int8 && (!branch->a_scale || !branch->b_scale)))) ||
+        (branch->columns > 0 && (!(branch->a_quads ? branch->int8 && branch->b_pairs && EM_LORA_SITE_QUADS[site]
+                                                   : branch->a && branch->b && !branch->b_pairs) ||
+                                 (branch->int8 && (!branch->a_scale || !branch->b_scale)))) ||
         (branch->panel_offset && (branch->panel_columns < 1 || branch->panel_columns > branch->columns))) {
         fail("bad LoRA branch: site %d of %d, %d columns", site, EM_LORA_SITE_COUNT, branch->columns);
         return -1;

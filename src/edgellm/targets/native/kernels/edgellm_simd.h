@@ -343,6 +343,10 @@ static inline void em_lora_panel_rows(const em_lora *l, const float *t, int rows
     for (; s < rows; s++) em_lora_add(l, t + (size_t)s * C, n, first, count, y + (size_t)s * n);
 }
 
+/* edgellm_integer.c: t [rows][columns] of a branch with a_quads, from rows quantized per block of B
+   inputs (xq [rows][K], their scales dx and sums xn [rows][blocks]); K and B multiples of 4. */
+void em_lora_down_quads(const em_lora *l, int rows, const int8_t *xq, const float *dx, const int32_t *xn, int K, int B,
+                        float *t);
 /* edgellm_kernels.c: the LoRA branch of S rows (prefill), added to y [S, N] */
 void em_lora_rows(const em_lora *l, const float *x, int S, int K, int N, float *y);
 /* Its first half: t [S][columns] = scale A x' (malloc'ed: the caller frees it; NULL without memory). */
