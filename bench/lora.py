@@ -169,8 +169,9 @@ def main() -> None:
     # int8 storage against float32, at fp32 (cpu target)
     fp32, seconds["fp32 branch"] = build(base, work / "fp32", plan(work, "LORA_BRANCH", "FP32"),
                                          lora=(("manual", str(manual_adapter)),), target="cpu", max_num_tokens=1024, jobs=2)
-    subprocess.run([sys.executable, "-m", "edgellm.cli", "compile-lora", str(fp32), str(manual_adapter), "--name",
-                    "manual-f32", "--lora_dtype", "float32"], check=True, cwd=ROOT)
+    if not (fp32 / "adapters" / "manual-f32").is_dir():  # (a second run in the same WORK_DIR has it)
+        subprocess.run([sys.executable, "-m", "edgellm.cli", "compile-lora", str(fp32), str(manual_adapter), "--name",
+                        "manual-f32", "--lora_dtype", "float32"], check=True, cwd=ROOT)
     model = edgellm.load(fp32, threads=args.threads)
     texts = {"manual questions": model.codec.encode_chat(
                  [m for q, a in manual()["pairs"] for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]),
