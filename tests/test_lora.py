@@ -494,13 +494,14 @@ def test_a_trained_adapter_changes_the_answer_as_peft_does(tmp_path):
     assert ours.token_ids != plain.token_ids
 
 
-@pytest.mark.parametrize("march", ["native", "x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni", "x86-64-v4 -mno-avx512vnni"])
+@pytest.mark.parametrize("march", ["native", "x86-64", "x86-64-v3", "x86-64-v3 -mavxvnni", "x86-64-v3 -mavx512f",
+                                   "x86-64-v4 -mno-avx512vnni"])
 def test_integer_branch_kernels_are_exact_on_every_instruction_set(tmp_path, march):
     """Where the matmul quantizes its activations, the branch runs as integer sums (a_quads, b_pairs):
     tests/kernel_checks/lora_branch.c holds each instruction set's kernels (portable C, AVX2,
-    AVX-VNNI, AVX-512 with and without VNNI) to plain loops over the factors, value for value. (The
-    logits of a whole model cannot show it: a last-bit difference before the activations' int8
-    rounding moves them a step, which the tests' random adapters magnify.)"""
+    AVX-VNNI, AVX-512 F alone, AVX-512 with and without VNNI) to plain loops over the factors,
+    value for value. (The logits of a whole model cannot show it: a last-bit difference before the
+    activations' int8 rounding moves them a step, which the tests' random adapters magnify.)"""
     from edgellm.targets.native.toolchain import FLAGS, KERNELS
 
     if march != "native" and subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":

@@ -646,7 +646,8 @@ static inline int32_t four_bytes(const int8_t *p) {
    fma(sum, dx, total) in the order of the blocks; so every instruction set gets the same t. With
    the activations the base already quantized, the branch costs integer dot products (4 inputs per
    lane per instruction) instead of widening A and multiplying floats, and A is read once, in order. */
-#if EM_AVX512 || EM_AVX2
+#if (EM_AVX512 || EM_AVX2) && defined(__FMA__) /* (AVX-512 F without FMA, an odd -march: the portable C) */
+#define EM_QUADS_X86 1
 /* 8 components' sums of 4 products (A[c][4q..4q+3] . xq[4q..4q+3]) added to acc. VNNI's vpdpbusd
    multiplies A + 128 (unsigned) by xq: 128 * sum(xq) too much, taken off per block
    (QUADS_SHIFTED). Without it, vpmaddubsw takes |A| and xq with A's sign; its 16-bit pair sums
@@ -702,7 +703,7 @@ void em_lora_down_quads(const em_lora *l, int rows, const int8_t *xq, const floa
         for (int g = 0; g < groups; g++) {
             const uint8_t *group = l->a_quads + (size_t)g * Q * 32;
             float out[4 * 8]; /* row r's 8 components */
-#if EM_AVX512 || EM_AVX2
+#if EM_QUADS_X86
             if (R == 4) quads_group(group, K, B, 4, x, d, n, out);
             else quads_group(group, K, B, 1, x, d, n, out);
 #else /* (NEON too: the tests cannot run a LoRA branch on aarch64 here, so it keeps the tested C) */
@@ -767,7 +768,7 @@ static void lora_up_pairs(const em_lora *l, const int16_t *tq, const float *st, 
         const int16_t *t = tq + (size_t)r * stride;
         float *yr = y + (size_t)r * n + first;
         int32_t sum[16];
-#if EM_AVX512
+#if EM_AVX512 && defined(__AVX512BW__) /* (AVX-512 F alone: the AVX2 code) */
         __m512i acc = _mm512_setzero_si512();
         for (int q = 0; q < pairs; q++) {
             const __m512i bq = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * q)));
@@ -783,7 +784,7 @@ static void lora_up_pairs(const em_lora *l, const int16_t *tq, const float *st, 
             continue;
         }
         _mm512_storeu_si512(sum, acc);
-#elif EM_AVX2
+#elif EM_AVX512 || EM_AVX2
         __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int q = 0; q < pairs; q++) {
             const __m256i t2 = _mm256_set1_epi32(two_halves(t + 2 * q));
