@@ -221,8 +221,8 @@ class NativeEngine(Engine):
         return {table[i].name.decode(): (table[i].k, table[i].n, table[i].columns) for i in range(count)}
 
     def _read_quads_sites(self) -> frozenset[str]:
-        """The sites whose int8 adapters' A the kernels take as quads (EM_LORA_SITE_QUADS; none in a
-        library built before it)."""
+        """The sites whose int8 adapters the kernels take as a_quads and b_pairs (EM_LORA_SITE_QUADS;
+        none in a library built before it)."""
         if not self.sites or not hasattr(self.lib, "EM_LORA_SITE_QUADS"):
             return frozenset()
         flags = (ctypes.c_ubyte * len(self.sites)).in_dll(self.lib, "EM_LORA_SITE_QUADS")

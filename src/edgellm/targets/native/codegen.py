@@ -98,7 +98,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
               f"const em_lora_site EM_LORA_SITE_INFO[{max(len(lora_sites), 1)}] = {{"]
     lines += [f'    {{"{name}", {k}, {n}, {c}}},' for name, (k, n, c, _) in lora_sites] or ['    {"", 0, 0, 0},']
     lines += ["};", f"const int EM_LORA_SITE_COUNT = {len(lora_sites)};",
-              "/* per site: 1 where an int8 adapter's A comes as em_lora.a_quads (the matmul quantizes its activations) */",
+              "/* per site: 1 where an int8 adapter comes as em_lora.a_quads and b_pairs (the matmul quantizes its activations) */",
               f"const unsigned char EM_LORA_SITE_QUADS[{max(len(lora_sites), 1)}] = "
               f"{{{', '.join(str(shape[3]) for _, shape in lora_sites) or '0'}}};"]
     for variant, (lowered, plan) in variants.items():

@@ -102,7 +102,7 @@ class Lowered:
     calls: list[Call] = field(default_factory=list)
     activations: dict[str, Activation] = field(default_factory=dict)
     matmul_weights: set[str] = field(default_factory=set)  # read whole by every call (unlike a lookup table)
-    # LoRA branch site -> K, N, columns, quads (1: an int8 adapter's A comes as em_lora.a_quads)
+    # LoRA branch site -> K, N, columns, quads (1: an int8 adapter comes as em_lora.a_quads and b_pairs)
     lora_sites: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
