@@ -95,7 +95,7 @@ class NativeBranches:
     (int8 as stored, or float; B regrouped in panels of 16 outputs, kernels/edgellm_kernels.h),
     which this object keeps alive."""
 
-    def __init__(self, sites: list[str], factors: dict, quads_sites: frozenset[str] = frozenset()):
+    def __init__(self, sites: list[str], factors: dict, quads_sites: frozenset[str]):
         self.arrays = []
         self.branches = []
         for site in sites:

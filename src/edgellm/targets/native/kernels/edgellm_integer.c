@@ -731,8 +731,8 @@ void em_lora_down_quads(const em_lora *l, int rows, const int8_t *xq, const floa
 }
 
 /* The branch's second half, y += t . B: t quantized per row to int16 (one scale, max|t| / 32767:
-   int8 here doubled the branch's error against float activations, measured on the tests' models;
-   int16 keeps float's precision), then per output an exact integer sum over the components and
+   int8 here raised the branch's logit error against float activations by half, 0.0062 -> 0.0096
+   mean on a test model; int16 stays at float's), then per output an exact integer sum over the components and
    fma(sum, scale, y), so every instruction set gets the same y. B (int8) is read in pairs of
    components per output and widened to int16 (vpdpwssd: 2 products per lane). tq rows are
    TQ_STRIDE(columns) int16: the components rounded up to 2 and 2 spare, since a panel of a fused
@@ -1126,12 +1126,10 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
     const size_t ys = f->y_stride ? (size_t)f->y_stride : (size_t)w->n;
     const size_t rs = f->residual_stride ? (size_t)f->residual_stride : (size_t)w->n;
     const int C = em_lora_on(f) ? f->lora->columns : 0, quads = C && f->lora->a_quads && w->int8_activations;
-#if EM_AVX512 || EM_AVX2
     /* The branch reads all of A before any panel: asked for now, it arrives while the input is
        prepared and quantized, rather than one cache miss at a time after. */
     for (size_t at = 0; quads && at < (size_t)((C + 7) / 8) * (K / 4) * 32; at += 64)
-        _mm_prefetch((const char *)f->lora->a_quads + at, _MM_HINT_T0);
-#endif
+        __builtin_prefetch(f->lora->a_quads + at);
     float xp[(size_t)rows * K]; /* this thread's copy of the prepared input: no barrier before the panels */
     for (int s = 0; s < rows; s++) em_prepare_row(f, x, s, K, xp + (size_t)s * K);
     float t[(size_t)rows * C + 1];

@@ -413,7 +413,9 @@ void em_session_close(em_session *s) {
 
 int em_set_lora(em_session *s, int site, const em_lora *branch) {
     if (site < 0 || site >= EM_LORA_SITE_COUNT || branch->columns < 0 || branch->columns > EM_LORA_SITE_INFO[site].columns ||
-        (branch->columns > 0 && (!(branch->a_quads ? branch->int8 && branch->b_pairs && EM_LORA_SITE_QUADS[site]
+        /* (integer factors: int16 t times int8 B stays within int32 up to 512 columns) */
+        (branch->columns > 0 && (!(branch->a_quads ? branch->int8 && branch->b_pairs && EM_LORA_SITE_QUADS[site] &&
+                                                     branch->columns <= 512
                                                    : branch->a && branch->b && !branch->b_pairs) ||
                                  (branch->int8 && (!branch->a_scale || !branch->b_scale)))) ||
         (branch->panel_offset && (branch->panel_columns < 1 || branch->panel_columns > branch->columns))) {
