@@ -107,6 +107,48 @@ def test_truncate_forgets_positions_in_place(tiny):
         session.truncate(19)
 
 
+def test_a_copied_cache_continues_in_another_session_as_in_its_own(tiny):
+    """copy_cache / load_cache (the server's store of finished conversations): a session loaded
+    with a copy's first positions, whatever it held before, computes bit for bit what the session
+    that made the copy computed; a copy keeps only the positions it was asked for."""
+    model = edgellm.load(tiny[2])
+    engine = model.engine
+    reference = engine.open_session()
+    reference.forward(PROMPT[:16], 0)
+    reference.forward(PROMPT[16:20], 16)
+    expected = reference.forward(PROMPT[20:33], 20, logits_from=0)
+    expected_next = reference.decode(PROMPT[33], 33)
+
+    source = engine.open_session()
+    source.forward(PROMPT[:16], 0)
+    source.forward(PROMPT[16:20], 16)
+    source.forward(PROMPT[::-1][:14], 20)  # later positions hold other tokens: copied, then not loaded
+    copy = source.copy_cache(34)  # three blocks of 16 keys, of which two are loaded
+    assert copy.length == 34
+    source.truncate(0)  # the copy is its own memory
+    source.prefill(PROMPT[5:30], 0)
+
+    target = engine.open_session()
+    target.prefill(PROMPT[::-1][:40], 0)  # a cache full of something else
+    target.load_cache(copy, 20)
+    assert target.length == 20
+    assert np.array_equal(target.forward(PROMPT[20:33], 20, logits_from=0), expected)
+    assert np.array_equal(target.decode(PROMPT[33], 33), expected_next)
+
+    assert engine.open_session().copy_cache(0).length == 0
+    assert copy.nbytes < engine.session_bytes() and source.copy_cache(8).nbytes < source.copy_cache(25).nbytes
+    with pytest.raises(EdgeLLMError, match="cannot load 35 positions of a cache copy holding 34"):
+        target.load_cache(copy, 35)
+    with pytest.raises(EdgeLLMError, match="cannot copy 35 positions of a session holding 34"):
+        target.copy_cache(35)
+    other = edgellm.load(tiny[2])
+    with pytest.raises(EdgeLLMError, match="a cache copy made by another model"):
+        other.engine.open_session().load_cache(copy, 10)
+    model.close()
+    with pytest.raises(EdgeLLMError, match="closed"):
+        target.copy_cache(5)
+
+
 def test_embedding_rows_give_the_logits_of_their_token_ids(tiny):
     """Rows given as transformers' inputs_embeds (Gemma's scale included) compute what the ids do,
     alone or mixed with token rows."""

@@ -6,6 +6,8 @@ sessions (one conversation's KV cache each).
     session.forward(ids, start, logits_from)         n rows at positions start.., one call; returns the
                                                      logits of rows logits_from..n-1 ([rows, vocab])
     session.truncate(n)                              keep the first n positions (O(1))
+    copy = session.copy_cache(n)                     the first n positions, kept apart from the session
+    other.load_cache(copy, m)                        another session of the engine holds copy's first m
 
 A row is a token id or, where the id is negative, an embedding vector of the hidden size (the
 hidden state entering layer 0, as transformers' inputs_embeds), given in `embeddings`. A call runs
@@ -43,10 +45,25 @@ class EngineSpec:
     rope_grid: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class CacheCopy:
+    """A session's first `length` positions (KV cache and what the session keeps per position),
+    apart from any session: the server keeps finished conversations this way (serve/prefix_store.py)."""
+
+    engine: "Engine"
+    length: int
+    parts: tuple[np.ndarray, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+
 class EngineSession(ABC):
     """One conversation in a loaded program: its KV cache and how many positions it holds."""
 
     spec: EngineSpec
+    engine: "Engine"
     length: int
     full_group_calls = True  # a call of fewer rows than the group costs a whole group (prefill_chunks)
 
@@ -66,6 +83,34 @@ class EngineSession(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the cache; using the session afterwards raises EdgeLLMError."""
+
+    @abstractmethod
+    def _live(self) -> None:
+        """Raise EdgeLLMError if the session or its model was closed."""
+
+    def copy_cache(self, length: int) -> CacheCopy:
+        """The first `length` positions (at most what the session holds) as a CacheCopy."""
+        self._live()
+        if not 0 <= length <= self.length:
+            raise EdgeLLMError(f"cannot copy {length} positions of a session holding {self.length}")
+        return CacheCopy(self.engine, length, tuple(self._save(length)))
+
+    def load_cache(self, copy: CacheCopy, length: int) -> None:
+        """Hold the first `length` positions of `copy` (made by a session of the same engine),
+        whatever the session held before."""
+        self._live()
+        if copy.engine is not self.engine:
+            raise EdgeLLMError(f"{self.engine.program_dir}: a cache copy made by another model")
+        if not 0 <= length <= copy.length:
+            raise EdgeLLMError(f"cannot load {length} positions of a cache copy holding {copy.length}")
+        self._load(copy.parts, copy.length, length)
+        self.length = length
+
+    def _save(self, length: int) -> list[np.ndarray]:
+        raise EdgeLLMError(f"{self.engine.program_dir}: this build cannot copy its KV cache (compile it again)")
+
+    def _load(self, parts: tuple[np.ndarray, ...], held: int, length: int) -> None:
+        raise EdgeLLMError(f"{self.engine.program_dir}: this build cannot copy its KV cache (compile it again)")
 
     def set_adapter(self, factors: dict[str, np.ndarray] | None, scale: float) -> None:
         """Run the next calls with these LoRA factors (runtime/adapters.py; the cache keeps what

@@ -76,6 +76,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "em_set_lora"):  # builds before LoRA branches lack it
         lib.em_set_lora.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Lora)]
     lib.em_truncate.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    if hasattr(lib, "em_cache_save"):  # builds before cache copies lack them
+        lib.em_cache_bytes.argtypes = [ctypes.c_int]
+        lib.em_cache_bytes.restype = ctypes.c_size_t
+        lib.em_cache_save.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.em_cache_load.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.em_last_error.restype = ctypes.c_char_p
 
 
@@ -342,6 +347,25 @@ class NativeSession(EngineSession):
     def _live(self) -> None:
         if not self._release.alive or self.engine.closed:
             raise EdgeLLMError(f"{self.engine.program_dir}: this session was closed (or its model was)")
+
+    def _save(self, length: int) -> list[np.ndarray]:
+        lib = self.engine.lib
+        if not hasattr(lib, "em_cache_save"):
+            return super()._save(length)
+        cache = np.empty(lib.em_cache_bytes(length), np.uint8)
+        if lib.em_cache_save(self.handle, length, cache.ctypes.data) != 0:
+            raise EdgeLLMError(lib.em_last_error().decode())
+        if self.spec.rope_grid:
+            return [cache, self.tokens[:length].copy(), self.rope[:, :length].copy()]
+        return [cache]
+
+    def _load(self, parts, held: int, length: int) -> None:
+        lib = self.engine.lib
+        if lib.em_cache_load(self.handle, parts[0].ctypes.data, held, length) != 0:
+            raise EdgeLLMError(lib.em_last_error().decode())
+        if self.spec.rope_grid:
+            self.tokens[:length] = parts[1][:length]
+            self.rope[:, :length] = parts[2][:, :length]
 
     def truncate(self, length: int) -> None:
         self._live()

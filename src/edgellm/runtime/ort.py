@@ -134,6 +134,23 @@ class OrtSession(EngineSession):
     def close(self) -> None:
         self.cache, self._bindings, self.closed = [], {}, True
 
+    def _live(self) -> None:
+        if self.closed:
+            raise EdgeLLMError(f"{self.engine.program_dir}: this session was closed (or its model was)")
+
+    def _save(self, length: int) -> list[np.ndarray]:
+        parts = [self.tokens[:length].copy(), self.until[:length].copy()]
+        if self.spec.rope_grid:
+            parts.append(self.rope[:, :length].copy())
+        return parts + [buf[0, :length].copy() for pair in self.cache for buf in pair]
+
+    def _load(self, parts, held: int, length: int) -> None:
+        self.tokens[:length], self.until[:length] = parts[0][:length], parts[1][:length]
+        if self.spec.rope_grid:
+            self.rope[:, :length] = parts[2][:, :length]
+        for buf, part in zip((buf for pair in self.cache for buf in pair), parts[-2 * len(self.cache):], strict=True):
+            buf[0, :length] = part[:length]
+
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise EdgeLLMError(f"cannot truncate a session of {self.length} positions to {length}")
@@ -178,8 +195,7 @@ class OrtSession(EngineSession):
 
     def forward(self, ids, start: int, logits_from: int | None = None, embeddings: np.ndarray | None = None,
                 until: np.ndarray | None = None) -> np.ndarray:
-        if self.closed:
-            raise EdgeLLMError(f"{self.engine.program_dir}: this session was closed (or its model was)")
+        self._live()
         n = len(ids)
         logits_from = n - 1 if logits_from is None else logits_from
         self._check(n, start, logits_from, embeddings)

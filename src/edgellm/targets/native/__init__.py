@@ -69,7 +69,7 @@ def compile_native(out: Path, cfg: ModelConfig, options, units, plan, manifest, 
     except BaseException:
         weights.abort()
         raise
-    shape = ModelShape(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, options.max_num_tokens,
+    shape = ModelShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, options.max_num_tokens,
                        options.language_group_size, cfg.vocab_size, cfg.hidden_size, verify_rows)
     sites = variants["single"][0].lora_sites
     if set(sites) != set(lora_sites):

@@ -26,7 +26,8 @@ _PLACEHOLDER = re.compile(r"\{([^{}\s,]+)\}")  # {tensor name}; not a C initiali
 @dataclass(frozen=True)
 class ModelShape:
     layers: int
-    kv_width: int
+    kv_heads: int
+    head_dim: int
     max_tokens: int
     group_size: int
     vocab: int
@@ -70,7 +71,7 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         '#include "edgellm_model.h"',
         "",
         f"#define EM_LAYERS {shape.layers}",
-        f"#define EM_KV_WIDTH {shape.kv_width}",
+        f"#define EM_KV_WIDTH {shape.kv_heads * shape.head_dim}",
         f"#define EM_MAX_TOKENS {shape.max_tokens}",
         "#define EM_CACHE_TOKENS ((EM_MAX_TOKENS + 15) / 16 * 16) /* whole blocks of 16 keys */",
         "",
@@ -84,7 +85,8 @@ def generate(variants: dict[str, tuple[Lowered, MemoryPlan]], records: list[Weig
         "",
         f"const em_model_info EM_MODEL = {{{shape.vocab}, {shape.hidden}, {shape.max_tokens}, {shape.group_size}, "
         f'{weights_size}ULL, "{digest}", {max(arena, 64)}, '
-        "(size_t)EM_LAYERS * 2 * EM_CACHE_TOKENS * EM_KV_WIDTH * sizeof(em_kv_value)};",
+        "(size_t)EM_LAYERS * 2 * EM_CACHE_TOKENS * EM_KV_WIDTH * sizeof(em_kv_value), "
+        f"EM_LAYERS, {shape.kv_heads}, {shape.head_dim}, EM_CACHE_TOKENS}};",
         "",
         "/* kind, rows, columns, block, int8 activations, shift, float32 minimums, byte offsets of data, scale, minimum,"
         " scale unit, minimum unit; blocks per unit */",

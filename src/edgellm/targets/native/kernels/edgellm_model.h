@@ -15,6 +15,7 @@ typedef struct {
     unsigned long long weights_size;
     const char *weights_digest; /* 16 hex digits, as in the weights file's header */
     size_t arena_bytes, cache_bytes; /* per session */
+    int layers, kv_heads, head_dim, cache_tokens; /* the KV cache's layout (edgellm_kernels.h) */
 } em_model_info;
 
 typedef struct {
@@ -58,6 +59,15 @@ int em_set_lora(em_session *session, int site, const em_lora *branch);
 /* Keep the first `length` positions (no more than the session holds): O(1), nothing is cleared. */
 int em_truncate(em_session *session, int length);
 int em_length(const em_session *session);
+/* A copy of a session's first positions, kept outside any session (the server's store of
+   finished conversations): em_cache_bytes(length) bytes. em_cache_save copies the first `length`
+   positions (at most what the session holds) to out; em_cache_load makes the session hold the
+   first `length` positions of a copy of `held` positions (length <= held), whatever it held
+   before. Positions are copied in whole blocks of 16 (the keys' layout), so a copy of n positions
+   takes n rounded up to 16. 0, or -1 (em_last_error). */
+size_t em_cache_bytes(int length);
+int em_cache_save(const em_session *session, int length, void *out);
+int em_cache_load(em_session *session, const void *in, int held, int length);
 /* A vision-language build's image encoder (em_encoder()->run is NULL in a text model): pixels
    [patches][patch_values] (the patches cut and flattened as the patch convolution reads them) ->
    features [tokens][hidden] (the image's prompt rows). It allocates its activations for the call

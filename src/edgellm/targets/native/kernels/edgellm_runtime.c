@@ -437,6 +437,40 @@ int em_truncate(em_session *s, int length) {
 
 int em_length(const em_session *s) { return s->length; }
 
+/* Every (layer, keys or values, KV head) of the cache is cache_tokens x head_dim values, keys in
+   blocks of 16 positions: its first n positions, rounded up to 16, are its first values. A copy
+   holds those of each in turn. */
+static size_t cache_span(int length) { return (size_t)(length + 15) / 16 * 16 * (size_t)EM_MODEL.head_dim; }
+
+size_t em_cache_bytes(int length) {
+    return (size_t)EM_MODEL.layers * 2 * (size_t)EM_MODEL.kv_heads * cache_span(length) * sizeof(em_kv_value);
+}
+
+static void cache_copy(em_kv_value *to, size_t to_stride, const em_kv_value *from, size_t from_stride, size_t span) {
+    for (int part = 0; part < EM_MODEL.layers * 2 * EM_MODEL.kv_heads; part++)
+        memcpy(to + part * to_stride, from + part * from_stride, span * sizeof(em_kv_value));
+}
+
+int em_cache_save(const em_session *s, int length, void *out) {
+    if (length < 0 || length > s->length) {
+        fail("cannot copy %d positions of a session holding %d", length, s->length);
+        return -1;
+    }
+    size_t span = cache_span(length);
+    cache_copy(out, span, s->kv, (size_t)EM_MODEL.cache_tokens * EM_MODEL.head_dim, span);
+    return 0;
+}
+
+int em_cache_load(em_session *s, const void *in, int held, int length) {
+    if (length < 0 || length > held || held > EM_MODEL.max_tokens) {
+        fail("cannot load %d positions of a copy holding %d (the context holds %d)", length, held, EM_MODEL.max_tokens);
+        return -1;
+    }
+    cache_copy(s->kv, (size_t)EM_MODEL.cache_tokens * EM_MODEL.head_dim, in, cache_span(held), cache_span(length));
+    s->length = length;
+    return 0;
+}
+
 /* rope NULL: each row's own position, three times (what an M-RoPE model's text rows get when no
    image came before them) */
 static const int64_t *own_positions(const int64_t *rope, int64_t *own, const int *positions, int start, int n) {
