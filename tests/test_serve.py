@@ -193,6 +193,91 @@ def test_an_answer_does_not_depend_on_what_the_cache_held(client):
         assert again.choices[0].message.content == first.choices[0].message.content
 
 
+SYSTEM = "You are a careful assistant for a museum. Answer in one short sentence, plainly, without lists. " * 3
+ELSEWHERE = ["Write a short poem about the moon, with three verses of four lines, and give it a title that fits it "
+             "well.", "Describe a mountain in one paragraph for a child who has never seen it, using simple words."]
+
+
+def _conversations(client) -> tuple[list[str], list[int]]:
+    """With one session: a conversation; another that takes the session; the first again, one
+    turn on; another; a new question under the first's system prompt. (answers, cached tokens)"""
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": LONG}]
+    requests = [first, [{"role": "user", "content": ELSEWHERE[0]}], None, [{"role": "user", "content": ELSEWHERE[1]}],
+                [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]]
+    answers, cached = [], []
+    for messages in requests:
+        if messages is None:  # the first conversation's next turn
+            messages = first + [{"role": "assistant", "content": answers[0]},
+                                {"role": "user", "content": "And in three words?"}]
+        r = client.chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=16)
+        answers.append(r.choices[0].message.content)
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    return answers, cached
+
+
+def test_conversations_that_come_back_after_their_session_moved_on_start_from_the_prefix_store(smollm2_int8):
+    """--cache-ram keeps finished conversations' caches apart from the sessions: with one
+    session, a conversation that comes back after another request, and a request under the same
+    system prompt, reuse its cache; the answers are those of a server without the store."""
+    runs = {}
+    for flags in (["--cache-ram", "0"], []):
+        proc, base = _serve(smollm2_int8, "--parallel", "1", *flags)
+        try:
+            runs[bool(flags)] = _conversations(openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0))
+            metrics = httpx.get(f"{base}/metrics").text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    (plain, plain_cached), (stored, stored_cached) = runs[True], runs[False]
+    assert stored == plain
+    assert plain_cached[2] == plain_cached[4] == 0  # the session had answered another request since
+    assert stored_cached[2] >= 3 * GROUP and stored_cached[4] >= GROUP  # the whole first turn; the system prompt
+    assert re.search(r"^edgellm_prefix_store_loads_total 2.0$", metrics, re.M), metrics
+    assert float(re.search(r"^edgellm_prefix_store_conversations (\S+)$", metrics, re.M).group(1)) >= 2
+
+
+def test_the_prefix_store_drops_the_least_recently_used_past_its_limit_and_when_memory_runs_short(local):
+    from edgellm.serve.metrics import Metrics
+    from edgellm.serve.prefix_store import PrefixStore
+
+    texts = [LONG, SYSTEM + ELSEWHERE[0], " ".join(ELSEWHERE) * 2]
+    prompts = [local.prompt_ids(t)[:70] for t in texts]  # 70 tokens each: two whole chunks kept
+    sessions = [local.session() for _ in prompts]
+    for session, ids in zip(sessions, prompts):
+        session.generate_ids(ids, max_new_tokens=1)
+    one = sessions[0].engine_session.copy_cache(2 * GROUP).nbytes
+    free = [1 << 40]
+    metrics = Metrics()
+    store = PrefixStore(5 * one // 2, GROUP, metrics, reserve_bytes=1 << 20, available=lambda: free[0])
+    for session in sessions:
+        store.keep(session)
+    assert len(store.entries) == 2 and store.bytes == 2 * one  # the first went past the limit
+    assert store.best(prompts[0] + [5], [], None) == (None, 0)
+    found, reuse = store.best(prompts[1] + [5], [], None)
+    assert reuse == 2 * GROUP and found.tokens == prompts[1][: 2 * GROUP]
+    assert store.best(prompts[1] + [5], [], ("adapter", 1.0)) == (None, 0)  # computed without it
+
+    # a session loaded from the store answers what a fresh one answers
+    store.load(found, sessions[0], reuse)
+    assert sessions[0].generate_ids(prompts[1] + [5], max_new_tokens=8).token_ids == \
+        local.session().generate_ids(prompts[1] + [5], max_new_tokens=8).token_ids
+    # the same conversation again is not copied twice; one that goes on from a kept one replaces it
+    store.keep(sessions[0])
+    assert len(store.entries) == 2
+    longer = prompts[2] + prompts[0][:30]
+    sessions[2].generate_ids(longer, max_new_tokens=1)
+    store.keep(sessions[2])
+    assert [len(e.tokens) for e in store.entries.values()] == [2 * GROUP, 3 * GROUP]
+    assert store.bytes == sum(e.copy.nbytes for e in store.entries.values()) <= store.limit_bytes
+
+    free[0] = 1 << 10  # memory runs short: every copy goes
+    store.relieve()
+    assert not store.entries and store.bytes == 0
+    text = metrics.render().decode()
+    assert re.search(r'^edgellm_prefix_store_evictions_total\{reason="limit"\} 1.0$', text, re.M), text
+    assert re.search(r'^edgellm_prefix_store_evictions_total\{reason="memory"\} 2.0$', text, re.M), text
+
+
 def test_json_schema_answers_always_validate(client):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},

@@ -189,7 +189,7 @@ def test_a_session_of_a_closed_model_raises(tiny):
 
 def test_more_sessions_than_memory_allows_are_refused_before_allocating(tiny, monkeypatch):
     model = edgellm.load(tiny[2])
-    monkeypatch.setattr(engine_module, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 1000)
     with pytest.raises(EdgeLLMError, match=r"a new session needs .* MB .*; 0 MB are available"):
         model.session()
 

@@ -458,6 +458,9 @@ def serve(
     draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
     lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
     max_body: int = typer.Option(4 * 2**20, "--max-body", help="largest request body, in bytes"),
+    cache_ram: int = typer.Option(1024, "--cache-ram", help="MiB of finished conversations' KV caches kept for "
+                                  "requests that repeat their start (least recently used dropped first, and "
+                                  "whenever memory runs short); 0: none"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),
 ):
     """Serve MODEL_DIR over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models)."""
@@ -474,7 +477,10 @@ def serve(
         raise EdgeLLMError(f"--port {port}: use 0 to 65535")
     if max_body < 1024:
         raise EdgeLLMError(f"--max-body {max_body}: allow at least 1024 bytes")
-    options = ServeOptions(model_dir, parallel, api_key, alias, draft, lookup, draft_max, threads, max_body)
+    if cache_ram < 0:
+        raise EdgeLLMError(f"--cache-ram {cache_ram}: give 0 (no store) or more MiB")
+    options = ServeOptions(model_dir, parallel, api_key, alias, draft, lookup, draft_max, threads, max_body,
+                           cache_ram << 20)
     config = uvicorn.Config(None, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
     web = uvicorn.Server(config)
 

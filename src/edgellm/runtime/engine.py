@@ -91,6 +91,8 @@ class EngineSession(ABC):
     def copy_cache(self, length: int) -> CacheCopy:
         """The first `length` positions (at most what the session holds) as a CacheCopy."""
         self._live()
+        if not self.engine.copies_cache:
+            raise EdgeLLMError(f"{self.engine.program_dir}: this build cannot copy its KV cache (compile it again)")
         if not 0 <= length <= self.length:
             raise EdgeLLMError(f"cannot copy {length} positions of a session holding {self.length}")
         return CacheCopy(self.engine, length, tuple(self._save(length)))
@@ -106,11 +108,13 @@ class EngineSession(ABC):
         self._load(copy.parts, copy.length, length)
         self.length = length
 
+    @abstractmethod
     def _save(self, length: int) -> list[np.ndarray]:
-        raise EdgeLLMError(f"{self.engine.program_dir}: this build cannot copy its KV cache (compile it again)")
+        """The parts of a CacheCopy of the first `length` positions."""
 
+    @abstractmethod
     def _load(self, parts: tuple[np.ndarray, ...], held: int, length: int) -> None:
-        raise EdgeLLMError(f"{self.engine.program_dir}: this build cannot copy its KV cache (compile it again)")
+        """Hold the first `length` positions of a copy's parts, which hold `held`."""
 
     def set_adapter(self, factors: dict[str, np.ndarray] | None, scale: float) -> None:
         """Run the next calls with these LoRA factors (runtime/adapters.py; the cache keeps what
@@ -168,6 +172,7 @@ class Engine(ABC):
     # bfloat16 weights multiply activation rows rounded to bfloat16 where many rows meet (prefill,
     # the image encoder): the native targets on AMX tiles. Elsewhere activations stay float32.
     bf16_tiles = False
+    copies_cache = True  # its sessions' copy_cache and load_cache work (a native build from before them: no)
 
     @property
     @abstractmethod
@@ -187,7 +192,7 @@ class Engine(ABC):
     def open_session(self) -> EngineSession:
         if self.closed:
             raise EdgeLLMError(f"{self.program_dir}: this model was closed")
-        available = _available_memory()  # refuse what memory cannot hold, before allocating it
+        available = available_memory()  # refuse what memory cannot hold, before allocating it
         if available is not None and self.session_bytes() > available:
             raise EdgeLLMError(f"a new session needs {self.session_bytes() / 2**20:.0f} MB (KV cache and buffers); "
                                f"{available / 2**20:.0f} MB are available")
@@ -268,11 +273,20 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """Bytes the machine can still give (MemAvailable), or None where unknown."""
+    return _meminfo("MemAvailable")
+
+
+def total_memory() -> int | None:
+    return _meminfo("MemTotal")
+
+
+def _meminfo(field: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

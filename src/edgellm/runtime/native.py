@@ -206,6 +206,7 @@ class NativeEngine(Engine):
         # bfloat16 weights against many rows (prefill, the encoder) on AMX tiles, activations rounded
         # to bfloat16 (kernels/edgellm_amx.c); builds before it lack the function
         self.bf16_tiles = hasattr(lib, "em_bf16_tiles") and bool(lib.em_bf16_tiles())
+        self.copies_cache = hasattr(lib, "em_cache_save")
         self.sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
         self.session_handles: set[int] = set()  # open in C: closed with the model at the latest
         self._release = weakref.finalize(self, _release_model, lib, handle, private, self.session_handles)
@@ -350,8 +351,6 @@ class NativeSession(EngineSession):
 
     def _save(self, length: int) -> list[np.ndarray]:
         lib = self.engine.lib
-        if not hasattr(lib, "em_cache_save"):
-            return super()._save(length)
         cache = np.empty(lib.em_cache_bytes(length), np.uint8)
         if lib.em_cache_save(self.handle, length, cache.ctypes.data) != 0:
             raise EdgeLLMError(lib.em_last_error().decode())

@@ -50,6 +50,7 @@ class ServeOptions:
     draft_max: int = 4
     threads: int | None = None
     max_body_bytes: int = 4 * 2**20
+    cache_bytes: int = 1 << 30  # the prefix store's limit (prefix_store.py); 0: none
 
 
 class Server:
@@ -86,7 +87,7 @@ class Server:
                 self.model.adapters.inputs(name)
             codec = self.model.codec
             self.grammars = Grammars(codec.tokenizer.to_str(), self.model.engine.spec.vocab_size, sorted(codec.eos_ids))
-            self.scheduler = Scheduler(self.model, o.parallel, self.metrics, drafters, o.draft_max)
+            self.scheduler = Scheduler(self.model, o.parallel, self.metrics, drafters, o.draft_max, o.cache_bytes)
         except EdgeLLMError as e:
             self.failed = str(e)
             self.close()

@@ -26,6 +26,13 @@ class Metrics:
         self.queued = Gauge("edgellm_requests_queued", "requests waiting for a session", registry=r)
         self.drafted = Counter("edgellm_speculative_drafted_tokens", "tokens drafted for verification", registry=r)
         self.accepted = Counter("edgellm_speculative_accepted_tokens", "drafted tokens the model accepted", registry=r)
+        self.prefix_bytes = Gauge("edgellm_prefix_store_bytes", "bytes of finished conversations' KV caches kept",
+                                  registry=r)
+        self.prefix_entries = Gauge("edgellm_prefix_store_conversations", "finished conversations kept", registry=r)
+        self.prefix_loads = Counter("edgellm_prefix_store_loads", "prompts that began from a kept conversation",
+                                    registry=r)
+        self.prefix_evictions = Counter("edgellm_prefix_store_evictions", "kept conversations dropped, by why",
+                                        ["reason"], registry=r)
         self.batch_rows = Histogram("edgellm_decode_batch_rows", "rows per batched decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
 

@@ -2,7 +2,8 @@
 
 Each turn of the loop takes at most one queued request into a free session (the one whose cache
 holds the longest prefix of its prompt: the history of a conversation that came back; else the
-one unused longest), runs one prefill chunk (up to the group size) of the oldest request still
+one unused longest). The conversation that session held goes to the prefix store (prefix_store.py)
+first, and the request starts from the store's copy instead where that reuses more. The loop then runs one prefill chunk (up to the group size) of the oldest request still
 prefilling, then one decode step of every request that is decoding, as one batched call
 (Engine.forward_batch: the rows of all sessions, the weights read once where the target can). So
 a long prompt delays the running answers by a chunk per step, not by its whole prefill.
@@ -24,6 +25,7 @@ from ..errors import EdgeLLMError
 from ..runtime.sampling import SamplingParams
 from ..runtime.session import Decoding, Generation, Session, attention_blocks, cache_reuse
 from .metrics import Metrics
+from .prefix_store import PrefixStore
 from .protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -88,10 +90,18 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, model, parallel: int, metrics: Metrics, drafters: Callable | None = None, draft_max: int = 4):
+    def __init__(self, model, parallel: int, metrics: Metrics, drafters: Callable | None = None, draft_max: int = 4,
+                 store_bytes: int = 0):
         if parallel < 1:
             raise EdgeLLMError(f"--parallel {parallel}: serve at least 1 session")
         self.model, self.metrics, self.draft_max = model, metrics, draft_max
+        engine = model.engine
+        self.store = None
+        if store_bytes > 0 and not engine.copies_cache:
+            log.warning("%s: built before sessions could copy their caches: no prefix store (compile it again)",
+                        engine.program_dir)
+        elif store_bytes > 0:
+            self.store = PrefixStore(store_bytes, engine.spec.group_size, metrics)
         self.slots: list[Slot] = []
         try:  # every session up front: a server that cannot hold `parallel` of them says so at start
             for _ in range(parallel):
@@ -127,6 +137,8 @@ class Scheduler:
         for slot in self.slots:
             if slot.job:
                 slot.job.send("error", gone)
+        if self.store is not None:
+            self.store.clear()
         self._close_slots()
 
     def _close_slots(self) -> None:
@@ -174,23 +186,31 @@ class Scheduler:
         """The free session that reuses the most of its cache for this prompt (in whole prefill
         chunks, as Decoding will), else the one unused longest: a never-used one before a
         conversation worth keeping."""
-        group = self.model.engine.spec.group_size
-        blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
-
-        def reuse(slot: Slot) -> int:
-            if slot.session.adapter != job.adapter:  # K/V computed under another adapter
-                return 0
-            return cache_reuse(slot.session, job.prompt_ids, blocks, group)
-
         free = [s for s in self.slots if s.job is None]
-        return max(free, key=lambda s: (reuse(s), -s.last_used))
+        return max(free, key=lambda s: (self._reuse(s.session, job), -s.last_used))
+
+    def _reuse(self, session: Session, job: Job) -> int:
+        """How many positions of the session's cache the job's prompt keeps (whole prefill chunks)."""
+        if session.adapter != job.adapter:  # K/V computed under another adapter
+            return 0
+        blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
+        return cache_reuse(session, job.prompt_ids, blocks, self.model.engine.spec.group_size)
 
     def _start(self, job: Job) -> None:
         slot = self._slot_for(job)
         slot.job, slot.last_used, slot.prefilled = job, time.perf_counter(), False
         self.metrics.running.set(len(self._running()))
         try:
+            own = self._reuse(slot.session, job)
+            group = self.model.engine.spec.group_size
+            if self.store is not None and own < len(slot.session.tokens) // group * group:
+                self.store.keep(slot.session)  # the conversation it held, before the job overwrites it
             slot.session.set_adapter(*(job.adapter or (None,)))
+            if self.store is not None:
+                blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
+                stored, reuse = self.store.best(job.prompt_ids, blocks, job.adapter)
+                if reuse > own:
+                    self.store.load(stored, slot.session, reuse)
             constraint = job.constraint() if job.constraint else None
             slot.decoding = Decoding(slot.session, job.prompt_ids, max_new_tokens=job.max_new_tokens,
                                      sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,
@@ -207,6 +227,8 @@ class Scheduler:
         if not waiting:
             return
         slot = min(waiting, key=lambda s: s.job.queued_at)
+        if self.store is not None:
+            self.store.relieve()  # the prefill fills more of a session's cache
         t = time.perf_counter()
         try:
             slot.prefilled = slot.decoding.prefill_chunk()
