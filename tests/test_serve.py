@@ -402,8 +402,10 @@ def test_unknown_routes_and_methods_are_json_errors(server):
     assert r.status_code == 405 and "error" in r.json()
 
 
-def test_serve_refuses_what_is_not_a_build(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", str(tmp_path)], capture_output=True,
+@pytest.mark.parametrize("flags, needle", [([], "not an edgellm output directory"),
+                                           (["--cache-ram", "-1"], "--cache-ram -1: give 0 (no store) or more MiB")])
+def test_serve_refuses_what_is_not_a_build_and_bad_flags(tmp_path, flags, needle):
+    result = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", str(tmp_path), *flags], capture_output=True,
                             text=True, timeout=60)
-    assert result.returncode == 2 and "not an edgellm output directory" in result.stderr
+    assert result.returncode == 2 and needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -469,6 +469,8 @@ def serve(
     from .serve.app import ServeOptions, Server, create_app
 
     _logging(log_level)
+    if cache_ram < 0:
+        raise EdgeLLMError(f"--cache-ram {cache_ram}: give 0 (no store) or more MiB")
     if not (model_dir / "manifest.json").is_file():
         raise EdgeLLMError(f"{model_dir}: not an edgellm output directory (no manifest.json)")
     if draft is not None and lookup is not None:
@@ -477,8 +479,6 @@ def serve(
         raise EdgeLLMError(f"--port {port}: use 0 to 65535")
     if max_body < 1024:
         raise EdgeLLMError(f"--max-body {max_body}: allow at least 1024 bytes")
-    if cache_ram < 0:
-        raise EdgeLLMError(f"--cache-ram {cache_ram}: give 0 (no store) or more MiB")
     options = ServeOptions(model_dir, parallel, api_key, alias, draft, lookup, draft_max, threads, max_body,
                            cache_ram << 20)
     config = uvicorn.Config(None, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
