@@ -64,7 +64,11 @@ class PrefixStore:
                 return
             if tokens[: len(stored.tokens)] == stored.tokens:  # this conversation goes on from it
                 self._drop(key)
-        copy = session.engine_session.copy_cache(length)
+        try:
+            copy = session.engine_session.copy_cache(length)
+        except MemoryError:  # a copy only saves time: the request goes on without it
+            log.warning("prefix store: no memory for a copy of %d positions", length)
+            return
         if copy.nbytes > self.limit_bytes:
             return
         stored = Stored(tokens, [b for b in session.blocks if b[0] < length], session.adapter, copy)

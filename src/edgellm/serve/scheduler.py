@@ -2,8 +2,9 @@
 
 Each turn of the loop takes at most one queued request into a free session (the one whose cache
 holds the longest prefix of its prompt: the history of a conversation that came back; else the
-one unused longest). The conversation that session held goes to the prefix store (prefix_store.py)
-first, and the request starts from the store's copy instead where that reuses more. The loop then runs one prefill chunk (up to the group size) of the oldest request still
+one unused longest). The conversation that session held goes to the prefix store
+(prefix_store.py) first, and the request starts from a stored copy instead where that reuses
+more. The loop then runs one prefill chunk (up to the group size) of the oldest request still
 prefilling, then one decode step of every request that is decoding, as one batched call
 (Engine.forward_batch: the rows of all sessions, the weights read once where the target can). So
 a long prompt delays the running answers by a chunk per step, not by its whole prefill.
