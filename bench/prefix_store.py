@@ -3,7 +3,7 @@ session answered someone else, with and without the store, interleaved in one ru
 
     python bench/prefix_store.py OUT [--parallel 1] [--reps 5] [--threads 2] [--history 600]
 
-Two `edgellm serve OUT` processes (--cache-ram 1024 and --cache-ram 0), the same requests to each
+Two `edgellm serve OUT` processes (--cache-ram 256 and --cache-ram 0), the same requests to each
 in turn: a conversation (a system prompt and a document of about --history tokens, one
 question), then an unrelated request that takes the session (with the store, the conversation is
 copied out first), then the conversation's next turn. Reports the medians of each request's TTFT
@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     history = PARAGRAPH * max(1, args.history // 60)
     servers = {}
-    for name, cache in (("store", 1024), ("no store", 0)):
+    for name, cache in (("store", 256), ("no store", 0)):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", args.build, "--port", str(port),
                                  "--parallel", str(args.parallel), "--threads", str(args.threads),

@@ -458,7 +458,7 @@ def serve(
     draft_max: int = typer.Option(4, "--draft-max", help=DRAFT_MAX_HELP),
     lookup: Optional[int] = typer.Option(None, "--lookup", help=LOOKUP_HELP),
     max_body: int = typer.Option(4 * 2**20, "--max-body", help="largest request body, in bytes"),
-    cache_ram: int = typer.Option(1024, "--cache-ram", help="MiB of finished conversations' KV caches kept for "
+    cache_ram: int = typer.Option(256, "--cache-ram", help="MiB of finished conversations' KV caches kept for "
                                   "requests that repeat their start (least recently used dropped first, and "
                                   "whenever memory runs short); 0: none"),
     log_level: str = typer.Option("WARNING", "--log_level", help="DEBUG, INFO, WARNING or ERROR"),

@@ -50,7 +50,7 @@ class ServeOptions:
     draft_max: int = 4
     threads: int | None = None
     max_body_bytes: int = 4 * 2**20
-    cache_bytes: int = 1 << 30  # the prefix store's limit (prefix_store.py); 0: none
+    cache_bytes: int = 256 << 20  # the prefix store's limit (prefix_store.py); 0: none
 
 
 class Server:
