@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _ctypes
 import ctypes
+import mmap
 import os
 import shutil
 import tempfile
@@ -351,7 +352,11 @@ class NativeSession(EngineSession):
 
     def _save(self, length: int) -> list[np.ndarray]:
         lib = self.engine.lib
-        cache = np.empty(lib.em_cache_bytes(length), np.uint8)
+        size = lib.em_cache_bytes(length)
+        # an anonymous mapping of its own, not np.empty: numpy asks for transparent huge pages for
+        # large arrays, and on this project's VM a 22 MB copy then took 50-70 ms instead of 15
+        # (the kernel making 2 MB pages on the first touches; docs/BENCHMARKS.md)
+        cache = np.frombuffer(mmap.mmap(-1, size), np.uint8) if size else np.empty(0, np.uint8)
         if lib.em_cache_save(self.handle, length, cache.ctypes.data) != 0:
             raise EdgeLLMError(lib.em_last_error().decode())
         if self.spec.rope_grid:
