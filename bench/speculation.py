@@ -6,6 +6,7 @@ step, and prompt lookup's decode tokens/s against plain greedy, interleaved in o
 
 (a) verify: one call of K+1 rows at position ~100 against one decode step (1 row), K = 1..8,
     interleaved, median of --reps * 10 calls each; the ratio is the verify call's cost in steps.
+    With --cold MB, again with MB of other memory written before each call (weights from memory).
 (b) lookup: chat prompts that copy from their input (rewrite or annotate a given block of code or
     text) and open questions; plain greedy and --lookup 3 alternate; decode tokens/s ratio (median
     of --reps each), acceptance, and how many speculative runs gave plain greedy's tokens.
@@ -26,6 +27,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -56,15 +59,21 @@ CODING = ["Write a Python function that checks whether a string is a palindrome.
           "Write a Python function that returns the n-th Fibonacci number, iteratively."]
 
 
-def verify_cost(model, reps: int, max_k: int) -> dict:
+def verify_cost(model, reps: int, max_k: int, cold_mb: int = 0) -> dict:
+    """cold_mb: before each call, write that many MB elsewhere, so that the weights come from
+    memory (a device whose last-level cache is smaller than the model) rather than from a cache
+    that holds them all (a large server cache)."""
     session = model.engine.open_session()
     prompt = model.codec.encode(CODE * 3)[:100]
     session.prefill(prompt, 0)
     times = {k: [] for k in range(max_k + 1)}
     rows = prompt[:max_k + 1]
+    sweep = np.zeros(cold_mb << 20, np.uint8) if cold_mb else None
     for _ in range(reps * 10):
         for k in times:  # interleaved: every K in each round
             session.truncate(len(prompt))
+            if sweep is not None:
+                sweep += 1
             t = time.perf_counter()
             session.forward(rows[: k + 1], len(prompt), logits_from=0)
             times[k].append(time.perf_counter() - t)
@@ -145,12 +154,17 @@ def main() -> None:
     parser.add_argument("--draft-max", type=int, default=4)
     parser.add_argument("--gguf", help="the GGUF the build came from: llama.cpp runs beside it")
     parser.add_argument("--draft", help="a draft build: measure draft-model speculation (d) instead of lookup (b)")
+    parser.add_argument("--cold", type=int, default=0, metavar="MB",
+                        help="(a) again with MB written between calls: the weights from memory, not from the cache")
     args = parser.parse_args()
     model = edgellm.load(args.build, threads=args.threads)
     drafter = model.drafter(draft=args.draft, threads=args.threads) if args.draft else None
-    cost = verify_cost(model, args.reps, 8)
-    print("verify call of K+1 rows, in decode steps:", json.dumps({k: round(v["steps"], 3) for k, v in cost.items()}))
-    print("decode step:", f"{cost[0]['ms']:.2f} ms")
+    for cold in (0, args.cold) if args.cold else (0,):
+        cost = verify_cost(model, args.reps, 8, cold)
+        where = f", {cold} MB written before each call" if cold else ""
+        print(f"verify call of K+1 rows, in decode steps{where}:",
+              json.dumps({k: round(v["steps"], 3) for k, v in cost.items()}))
+        print("decode step:", f"{cost[0]['ms']:.2f} ms")
     llama = LlamaCpp(args.gguf, args.threads, args.draft_max) if args.gguf else None
     rows = lookup_gain(model, args.reps, args.gen, args.draft_max, llama, drafter)
     for r in rows:
