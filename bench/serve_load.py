@@ -1,7 +1,7 @@
 """A bounded load test of edgellm serve on loopback: --clients concurrent clients for --minutes,
 some of them leaving mid-answer at random.
 
-    python bench/serve_load.py OUT [--clients 16] [--minutes 10] [--parallel 4] [--seed 0]
+    python bench/serve_load.py OUT [--clients 16] [--minutes 10] [--parallel 4] [--seed 0] [--system]
 
 Each client loops: a greedy chat request (one of several questions; streamed or not, at random),
 and with probability --leave it closes the connection after a few streamed pieces. Every answer
@@ -44,9 +44,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def ask(base: str, question: str, max_tokens: int, streamed: bool, leave_after: int | None):
+# --system: one long system prompt before every question (as a chat app sends), so that prompts
+# span whole prefill chunks and the server's prefix store keeps and shares them
+SYSTEM = ("You are the help desk of a small public library. Answer briefly and kindly, in plain words. The library "
+          "opens at nine and closes at six, is closed on Sundays, lends up to ten books for three weeks, and has a "
+          "reading room, four study rooms that can be booked a week ahead, a children's corner with story time on "
+          "Saturday mornings, free wireless internet, two printers and a scanner. ") * 2
+
+
+def ask(base: str, question: str, max_tokens: int, streamed: bool, leave_after: int | None, system: bool = False):
     """(outcome, text, ttft): outcome 'ok', 'left' or an error description."""
-    body = {"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0,
+    messages = [{"role": "system", "content": SYSTEM}] if system else []
+    body = {"model": "m", "messages": messages + [{"role": "user", "content": question}], "temperature": 0,
             "max_tokens": max_tokens, "stream": streamed}
     t0 = time.perf_counter()
     try:
@@ -86,6 +95,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--leave", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--system", action="store_true", help="a long system prompt before every question")
     a = ap.parse_args()
 
     port = free_port()
@@ -105,7 +115,7 @@ def main() -> None:
             time.sleep(0.3)
         expected = {}
         for q in QUESTIONS:  # each alone first: what every later answer must equal
-            outcome, text, _ = ask(base, q, a.max_tokens, False, None)
+            outcome, text, _ = ask(base, q, a.max_tokens, False, None, a.system)
             if outcome != "ok":
                 raise SystemExit(f"{q!r}: {outcome}")
             expected[q] = text
@@ -121,7 +131,7 @@ def main() -> None:
                 q = rng.choice(QUESTIONS)
                 streamed = rng.random() < 0.7
                 leave = rng.randint(1, 8) if streamed and rng.random() < a.leave else None
-                outcome, text, ttft = ask(base, q, a.max_tokens, streamed, leave)
+                outcome, text, ttft = ask(base, q, a.max_tokens, streamed, leave, a.system)
                 with lock:
                     if ttft is not None:
                         stats["ttft"].append(ttft)
@@ -155,7 +165,8 @@ def main() -> None:
           f"over {len(ttft)} requests")
     print(f"server RSS: start {rss[0][1]:.0f} MB, first minute max {max(first_minute):.0f} MB, last minute max "
           f"{max(last_minute):.0f} MB, overall max {max(m for _, m in rss):.0f} MB")
-    print("\n".join(line for line in metrics.splitlines() if line.startswith(("edgellm_requests", "edgellm_generated"))))
+    print("\n".join(line for line in metrics.splitlines() if line.startswith(("edgellm_requests", "edgellm_generated", "edgellm_prefix_store",
+                                                                  "edgellm_prompt"))))
     for failure in stats["failed"][:5]:
         print("failed:", failure)
     for q, text in stats["mismatch"][:5]:
