@@ -183,32 +183,32 @@ class Scheduler:
             return job
         return None
 
-    def _slot_for(self, job: Job) -> Slot:
+    def _slot_for(self, job: Job, blocks: list[tuple[int, int]]) -> Slot:
         """The free session that reuses the most of its cache for this prompt (in whole prefill
         chunks, as Decoding will), else the one unused longest: a never-used one before a
         conversation worth keeping."""
         free = [s for s in self.slots if s.job is None]
-        return max(free, key=lambda s: (self._reuse(s.session, job), -s.last_used))
+        return max(free, key=lambda s: (self._reuse(s.session, job, blocks), -s.last_used))
 
-    def _reuse(self, session: Session, job: Job) -> int:
-        """How many positions of the session's cache the job's prompt keeps (whole prefill chunks)."""
+    def _reuse(self, session: Session, job: Job, blocks: list[tuple[int, int]]) -> int:
+        """How many positions of the session's cache the job's prompt (whose attention blocks are
+        `blocks`) keeps, in whole prefill chunks."""
         if session.adapter != job.adapter:  # K/V computed under another adapter
             return 0
-        blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
         return cache_reuse(session, job.prompt_ids, blocks, self.model.engine.spec.group_size)
 
     def _start(self, job: Job) -> None:
-        slot = self._slot_for(job)
+        blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
+        slot = self._slot_for(job, blocks)
         slot.job, slot.last_used, slot.prefilled = job, time.perf_counter(), False
         self.metrics.running.set(len(self._running()))
         try:
-            own = self._reuse(slot.session, job)
+            own = self._reuse(slot.session, job, blocks)
             group = self.model.engine.spec.group_size
             if self.store is not None and own < len(slot.session.tokens) // group * group:
                 self.store.keep(slot.session)  # the conversation it held, before the job overwrites it
             slot.session.set_adapter(*(job.adapter or (None,)))
             if self.store is not None:
-                blocks = attention_blocks(self.model.config.vision, job.prompt_ids)
                 stored, reuse = self.store.best(job.prompt_ids, blocks, job.adapter)
                 if reuse > own:
                     self.store.load(stored, slot.session, reuse)
