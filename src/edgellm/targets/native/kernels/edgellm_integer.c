@@ -173,68 +173,98 @@ static void panel_floats(const em_weight *w, int p, float *wf) {
     }
 }
 
+/* R rows (a compile-time constant after inlining, at most EM_PANEL_ROWS) of x times the
+   dequantized panel: R x 16 accumulators in registers, one weight load per column for R
+   multiply-adds. Every row count takes this path: a prompt of 100 rows leaves 4 after the blocks
+   of 8, and a scalar loop over those took as long as the other 96 (the accumulators went through
+   memory, one dependent add per column). */
+#if EM_AVX512
+#define EM_PANEL_ROWS 8
+static inline __attribute__((always_inline)) void rows_times_panel(const float *wf, int K, const float *x, int R, int p,
+                                                                   int N, float *y) {
+    __m512 acc[EM_PANEL_ROWS];
+    for (int t = 0; t < R; t++) acc[t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m512 wk = _mm512_loadu_ps(wf + (size_t)k * PANEL);
+        for (int t = 0; t < R; t++) acc[t] = _mm512_fmadd_ps(wk, _mm512_set1_ps(x[(size_t)t * K + k]), acc[t]);
+    }
+    for (int t = 0; t < R; t++) {
+        float out[PANEL];
+        _mm512_storeu_ps(out, acc[t]);
+        store_panel(out, p, N, y + (size_t)t * N);
+    }
+}
+#elif EM_AVX2
+#define EM_PANEL_ROWS 4
+static inline __attribute__((always_inline)) void rows_times_panel(const float *wf, int K, const float *x, int R, int p,
+                                                                   int N, float *y) {
+    __m256 acc[EM_PANEL_ROWS][2]; /* R rows x 16 outputs: 2R accumulators */
+    for (int t = 0; t < R; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(wf + (size_t)k * PANEL), w1 = _mm256_loadu_ps(wf + (size_t)k * PANEL + 8);
+        for (int t = 0; t < R; t++) {
+            const __m256 xk = _mm256_set1_ps(x[(size_t)t * K + k]);
+            acc[t][0] = _mm256_fmadd_ps(w0, xk, acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(w1, xk, acc[t][1]);
+        }
+    }
+    for (int t = 0; t < R; t++) {
+        float out[PANEL];
+        _mm256_storeu_ps(out, acc[t][0]);
+        _mm256_storeu_ps(out + 8, acc[t][1]);
+        store_panel(out, p, N, y + (size_t)t * N);
+    }
+}
+#elif EM_NEON
+#define EM_PANEL_ROWS 4
+static inline __attribute__((always_inline)) void rows_times_panel(const float *wf, int K, const float *x, int R, int p,
+                                                                   int N, float *y) {
+    float32x4_t acc[EM_PANEL_ROWS][4]; /* R rows x 16 outputs: 4R accumulators */
+    for (int t = 0; t < R; t++)
+        for (int q = 0; q < 4; q++) acc[t][q] = vdupq_n_f32(0.0f);
+    for (int k = 0; k < K; k++) {
+        float32x4_t wk[4];
+        for (int q = 0; q < 4; q++) wk[q] = vld1q_f32(wf + (size_t)k * PANEL + 4 * q);
+        for (int t = 0; t < R; t++) {
+            const float xk = x[(size_t)t * K + k];
+            for (int q = 0; q < 4; q++) acc[t][q] = vfmaq_n_f32(acc[t][q], wk[q], xk);
+        }
+    }
+    for (int t = 0; t < R; t++) {
+        float out[PANEL];
+        for (int q = 0; q < 4; q++) vst1q_f32(out + 4 * q, acc[t][q]);
+        store_panel(out, p, N, y + (size_t)t * N);
+    }
+}
+#else
+#define EM_PANEL_ROWS 1
+static inline void rows_times_panel(const float *wf, int K, const float *x, int R, int p, int N, float *y) {
+    (void)R; /* one row: the compiler vectorizes the 16 outputs */
+    float acc[PANEL] = {0};
+    for (int k = 0; k < K; k++)
+        for (int j = 0; j < PANEL; j++) acc[j] += wf[(size_t)k * PANEL + j] * x[k];
+    store_panel(acc, p, N, y);
+}
+#endif
+
 /* y rows s of panel p = x rows s (S of them, length K) times the dequantized panel. */
 static void panel_times_rows(const float *wf, int K, const float *x, int S, int p, int N, float *y) {
     int s = 0;
-#if EM_AVX512
-    for (; s + 8 <= S; s += 8) {
-        __m512 acc[8];
-        for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
-        for (int k = 0; k < K; k++) {
-            const __m512 wk = _mm512_loadu_ps(wf + (size_t)k * PANEL);
-            for (int t = 0; t < 8; t++) acc[t] = _mm512_fmadd_ps(wk, _mm512_set1_ps(x[(size_t)(s + t) * K + k]), acc[t]);
-        }
-        for (int t = 0; t < 8; t++) {
-            float out[PANEL];
-            _mm512_storeu_ps(out, acc[t]);
-            store_panel(out, p, N, y + (size_t)(s + t) * N);
-        }
-    }
-#elif EM_AVX2
-    for (; s + 4 <= S; s += 4) { /* 4 rows x 16 outputs: 8 accumulators */
-        __m256 acc[4][2];
-        for (int t = 0; t < 4; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-        for (int k = 0; k < K; k++) {
-            const __m256 w0 = _mm256_loadu_ps(wf + (size_t)k * PANEL), w1 = _mm256_loadu_ps(wf + (size_t)k * PANEL + 8);
-            for (int t = 0; t < 4; t++) {
-                const __m256 xk = _mm256_set1_ps(x[(size_t)(s + t) * K + k]);
-                acc[t][0] = _mm256_fmadd_ps(w0, xk, acc[t][0]);
-                acc[t][1] = _mm256_fmadd_ps(w1, xk, acc[t][1]);
-            }
-        }
-        for (int t = 0; t < 4; t++) {
-            float out[PANEL];
-            _mm256_storeu_ps(out, acc[t][0]);
-            _mm256_storeu_ps(out + 8, acc[t][1]);
-            store_panel(out, p, N, y + (size_t)(s + t) * N);
-        }
-    }
-#elif EM_NEON
-    for (; s + 4 <= S; s += 4) { /* 4 rows x 16 outputs: 16 accumulators */
-        float32x4_t acc[4][4];
-        for (int t = 0; t < 4; t++)
-            for (int q = 0; q < 4; q++) acc[t][q] = vdupq_n_f32(0.0f);
-        for (int k = 0; k < K; k++) {
-            float32x4_t wk[4];
-            for (int q = 0; q < 4; q++) wk[q] = vld1q_f32(wf + (size_t)k * PANEL + 4 * q);
-            for (int t = 0; t < 4; t++) {
-                const float xk = x[(size_t)(s + t) * K + k];
-                for (int q = 0; q < 4; q++) acc[t][q] = vfmaq_n_f32(acc[t][q], wk[q], xk);
-            }
-        }
-        for (int t = 0; t < 4; t++) {
-            float out[PANEL];
-            for (int q = 0; q < 4; q++) vst1q_f32(out + 4 * q, acc[t][q]);
-            store_panel(out, p, N, y + (size_t)(s + t) * N);
-        }
-    }
+    for (; s + EM_PANEL_ROWS <= S; s += EM_PANEL_ROWS)
+        rows_times_panel(wf, K, x + (size_t)s * K, EM_PANEL_ROWS, p, N, y + (size_t)s * N);
+    switch (S - s) { /* the rest, with the row count a constant in each case */
+#if EM_PANEL_ROWS > 1
+    case 1: rows_times_panel(wf, K, x + (size_t)s * K, 1, p, N, y + (size_t)s * N); break;
+    case 2: rows_times_panel(wf, K, x + (size_t)s * K, 2, p, N, y + (size_t)s * N); break;
+    case 3: rows_times_panel(wf, K, x + (size_t)s * K, 3, p, N, y + (size_t)s * N); break;
 #endif
-    for (; s < S; s++) {
-        float acc[PANEL] = {0};
-        const float *xs = x + (size_t)s * K;
-        for (int k = 0; k < K; k++)
-            for (int j = 0; j < PANEL; j++) acc[j] += wf[(size_t)k * PANEL + j] * xs[k];
-        store_panel(acc, p, N, y + (size_t)s * N);
+#if EM_PANEL_ROWS > 4
+    case 4: rows_times_panel(wf, K, x + (size_t)s * K, 4, p, N, y + (size_t)s * N); break;
+    case 5: rows_times_panel(wf, K, x + (size_t)s * K, 5, p, N, y + (size_t)s * N); break;
+    case 6: rows_times_panel(wf, K, x + (size_t)s * K, 6, p, N, y + (size_t)s * N); break;
+    case 7: rows_times_panel(wf, K, x + (size_t)s * K, 7, p, N, y + (size_t)s * N); break;
+#endif
+    default: break;
     }
 }
 
