@@ -10,7 +10,14 @@
    Layout: the activation rows, rounded, go once per call into a buffer of whole 32-row, 32-column
    tiles (zeros past the end); each thread packs its two weight panels (32 outputs) into the tiles'
    pair layout, tile[i][j] = (w[j][32c + 2i], w[j][32c + 2i + 1]), and runs every row block
-   against them: 4 accumulator tiles (32 rows x 32 outputs), 2 activation tiles, 2 weight tiles. */
+   against them: 4 accumulator tiles (32 rows x 32 outputs), 2 activation tiles, 2 weight tiles.
+
+   Integer weights with float activations (a GGUF's own blocks, the default build) keep float32's
+   precision on the same tiles: a stored value (0 .. 255 at most) is exact in bfloat16, and each
+   activation row is split into three bfloat16 parts whose sum is the float (8 + 8 + 8 significant
+   bits), so the three tile products of a block sum x * value as a float32 dot product does, in
+   another order. The block's scale and minimum are applied after its products (a block is one or
+   more tile columns of 32, or 16 for blocks of 16): y += d * sum(x * value) + m * sum(x). */
 #include <stdlib.h>
 
 #include "edgellm_simd.h"
@@ -53,6 +60,19 @@ static void configure_tiles(void) {
     for (int t = 0; t < 8; t++) {
         c.bytes_per_row[t] = 64;
         c.rows[t] = TILE;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* The same, with products of `columns` (32 or 16) activation columns: the activation tiles 4-5
+   are 16 rows of that many bfloat16, the weight tiles 6-7 columns / 2 rows of pairs. */
+static void configure_column_tiles(int columns) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.bytes_per_row[t] = t == 4 || t == 5 ? (uint16_t)(2 * columns) : 64;
+        c.rows[t] = t >= 6 ? (uint8_t)(columns / 2) : TILE;
     }
     _tile_loadconfig(&c);
 }
@@ -168,10 +188,165 @@ static void panels_on_tiles(const uint16_t *xb, int S, int Sp, int Kp, const uin
     }
 }
 
+/* ---- integer weights, float activations ------------------------------------------------ */
+
+#define PARTS 3                /* bfloat16 parts of an activation */
+#define INTEGER_ROWS_FROM 16   /* fewer rows (a verify call) stay on em_matmul_rows' float panels */
+
+/* Row x (K floats) as PARTS bfloat16 rows whose sum is x (zeros from K to Kp), part i at
+   out + i * part_stride; and its sums per weight block (xs[b], in float32). */
+static void split_row(const float *x, int K, int Kp, int block, uint16_t *out, size_t part_stride, float *xs) {
+    for (int k = 0; k < Kp; k += 16) {
+        const int left = K - k;
+        const __mmask16 m = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        __m512 rest = _mm512_maskz_loadu_ps(m, x + k);
+        for (int i = 0; i < PARTS; i++) {
+            const __m256i part = (__m256i)_mm512_cvtneps_pbh(rest);
+            _mm256_storeu_si256((__m256i *)(out + i * part_stride + k), part);
+            rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(part), 16)));
+        }
+    }
+    for (int b = 0; b * block < K; b++) {
+        const int len = K - b * block < block ? K - b * block : block;
+        float sum = 0.0f;
+        for (int c = 0; c < len; c++) sum += x[b * block + c];
+        xs[b] = sum;
+    }
+}
+
+/* Panel p's stored values in the tiles' pair layout (pair row k / 2, lane j: columns k, k + 1 of
+   row 16p + j), from em_panel_values' floats (wf, K * 16, scratch): a small integer's float bits
+   are its bfloat16 in the high half, zeros below. Columns K .. Kp are zeros. */
+static void pack_values(const em_weight *w, int p, int Kp, float *wf, uint32_t *pairs) {
+    const int K = w->k;
+    em_panel_values(w, p, wf);
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int k = 0; k < Kp; k += 2) {
+        const __m512i lo = k < K ? _mm512_loadu_si512((const void *)(wf + (size_t)k * TILE)) : _mm512_setzero_si512();
+        const __m512i hi = k + 1 < K ? _mm512_loadu_si512((const void *)(wf + (size_t)(k + 1) * TILE)) : _mm512_setzero_si512();
+        _mm512_storeu_si512((void *)(pairs + (size_t)k / 2 * TILE), _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
+    }
+}
+
+/* y (yacc, 32 rows x 32 outputs) += d * products + m * sums, for block b of panels p, p + 1. */
+static void add_block(float yacc[2 * TILE][2 * TILE], float stage[4][TILE * TILE], const float *scales, const float *xs,
+                      int r, int rows, int B, int b, int two) {
+    for (int h = 0; h < 1 + two; h++) { /* scales: [panel][block][d 16, m 16] */
+        const float *dm = scales + ((size_t)h * B + b) * 2 * TILE;
+        const __m512 d = _mm512_loadu_ps(dm), m = _mm512_loadu_ps(dm + TILE);
+        for (int t = 0; t < rows; t++) {
+            const float *c = stage[h + 2 * (t / TILE)] + (t % TILE) * TILE;
+            __m512 acc = _mm512_loadu_ps(&yacc[t][h * TILE]);
+            acc = _mm512_fmadd_ps(d, _mm512_loadu_ps(c), acc);
+            acc = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[(size_t)(r + t) * B + b]), acc);
+            _mm512_storeu_ps(&yacc[t][h * TILE], acc);
+        }
+    }
+}
+
+/* Rows r .. r + 31 of panels p, p + 1 (`two`), block by block: the PARTS products of each tile
+   column into 4 accumulator tiles, stored to a staging buffer; each block's scales are applied
+   while the tiles work on the next one (reading the staged tiles at once stalled on the stores). */
+static void integer_pass(const em_weight *w, const uint16_t *xb, size_t part_stride, const float *xs, int r, int S, int Kp,
+                         int Ks, int columns, const uint32_t *pairs0, const uint32_t *pairs1, const float *scales, int two,
+                         int p, float *y) {
+    const int B = em_blocks(w), N = w->n, block = w->block;
+    const size_t stride = (size_t)Ks * 2;
+    float yacc[2 * TILE][2 * TILE] __attribute__((aligned(64)));
+    float stage[2][4][TILE * TILE] __attribute__((aligned(64)));
+    memset(yacc, 0, sizeof yacc);
+    const int rows = S - r < 2 * TILE ? S - r : 2 * TILE;
+    for (int b = 0; b < B; b++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const int end = (b + 1) * block < Kp ? (b + 1) * block : Kp;
+        for (int k = b * block; k < end; k += columns) {
+            _tile_loadd(6, pairs0 + (size_t)k / 2 * TILE, 64);
+            if (two) _tile_loadd(7, pairs1 + (size_t)k / 2 * TILE, 64);
+            for (int i = 0; i < PARTS; i++) {
+                const uint16_t *a = xb + i * part_stride + (size_t)r * Ks + k;
+                _tile_loadd(4, a, stride);
+                _tile_loadd(5, a + (size_t)TILE * Ks, stride);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(2, 5, 6);
+                if (two) {
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+        }
+        if (b > 0) add_block(yacc, stage[(b - 1) % 2], scales, xs, r, rows, B, b - 1, two);
+        _tile_stored(0, stage[b % 2][0], 64);
+        _tile_stored(2, stage[b % 2][2], 64);
+        if (two) {
+            _tile_stored(1, stage[b % 2][1], 64);
+            _tile_stored(3, stage[b % 2][3], 64);
+        }
+    }
+    add_block(yacc, stage[(B - 1) % 2], scales, xs, r, rows, B, B - 1, two);
+    for (int h = 0; h < 1 + two; h++) {
+        const int first = (p + h) * TILE, outputs = N - first < TILE ? N - first : TILE;
+        for (int t = 0; t < rows; t++) memcpy(y + (size_t)(r + t) * N + first, &yacc[t][h * TILE], sizeof(float) * outputs);
+    }
+}
+
+static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float *y) {
+    const int K = w->k, N = w->n, block = w->block, B = em_blocks(w);
+    const int columns = block % TILE_K == 0 ? TILE_K : block == 16 ? 16 : 0;
+    if (!columns || S < INTEGER_ROWS_FROM) return 0;
+    const int Kp = (K + TILE_K - 1) / TILE_K * TILE_K, Sp = (S + ROWS_PER_PASS - 1) / ROWS_PER_PASS * ROWS_PER_PASS;
+    const int P = (N + TILE - 1) / TILE;
+    /* the split rows lie Ks apart: 32 bfloat16 more than Kp, so that a tile's 16 rows do not
+       all fall in the same sets of the L1 cache when Kp is a multiple of 2048 */
+    const int Ks = Kp + TILE_K;
+    /* per thread on its stack: the panel's floats, two packed panels, their scales (<= 1.5 MB) */
+    const size_t stack = (size_t)K * TILE * 4 + (size_t)2 * Kp * TILE * 2 + (size_t)2 * B * 2 * TILE * 4;
+    if (stack > ((size_t)3 << 19)) return 0;
+    const size_t part_stride = (size_t)Sp * Ks;
+    uint16_t *xb = rows_scratch(PARTS * part_stride * 2 + (size_t)Sp * B * sizeof(float));
+    if (!xb) return 0;
+    float *xs = (float *)(xb + PARTS * part_stride);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int s = 0; s < Sp; s++) {
+            if (s < S) {
+                split_row(x + (size_t)s * K, K, Kp, block, xb + (size_t)s * Ks, part_stride, xs + (size_t)s * B);
+            } else {
+                for (int i = 0; i < PARTS; i++) memset(xb + i * part_stride + (size_t)s * Ks, 0, (size_t)Kp * 2);
+                memset(xs + (size_t)s * B, 0, sizeof(float) * B);
+            }
+        }
+        float wf[(size_t)K * TILE] __attribute__((aligned(64)));
+        uint32_t pairs[(size_t)Kp * TILE] __attribute__((aligned(64))); /* two panels of Kp / 2 pair rows */
+        float scales[(size_t)2 * B * 2 * TILE];
+        configure_column_tiles(columns);
+#pragma omp for schedule(dynamic, 1)
+        for (int p = 0; p < P; p += 2) {
+            const int two = p + 1 < P;
+            for (int h = 0; h < 1 + two; h++) {
+                pack_values(w, p + h, Kp, wf, pairs + (size_t)h * Kp / 2 * TILE);
+                for (int b = 0; b < B; b++) {
+                    float *dm = scales + ((size_t)h * B + b) * 2 * TILE;
+                    em_panel_block(w, p + h, b, dm, dm + TILE);
+                }
+            }
+            for (int r = 0; r < S; r += ROWS_PER_PASS)
+                integer_pass(w, xb, part_stride, xs, r, S, Kp, Ks, columns, pairs, pairs + (size_t)Kp / 2 * TILE, scales, two, p, y);
+        }
+        _tile_release();
+    }
+    return 1;
+}
+
 int em_bf16_tiles(void) { return tiles_allowed(); }
 
 int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y) {
-    if (w->kind != EM_BF16 || !tiles_allowed()) return 0;
+    if (!tiles_allowed()) return 0;
+    if (em_integer_kind(w->kind) && !w->int8_activations) return matmul_integer_tiles(x, S, w, y);
+    if (w->kind != EM_BF16) return 0;
     const int K = w->k, N = w->n, Kp = (K + TILE_K - 1) / TILE_K * TILE_K;
     const int Sp = (S + ROWS_PER_PASS - 1) / ROWS_PER_PASS * ROWS_PER_PASS, P = (N + TILE - 1) / TILE;
     /* two packed panels per thread on its stack: at most 1 MB (K <= 16384); wider stays float32 */

@@ -128,13 +128,18 @@ static void store_panel(const float *values, int p, int n, float *y) {
 
 /* The panel dequantized: wf[k * 16 + j] = row j's weight at column k. A 64-byte group read as
    16 little-endian words holds row j in word j (edgellm_kernels.h), so each column is one shift
-   and mask across the 16 words: loops over the rows the compiler vectorizes for any target. */
-static void panel_floats(const em_weight *w, int p, float *wf) {
+   and mask across the 16 words: loops over the rows the compiler vectorizes for any target.
+   values: the stored values themselves (scale 1, minimum 0), for em_panel_values. */
+static void panel_floats(const em_weight *w, int p, float *wf, int values) {
     const int columns = group_columns(w), G = group_bytes(w);
     for (int b = 0; b < em_blocks(w); b++) {
         float d[PANEL], m[PANEL];
-        block_scales(w, p, b, d);
-        block_minimums(w, p, b, d, m);
+        if (values) {
+            for (int j = 0; j < PANEL; j++) d[j] = 1.0f, m[j] = 0.0f;
+        } else {
+            block_scales(w, p, b, d);
+            block_minimums(w, p, b, d, m);
+        }
         const uint8_t *blk = block_data(w, p, b);
         float *dst = wf + (size_t)b * w->block * PANEL;
         const int len = block_len(w, b), whole = len / columns;
@@ -246,6 +251,13 @@ static inline void rows_times_panel(const float *wf, int K, const float *x, int 
     store_panel(acc, p, N, y);
 }
 #endif
+
+void em_panel_values(const em_weight *w, int p, float *wf) { panel_floats(w, p, wf, 1); }
+
+void em_panel_block(const em_weight *w, int p, int b, float *d, float *m) {
+    block_scales(w, p, b, d);
+    block_minimums(w, p, b, d, m);
+}
 
 /* y rows s of panel p = x rows s (S of them, length K) times the dequantized panel. */
 static void panel_times_rows(const float *wf, int K, const float *x, int S, int p, int N, float *y) {
@@ -504,7 +516,7 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
 #else
     (void)xsum;
     float wf[(size_t)w->k * PANEL];
-    panel_floats(w, p, wf);
+    panel_floats(w, p, wf, 0);
     panel_times_rows(wf, w->k, x, 1, p, w->n, y);
 #endif
 }
@@ -583,7 +595,7 @@ static void panels_times_rows(const float *wf0, const float *wf1, int K, const f
 #endif
 
 static void panel_of(const em_weight *w, int p, float *wf) {
-    if (em_integer_kind(w->kind)) panel_floats(w, p, wf);
+    if (em_integer_kind(w->kind)) panel_floats(w, p, wf, 0);
     else panel_widened(w, p, wf);
 }
 
@@ -1235,5 +1247,5 @@ int em_matmul_integer_finished(const float *x, int S, const em_weight *w, float 
 
 void em_matmul_integer(const float *x, int S, const em_weight *w, float *y) {
     if (w->int8_activations) matmul_int8_activations(x, S, w, y, NULL);
-    else em_matmul_rows(x, S, w, y);
+    else if (!em_matmul_tiles(x, S, w, y)) em_matmul_rows(x, S, w, y);
 }

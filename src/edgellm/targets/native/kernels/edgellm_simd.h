@@ -381,8 +381,9 @@ static inline void em_transpose16(__m512 r[16]) {
 }
 #endif
 
-/* edgellm_amx.c: a bfloat16 matmul of S rows on AMX tiles; 0 when it cannot (no AMX, the kernel
-   refuses the tile state, another weight kind), and the caller runs it otherwise. */
+/* edgellm_amx.c: a matmul of S rows on AMX tiles, bfloat16 weights or integer weights with float
+   activations; 0 when it cannot (no AMX, the kernel refuses the tile state, another weight kind,
+   too few rows), and the caller runs it otherwise. */
 int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y);
 
 /* edgellm_integer.c */
@@ -398,5 +399,9 @@ int em_matmul_integer_finished(const float *x, int S, const em_weight *w, float 
 /* em_team_matmul on integer weights: the residual is added panel by panel. */
 void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_integer_row(const em_weight *w, int n, float *out);
+/* Panel p's stored values (0 .. 2^bits - 1, exact in bfloat16) as floats, wf[k * 16 + j] for row
+   16p + j, zeros past the last row; and block b's 16 scales d and minimums m (weight = d * value + m). */
+void em_panel_values(const em_weight *w, int p, float *wf);
+void em_panel_block(const em_weight *w, int p, int b, float *d, float *m);
 
 #endif
