@@ -214,20 +214,6 @@ static void split_row(const float *x, int K, int Kp, int block, uint16_t *out, s
     }
 }
 
-/* Panel p's stored values in the tiles' pair layout (pair row k / 2, lane j: columns k, k + 1 of
-   row 16p + j), from em_panel_values' floats (wf, K * 16, scratch): a small integer's float bits
-   are its bfloat16 in the high half, zeros below. Columns K .. Kp are zeros. */
-static void pack_values(const em_weight *w, int p, int Kp, float *wf, uint32_t *pairs) {
-    const int K = w->k;
-    em_panel_values(w, p, wf);
-    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    for (int k = 0; k < Kp; k += 2) {
-        const __m512i lo = k < K ? _mm512_loadu_si512((const void *)(wf + (size_t)k * TILE)) : _mm512_setzero_si512();
-        const __m512i hi = k + 1 < K ? _mm512_loadu_si512((const void *)(wf + (size_t)(k + 1) * TILE)) : _mm512_setzero_si512();
-        _mm512_storeu_si512((void *)(pairs + (size_t)k / 2 * TILE), _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
-    }
-}
-
 /* y (yacc, 32 rows x 32 outputs) += d * products + m * sums, for block b of panels p, p + 1. */
 static void add_block(float yacc[2 * TILE][2 * TILE], float stage[4][TILE * TILE], const float *scales, const float *xs,
                       int r, int rows, int B, int b, int two) {
@@ -301,9 +287,9 @@ static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float
     /* the split rows lie Ks apart: 32 bfloat16 more than Kp, so that a tile's 16 rows do not
        all fall in the same sets of the L1 cache when Kp is a multiple of 2048 */
     const int Ks = Kp + TILE_K;
-    /* per thread on its stack: the panel's floats, two packed panels, their scales (<= 1.5 MB) */
-    const size_t stack = (size_t)K * TILE * 4 + (size_t)2 * Kp * TILE * 2 + (size_t)2 * B * 2 * TILE * 4;
-    if (stack > ((size_t)3 << 19)) return 0;
+    /* per thread on its stack: two packed panels and their scales (at most 1 MB) */
+    const size_t stack = (size_t)2 * Kp * TILE * 2 + (size_t)2 * B * 2 * TILE * 4;
+    if (stack > ((size_t)1 << 20)) return 0;
     const size_t part_stride = (size_t)Sp * Ks;
     uint16_t *xb = rows_scratch(PARTS * part_stride * 2 + (size_t)Sp * B * sizeof(float));
     if (!xb) return 0;
@@ -319,7 +305,6 @@ static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float
                 memset(xs + (size_t)s * B, 0, sizeof(float) * B);
             }
         }
-        float wf[(size_t)K * TILE] __attribute__((aligned(64)));
         uint32_t pairs[(size_t)Kp * TILE] __attribute__((aligned(64))); /* two panels of Kp / 2 pair rows */
         float scales[(size_t)2 * B * 2 * TILE];
         configure_column_tiles(columns);
@@ -327,7 +312,7 @@ static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float
         for (int p = 0; p < P; p += 2) {
             const int two = p + 1 < P;
             for (int h = 0; h < 1 + two; h++) {
-                pack_values(w, p + h, Kp, wf, pairs + (size_t)h * Kp / 2 * TILE);
+                em_panel_pairs(w, p + h, Kp, pairs + (size_t)h * Kp / 2 * TILE);
                 for (int b = 0; b < B; b++) {
                     float *dm = scales + ((size_t)h * B + b) * 2 * TILE;
                     em_panel_block(w, p + h, b, dm, dm + TILE);

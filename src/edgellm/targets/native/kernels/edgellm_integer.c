@@ -126,23 +126,58 @@ static void store_panel(const float *values, int p, int n, float *y) {
 
 /* ---- float activations ----------------------------------------------------------------- */
 
+#if EM_AVX512
+/* A whole group's values, lane j = row j, in column order: q4, q5, q6 v[0..3] the low nibbles
+   (columns 0-3), v[4..7] the high nibbles (columns 4-7); q8 v[0..3]. Bit 4j + i of a high-bit
+   mask is row j's bit for column i of that half: pext gathers it for the 16 rows at once. */
+static inline __attribute__((always_inline)) void group_values16(const em_weight *w, const uint8_t *group, __m512i v[8]) {
+    const __m512i word = _mm512_loadu_si512((const void *)group);
+    if (!nibbles(w)) {
+        for (int i = 0; i < 4; i++) v[i] = _mm512_and_si512(_mm512_srli_epi32(word, 8 * i), _mm512_set1_epi32(255));
+        return;
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm512_and_si512(_mm512_srli_epi32(word, 8 * i), _mm512_set1_epi32(15));
+        v[4 + i] = _mm512_and_si512(_mm512_srli_epi32(word, 8 * i + 4), _mm512_set1_epi32(15));
+    }
+    for (int e = 0; e < high_bits(w); e++)
+        for (int half = 0; half < 2; half++) {
+            const uint64_t mask = high_mask(group, e, half);
+            for (int i = 0; i < 4; i++) {
+#if defined(__BMI2__)
+                const __mmask16 rows = (__mmask16)_pext_u64(mask, 0x1111111111111111ull << i);
+#else
+                __mmask16 rows = 0;
+                for (int j = 0; j < PANEL; j++) rows |= (__mmask16)(((mask >> (4 * j + i)) & 1) << j);
+#endif
+                v[4 * half + i] = _mm512_mask_or_epi32(v[4 * half + i], rows, v[4 * half + i], _mm512_set1_epi32(16 << e));
+            }
+        }
+}
+#endif
+
 /* The panel dequantized: wf[k * 16 + j] = row j's weight at column k. A 64-byte group read as
    16 little-endian words holds row j in word j (edgellm_kernels.h), so each column is one shift
-   and mask across the 16 words: loops over the rows the compiler vectorizes for any target.
-   values: the stored values themselves (scale 1, minimum 0), for em_panel_values. */
-static void panel_floats(const em_weight *w, int p, float *wf, int values) {
+   and mask across the 16 words (AVX-512: group_values16; elsewhere loops over the rows that the
+   compiler vectorizes). */
+static void panel_floats(const em_weight *w, int p, float *wf) {
     const int columns = group_columns(w), G = group_bytes(w);
     for (int b = 0; b < em_blocks(w); b++) {
         float d[PANEL], m[PANEL];
-        if (values) {
-            for (int j = 0; j < PANEL; j++) d[j] = 1.0f, m[j] = 0.0f;
-        } else {
-            block_scales(w, p, b, d);
-            block_minimums(w, p, b, d, m);
-        }
+        block_scales(w, p, b, d);
+        block_minimums(w, p, b, d, m);
         const uint8_t *blk = block_data(w, p, b);
         float *dst = wf + (size_t)b * w->block * PANEL;
         const int len = block_len(w, b), whole = len / columns;
+#if EM_AVX512
+        const __m512 dv = _mm512_loadu_ps(d), mv = _mm512_loadu_ps(m);
+        for (int g = 0; g < whole; g++) {
+            __m512i v[8];
+            group_values16(w, blk + (size_t)G * g, v);
+            for (int c = 0; c < columns; c++)
+                _mm512_storeu_ps(dst + (size_t)(g * columns + c) * PANEL, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v[c]), dv, mv));
+        }
+#else
         for (int g = 0; g < whole; g++) {
             uint32_t word[PANEL];
             memcpy(word, blk + (size_t)G * g, 64);
@@ -173,6 +208,7 @@ static void panel_floats(const em_weight *w, int p, float *wf, int values) {
                 }
             }
         }
+#endif
         for (int c = whole * columns; c < len; c++)
             for (int j = 0; j < PANEL; j++) dst[c * PANEL + j] = d[j] * (float)stored_value(w, blk, j, c) + m[j];
     }
@@ -252,7 +288,34 @@ static inline void rows_times_panel(const float *wf, int K, const float *x, int 
 }
 #endif
 
-void em_panel_values(const em_weight *w, int p, float *wf) { panel_floats(w, p, wf, 1); }
+#if EM_AVX512
+void em_panel_pairs(const em_weight *w, int p, int Kp, uint32_t *pairs) {
+    const int columns = group_columns(w), G = group_bytes(w), K = w->k;
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int b = 0; b < em_blocks(w); b++) {
+        const uint8_t *blk = block_data(w, p, b);
+        const int len = block_len(w, b), whole = len / columns, first = b * w->block;
+        for (int g = 0; g < whole; g++) {
+            __m512i v[8];
+            group_values16(w, blk + (size_t)G * g, v);
+            for (int c = 0; c < columns; c += 2) { /* a small integer's float bits: its bfloat16, then zeros */
+                const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(v[c])), hi = _mm512_castps_si512(_mm512_cvtepi32_ps(v[c + 1]));
+                _mm512_storeu_si512((void *)(pairs + (size_t)(first + g * columns + c) / 2 * PANEL),
+                                    _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
+            }
+        }
+        for (int c = whole * columns; c < len; c += 2) /* a block's last, partial group */
+            for (int j = 0; j < PANEL; j++) {
+                const float lo = (float)stored_value(w, blk, j, c), hi = c + 1 < len ? (float)stored_value(w, blk, j, c + 1) : 0.0f;
+                uint32_t a, h;
+                memcpy(&a, &lo, 4);
+                memcpy(&h, &hi, 4);
+                pairs[(size_t)(first + c) / 2 * PANEL + j] = a >> 16 | (h & 0xFFFF0000u);
+            }
+    }
+    memset(pairs + (size_t)(K + 1) / 2 * PANEL, 0, sizeof(uint32_t) * PANEL * (size_t)(Kp / 2 - (K + 1) / 2));
+}
+#endif
 
 void em_panel_block(const em_weight *w, int p, int b, float *d, float *m) {
     block_scales(w, p, b, d);
@@ -516,7 +579,7 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
 #else
     (void)xsum;
     float wf[(size_t)w->k * PANEL];
-    panel_floats(w, p, wf, 0);
+    panel_floats(w, p, wf);
     panel_times_rows(wf, w->k, x, 1, p, w->n, y);
 #endif
 }
@@ -595,7 +658,7 @@ static void panels_times_rows(const float *wf0, const float *wf1, int K, const f
 #endif
 
 static void panel_of(const em_weight *w, int p, float *wf) {
-    if (em_integer_kind(w->kind)) panel_floats(w, p, wf, 0);
+    if (em_integer_kind(w->kind)) panel_floats(w, p, wf);
     else panel_widened(w, p, wf);
 }
 
