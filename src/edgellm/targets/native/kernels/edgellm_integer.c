@@ -289,12 +289,13 @@ static inline void rows_times_panel(const float *wf, int K, const float *x, int 
 #endif
 
 #if EM_AVX512
-void em_panel_pairs(const em_weight *w, int p, int Kp, uint32_t *pairs) {
-    const int columns = group_columns(w), G = group_bytes(w), K = w->k;
+void em_panel_pairs(const em_weight *w, int p, int first_block, int end_block, int width, uint32_t *pairs) {
+    const int columns = group_columns(w), G = group_bytes(w), origin = first_block * w->block;
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    for (int b = 0; b < em_blocks(w); b++) {
+    int filled = 0; /* columns written, from origin */
+    for (int b = first_block; b < end_block; b++) {
         const uint8_t *blk = block_data(w, p, b);
-        const int len = block_len(w, b), whole = len / columns, first = b * w->block;
+        const int len = block_len(w, b), whole = len / columns, first = b * w->block - origin;
         for (int g = 0; g < whole; g++) {
             __m512i v[8];
             group_values16(w, blk + (size_t)G * g, v);
@@ -312,8 +313,9 @@ void em_panel_pairs(const em_weight *w, int p, int Kp, uint32_t *pairs) {
                 memcpy(&h, &hi, 4);
                 pairs[(size_t)(first + c) / 2 * PANEL + j] = a >> 16 | (h & 0xFFFF0000u);
             }
+        filled = first + len;
     }
-    memset(pairs + (size_t)(K + 1) / 2 * PANEL, 0, sizeof(uint32_t) * PANEL * (size_t)(Kp / 2 - (K + 1) / 2));
+    memset(pairs + (size_t)(filled + 1) / 2 * PANEL, 0, sizeof(uint32_t) * PANEL * (size_t)(width / 2 - (filled + 1) / 2));
 }
 #endif
 

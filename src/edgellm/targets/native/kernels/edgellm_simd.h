@@ -399,10 +399,11 @@ int em_matmul_integer_finished(const float *x, int S, const em_weight *w, float 
 /* em_team_matmul on integer weights: the residual is added panel by panel. */
 void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const em_fusion *f);
 void em_integer_row(const em_weight *w, int n, float *out);
-/* Panel p's stored values (0 .. 2^bits - 1, exact in bfloat16) in AMX tiles' pair layout: pair
-   row k / 2, lane j holds row 16p + j's columns k (low half) and k + 1 as bfloat16, zeros from K to
-   Kp (AVX-512 only); and block b's 16 scales d and minimums m (weight = d * value + m). */
-void em_panel_pairs(const em_weight *w, int p, int Kp, uint32_t *pairs);
+/* Blocks first_block .. end_block - 1 of panel p's stored values (0 .. 2^bits - 1, exact in
+   bfloat16) in AMX tiles' pair layout: pair row k / 2, lane j holds row 16p + j's columns k (low
+   half) and k + 1 as bfloat16, k counted from the first block's first column; zeros from the last
+   column to `width` (AVX-512 only). And block b's 16 scales d and minimums m (weight = d * value + m). */
+void em_panel_pairs(const em_weight *w, int p, int first_block, int end_block, int width, uint32_t *pairs);
 void em_panel_block(const em_weight *w, int p, int b, float *d, float *m);
 
 #endif
