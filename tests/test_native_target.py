@@ -75,6 +75,27 @@ def test_native_matches_transformers_on_the_same_weights(tmp_path, fp32_plan, fa
     assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
 
 
+def test_a_long_prefill_of_integer_weights_in_many_ranges_matches_transformers(tmp_path, monkeypatch):
+    """A 45-row prefill call of int4 weights with float activations: on AMX tiles (a pass of 32
+    rows with two row tiles, then one of 13 with one, and the matmuls cut into ranges of one block
+    by a small EM_TILE_RANGE_BYTES, each range adding to the outputs); without AMX, the float
+    panels' blocks of 8 rows and the 5 left over."""
+    defines = native_target.toolchain.kernel_defines
+    monkeypatch.setattr(native_target.toolchain, "kernel_defines",
+                        lambda program: [*defines(program), "-DEM_TILE_RANGE_BYTES=12288"])
+    model_dir = save_tiny("llama", tmp_path / "hf")
+    out = build(model_dir, tmp_path / "out", "int4", target="native", max_num_tokens=128, language_group_size=64,
+                future_token_mask_size=32)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(1, VOCAB, 45)]
+    result = edgellm.load(out).generate_ids(prompt, max_new_tokens=4, ignore_eos=True, return_logits=True)
+    reference = reference_with_stored_weights(model_dir, 4)
+    with torch.no_grad():
+        theirs = reference(torch.tensor([prompt + result.token_ids])).logits[0].numpy()[len(prompt) - 1 : len(prompt) + 3]
+    err = np.abs(np.stack(result.logits) - theirs).max()
+    assert err < 1e-4, f"max abs logit error {err}"
+    assert result.token_ids == [int(t) for t in theirs.argmax(-1)]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("variant", ["asymmetric", "block16"])
 def test_native_minimums_and_small_blocks_match_transformers(tmp_path, family, variant):

@@ -287,7 +287,9 @@ static void integer_pass(const em_weight *w, const uint16_t *xb, size_t part_str
 /* The split rows of one range of blocks stay in the core's cache while every panel passes over
    them: at most this many bytes (half of a 2 MB L2). A wider matmul runs range by range, each
    adding to y (Qwen2.5-Coder-0.5B's down projection, 4864 inputs x 128 rows: 3.7 MB at once). */
-#define RANGE_BYTES (1 << 20)
+#ifndef EM_TILE_RANGE_BYTES
+#define EM_TILE_RANGE_BYTES (1 << 20) /* (a test builds with a few KB, to run many ranges) */
+#endif
 
 static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float *y) {
     const int K = w->k, N = w->n, block = w->block, B = em_blocks(w);
@@ -295,9 +297,9 @@ static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float
     if (!columns || S < INTEGER_ROWS_FROM) return 0;
     const int Kp = (K + TILE_K - 1) / TILE_K * TILE_K, Sp = (S + ROWS_PER_PASS - 1) / ROWS_PER_PASS * ROWS_PER_PASS;
     const int P = (N + TILE - 1) / TILE;
-    /* blocks per range: whole tile columns of 32, as many as RANGE_BYTES of split rows hold */
+    /* blocks per range: whole tile columns of 32, as many as EM_TILE_RANGE_BYTES of split rows hold */
     const int unit = block < TILE_K ? TILE_K / block : 1;
-    int per_range = RANGE_BYTES / (Sp * PARTS * 2) / block / unit * unit;
+    int per_range = EM_TILE_RANGE_BYTES / (Sp * PARTS * 2) / block / unit * unit;
     if (per_range < unit) per_range = unit;
     if (per_range > B) per_range = B;
     const int width = (per_range * block + TILE_K - 1) / TILE_K * TILE_K; /* a range's columns, whole tiles */
