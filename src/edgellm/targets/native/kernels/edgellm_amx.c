@@ -353,9 +353,9 @@ static int matmul_integer_tiles(const float *x, int S, const em_weight *w, float
 int em_bf16_tiles(void) { return tiles_allowed(); }
 
 int em_matmul_tiles(const float *x, int S, const em_weight *w, float *y) {
-    if (!tiles_allowed()) return 0;
-    if (em_integer_kind(w->kind) && !w->int8_activations) return matmul_integer_tiles(x, S, w, y);
-    if (w->kind != EM_BF16) return 0;
+    const int integer = em_integer_kind(w->kind) && !w->int8_activations;
+    if ((!integer && w->kind != EM_BF16) || !tiles_allowed()) return 0; /* (other kinds never ask for the tiles) */
+    if (integer) return matmul_integer_tiles(x, S, w, y);
     const int K = w->k, N = w->n, Kp = (K + TILE_K - 1) / TILE_K * TILE_K;
     const int Sp = (S + ROWS_PER_PASS - 1) / ROWS_PER_PASS * ROWS_PER_PASS, P = (N + TILE - 1) / TILE;
     /* two packed panels per thread on its stack: at most 1 MB (K <= 16384); wider stays float32 */
