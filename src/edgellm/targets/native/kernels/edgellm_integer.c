@@ -346,76 +346,102 @@ static void panel_times_rows(const float *wf, int K, const float *x, int S, int 
 }
 
 #if EM_AVX512
-/* One block of a nibble kind (H high-bit masks per group: 0 q4, 1 q5, 2 q6) against float
-   activations, into panel_decode_f32's accumulators. Byte i of a group is lane i % 16 of load
-   i / 16, so mask bits 16r.. are that load's lanes. */
-static inline __attribute__((always_inline)) void nibbles_f32(const uint8_t *blk, int len, const float *xb, int H,
-                                                              __m512 *bacc) {
+/* Decode rows, float activations, take at most this many rows per pass over a panel: each row
+   keeps 4 block accumulators and its 8 activations of a group in registers (6 x 5 of 32). */
+#define EM_DECODE_ROWS 5
+
+/* One block of a nibble kind (H high-bit masks per group: 0 q4, 1 q5, 2 q6) against R rows of
+   float activations (xb, rows K apart), into panel_decode_f32's block accumulators bacc[t][r].
+   Byte i of a group is lane i % 16 of load i / 16, so mask bits 16r.. are that load's lanes. The
+   group is unpacked once for all R rows; each row's multiply-adds run in the one-row order. */
+static inline __attribute__((always_inline)) void nibbles_f32(const uint8_t *blk, int len, const float *xb, size_t K,
+                                                              int R, int H, __m512 bacc[][4]) {
     const __m512i low = _mm512_set1_epi32(15);
     const size_t G = 64 + 16 * (size_t)H;
     for (int g = 0; g < len / 8; g++) {
         const uint8_t *group = blk + G * g;
         _mm_prefetch((const char *)group + EM_PREFETCH, _MM_HINT_T0);
-        const __m512 xlo = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g));
-        const __m512 xhi = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 8 * g + 4));
         uint64_t mask[2][2] = {{0, 0}, {0, 0}};
         for (int e = 0; e < H; e++) mask[e][0] = high_mask(group, e, 0), mask[e][1] = high_mask(group, e, 1);
+        __m512 xlo[EM_DECODE_ROWS], xhi[EM_DECODE_ROWS];
+        for (int t = 0; t < R; t++) {
+            xlo[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + t * K + 8 * g));
+            xhi[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + t * K + 8 * g + 4));
+        }
         for (int r = 0; r < 4; r++) {
             const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group + 16 * r)));
-            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+            __m512i l = _mm512_and_si512(v, low), h = _mm512_srli_epi32(v, 4);
             for (int e = 0; e < H; e++) {
                 const __m512i bit = _mm512_set1_epi32(16 << e);
-                lo = _mm512_mask_add_epi32(lo, (__mmask16)(mask[e][0] >> (16 * r)), lo, bit);
-                hi = _mm512_mask_add_epi32(hi, (__mmask16)(mask[e][1] >> (16 * r)), hi, bit);
+                l = _mm512_mask_add_epi32(l, (__mmask16)(mask[e][0] >> (16 * r)), l, bit);
+                h = _mm512_mask_add_epi32(h, (__mmask16)(mask[e][1] >> (16 * r)), h, bit);
             }
-            bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), xlo, bacc[r]);
-            bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), xhi, bacc[r]);
+            const __m512 lo = _mm512_cvtepi32_ps(l), hi = _mm512_cvtepi32_ps(h);
+            for (int t = 0; t < R; t++) {
+                bacc[t][r] = _mm512_fmadd_ps(lo, xlo[t], bacc[t][r]);
+                bacc[t][r] = _mm512_fmadd_ps(hi, xhi[t], bacc[t][r]);
+            }
         }
     }
 }
 
-/* Decode, float activations: 16 rows x 8 columns (q4, q5, q6) or x 4 (q8) per group, in registers.
-   Accumulator r holds rows 4r..4r+3, lane 4i + c for row 4r + i and column c mod 4. */
-static void panel_decode_f32(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
+/* Decode, float activations: R rows (a constant after inlining, at most EM_DECODE_ROWS; x rows K
+   apart, xsum rows of em_blocks, y rows ys apart) against panel p, 16 rows x 8 columns (q4, q5,
+   q6) or x 4 (q8) per group, in registers. Accumulator r holds rows 4r..4r+3, lane 4i + c for row
+   4r + i and column c mod 4. Every row gets the one-row call's result, bit for bit: the verify
+   function's rows must give what decode steps give. */
+static inline __attribute__((always_inline)) void panel_decode_f32(const em_weight *w, int p, const float *x,
+                                                                   const float *xsum, int R, size_t ys, float *y) {
     const int nb = em_blocks(w), B = w->block;
-    __m512 acc[4], macc = _mm512_setzero_ps();
+    const size_t K = (size_t)w->k;
+    __m512 acc[EM_DECODE_ROWS][4], macc[EM_DECODE_ROWS];
     __m512i spread[4]; /* lane l of accumulator r belongs to row 4r + l / 4 */
-    for (int r = 0; r < 4; r++) {
-        acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < 4; r++)
         spread[r] = _mm512_setr_epi32(4 * r, 4 * r, 4 * r, 4 * r, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 2,
                                       4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3);
+    for (int t = 0; t < R; t++) {
+        macc[t] = _mm512_setzero_ps();
+        for (int r = 0; r < 4; r++) acc[t][r] = _mm512_setzero_ps();
     }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = block_data(w, p, b);
         const float *xb = x + (size_t)b * B;
         const int len = block_len(w, b);
-        __m512 bacc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        __m512 bacc[EM_DECODE_ROWS][4];
+        for (int t = 0; t < R; t++)
+            for (int r = 0; r < 4; r++) bacc[t][r] = _mm512_setzero_ps();
         if (nibbles(w)) {
             switch (high_bits(w)) { /* a constant per case: q4 pays nothing for the masks */
-            case 0: nibbles_f32(blk, len, xb, 0, bacc); break;
-            case 1: nibbles_f32(blk, len, xb, 1, bacc); break;
-            default: nibbles_f32(blk, len, xb, 2, bacc);
+            case 0: nibbles_f32(blk, len, xb, K, R, 0, bacc); break;
+            case 1: nibbles_f32(blk, len, xb, K, R, 1, bacc); break;
+            default: nibbles_f32(blk, len, xb, K, R, 2, bacc);
             }
         } else {
             for (int g = 0; g < len / 4; g++) {
                 _mm_prefetch((const char *)blk + 64 * g + EM_PREFETCH, _MM_HINT_T0);
-                const __m512 xq = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + 4 * g));
-                for (int r = 0; r < 4; r++) {
-                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * g + 16 * r)));
-                    bacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xq, bacc[r]);
+                __m512 v[4];
+                for (int r = 0; r < 4; r++)
+                    v[r] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 * g + 16 * r))));
+                for (int t = 0; t < R; t++) {
+                    const __m512 xq = _mm512_broadcast_f32x4(_mm_loadu_ps(xb + t * K + 4 * g));
+                    for (int r = 0; r < 4; r++) bacc[t][r] = _mm512_fmadd_ps(v[r], xq, bacc[t][r]);
                 }
             }
         }
         const __m512 d = scales16(w, p, b);
         const __m512 m = minimums16(w, p, b, d);
-        for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(bacc[r], _mm512_permutexvar_ps(spread[r], d), acc[r]);
-        macc = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[b]), macc);
+        for (int t = 0; t < R; t++) {
+            for (int r = 0; r < 4; r++) acc[t][r] = _mm512_fmadd_ps(bacc[t][r], _mm512_permutexvar_ps(spread[r], d), acc[t][r]);
+            macc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[(size_t)t * nb + b]), macc[t]);
+        }
     }
-    float lanes[64], out[PANEL];
-    for (int r = 0; r < 4; r++) _mm512_storeu_ps(lanes + 16 * r, acc[r]);
-    _mm512_storeu_ps(out, macc);
-    for (int j = 0; j < PANEL; j++) out[j] += lanes[4 * j] + lanes[4 * j + 1] + lanes[4 * j + 2] + lanes[4 * j + 3];
-    store_panel(out, p, w->n, y);
+    for (int t = 0; t < R; t++) {
+        float lanes[64], out[PANEL];
+        for (int r = 0; r < 4; r++) _mm512_storeu_ps(lanes + 16 * r, acc[t][r]);
+        _mm512_storeu_ps(out, macc[t]);
+        for (int j = 0; j < PANEL; j++) out[j] += lanes[4 * j] + lanes[4 * j + 1] + lanes[4 * j + 2] + lanes[4 * j + 3];
+        store_panel(out, p, w->n, y + (size_t)t * ys);
+    }
 }
 #endif
 
@@ -573,7 +599,7 @@ static void panel_decode_f32_neon(const em_weight *w, int p, const float *x, con
 /* One activation row against panel p, float activations (xsum: the row's sum per block). */
 static void panel_float_row(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
 #if EM_AVX512
-    panel_decode_f32(w, p, x, xsum, y);
+    panel_decode_f32(w, p, x, xsum, 1, 0, y);
 #elif EM_AVX2
     panel_decode_f32_avx2(w, p, x, xsum, y);
 #elif EM_NEON
@@ -583,6 +609,28 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
     float wf[(size_t)w->k * PANEL];
     panel_floats(w, p, wf);
     panel_times_rows(wf, w->k, x, 1, p, w->n, y);
+#endif
+}
+
+/* Rows of x (K apart; xsum rows of em_blocks, y rows ys apart) against panel p, each exactly as
+   panel_float_row computes it alone. AVX-512 unpacks each group once for up to EM_DECODE_ROWS rows
+   (a verify call, a batched step): unpacking, not the multiply-adds, is most of a row's cost. */
+static void panel_float_rows(const em_weight *w, int p, const float *x, const float *xsum, int rows, size_t ys, float *y) {
+    const size_t K = (size_t)w->k, nb = (size_t)em_blocks(w);
+#if EM_AVX512
+    for (int s = 0, passes = (rows + EM_DECODE_ROWS - 1) / EM_DECODE_ROWS; s < rows; passes--) {
+        const int R = (rows - s + passes - 1) / passes; /* even passes: 6 rows as 3 + 3, not 5 + 1 */
+        switch (R) { /* the row count a constant in each case */
+        case 1: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 1, ys, y + s * ys); break;
+        case 2: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 2, ys, y + s * ys); break;
+        case 3: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 3, ys, y + s * ys); break;
+        case 4: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 4, ys, y + s * ys); break;
+        default: panel_decode_f32(w, p, x + s * K, xsum + s * nb, EM_DECODE_ROWS, ys, y + s * ys);
+        }
+        s += R;
+    }
+#else
+    for (int s = 0; s < rows; s++) panel_float_row(w, p, x + s * K, xsum + s * nb, y + s * ys);
 #endif
 }
 
@@ -1277,12 +1325,12 @@ void em_team_matmul_integer(const float *x, const em_weight *w, float *y, const 
                 xsum[(size_t)s * nb + b] = total;
             }
 #pragma omp for schedule(static)
-        for (int p = 0; p < panels(w); p++)
-            for (int s = 0; s < rows; s++) {
-                panel_float_row(w, p, xp + (size_t)s * K, xsum + (size_t)s * nb, y + s * ys);
+        for (int p = 0; p < panels(w); p++) {
+            panel_float_rows(w, p, xp, xsum, rows, ys, y);
+            for (int s = 0; s < rows; s++)
                 finish_panel(f, C ? t + (size_t)s * C : NULL, NULL, NULL, f->residual ? f->residual + s * rs : NULL, p, w->n,
                              y + s * ys);
-            }
+        }
     }
 }
 
