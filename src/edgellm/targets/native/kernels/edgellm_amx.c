@@ -214,18 +214,24 @@ static void split_row(const float *x, int K, int Kp, int block, uint16_t *out, s
     }
 }
 
-/* y (yacc, 32 rows x 32 outputs) += d * products + m * sums, for block b of panels p, p + 1. */
+/* y (yacc, 32 rows x 32 outputs) += d * products + m * sums, for block b of panels p, p + 1 (the
+   range's first block sets y: yacc needs no zeroing). The loops walk each staged tile's rows with
+   plain pointer steps (indexing the tile and its row from t cost as many instructions as the
+   multiply-adds). */
 static void add_block(float yacc[2 * TILE][2 * TILE], float stage[4][TILE * TILE], const float *scales, const float *xs,
                       int r, int rows, int B, int blocks, int b, int first_block, int two) {
+    const int first = b == first_block;
     for (int h = 0; h < 1 + two; h++) { /* scales: [panel][block of the range][d 16, m 16] */
         const float *dm = scales + ((size_t)h * blocks + b - first_block) * 2 * TILE;
         const __m512 d = _mm512_loadu_ps(dm), m = _mm512_loadu_ps(dm + TILE);
-        for (int t = 0; t < rows; t++) {
-            const float *c = stage[h + 2 * (t / TILE)] + (t % TILE) * TILE;
-            __m512 acc = _mm512_loadu_ps(&yacc[t][h * TILE]);
-            acc = _mm512_fmadd_ps(d, _mm512_loadu_ps(c), acc);
-            acc = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[(size_t)(r + t) * B + b]), acc);
-            _mm512_storeu_ps(&yacc[t][h * TILE], acc);
+        for (int q = 0; q * TILE < rows; q++) { /* row tile q: rows 16q .. */
+            const int count = rows - q * TILE < TILE ? rows - q * TILE : TILE;
+            const float *c = stage[h + 2 * q], *sums = xs + (size_t)(r + q * TILE) * B + b;
+            float *out = &yacc[q * TILE][h * TILE];
+            for (int t = 0; t < count; t++, c += TILE, sums += B, out += 2 * TILE) {
+                const __m512 acc = _mm512_fmadd_ps(d, _mm512_loadu_ps(c), first ? _mm512_setzero_ps() : _mm512_loadu_ps(out));
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(m, _mm512_set1_ps(*sums), acc));
+            }
         }
     }
 }
@@ -240,7 +246,6 @@ static void integer_pass(const em_weight *w, const uint16_t *xb, size_t part_str
     const size_t stride = (size_t)Ks * 2;
     float yacc[2 * TILE][2 * TILE] __attribute__((aligned(64)));
     float stage[2][4][TILE * TILE] __attribute__((aligned(64)));
-    memset(yacc, 0, sizeof yacc);
     const int rows = S - r < 2 * TILE ? S - r : 2 * TILE, second = rows > TILE; /* a last pass of <= 16 rows: one row tile */
     for (int b = first_block; b < end_block; b++) {
         _tile_zero(0);
