@@ -289,6 +289,44 @@ static inline void rows_times_panel(const float *wf, int K, const float *x, int 
 #endif
 
 #if EM_AVX512
+#if defined(__AVX512BW__) && defined(__BMI2__)
+/* A nibble kind's group as 4 rows of the tiles' pair layout, out[c / 2] = columns (c, c + 1) for
+   c = 0, 2, 4, 6: dword j = (bfloat16 of row j's column c, of column c + 1). Each stored value
+   goes to its own 16-bit lane (a byte shuffle for the byte of a pair's two columns, a mask or a
+   shift for its nibble), the high bits are or-ed in from masks pext gathers in lane order (lane
+   2j + h: bit 4j + i + h of the half's mask), and a table lookup of 32 (64 for q6) words turns the
+   small integer into its bfloat16. Half the instructions of unpacking to floats first. */
+static inline __attribute__((always_inline)) void group_pairs16(const em_weight *w, const uint8_t *group, __m512i out[4]) {
+    /* bfloat16 of 0 .. 63: the exponent and the leading bits of each small integer */
+    static const uint16_t bf16_of[64] __attribute__((aligned(64))) = {
+        0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140,
+        0x4150, 0x4160, 0x4170, 0x4180, 0x4188, 0x4190, 0x4198, 0x41A0, 0x41A8, 0x41B0, 0x41B8, 0x41C0, 0x41C8,
+        0x41D0, 0x41D8, 0x41E0, 0x41E8, 0x41F0, 0x41F8, 0x4200, 0x4204, 0x4208, 0x420C, 0x4210, 0x4214, 0x4218,
+        0x421C, 0x4220, 0x4224, 0x4228, 0x422C, 0x4230, 0x4234, 0x4238, 0x423C, 0x4240, 0x4244, 0x4248, 0x424C,
+        0x4250, 0x4254, 0x4258, 0x425C, 0x4260, 0x4264, 0x4268, 0x426C, 0x4270, 0x4274, 0x4278, 0x427C};
+    const __m512i word = _mm512_loadu_si512((const void *)group);
+    /* bytes (0, 1) or (2, 3) of each dword, each zero-extended to 16 bits */
+    const __m512i first = _mm512_shuffle_epi8(word, _mm512_set4_epi32((int)0x800D800C, (int)0x80098008, (int)0x80058004, (int)0x80018000));
+    const __m512i second = _mm512_shuffle_epi8(word, _mm512_set4_epi32((int)0x800F800E, (int)0x800B800A, (int)0x80078006, (int)0x80038002));
+    const __m512i nibble = _mm512_set1_epi16(15);
+    out[0] = _mm512_and_si512(first, nibble);   /* columns 0, 1: low nibbles */
+    out[1] = _mm512_and_si512(second, nibble);  /* columns 2, 3 */
+    out[2] = _mm512_srli_epi16(first, 4);       /* columns 4, 5: high nibbles */
+    out[3] = _mm512_srli_epi16(second, 4);      /* columns 6, 7 */
+    for (int e = 0; e < high_bits(w); e++)
+        for (int half = 0; half < 2; half++) {
+            const uint64_t mask = high_mask(group, e, half);
+            for (int h = 0; h < 2; h++) { /* pair h of the half: columns 2h, 2h + 1 */
+                const __mmask32 lanes = (__mmask32)_pext_u64(mask, 0x3333333333333333ull << (2 * h));
+                out[2 * half + h] = _mm512_mask_add_epi16(out[2 * half + h], lanes, out[2 * half + h], _mm512_set1_epi16((short)(16 << e)));
+            }
+        }
+    const __m512i low = _mm512_load_si512((const void *)bf16_of), top = _mm512_load_si512((const void *)(bf16_of + 32));
+    for (int c = 0; c < 4; c++)
+        out[c] = high_bits(w) == 2 ? _mm512_permutex2var_epi16(low, out[c], top) : _mm512_permutexvar_epi16(out[c], low);
+}
+#endif
+
 void em_panel_pairs(const em_weight *w, int p, int first_block, int end_block, int width, uint32_t *pairs) {
     const int columns = group_columns(w), G = group_bytes(w), origin = first_block * w->block;
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
@@ -297,6 +335,15 @@ void em_panel_pairs(const em_weight *w, int p, int first_block, int end_block, i
         const uint8_t *blk = block_data(w, p, b);
         const int len = block_len(w, b), whole = len / columns, first = b * w->block - origin;
         for (int g = 0; g < whole; g++) {
+#if defined(__AVX512BW__) && defined(__BMI2__)
+            if (nibbles(w)) {
+                __m512i pair[4];
+                group_pairs16(w, blk + (size_t)G * g, pair);
+                for (int c = 0; c < 4; c++)
+                    _mm512_storeu_si512((void *)(pairs + (size_t)(first + g * columns) / 2 * PANEL + (size_t)c * PANEL), pair[c]);
+                continue;
+            }
+#endif
             __m512i v[8];
             group_values16(w, blk + (size_t)G * g, v);
             for (int c = 0; c < columns; c += 2) { /* a small integer's float bits: its bfloat16, then zeros */
