@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -9,6 +10,17 @@ from tokenizers import Tokenizer
 
 from ..errors import EdgeLLMError
 from .chat_template import ChatTemplate
+
+
+def _give_back_freed_heap() -> None:
+    """Parsing a tokenizer.json leaves its parse tree's memory freed but kept by glibc for later
+    allocations: Gemma 3's (262k tokens, 515k merges) left the process at 305 MB resident, 112 MB
+    once returned, which is most of what a run's peak memory has beyond its weights and cache.
+    Elsewhere (no malloc_trim) nothing to do."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 class TextCodec:
@@ -19,6 +31,7 @@ class TextCodec:
         except Exception as e:  # the tokenizers library reports a missing or malformed file as a plain Exception
             raise EdgeLLMError(f"{runtime_dir / 'tokenizer.json'}: not a tokenizer ({str(e)[:200]}); "
                                f"run `edgellm compile ... --devkit`") from None
+        _give_back_freed_heap()
         try:
             self.settings = json.loads((runtime_dir / "runtime_config.json").read_text())
             if not isinstance(self.settings, dict):
