@@ -367,8 +367,14 @@ void em_panel_pairs(const em_weight *w, int p, int first_block, int end_block, i
 #endif
 
 void em_panel_block(const em_weight *w, int p, int b, float *d, float *m) {
+#if EM_AVX512 /* (the same products as block_scales' and block_minimums', 16 at a time) */
+    const __m512 dv = scales16(w, p, b);
+    _mm512_storeu_ps(d, dv);
+    _mm512_storeu_ps(m, minimums16(w, p, b, dv));
+#else
     block_scales(w, p, b, d);
     block_minimums(w, p, b, d, m);
+#endif
 }
 
 /* y rows s of panel p = x rows s (S of them, length K) times the dequantized panel. */
