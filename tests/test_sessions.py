@@ -19,8 +19,10 @@ import edgellm
 from conftest import build
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime import engine as engine_module
+from edgellm.runtime.native import NativeEngine
 from edgellm.runtime.sampling import Sampler, SamplingParams
 from edgellm.runtime.strategies import DraftLength, PromptLookup, verify
+from edgellm.targets.native.toolchain import Toolchain, build_programs
 from tiny_models import VOCAB, save_tiny
 
 OPTIONS = dict(max_num_tokens=128, language_group_size=16, future_token_mask_size=32)
@@ -371,6 +373,30 @@ def test_native_verify_rows_are_bit_identical_to_decode_steps(tmp_path, family, 
     model.reset()
     fast = model.generate_ids(PROMPT[:30] + PROMPT[:12], max_new_tokens=40, ignore_eos=True, lookup=2, draft_max=7)
     assert fast.token_ids == plain.token_ids and fast.speculation["verify_calls"] > 0
+
+
+def test_avx2_verify_rows_are_bit_identical_to_decode_steps(tmp_path):
+    """The AVX2 programs (x86-64-v3) unpack each weight group once for up to 4 verify rows too:
+    every row still gets exactly a decode step's logits (7 rows as 4 + 3, then 3 and 2)."""
+    if subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() != "x86_64":
+        pytest.skip("x86-64 instruction sets need an x86-64 machine")
+    out = build(save_tiny("llama", tmp_path / "hf"), tmp_path / "out", "int4", target="native", **OPTIONS)
+    other = tmp_path / "avx2"
+    other.mkdir()
+    for name in ("model.c", "weights.bin", "program.json"):
+        shutil.copy(out / "compiled" / "native" / name, other)
+    build_programs(Toolchain("native", "cc", ("-march=x86-64-v3",), "gcc"), other)
+    try:
+        engine = NativeEngine(other, edgellm.load(out).engine.spec)
+    except EdgeLLMError as e:  # the program's own guard: this CPU lacks an instruction it was built with
+        pytest.skip(f"-march=x86-64-v3: this CPU cannot run it ({e})")
+    rows, steps = engine.open_session(), engine.open_session()
+    rows.prefill(PROMPT[:20], 0)
+    steps.prefill(PROMPT[:20], 0)
+    for start, n in ((20, 7), (27, 3), (30, 2)):
+        got = rows.forward(PROMPT[start : start + n], start, logits_from=0)
+        expected = np.stack([steps.decode(t, start + i) for i, t in enumerate(PROMPT[start : start + n])])
+        assert np.array_equal(got, expected), (start, n, np.abs(got - expected).max())
 
 
 def test_a_group_of_at_most_eight_rows_still_verifies_with_the_decode_program(tmp_path):

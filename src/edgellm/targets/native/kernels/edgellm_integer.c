@@ -512,16 +512,17 @@ static inline __m256i bits_to_lanes(uint32_t bits, int value) {
     return _mm256_and_si256(set, _mm256_set1_epi32(value));
 }
 
-/* One block of a nibble kind (H high-bit masks per group) against float activations, AVX2. */
-static inline __attribute__((always_inline)) void nibbles_f32_avx2(const uint8_t *blk, int len, const float *xb, int H,
-                                                                   __m256 *acc) {
+/* One block of a nibble kind (H high-bit masks per group) against R rows of float activations
+   (rows K apart), AVX2: each 8 bytes unpacked once for all rows, each row's multiply-adds in the
+   one-row order (past one row its accumulators spill: a load and a store per pair of
+   multiply-adds still cost less than unpacking again). */
+static inline __attribute__((always_inline)) void nibbles_f32_avx2(const uint8_t *blk, int len, const float *xb, size_t K,
+                                                                   int R, int H, __m256 acc[][8]) {
     const __m256i low = _mm256_set1_epi32(15);
     const size_t G = 64 + 16 * (size_t)H;
     for (int g = 0; g < len / 8; g++) {
         const uint8_t *group = blk + G * g;
         __builtin_prefetch(group + EM_PREFETCH);
-        const __m256 xlo = broadcast4(xb + 8 * g);
-        const __m256 xhi = broadcast4(xb + 8 * g + 4);
         uint64_t mask[2][2] = {{0, 0}, {0, 0}};
         for (int e = 0; e < H; e++) mask[e][0] = high_mask(group, e, 0), mask[e][1] = high_mask(group, e, 1);
         for (int h = 0; h < 8; h++) {
@@ -531,55 +532,66 @@ static inline __attribute__((always_inline)) void nibbles_f32_avx2(const uint8_t
                 lo = _mm256_add_epi32(lo, bits_to_lanes((uint32_t)(mask[e][0] >> (8 * h)) & 255, 16 << e));
                 hi = _mm256_add_epi32(hi, bits_to_lanes((uint32_t)(mask[e][1] >> (8 * h)) & 255, 16 << e));
             }
-            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), xlo, acc[h]);
-            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), xhi, acc[h]);
+            const __m256 lof = _mm256_cvtepi32_ps(lo), hif = _mm256_cvtepi32_ps(hi);
+            for (int t = 0; t < R; t++) {
+                acc[t][h] = _mm256_fmadd_ps(lof, broadcast4(xb + t * K + 8 * g), acc[t][h]);
+                acc[t][h] = _mm256_fmadd_ps(hif, broadcast4(xb + t * K + 8 * g + 4), acc[t][h]);
+            }
         }
     }
 }
 
-/* Decode, float activations, AVX2: each 8 bytes of a 64-byte group are two rows x 4 columns (q8)
-   or two rows x 8 columns as nibbles (q4): accumulator h holds rows 2h and 2h + 1, lane
-   4 * (row - 2h) + column mod 4. */
-static void panel_decode_f32_avx2(const em_weight *w, int p, const float *x, const float *xsum, float *y) {
+/* Decode, float activations, AVX2: R rows (a constant after inlining, at most EM_DECODE_ROWS; laid
+   out as for panel_decode_f32) against panel p. Each 8 bytes of a 64-byte group are two rows x 4
+   columns (q8) or two rows x 8 columns as nibbles (q4): accumulator h holds rows 2h and 2h + 1,
+   lane 4 * (row - 2h) + column mod 4. */
+#define EM_DECODE_ROWS 4
+static inline __attribute__((always_inline)) void panel_decode_f32_avx2(const em_weight *w, int p, const float *x,
+                                                                        const float *xsum, int R, size_t ys, float *y) {
     const int nb = em_blocks(w), B = w->block;
-    float total[8 * 8] = {0}, minimum_total[PANEL] = {0};
+    const size_t K = (size_t)w->k;
+    float total[EM_DECODE_ROWS][8 * 8] = {{0}}, minimum_total[EM_DECODE_ROWS][PANEL] = {{0}};
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = block_data(w, p, b);
         const float *xb = x + (size_t)b * B;
         const int len = block_len(w, b);
-        __m256 acc[8];
-        for (int h = 0; h < 8; h++) acc[h] = _mm256_setzero_ps();
+        __m256 acc[EM_DECODE_ROWS][8];
+        for (int t = 0; t < R; t++)
+            for (int h = 0; h < 8; h++) acc[t][h] = _mm256_setzero_ps();
         if (nibbles(w)) {
             switch (high_bits(w)) {
-            case 0: nibbles_f32_avx2(blk, len, xb, 0, acc); break;
-            case 1: nibbles_f32_avx2(blk, len, xb, 1, acc); break;
-            default: nibbles_f32_avx2(blk, len, xb, 2, acc);
+            case 0: nibbles_f32_avx2(blk, len, xb, K, R, 0, acc); break;
+            case 1: nibbles_f32_avx2(blk, len, xb, K, R, 1, acc); break;
+            default: nibbles_f32_avx2(blk, len, xb, K, R, 2, acc);
             }
         } else {
             for (int g = 0; g < len / 4; g++) {
                 __builtin_prefetch(blk + 64 * g + EM_PREFETCH);
-                const __m256 x4 = broadcast4(xb + 4 * g);
                 for (int h = 0; h < 8; h++) {
-                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h)));
-                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), x4, acc[h]);
+                    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 * g + 8 * h))));
+                    for (int t = 0; t < R; t++) acc[t][h] = _mm256_fmadd_ps(v, broadcast4(xb + t * K + 4 * g), acc[t][h]);
                 }
             }
         }
         float d[PANEL], m[PANEL];
         block_scales(w, p, b, d);
         block_minimums(w, p, b, d, m);
-        for (int h = 0; h < 8; h++) {
-            const __m256 dh = _mm256_setr_m128(_mm_set1_ps(d[2 * h]), _mm_set1_ps(d[2 * h + 1]));
-            _mm256_storeu_ps(total + 8 * h, _mm256_fmadd_ps(acc[h], dh, _mm256_loadu_ps(total + 8 * h)));
+        for (int t = 0; t < R; t++) {
+            for (int h = 0; h < 8; h++) {
+                const __m256 dh = _mm256_setr_m128(_mm_set1_ps(d[2 * h]), _mm_set1_ps(d[2 * h + 1]));
+                _mm256_storeu_ps(total[t] + 8 * h, _mm256_fmadd_ps(acc[t][h], dh, _mm256_loadu_ps(total[t] + 8 * h)));
+            }
+            for (int j = 0; j < PANEL; j++) minimum_total[t][j] += m[j] * xsum[(size_t)t * nb + b];
         }
-        for (int j = 0; j < PANEL; j++) minimum_total[j] += m[j] * xsum[b];
     }
-    float out[PANEL];
-    for (int j = 0; j < PANEL; j++) {
-        const float *t = total + 4 * j; /* row j: lanes 4 (j mod 2) .. of accumulator j / 2 */
-        out[j] = minimum_total[j] + (t[0] + t[1] + t[2] + t[3]);
+    for (int t = 0; t < R; t++) {
+        float out[PANEL];
+        for (int j = 0; j < PANEL; j++) {
+            const float *u = total[t] + 4 * j; /* row j: lanes 4 (j mod 2) .. of accumulator j / 2 */
+            out[j] = minimum_total[t][j] + (u[0] + u[1] + u[2] + u[3]);
+        }
+        store_panel(out, p, w->n, y + (size_t)t * ys);
     }
-    store_panel(out, p, w->n, y);
 }
 #endif
 
@@ -654,7 +666,7 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
 #if EM_AVX512
     panel_decode_f32(w, p, x, xsum, 1, 0, y);
 #elif EM_AVX2
-    panel_decode_f32_avx2(w, p, x, xsum, y);
+    panel_decode_f32_avx2(w, p, x, xsum, 1, 0, y);
 #elif EM_NEON
     panel_decode_f32_neon(w, p, x, xsum, y);
 #else
@@ -666,22 +678,30 @@ static void panel_float_row(const em_weight *w, int p, const float *x, const flo
 }
 
 /* Rows of x (K apart; xsum rows of em_blocks, y rows ys apart) against panel p, each exactly as
-   panel_float_row computes it alone. AVX-512 unpacks each group once for up to EM_DECODE_ROWS rows
+   panel_float_row computes it alone. AVX-512 and AVX2 unpack each group once for up to EM_DECODE_ROWS rows
    (a verify call, a batched step): unpacking, not the multiply-adds, is most of a row's cost. */
 static void panel_float_rows(const em_weight *w, int p, const float *x, const float *xsum, int rows, size_t ys, float *y) {
     const size_t K = (size_t)w->k, nb = (size_t)em_blocks(w);
+#if EM_AVX512 || EM_AVX2
 #if EM_AVX512
+#define PANEL_DECODE panel_decode_f32
+#else
+#define PANEL_DECODE panel_decode_f32_avx2
+#endif
     for (int s = 0, passes = (rows + EM_DECODE_ROWS - 1) / EM_DECODE_ROWS; s < rows; passes--) {
         const int R = (rows - s + passes - 1) / passes; /* even passes: 6 rows as 3 + 3, not 5 + 1 */
         switch (R) { /* the row count a constant in each case */
-        case 1: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 1, ys, y + s * ys); break;
-        case 2: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 2, ys, y + s * ys); break;
-        case 3: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 3, ys, y + s * ys); break;
-        case 4: panel_decode_f32(w, p, x + s * K, xsum + s * nb, 4, ys, y + s * ys); break;
-        default: panel_decode_f32(w, p, x + s * K, xsum + s * nb, EM_DECODE_ROWS, ys, y + s * ys);
+        case 1: PANEL_DECODE(w, p, x + s * K, xsum + s * nb, 1, ys, y + s * ys); break;
+        case 2: PANEL_DECODE(w, p, x + s * K, xsum + s * nb, 2, ys, y + s * ys); break;
+        case 3: PANEL_DECODE(w, p, x + s * K, xsum + s * nb, 3, ys, y + s * ys); break;
+#if EM_DECODE_ROWS > 4
+        case 4: PANEL_DECODE(w, p, x + s * K, xsum + s * nb, 4, ys, y + s * ys); break;
+#endif
+        default: PANEL_DECODE(w, p, x + s * K, xsum + s * nb, EM_DECODE_ROWS, ys, y + s * ys);
         }
         s += R;
     }
+#undef PANEL_DECODE
 #else
     for (int s = 0; s < rows; s++) panel_float_row(w, p, x + s * K, xsum + s * nb, y + s * ys);
 #endif
