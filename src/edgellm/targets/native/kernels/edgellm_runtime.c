@@ -19,8 +19,9 @@
    layer) then waits for it: next to one busy process on 2 cores the full team kept 36% of its quiet
    decode speed. So the model times its decode steps (one-row calls of any session) and runs them
    with the full team or with one thread fewer, whichever stepped faster when last compared.
-   (Prefill does not follow that choice, which a neighbour that has since gone would leave stale
-   for the next prompt: it goes by the cores other work left this process lately, below.) A comparison (a probe) runs the other team for two steps (the full team for
+   (Prefill keeps the full team: its matmuls hand out panels as threads ask, so a descheduled
+   thread holds up little, and a choice made under a neighbour that has since gone would otherwise
+   cost the next prompt half its speed.) A comparison (a probe) runs the other team for two steps (the full team for
    three, the first not counting: it may wake sleeping threads) and sets their mean against the
    moving average of the team in use, which it must beat by 10% to take over (one lucky step on a
    busy machine is not a faster team). The full team in use is probed against the smaller one at
@@ -43,9 +44,6 @@ typedef struct {
     int probing;       /* probe steps still to run */
     int choice;        /* the team in use: 0 or 1 */
     double idle, read_at; /* while the smaller team is in use: the CPUs' idle seconds, read at (ns; 0: not yet) */
-    double free_cores;    /* what other work left this process over the last window (0: not measured yet) */
-    double window_at, window_idle, window_cpu; /* that window's start (ns; 0: none), idle and own CPU seconds */
-    int others_running;   /* another thread was runnable at the last call's start */
 } em_team;
 
 #define EM_TEAM_FIRST_PROBE 8
@@ -55,14 +53,9 @@ typedef struct {
 
 static int team_threads(int full, int which) { return which && full > 1 ? full - 1 : full; }
 
-/* Which team a call takes. A decode step: the chosen one, or a probe of the other. Any other call
-   (a prefill's rows, whose every barrier waits for the slowest thread): one thread fewer when the
-   last window left less than a core per thread, less half a core, and another thread is runnable
-   now. Next to one busy process on 2
-   cores the full team's 100-row prefill took 1.2-1.4 s, one thread 110 ms (quiet: 70 ms). */
+/* Which team a call takes: the full one but for decode steps, which may be (or start) a probe. */
 static int team_pick(em_team *t, int full, int decode) {
-    if (full <= 1) return 0;
-    if (!decode) return t->others_running && t->free_cores > 0 && t->free_cores < full - 0.5 ? 1 : 0;
+    if (full <= 1 || !decode) return 0;
     if (!t->probing) {
         const int slowed = t->choice == 0 && t->usual > 0 && t->ns[0] > EM_TEAM_SLOWED * t->usual;
         if (t->steps >= t->probe_at || slowed) t->probing = t->choice == 0 ? 2 : 3;
@@ -70,26 +63,22 @@ static int team_pick(em_team *t, int full, int decode) {
     return t->probing ? 1 - t->choice : t->choice;
 }
 
-/* Idle seconds so far of the CPUs this process may run on (/proc/stat: idle + iowait), or -1; and
-   (running, if not NULL) how many threads of the machine are runnable now (procs_running). */
-static double idle_seconds(int *running) {
+/* Idle seconds so far of the CPUs this process may run on (/proc/stat: idle + iowait), or -1. */
+static double idle_seconds(void) {
 #if defined(__linux__)
     cpu_set_t allowed;
     FILE *f = sched_getaffinity(0, sizeof allowed, &allowed) == 0 ? fopen("/proc/stat", "r") : NULL;
     if (!f) return -1;
     char line[512];
     unsigned long long total = 0, user, nice, sys, idle, iowait;
-    int cpu, found = 0, procs;
+    int cpu, found = 0;
     while (fgets(line, sizeof line, f))
         if (sscanf(line, "cpu%d %llu %llu %llu %llu %llu", &cpu, &user, &nice, &sys, &idle, &iowait) == 6 &&
             cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &allowed))
             total += idle + iowait, found = 1;
-        else if (running && sscanf(line, "procs_running %d", &procs) == 1)
-            *running = procs;
     fclose(f);
     return found ? (double)total / (double)sysconf(_SC_CLK_TCK) : -1;
 #else
-    (void)running;
     return -1;
 #endif
 }
@@ -97,39 +86,10 @@ static double idle_seconds(int *running) {
 /* While the smaller team is in use: has a core gone idle (the neighbour left)? */
 static void watch_idle_cores(em_team *t, double now) {
     if (t->read_at && now - t->read_at < 1e8) return;
-    const double idle = idle_seconds(NULL);
+    const double idle = idle_seconds();
     if (idle >= 0 && t->read_at && (idle - t->idle) / ((now - t->read_at) / 1e9) >= 0.5) t->probe_at = t->steps;
     t->idle = idle;
     t->read_at = idle >= 0 ? now : 0;
-}
-
-/* The cores other work leaves this process, over windows of at least 50 ms: the idle CPU time of
-   the CPUs it may run on plus its own CPU time, per second (a window spans calls and the time
-   between them; /proc/stat counts in 10 ms ticks, so it is known to about a fifth of a core); and
-   whether another thread is runnable at the call (a window may end with a neighbour that has
-   just left: bench_cpu's bandwidth probe, 2 threads, right before a prompt, left 1.4 cores). */
-static void measure_free_cores(em_team *t, double now, int prefill) {
-    int running = 0;
-    double idle = -2; /* (not read) */
-    if (!t->window_at || now - t->window_at >= 5e7) {
-        idle = idle_seconds(&running);
-        struct timespec ts;
-        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-        const double cpu = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-        if (idle >= 0 && t->window_at)
-            t->free_cores = (idle - t->window_idle + cpu - t->window_cpu) / ((now - t->window_at) / 1e9);
-        t->window_at = idle >= 0 ? now : 0;
-        t->window_idle = idle;
-        t->window_cpu = cpu;
-    }
-    if (!prefill) return; /* (a decode step does not ask: each read of /proc/stat takes tens of microseconds) */
-    /* another runnable thread in each of three reads (the caller is one; the team's others sleep
-       between calls): a busy neighbour always is, a passing one (a monitor's sample) seldom */
-    t->others_running = 1;
-    for (int i = 0; i < 3 && t->others_running; i++) {
-        if (i > 0 || idle == -2) idle_seconds(&running);
-        t->others_running = running > 1;
-    }
 }
 
 static void team_record(em_team *t, int used, double ns, double now) {
@@ -400,7 +360,6 @@ em_model *em_open(const char *path, int threads) {
     m->threads = threads > 0 ? threads : em_max_threads();
     m->weights = weights;
     pthread_mutex_init(&m->team_lock, NULL);
-    measure_free_cores(&m->team, now_ns(), 0); /* (the first window: from the load to the first call) */
     m->team.probe_at = EM_TEAM_FIRST_PROBE;
     m->team.interval = EM_TEAM_INTERVAL;
     return m;
@@ -551,7 +510,6 @@ int em_forward(em_session *s, const int64_t *ids, const float *embeddings, const
     em_model *model = s->model;
     const int decode = n == 1 && !embeddings;
     pthread_mutex_lock(&model->team_lock);
-    if (model->threads > 1) measure_free_cores(&model->team, now_ns(), !decode);
     const int team = team_pick(&model->team, model->threads, decode);
     pthread_mutex_unlock(&model->team_lock);
     em_set_threads(team_threads(s->model->threads, team)); /* the OpenMP team size is per calling thread */
