@@ -344,6 +344,19 @@ def test_cli_speculation_reports_its_statistics_and_refuses_bad_drafts(tiny, tmp
     _one_line_error(_cli("generate", out, "--prompt", prompt, "--draft", other), "vocabulary differs")
 
 
+def _verify_calls_are_decode_steps(engine, calls):
+    """Two sessions of engine after PROMPT[:20]: each (start, n) of calls runs as one call of n rows
+    in the first and as n decode steps in the second, with equal logits. Returns the sessions."""
+    rows, steps = engine.open_session(), engine.open_session()
+    rows.prefill(PROMPT[:20], 0)
+    steps.prefill(PROMPT[:20], 0)
+    for start, n in calls:
+        got = rows.forward(PROMPT[start : start + n], start, logits_from=0)
+        expected = np.stack([steps.decode(t, start + i) for i, t in enumerate(PROMPT[start : start + n])])
+        assert np.array_equal(got, expected), (start, n, np.abs(got - expected).max())
+    return rows, steps
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 @pytest.mark.parametrize("preset,int8_activations", [("int4", True), ("int4", False), ("int8", True), ("int8", False),
                                                      ("codebooks", False)])
@@ -357,14 +370,8 @@ def test_native_verify_rows_are_bit_identical_to_decode_steps(tmp_path, family, 
     out = build(save_tiny(family, tmp_path / "hf"), tmp_path / "out", preset, target="native",
                 int8_activations=int8_activations, **OPTIONS)
     model = edgellm.load(out)
-    rows, steps = model.engine.open_session(), model.engine.open_session()
-    rows.prefill(PROMPT[:20], 0)
-    steps.prefill(PROMPT[:20], 0)
     # 7 rows (float activations: passes of 4 and 3 rows over each panel), 5 (one pass), 2
-    for start, n in ((20, 7), (27, 5), (32, 2)):
-        got = rows.forward(PROMPT[start : start + n], start, logits_from=0)
-        expected = np.stack([steps.decode(t, start + i) for i, t in enumerate(PROMPT[start : start + n])])
-        assert np.array_equal(got, expected), (start, n, np.abs(got - expected).max())
+    rows, steps = _verify_calls_are_decode_steps(model.engine, ((20, 7), (27, 5), (32, 2)))
     last = rows.forward(PROMPT[34:36], 34, logits_from=1)  # the last row only (kept from all rows' logits)
     steps.decode(PROMPT[34], 34)
     assert last.shape == (1, VOCAB) and np.array_equal(last[0], steps.decode(PROMPT[35], 35))
@@ -390,13 +397,7 @@ def test_avx2_verify_rows_are_bit_identical_to_decode_steps(tmp_path):
         engine = NativeEngine(other, edgellm.load(out).engine.spec)
     except EdgeLLMError as e:  # the program's own guard: this CPU lacks an instruction it was built with
         pytest.skip(f"-march=x86-64-v3: this CPU cannot run it ({e})")
-    rows, steps = engine.open_session(), engine.open_session()
-    rows.prefill(PROMPT[:20], 0)
-    steps.prefill(PROMPT[:20], 0)
-    for start, n in ((20, 7), (27, 3), (30, 2)):
-        got = rows.forward(PROMPT[start : start + n], start, logits_from=0)
-        expected = np.stack([steps.decode(t, start + i) for i, t in enumerate(PROMPT[start : start + n])])
-        assert np.array_equal(got, expected), (start, n, np.abs(got - expected).max())
+    _verify_calls_are_decode_steps(engine, ((20, 7), (27, 3), (30, 2)))
 
 
 def test_a_group_of_at_most_eight_rows_still_verifies_with_the_decode_program(tmp_path):
